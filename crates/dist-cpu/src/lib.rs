@@ -1,0 +1,1 @@
+//! dist-cpu (being built).

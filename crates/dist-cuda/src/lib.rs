@@ -1,0 +1,1 @@
+//! dist-cuda (being built).

@@ -1,0 +1,1 @@
+//! dist-rocm (being built).
