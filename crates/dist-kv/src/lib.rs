@@ -1,0 +1,1 @@
+//! dist-kv (being built).
