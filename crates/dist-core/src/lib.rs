@@ -54,6 +54,7 @@ mod dtype;
 mod error;
 pub mod group;
 pub mod layout;
+pub mod local;
 pub mod reference;
 mod store;
 pub mod tensor;

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{DType, Element, Error, Result};
+use crate::{DType, Element, Result};
 
 /// The kind of device memory lives on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

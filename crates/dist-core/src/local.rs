@@ -1,0 +1,270 @@
+//! An in-process [`HostGroup`] whose ranks are threads: the control plane for tests that run
+//! ranks as threads, and for single-process tools. It has the same semantics and deadlines as
+//! the real host groups (collectives matched by call order, messages per pair in order).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::{Error, HostGroup, Result};
+
+#[derive(Debug, Default)]
+struct State {
+    /// Collective contributions by sequence number: one slot per rank.
+    rounds: HashMap<u64, Round>,
+    /// Messages from src to dst, in order.
+    mail: HashMap<(usize, usize), VecDeque<Vec<u8>>>,
+}
+
+#[derive(Debug)]
+struct Round {
+    kind: &'static str,
+    slots: Vec<Option<Vec<u8>>>,
+    readers_left: usize,
+}
+
+#[derive(Debug)]
+struct Shared {
+    n: usize,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+/// One rank's handle of an in-process group; make all of them with [`ThreadGroup::new`].
+#[derive(Debug)]
+pub struct ThreadGroup {
+    rank: usize,
+    shared: Arc<Shared>,
+    seq: Mutex<u64>,
+    timeout: Duration,
+}
+
+impl ThreadGroup {
+    /// Handles for ranks `0..n`, each to be moved to its own thread.
+    pub fn new(n: usize, timeout: Duration) -> Vec<ThreadGroup> {
+        let shared = Arc::new(Shared {
+            n,
+            state: Mutex::new(State::default()),
+            cv: Condvar::new(),
+        });
+        (0..n)
+            .map(|rank| ThreadGroup {
+                rank,
+                shared: shared.clone(),
+                seq: Mutex::new(0),
+                timeout,
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Posts this rank's contribution to the next collective and waits for every rank's.
+    fn round(&self, kind: &'static str, data: Option<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>> {
+        let seq = {
+            let mut s = self.seq.lock().unwrap_or_else(|e| e.into_inner());
+            *s += 1;
+            *s
+        };
+        let n = self.shared.n;
+        let start = Instant::now();
+        let mut st = self.lock();
+        {
+            let r = st.rounds.entry(seq).or_insert_with(|| Round {
+                kind,
+                slots: vec![None; n],
+                readers_left: n,
+            });
+            if r.kind != kind {
+                return Err(Error::invalid(format!(
+                    "collective mismatch at call {seq}: rank {} called {kind}, another rank called {}",
+                    self.rank, r.kind
+                )));
+            }
+            r.slots[self.rank] = Some(data.unwrap_or_default());
+        }
+        self.shared.cv.notify_all();
+        loop {
+            let r = &st.rounds[&seq];
+            let missing: Vec<usize> = (0..n).filter(|&i| r.slots[i].is_none()).collect();
+            if missing.is_empty() {
+                break;
+            }
+            let waited = start.elapsed();
+            if waited >= self.timeout {
+                return Err(Error::Timeout {
+                    op: format!("thread group {kind}"),
+                    waited,
+                    missing_ranks: missing,
+                    detail: String::new(),
+                });
+            }
+            st = self
+                .shared
+                .cv
+                .wait_timeout(st, self.timeout - waited)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let r = st.rounds.get_mut(&seq).expect("round exists");
+        let out = r.slots.clone();
+        r.readers_left -= 1;
+        if r.readers_left == 0 {
+            st.rounds.remove(&seq);
+        }
+        Ok(out)
+    }
+
+    fn check_rank(&self, r: usize, what: &str) -> Result<()> {
+        crate::ensure_arg!(
+            r < self.shared.n,
+            "{what} {r} out of range for world size {}",
+            self.shared.n
+        );
+        Ok(())
+    }
+}
+
+impl HostGroup for ThreadGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.shared.n
+    }
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+    fn barrier(&self) -> Result<()> {
+        self.round("barrier", None).map(|_| ())
+    }
+    fn broadcast_bytes(&self, data: Option<&[u8]>, src: usize) -> Result<Vec<u8>> {
+        self.check_rank(src, "broadcast src")?;
+        if self.rank == src {
+            crate::ensure_arg!(data.is_some(), "broadcast: the source must pass data");
+        }
+        let all = self.round(
+            "broadcast",
+            data.filter(|_| self.rank == src).map(<[u8]>::to_vec),
+        )?;
+        Ok(all[src].clone().unwrap_or_default())
+    }
+    fn all_gather_bytes(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let all = self.round("all_gather", Some(data.to_vec()))?;
+        Ok(all.into_iter().map(Option::unwrap_or_default).collect())
+    }
+    fn send_bytes(&self, data: &[u8], dst: usize) -> Result<()> {
+        self.check_rank(dst, "send dst")?;
+        self.lock()
+            .mail
+            .entry((self.rank, dst))
+            .or_default()
+            .push_back(data.to_vec());
+        self.shared.cv.notify_all();
+        Ok(())
+    }
+    fn recv_bytes(&self, src: usize) -> Result<Vec<u8>> {
+        self.check_rank(src, "recv src")?;
+        let start = Instant::now();
+        let mut st = self.lock();
+        loop {
+            if let Some(m) = st
+                .mail
+                .get_mut(&(src, self.rank))
+                .and_then(VecDeque::pop_front)
+            {
+                return Ok(m);
+            }
+            let waited = start.elapsed();
+            if waited >= self.timeout {
+                return Err(Error::Timeout {
+                    op: "thread group recv".into(),
+                    waited,
+                    missing_ranks: vec![src],
+                    detail: String::new(),
+                });
+            }
+            st = self
+                .shared
+                .cv
+                .wait_timeout(st, self.timeout - waited)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Runs `f(rank, group)` on `n` threads with a [`ThreadGroup`] and returns the results in rank order.
+/// A panicking rank is reported as an error for that rank.
+pub fn run_threads<T: Send>(
+    n: usize,
+    timeout: Duration,
+    f: impl Fn(usize, ThreadGroup) -> T + Sync,
+) -> Vec<std::thread::Result<T>> {
+    let groups = ThreadGroup::new(n, timeout);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = groups
+            .into_iter()
+            .enumerate()
+            .map(|(r, g)| {
+                let f = &f;
+                s.spawn(move || f(r, g))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join()).collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::HostGroupExt;
+
+    #[test]
+    fn collectives_and_messages() {
+        let out = run_threads(4, Duration::from_secs(10), |r, g| {
+            g.barrier().unwrap();
+            let hi = "hi".to_string();
+            let b: String = g.broadcast_obj((r == 2).then_some(&hi), 2).unwrap();
+            assert_eq!(b, "hi");
+            let all: Vec<usize> = g.all_gather_obj(&(r * 10)).unwrap();
+            assert_eq!(all, vec![0, 10, 20, 30]);
+            let gathered = g.gather_obj(&r, 1).unwrap();
+            assert_eq!(gathered.is_some(), r == 1);
+            // ring: send to next, receive from previous; and many-to-one to rank 0
+            g.send_obj(&r, (r + 1) % 4).unwrap();
+            let p: usize = g.recv_obj((r + 3) % 4).unwrap();
+            assert_eq!(p, (r + 3) % 4);
+            if r != 0 {
+                g.send_obj(&(r, "x"), 0).unwrap();
+            } else {
+                for s in 1..4 {
+                    let (who, _): (usize, String) = g.recv_obj(s).unwrap();
+                    assert_eq!(who, s);
+                }
+            }
+            r
+        });
+        for (i, o) in out.into_iter().enumerate() {
+            assert_eq!(o.unwrap(), i);
+        }
+    }
+
+    #[test]
+    fn timeout_names_missing_rank() {
+        let out = run_threads(3, Duration::from_millis(200), |r, g| {
+            if r == 2 {
+                return None;
+            }
+            Some(g.barrier().unwrap_err())
+        });
+        for o in out.into_iter().take(2) {
+            match o.unwrap().unwrap() {
+                Error::Timeout { missing_ranks, .. } => assert_eq!(missing_ranks, vec![2]),
+                e => panic!("unexpected {e}"),
+            }
+        }
+    }
+}
