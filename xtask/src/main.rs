@@ -1,1 +1,374 @@
-fn main() {}
+//! `cargo xtask <task>`: the project's automation (matklad's xtask pattern; std only, so it builds fast).
+//!
+//! - `cargo xtask test`: installs missing system packages, then `cargo fmt --check`, `cargo clippy -D warnings`,
+//!   `cargo test --workspace`, `cargo doc` (warnings denied) and the multi-process suite.
+//! - `cargo xtask test-multiproc [--filter S] [--timeout SECS]`: builds every `mp_*` example and runs it under
+//!   `dist run --nproc-per-node N` for each world size it declares (`prog --worlds`), each run with a deadline.
+//! - `cargo xtask bench [ARGS…]`: builds release and runs `dist bench ARGS…` (default: 4 local ranks, CPU backend).
+//! - `cargo xtask deps`: only the system-package step.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+/// Debian packages the default build and tests need: (package, probe command that succeeds when present).
+const SYSTEM_PACKAGES: &[(&str, &[&str])] = &[
+    ("pkg-config", &["pkg-config", "--version"]),
+    ("libzmq3-dev", &["pkg-config", "--exists", "libzmq"]),
+];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (task, rest) = match args.split_first() {
+        Some((t, r)) => (t.as_str(), r.to_vec()),
+        None => ("help", vec![]),
+    };
+    let root = project_root();
+    std::env::set_current_dir(&root).expect("cd to the project root");
+    let r = match task {
+        "test" => test(&rest),
+        "test-multiproc" => test_multiproc(&rest),
+        "bench" => bench(&rest),
+        "deps" => ensure_system_packages(),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <test | test-multiproc [--filter S] [--timeout SECS] | bench [ARGS…] | deps>"
+            );
+            return if task == "help" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            };
+        }
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask {task}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the root")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(step: &str, cmd: &mut Command) -> Result {
+    eprintln!("==> {step}");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("{step}: cannot start: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{step} failed ({status})"))
+    }
+}
+
+fn probe(cmd: &[&str]) -> bool {
+    Command::new(cmd[0])
+        .args(&cmd[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Installs the Debian packages the build needs when they are missing (as root), or stops with the command to run.
+fn ensure_system_packages() -> Result {
+    let missing: Vec<&str> = SYSTEM_PACKAGES
+        .iter()
+        .filter(|(_, p)| !probe(p))
+        .map(|(n, _)| *n)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let cmd = format!(
+        "apt-get update && apt-get install -y --no-install-recommends {}",
+        missing.join(" ")
+    );
+    if !is_root() {
+        return Err(format!(
+            "missing system packages {missing:?}; run as root: {cmd}"
+        ));
+    }
+    run(
+        "install system packages",
+        Command::new("sh").args(["-c", &format!("DEBIAN_FRONTEND=noninteractive {cmd}")]),
+    )
+}
+
+/// A Python with pyzmq and msgspec for the cross-language KV-event tests, made once in target/pyenv.
+/// Best effort: without it those tests report that they skipped.
+fn ensure_python_env() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("DIST_KV_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    let venv = project_root().join("target/pyenv");
+    let py = venv.join("bin/python");
+    let ok = |py: &Path| {
+        probe(&[
+            py.to_str().unwrap_or("python3"),
+            "-c",
+            "import zmq, msgspec",
+        ])
+    };
+    if py.exists() && ok(&py) {
+        return Some(py);
+    }
+    eprintln!("==> python env for cross-language tests (target/pyenv)");
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+        && Command::new(&py)
+            .args(["-m", "pip", "install", "-q", "pyzmq", "msgspec"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+    if made && ok(&py) {
+        Some(py)
+    } else {
+        eprintln!(
+            "    (no python with pyzmq+msgspec: the cross-language tests will say they skipped)"
+        );
+        None
+    }
+}
+
+fn test(args: &[String]) -> Result {
+    ensure_system_packages()?;
+    let py = ensure_python_env();
+    run(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )?;
+    run(
+        "cargo clippy",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    let mut t = cargo();
+    t.args(["test", "--workspace"]);
+    if let Some(py) = &py {
+        t.env("DIST_KV_PYTHON", py);
+    }
+    run("cargo test --workspace", &mut t)?;
+    run(
+        "cargo doc",
+        cargo()
+            .args(["doc", "--workspace", "--no-deps"])
+            .env("RUSTDOCFLAGS", "-D warnings"),
+    )?;
+    if args.iter().any(|a| a == "--no-multiproc") {
+        return Ok(());
+    }
+    test_multiproc(&[])
+}
+
+/// Kills and reaps a child when dropped (so an interrupted xtask leaves no ranks behind).
+struct ChildGuard(Child);
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn test_multiproc(args: &[String]) -> Result {
+    let mut filter = String::new();
+    let mut timeout = 180u64;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--filter" => filter = it.next().cloned().unwrap_or_default(),
+            "--timeout" => {
+                timeout = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or("--timeout needs seconds")?
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    run(
+        "build multi-process test programs (release)",
+        cargo().args(["build", "--release", "--workspace", "--examples", "--bins"]),
+    )?;
+    let target = target_dir();
+    let launcher = target.join("release/dist");
+    let mut progs: Vec<PathBuf> = std::fs::read_dir(target.join("release/examples"))
+        .map_err(|e| format!("no examples folder: {e}"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            n.starts_with("mp_") && !n.contains('-') && !n.contains('.') && p.is_file()
+        })
+        .filter(|p| p.to_string_lossy().contains(&filter))
+        .collect();
+    progs.sort();
+    let (mut passed, mut failed) = (0, 0);
+    let mut failures = vec![];
+    for prog in &progs {
+        let name = prog.file_name().unwrap().to_string_lossy().into_owned();
+        let worlds = Command::new(prog)
+            .arg("--worlds")
+            .output()
+            .map_err(|e| format!("{name} --worlds: {e}"))?;
+        let worlds: Vec<usize> = String::from_utf8_lossy(&worlds.stdout)
+            .trim()
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect();
+        let worlds = if worlds.is_empty() {
+            vec![1, 2, 4, 8]
+        } else {
+            worlds
+        };
+        for n in worlds {
+            let start = Instant::now();
+            let mut child = ChildGuard(
+                Command::new(&launcher)
+                    .args([
+                        "run",
+                        "--nproc-per-node",
+                        &n.to_string(),
+                        "--timeout",
+                        &timeout.to_string(),
+                        "--",
+                    ])
+                    .arg(prog)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .map_err(|e| format!("start {}: {e}", launcher.display()))?,
+            );
+            let out = wait_with_deadline(&mut child, Duration::from_secs(timeout + 15));
+            let secs = start.elapsed().as_secs_f64();
+            match out {
+                Ok((true, _)) => {
+                    passed += 1;
+                    eprintln!("  ok     {name} world={n} ({secs:.1}s)");
+                }
+                Ok((false, log)) => {
+                    failed += 1;
+                    eprintln!("  FAILED {name} world={n} ({secs:.1}s)\n{}", indent(&log));
+                    failures.push(format!("{name} world={n}"));
+                }
+                Err(log) => {
+                    failed += 1;
+                    eprintln!(
+                        "  HUNG   {name} world={n}: killed after {secs:.0}s\n{}",
+                        indent(&log)
+                    );
+                    failures.push(format!("{name} world={n} (hung)"));
+                }
+            }
+        }
+    }
+    println!("multiproc: {passed} passed, {failed} failed");
+    if failed > 0 {
+        return Err(format!("failed: {}", failures.join(", ")));
+    }
+    if passed == 0 {
+        return Err("no multi-process test program found".into());
+    }
+    Ok(())
+}
+
+fn indent(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(40)..];
+    tail.iter().map(|l| format!("    | {l}\n")).collect()
+}
+
+/// Waits for the child; Ok((success, output)) or Err(output) when the deadline passed and it was killed.
+fn wait_with_deadline(
+    child: &mut ChildGuard,
+    deadline: Duration,
+) -> std::result::Result<(bool, String), String> {
+    use std::io::Read;
+    let mut out = child.0.stdout.take();
+    let mut err = child.0.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(o) = out.as_mut() {
+            let _ = o.read_to_string(&mut s);
+        }
+        s
+    });
+    let ereader = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(e) = err.as_mut() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        match child.0.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if start.elapsed() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.0.kill();
+                let _ = child.0.wait();
+                break None;
+            }
+        }
+    };
+    let log = format!(
+        "{}{}",
+        reader.join().unwrap_or_default(),
+        ereader.join().unwrap_or_default()
+    );
+    match status {
+        Some(s) => Ok((s.success(), log)),
+        None => Err(log),
+    }
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| project_root().join("target"))
+}
+
+fn bench(args: &[String]) -> Result {
+    ensure_system_packages()?;
+    run(
+        "build dist (release)",
+        cargo().args(["build", "--release", "-p", "dist", "--bin", "dist"]),
+    )?;
+    let mut cmd = Command::new(target_dir().join("release/dist"));
+    cmd.arg("bench").args(args);
+    run("dist bench", &mut cmd)
+}
