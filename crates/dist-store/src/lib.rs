@@ -1,1 +1,66 @@
-//! dist-store (being built).
+//! # dist-store: PyTorch's TCP store in Rust, the stateless process group, and the launcher
+//!
+//! This crate is the rendezvous layer of the `dist` workspace. It sits beside the hardware
+//! backends, on top of `dist-core` (whose [`Store`](dist_core::Store) and
+//! [`HostGroup`](dist_core::HostGroup) traits it implements), and needs no accelerator.
+//!
+//! ```text
+//!   launch (dist run)      serve (dist store serve)      bench (dist bench store)
+//!        │                        │                              │
+//!   StatelessProcessGroup ── TcpStoreClient ──── TCP ──── StoreServer (mio loop)
+//!        (HostGroup)            (Store)                        │
+//!                                 └────────── proto (sans-IO codec) ─┘
+//! ```
+//!
+//! ## Design
+//! - **Wire compatibility.** [`proto`] is PyTorch's `TCPStore` protocol of the libuv era
+//!   (PyTorch ≥ 2.4), byte for byte: a PyTorch process can use [`StoreServer`] as its store
+//!   (`is_master=False`), and [`TcpStoreClient`] works against a PyTorch master. The protocol is
+//!   written down in `STORE_PROTOCOL.md`; golden byte transcripts in `tests/store_golden.rs`
+//!   pin it without PyTorch.
+//! - **Sans-IO codec, thin socket shells.** [`proto`] decodes requests and replies from byte
+//!   buffers that may be partial ([`proto::Decoded::NeedMore`] says how many bytes to wait for),
+//!   checks every length against [`proto::Limits`] before allocating, and is tested without
+//!   sockets and fuzzed (`fuzz/`).
+//! - **An event-driven server.** [`StoreServer`] runs one `mio` loop on one thread: no locks,
+//!   thousands of connections, waiters woken by the writes that satisfy them, back-pressure on
+//!   clients that do not read, and hostile connections dropped with a log line.
+//! - **Deadlines everywhere.** Every client call has one; `wait` cancels on the server
+//!   (`CANCEL_WAIT`) and its error names the keys still missing; connecting retries with backoff.
+//! - **Optional authentication** (our extension): with a token, the server serves nothing
+//!   before `AUTH <token>`. Off by default, so PyTorch clients work unchanged.
+//! - **Typed objects only.** [`StatelessProcessGroup`] moves serde values encoded with postcard
+//!   and size-capped (never pickles), puts the sender in send/recv keys, and enforces the
+//!   barrier's deadline even while a store read blocks.
+//! - **The launcher is a library** ([`launch`]): `dist run` is a thin CLI over
+//!   [`launch::run`], with torchrun's environment contract.
+//!
+//! Errors are `dist_core::Error` (re-exported here): the store and the group surface through
+//! `dist-core`'s traits, and a second error enum would only be converted back.
+//!
+//! ## Example
+//! ```
+//! use std::time::Duration;
+//! use dist_core::Store;
+//! use dist_store::{ClientOptions, ServerOptions, StoreServer, TcpStoreClient};
+//!
+//! let server = StoreServer::start(ServerOptions::default()).unwrap(); // 127.0.0.1, free port
+//! let a = TcpStoreClient::connect("127.0.0.1", server.port(), ClientOptions::default()).unwrap();
+//! let b = a.try_clone().unwrap();
+//! a.set("hello", b"world").unwrap();
+//! assert_eq!(b.get("hello", Duration::from_secs(5)).unwrap(), b"world");
+//! assert_eq!(b.add("n", 2).unwrap(), 2);
+//! let err = b.wait(&["never"], Duration::from_millis(50)).unwrap_err();
+//! assert!(err.to_string().contains("never"));
+//! ```
+
+pub mod auth;
+pub mod client;
+pub mod proto;
+pub mod server;
+#[allow(dead_code)] // the signal helpers are for the launcher, which comes next
+mod sys;
+
+pub use client::{ClientOptions, TcpStoreClient};
+pub use dist_core::{Error, Result};
+pub use server::{ServerOptions, StoreServer};

@@ -1,0 +1,268 @@
+//! The store over real sockets on 127.0.0.1, port 0: every operation's semantics, waits and
+//! their deadlines, authentication, reconnection and IPv6.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dist_core::Store;
+use dist_store::{ClientOptions, ServerOptions, StoreServer, TcpStoreClient};
+use rand::{Rng, SeedableRng};
+
+const T: Duration = Duration::from_secs(10);
+
+fn server() -> StoreServer {
+    StoreServer::start(ServerOptions::default()).unwrap()
+}
+
+fn client(s: &StoreServer) -> TcpStoreClient {
+    TcpStoreClient::connect(
+        "127.0.0.1",
+        s.port(),
+        ClientOptions {
+            timeout: T,
+            connect_timeout: T,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn every_operation_matches_pytorch_semantics() {
+    let s = server();
+    let c = client(&s);
+    c.set("a", b"1").unwrap();
+    assert_eq!(c.get("a", T).unwrap(), b"1");
+    assert_eq!(c.num_keys().unwrap(), 1);
+    // add: decimal text, created at 0.
+    assert_eq!(c.add("n", 5).unwrap(), 5);
+    assert_eq!(c.add("n", -7).unwrap(), -2);
+    assert_eq!(c.get("n", T).unwrap(), b"-2");
+    // compare_set: the three cases.
+    assert_eq!(c.compare_set("cs", b"", b"first").unwrap(), b"first");
+    assert_eq!(c.compare_set("cs", b"wrong", b"x").unwrap(), b"first");
+    assert_eq!(c.compare_set("cs", b"first", b"second").unwrap(), b"second");
+    assert_eq!(c.compare_set("missing", b"exp", b"x").unwrap(), b"exp");
+    assert!(!c.check(&["missing"]).unwrap());
+    assert!(c.check(&["a", "n", "cs"]).unwrap());
+    assert!(!c.check(&["a", "zz"]).unwrap());
+    // append creates, then appends.
+    c.append("ap", b"ab").unwrap();
+    c.append("ap", b"cd").unwrap();
+    assert_eq!(c.get("ap", T).unwrap(), b"abcd");
+    // multi.
+    c.multi_set(&["m1", "m2"], &[b"x", b""]).unwrap();
+    assert_eq!(
+        c.multi_get(&["m1", "m2", "a"], T).unwrap(),
+        vec![b"x".to_vec(), vec![], b"1".to_vec()]
+    );
+    assert!(c.multi_set(&["m1"], &[]).is_err());
+    // delete.
+    assert!(c.delete("a").unwrap());
+    assert!(!c.delete("a").unwrap());
+    assert!(!c.check(&["a"]).unwrap());
+    // queues.
+    assert_eq!(c.queue_len("q").unwrap(), 0);
+    assert_eq!(c.queue_pop("q", None).unwrap(), None);
+    c.queue_push("q", b"i1").unwrap();
+    c.queue_push("q", b"i2").unwrap();
+    assert_eq!(c.queue_len("q").unwrap(), 2);
+    assert!(c.check(&["q"]).unwrap());
+    assert_eq!(c.queue_pop("q", Some(T)).unwrap().unwrap(), b"i1");
+    assert_eq!(c.queue_pop("q", None).unwrap().unwrap(), b"i2");
+    c.ping().unwrap();
+}
+
+#[test]
+fn random_values_roundtrip_against_a_map() {
+    let s = server();
+    let c = client(&s);
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+    let mut oracle = std::collections::HashMap::new();
+    for i in 0..300 {
+        let k = format!("k{}", rng.gen_range(0..50));
+        let len = if i % 50 == 0 {
+            1 << 20
+        } else {
+            rng.gen_range(0..300)
+        };
+        let v: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+        c.set(&k, &v).unwrap();
+        oracle.insert(k, v);
+    }
+    for (k, v) in &oracle {
+        assert_eq!(&c.get(k, T).unwrap(), v);
+    }
+    assert_eq!(c.num_keys().unwrap(), oracle.len() as u64);
+}
+
+#[test]
+fn wait_is_woken_by_another_client_and_get_blocks_until_set() {
+    let s = server();
+    let a = Arc::new(client(&s));
+    let b = client(&s);
+    let a2 = a.clone();
+    let h = std::thread::spawn(move || {
+        a2.wait(&["x", "y"], T).unwrap();
+        a2.get("z", T).unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    b.set("x", b"1").unwrap();
+    b.add("y", 1).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    b.set("z", b"late").unwrap();
+    assert_eq!(h.join().unwrap(), b"late");
+}
+
+#[test]
+fn wait_times_out_names_missing_keys_and_the_connection_stays_usable() {
+    let s = server();
+    let c = client(&s);
+    c.set("present", b"1").unwrap();
+    let t0 = Instant::now();
+    let e = c
+        .wait(
+            &["present", "absent1", "absent2"],
+            Duration::from_millis(200),
+        )
+        .unwrap_err();
+    let waited = t0.elapsed();
+    assert!(e.is_timeout(), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("absent1") && msg.contains("absent2"), "{msg}");
+    assert!(!msg.contains("present,"), "{msg}");
+    assert!(msg.contains("2 of 3"), "{msg}");
+    assert!(waited >= Duration::from_millis(200) && waited < Duration::from_secs(3));
+    // The cancelled wait left nothing behind: a later set does not send a stray byte.
+    c.set("absent1", b"x").unwrap();
+    assert_eq!(c.get("absent1", T).unwrap(), b"x");
+    let e = c.get("nope", Duration::from_millis(50)).unwrap_err();
+    assert!(e.to_string().contains("nope"), "{e}");
+    assert!(c.check(&["present"]).unwrap());
+}
+
+#[test]
+fn blocking_queue_pop_is_woken_by_a_push() {
+    let s = server();
+    let a = client(&s);
+    let b = client(&s);
+    let h = std::thread::spawn(move || a.queue_pop("jobs", Some(T)).unwrap());
+    std::thread::sleep(Duration::from_millis(50));
+    b.queue_push("jobs", b"job1").unwrap();
+    assert_eq!(h.join().unwrap().unwrap(), b"job1");
+}
+
+#[test]
+fn many_clients_concurrently() {
+    let s = server();
+    let port = s.port();
+    let n = 32;
+    let hs: Vec<_> = (0..n)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let c =
+                    TcpStoreClient::connect("127.0.0.1", port, ClientOptions::default()).unwrap();
+                for j in 0..50 {
+                    c.set(&format!("c{i}/{j}"), format!("{i}-{j}").as_bytes())
+                        .unwrap();
+                    c.add("total", 1).unwrap();
+                }
+                c.set(&format!("done{i}"), b"").unwrap();
+                let keys: Vec<String> = (0..n).map(|k| format!("done{k}")).collect();
+                let refs: Vec<&str> = keys.iter().map(|s| s.as_str()).collect();
+                c.wait(&refs, T).unwrap();
+                c.get(&format!("c{}/49", (i + 1) % n), T).unwrap()
+            })
+        })
+        .collect();
+    for (i, h) in hs.into_iter().enumerate() {
+        assert_eq!(h.join().unwrap(), format!("{}-49", (i + 1) % n).as_bytes());
+    }
+    let c = client(&s);
+    assert_eq!(c.get("total", T).unwrap(), (n * 50).to_string().as_bytes());
+}
+
+#[test]
+fn token_is_required_when_configured() {
+    let s = StoreServer::start(ServerOptions {
+        token: Some(b"s3cret".to_vec()),
+        ..Default::default()
+    })
+    .unwrap();
+    let opts = |t: Option<&[u8]>| ClientOptions {
+        token: t.map(|t| t.to_vec()),
+        timeout: T,
+        connect_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let good = TcpStoreClient::connect("127.0.0.1", s.port(), opts(Some(b"s3cret"))).unwrap();
+    good.set("k", b"v").unwrap();
+    let e = TcpStoreClient::connect("127.0.0.1", s.port(), opts(Some(b"wrong"))).unwrap_err();
+    assert!(e.to_string().contains("refused our token"), "{e}");
+    // No token at all (what a PyTorch client does): the connection is dropped.
+    assert!(TcpStoreClient::connect("127.0.0.1", s.port(), opts(None)).is_err());
+    assert_eq!(good.get("k", T).unwrap(), b"v");
+    // A client with a token also works against an open server.
+    let open = server();
+    TcpStoreClient::connect("127.0.0.1", open.port(), opts(Some(b"any")))
+        .unwrap()
+        .ping()
+        .unwrap();
+}
+
+#[test]
+fn connect_retries_until_the_server_appears() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let h = std::thread::spawn(move || {
+        TcpStoreClient::connect(
+            "127.0.0.1",
+            port,
+            ClientOptions {
+                connect_timeout: Duration::from_secs(10),
+                ..Default::default()
+            },
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let s = StoreServer::start(ServerOptions {
+        port,
+        ..Default::default()
+    })
+    .unwrap();
+    let c = h.join().unwrap().unwrap();
+    c.set("x", b"y").unwrap();
+    drop(s);
+    // Server gone: calls fail (quickly) instead of hanging.
+    let c2 = TcpStoreClient::connect(
+        "127.0.0.1",
+        port,
+        ClientOptions {
+            connect_timeout: Duration::from_millis(200),
+            ..Default::default()
+        },
+    );
+    assert!(c2.unwrap_err().is_timeout());
+    let t0 = Instant::now();
+    assert!(c.set("x", b"z").is_err() || c.get("x", Duration::from_millis(100)).is_err());
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn ipv6_loopback_when_available() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("SKIPPED: no IPv6 loopback on this machine");
+        return;
+    }
+    let s = StoreServer::start(ServerOptions {
+        host: "::1".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(s.local_addr().is_ipv6());
+    let c = TcpStoreClient::connect("::1", s.port(), ClientOptions::default()).unwrap();
+    c.set("v6", b"yes").unwrap();
+    assert_eq!(c.get("v6", T).unwrap(), b"yes");
+}
