@@ -56,6 +56,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod group;
 pub mod proto;
 pub mod server;
 #[allow(dead_code)] // the signal helpers are for the launcher, which comes next
@@ -63,4 +64,5 @@ mod sys;
 
 pub use client::{ClientOptions, TcpStoreClient};
 pub use dist_core::{Error, Result};
+pub use group::StatelessProcessGroup;
 pub use server::{ServerOptions, StoreServer};
