@@ -1,1 +1,60 @@
-//! dist-kv (being built).
+//! # dist-kv: the KV-cache side of the distributed layer
+//!
+//! vLLM's `vllm.distributed` has two pieces that deal with the KV cache rather than with
+//! collectives: **KV-cache events** (`kv_events.py`), a stream that tells routers and cache
+//! managers outside the engine which blocks each engine holds, and **KV transfer**
+//! (`kv_transfer/`), which moves cache blocks between prefill and decode instances. This crate holds
+//! both; today it has the events ([`events`]), KV transfer comes later.
+//!
+//! ## Where it sits
+//!
+//! `dist-kv` depends on `dist-core` for the workspace's vocabulary and on libzmq (Debian's
+//! `libzmq3-dev`, through the `zmq` crate) for sockets. It has no `unsafe` code of its own. The
+//! `dist` binary mounts its command line ([`cli`]) as `dist kv-events publish|subscribe`.
+//!
+//! ## Design choices
+//!
+//! * **The wire format is the contract.** Existing subscribers decode vLLM's stream with Python's
+//!   msgspec against vLLM's classes, so the encoder writes the bytes msgspec writes (positional
+//!   arrays, the tag first, trailing defaults omitted, smallest integer forms, float64), checked
+//!   byte for byte against msgspec in the cross-language test. The decoder reads every vLLM
+//!   release's form, including the tagged maps vLLM switched to in 2026 (PR #42892), which the
+//!   encoder can also write ([`events::WireFormat::Map`]).
+//! * **Hostile bytes are an error, never a crash or an unbounded allocation**: lengths are checked
+//!   against the bytes that remain before anything is allocated, nesting depth and value count are
+//!   capped, and the subscriber's sockets refuse oversized messages (`ZMQ_MAXMSGSIZE`).
+//! * **Same behaviour as vLLM's publisher** (sequence numbers from 0, bind-or-connect rule, DP-rank
+//!   port offsets and inproc suffixes, replay protocol, one-second shutdown), with deadlines where
+//!   vLLM blocks forever: a full queue makes `publish` fail after its timeout instead of hanging the
+//!   scheduler.
+//! * **One thread owns the sockets.** ZeroMQ sockets are not thread-safe; the publisher creates them
+//!   (so bind errors reach the caller) and moves them into its `zmq-publisher` thread.
+//!
+//! ## Example
+//!
+//! ```no_run
+//! use dist_kv::events::{sample_batch, EventPublisher, KvEventSubscriber, KvEventsConfig,
+//!     ZmqEventPublisher, ZmqPublisherOptions};
+//! use std::time::Duration;
+//!
+//! let config = KvEventsConfig {
+//!     enable_kv_cache_events: true,
+//!     endpoint: "tcp://127.0.0.1:*".into(),
+//!     ..Default::default()
+//! };
+//! let publisher = ZmqEventPublisher::new(0, &config, ZmqPublisherOptions::default())?;
+//! let subscriber = KvEventSubscriber::connect(publisher.endpoint(), None, "")?;
+//! std::thread::sleep(Duration::from_millis(200)); // let the subscription reach the publisher
+//! publisher.publish(sample_batch(0, None))?;
+//! let got = subscriber.recv(Duration::from_secs(5))?.expect("a batch");
+//! assert_eq!(got.seq, 0);
+//! # Ok::<(), dist_kv::Error>(())
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+mod error;
+pub mod events;
+
+pub use error::{Error, Result};

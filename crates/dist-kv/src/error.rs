@@ -1,0 +1,65 @@
+//! The one error type of `dist-kv`.
+
+use std::time::Duration;
+
+/// Result with [`Error`] as the default error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything KV-cache events can fail with.
+///
+/// Variants say what the caller can act on: a malformed payload (with where it went wrong), a socket
+/// that could not be bound or connected (with the endpoint), a full queue or a late shutdown (with the
+/// operation and how long it waited), a publisher used after shutdown.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A caller passed something the operation cannot accept (an endpoint, a config value).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// Bytes that are not a valid KV-event batch or frame; the message says where and why.
+    #[error("decode error: {0}")]
+    Decode(String),
+    /// A value that cannot be written as MessagePack (an integer outside `i64::MIN..=u64::MAX`, a
+    /// length above `u32::MAX`).
+    #[error("encode error: {0}")]
+    Encode(String),
+    /// A blocking call passed its deadline.
+    #[error("{op}: timed out after {waited:?}{}", if detail.is_empty() { String::new() } else { format!(" ({detail})") })]
+    Timeout {
+        /// The operation (`"kv-events publish"`, `"kv-events replay from 10"`).
+        op: String,
+        /// How long the call waited.
+        waited: Duration,
+        /// Anything else that helps (queue length, endpoint).
+        detail: String,
+    },
+    /// The publisher was shut down, or its thread is gone.
+    #[error("closed: {0}")]
+    Closed(String),
+    /// libzmq reported an error; `op` says what was being done and on which endpoint.
+    #[error("zmq {op}: {source}")]
+    Zmq {
+        /// What was being done (`"bind PUB tcp://*:5557"`).
+        op: String,
+        /// libzmq's own error.
+        #[source]
+        source: zmq::Error,
+    },
+    /// An operating-system error (spawning the publisher thread, writing output).
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Wraps a libzmq error with the operation it interrupted.
+    pub(crate) fn zmq(op: impl Into<String>) -> impl FnOnce(zmq::Error) -> Error {
+        let op = op.into();
+        move |source| Error::Zmq { op, source }
+    }
+}
