@@ -86,6 +86,76 @@ pub fn wait_until<E>(
     }
 }
 
+/// A futex word with a count of sleepers, for a party that publishes often and is waited on
+/// rarely: [`Doorbell::ring`] makes no system call while nobody sleeps, so a fast path between
+/// spinning peers costs two atomic operations.
+///
+/// The waker bumps `seq` then reads `sleepers`; a sleeper bumps `sleepers` then reads `seq`
+/// (all sequentially consistent), so either the waker sees the sleeper and wakes it, or the
+/// sleeper sees the new `seq` and does not sleep: no wake-up is lost. It is `repr(C)` and
+/// valid when zero-filled, so it can live in a shared segment.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct Doorbell {
+    seq: AtomicU32,
+    sleepers: AtomicU32,
+}
+
+impl Doorbell {
+    /// Signals waiters that the state they wait on may have changed. Call it after publishing.
+    pub fn ring(&self) {
+        self.seq.fetch_add(1, Ordering::SeqCst);
+        if self.sleepers.load(Ordering::SeqCst) != 0 {
+            futex_wake(&self.seq, i32::MAX);
+        }
+    }
+
+    /// Like [`wait_until`], sleeping on this doorbell: spins [`SPIN_ITERS`] times, yields
+    /// [`YIELD_ITERS`] times, then sleeps at most `poll_every` at a time, calling `poll` between
+    /// sleeps, until `ready()` or `deadline`.
+    pub fn wait_until<E>(
+        &self,
+        deadline: Instant,
+        poll_every: Duration,
+        mut ready: impl FnMut() -> bool,
+        mut poll: impl FnMut() -> Result<(), E>,
+    ) -> Result<WaitOutcome, E> {
+        for _ in 0..SPIN_ITERS {
+            if ready() {
+                return Ok(WaitOutcome::Ready);
+            }
+            std::hint::spin_loop();
+        }
+        for _ in 0..YIELD_ITERS {
+            if ready() {
+                return Ok(WaitOutcome::Ready);
+            }
+            std::thread::yield_now();
+        }
+        loop {
+            self.sleepers.fetch_add(1, Ordering::SeqCst);
+            let s = self.seq.load(Ordering::SeqCst);
+            let outcome = if ready() {
+                Some(Ok(WaitOutcome::Ready))
+            } else {
+                let now = Instant::now();
+                if now >= deadline {
+                    Some(Ok(WaitOutcome::TimedOut))
+                } else if let Err(e) = poll() {
+                    Some(Err(e))
+                } else {
+                    futex_wait(&self.seq, s, (deadline - now).min(poll_every));
+                    None
+                }
+            };
+            self.sleepers.fetch_sub(1, Ordering::SeqCst);
+            if let Some(o) = outcome {
+                return o;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +212,41 @@ mod tests {
             || Err("peer died"),
         );
         assert_eq!(e, Err("peer died"));
+    }
+
+    #[test]
+    fn doorbell_wakes_a_sleeper_and_skips_the_syscall_when_idle() {
+        let bell = Arc::new(Doorbell::default());
+        bell.ring(); // nobody sleeps: no wake-up needed, must not block
+        let flag = Arc::new(AtomicBool::new(false));
+        let (b2, f2) = (bell.clone(), flag.clone());
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            f2.store(true, Ordering::Release);
+            b2.ring();
+        });
+        let start = Instant::now();
+        let r = bell
+            .wait_until::<()>(
+                Instant::now() + Duration::from_secs(5),
+                Duration::from_secs(2),
+                || flag.load(Ordering::Acquire),
+                || Ok(()),
+            )
+            .unwrap();
+        assert_eq!(r, WaitOutcome::Ready);
+        // Woken by the ring, not by the 2 s poll interval.
+        assert!(start.elapsed() < Duration::from_secs(1));
+        t.join().unwrap();
+        assert_eq!(bell.sleepers.load(Ordering::SeqCst), 0);
+        let r = bell
+            .wait_until::<()>(
+                Instant::now() + Duration::from_millis(30),
+                Duration::from_millis(5),
+                || false,
+                || Ok(()),
+            )
+            .unwrap();
+        assert_eq!(r, WaitOutcome::TimedOut);
     }
 }

@@ -4,5 +4,7 @@
 mod futex;
 mod segment;
 
-pub use futex::{futex_wait, futex_wake, wait_until, WaitOutcome, SPIN_ITERS, YIELD_ITERS};
+pub use futex::{
+    futex_wait, futex_wake, wait_until, Doorbell, WaitOutcome, SPIN_ITERS, YIELD_ITERS,
+};
 pub use segment::{remove_stale_segments, Segment, SEGMENT_PREFIX};
