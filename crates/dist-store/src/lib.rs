@@ -55,11 +55,12 @@
 //! ```
 
 pub mod auth;
+pub mod bench;
 pub mod client;
 pub mod group;
+pub mod launch;
 pub mod proto;
 pub mod server;
-#[allow(dead_code)] // the signal helpers are for the launcher, which comes next
 mod sys;
 
 pub use client::{ClientOptions, TcpStoreClient};
