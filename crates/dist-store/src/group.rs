@@ -91,15 +91,7 @@ impl StatelessProcessGroup {
             }
         }
         let port = server.as_ref().map_or(port, |s| s.port());
-        let client = TcpStoreClient::connect(
-            host,
-            port,
-            ClientOptions {
-                timeout,
-                connect_timeout: timeout,
-                ..Default::default()
-            },
-        )?;
+        let client = TcpStoreClient::connect(host, port, env_client_options(timeout)?)?;
         let mut g = Self::over_store(Arc::new(client), "", rank, world_size, timeout)?;
         g.server = server;
         Ok(g)
@@ -126,15 +118,7 @@ impl StatelessProcessGroup {
             .map_err(|_| Error::invalid("MASTER_PORT is not a port number"))?;
         if agent_store_on(port) {
             check_rank(rank, world)?;
-            let client = TcpStoreClient::connect(
-                &host,
-                port,
-                ClientOptions {
-                    timeout,
-                    connect_timeout: timeout,
-                    ..Default::default()
-                },
-            )?;
+            let client = TcpStoreClient::connect(&host, port, env_client_options(timeout)?)?;
             Self::over_store(Arc::new(client), "", rank, world, timeout)
         } else {
             Self::create(&host, port, rank, world, timeout)
@@ -290,6 +274,21 @@ impl StatelessProcessGroup {
             Err(e) => Err(e),
         }
     }
+}
+
+/// Client options with `timeout`, and the token of `DIST_STORE_TOKEN_FILE` when set (the
+/// launcher passes it when its store requires one).
+fn env_client_options(timeout: Duration) -> Result<ClientOptions> {
+    let token = match std::env::var_os("DIST_STORE_TOKEN_FILE") {
+        Some(p) => Some(crate::auth::read_token_file(std::path::Path::new(&p))?),
+        None => None,
+    };
+    Ok(ClientOptions {
+        timeout,
+        connect_timeout: timeout,
+        token,
+        ..Default::default()
+    })
 }
 
 fn check_rank(rank: usize, world_size: usize) -> Result<()> {
