@@ -118,6 +118,42 @@ pub trait Backend: Send + Sync + 'static {
     fn to_host(t: &Self::Tensor) -> Result<HostTensor>;
     /// Copies a host tensor to `device`.
     fn from_host(t: &HostTensor, device: Device) -> Result<Self::Tensor>;
+
+    /// The same elements with another shape. The default goes through the host; backends
+    /// whose tensors can be re-viewed in place override it.
+    fn reshape(t: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor> {
+        let device = t.device();
+        Self::from_host(&Self::to_host(&t)?.reshape(shape)?, device)
+    }
+
+    /// A 1-D copy of `len` elements starting at flat element `start` of a contiguous tensor.
+    /// The default goes through the host; device backends override it with a device copy.
+    fn flat_slice(t: &Self::Tensor, start: usize, len: usize) -> Result<Self::Tensor> {
+        crate::ensure_arg!(
+            start.checked_add(len).is_some_and(|e| e <= t.numel()),
+            "flat_slice [{start}, {start}+{len}) out of range for {} elements",
+            t.numel()
+        );
+        let h = Self::to_host(t)?;
+        let es = h.dtype().size();
+        let part = HostTensor::from_bytes(
+            h.dtype(),
+            &[len],
+            &h.as_bytes()[start * es..(start + len) * es],
+        )?;
+        Self::from_host(&part, t.device())
+    }
+}
+
+/// A one-writer, many-reader broadcast channel a coordinator uses for `broadcast_object`
+/// (vLLM's MessageQueue broadcaster). The writer is group rank 0 of the coordinator.
+pub trait Broadcaster: Send + Sync + std::fmt::Debug {
+    /// True on the writer's rank.
+    fn is_writer(&self) -> bool;
+    /// Writer: publishes one message to every reader.
+    fn enqueue_bytes(&self, data: &[u8]) -> Result<()>;
+    /// Reader: the next message.
+    fn dequeue_bytes(&self) -> Result<Vec<u8>>;
 }
 
 /// Checks the arguments every all-gather/reduce-scatter shares and returns the normalised dim.

@@ -200,6 +200,8 @@ pub trait Element: bytemuck::Pod + PartialEq + std::fmt::Debug + Send + Sync + '
     fn div(a: Self::Acc, n: usize) -> Self::Acc;
     /// A value made from a small integer (for tests and fills).
     fn from_i64(v: i64) -> Self;
+    /// The value as f64 (for tolerance checks and reports).
+    fn to_f64(self) -> f64;
     /// A random-ish value from a 64-bit word, within a range that sums of up to 64 ranks keep exact
     /// for integer types and finite for floats.
     fn from_bits_sample(bits: u64) -> Self;
@@ -234,6 +236,9 @@ macro_rules! float_elem {
             fn from_i64(v: i64) -> $t {
                 v as $t
             }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
             fn from_bits_sample(bits: u64) -> $t {
                 // Uniform in [-2, 2).
                 ((bits >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0) as $t
@@ -267,6 +272,9 @@ macro_rules! half_elem {
             }
             fn from_i64(v: i64) -> $t {
                 <$t>::from_f32(v as f32)
+            }
+            fn to_f64(self) -> f64 {
+                <$t>::to_f64(self)
             }
             fn from_bits_sample(bits: u64) -> $t {
                 <$t>::from_f32(<f32 as Element>::from_bits_sample(bits))
@@ -305,6 +313,9 @@ macro_rules! int_elem {
             }
             fn from_i64(v: i64) -> $t {
                 v as $t
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
             }
             fn from_bits_sample(bits: u64) -> $t {
                 let r: i64 = $range;

@@ -50,19 +50,24 @@
 #![forbid(unsafe_code)]
 
 pub mod communicator;
+pub mod conformance;
+pub mod coordinator;
 mod dtype;
 mod error;
 pub mod group;
+pub mod host_comm;
 pub mod layout;
 pub mod local;
+pub mod parallel_state;
 pub mod reference;
 mod store;
 pub mod tensor;
 
 pub use communicator::{
-    Backend, CommunicatorContext, DeviceCommunicator, LocalBackend, LocalCommunicator,
+    Backend, Broadcaster, CommunicatorContext, DeviceCommunicator, LocalBackend, LocalCommunicator,
     DEFAULT_TIMEOUT,
 };
+pub use coordinator::{CoordinatorParts, DictValue, GroupCoordinator, TensorDict, Value};
 pub use dtype::{reduce_bytes, reduce_slices, DType, Element, ReduceOp};
 pub use error::{Error, Result};
 pub use group::{decode_obj, encode_obj, HostGroup, HostGroupExt, DEFAULT_MAX_OBJECT_BYTES};
@@ -70,6 +75,7 @@ pub use layout::{
     divide, ensure_divisibility, get_pp_indices, get_pp_indices_from_env,
     split_tensor_along_last_dim, tcp_uri, GroupLayout, ParallelConfig,
 };
+pub use parallel_state::{GroupFactory, ParallelState, WorldInfo};
 pub use store::Store;
 pub use tensor::{Device, DeviceKind, HostTensor, Tensor, TensorMeta};
 

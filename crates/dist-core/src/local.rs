@@ -268,3 +268,187 @@ mod tests {
         }
     }
 }
+
+/// An in-memory [`Store`](crate::Store) for ranks that are threads of one process, with
+/// PyTorch's semantics (waits with deadlines, `add` as decimal text, `compare_set`).
+#[derive(Debug, Default)]
+pub struct MemStore {
+    map: Mutex<HashMap<String, Vec<u8>>>,
+    cv: Condvar,
+}
+
+impl MemStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<u8>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl crate::Store for MemStore {
+    fn set(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.lock().insert(key.to_string(), value.to_vec());
+        self.cv.notify_all();
+        Ok(())
+    }
+    fn get(&self, key: &str, timeout: Duration) -> Result<Vec<u8>> {
+        Ok(self.multi_get(&[key], timeout)?.remove(0))
+    }
+    fn add(&self, key: &str, delta: i64) -> Result<i64> {
+        let mut m = self.lock();
+        let cur = match m.get(key) {
+            Some(v) => std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+                .ok_or_else(|| Error::invalid(format!("add: value of {key} is not an integer")))?,
+            None => 0,
+        };
+        let new = cur.wrapping_add(delta);
+        m.insert(key.to_string(), new.to_string().into_bytes());
+        drop(m);
+        self.cv.notify_all();
+        Ok(new)
+    }
+    fn compare_set(&self, key: &str, expected: &[u8], desired: &[u8]) -> Result<Vec<u8>> {
+        let mut m = self.lock();
+        let out = match m.get(key) {
+            None if expected.is_empty() => {
+                m.insert(key.to_string(), desired.to_vec());
+                desired.to_vec()
+            }
+            None => expected.to_vec(),
+            Some(v) if v == expected => {
+                m.insert(key.to_string(), desired.to_vec());
+                desired.to_vec()
+            }
+            Some(v) => v.clone(),
+        };
+        drop(m);
+        self.cv.notify_all();
+        Ok(out)
+    }
+    fn check(&self, keys: &[&str]) -> Result<bool> {
+        let m = self.lock();
+        Ok(keys.iter().all(|k| m.contains_key(*k)))
+    }
+    fn wait(&self, keys: &[&str], timeout: Duration) -> Result<()> {
+        self.multi_get(keys, timeout).map(|_| ())
+    }
+    fn delete(&self, key: &str) -> Result<bool> {
+        Ok(self.lock().remove(key).is_some())
+    }
+    fn num_keys(&self) -> Result<u64> {
+        Ok(self.lock().len() as u64)
+    }
+    fn multi_get(&self, keys: &[&str], timeout: Duration) -> Result<Vec<Vec<u8>>> {
+        let start = Instant::now();
+        let mut m = self.lock();
+        loop {
+            let missing: Vec<&str> = keys
+                .iter()
+                .copied()
+                .filter(|k| !m.contains_key(*k))
+                .collect();
+            if missing.is_empty() {
+                return Ok(keys.iter().map(|k| m[*k].clone()).collect());
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                return Err(Error::timeout(
+                    "store wait",
+                    waited,
+                    format!("missing keys: {missing:?}"),
+                ));
+            }
+            m = self
+                .cv
+                .wait_timeout(m, timeout - waited)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+    fn multi_set(&self, keys: &[&str], values: &[&[u8]]) -> Result<()> {
+        crate::ensure_arg!(
+            keys.len() == values.len(),
+            "multi_set: {} keys, {} values",
+            keys.len(),
+            values.len()
+        );
+        let mut m = self.lock();
+        for (k, v) in keys.iter().zip(values) {
+            m.insert(k.to_string(), v.to_vec());
+        }
+        drop(m);
+        self.cv.notify_all();
+        Ok(())
+    }
+    fn append(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.lock()
+            .entry(key.to_string())
+            .or_default()
+            .extend_from_slice(value);
+        self.cv.notify_all();
+        Ok(())
+    }
+}
+
+/// A [`GroupFactory`](crate::GroupFactory) for ranks that are threads: host groups are
+/// [`ThreadGroup`]s made on first request and shared through a registry keyed by the group key.
+#[derive(Debug, Clone)]
+pub struct ThreadGroupFactory {
+    rank: usize,
+    generations: Arc<Mutex<HashMap<String, usize>>>,
+    registry: Arc<Mutex<HashMap<String, Vec<Option<ThreadGroup>>>>>,
+    store: Arc<MemStore>,
+}
+
+impl ThreadGroupFactory {
+    /// One factory per rank of a job of `world_size` thread ranks, sharing one registry and store.
+    pub fn for_job(world_size: usize) -> Vec<ThreadGroupFactory> {
+        let registry = Arc::new(Mutex::new(HashMap::new()));
+        let store = Arc::new(MemStore::new());
+        (0..world_size)
+            .map(|rank| ThreadGroupFactory {
+                rank,
+                generations: Arc::default(),
+                registry: registry.clone(),
+                store: store.clone(),
+            })
+            .collect()
+    }
+}
+
+impl crate::GroupFactory for ThreadGroupFactory {
+    fn store(&self) -> Arc<dyn crate::Store> {
+        self.store.clone()
+    }
+    fn host_group(
+        &self,
+        key: &str,
+        ranks: &[usize],
+        timeout: Duration,
+    ) -> Result<Arc<dyn HostGroup>> {
+        let me = ranks.iter().position(|&r| r == self.rank).ok_or_else(|| {
+            Error::invalid(format!("rank {} not in group {key} {ranks:?}", self.rank))
+        })?;
+        let generation = {
+            let mut g = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+            let n = g.entry(key.to_string()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let slots = reg.entry(format!("{key}#{generation}")).or_insert_with(|| {
+            ThreadGroup::new(ranks.len(), timeout)
+                .into_iter()
+                .map(Some)
+                .collect()
+        });
+        let g = slots[me].take().ok_or_else(|| {
+            Error::invalid(format!("rank {} asked twice for group {key}", self.rank))
+        })?;
+        Ok(Arc::new(g))
+    }
+}
