@@ -114,7 +114,7 @@ pub fn run_publish_to(args: PublishArgs, out: &mut dyn Write) -> Result<()> {
     let publisher = ZmqEventPublisher::new(args.dp_rank, &config, options)?;
     line(
         out,
-        json!({"endpoint": publisher.endpoint(), "replay_endpoint": publisher.replay_endpoint(),
+        json!({"endpoint": publisher.bound_endpoint(), "replay_endpoint": publisher.bound_replay_endpoint(),
                "topic": args.topic, "dp_rank": args.dp_rank}),
     )?;
     std::thread::sleep(Duration::from_millis(args.wait_ms));

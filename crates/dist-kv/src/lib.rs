@@ -43,7 +43,7 @@
 //!     ..Default::default()
 //! };
 //! let publisher = ZmqEventPublisher::new(0, &config, ZmqPublisherOptions::default())?;
-//! let subscriber = KvEventSubscriber::connect(publisher.endpoint(), None, "")?;
+//! let subscriber = KvEventSubscriber::connect(publisher.bound_endpoint(), None, "")?;
 //! std::thread::sleep(Duration::from_millis(200)); // let the subscription reach the publisher
 //! publisher.publish(sample_batch(0, None))?;
 //! let got = subscriber.recv(Duration::from_secs(5))?.expect("a batch");

@@ -134,6 +134,8 @@ pub struct ZmqEventPublisher {
     dp_rank: usize,
     endpoint: String,
     replay_endpoint: Option<String>,
+    bound_endpoint: String,
+    bound_replay_endpoint: Option<String>,
     format: WireFormat,
     publish_timeout: Duration,
     shutdown_timeout: Duration,
@@ -151,6 +153,7 @@ impl fmt::Debug for ZmqEventPublisher {
             .field("dp_rank", &self.dp_rank)
             .field("endpoint", &self.endpoint)
             .field("replay_endpoint", &self.replay_endpoint)
+            .field("bound_endpoint", &self.bound_endpoint)
             .field("format", &self.format)
             .field("queued", &self.queue.len())
             .field("running", &self.running.load(Ordering::Relaxed))
@@ -205,19 +208,19 @@ impl ZmqEventPublisher {
                 "set PUB high-water mark {}",
                 config.hwm
             )))?;
-        let endpoint = if should_bind(&endpoint) {
+        let bound_endpoint = if should_bind(&endpoint) {
             publisher
                 .bind(&endpoint)
                 .map_err(Error::zmq(format!("bind PUB {endpoint}")))?;
-            last_endpoint(&publisher).unwrap_or(endpoint)
+            last_endpoint(&publisher).unwrap_or_else(|| endpoint.clone())
         } else {
             publisher
                 .connect(&endpoint)
                 .map_err(Error::zmq(format!("connect PUB {endpoint}")))?;
-            endpoint
+            endpoint.clone()
         };
 
-        let (replay, replay_endpoint) = match replay_endpoint {
+        let (replay, bound_replay_endpoint) = match &replay_endpoint {
             None => (None, None),
             Some(ep) => {
                 let s = ctx
@@ -234,10 +237,10 @@ impl ZmqEventPublisher {
                 .map_err(Error::zmq("set ROUTER high-water mark"))?;
                 s.set_router_mandatory(true)
                     .map_err(Error::zmq("set ROUTER_MANDATORY"))?;
-                s.bind(&ep)
+                s.bind(ep)
                     .map_err(Error::zmq(format!("bind ROUTER {ep}")))?;
-                let ep = last_endpoint(&s).unwrap_or(ep);
-                (Some(s), Some(ep))
+                let bound = last_endpoint(&s).unwrap_or_else(|| ep.clone());
+                (Some(s), Some(bound))
             }
         };
 
@@ -256,7 +259,7 @@ impl ZmqEventPublisher {
             abort: abort.clone(),
             stats: stats.clone(),
             linger: options.linger,
-            endpoint: endpoint.clone(),
+            endpoint: bound_endpoint.clone(),
         };
         let done = finished.clone();
         let thread = std::thread::Builder::new()
@@ -271,11 +274,13 @@ impl ZmqEventPublisher {
                 context: "spawn zmq-publisher thread".into(),
                 source,
             })?;
-        tracing::info!(%endpoint, replay = ?replay_endpoint, dp_rank, "started ZMQ KV-event publisher");
+        tracing::info!(endpoint = %bound_endpoint, replay = ?bound_replay_endpoint, dp_rank, "started ZMQ KV-event publisher");
         Ok(ZmqEventPublisher {
             dp_rank,
             endpoint,
             replay_endpoint,
+            bound_endpoint,
+            bound_replay_endpoint,
             format: options.wire_format,
             publish_timeout: options.publish_timeout,
             shutdown_timeout: options.shutdown_timeout,
@@ -288,15 +293,26 @@ impl ZmqEventPublisher {
         })
     }
 
-    /// The PUB endpoint after the DP offset; for a bound socket, the address libzmq reports
-    /// (so `tcp://127.0.0.1:*` shows the port it got).
+    /// The PUB endpoint after the DP offset, as configured (`tcp://*:5558` for rank 1 of
+    /// `tcp://*:5557`); vLLM's `get_publisher_config().endpoint`.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
 
-    /// The ROUTER endpoint after the DP offset, as bound.
+    /// The ROUTER endpoint after the DP offset, as configured.
     pub fn replay_endpoint(&self) -> Option<&str> {
         self.replay_endpoint.as_deref()
+    }
+
+    /// The PUB endpoint as libzmq bound it (`tcp://127.0.0.1:*` shows the port it got, `*` shows
+    /// `0.0.0.0`); the configured endpoint when the socket connects.
+    pub fn bound_endpoint(&self) -> &str {
+        &self.bound_endpoint
+    }
+
+    /// The ROUTER endpoint as libzmq bound it.
+    pub fn bound_replay_endpoint(&self) -> Option<&str> {
+        self.bound_replay_endpoint.as_deref()
     }
 
     /// The counters.
@@ -330,7 +346,7 @@ impl ZmqEventPublisher {
                 detail: format!(
                     "queue full with {} batches; the publisher thread on {} is not keeping up",
                     self.queue.len(),
-                    self.endpoint
+                    self.bound_endpoint
                 ),
             }),
         }

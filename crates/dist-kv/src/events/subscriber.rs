@@ -68,13 +68,18 @@ impl KvEventSubscriber {
         sub.set_linger(0).map_err(Error::zmq("set SUB linger"))?;
         sub.set_subscribe(topic.as_bytes())
             .map_err(Error::zmq(format!("subscribe to {topic:?}")))?;
-        if endpoint.contains('*') {
+        let endpoint = if endpoint.contains('*') {
             sub.bind(endpoint)
                 .map_err(Error::zmq(format!("bind SUB {endpoint}")))?;
+            sub.get_last_endpoint()
+                .ok()
+                .and_then(|r| r.ok())
+                .unwrap_or_else(|| endpoint.to_owned())
         } else {
             sub.connect(endpoint)
                 .map_err(Error::zmq(format!("connect SUB {endpoint}")))?;
-        }
+            endpoint.to_owned()
+        };
         let replay = match replay_endpoint {
             None => None,
             Some(ep) => {
@@ -95,8 +100,13 @@ impl KvEventSubscriber {
             sub,
             replay,
             limits: DecodeLimits::default(),
-            endpoint: endpoint.to_owned(),
+            endpoint,
         })
+    }
+
+    /// The endpoint the SUB socket connected to, or bound (with the port libzmq chose for `*`).
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
     }
 
     /// Replaces the decoder's caps.
