@@ -51,6 +51,7 @@
 
 mod coll;
 pub mod shm;
+pub mod mq;
 
 pub use coll::{
     CpuBackend, ShmCommunicator, ShmConfig, MAX_LIST_BYTES, MAX_LIST_TENSORS, MAX_WORLD,
