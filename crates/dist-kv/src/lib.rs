@@ -16,7 +16,7 @@
 //!
 //! * **The wire format is the contract.** Existing subscribers decode vLLM's stream with Python's
 //!   msgspec against vLLM's classes, so the encoder writes the bytes msgspec writes (positional
-//!   arrays, the tag first, trailing defaults omitted, smallest integer forms, float64), checked
+//!   arrays, the tag first, every field written, smallest integer forms, float64), checked
 //!   byte for byte against msgspec in the cross-language test. The decoder reads every vLLM
 //!   release's form, including the tagged maps vLLM switched to in 2026 (PR #42892), which the
 //!   encoder can also write ([`events::WireFormat::Map`]).

@@ -12,8 +12,7 @@ use crate::events::types::{
 ///
 /// Odd and even indices differ (parent hash, LoRA fields, spec kind), and the events cover: integer
 /// hashes above `i64::MAX` and negative ones, 32-byte hashes, `extra_keys` of mixed types, a
-/// `BlockStored` with every default omitted, one with only `group_idx` set (so `extra_keys` is written
-/// as `nil` before it), `BlockRemoved` with and without `group_idx`, and `AllBlocksCleared`.
+/// `BlockStored` with every defaulted field `None`, one with only `group_idx` set, `BlockRemoved` with and without `group_idx`, and `AllBlocksCleared`.
 pub fn sample_batch(index: u64, dp_rank: Option<i64>) -> KvEventBatch {
     let i = index;
     let odd = i % 2 == 1;

@@ -2,8 +2,9 @@
 //!
 //! vLLM (`vllm/distributed/kv_events.py`) declares them as msgspec structs; the field order below is
 //! the wire order of the positional (array) encoding, so it must not change. Fields that vLLM gives a
-//! default (`= None`) are the trailing ones; the encoder omits them from the end while they are still
-//! `None`, as msgspec's `omit_defaults` does.
+//! default (`= None`) are the trailing ones: in the array form they are still written (msgspec
+//! ignores `omit_defaults` for `array_like` structs), in the map form they are left out while `None`,
+//! and a decoder fills them in when a shorter array omits them.
 
 use std::hash::{Hash, Hasher};
 
@@ -116,7 +117,7 @@ impl From<i64> for Value {
 /// `BlockStored`: blocks that became resident (prefix-cacheable) in a KV cache.
 ///
 /// Field order is vLLM's wire order. The first seven fields have no default in vLLM and are always
-/// written; the last four default to `None` and are omitted from the end while `None`.
+/// written; the last four default to `None` (left out of the map form while `None`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BlockStored {
     /// Hashes of the stored blocks, in order.

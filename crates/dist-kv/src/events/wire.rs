@@ -5,16 +5,16 @@
 //! `msgspec.msgpack.Encoder().encode(batch)` for vLLM's classes gives
 //!
 //! ```text
-//! [ts, [event, ...], data_parallel_rank?]          (EventBatch, array_like)
+//! [ts, [event, ...], data_parallel_rank]           (EventBatch, array_like)
 //! ["BlockStored", block_hashes, parent, token_ids, block_size, lora_id, medium, lora_name,
-//!  extra_keys?, group_idx?, kv_cache_spec_kind?, kv_cache_spec_sliding_window?]
-//! ["BlockRemoved", block_hashes, medium, group_idx?]
+//!  extra_keys, group_idx, kv_cache_spec_kind, kv_cache_spec_sliding_window]
+//! ["BlockRemoved", block_hashes, medium, group_idx]
 //! ["AllBlocksCleared"]
 //! ```
 //!
-//! Fields marked `?` have a default (`None`); `omit_defaults` drops them from the *end* of the array
-//! while they are still `None` (a non-default later field forces the earlier ones out as `nil`).
-//! Integers take the smallest MessagePack form (non-negative ones the unsigned forms), floats are
+//! **Every field is written, defaults included**, even though vLLM's classes set `omit_defaults=True`:
+//! msgspec ignores `omit_defaults` for `array_like` structs (msgspec issue #720; measured with
+//! msgspec 0.22: `EventBatch(ts=1.0)` encodes as `[1.0, [], nil]`). A `None` is `nil`. Integers take the smallest MessagePack form (non-negative ones the unsigned forms), floats are
 //! always float64, strings and byte strings the smallest `str`/`bin` form: this encoder makes the
 //! same choices, so its bytes equal msgspec's (the cross-language test checks that).
 //!
@@ -25,7 +25,8 @@
 //! # Decoding
 //!
 //! [`decode_batch`] accepts both forms (and a batch written as a map), ints or bytes for block hashes,
-//! omitted defaults, and extra trailing array elements or unknown map keys (which msgspec ignores),
+//! arrays shorter than the full field list (missing trailing fields take their defaults, as msgspec
+//! decodes them), and extra trailing array elements or unknown map keys (which msgspec ignores),
 //! so it reads every vLLM release's stream. It never allocates in proportion to a length header: a
 //! container may not claim more elements than bytes remain, and [`DecodeLimits`] caps nesting depth
 //! and the total number of values. Anything else is an [`Error::Decode`] naming the place.
@@ -266,14 +267,10 @@ fn write_tagged_struct(
     let n = names.len();
     match format {
         WireFormat::Array => {
-            // omit_defaults on an array-like struct drops only a trailing run of defaults.
-            let mut len = n;
-            while len > 0 && is_default(len - 1) {
-                len -= 1;
-            }
-            write_array_len(out, 1 + len)?;
+            // msgspec writes every field of an array_like struct (omit_defaults has no effect).
+            write_array_len(out, 1 + n)?;
             write_str(out, tag)?;
-            for i in 0..len {
+            for i in 0..n {
                 write_field(out, i)?;
             }
         }
@@ -316,25 +313,17 @@ pub fn write_event(out: &mut Vec<u8>, ev: &KvCacheEvent, format: WireFormat) -> 
     }
 }
 
-/// Encodes a batch as `msgspec.msgpack.Encoder().encode(batch)` does: `[ts, events, dp_rank?]`.
+/// Encodes a batch as `msgspec.msgpack.Encoder().encode(batch)` does: `[ts, events, dp_rank]`.
 pub fn encode_batch(batch: &KvEventBatch, format: WireFormat) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(64 + 32 * batch.events.len());
-    write_array_len(
-        &mut out,
-        if batch.data_parallel_rank.is_some() {
-            3
-        } else {
-            2
-        },
-    )?;
+    // The batch is array_like in every vLLM release, so all three fields are written.
+    write_array_len(&mut out, 3)?;
     rmp::encode::write_f64(&mut out, batch.ts).map_err(enc_err)?;
     write_array_len(&mut out, batch.events.len())?;
     for ev in &batch.events {
         write_event(&mut out, ev, format)?;
     }
-    if let Some(rank) = batch.data_parallel_rank {
-        write_int(&mut out, i128::from(rank))?;
-    }
+    write_opt_int(&mut out, batch.data_parallel_rank)?;
     Ok(out)
 }
 
@@ -873,9 +862,9 @@ mod tests {
         };
         let mut want = vec![0x93, 0xcb];
         want.extend_from_slice(&1.5f64.to_be_bytes());
-        want.extend_from_slice(&[0x92, 0x93, 0xac]);
+        want.extend_from_slice(&[0x92, 0x94, 0xac]);
         want.extend_from_slice(b"BlockRemoved");
-        want.extend_from_slice(&[0x92, 0xff, 0xcd, 0x01, 0x2c, 0xc0]);
+        want.extend_from_slice(&[0x92, 0xff, 0xcd, 0x01, 0x2c, 0xc0, 0xc0]);
         want.extend_from_slice(&[0x91, 0xb0]);
         want.extend_from_slice(b"AllBlocksCleared");
         want.push(0x00);
@@ -884,41 +873,39 @@ mod tests {
     }
 
     #[test]
-    fn trailing_defaults_are_omitted_but_inner_ones_kept() {
-        let mut e = stored();
-        let bytes = encode_batch(
-            &KvEventBatch {
-                ts: 0.0,
-                events: vec![KvCacheEvent::BlockStored(e.clone())],
-                data_parallel_rank: None,
-            },
-            WireFormat::Array,
-        )
-        .unwrap();
-        let Value::Array(top) = decode_value(&bytes, DecodeLimits::default()).unwrap() else {
-            panic!()
-        };
-        assert_eq!(top.len(), 2, "no dp rank");
-        let Value::Array(evs) = &top[1] else { panic!() };
-        let Value::Array(ev) = &evs[0] else { panic!() };
-        assert_eq!(ev.len(), 1 + BlockStored::REQUIRED_FIELDS);
-
-        e.kv_cache_spec_kind = Some("full_attention".into());
+    fn array_form_writes_every_field_and_short_arrays_decode() {
+        let e = stored();
         let batch = KvEventBatch {
             ts: 0.0,
-            events: vec![KvCacheEvent::BlockStored(e)],
-            data_parallel_rank: Some(3),
+            events: vec![KvCacheEvent::BlockStored(e.clone())],
+            data_parallel_rank: None,
         };
         let bytes = encode_batch(&batch, WireFormat::Array).unwrap();
         let Value::Array(top) = decode_value(&bytes, DecodeLimits::default()).unwrap() else {
             panic!()
         };
+        assert_eq!(top.len(), 3, "dp rank written as nil");
+        assert_eq!(top[2], Value::Nil);
         let Value::Array(evs) = &top[1] else { panic!() };
         let Value::Array(ev) = &evs[0] else { panic!() };
-        assert_eq!(ev.len(), 1 + 10);
-        assert_eq!(ev[8], Value::Nil, "extra_keys written as nil");
-        assert_eq!(ev[9], Value::Nil, "group_idx written as nil");
+        assert_eq!(ev.len(), 1 + BlockStored::FIELDS);
+        assert!(ev[8..].iter().all(|v| *v == Value::Nil));
         assert_eq!(decode_batch(&bytes).unwrap(), batch);
+
+        // A producer that trims trailing defaults (older hand-written ones do): [ts, [event]] with
+        // only the required fields; the missing ones decode as None.
+        let mut short = vec![0x92, 0x00, 0x91, 0x98];
+        let Value::Array(top) = decode_value(&bytes, DecodeLimits::default()).unwrap() else {
+            panic!()
+        };
+        let Value::Array(evs) = &top[1] else { panic!() };
+        let Value::Array(ev) = &evs[0] else { panic!() };
+        for v in &ev[..8] {
+            write_value(&mut short, v).unwrap();
+        }
+        let got = decode_batch(&short).unwrap();
+        assert_eq!(got.data_parallel_rank, None);
+        assert_eq!(got.events, vec![KvCacheEvent::BlockStored(e)]);
     }
 
     #[test]
