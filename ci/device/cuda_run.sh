@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# dist-cuda on the GPU machine (which has no Rust): runs the prebuilt `mp_cuda` device test at
+# world 1 (NCCL, every op and dtype) and at worlds 2, 4, 8 (processes sharing GPU 0 through
+# CUDA IPC: the custom all-reduce), then `cuda_bench` beside torch's NCCL all-reduce.
+#
+# Build here:  cargo build --release -p dist-cuda --examples
+#              mkdir -p .device-bin/cuda && cp target/release/examples/{mp_cuda,cuda_bench} .device-bin/cuda/
+# Run there:   bash ci/device/cuda_run.sh .device-bin/cuda   (the `run` tool with carry [".device-bin"])
+set -u
+BIN=${1:-.device-bin/cuda}
+OUTDIR=${OUT:-/tmp/dist-cuda-out}
+mkdir -p "$OUTDIR"
+LOG="$OUTDIR/cuda_run.log"
+: >"$LOG"
+say() { echo "$@" | tee -a "$LOG"; }
+
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# NCCL: the wheel torch uses, unless DIST_NCCL_SO_PATH is set. NVRTC: the toolkit's.
+if [ -z "${DIST_NCCL_SO_PATH:-}" ]; then
+  DIST_NCCL_SO_PATH=$(python3 -c 'import nvidia.nccl as m, os; print(os.path.join(list(m.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)
+  [ -f "$DIST_NCCL_SO_PATH" ] || DIST_NCCL_SO_PATH=$(find / -name 'libnccl.so.2*' -type f 2>/dev/null | head -1)
+  export DIST_NCCL_SO_PATH
+fi
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+say "== $(nvidia-smi -L 2>&1 | head -1); driver $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>&1 | head -1)"
+say "== DIST_NCCL_SO_PATH=$DIST_NCCL_SO_PATH; nvrtc: $(ls /usr/local/cuda/lib64/libnvrtc.so* 2>/dev/null | head -1)"
+
+status=0
+run_world() {
+  local w=$1 port=$2 pids=() r rc=0
+  rm -rf /tmp/dist-cuda-fg-"$port"-*
+  local t0=$(date +%s.%N)
+  for r in $(seq 0 $((w - 1))); do
+    RANK=$r WORLD_SIZE=$w LOCAL_RANK=$r LOCAL_WORLD_SIZE=$w MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+      timeout 240 "$BIN/mp_cuda" >"/tmp/mp_cuda_w${w}_r${r}.log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+  local t1=$(date +%s.%N)
+  for r in $(seq 0 $((w - 1))); do sed "s/^/[w$w r$r] /" "/tmp/mp_cuda_w${w}_r${r}.log" | tee -a "$LOG"; done
+  say "== mp_cuda world $w: exit $rc, $(echo "$t1 - $t0" | bc) s"
+  rm -rf /tmp/dist-cuda-fg-"$port"-*
+  [ "$rc" = 0 ] || status=1
+}
+run_world 1 29601
+for w in ${WORLDS:-2 4 8}; do run_world "$w" $((29600 + w * 7)); done
+
+if [ "${BENCH:-1}" = 1 ]; then
+  say "== bench"
+  RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_PORT=29650 timeout 240 "$BIN/cuda_bench" 2>&1 | tee -a "$LOG"
+  RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_PORT=29651 timeout 240 "$BIN/cuda_bench" --out-of-place --max-bytes 8388608 2>&1 | tee -a "$LOG"
+  PYTHONUNBUFFERED=1 timeout 240 python3 ci/device/cuda_bench_torch.py 2>&1 | grep -v Warning | tee -a "$LOG"
+fi
+say "== status $status"
+exit $status

@@ -1,0 +1,739 @@
+//! [`Communicator`]: every `DeviceCommunicator` op over NCCL on device buffers, with vLLM's
+//! custom all-reduce in front of NCCL's for eligible tensors.
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use cudarc::driver::{result as cu, sys};
+use dist_core::communicator::{check_collective_dim, reduce_scatterv_shape};
+use dist_core::tensor::{split_dims, with_dim};
+use dist_core::{
+    CommunicatorContext, DType, Device, DeviceCommunicator, DeviceKind, Error, HostGroup, ReduceOp, Result, Tensor,
+};
+use dist_nccl::{check_reduction, nccl_dtype, nccl_op, wire_dtype, Comm, Flavor, UniqueId};
+
+use crate::custom_ar::{policy, CustomAllreduce};
+use crate::driver::{copy_2d, copy_d2d, cuda_err, vptr, DeviceContext};
+use crate::tensor::CudaTensor;
+
+/// Re-lays out a rank-major buffer (`parts[r]` = `(outer, lens[r], inner)` elements of `es`
+/// bytes, contiguous) into `cat(parts, dim)`, with one strided device copy per rank on the
+/// device's stream. The layout step of all_gather(dim) / all_gatherv / gather when `dim` is
+/// not the outermost non-trivial dimension.
+///
+/// # Safety
+/// `src` and `dst` are live device buffers of `outer * sum(lens) * inner * es` bytes on `dev`.
+pub unsafe fn rank_major_to_cat(dev: &DeviceContext, dst: u64, src: u64, outer: usize, inner: usize, lens: &[usize], es: usize) -> Result<()> {
+    let total: usize = lens.iter().sum();
+    let (mut src_off, mut col) = (0usize, 0usize);
+    for &l in lens {
+        let w = l * inner * es;
+        // SAFETY: src holds outer*total*inner elements rank-major, dst the same count
+        // interleaved; each strided copy stays inside both (callers size them so).
+        unsafe { copy_2d(dst + col as u64, total * inner * es, src + src_off as u64, w, w, outer, dev.stream()) }?;
+        src_off += outer * w;
+        col += w;
+    }
+    Ok(())
+}
+
+/// The inverse of [`rank_major_to_cat`]: `cat`-laid-out `src` into rank-major `dst` (the layout
+/// step of reduce_scatter(dim) / reduce_scatterv).
+///
+/// # Safety
+/// As [`rank_major_to_cat`].
+pub unsafe fn cat_to_rank_major(dev: &DeviceContext, dst: u64, src: u64, outer: usize, inner: usize, lens: &[usize], es: usize) -> Result<()> {
+    let total: usize = lens.iter().sum();
+    let (mut dst_off, mut col) = (0usize, 0usize);
+    for &l in lens {
+        let w = l * inner * es;
+        // SAFETY: mirror of rank_major_to_cat.
+        unsafe { copy_2d(dst + dst_off as u64, w, src + col as u64, total * inner * es, w, outer, dev.stream()) }?;
+        dst_off += outer * w;
+        col += w;
+    }
+    Ok(())
+}
+
+/// How a communicator is built. [`Options::from_env`] is what [`crate::CudaBackend`] uses.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Device index; `None`: the context's `local_rank` (vLLM's `cuda:{local_rank}`).
+    pub device: Option<usize>,
+    /// Create the NCCL communicator (NCCL refuses two ranks on one GPU, so tests of the custom
+    /// all-reduce with several processes on one device turn it off).
+    pub nccl: bool,
+    /// Try the custom all-reduce (it still needs a `"tp"` group of 2/4/6/8 ranks with peer access).
+    pub custom_all_reduce: bool,
+    /// Custom all-reduce `max_size` override (default: vLLM's rule).
+    pub custom_ar_max_size: Option<usize>,
+}
+
+impl Options {
+    /// Defaults, with `DIST_DISABLE_CUSTOM_ALL_REDUCE` honoured.
+    pub fn from_env() -> Options {
+        Options {
+            device: None,
+            nccl: true,
+            custom_all_reduce: !policy::env_flag(std::env::var(policy::DISABLE_ENV).ok().as_deref()),
+            custom_ar_max_size: None,
+        }
+    }
+}
+
+/// One grouped point-to-point operation of [`Communicator::batch_send_recv`].
+#[derive(Debug)]
+pub enum P2pOp<'a> {
+    /// Send the tensor to the peer.
+    Send(&'a CudaTensor, usize),
+    /// Receive into the tensor from the peer.
+    Recv(&'a mut CudaTensor, usize),
+}
+
+/// The CUDA device communicator of one group.
+///
+/// Every op is enqueued on the device's stream ([`DeviceContext::stream`]) and returns without
+/// waiting for the GPU, as vLLM's pynccl does; [`Communicator::synchronize`] waits with a deadline
+/// and surfaces NCCL's asynchronous errors. Results are out of place except the `_in_place` and
+/// `broadcast`/`recv` forms.
+pub struct Communicator {
+    name: String,
+    rank: usize,
+    world: usize,
+    dev: Arc<DeviceContext>,
+    host: Arc<dyn HostGroup>,
+    timeout: Mutex<Duration>,
+    nccl: Mutex<Option<Comm>>,
+    nccl_version: i32,
+    custom_ar: Mutex<Option<CustomAllreduce>>,
+    capture_scope: AtomicBool,
+    destroyed: AtomicBool,
+    /// Temporaries of ops captured into CUDA graphs: a graph keeps using their addresses on
+    /// every replay, so they live as long as the communicator (as torch's graph memory pool).
+    graph_keep: Mutex<Vec<CudaTensor>>,
+}
+
+impl std::fmt::Debug for Communicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Communicator")
+            .field("group", &self.name)
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .field("device", &self.dev.ordinal())
+            .field("nccl", &self.has_nccl())
+            .field("custom_ar", &self.has_custom_ar())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Communicator {
+    /// Builds the communicator of `ctx`'s group. Collective over `ctx.host_group`: rank 0 makes
+    /// the NCCL unique id and broadcasts its 128 bytes; then NCCL init (bounded by `ctx.timeout`),
+    /// a warm-up all-reduce, and the custom all-reduce where the group qualifies.
+    pub fn new(ctx: &CommunicatorContext, opts: &Options) -> Result<Communicator> {
+        crate::driver::ensure_driver()?;
+        let host = ctx.host_group.clone();
+        let world = host.world_size();
+        let rank = host.rank();
+        dist_core::ensure_arg!(
+            world == ctx.ranks.len() && rank == ctx.rank_in_group,
+            "group {}: host group is rank {rank} of {world}, context says {} of {}",
+            ctx.group_name,
+            ctx.rank_in_group,
+            ctx.ranks.len()
+        );
+        let ordinal = opts.device.unwrap_or(ctx.local_rank);
+        let dev = DeviceContext::get(ordinal)?;
+        let mut nccl_version = 0;
+        let nccl = if opts.nccl {
+            let lib = dist_nccl::library(Flavor::Nccl)?;
+            nccl_version = lib.version_code;
+            let id_bytes = if rank == 0 {
+                let id = UniqueId::new(lib)?;
+                host.broadcast_bytes(Some(&id.to_bytes()), 0)?
+            } else {
+                host.broadcast_bytes(None, 0)?
+            };
+            let id = UniqueId::from_bytes(&id_bytes)?;
+            let d2 = dev.clone();
+            let mut comm = Comm::init_rank(lib, world, id, rank, ctx.timeout, move || d2.bind())?;
+            // Warm-up all-reduce of one zero, then a stream sync (as pynccl does).
+            let z = CudaTensor::zeros(&dev, DType::F32, &[1])?;
+            // SAFETY: z is a live 1-element f32 device buffer; we synchronise before it drops.
+            unsafe {
+                comm.all_reduce(vptr(z.ptr()), vptr(z.ptr()), 1, dist_nccl::sys::ncclFloat32, dist_nccl::sys::ncclSum, dev.stream() as *mut c_void)
+            }?;
+            dev.synchronize()?;
+            tracing::info!(group = %ctx.group_name, rank, world, nccl = %lib.version(), "NCCL communicator ready");
+            Some(comm)
+        } else {
+            None
+        };
+        let custom_ar = if opts.custom_all_reduce && world > 1 {
+            CustomAllreduce::new(&dev, host.as_ref(), &ctx.group_name, opts.custom_ar_max_size)?
+        } else {
+            None
+        };
+        Ok(Communicator {
+            name: ctx.group_name.clone(),
+            rank,
+            world,
+            dev,
+            host,
+            timeout: Mutex::new(ctx.timeout),
+            nccl: Mutex::new(nccl),
+            nccl_version,
+            custom_ar: Mutex::new(custom_ar),
+            capture_scope: AtomicBool::new(false),
+            destroyed: AtomicBool::new(false),
+            graph_keep: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The device context (its stream is where every op is enqueued).
+    pub fn context(&self) -> &Arc<DeviceContext> {
+        &self.dev
+    }
+    /// True when an NCCL communicator exists.
+    pub fn has_nccl(&self) -> bool {
+        lock(&self.nccl).is_some()
+    }
+    /// True when the custom all-reduce is active.
+    pub fn has_custom_ar(&self) -> bool {
+        lock(&self.custom_ar).is_some()
+    }
+    /// Runs `f` on the custom all-reduce, if any (tests, forcing the algorithm).
+    pub fn with_custom_ar<R>(&self, f: impl FnOnce(&mut CustomAllreduce) -> R) -> Option<R> {
+        lock(&self.custom_ar).as_mut().map(f)
+    }
+    /// The host group.
+    pub fn host_group(&self) -> &Arc<dyn HostGroup> {
+        &self.host
+    }
+
+    /// Waits until the work enqueued so far has run, at most the communicator's timeout; polls
+    /// NCCL's asynchronous error meanwhile. Spins briefly, then sleeps.
+    pub fn synchronize(&self) -> Result<()> {
+        self.dev.bind()?;
+        let t = self.timeout();
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            // SAFETY: the device stream is alive for the process.
+            let r = unsafe { sys::cuStreamQuery(self.dev.stream()) };
+            match r {
+                sys::CUresult::CUDA_SUCCESS => return Ok(()),
+                sys::CUresult::CUDA_ERROR_NOT_READY => {}
+                other => return Err(cuda_err(&format!("{} synchronize", self.name), cudarc::driver::DriverError(other))),
+            }
+            if let Some(c) = lock(&self.nccl).as_ref() {
+                c.check_async_error()?;
+            }
+            if start.elapsed() >= t {
+                return Err(Error::Timeout {
+                    op: format!("{} synchronize", self.name),
+                    waited: start.elapsed(),
+                    missing_ranks: Vec::new(),
+                    detail: "device work did not finish (a peer may not have joined a collective)".into(),
+                });
+            }
+            spins += 1;
+            if spins < 64 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+
+    fn live(&self, op: &str) -> Result<()> {
+        if self.destroyed.load(Ordering::Acquire) {
+            return Err(Error::NotInitialized(format!("{} {op}: communicator destroyed", self.name)));
+        }
+        self.dev.bind()
+    }
+
+    fn check_tensor(&self, t: &CudaTensor, op: &str) -> Result<()> {
+        let want = Device::new(DeviceKind::Cuda, self.dev.ordinal());
+        dist_core::ensure_arg!(t.device() == want, "{} {op}: tensor on {}, communicator on {want}", self.name, t.device());
+        Ok(())
+    }
+
+    fn with_nccl<R>(&self, op: &str, f: impl FnOnce(&mut Comm, *mut c_void) -> Result<R>) -> Result<R> {
+        self.live(op)?;
+        let mut g = lock(&self.nccl);
+        let c = g
+            .as_mut()
+            .ok_or_else(|| Error::unsupported(format!("{} {op}: this communicator has no NCCL", self.name)))?;
+        f(c, self.dev.stream() as *mut c_void).map_err(|e| match e {
+            Error::Backend { backend, code, message } => Error::Backend {
+                backend,
+                code,
+                message: format!("{} {op}: {message}", self.name),
+            },
+            e => e,
+        })
+    }
+
+    /// Keeps an op's temporary alive when the stream is capturing (see `graph_keep`); otherwise
+    /// drops it (its free waits for the device).
+    fn retire(&self, tmp: Option<CudaTensor>) -> Result<()> {
+        if let Some(t) = tmp {
+            if self.dev.is_capturing()? {
+                lock(&self.graph_keep).push(t);
+            }
+        }
+        Ok(())
+    }
+
+    fn new_tensor(&self, dtype: DType, shape: &[usize]) -> Result<CudaTensor> {
+        CudaTensor::uninit(&self.dev, dtype, shape)
+    }
+
+    /// Grouped sends and receives (vLLM's `batch_isend_irecv`), in one NCCL group. fp8 travels as bytes.
+    pub fn batch_send_recv(&self, ops: &mut [P2pOp<'_>]) -> Result<()> {
+        for o in ops.iter() {
+            let (t, peer) = match o {
+                P2pOp::Send(t, p) => (&**t, *p),
+                P2pOp::Recv(t, p) => (&**t, *p),
+            };
+            self.check_tensor(t, "batch_send_recv")?;
+            dist_core::ensure_arg!(peer < self.world, "batch_send_recv: peer {peer} out of range for {}", self.world);
+        }
+        self.with_nccl("batch_send_recv", |c, s| {
+            c.group(|c| {
+                for o in ops.iter_mut() {
+                    match o {
+                        P2pOp::Send(t, p) => {
+                            let (dt, n) = wire_dtype(t.dtype(), t.numel())?;
+                            // SAFETY: t is live until the group's work runs (the caller keeps it).
+                            unsafe { c.send(vptr(t.ptr()), n, dt, *p, s) }?;
+                        }
+                        P2pOp::Recv(t, p) => {
+                            let (dt, n) = wire_dtype(t.dtype(), t.numel())?;
+                            // SAFETY: as above.
+                            unsafe { c.recv(vptr(t.ptr()), n, dt, *p, s) }?;
+                        }
+                    }
+                }
+                Ok(())
+            })
+        })
+    }
+
+    fn nccl_all_reduce(&self, src: u64, dst: u64, dtype: DType, numel: usize, op: ReduceOp) -> Result<()> {
+        check_reduction(dtype, op, self.nccl_version)?;
+        let dt = nccl_dtype(dtype)?;
+        self.with_nccl("all_reduce", |c, s| {
+            // SAFETY: src/dst hold numel elements and outlive the enqueued work (callers hold them).
+            unsafe { c.all_reduce(vptr(src), vptr(dst), numel, dt, nccl_op(op), s) }
+        })
+    }
+
+    fn all_reduce_impl(&self, input: &CudaTensor, op: ReduceOp) -> Result<CudaTensor> {
+        self.live("all_reduce")?;
+        self.check_tensor(input, "all_reduce")?;
+        dist_core::ensure_arg!(input.dtype().is_reducible(), "{} all_reduce: cannot reduce {}", self.name, input.dtype());
+        if op == ReduceOp::Sum {
+            let mut ca = lock(&self.custom_ar);
+            if let Some(ca) = ca.as_mut() {
+                if ca.should(input) {
+                    return ca.all_reduce(input);
+                }
+            }
+        }
+        let out = self.new_tensor(input.dtype(), input.shape())?;
+        self.nccl_all_reduce(input.ptr(), out.ptr(), input.dtype(), input.numel(), op)?;
+        Ok(out)
+    }
+}
+
+impl DeviceCommunicator for Communicator {
+    type Tensor = CudaTensor;
+
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn timeout(&self) -> Duration {
+        *lock(&self.timeout)
+    }
+    fn set_timeout(&self, timeout: Duration) {
+        *lock(&self.timeout) = timeout;
+    }
+    fn device(&self) -> Device {
+        Device::new(DeviceKind::Cuda, self.dev.ordinal())
+    }
+    fn empty(&self, dtype: DType, shape: &[usize]) -> Result<CudaTensor> {
+        CudaTensor::zeros(&self.dev, dtype, shape)
+    }
+
+    fn all_reduce(&self, input: &CudaTensor, op: ReduceOp) -> Result<CudaTensor> {
+        self.all_reduce_impl(input, op)
+    }
+
+    fn all_reduce_in_place(&self, tensor: &mut CudaTensor, op: ReduceOp) -> Result<()> {
+        self.live("all_reduce_in_place")?;
+        self.check_tensor(tensor, "all_reduce_in_place")?;
+        let use_ca = op == ReduceOp::Sum && lock(&self.custom_ar).as_ref().is_some_and(|c| c.should(tensor));
+        if use_ca {
+            let out = self.all_reduce_impl(tensor, op)?;
+            // SAFETY: both hold nbytes; `out` is retired below (kept while capturing; otherwise
+            // its cuMemFree waits for the copy).
+            unsafe { copy_d2d(tensor.ptr(), out.ptr(), tensor.nbytes(), self.dev.stream()) }?;
+            return self.retire(Some(out));
+        }
+        self.nccl_all_reduce(tensor.ptr(), tensor.ptr(), tensor.dtype(), tensor.numel(), op)
+    }
+
+    fn all_gather(&self, input: &CudaTensor, dim: isize) -> Result<CudaTensor> {
+        self.live("all_gather")?;
+        self.check_tensor(input, "all_gather")?;
+        let d = check_collective_dim(input.shape(), dim, "all_gather")?;
+        let (outer, len, inner) = split_dims(input.shape(), d);
+        let out = self.new_tensor(input.dtype(), &with_dim(input.shape(), d, len * self.world))?;
+        let (dt, n) = wire_dtype(input.dtype(), input.numel())?;
+        let es = input.dtype().size();
+        let tmp = if outer == 1 { None } else { Some(self.new_tensor(input.dtype(), &[self.world * input.numel()])?) };
+        let target = tmp.as_ref().map_or(out.ptr(), |t| t.ptr());
+        self.with_nccl("all_gather", |c, s| {
+            // SAFETY: input has n elements, target world*n; both outlive the enqueued work.
+            unsafe { c.all_gather(vptr(input.ptr()), vptr(target), n, dt, s) }
+        })?;
+        if let Some(tmp) = &tmp {
+            // SAFETY: tmp and out both hold the full gathered element count.
+            unsafe { rank_major_to_cat(&self.dev, out.ptr(), tmp.ptr(), outer, inner, &vec![len; self.world], es)?; }
+        }
+        self.retire(tmp)?;
+        Ok(out)
+    }
+
+    fn all_gatherv(&self, input: &CudaTensor, dim: isize, sizes: &[usize]) -> Result<CudaTensor> {
+        self.live("all_gatherv")?;
+        self.check_tensor(input, "all_gatherv")?;
+        let d = check_collective_dim(input.shape(), dim, "all_gatherv")?;
+        dist_core::ensure_arg!(sizes.len() == self.world, "all_gatherv: {} sizes for world size {}", sizes.len(), self.world);
+        dist_core::ensure_arg!(
+            sizes[self.rank] == input.shape()[d],
+            "all_gatherv: rank {} has {} along dim {d}, sizes say {}",
+            self.rank,
+            input.shape()[d],
+            sizes[self.rank]
+        );
+        if sizes.iter().all(|s| *s == sizes[0]) {
+            return self.all_gather(input, dim);
+        }
+        let (outer, _, inner) = split_dims(input.shape(), d);
+        let total: usize = sizes.iter().sum();
+        let out = self.new_tensor(input.dtype(), &with_dim(input.shape(), d, total))?;
+        let es = input.dtype().size();
+        let tmp = if outer == 1 { None } else { Some(self.new_tensor(input.dtype(), &[outer * total * inner])?) };
+        let target = tmp.as_ref().map_or(out.ptr(), |t| t.ptr());
+        let (dt, _) = wire_dtype(input.dtype(), 0)?;
+        let me = self.rank;
+        self.with_nccl("all_gatherv", |c, s| {
+            c.group(|c| {
+                let mut off = 0usize;
+                for (root, &l) in sizes.iter().enumerate() {
+                    let count = outer * l * inner;
+                    if count > 0 {
+                        let send = if root == me { vptr(input.ptr()) as *const c_void } else { std::ptr::null() };
+                        // SAFETY: block `root` of target holds `count` elements; input holds
+                        // `count` on the root; all outlive the enqueued work.
+                        unsafe { c.broadcast(send, vptr(target + (off * es) as u64), count, dt, root, s) }?;
+                    }
+                    off += count;
+                }
+                Ok(())
+            })
+        })?;
+        if let Some(tmp) = &tmp {
+            // SAFETY: tmp and out both hold the full gathered element count.
+            unsafe { rank_major_to_cat(&self.dev, out.ptr(), tmp.ptr(), outer, inner, sizes, es)?; }
+        }
+        self.retire(tmp)?;
+        Ok(out)
+    }
+
+    fn reduce_scatter(&self, input: &CudaTensor, dim: isize, op: ReduceOp) -> Result<CudaTensor> {
+        self.live("reduce_scatter")?;
+        self.check_tensor(input, "reduce_scatter")?;
+        let d = check_collective_dim(input.shape(), dim, "reduce_scatter")?;
+        let (outer, len, inner) = split_dims(input.shape(), d);
+        dist_core::ensure_arg!(
+            len % self.world == 0,
+            "reduce_scatter: dim {d} of shape {:?} is not divisible by world size {}",
+            input.shape(),
+            self.world
+        );
+        check_reduction(input.dtype(), op, self.nccl_version)?;
+        let chunk = len / self.world;
+        let out = self.new_tensor(input.dtype(), &with_dim(input.shape(), d, chunk))?;
+        let es = input.dtype().size();
+        let tmp = if outer == 1 {
+            None
+        } else {
+            let t = self.new_tensor(input.dtype(), &[input.numel()])?;
+            // SAFETY: t and input both hold input.numel() elements.
+            unsafe { cat_to_rank_major(&self.dev, t.ptr(), input.ptr(), outer, inner, &vec![chunk; self.world], es)?; }
+            Some(t)
+        };
+        let src = tmp.as_ref().map_or(input.ptr(), |t| t.ptr());
+        let dt = nccl_dtype(input.dtype())?;
+        self.with_nccl("reduce_scatter", |c, s| {
+            // SAFETY: src holds world*count elements, out count; both outlive the work.
+            unsafe { c.reduce_scatter(vptr(src), vptr(out.ptr()), outer * chunk * inner, dt, nccl_op(op), s) }
+        })?;
+        self.retire(tmp)?;
+        Ok(out)
+    }
+
+    fn reduce_scatterv(&self, input: &CudaTensor, dim: isize, sizes: &[usize], op: ReduceOp) -> Result<CudaTensor> {
+        self.live("reduce_scatterv")?;
+        self.check_tensor(input, "reduce_scatterv")?;
+        let d = check_collective_dim(input.shape(), dim, "reduce_scatterv")?;
+        let out_shape = reduce_scatterv_shape(input.shape(), d, sizes, self.world, self.rank)?;
+        if sizes.iter().all(|s| *s == sizes[0]) {
+            return self.reduce_scatter(input, dim, op);
+        }
+        check_reduction(input.dtype(), op, self.nccl_version)?;
+        let (outer, _, inner) = split_dims(input.shape(), d);
+        let out = self.new_tensor(input.dtype(), &out_shape)?;
+        let es = input.dtype().size();
+        let tmp = if outer == 1 {
+            None
+        } else {
+            let t = self.new_tensor(input.dtype(), &[input.numel()])?;
+            // SAFETY: t and input both hold input.numel() elements.
+            unsafe { cat_to_rank_major(&self.dev, t.ptr(), input.ptr(), outer, inner, sizes, es)?; }
+            Some(t)
+        };
+        let src = tmp.as_ref().map_or(input.ptr(), |t| t.ptr());
+        let dt = nccl_dtype(input.dtype())?;
+        self.with_nccl("reduce_scatterv", |c, s| {
+            c.group(|c| {
+                let mut off = 0usize;
+                for (root, &l) in sizes.iter().enumerate() {
+                    let count = outer * l * inner;
+                    if count > 0 {
+                        // SAFETY: block `root` of src holds `count` elements; out holds
+                        // sizes[rank] rows (read on the root only); all outlive the work.
+                        unsafe { c.reduce(vptr(src + (off * es) as u64), vptr(out.ptr()), count, dt, nccl_op(op), root, s) }?;
+                    }
+                    off += count;
+                }
+                Ok(())
+            })
+        })?;
+        self.retire(tmp)?;
+        Ok(out)
+    }
+
+    fn gather(&self, input: &CudaTensor, dst: usize, dim: isize) -> Result<Option<CudaTensor>> {
+        self.live("gather")?;
+        self.check_tensor(input, "gather")?;
+        dist_core::ensure_arg!(dst < self.world, "gather: dst {dst} out of range for world size {}", self.world);
+        let d = check_collective_dim(input.shape(), dim, "gather")?;
+        let (outer, len, inner) = split_dims(input.shape(), d);
+        let (dt, n) = wire_dtype(input.dtype(), input.numel())?;
+        let es = input.dtype().size();
+        let nbytes = input.nbytes();
+        if self.rank != dst {
+            self.with_nccl("gather", |c, s| {
+                // SAFETY: input holds n elements and outlives the work.
+                unsafe { c.send(vptr(input.ptr()), n, dt, dst, s) }
+            })?;
+            return Ok(None);
+        }
+        let out = self.new_tensor(input.dtype(), &with_dim(input.shape(), d, len * self.world))?;
+        let tmp = if outer == 1 { None } else { Some(self.new_tensor(input.dtype(), &[self.world * input.numel()])?) };
+        let target = tmp.as_ref().map_or(out.ptr(), |t| t.ptr());
+        // SAFETY: block `dst` of target holds nbytes; input holds nbytes.
+        unsafe { copy_d2d(target + (dst * nbytes) as u64, input.ptr(), nbytes, self.dev.stream()) }?;
+        if self.world > 1 {
+            let world = self.world;
+            self.with_nccl("gather", |c, s| {
+                c.group(|c| {
+                    for r in (0..world).filter(|r| *r != dst) {
+                        // SAFETY: block r of target holds n elements and outlives the work.
+                        unsafe { c.recv(vptr(target + (r * nbytes) as u64), n, dt, r, s) }?;
+                    }
+                    Ok(())
+                })
+            })?;
+        }
+        if let Some(tmp) = &tmp {
+            // SAFETY: tmp and out both hold the full gathered element count.
+            unsafe { rank_major_to_cat(&self.dev, out.ptr(), tmp.ptr(), outer, inner, &vec![len; self.world], es)?; }
+        }
+        self.retire(tmp)?;
+        Ok(Some(out))
+    }
+
+    fn broadcast(&self, tensor: &mut CudaTensor, src: usize) -> Result<()> {
+        self.live("broadcast")?;
+        self.check_tensor(tensor, "broadcast")?;
+        dist_core::ensure_arg!(src < self.world, "broadcast: src {src} out of range for world size {}", self.world);
+        let (dt, n) = wire_dtype(tensor.dtype(), tensor.numel())?;
+        let me = self.rank;
+        self.with_nccl("broadcast", |c, s| {
+            let send = if me == src { vptr(tensor.ptr()) as *const c_void } else { std::ptr::null() };
+            // SAFETY: tensor holds n elements and outlives the work.
+            unsafe { c.broadcast(send, vptr(tensor.ptr()), n, dt, src, s) }
+        })
+    }
+
+    fn send(&self, tensor: &CudaTensor, dst: usize) -> Result<()> {
+        self.check_tensor(tensor, "send")?;
+        self.batch_send_recv(&mut [P2pOp::Send(tensor, dst)])
+    }
+
+    fn recv(&self, tensor: &mut CudaTensor, src: usize) -> Result<()> {
+        self.check_tensor(tensor, "recv")?;
+        self.batch_send_recv(&mut [P2pOp::Recv(tensor, src)])
+    }
+
+    fn begin_capture(&self) -> Result<()> {
+        self.live("begin_capture")?;
+        self.capture_scope.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn end_capture(&self) -> Result<()> {
+        self.live("end_capture")?;
+        self.capture_scope.store(false, Ordering::Release);
+        let mut g = lock(&self.custom_ar);
+        if let Some(ca) = g.as_mut() {
+            let n = ca.register_graph_buffers(self.host.as_ref())?;
+            tracing::debug!(group = %self.name, "registered {n} graph buffers");
+        }
+        Ok(())
+    }
+
+    fn destroy(&self) -> Result<()> {
+        if self.destroyed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let _ = self.dev.bind();
+        let ca = lock(&self.custom_ar).take();
+        if ca.is_some() {
+            // Peers may still read our buffers: wait for our work, then for everyone.
+            let sync = self.dev.synchronize();
+            let bar = self.host.barrier();
+            drop(ca);
+            sync?;
+            bar?;
+        }
+        let nccl = lock(&self.nccl).take();
+        if let Some(mut c) = nccl {
+            c.abort()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        if !self.destroyed.load(Ordering::Acquire) {
+            // No collective barrier in drop (a peer may be gone): free locally, never panic.
+            self.destroyed.store(true, Ordering::Release);
+            let _ = self.dev.synchronize();
+            drop(lock(&self.custom_ar).take());
+            if let Some(mut c) = lock(&self.nccl).take() {
+                if let Err(e) = c.abort() {
+                    tracing::warn!(group = %self.name, "dropping communicator: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// A captured CUDA graph of the work enqueued on a device's stream, replayable.
+pub struct CudaGraph {
+    dev: Arc<DeviceContext>,
+    graph: sys::CUgraph,
+    exec: sys::CUgraphExec,
+}
+
+// SAFETY: graph handles may be used from any thread with the context current (we bind first).
+unsafe impl Send for CudaGraph {}
+
+impl std::fmt::Debug for CudaGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaGraph(cuda:{})", self.dev.ordinal())
+    }
+}
+
+impl CudaGraph {
+    /// Captures what `f` enqueues on `dev`'s stream (relaxed capture mode, so allocations in `f`
+    /// are allowed) and instantiates it. The stream's capture is ended even when `f` fails.
+    pub fn capture<R>(dev: &Arc<DeviceContext>, f: impl FnOnce() -> Result<R>) -> Result<(CudaGraph, R)> {
+        dev.bind()?;
+        // SAFETY: the stream is alive; relaxed mode.
+        unsafe { cu::stream::begin_capture(dev.stream(), sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) }
+            .map_err(|e| cuda_err("cuStreamBeginCapture", e))?;
+        let r = f();
+        // SAFETY: ends the capture begun above.
+        let g = unsafe { cu::stream::end_capture(dev.stream()) };
+        let r = r?;
+        let graph = g.map_err(|e| cuda_err("cuStreamEndCapture", e))?;
+        // SAFETY: graph is a valid captured graph.
+        let exec = match unsafe { cu::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) } {
+            Ok(e) => e,
+            Err(e) => {
+                // SAFETY: graph is ours and not instantiated.
+                let _ = unsafe { cu::graph::destroy(graph) };
+                return Err(cuda_err("cuGraphInstantiate", e));
+            }
+        };
+        Ok((CudaGraph { dev: dev.clone(), graph, exec }, r))
+    }
+
+    /// Enqueues one replay on the device's stream.
+    pub fn replay(&self) -> Result<()> {
+        self.dev.bind()?;
+        // SAFETY: exec is a live instantiated graph; the stream is alive.
+        unsafe { cu::graph::launch(self.exec, self.dev.stream()) }.map_err(|e| cuda_err("cuGraphLaunch", e))
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        if self.dev.bind().is_ok() {
+            // SAFETY: handles are ours and destroyed once.
+            unsafe {
+                let _ = cu::graph::exec_destroy(self.exec);
+                let _ = cu::graph::destroy(self.graph);
+            }
+        }
+    }
+}
+
+/// The CUDA backend: [`CudaTensor`] and [`Communicator`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CudaBackend;
+
+impl dist_core::Backend for CudaBackend {
+    const NAME: &'static str = "cuda";
+    type Tensor = CudaTensor;
+    type Communicator = Communicator;
+
+    fn create_communicator(ctx: &CommunicatorContext) -> Result<Communicator> {
+        Communicator::new(ctx, &Options::from_env())
+    }
+    fn to_host(t: &CudaTensor) -> Result<dist_core::HostTensor> {
+        t.to_host()
+    }
+    fn from_host(t: &dist_core::HostTensor, device: Device) -> Result<CudaTensor> {
+        dist_core::ensure_arg!(device.kind == DeviceKind::Cuda, "the CUDA backend cannot place a tensor on {device}");
+        CudaTensor::from_host(t, device.index)
+    }
+}

@@ -1,0 +1,550 @@
+//! vLLM's custom all-reduce (SPEC §3.4): CUDA IPC buffers exchanged over the host group, the
+//! per-block signal/barrier protocol, one-shot and two-shot kernels compiled with NVRTC at first
+//! use, the eager copy-in path and the CUDA-graph path with graph-buffer registration.
+//!
+//! Layout of the shared memory of each rank:
+//! - `meta`: a `Signal` (2 560 B: `start[36][8]`, `end[36][8]`, `_flag[36]`, u32) followed by
+//!   `max_size` bytes of two-shot scratch;
+//! - `buffer`: `max_size` bytes, the pre-registered eager input;
+//! - `rank_data`: 8 MiB of `RankData` entries (8 device pointers each); entry 0 is `buffer`'s,
+//!   later entries are filled by graph registration.
+//!
+//! Every rank opens every peer's `meta` and `buffer` with `cuIpcOpenMemHandle` (lazy peer
+//! access); its own slot is its local pointer. Ranks sharing one GPU (as in the device tests)
+//! open each other's memory the same way.
+
+pub mod policy;
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{result as cu, sys};
+use dist_core::{encode_obj, decode_obj, DType, Error, HostGroup, Result, Tensor};
+
+use crate::driver::{check, copy_d2d, copy_h2d, cuda_err, ensure_nvrtc, DeviceBuffer, DeviceContext};
+use crate::tensor::CudaTensor;
+pub use policy::Algo;
+
+/// The kernels' CUDA C source (no headers; NVRTC compiles it for the device's architecture).
+pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
+
+const IPC_HANDLE_BYTES: usize = 64;
+
+#[derive(Clone, Copy)]
+struct Func(sys::CUfunction);
+// SAFETY: a CUfunction is a handle usable from any thread with its context current.
+unsafe impl Send for Func {}
+// SAFETY: as above; launching is thread-safe in the driver.
+unsafe impl Sync for Func {}
+
+/// Compiles [`KERNEL_SOURCE`] with NVRTC for compute capability `cc`; returns the PTX.
+pub fn compile_ptx(cc: (i32, i32)) -> Result<String> {
+    ensure_nvrtc()?;
+    let opts = cudarc::nvrtc::CompileOptions {
+        options: vec![format!("--gpu-architecture=compute_{}{}", cc.0, cc.1), "-std=c++17".into()],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| Error::Backend {
+        backend: "nvrtc",
+        code: None,
+        message: format!("compiling the custom all-reduce kernels: {e:?}"),
+    })?;
+    Ok(ptx.to_src())
+}
+
+/// The compiled kernels of one device: `ar{1,2}_{kind}_{ngpus}`.
+struct Kernels {
+    funcs: HashMap<(u8, usize, Algo), Func>,
+}
+
+fn kind_of(dtype: DType) -> Option<u8> {
+    match dtype {
+        DType::F32 => Some(0),
+        DType::F16 => Some(1),
+        DType::BF16 => Some(2),
+        _ => None,
+    }
+}
+
+impl Kernels {
+    /// Compiled once per process and device, at first use.
+    fn get(dev: &Arc<DeviceContext>) -> Result<Arc<Kernels>> {
+        static CACHE: OnceLock<Mutex<HashMap<usize, Arc<Kernels>>>> = OnceLock::new();
+        let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+        let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = map.get(&dev.ordinal()) {
+            return Ok(k.clone());
+        }
+        let cc = dev.compute_capability()?;
+        let t0 = std::time::Instant::now();
+        let ptx = compile_ptx(cc)?;
+        let src = CString::new(ptx).map_err(|_| Error::protocol("PTX with a NUL byte"))?;
+        dev.bind()?;
+        // SAFETY: src is NUL-terminated PTX text; the module lives for the process (never unloaded).
+        let module = unsafe { cu::module::load_data(src.as_ptr() as *const c_void) }
+            .map_err(|e| cuda_err("cuModuleLoadData (custom all-reduce PTX)", e))?;
+        let mut funcs = HashMap::new();
+        for kind in 0..3u8 {
+            for ng in policy::WORLD_SIZES {
+                for (algo, n) in [(Algo::OneShot, 1), (Algo::TwoShot, 2)] {
+                    let name = CString::new(format!("ar{n}_{kind}_{ng}")).expect("no NUL");
+                    // SAFETY: module is loaded; name is NUL-terminated.
+                    let f = unsafe { cu::module::get_function(module, name) }
+                        .map_err(|e| cuda_err("cuModuleGetFunction", e))?;
+                    funcs.insert((kind, ng, algo), Func(f));
+                }
+            }
+        }
+        tracing::debug!(device = dev.ordinal(), "custom all-reduce kernels compiled in {:?}", t0.elapsed());
+        let k = Arc::new(Kernels { funcs });
+        map.insert(dev.ordinal(), k.clone());
+        Ok(k)
+    }
+}
+
+fn ipc_handle(ptr: u64) -> Result<[u8; IPC_HANDLE_BYTES]> {
+    // SAFETY: plain C struct, zero is valid.
+    let mut h: sys::CUipcMemHandle = unsafe { std::mem::zeroed() };
+    // SAFETY: ptr is the base of a live cuMemAlloc allocation; h is a valid out-pointer.
+    check("cuIpcGetMemHandle", unsafe { sys::cuIpcGetMemHandle(&mut h, ptr) })?;
+    let mut out = [0u8; IPC_HANDLE_BYTES];
+    for (o, b) in out.iter_mut().zip(h.reserved.iter()) {
+        *o = *b as u8;
+    }
+    Ok(out)
+}
+
+fn ipc_open(bytes: &[u8]) -> Result<u64> {
+    if bytes.len() != IPC_HANDLE_BYTES {
+        return Err(Error::protocol(format!("IPC handle of {} bytes, expected {IPC_HANDLE_BYTES}", bytes.len())));
+    }
+    // SAFETY: plain C struct, zero is valid.
+    let mut h: sys::CUipcMemHandle = unsafe { std::mem::zeroed() };
+    for (d, s) in h.reserved.iter_mut().zip(bytes) {
+        *d = *s as _;
+    }
+    let mut p: sys::CUdeviceptr = 0;
+    // SAFETY: valid out-pointer; the handle came from a peer's cuIpcGetMemHandle. Flag 1 is
+    // CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS.
+    check("cuIpcOpenMemHandle", unsafe { sys::cuIpcOpenMemHandle_v2(&mut p, h, 1) })?;
+    Ok(p)
+}
+
+fn ipc_close(p: u64) {
+    // SAFETY: p came from cuIpcOpenMemHandle and is closed once.
+    let r = unsafe { sys::cuIpcCloseMemHandle(p) };
+    if let Err(e) = r.result() {
+        tracing::warn!("cuIpcCloseMemHandle({p:#x}): {}", cuda_err("cuIpcCloseMemHandle", e));
+    }
+}
+
+/// `create_shared_buffer`: a zeroed allocation on every rank and every peer's allocation
+/// opened here. `ptrs[r]` is rank `r`'s buffer as mapped in this process.
+pub struct SharedBuffer {
+    own: DeviceBuffer,
+    ptrs: Vec<u64>,
+    opened: Vec<u64>,
+}
+
+impl std::fmt::Debug for SharedBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedBuffer({} B, {} ranks)", self.own.len(), self.ptrs.len())
+    }
+}
+
+impl SharedBuffer {
+    /// Collective over `host`: allocates and zeroes `bytes`, exchanges IPC handles, opens peers'.
+    pub fn create(dev: &Arc<DeviceContext>, host: &dyn HostGroup, bytes: usize) -> Result<SharedBuffer> {
+        let own = DeviceBuffer::zeroed(dev, bytes.max(16))?;
+        dev.synchronize()?; // zeroed before any peer can see it
+        let h = ipc_handle(own.ptr())?;
+        let all = host.all_gather_bytes(&h)?;
+        let me = host.rank();
+        let mut out = SharedBuffer {
+            own,
+            ptrs: Vec::with_capacity(all.len()),
+            opened: Vec::new(),
+        };
+        dev.bind()?;
+        for (r, hb) in all.iter().enumerate() {
+            if r == me {
+                out.ptrs.push(out.own.ptr());
+            } else {
+                let p = ipc_open(hb)?;
+                out.opened.push(p);
+                out.ptrs.push(p);
+            }
+        }
+        Ok(out)
+    }
+    /// Rank `r`'s buffer as mapped here.
+    pub fn ptrs(&self) -> &[u64] {
+        &self.ptrs
+    }
+    /// This rank's own allocation.
+    pub fn local(&self) -> u64 {
+        self.own.ptr()
+    }
+}
+
+impl Drop for SharedBuffer {
+    fn drop(&mut self) {
+        if self.own.device().bind().is_ok() {
+            for p in self.opened.drain(..) {
+                ipc_close(p);
+            }
+        }
+    }
+}
+
+/// The custom all-reduce of one group on one device.
+pub struct CustomAllreduce {
+    dev: Arc<DeviceContext>,
+    rank: usize,
+    world: usize,
+    fully_connected: bool,
+    max_size: usize,
+    forced: Option<Algo>,
+    block_limit: usize,
+    kernels: Arc<Kernels>,
+    meta: SharedBuffer,
+    buffer: SharedBuffer,
+    rank_data: DeviceBuffer,
+    rank_data_used: usize,
+    signals: [u64; 8],
+    graph_unreg: Vec<u64>,
+    opened: HashMap<Vec<u8>, u64>,
+    cc: (i32, i32),
+}
+
+impl std::fmt::Debug for CustomAllreduce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CustomAllreduce")
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .field("max_size", &self.max_size)
+            .field("fully_connected", &self.fully_connected)
+            .field("registered", &self.rank_data_used)
+            .finish()
+    }
+}
+
+/// Whether every pair of the group's devices can reach each other: same device, or peer access
+/// with native atomics (the NVLink stand-in, since PCIe peers usually lack them). Devices of other
+/// ranks that this process cannot see count as not connected.
+fn topology(dev: &DeviceContext, host: &dyn HostGroup) -> Result<(bool, bool)> {
+    let mine = dev.uuid()?;
+    let all = host.all_gather_bytes(&mine)?;
+    let n = cu::device::get_count().map_err(|e| cuda_err("cuDeviceGetCount", e))?.max(0);
+    let mut by_uuid: HashMap<Vec<u8>, sys::CUdevice> = HashMap::new();
+    for i in 0..n {
+        let d = cu::device::get(i).map_err(|e| cuda_err("cuDeviceGet", e))?;
+        let u = cu::device::get_uuid(d).map_err(|e| cuda_err("cuDeviceGetUuid", e))?;
+        by_uuid.insert(u.bytes.iter().map(|b| *b as u8).collect(), d);
+    }
+    let me = by_uuid.get(&mine.to_vec()).copied();
+    let mut all_p2p = true;
+    let mut all_atomic = true;
+    for u in &all {
+        if u.as_slice() == mine.as_slice() {
+            continue;
+        }
+        let (Some(a), Some(b)) = (me, by_uuid.get(u).copied()) else {
+            all_p2p = false;
+            all_atomic = false;
+            continue;
+        };
+        let mut can = 0;
+        // SAFETY: valid out-pointer and device handles.
+        check("cuDeviceCanAccessPeer", unsafe { sys::cuDeviceCanAccessPeer(&mut can, a, b) })?;
+        let mut atomic = 0;
+        // SAFETY: as above.
+        check("cuDeviceGetP2PAttribute", unsafe {
+            sys::cuDeviceGetP2PAttribute(
+                &mut atomic,
+                sys::CUdevice_P2PAttribute::CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED,
+                a,
+                b,
+            )
+        })?;
+        all_p2p &= can != 0;
+        all_atomic &= can != 0 && atomic != 0;
+    }
+    Ok((all_p2p, all_atomic))
+}
+
+impl CustomAllreduce {
+    /// Collective over `host`. `Ok(None)` when the group does not qualify (the reason is
+    /// logged): vLLM then falls back to NCCL.
+    pub fn new(
+        dev: &Arc<DeviceContext>,
+        host: &dyn HostGroup,
+        group_name: &str,
+        max_size: Option<usize>,
+    ) -> Result<Option<CustomAllreduce>> {
+        let world = host.world_size();
+        let rank = host.rank();
+        let disabled = policy::env_flag(std::env::var(policy::DISABLE_ENV).ok().as_deref());
+        if let Err(why) = policy::should_create(group_name, disabled, world, true) {
+            tracing::info!(group = group_name, "custom all-reduce disabled: {why}");
+            return Ok(None);
+        }
+        let forced = policy::parse_algo(std::env::var(policy::ALGO_ENV).ok().as_deref())?;
+        dev.bind()?;
+        let (p2p, fully_connected) = topology(dev, host)?;
+        if !p2p || (world > 2 && !fully_connected) {
+            tracing::info!(group = group_name, p2p, fully_connected, "custom all-reduce disabled: no peer access");
+            return Ok(None);
+        }
+        let cc = dev.compute_capability()?;
+        let max_size = max_size.unwrap_or_else(|| policy::max_size(cc, world, false));
+        dist_core::ensure_arg!(max_size % 16 == 0 && max_size > 0, "custom all-reduce max_size {max_size} must be a positive multiple of 16");
+        let kernels = Kernels::get(dev)?;
+        let meta = SharedBuffer::create(dev, host, policy::SIGNAL_BYTES + max_size)?;
+        let buffer = SharedBuffer::create(dev, host, max_size)?;
+        let rank_data = DeviceBuffer::zeroed(dev, policy::RANK_DATA_CAPACITY_BYTES)?;
+        let mut signals = [0u64; 8];
+        signals[..world].copy_from_slice(meta.ptrs());
+        let mut me = CustomAllreduce {
+            dev: dev.clone(),
+            rank,
+            world,
+            fully_connected,
+            max_size,
+            forced,
+            block_limit: policy::DEFAULT_BLOCK_LIMIT,
+            kernels,
+            meta,
+            buffer,
+            rank_data,
+            rank_data_used: 0,
+            signals,
+            graph_unreg: Vec::new(),
+            opened: HashMap::new(),
+            cc,
+        };
+        // register_buffer(buffer_ptrs): entry 0.
+        let entry = me.entry_bytes(me.buffer.ptrs());
+        copy_h2d(&me.dev, me.rank_data.ptr(), &entry)?;
+        me.rank_data_used = 1;
+        // Every rank has zeroed its signals and registered before anyone launches.
+        host.barrier()?;
+        tracing::info!(group = group_name, rank, world, max_size, fully_connected, "custom all-reduce ready");
+        Ok(Some(me))
+    }
+
+    fn entry_bytes(&self, ptrs: &[u64]) -> Vec<u8> {
+        let mut e = [0u64; 8];
+        e[..ptrs.len()].copy_from_slice(ptrs);
+        e.iter().flat_map(|p| p.to_le_bytes()).collect()
+    }
+
+    /// Largest input in bytes (exclusive).
+    pub fn max_size(&self) -> usize {
+        self.max_size
+    }
+    /// Whether every pair of devices is connected.
+    pub fn fully_connected(&self) -> bool {
+        self.fully_connected
+    }
+    /// Overrides the automatic/env algorithm choice (`None`: automatic).
+    pub fn force_algo(&mut self, a: Option<Algo>) {
+        self.forced = a;
+    }
+    /// Number of registered `RankData` entries (1 eager + graph buffers).
+    pub fn registered(&self) -> usize {
+        self.rank_data_used
+    }
+    /// The eager buffer and the signal buffer, as mapped here (for tests of buffer sharing).
+    pub fn shared_buffers(&self) -> (&SharedBuffer, &SharedBuffer) {
+        (&self.meta, &self.buffer)
+    }
+
+    /// `should_custom_ar(input)`.
+    pub fn should(&self, t: &CudaTensor) -> bool {
+        policy::should_custom_ar(
+            t.nbytes(),
+            t.is_contiguous(),
+            policy::supports_dtype(t.dtype(), self.cc),
+            self.world,
+            self.fully_connected,
+            self.max_size,
+        )
+    }
+
+    /// The algorithm this call would use.
+    pub fn algo_for(&self, nbytes: usize) -> Option<Algo> {
+        policy::choose_algo(self.world, nbytes, self.fully_connected, self.forced)
+    }
+
+    /// Sum of `input` over the group into a new tensor, on the device's stream. While the stream
+    /// is capturing a graph, the kernel reads `input` in place and the address is recorded for
+    /// [`CustomAllreduce::register_graph_buffers`]; otherwise `input` is first copied into the
+    /// registered buffer (the eager path).
+    pub fn all_reduce(&mut self, input: &CudaTensor) -> Result<CudaTensor> {
+        dist_core::ensure_arg!(self.should(input), "custom all-reduce cannot take {input:?} (max {} B)", self.max_size);
+        let kind = kind_of(input.dtype()).ok_or_else(|| Error::unsupported(format!("custom all-reduce of {}", input.dtype())))?;
+        let nbytes = input.nbytes();
+        let algo = self
+            .algo_for(nbytes)
+            .ok_or_else(|| Error::unsupported("custom all-reduce: GPUs not fully connected"))?;
+        let out = CudaTensor::uninit(&self.dev, input.dtype(), input.shape())?;
+        if nbytes == 0 {
+            return Ok(out);
+        }
+        let stream = self.dev.stream();
+        let rd = if self.dev.is_capturing()? {
+            let slot = self.rank_data_used + self.graph_unreg.len();
+            if (slot + 1) * policy::RANK_DATA_BYTES > policy::RANK_DATA_CAPACITY_BYTES {
+                return Err(Error::invalid("custom all-reduce: rank data overflow (too many graph buffers)"));
+            }
+            self.graph_unreg.push(input.ptr());
+            self.rank_data.ptr() + (slot * policy::RANK_DATA_BYTES) as u64
+        } else {
+            // SAFETY: the registered buffer holds max_size > nbytes bytes; input holds nbytes.
+            unsafe { copy_d2d(self.buffer.local(), input.ptr(), nbytes, stream) }?;
+            self.rank_data.ptr()
+        };
+        self.launch(algo, kind, rd, out.ptr(), nbytes / 16)?;
+        Ok(out)
+    }
+
+    fn launch(&self, algo: Algo, kind: u8, rd: u64, out: u64, packed: usize) -> Result<()> {
+        let f = self
+            .kernels
+            .funcs
+            .get(&(kind, self.world, algo))
+            .ok_or_else(|| Error::unsupported(format!("no kernel for world size {}", self.world)))?
+            .0;
+        let (blocks, threads) = policy::launch_shape(packed, self.block_limit);
+        let mut a_rd = rd;
+        let mut a_sg = self.signals;
+        let mut a_self = self.signals[self.rank];
+        let mut a_out = out;
+        let mut a_rank = self.rank as i32;
+        let mut a_size = i32::try_from(packed).map_err(|_| Error::invalid("custom all-reduce: size over 2^31 packs"))?;
+        let mut params: [*mut c_void; 6] = [
+            &mut a_rd as *mut u64 as *mut c_void,
+            &mut a_sg as *mut [u64; 8] as *mut c_void,
+            &mut a_self as *mut u64 as *mut c_void,
+            &mut a_out as *mut u64 as *mut c_void,
+            &mut a_rank as *mut i32 as *mut c_void,
+            &mut a_size as *mut i32 as *mut c_void,
+        ];
+        self.dev.bind()?;
+        // SAFETY: the parameters match the kernel's signature (RankData*, RankSignals by value
+        // (8 pointers), Signal*, uint4*, int, int); every pointer is live device memory of the
+        // sizes the kernel indexes (packed 16-byte units below max_size).
+        unsafe {
+            cu::launch_kernel(
+                f,
+                (blocks as u32, 1, 1),
+                (threads as u32, 1, 1),
+                0,
+                self.dev.stream(),
+                &mut params,
+            )
+        }
+        .map_err(|e| cuda_err("cuLaunchKernel (custom all-reduce)", e))
+    }
+
+    /// Addresses recorded during capture and not yet registered.
+    pub fn pending_graph_buffers(&self) -> usize {
+        self.graph_unreg.len()
+    }
+
+    /// `register_graph_buffers`: collective over `host`. Each rank sends, for every input address
+    /// it recorded during capture, the IPC handle of the allocation and the offset in it; each
+    /// rank opens its peers' (cached by handle) and fills the `RankData` slots the captured
+    /// kernels point at, in one copy. Addresses are not de-duplicated, as in vLLM.
+    pub fn register_graph_buffers(&mut self, host: &dyn HostGroup) -> Result<usize> {
+        self.dev.bind()?;
+        let mut mine: Vec<(Vec<u8>, u64)> = Vec::with_capacity(self.graph_unreg.len());
+        for &p in &self.graph_unreg {
+            let mut base: sys::CUdeviceptr = 0;
+            let mut size: usize = 0;
+            // SAFETY: valid out-pointers; p is a device address this process allocated.
+            check("cuMemGetAddressRange", unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, p) })?;
+            mine.push((ipc_handle(base)?.to_vec(), p - base));
+        }
+        let all = host.all_gather_bytes(&encode_obj(&mine)?)?;
+        let mut per_rank: Vec<Vec<(Vec<u8>, u64)>> = Vec::with_capacity(all.len());
+        for (r, b) in all.iter().enumerate() {
+            let v: Vec<(Vec<u8>, u64)> = decode_obj(b, host.max_object_bytes())?;
+            if v.len() != mine.len() {
+                return Err(Error::protocol(format!(
+                    "register_graph_buffers: rank {r} captured {} custom all-reduces, rank {} captured {}",
+                    v.len(),
+                    self.rank,
+                    mine.len()
+                )));
+            }
+            per_rank.push(v);
+        }
+        let n = mine.len();
+        let mut bytes = Vec::with_capacity(n * policy::RANK_DATA_BYTES);
+        for i in 0..n {
+            let mut ptrs = Vec::with_capacity(self.world);
+            for (r, v) in per_rank.iter().enumerate() {
+                if r == self.rank {
+                    ptrs.push(self.graph_unreg[i]);
+                } else {
+                    let (h, off) = &v[i];
+                    let base = match self.opened.get(h) {
+                        Some(b) => *b,
+                        None => {
+                            let b = ipc_open(h)?;
+                            self.opened.insert(h.clone(), b);
+                            b
+                        }
+                    };
+                    ptrs.push(base + off);
+                }
+            }
+            bytes.extend(self.entry_bytes(&ptrs));
+        }
+        let at = self.rank_data.ptr() + (self.rank_data_used * policy::RANK_DATA_BYTES) as u64;
+        copy_h2d(&self.dev, at, &bytes)?;
+        self.rank_data_used += n;
+        self.graph_unreg.clear();
+        Ok(n)
+    }
+}
+
+impl Drop for CustomAllreduce {
+    fn drop(&mut self) {
+        if self.dev.bind().is_ok() {
+            if let Err(e) = self.dev.synchronize() {
+                tracing::warn!("custom all-reduce teardown: {e}");
+            }
+            for (_, p) in self.opened.drain() {
+                ipc_close(p);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs `libnvrtc.so.13` on the loader path (no GPU): `cargo test -p dist-cuda -- --ignored`.
+    #[test]
+    #[ignore = "needs libnvrtc (no GPU); run with --ignored"]
+    fn kernels_compile_for_sm80_and_sm90() {
+        for cc in [(8, 0), (9, 0)] {
+            let ptx = compile_ptx(cc).unwrap();
+            for kind in 0..3 {
+                for ng in policy::WORLD_SIZES {
+                    for n in [1, 2] {
+                        let name = format!(".entry ar{n}_{kind}_{ng}(");
+                        assert!(ptx.contains(&name), "{name} missing from the PTX for {cc:?}");
+                    }
+                }
+            }
+            assert!(ptx.contains("st.release.sys.global.u32"));
+            assert!(ptx.contains("cvt.rn.bf16.f32"));
+        }
+    }
+}

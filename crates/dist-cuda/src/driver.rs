@@ -1,0 +1,340 @@
+//! The CUDA driver through cudarc: presence check, per-device context and stream, owned device
+//! memory, 2-D copies, and the conversion of driver errors.
+//!
+//! cudarc panics when `libcuda` is missing, so [`ensure_driver`] checks `is_culib_present()`
+//! first and every entry point of this crate calls it.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{result as cu, sys, CudaContext, DriverError};
+use dist_core::{Error, Result};
+
+/// Turns a driver error into [`Error::Backend`] with the driver's name and message.
+pub fn cuda_err(call: &str, e: DriverError) -> Error {
+    let name = e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let msg = e.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    Error::Backend {
+        backend: "cuda",
+        code: Some(e.0 as i64),
+        message: format!("{call}: {name}: {msg}"),
+    }
+}
+
+/// Checks a raw `CUresult`.
+pub(crate) fn check(call: &str, r: sys::CUresult) -> Result<()> {
+    r.result().map_err(|e| cuda_err(call, e))
+}
+
+/// Checks once that `libcuda` and `libnvrtc` can be loaded. Absent: [`Error::LibraryNotFound`]
+/// with the names tried, never a panic.
+pub fn ensure_driver() -> Result<()> {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: is_culib_present only tries to dlopen the candidate names.
+    let ok = *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() });
+    if ok {
+        return Ok(());
+    }
+    Err(Error::LibraryNotFound {
+        library: "libcuda".into(),
+        tried: cudarc::get_lib_name_candidates("cuda")
+            .into_iter()
+            .map(|n| format!("{n}: cannot be opened"))
+            .collect(),
+    })
+}
+
+/// Checks that NVRTC can be loaded (needed by the custom all-reduce only).
+pub fn ensure_nvrtc() -> Result<()> {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: only tries to dlopen the candidate names.
+    let ok = *PRESENT.get_or_init(|| unsafe { cudarc::nvrtc::sys::is_culib_present() });
+    if ok {
+        return Ok(());
+    }
+    Err(Error::LibraryNotFound {
+        library: "libnvrtc".into(),
+        tried: cudarc::get_lib_name_candidates("nvrtc")
+            .into_iter()
+            .map(|n| format!("{n}: cannot be opened"))
+            .collect(),
+    })
+}
+
+/// Number of visible CUDA devices (0 without a driver or a device).
+pub fn device_count() -> usize {
+    if ensure_driver().is_err() {
+        return 0;
+    }
+    if cu::init().is_err() {
+        return 0;
+    }
+    cu::device::get_count().map(|c| c.max(0) as usize).unwrap_or(0)
+}
+
+/// One device's primary context and the stream every op of this crate is enqueued on
+/// (the "current stream" of torch): tensors, copies and collectives are ordered on it.
+pub struct DeviceContext {
+    ctx: Arc<CudaContext>,
+    stream: Stream,
+    ordinal: usize,
+}
+
+#[derive(Clone, Copy)]
+struct Stream(sys::CUstream);
+// SAFETY: a CUstream is a handle the driver lets any thread use.
+unsafe impl Send for Stream {}
+// SAFETY: as above; enqueueing from several threads is allowed by the driver.
+unsafe impl Sync for Stream {}
+
+impl std::fmt::Debug for DeviceContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceContext(cuda:{})", self.ordinal)
+    }
+}
+
+impl DeviceContext {
+    /// The process-wide context of device `ordinal`, created on first use.
+    pub fn get(ordinal: usize) -> Result<Arc<DeviceContext>> {
+        ensure_driver()?;
+        static REG: OnceLock<Mutex<HashMap<usize, Arc<DeviceContext>>>> = OnceLock::new();
+        let reg = REG.get_or_init(|| Mutex::new(HashMap::new()));
+        let mut map = reg.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = map.get(&ordinal) {
+            d.bind()?;
+            return Ok(d.clone());
+        }
+        let n = {
+            cu::init().map_err(|e| cuda_err("cuInit", e))?;
+            cu::device::get_count().map_err(|e| cuda_err("cuDeviceGetCount", e))?
+        };
+        if ordinal >= n.max(0) as usize {
+            return Err(Error::invalid(format!(
+                "cuda:{ordinal} does not exist ({n} visible devices)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("cuDevicePrimaryCtxRetain", e))?;
+        let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking)
+            .map_err(|e| cuda_err("cuStreamCreate", e))?;
+        let d = Arc::new(DeviceContext {
+            ctx,
+            stream: Stream(stream),
+            ordinal,
+        });
+        map.insert(ordinal, d.clone());
+        Ok(d)
+    }
+
+    /// Makes this device's context current on the calling thread.
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| cuda_err("cuCtxSetCurrent", e))
+    }
+    /// Device index.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+    /// The cudarc context.
+    pub fn cudarc(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+    /// The stream this crate enqueues on.
+    pub fn stream(&self) -> sys::CUstream {
+        self.stream.0
+    }
+    /// Waits for the stream.
+    pub fn synchronize(&self) -> Result<()> {
+        self.bind()?;
+        // SAFETY: the stream is alive for the process.
+        unsafe { cu::stream::synchronize(self.stream.0) }.map_err(|e| cuda_err("cuStreamSynchronize", e))
+    }
+    /// `(major, minor)` compute capability.
+    pub fn compute_capability(&self) -> Result<(i32, i32)> {
+        self.ctx.compute_capability().map_err(|e| cuda_err("cuDeviceGetAttribute", e))
+    }
+    /// True while the stream is capturing a CUDA graph.
+    pub fn is_capturing(&self) -> Result<bool> {
+        self.bind()?;
+        let mut st = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        // SAFETY: valid stream and out-pointer.
+        check("cuStreamIsCapturing", unsafe { sys::cuStreamIsCapturing(self.stream.0, &mut st) })?;
+        Ok(st == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE)
+    }
+    /// The device's UUID (16 bytes), to tell devices apart across processes.
+    pub fn uuid(&self) -> Result<[u8; 16]> {
+        let u = self.ctx.uuid().map_err(|e| cuda_err("cuDeviceGetUuid", e))?;
+        let mut out = [0u8; 16];
+        for (o, b) in out.iter_mut().zip(u.bytes.iter()) {
+            *o = *b as u8;
+        }
+        Ok(out)
+    }
+}
+
+/// Device memory owned by this process (`cuMemAlloc`, so it can be shared with CUDA IPC).
+/// Freed on drop; a failing free is logged, never a panic.
+pub struct DeviceBuffer {
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+    dev: Arc<DeviceContext>,
+}
+
+impl std::fmt::Debug for DeviceBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceBuffer({:#x}, {} B, cuda:{})", self.ptr, self.bytes, self.dev.ordinal)
+    }
+}
+
+impl DeviceBuffer {
+    /// Allocates `bytes` (uninitialised). Zero bytes allocate nothing (null pointer).
+    pub fn alloc(dev: &Arc<DeviceContext>, bytes: usize) -> Result<DeviceBuffer> {
+        dev.bind()?;
+        let ptr = if bytes == 0 {
+            0
+        } else {
+            // SAFETY: the context is current; the result is owned by the returned buffer.
+            unsafe { cu::malloc_sync(bytes) }
+                .map_err(|e| cuda_err(&format!("cuMemAlloc({bytes} B) on cuda:{}", dev.ordinal), e))?
+        };
+        Ok(DeviceBuffer {
+            ptr,
+            bytes,
+            dev: dev.clone(),
+        })
+    }
+    /// Allocates `bytes` and zeroes them on the device's stream.
+    pub fn zeroed(dev: &Arc<DeviceContext>, bytes: usize) -> Result<DeviceBuffer> {
+        let b = Self::alloc(dev, bytes)?;
+        if bytes > 0 {
+            // SAFETY: b owns `bytes` bytes at ptr; the stream is the device's.
+            unsafe { cu::memset_d8_async(b.ptr, 0, bytes, dev.stream()) }
+                .map_err(|e| cuda_err("cuMemsetD8Async", e))?;
+        }
+        Ok(b)
+    }
+    /// Device address.
+    pub fn ptr(&self) -> sys::CUdeviceptr {
+        self.ptr
+    }
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+    /// True for a zero-byte buffer.
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+    /// The device.
+    pub fn device(&self) -> &Arc<DeviceContext> {
+        &self.dev
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if self.ptr == 0 {
+            return;
+        }
+        if let Err(e) = self.dev.bind() {
+            tracing::warn!("freeing {:?}: {e}", self);
+            return;
+        }
+        // SAFETY: ptr came from cuMemAlloc and is freed once. cuMemFree waits for pending work.
+        if let Err(e) = unsafe { cu::free_sync(self.ptr) } {
+            tracing::warn!("cuMemFree of {:?}: {}", self, cuda_err("cuMemFree", e));
+        }
+    }
+}
+
+/// Device-to-device async copy of `bytes` on `stream`.
+///
+/// # Safety
+/// Both ranges are valid device memory for `bytes` bytes until the copy has run.
+pub unsafe fn copy_d2d(dst: u64, src: u64, bytes: usize, stream: sys::CUstream) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    // SAFETY: forwarded contract.
+    unsafe { cu::memcpy_dtod_async(dst, src, bytes, stream) }.map_err(|e| cuda_err("cuMemcpyDtoDAsync", e))
+}
+
+/// A strided device-to-device copy: `height` rows of `width` bytes, rows `src_pitch` /
+/// `dst_pitch` bytes apart. The re-layout step of all_gather(dim) and reduce_scatter(dim).
+///
+/// # Safety
+/// Both strided ranges are valid device memory until the copy has run.
+pub unsafe fn copy_2d(
+    dst: u64,
+    dst_pitch: usize,
+    src: u64,
+    src_pitch: usize,
+    width: usize,
+    height: usize,
+    stream: sys::CUstream,
+) -> Result<()> {
+    if width == 0 || height == 0 {
+        return Ok(());
+    }
+    if height == 1 || (width == src_pitch && width == dst_pitch) {
+        // SAFETY: contiguous case of the same contract.
+        return unsafe { copy_d2d(dst, src, width * height, stream) };
+    }
+    // SAFETY: CUDA_MEMCPY2D is a plain C struct; zero is a valid start for every field.
+    let mut p: sys::CUDA_MEMCPY2D = unsafe { std::mem::zeroed() };
+    p.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+    p.srcDevice = src;
+    p.srcPitch = src_pitch;
+    p.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+    p.dstDevice = dst;
+    p.dstPitch = dst_pitch;
+    p.WidthInBytes = width;
+    p.Height = height;
+    // SAFETY: forwarded contract; p describes the two ranges.
+    check("cuMemcpy2DAsync", unsafe { sys::cuMemcpy2DAsync_v2(&p, stream) })
+}
+
+/// Host-to-device copy on the device's stream, waited for (the host slice is borrowed).
+pub fn copy_h2d(dev: &DeviceContext, dst: u64, src: &[u8]) -> Result<()> {
+    if src.is_empty() {
+        return Ok(());
+    }
+    dev.bind()?;
+    // SAFETY: dst holds src.len() bytes (caller's buffer); we synchronise before src is released.
+    unsafe { cu::memcpy_htod_async(dst, src, dev.stream()) }.map_err(|e| cuda_err("cuMemcpyHtoDAsync", e))?;
+    dev.synchronize()
+}
+
+/// Device-to-host copy on the device's stream, waited for.
+pub fn copy_d2h(dev: &DeviceContext, dst: &mut [u8], src: u64) -> Result<()> {
+    if dst.is_empty() {
+        return Ok(());
+    }
+    dev.bind()?;
+    // SAFETY: src holds dst.len() bytes; we synchronise before dst is released.
+    unsafe { cu::memcpy_dtoh_async(dst, src, dev.stream()) }.map_err(|e| cuda_err("cuMemcpyDtoHAsync", e))?;
+    dev.synchronize()
+}
+
+/// Raw pointer helper for the NCCL calls.
+pub(crate) fn vptr(p: u64) -> *mut c_void {
+    p as usize as *mut c_void
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_driver_is_an_error_not_a_panic() {
+        match ensure_driver() {
+            Ok(()) => assert!(device_count() < 1024),
+            Err(Error::LibraryNotFound { library, tried }) => {
+                assert_eq!(library, "libcuda");
+                assert!(tried.iter().any(|t| t.starts_with("libcuda.so")), "{tried:?}");
+                assert_eq!(device_count(), 0);
+                assert!(matches!(DeviceContext::get(0), Err(Error::LibraryNotFound { .. })));
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+}
