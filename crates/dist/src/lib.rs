@@ -1,18 +1,83 @@
 //! # dist: vLLM's distributed communication layer, in Rust
 //!
-//! The facade crate an application links. It re-exports [`dist_core`] (the vocabulary every
-//! model crate uses) and the backend crates its cargo features select:
+//! The facade crate an application links. It re-exports [`dist_core`] (the vocabulary model
+//! crates use), wires the concrete pieces together — the TCP store ([`dist_store`]), the host
+//! groups over it, the shared-memory collectives and MessageQueue ([`dist_cpu`]) — and ships the
+//! `dist` binary (`layout`, `pp-split`, `run`, `store serve`, `bench`).
 //!
 //! | feature | backend | status |
 //! |---|---|---|
-//! | `cpu` (default) | [`dist_cpu`]: shared-memory collectives on one node | being built |
-//! | `gloo` | gloo across nodes for host tensors | being built |
+//! | `cpu` (default) | [`dist_cpu::CpuBackend`]: shared-memory collectives on one node | built |
+//! | — (always) | [`dist_core::host_comm::HostBackend`]: collectives over the store, any topology | built |
+//! | `gloo` | gloo across nodes for host tensors | not built yet |
 //! | `cuda` | NCCL and the custom all-reduce | being built |
-//! | `rocm` | HIP and RCCL | being built |
-//! | `tpu` | PJRT | being built |
+//! | `rocm` | HIP and RCCL | not built yet |
+//! | `tpu` | PJRT | not built yet |
 //!
-//! It also ships the `dist` binary: `dist layout` and `dist pp-split` today.
+//! ## Example
+//! ```no_run
+//! // Under `dist run --nproc-per-node 4 -- my-engine`:
+//! use dist::{DistEnv, InitOptions, ParallelConfig};
+//! let env = DistEnv::init(&InitOptions::default())?;
+//! let cfg = ParallelConfig { tp: 2, pp: 2, ..ParallelConfig::new(env.world().world_size) };
+//! let state = env.initialize_model_parallel::<dist::DefaultBackend>(cfg)?;
+//! let x = dist::HostTensor::from_vec(&[4], vec![1.0f32; 4])?;
+//! let y = state.tp().all_reduce(x)?; // use the return value
+//! # Ok::<(), dist::Error>(())
+//! ```
+
+pub mod bench;
+mod env;
 
 pub use dist_core as core;
 pub use dist_core::*;
 pub use dist_cpu;
+pub use dist_store;
+pub use env::{
+    default_timeout, in_the_same_node_as, node_count, parse_tcp_uri, DistEnv, InitOptions,
+    MqBroadcaster, StoreGroupFactory, TIMEOUT_ENV,
+};
+
+/// The backend the default features select: shared-memory host collectives.
+pub type DefaultBackend = dist_cpu::CpuBackend;
+
+/// The backends compiled into this build, for choosing one at run time (`DIST_BACKEND`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BackendKind {
+    /// Shared-memory host collectives ([`dist_cpu::CpuBackend`]).
+    Cpu,
+    /// Host collectives over the store ([`dist_core::host_comm::HostBackend`]).
+    Host,
+}
+
+impl BackendKind {
+    /// Parses a backend name or alias (`cpu`/`shm`, `host`/`store`); names of backends not built
+    /// in this workspace yet (`cuda`, `rocm`/`hip`, `tpu`) are an [`Error::Unsupported`].
+    pub fn parse(s: &str) -> Result<BackendKind> {
+        match s.to_ascii_lowercase().as_str() {
+            "cpu" | "shm" => Ok(BackendKind::Cpu),
+            "host" | "store" => Ok(BackendKind::Host),
+            "cuda" | "nccl" | "rocm" | "hip" | "rccl" | "tpu" | "pjrt" => Err(Error::unsupported(format!(
+                "backend {s}: not compiled into this build of dist (see the crate docs for what is built)"
+            ))),
+            other => Err(Error::invalid(format!(
+                "unknown backend {other:?} (expected cpu, host, cuda, rocm, tpu)"
+            ))),
+        }
+    }
+    /// `DIST_BACKEND`, else `cpu`.
+    pub fn from_env() -> Result<BackendKind> {
+        match std::env::var("DIST_BACKEND") {
+            Ok(s) if !s.is_empty() => Self::parse(&s),
+            _ => Ok(BackendKind::Cpu),
+        }
+    }
+    /// The canonical name.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Host => "host",
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! Subcommands of the `dist` binary.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 mod layout;
 
@@ -18,6 +18,55 @@ enum Cmd {
     Layout(layout::LayoutArgs),
     /// Print each pipeline stage's layers [start, end).
     PpSplit(layout::PpSplitArgs),
+    /// Start N local ranks of PROGRAM with torchrun's environment, hosting the store.
+    Run(dist_store::launch::LaunchOptions),
+    /// The TCP store (PyTorch TCPStore wire protocol).
+    #[command(subcommand)]
+    Store(StoreCmd),
+    /// Benchmarks: collectives (default), `store`, `mq`.
+    Bench(BenchCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCmd {
+    /// Run a standalone store server until interrupted.
+    Serve(dist_store::launch::ServeOptions),
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchCmd {
+    #[command(subcommand)]
+    sub: Option<BenchSub>,
+    #[command(flatten)]
+    coll: dist::bench::BenchArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchSub {
+    /// The TCP store: set+get ops/s with many clients, and rendezvous times.
+    Store(dist_store::bench::StoreBenchOptions),
+    /// The MessageQueue: paced latency to the last reader and burst throughput.
+    Mq(MqBenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct MqBenchArgs {
+    /// Reader counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,3,7")]
+    readers: Vec<usize>,
+    /// Message sizes (4K, 1M…).
+    #[arg(long, value_delimiter = ',', default_value = "64,1K,64K,1M")]
+    sizes: Vec<String>,
+    /// Paced messages per point.
+    #[arg(long, default_value_t = 2000)]
+    paced_msgs: usize,
+    /// Messages in a burst.
+    #[arg(long, default_value_t = 20000)]
+    burst_msgs: usize,
+    /// Readers over TCP instead of shared memory.
+    #[arg(long)]
+    remote: bool,
 }
 
 /// Runs a parsed command; the value is the process exit code.
@@ -25,7 +74,47 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.cmd {
         Cmd::Layout(a) => layout::layout(a),
         Cmd::PpSplit(a) => layout::pp_split(a),
+        Cmd::Run(o) => Ok(code(dist_store::launch::run(&o)?)),
+        Cmd::Store(StoreCmd::Serve(o)) => Ok(code(dist_store::launch::serve(&o)?)),
+        Cmd::Bench(b) => match b.sub {
+            None => dist::bench::run(&b.coll),
+            Some(BenchSub::Store(o)) => Ok(code(dist_store::bench::run(&o)?)),
+            Some(BenchSub::Mq(a)) => mq_bench(a),
+        },
     }
+}
+
+fn code(c: i32) -> u8 {
+    c.clamp(0, 255) as u8
+}
+
+fn mq_bench(a: MqBenchArgs) -> anyhow::Result<u8> {
+    use dist_cpu::mq::bench::{bench, BenchOptions};
+    let sizes = a
+        .sizes
+        .iter()
+        .map(|s| dist::bench::parse_size(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let opts = BenchOptions {
+        readers: a.readers,
+        sizes,
+        paced_msgs: a.paced_msgs,
+        burst_msgs: a.burst_msgs,
+        remote: a.remote,
+        ..Default::default()
+    };
+    println!(
+        "# dist bench mq: 1 writer, N readers as threads; latency = enqueue to the last reader's dequeue ({})",
+        if opts.remote { "TCP loopback" } else { "shared memory" }
+    );
+    println!(
+        "{:>7} {:>9} {:>11} {:>11} {:>13} {:>11}",
+        "readers", "bytes", "p50(us)", "p99(us)", "burst msg/s", "burst MB/s"
+    );
+    for row in bench(&opts)? {
+        println!("{row}");
+    }
+    Ok(0)
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default: warnings).
