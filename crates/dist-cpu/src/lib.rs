@@ -50,8 +50,8 @@
 //! ```
 
 mod coll;
-pub mod shm;
 pub mod mq;
+pub mod shm;
 
 pub use coll::{
     CpuBackend, ShmCommunicator, ShmConfig, MAX_LIST_BYTES, MAX_LIST_TENSORS, MAX_WORLD,

@@ -197,10 +197,22 @@ fn node_id() -> String {
     )
 }
 
+/// False once process `pid` is gone or a zombie (dead, not yet reaped by its parent).
 fn pid_alive(pid: u32) -> bool {
     // SAFETY: kill with signal 0 sends nothing; it only checks that the process exists.
     let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    if rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+        return false;
+    }
+    // "pid (comm) S ...": the state follows the last ')'.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !matches!(
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next()),
+            Some('Z' | 'X')
+        ),
+        Err(_) => true,
+    }
 }
 
 fn dtype_code(d: DType) -> u64 {
@@ -409,11 +421,7 @@ impl ShmCommunicator {
             }
             STATE_FAILED => {
                 let c = h.cause.load(Ordering::Relaxed) as usize;
-                let blamed = if c == 0 || c > self.world {
-                    p
-                } else {
-                    c - 1
-                };
+                let blamed = if c == 0 || c > self.world { p } else { c - 1 };
                 return Err(Error::PeerLost {
                     rank: blamed,
                     op: o.name.clone(),
