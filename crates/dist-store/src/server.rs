@@ -230,6 +230,8 @@ struct Conn {
     wpos: usize,
     wait: Option<Waiting>,
     close_after_flush: bool,
+    /// WRITABLE interest is registered only while replies are stuck in `wbuf`.
+    want_writable: bool,
 }
 
 impl Conn {
@@ -413,11 +415,11 @@ impl EventLoop {
                 self.conns.len() - 1
             }
         };
-        if let Err(e) = self.poll.registry().register(
-            &mut stream,
-            Token(FIRST_CONN + slot),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
+        if let Err(e) =
+            self.poll
+                .registry()
+                .register(&mut stream, Token(FIRST_CONN + slot), Interest::READABLE)
+        {
             warn!(%peer, error = %e, "store server: cannot register connection");
             self.free.push(slot);
             return;
@@ -433,6 +435,7 @@ impl EventLoop {
             wpos: 0,
             wait: None,
             close_after_flush: false,
+            want_writable: false,
         });
         self.live += 1;
         self.handshakes.push_back((
@@ -506,6 +509,9 @@ impl EventLoop {
     }
 
     fn handle_inner(&mut self, slot: usize, budget: &mut usize, scratch: &mut [u8]) -> Flow {
+        // A read shorter than asked for emptied the socket: the next bytes will raise a new
+        // readiness edge, so there is no need for a read that only says WouldBlock.
+        let mut drained = false;
         loop {
             if let Flow::Close(r) = self.flush(slot) {
                 return Flow::Close(r);
@@ -531,10 +537,14 @@ impl EventLoop {
             if c.pending_out() >= self.opts.max_pending_output {
                 continue;
             }
+            if drained {
+                return self.flush(slot);
+            }
             let want = scratch.len().min(*budget);
             match c.stream.read(&mut scratch[..want]) {
                 Ok(0) => return Flow::Close(String::new()),
                 Ok(n) => {
+                    drained = n < want;
                     *budget -= n.min(*budget);
                     if c.rbuf.len() + n > self.opts.limits.max_request_bytes + SCRATCH {
                         return Flow::Close("request larger than the request limit".into());
@@ -595,9 +605,33 @@ impl EventLoop {
             match c.stream.write(&c.wbuf[c.wpos..]) {
                 Ok(0) => return Flow::Close("peer stopped accepting data".into()),
                 Ok(n) => c.wpos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flow::Continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !c.want_writable {
+                        c.want_writable = true;
+                        let t = Token(FIRST_CONN + slot);
+                        if let Err(e) = self.poll.registry().reregister(
+                            &mut c.stream,
+                            t,
+                            Interest::READABLE | Interest::WRITABLE,
+                        ) {
+                            return Flow::Close(format!("reregister: {e}"));
+                        }
+                    }
+                    return Flow::Continue;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Flow::Close(format!("write error: {e}")),
+            }
+        }
+        if c.want_writable {
+            c.want_writable = false;
+            let t = Token(FIRST_CONN + slot);
+            if let Err(e) = self
+                .poll
+                .registry()
+                .reregister(&mut c.stream, t, Interest::READABLE)
+            {
+                return Flow::Close(format!("reregister: {e}"));
             }
         }
         c.wbuf.clear();
