@@ -10,6 +10,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,7 @@ use tracing::debug;
 
 use crate::proto::{
     decode_reply, CheckResponse, Decoded, Limits, Reply, ReplyKind, Request, WaitResponse,
-    VALIDATION_MAGIC,
+    FEATURE_WAIT_GET, VALIDATION_MAGIC,
 };
 use crate::{Error, Result};
 
@@ -33,6 +34,11 @@ pub struct ClientOptions {
     pub token: Option<Vec<u8>>,
     /// Caps on reply sizes.
     pub limits: Limits,
+    /// Probe for our server's extensions (`HELLO`) and use `WAIT_GET`, which makes `get` one
+    /// round trip instead of two. A PyTorch server closes the connection on `HELLO`; the
+    /// client then reconnects once without extensions and remembers. `false`: speak exactly
+    /// PyTorch's protocol.
+    pub extensions: bool,
 }
 
 impl Default for ClientOptions {
@@ -46,6 +52,7 @@ impl Default for ClientOptions {
                 max_request_bytes: 1 << 30,
                 ..Limits::default()
             },
+            extensions: true,
         }
     }
 }
@@ -63,6 +70,8 @@ pub struct TcpStoreClient {
     port: u16,
     opts: ClientOptions,
     conn: Mutex<Option<Conn>>,
+    /// What `HELLO` taught us: 0 not asked yet, 1 our server (`WAIT_GET`), 2 no extensions.
+    ext: AtomicU8,
 }
 
 impl std::fmt::Debug for Conn {
@@ -79,6 +88,7 @@ impl TcpStoreClient {
         let c = TcpStoreClient {
             host: host.to_string(),
             port,
+            ext: AtomicU8::new(if opts.extensions { 0 } else { 2 }),
             opts,
             conn: Mutex::new(None),
         };
@@ -177,6 +187,10 @@ impl TcpStoreClient {
         if let Some(t) = &self.opts.token {
             reqs.push(Request::Auth { token: t.clone() });
         }
+        let hello = self.ext.load(Ordering::Relaxed) != 2;
+        if hello {
+            reqs.push(Request::Hello { features: 0 });
+        }
         let nonce: u32 = std::process::id() ^ rand::thread_rng().gen::<u32>();
         reqs.push(Request::Ping { nonce });
         for r in &reqs {
@@ -191,6 +205,26 @@ impl TcpStoreClient {
                         "store at {} refused our token",
                         self.addr()
                     )))
+                }
+            }
+        }
+        if hello {
+            match self.recv(c, ReplyKind::I64, "store hello", deadline) {
+                Ok(Reply::I64(f)) => {
+                    let v = if f as u64 & FEATURE_WAIT_GET != 0 {
+                        1
+                    } else {
+                        2
+                    };
+                    self.ext.store(v, Ordering::Relaxed);
+                }
+                Ok(r) => return Err(Error::protocol(format!("HELLO answered {r:?}"))),
+                Err(e) if e.is_timeout() => return Err(e),
+                Err(e) => {
+                    // Not our server (PyTorch's closes on unknown queries): reconnect plainly.
+                    debug!(addr = %self.addr(), error = %e, "no store extensions; reconnecting without them");
+                    self.ext.store(2, Ordering::Relaxed);
+                    return Err(e);
                 }
             }
         }
@@ -366,17 +400,48 @@ impl TcpStoreClient {
         }
     }
 
+    /// True once `HELLO` said the server supports `WAIT_GET`.
+    pub fn has_wait_get(&self) -> bool {
+        self.ext.load(Ordering::Relaxed) == 1
+    }
+
     fn wait_inner(&self, op: &str, keys: &[&str], timeout: Duration) -> Result<()> {
+        self.wait_maybe_get(op, keys, timeout, false).map(|_| ())
+    }
+
+    /// `WAIT keys`, or with `get` and a server that has it, `WAIT_GET keys`, whose values
+    /// are returned. `Ok(None)` when the values were not fetched.
+    fn wait_maybe_get(
+        &self,
+        op: &str,
+        keys: &[&str],
+        timeout: Duration,
+        get: bool,
+    ) -> Result<Option<Vec<Vec<u8>>>> {
         let start = Instant::now();
         let deadline = start + timeout;
-        let req = Request::Wait {
-            keys: keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
-        };
+        let keys_b: Vec<Vec<u8>> = keys.iter().map(|k| k.as_bytes().to_vec()).collect();
         self.with_conn(deadline, |s, c| {
+            let get = get && s.has_wait_get();
+            let req = if get {
+                Request::WaitGet { keys: keys_b }
+            } else {
+                Request::Wait { keys: keys_b }
+            };
+            let n = keys.len();
+            let values = |c: &mut Conn, deadline: Instant| -> Result<Option<Vec<Vec<u8>>>> {
+                if !get {
+                    return Ok(None);
+                }
+                match s.recv(c, ReplyKind::Values(n), op, deadline)? {
+                    Reply::Values(v) => Ok(Some(v)),
+                    r => Err(Error::protocol(format!("{op}: WAIT_GET answered {r:?}"))),
+                }
+            };
             req.encode(&mut c.wbuf);
             s.send(c, op, deadline)?;
             match s.recv(c, ReplyKind::Wait, op, deadline) {
-                Ok(Reply::Wait(WaitResponse::StopWaiting)) => return Ok(()),
+                Ok(Reply::Wait(WaitResponse::StopWaiting)) => return values(c, deadline),
                 Ok(r) => return Err(Error::protocol(format!("{op}: WAIT answered {r:?}"))),
                 Err(e) if e.is_timeout() => {}
                 Err(e) => return Err(e),
@@ -389,8 +454,9 @@ impl TcpStoreClient {
                 Reply::Wait(WaitResponse::WaitCanceled) => {}
                 Reply::Wait(WaitResponse::StopWaiting) => {
                     // The keys arrived just before the cancel: the wait succeeded.
+                    let v = values(c, grace)?;
                     match s.recv(c, ReplyKind::Wait, op, grace)? {
-                        Reply::Wait(WaitResponse::WaitCanceled) => return Ok(()),
+                        Reply::Wait(WaitResponse::WaitCanceled) => return Ok(v),
                         r => {
                             return Err(Error::protocol(format!(
                                 "{op}: CANCEL_WAIT answered {r:?}"
@@ -465,7 +531,11 @@ impl dist_core::Store for TcpStoreClient {
     }
 
     fn get(&self, key: &str, timeout: Duration) -> Result<Vec<u8>> {
-        self.wait_inner("store get", &[key], timeout)?;
+        if let Some(mut v) = self.wait_maybe_get("store get", &[key], timeout, true)? {
+            return v
+                .pop()
+                .ok_or_else(|| Error::protocol("WAIT_GET answered no value"));
+        }
         match self.call(
             "store get",
             &Request::Get { key: key.into() },
@@ -532,7 +602,9 @@ impl dist_core::Store for TcpStoreClient {
     }
 
     fn multi_get(&self, keys: &[&str], timeout: Duration) -> Result<Vec<Vec<u8>>> {
-        self.wait_inner("store multi_get", keys, timeout)?;
+        if let Some(v) = self.wait_maybe_get("store multi_get", keys, timeout, true)? {
+            return Ok(v);
+        }
         let req = Request::MultiGet {
             keys: keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
         };

@@ -65,7 +65,16 @@ pub enum QueryType {
     QueueLen = 16,
     /// Our extension (not PyTorch's): token bytes; reply: one byte, 0 = accepted.
     Auth = 0xA0,
+    /// Our extension: key list; reply: `STOP_WAITING` then one value per key, once every
+    /// key exists (a `WAIT` and a `MULTI_GET` in one round trip). Cancelled by `CANCEL_WAIT`.
+    WaitGet = 0xA1,
+    /// Our extension: `u32` client features; reply: `u64` server features
+    /// ([`FEATURE_WAIT_GET`]). PyTorch's servers close the connection instead.
+    Hello = 0xA2,
 }
+
+/// Server feature bit: `WAIT_GET` is supported.
+pub const FEATURE_WAIT_GET: u64 = 1;
 
 impl QueryType {
     /// The query type of a byte, if it is one.
@@ -90,6 +99,8 @@ impl QueryType {
             15 => QueuePop,
             16 => QueueLen,
             0xA0 => Auth,
+            0xA1 => WaitGet,
+            0xA2 => Hello,
             _ => return None,
         })
     }
@@ -261,6 +272,16 @@ pub enum Request {
         /// The shared secret.
         token: Vec<u8>,
     },
+    /// `WAIT_GET keys` (our extension).
+    WaitGet {
+        /// Keys.
+        keys: Vec<Vec<u8>>,
+    },
+    /// `HELLO features` (our extension).
+    Hello {
+        /// Client feature bits (none defined yet).
+        features: u32,
+    },
 }
 
 /// Why bytes are not a valid frame.
@@ -332,12 +353,12 @@ fn shape(q: QueryType) -> Shape {
     use Field::*;
     use QueryType as Q;
     match q {
-        Q::Validate | Q::Ping => Shape::Fields(&[U32]),
+        Q::Validate | Q::Ping | Q::Hello => Shape::Fields(&[U32]),
         Q::Set | Q::Append | Q::QueuePush => Shape::Fields(&[Key, Value]),
         Q::CompareSet => Shape::Fields(&[Key, Value, Value]),
         Q::Get | Q::DeleteKey | Q::QueuePop | Q::QueueLen | Q::Auth => Shape::Fields(&[Key]),
         Q::Add => Shape::Fields(&[Key, I64]),
-        Q::Check | Q::Wait | Q::MultiGet => Shape::KeyList,
+        Q::Check | Q::Wait | Q::MultiGet | Q::WaitGet => Shape::KeyList,
         Q::MultiSet => Shape::PairList,
         Q::GetNumKeys | Q::CancelWait => Shape::Fields(&[]),
     }
@@ -497,6 +518,8 @@ pub fn decode_request(buf: &[u8], limits: &Limits) -> Result<Decoded<Request>, P
     let r = match q {
         Q::Validate => Request::Validate { magic: t.u32() },
         Q::Ping => Request::Ping { nonce: t.u32() },
+        Q::Hello => Request::Hello { features: t.u32() },
+        Q::WaitGet => Request::WaitGet { keys: t.keys() },
         Q::Set => Request::Set {
             key: t.blob(),
             value: t.blob(),
@@ -579,6 +602,8 @@ impl Request {
             Request::QueuePop { .. } => Q::QueuePop,
             Request::QueueLen { .. } => Q::QueueLen,
             Request::Auth { .. } => Q::Auth,
+            Request::WaitGet { .. } => Q::WaitGet,
+            Request::Hello { .. } => Q::Hello,
         }
     }
 
@@ -596,7 +621,9 @@ impl Request {
             | Request::DeleteKey { .. }
             | Request::QueueLen { .. } => ReplyKind::I64,
             Request::Check { .. } => ReplyKind::Check,
-            Request::Wait { .. } | Request::CancelWait => ReplyKind::Wait,
+            // WAIT_GET: this byte, then `Values(n)` when it is STOP_WAITING.
+            Request::Wait { .. } | Request::CancelWait | Request::WaitGet { .. } => ReplyKind::Wait,
+            Request::Hello { .. } => ReplyKind::I64,
             Request::MultiGet { keys } => ReplyKind::Values(keys.len()),
             Request::Ping { .. } => ReplyKind::U32,
             Request::QueuePop { .. } => ReplyKind::QueuePop,
@@ -610,6 +637,7 @@ impl Request {
         match self {
             Request::Validate { magic } => out.extend_from_slice(&magic.to_le_bytes()),
             Request::Ping { nonce } => out.extend_from_slice(&nonce.to_le_bytes()),
+            Request::Hello { features } => out.extend_from_slice(&features.to_le_bytes()),
             Request::Set { key, value }
             | Request::Append { key, value }
             | Request::QueuePush { key, value } => {
@@ -634,9 +662,10 @@ impl Request {
                 put_blob(out, key);
                 put_i64(out, *delta);
             }
-            Request::Check { keys } | Request::Wait { keys } | Request::MultiGet { keys } => {
-                put_keys(out, keys)
-            }
+            Request::Check { keys }
+            | Request::Wait { keys }
+            | Request::MultiGet { keys }
+            | Request::WaitGet { keys } => put_keys(out, keys),
             Request::MultiSet { pairs } => {
                 out.extend_from_slice(&(pairs.len() as u64).to_le_bytes());
                 for (k, v) in pairs {
@@ -828,6 +857,10 @@ mod tests {
             Request::QueuePop { key: k("q") },
             Request::QueueLen { key: k("q") },
             Request::Auth { token: k("secret") },
+            Request::WaitGet {
+                keys: vec![k("a"), k("b")],
+            },
+            Request::Hello { features: 0 },
         ]
     }
 

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::proto::{
     decode_request, put_blob, put_i64, CheckResponse, Decoded, Limits, Request, WaitResponse,
-    VALIDATION_MAGIC,
+    FEATURE_WAIT_GET, VALIDATION_MAGIC,
 };
 use crate::{Error, Result};
 
@@ -53,6 +53,9 @@ pub struct ServerOptions {
     pub handshake_timeout: Duration,
     /// Unread reply bytes at which a connection stops being read from.
     pub max_pending_output: usize,
+    /// Serve our extensions (`HELLO`, `WAIT_GET`). `false` behaves as PyTorch's server does
+    /// on them (closes the connection), which tests the clients' fallback.
+    pub extensions: bool,
 }
 
 impl Default for ServerOptions {
@@ -65,6 +68,7 @@ impl Default for ServerOptions {
             max_connections: 65_536,
             handshake_timeout: Duration::from_secs(30),
             max_pending_output: 64 << 20,
+            extensions: true,
         }
     }
 }
@@ -217,6 +221,8 @@ struct Waiting {
     id: u64,
     remaining: usize,
     keys: Vec<Vec<u8>>,
+    /// For `WAIT_GET`: the keys whose values follow `STOP_WAITING`, in request order.
+    then_get: Option<Vec<Vec<u8>>>,
 }
 
 struct Conn {
@@ -681,6 +687,9 @@ impl EventLoop {
             if w.remaining == 0 {
                 let w = c.wait.take().expect("checked");
                 c.wbuf.push(WaitResponse::StopWaiting as u8);
+                if let Some(keys) = &w.then_get {
+                    put_values(&mut c.wbuf, &self.core.kv, keys);
+                }
                 self.dirty.push(slot);
                 // Drop its other registrations (keys that were already satisfied are gone).
                 for k in &w.keys {
@@ -703,6 +712,44 @@ impl EventLoop {
             }
             i += 1;
         }
+    }
+
+    /// `WAIT` (and `WAIT_GET` with `then_get`): answers at once when every key exists,
+    /// otherwise registers the connection as a waiter of each missing key.
+    fn wait(&mut self, slot: usize, keys: Vec<Vec<u8>>, then_get: Option<Vec<Vec<u8>>>) -> Flow {
+        if self.conns[slot].as_ref().expect("live").wait.is_some() {
+            return Flow::Close("WAIT while another WAIT is pending".into());
+        }
+        let mut missing: Vec<Vec<u8>> =
+            keys.into_iter().filter(|k| !self.core.present(k)).collect();
+        if missing.is_empty() {
+            let c = self.conns[slot].as_mut().expect("live");
+            c.wbuf.push(WaitResponse::StopWaiting as u8);
+            if let Some(keys) = &then_get {
+                put_values(&mut c.wbuf, &self.core.kv, keys);
+            }
+            return Flow::Continue;
+        }
+        self.core.next_wait += 1;
+        let id = self.core.next_wait;
+        let gen = self.gens[slot];
+        missing.sort_unstable();
+        missing.dedup();
+        for k in &missing {
+            self.core
+                .waiters
+                .entry(k.clone())
+                .or_default()
+                .push((slot, gen, id));
+        }
+        let c = self.conns[slot].as_mut().expect("live");
+        c.wait = Some(Waiting {
+            id,
+            remaining: missing.len(),
+            keys: missing,
+            then_get,
+        });
+        Flow::Continue
     }
 
     fn exec(&mut self, slot: usize, req: Request) -> Flow {
@@ -747,6 +794,11 @@ impl EventLoop {
                     "authentication required before {:?}",
                     r.query_type()
                 ))
+            }
+            (Phase::Ready, Request::Hello { .. } | Request::WaitGet { .. })
+                if !self.opts.extensions =>
+            {
+                return Flow::Close(format!("unknown query type {:?}", req.query_type()))
             }
             (Phase::Ready, _) => {}
         }
@@ -826,35 +878,13 @@ impl EventLoop {
                 };
                 self.reply(slot, |w| w.push(b as u8));
             }
-            Request::Wait { keys } => {
-                if self.conns[slot].as_ref().expect("live").wait.is_some() {
-                    return Flow::Close("WAIT while another WAIT is pending".into());
-                }
-                let missing: Vec<Vec<u8>> =
-                    keys.into_iter().filter(|k| !self.core.present(k)).collect();
-                if missing.is_empty() {
-                    self.reply(slot, |w| w.push(WaitResponse::StopWaiting as u8));
-                } else {
-                    self.core.next_wait += 1;
-                    let id = self.core.next_wait;
-                    let gen = self.gens[slot];
-                    let mut uniq = missing;
-                    uniq.sort_unstable();
-                    uniq.dedup();
-                    for k in &uniq {
-                        self.core
-                            .waiters
-                            .entry(k.clone())
-                            .or_default()
-                            .push((slot, gen, id));
-                    }
-                    let c = self.conns[slot].as_mut().expect("live");
-                    c.wait = Some(Waiting {
-                        id,
-                        remaining: uniq.len(),
-                        keys: uniq,
-                    });
-                }
+            Request::Hello { .. } => self.reply(slot, |w| {
+                w.extend_from_slice(&FEATURE_WAIT_GET.to_le_bytes())
+            }),
+            Request::Wait { keys } => return self.wait(slot, keys, None),
+            Request::WaitGet { keys } => {
+                let then = keys.clone();
+                return self.wait(slot, keys, Some(then));
             }
             Request::CancelWait => {
                 let w = self.conns[slot].as_mut().expect("live").wait.take();
@@ -920,6 +950,13 @@ impl EventLoop {
             }
         }
         Flow::Continue
+    }
+}
+
+/// Appends one value per key (empty for a missing key), as `MULTI_GET` answers.
+fn put_values(out: &mut Vec<u8>, kv: &HashMap<Vec<u8>, Vec<u8>>, keys: &[Vec<u8>]) {
+    for k in keys {
+        put_blob(out, kv.get(k).map_or(&[][..], |v| v.as_slice()));
     }
 }
 

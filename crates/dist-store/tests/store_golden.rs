@@ -125,6 +125,14 @@ fn transcript() -> Vec<(Request, Vec<u8>, Vec<u8>)> {
         (Request::QueuePop { key: k("q") }, h("0f | 0100000000000000 71"), h("0000000000000000")),
         // Our extension: AUTH on a server without a token is accepted (0).
         (Request::Auth { token: k("t") }, h("a0 | 0100000000000000 74"), h("00")),
+        // Our extensions: HELLO answers the feature bits (1 = WAIT_GET); WAIT_GET answers
+        // STOP_WAITING then the values (here at once: the keys exist).
+        (Request::Hello { features: 0 }, h("a2 | 00000000"), h("0100000000000000")),
+        (
+            Request::WaitGet { keys: vec![k("a"), k("k")] },
+            h("a1 | 0200000000000000 | 0100000000000000 61 | 0100000000000000 6b"),
+            h("00 | 0100000000000000 31 | 0300000000000000 763221"),
+        ),
     ]
 }
 

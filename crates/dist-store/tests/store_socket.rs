@@ -31,6 +31,37 @@ fn client(s: &StoreServer) -> TcpStoreClient {
 fn every_operation_matches_pytorch_semantics() {
     let s = server();
     let c = client(&s);
+    assert!(c.has_wait_get());
+    every_operation(&c);
+}
+
+#[test]
+fn every_operation_without_extensions_and_the_fallback_from_a_torch_like_server() {
+    // A server that closes on HELLO, as PyTorch's does: the client falls back by itself.
+    let s = StoreServer::start(ServerOptions {
+        extensions: false,
+        ..Default::default()
+    })
+    .unwrap();
+    let c = client(&s);
+    assert!(!c.has_wait_get());
+    every_operation(&c);
+    // A client told to speak PyTorch's protocol exactly, against our server.
+    let s = server();
+    let c = TcpStoreClient::connect(
+        "127.0.0.1",
+        s.port(),
+        ClientOptions {
+            extensions: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(!c.has_wait_get());
+    every_operation(&c);
+}
+
+fn every_operation(c: &TcpStoreClient) {
     c.set("a", b"1").unwrap();
     assert_eq!(c.get("a", T).unwrap(), b"1");
     assert_eq!(c.num_keys().unwrap(), 1);
