@@ -79,6 +79,26 @@ pub struct DeviceContext {
     ctx: Arc<CudaContext>,
     stream: Stream,
     ordinal: usize,
+    pool: Mutex<Pool>,
+}
+
+/// Freed allocations kept for reuse, by rounded size (a minimal caching allocator: `cuMemFree`
+/// waits for the whole device, which out-of-place collectives would otherwise pay every call).
+/// Reuse is safe because every op of this crate is ordered on the device's one stream.
+#[derive(Default)]
+struct Pool {
+    free: HashMap<usize, Vec<sys::CUdeviceptr>>,
+    cached: usize,
+    cap: usize,
+}
+
+/// Allocation granularity of the pool.
+const POOL_ROUND: usize = 512;
+/// Default cap of cached bytes per device (`DIST_CUDA_CACHE_BYTES` overrides; 0 disables).
+pub const DEFAULT_CACHE_BYTES: usize = 1 << 30;
+
+fn round_up(bytes: usize) -> Option<usize> {
+    bytes.checked_add(POOL_ROUND - 1).map(|b| b / POOL_ROUND * POOL_ROUND)
 }
 
 #[derive(Clone, Copy)]
@@ -117,10 +137,18 @@ impl DeviceContext {
         let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("cuDevicePrimaryCtxRetain", e))?;
         let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking)
             .map_err(|e| cuda_err("cuStreamCreate", e))?;
+        let cap = std::env::var("DIST_CUDA_CACHE_BYTES")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_CACHE_BYTES);
         let d = Arc::new(DeviceContext {
             ctx,
             stream: Stream(stream),
             ordinal,
+            pool: Mutex::new(Pool {
+                cap,
+                ..Default::default()
+            }),
         });
         map.insert(ordinal, d.clone());
         Ok(d)
@@ -160,6 +188,45 @@ impl DeviceContext {
         check("cuStreamIsCapturing", unsafe { sys::cuStreamIsCapturing(self.stream.0, &mut st) })?;
         Ok(st == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE)
     }
+    /// Frees every cached allocation (after waiting for the stream).
+    pub fn empty_cache(&self) -> Result<()> {
+        self.synchronize()?;
+        let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, v) in p.free.drain() {
+            for ptr in v {
+                // SAFETY: cached pointers came from cuMemAlloc and are owned by the pool only.
+                if let Err(e) = unsafe { cu::free_sync(ptr) } {
+                    tracing::warn!("cuMemFree({ptr:#x}): {}", cuda_err("cuMemFree", e));
+                }
+            }
+        }
+        p.cached = 0;
+        Ok(())
+    }
+
+    /// Bytes held by the allocation cache.
+    pub fn cached_bytes(&self) -> usize {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).cached
+    }
+
+    fn pool_take(&self, size: usize) -> Option<sys::CUdeviceptr> {
+        let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let ptr = p.free.get_mut(&size)?.pop()?;
+        p.cached -= size;
+        Some(ptr)
+    }
+
+    /// Returns `ptr` to the cache; false when the cache is full (the caller frees it).
+    fn pool_put(&self, ptr: sys::CUdeviceptr, size: usize) -> bool {
+        let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if p.cached + size > p.cap {
+            return false;
+        }
+        p.cached += size;
+        p.free.entry(size).or_default().push(ptr);
+        true
+    }
+
     /// The device's UUID (16 bytes), to tell devices apart across processes.
     pub fn uuid(&self) -> Result<[u8; 16]> {
         let u = self.ctx.uuid().map_err(|e| cuda_err("cuDeviceGetUuid", e))?;
@@ -171,8 +238,10 @@ impl DeviceContext {
     }
 }
 
-/// Device memory owned by this process (`cuMemAlloc`, so it can be shared with CUDA IPC).
-/// Freed on drop; a failing free is logged, never a panic.
+/// Device memory owned by this process (`cuMemAlloc`, one allocation per buffer, so it can be
+/// shared with CUDA IPC). Dropped: back to the device's cache, or freed when the cache is full;
+/// a failing free is logged, never a panic. Reuse is ordered by the device's stream: work on
+/// other streams must be synchronised by the caller before the buffer is dropped.
 pub struct DeviceBuffer {
     ptr: sys::CUdeviceptr,
     bytes: usize,
@@ -186,19 +255,40 @@ impl std::fmt::Debug for DeviceBuffer {
 }
 
 impl DeviceBuffer {
-    /// Allocates `bytes` (uninitialised). Zero bytes allocate nothing (null pointer).
+    /// Allocates `bytes` (uninitialised), from the device's cache when it holds a block of the
+    /// same rounded size. Zero bytes allocate nothing (null pointer). Out of memory: the cache
+    /// is released and the allocation tried once more.
     pub fn alloc(dev: &Arc<DeviceContext>, bytes: usize) -> Result<DeviceBuffer> {
         dev.bind()?;
-        let ptr = if bytes == 0 {
-            0
-        } else {
-            // SAFETY: the context is current; the result is owned by the returned buffer.
-            unsafe { cu::malloc_sync(bytes) }
-                .map_err(|e| cuda_err(&format!("cuMemAlloc({bytes} B) on cuda:{}", dev.ordinal), e))?
+        if bytes == 0 {
+            return Ok(DeviceBuffer {
+                ptr: 0,
+                bytes: 0,
+                dev: dev.clone(),
+            });
+        }
+        let size = round_up(bytes).ok_or_else(|| Error::invalid(format!("allocation of {bytes} B")))?;
+        if let Some(ptr) = dev.pool_take(size) {
+            return Ok(DeviceBuffer {
+                ptr,
+                bytes: size,
+                dev: dev.clone(),
+            });
+        }
+        // SAFETY: the context is current; the result is owned by the returned buffer.
+        let ptr = match unsafe { cu::malloc_sync(size) } {
+            Ok(p) => p,
+            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY && dev.cached_bytes() > 0 => {
+                dev.empty_cache()?;
+                // SAFETY: as above.
+                unsafe { cu::malloc_sync(size) }
+                    .map_err(|e| cuda_err(&format!("cuMemAlloc({bytes} B) on cuda:{}", dev.ordinal), e))?
+            }
+            Err(e) => return Err(cuda_err(&format!("cuMemAlloc({bytes} B) on cuda:{}", dev.ordinal), e)),
         };
         Ok(DeviceBuffer {
             ptr,
-            bytes,
+            bytes: size,
             dev: dev.clone(),
         })
     }
@@ -216,7 +306,7 @@ impl DeviceBuffer {
     pub fn ptr(&self) -> sys::CUdeviceptr {
         self.ptr
     }
-    /// Size in bytes.
+    /// Size in bytes (the request rounded up to 512).
     pub fn len(&self) -> usize {
         self.bytes
     }
@@ -232,7 +322,7 @@ impl DeviceBuffer {
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
-        if self.ptr == 0 {
+        if self.ptr == 0 || self.dev.pool_put(self.ptr, self.bytes) {
             return;
         }
         if let Err(e) = self.dev.bind() {
@@ -279,16 +369,24 @@ pub unsafe fn copy_2d(
         // SAFETY: contiguous case of the same contract.
         return unsafe { copy_d2d(dst, src, width * height, stream) };
     }
-    // SAFETY: CUDA_MEMCPY2D is a plain C struct; zero is a valid start for every field.
-    let mut p: sys::CUDA_MEMCPY2D = unsafe { std::mem::zeroed() };
-    p.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
-    p.srcDevice = src;
-    p.srcPitch = src_pitch;
-    p.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
-    p.dstDevice = dst;
-    p.dstPitch = dst_pitch;
-    p.WidthInBytes = width;
-    p.Height = height;
+    let p = sys::CUDA_MEMCPY2D {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        srcHost: std::ptr::null(),
+        srcDevice: src,
+        srcArray: std::ptr::null_mut(),
+        srcPitch: src_pitch,
+        dstXInBytes: 0,
+        dstY: 0,
+        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        dstHost: std::ptr::null_mut(),
+        dstDevice: dst,
+        dstArray: std::ptr::null_mut(),
+        dstPitch: dst_pitch,
+        WidthInBytes: width,
+        Height: height,
+    };
     // SAFETY: forwarded contract; p describes the two ranges.
     check("cuMemcpy2DAsync", unsafe { sys::cuMemcpy2DAsync_v2(&p, stream) })
 }

@@ -104,8 +104,7 @@ impl Kernels {
 }
 
 fn ipc_handle(ptr: u64) -> Result<[u8; IPC_HANDLE_BYTES]> {
-    // SAFETY: plain C struct, zero is valid.
-    let mut h: sys::CUipcMemHandle = unsafe { std::mem::zeroed() };
+    let mut h = sys::CUipcMemHandle { reserved: [0; IPC_HANDLE_BYTES] };
     // SAFETY: ptr is the base of a live cuMemAlloc allocation; h is a valid out-pointer.
     check("cuIpcGetMemHandle", unsafe { sys::cuIpcGetMemHandle(&mut h, ptr) })?;
     let mut out = [0u8; IPC_HANDLE_BYTES];
@@ -119,8 +118,7 @@ fn ipc_open(bytes: &[u8]) -> Result<u64> {
     if bytes.len() != IPC_HANDLE_BYTES {
         return Err(Error::protocol(format!("IPC handle of {} bytes, expected {IPC_HANDLE_BYTES}", bytes.len())));
     }
-    // SAFETY: plain C struct, zero is valid.
-    let mut h: sys::CUipcMemHandle = unsafe { std::mem::zeroed() };
+    let mut h = sys::CUipcMemHandle { reserved: [0; IPC_HANDLE_BYTES] };
     for (d, s) in h.reserved.iter_mut().zip(bytes) {
         *d = *s as _;
     }
