@@ -43,9 +43,14 @@ pub struct PublishArgs {
     /// Pause between batches, in milliseconds.
     #[arg(long, default_value_t = 100)]
     pub interval_ms: u64,
-    /// Wait before the first batch so subscribers can connect (PUB drops what nobody subscribed to).
+    /// Wait before the first batch so subscribers can connect (a publisher drops what nobody has
+    /// subscribed to yet). With --wait-subscribers, the most to wait for them.
     #[arg(long, default_value_t = 500)]
     pub wait_ms: u64,
+    /// Before the first batch, wait (up to --wait-ms, else fail) until this many subscriptions
+    /// have reached the publisher.
+    #[arg(long, default_value_t = 0)]
+    pub wait_subscribers: u64,
     /// Keep serving replay requests this long after the last batch.
     #[arg(long, default_value_t = 0)]
     pub hold_ms: u64,
@@ -117,7 +122,14 @@ pub fn run_publish_to(args: PublishArgs, out: &mut dyn Write) -> Result<()> {
         json!({"endpoint": publisher.bound_endpoint(), "replay_endpoint": publisher.bound_replay_endpoint(),
                "topic": args.topic, "dp_rank": args.dp_rank}),
     )?;
-    std::thread::sleep(Duration::from_millis(args.wait_ms));
+    if args.wait_subscribers > 0 {
+        publisher.wait_for_subscribers(
+            args.wait_subscribers,
+            Instant::now() + Duration::from_millis(args.wait_ms),
+        )?;
+    } else {
+        std::thread::sleep(Duration::from_millis(args.wait_ms));
+    }
     for i in 0..args.batches {
         publisher.publish(sample_batch(i, None))?;
         if i + 1 < args.batches {

@@ -32,19 +32,20 @@
 //!
 //! ## Example
 //!
-//! ```no_run
+//! ```
 //! use dist_kv::events::{sample_batch, EventPublisher, KvEventSubscriber, KvEventsConfig,
 //!     ZmqEventPublisher, ZmqPublisherOptions};
-//! use std::time::Duration;
+//! use std::time::{Duration, Instant};
 //!
 //! let config = KvEventsConfig {
 //!     enable_kv_cache_events: true,
-//!     endpoint: "tcp://127.0.0.1:*".into(),
+//!     endpoint: "tcp://127.0.0.1:*".into(), // libzmq picks a free port
 //!     ..Default::default()
 //! };
 //! let publisher = ZmqEventPublisher::new(0, &config, ZmqPublisherOptions::default())?;
 //! let subscriber = KvEventSubscriber::connect(publisher.bound_endpoint(), None, "")?;
-//! std::thread::sleep(Duration::from_millis(200)); // let the subscription reach the publisher
+//! // A publisher drops what nobody has subscribed to yet: wait for the subscription.
+//! publisher.wait_for_subscribers(1, Instant::now() + Duration::from_secs(5))?;
 //! publisher.publish(sample_batch(0, None))?;
 //! let got = subscriber.recv(Duration::from_secs(5))?.expect("a batch");
 //! assert_eq!(got.seq, 0);

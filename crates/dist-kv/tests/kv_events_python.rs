@@ -161,7 +161,9 @@ fn rust_to_python(format: WireFormat, fmt: &str) {
         ],
     );
     assert_eq!(py.line("READY"), "READY");
-    std::thread::sleep(Duration::from_millis(300)); // let the subscription arrive
+    publisher
+        .wait_for_subscribers(1, Instant::now() + STEP)
+        .unwrap();
     for i in 0..count {
         publisher.publish(sample_batch(i, None)).unwrap();
     }
@@ -207,8 +209,7 @@ fn python_to_rust(fmt: &str) {
     let parts: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(parts.len(), 3, "unexpected line {line:?}");
     let sub = KvEventSubscriber::connect(parts[1], Some(parts[2]), "kv").unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    py.say("GO");
+    py.say("GO"); // the script then waits for our subscription before it publishes
     for i in 0..count {
         let r = sub
             .recv(STEP)

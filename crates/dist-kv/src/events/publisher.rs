@@ -120,10 +120,20 @@ pub struct PublisherStats {
     pub replays: AtomicU64,
     /// Replay requests ignored as malformed.
     pub bad_replay_requests: AtomicU64,
+    /// Subscription messages the publishing socket has taken in (one per topic per subscriber).
+    pub subscriptions: AtomicU64,
+    /// Unsubscription messages it has taken in.
+    pub unsubscriptions: AtomicU64,
 }
 
 /// vLLM's `ZmqEventPublisher`: a PUB socket fed by a thread from a bounded queue, with the last
 /// `buffer_steps` batches kept for replay over a ROUTER socket.
+///
+/// The socket is an XPUB with `ZMQ_XPUB_VERBOSE`: on the wire it is a publisher that any SUB (pyzmq,
+/// vLLM's consumers) subscribes to exactly as to a PUB, and it also hands the subscriptions it
+/// receives to the publisher thread, which counts them ([`PublisherStats::subscriptions`],
+/// [`wait_for_subscribers`](Self::wait_for_subscribers)), so a caller can know that a subscriber
+/// will get the next batch instead of sleeping and hoping, as vLLM's tests do.
 ///
 /// Messages are `[topic, seq as 8-byte big-endian, msgpack payload]`, `seq` counting from 0 per
 /// publisher. A replay request `[client, "", start_seq (8 bytes BE)]` on the ROUTER is answered with
@@ -180,7 +190,7 @@ struct Worker {
 /// waits 100 ms; a replay request waits at most this long when no batches flow).
 const REPLAY_POLL: Duration = Duration::from_millis(20);
 /// Queue wait when there is no replay socket (only bounds how often the abort flag is read).
-const IDLE_POLL: Duration = Duration::from_millis(100);
+const IDLE_POLL: Duration = Duration::from_millis(50);
 /// Back-off after a failed send, as in vLLM.
 const SEND_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -200,8 +210,11 @@ impl ZmqEventPublisher {
         let ctx = options.context.clone().unwrap_or_else(global_context);
 
         let publisher = ctx
-            .socket(zmq::PUB)
-            .map_err(Error::zmq("create PUB socket"))?;
+            .socket(zmq::XPUB)
+            .map_err(Error::zmq("create XPUB socket"))?;
+        publisher
+            .set_xpub_verbose(true)
+            .map_err(Error::zmq("set ZMQ_XPUB_VERBOSE"))?;
         publisher
             .set_sndhwm(config.hwm)
             .map_err(Error::zmq(format!(
@@ -352,6 +365,35 @@ impl ZmqEventPublisher {
         }
     }
 
+    /// Waits until the publishing socket has taken in at least `n` subscriptions in all (one per
+    /// topic prefix per subscriber), so batches published next reach those subscribers.
+    /// [`Error::Timeout`] at `deadline`, with the count seen.
+    pub fn wait_for_subscribers(&self, n: u64, deadline: Instant) -> Result<()> {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let seen = self.stats.subscriptions.load(Ordering::Acquire);
+            if seen >= n {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout {
+                    op: format!("kv-events wait for {n} subscribers"),
+                    waited: start.elapsed(),
+                    detail: format!("{seen} subscriptions seen on {}", self.bound_endpoint),
+                });
+            }
+            // Spin a little, then sleep: the publisher thread needs the core.
+            spins += 1;
+            if spins < 16 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep((deadline - now).min(Duration::from_millis(2)));
+            }
+        }
+    }
+
     fn wait_finished(&self, deadline: Instant) -> bool {
         let (lock, cv) = &*self.finished;
         let mut done = lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -443,6 +485,7 @@ impl Worker {
             IDLE_POLL
         };
         while !self.abort.load(Ordering::Acquire) {
+            self.take_subscriptions();
             self.serve_replays();
             match self.queue.pop(wait) {
                 Pop::Item(payload) => self.send(payload),
@@ -483,21 +526,44 @@ impl Worker {
         }
     }
 
+    /// Reads the (un)subscription messages the XPUB socket queued for the application.
+    fn take_subscriptions(&mut self) {
+        loop {
+            match self.publisher.recv_bytes(zmq::DONTWAIT) {
+                Ok(m) => match m.first() {
+                    Some(1) => {
+                        self.stats.subscriptions.fetch_add(1, Ordering::Release);
+                    }
+                    Some(0) => {
+                        self.stats.unsubscriptions.fetch_add(1, Ordering::Release);
+                    }
+                    _ => tracing::debug!("ignored a non-subscription message on the XPUB socket"),
+                },
+                Err(zmq::Error::EAGAIN) => return,
+                Err(e) => {
+                    tracing::warn!("KV-event XPUB receive: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
     fn serve_replays(&mut self) {
         let Some(replay) = &self.replay else { return };
         // Serve what is waiting now, a bounded number per call so live batches are not starved.
         for _ in 0..16 {
             match replay.recv_multipart(zmq::DONTWAIT) {
                 Ok(frames) => {
-                    if let Err(e) = serve_one(replay, &frames, &self.buffer) {
-                        tracing::warn!("KV-event replay: {e}");
-                    }
+                    // Counted first, so a client that has its answer sees the count.
                     if frames.len() == 3 && frames[1].is_empty() && frames[2].len() == 8 {
                         self.stats.replays.fetch_add(1, Ordering::Relaxed);
                     } else {
                         self.stats
                             .bad_replay_requests
                             .fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let Err(e) = serve_one(replay, &frames, &self.buffer) {
+                        tracing::warn!("KV-event replay: {e}");
                     }
                 }
                 Err(zmq::Error::EAGAIN) => return,

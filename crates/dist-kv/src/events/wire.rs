@@ -419,7 +419,7 @@ impl<'a> Reader<'a> {
                 let n = self.len_field(4)?;
                 self.str(n)?
             }
-            0xc4 | 0xc5 | 0xc6 => {
+            0xc4..=0xc6 => {
                 let n = self.len_field(1 << (m - 0xc4))?;
                 Value::Bytes(self.take(n)?.to_vec())
             }
@@ -637,13 +637,13 @@ impl Fields {
 }
 
 fn event_from_value(v: Value, path: &str) -> Result<KvCacheEvent> {
-    let (tag, mut slots_src): (String, Either) = match v {
+    let (tag, mut slots_src): (String, RawFields) = match v {
         Value::Array(mut a) => {
             if a.is_empty() {
                 return Err(Error::Decode(format!("{path}: empty event array (no tag)")));
             }
             let tag = as_string(a.remove(0), &format!("{path}[0] (tag)"))?;
-            (tag, Either::Positional(a))
+            (tag, RawFields::Positional(a))
         }
         Value::Map(m) => {
             let mut tag = None;
@@ -664,7 +664,7 @@ fn event_from_value(v: Value, path: &str) -> Result<KvCacheEvent> {
             let tag = tag.ok_or_else(|| {
                 Error::Decode(format!("{path}: event map without a \"type\" tag"))
             })?;
-            (tag, Either::Named(rest))
+            (tag, RawFields::Named(rest))
         }
         other => return Err(bad(path, "event (tagged array or map)", &other)),
     };
@@ -740,23 +740,23 @@ fn event_from_value(v: Value, path: &str) -> Result<KvCacheEvent> {
     }
 }
 
-enum Either {
+enum RawFields {
     Positional(Vec<Value>),
     Named(Vec<(String, Value)>),
 }
 
-impl Either {
+impl RawFields {
     /// Puts the fields into wire-order slots. Extra trailing elements and unknown keys are ignored,
     /// as msgspec ignores them (`forbid_unknown_fields=False`).
     fn slots(&mut self, names: &[&str], path: &str) -> Result<Vec<Option<Value>>> {
         let mut slots: Vec<Option<Value>> = (0..names.len()).map(|_| None).collect();
         match self {
-            Either::Positional(a) => {
+            RawFields::Positional(a) => {
                 for (slot, v) in slots.iter_mut().zip(a.drain(..)) {
                     *slot = Some(v);
                 }
             }
-            Either::Named(m) => {
+            RawFields::Named(m) => {
                 for (k, v) in m.drain(..) {
                     if let Some(i) = names.iter().position(|n| *n == k) {
                         if slots[i].is_some() {

@@ -1,7 +1,7 @@
 """A vLLM-style publisher (pyzmq + msgspec) whose batches the Rust subscriber decodes.
 
 Binds PUB and ROUTER on loopback ports libzmq picks, prints `ENDPOINT <pub> <replay>`, waits for a
-`GO` line on stdin, publishes --count sample batches as `[topic, seq, payload]` (what vLLM's
+`GO` line on stdin and for a subscription, publishes --count sample batches as `[topic, seq, payload]` (what vLLM's
 ZmqEventPublisher sends), then answers replay requests the way vLLM's `_service_replay` does until
 a `DONE` line arrives on stdin (or --timeout passes).
 """
@@ -36,7 +36,10 @@ def main() -> int:
     T = types_for(a.format)
 
     ctx = zmq.Context.instance()
-    pub = ctx.socket(zmq.PUB)
+    # An XPUB is a PUB to its subscribers; it also lets this script see the subscription arrive,
+    # so the first batch is not dropped on a loaded machine (vLLM's tests sleep instead).
+    pub = ctx.socket(zmq.XPUB)
+    pub.setsockopt(zmq.XPUB_VERBOSE, 1)
     pub.setsockopt(zmq.LINGER, 1000)
     pub.bind("tcp://127.0.0.1:*")
     router = ctx.socket(zmq.ROUTER)
@@ -49,6 +52,10 @@ def main() -> int:
         flush=True,
     )
     wait_line("GO", a.timeout)
+    if not pub.poll(int(a.timeout * 1000)):
+        raise SystemExit("no subscription arrived")
+    sub_msg = pub.recv()
+    assert sub_msg[:1] == b"\x01", sub_msg
 
     buffer = []
     for seq in range(a.count):
