@@ -52,8 +52,9 @@ done
 
 if [ "${BENCH:-1}" = 1 ]; then
   say "== bench"
-  RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_PORT=29650 timeout 120 "$BIN/cuda_bench" 2>&1 | tee -a "$LOG"
-  RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_PORT=29651 timeout 120 "$BIN/cuda_bench" --out-of-place --max-bytes 8388608 2>&1 | tee -a "$LOG"
+  for m in in-place out-of-place graph; do
+    RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_PORT=29650 timeout 120 "$BIN/cuda_bench" --mode $m 2>&1 | tee -a "$LOG"
+  done
   PYTHONUNBUFFERED=1 timeout 150 python3 ci/device/cuda_bench_torch.py 2>&1 | grep -v Warning | tee -a "$LOG"
 fi
 say "== status $status"

@@ -10,7 +10,8 @@ use cudarc::driver::{result as cu, sys};
 use dist_core::communicator::{check_collective_dim, reduce_scatterv_shape};
 use dist_core::tensor::{split_dims, with_dim};
 use dist_core::{
-    CommunicatorContext, DType, Device, DeviceCommunicator, DeviceKind, Error, HostGroup, ReduceOp, Result, Tensor,
+    CommunicatorContext, DType, Device, DeviceCommunicator, DeviceKind, Error, HostGroup, ReduceOp,
+    Result, Tensor,
 };
 use dist_nccl::{check_reduction, nccl_dtype, nccl_op, wire_dtype, Comm, Flavor, UniqueId};
 
@@ -25,14 +26,32 @@ use crate::tensor::CudaTensor;
 ///
 /// # Safety
 /// `src` and `dst` are live device buffers of `outer * sum(lens) * inner * es` bytes on `dev`.
-pub unsafe fn rank_major_to_cat(dev: &DeviceContext, dst: u64, src: u64, outer: usize, inner: usize, lens: &[usize], es: usize) -> Result<()> {
+pub unsafe fn rank_major_to_cat(
+    dev: &DeviceContext,
+    dst: u64,
+    src: u64,
+    outer: usize,
+    inner: usize,
+    lens: &[usize],
+    es: usize,
+) -> Result<()> {
     let total: usize = lens.iter().sum();
     let (mut src_off, mut col) = (0usize, 0usize);
     for &l in lens {
         let w = l * inner * es;
         // SAFETY: src holds outer*total*inner elements rank-major, dst the same count
         // interleaved; each strided copy stays inside both (callers size them so).
-        unsafe { copy_2d(dst + col as u64, total * inner * es, src + src_off as u64, w, w, outer, dev.stream()) }?;
+        unsafe {
+            copy_2d(
+                dst + col as u64,
+                total * inner * es,
+                src + src_off as u64,
+                w,
+                w,
+                outer,
+                dev.stream(),
+            )
+        }?;
         src_off += outer * w;
         col += w;
     }
@@ -44,13 +63,31 @@ pub unsafe fn rank_major_to_cat(dev: &DeviceContext, dst: u64, src: u64, outer: 
 ///
 /// # Safety
 /// As [`rank_major_to_cat`].
-pub unsafe fn cat_to_rank_major(dev: &DeviceContext, dst: u64, src: u64, outer: usize, inner: usize, lens: &[usize], es: usize) -> Result<()> {
+pub unsafe fn cat_to_rank_major(
+    dev: &DeviceContext,
+    dst: u64,
+    src: u64,
+    outer: usize,
+    inner: usize,
+    lens: &[usize],
+    es: usize,
+) -> Result<()> {
     let total: usize = lens.iter().sum();
     let (mut dst_off, mut col) = (0usize, 0usize);
     for &l in lens {
         let w = l * inner * es;
         // SAFETY: mirror of rank_major_to_cat.
-        unsafe { copy_2d(dst + dst_off as u64, w, src + col as u64, total * inner * es, w, outer, dev.stream()) }?;
+        unsafe {
+            copy_2d(
+                dst + dst_off as u64,
+                w,
+                src + col as u64,
+                total * inner * es,
+                w,
+                outer,
+                dev.stream(),
+            )
+        }?;
         dst_off += outer * w;
         col += w;
     }
@@ -77,7 +114,9 @@ impl Options {
         Options {
             device: None,
             nccl: true,
-            custom_all_reduce: !policy::env_flag(std::env::var(policy::DISABLE_ENV).ok().as_deref()),
+            custom_all_reduce: !policy::env_flag(
+                std::env::var(policy::DISABLE_ENV).ok().as_deref(),
+            ),
             custom_ar_max_size: None,
         }
     }
@@ -167,7 +206,14 @@ impl Communicator {
             let z = CudaTensor::zeros(&dev, DType::F32, &[1])?;
             // SAFETY: z is a live 1-element f32 device buffer; we synchronise before it drops.
             unsafe {
-                comm.all_reduce(vptr(z.ptr()), vptr(z.ptr()), 1, dist_nccl::sys::ncclFloat32, dist_nccl::sys::ncclSum, dev.stream() as *mut c_void)
+                comm.all_reduce(
+                    vptr(z.ptr()),
+                    vptr(z.ptr()),
+                    1,
+                    dist_nccl::sys::ncclFloat32,
+                    dist_nccl::sys::ncclSum,
+                    dev.stream() as *mut c_void,
+                )
             }?;
             dev.synchronize()?;
             tracing::info!(group = %ctx.group_name, rank, world, nccl = %lib.version(), "NCCL communicator ready");
@@ -176,7 +222,12 @@ impl Communicator {
             None
         };
         let custom_ar = if opts.custom_all_reduce && world > 1 {
-            CustomAllreduce::new(&dev, host.as_ref(), &ctx.group_name, opts.custom_ar_max_size)?
+            CustomAllreduce::new(
+                &dev,
+                host.as_ref(),
+                &ctx.group_name,
+                opts.custom_ar_max_size,
+            )?
         } else {
             None
         };
@@ -230,7 +281,12 @@ impl Communicator {
             match r {
                 sys::CUresult::CUDA_SUCCESS => return Ok(()),
                 sys::CUresult::CUDA_ERROR_NOT_READY => {}
-                other => return Err(cuda_err(&format!("{} synchronize", self.name), cudarc::driver::DriverError(other))),
+                other => {
+                    return Err(cuda_err(
+                        &format!("{} synchronize", self.name),
+                        cudarc::driver::DriverError(other),
+                    ))
+                }
             }
             if let Some(c) = lock(&self.nccl).as_ref() {
                 c.check_async_error()?;
@@ -240,7 +296,8 @@ impl Communicator {
                     op: format!("{} synchronize", self.name),
                     waited: start.elapsed(),
                     missing_ranks: Vec::new(),
-                    detail: "device work did not finish (a peer may not have joined a collective)".into(),
+                    detail: "device work did not finish (a peer may not have joined a collective)"
+                        .into(),
                 });
             }
             spins += 1;
@@ -254,25 +311,41 @@ impl Communicator {
 
     fn live(&self, op: &str) -> Result<()> {
         if self.destroyed.load(Ordering::Acquire) {
-            return Err(Error::NotInitialized(format!("{} {op}: communicator destroyed", self.name)));
+            return Err(Error::NotInitialized(format!(
+                "{} {op}: communicator destroyed",
+                self.name
+            )));
         }
         self.dev.bind()
     }
 
     fn check_tensor(&self, t: &CudaTensor, op: &str) -> Result<()> {
         let want = Device::new(DeviceKind::Cuda, self.dev.ordinal());
-        dist_core::ensure_arg!(t.device() == want, "{} {op}: tensor on {}, communicator on {want}", self.name, t.device());
+        dist_core::ensure_arg!(
+            t.device() == want,
+            "{} {op}: tensor on {}, communicator on {want}",
+            self.name,
+            t.device()
+        );
         Ok(())
     }
 
-    fn with_nccl<R>(&self, op: &str, f: impl FnOnce(&mut Comm, *mut c_void) -> Result<R>) -> Result<R> {
+    fn with_nccl<R>(
+        &self,
+        op: &str,
+        f: impl FnOnce(&mut Comm, *mut c_void) -> Result<R>,
+    ) -> Result<R> {
         self.live(op)?;
         let mut g = lock(&self.nccl);
-        let c = g
-            .as_mut()
-            .ok_or_else(|| Error::unsupported(format!("{} {op}: this communicator has no NCCL", self.name)))?;
+        let c = g.as_mut().ok_or_else(|| {
+            Error::unsupported(format!("{} {op}: this communicator has no NCCL", self.name))
+        })?;
         f(c, self.dev.stream() as *mut c_void).map_err(|e| match e {
-            Error::Backend { backend, code, message } => Error::Backend {
+            Error::Backend {
+                backend,
+                code,
+                message,
+            } => Error::Backend {
                 backend,
                 code,
                 message: format!("{} {op}: {message}", self.name),
@@ -304,7 +377,11 @@ impl Communicator {
                 P2pOp::Recv(t, p) => (&**t, *p),
             };
             self.check_tensor(t, "batch_send_recv")?;
-            dist_core::ensure_arg!(peer < self.world, "batch_send_recv: peer {peer} out of range for {}", self.world);
+            dist_core::ensure_arg!(
+                peer < self.world,
+                "batch_send_recv: peer {peer} out of range for {}",
+                self.world
+            );
         }
         self.with_nccl("batch_send_recv", |c, s| {
             c.group(|c| {
@@ -327,7 +404,14 @@ impl Communicator {
         })
     }
 
-    fn nccl_all_reduce(&self, src: u64, dst: u64, dtype: DType, numel: usize, op: ReduceOp) -> Result<()> {
+    fn nccl_all_reduce(
+        &self,
+        src: u64,
+        dst: u64,
+        dtype: DType,
+        numel: usize,
+        op: ReduceOp,
+    ) -> Result<()> {
         check_reduction(dtype, op, self.nccl_version)?;
         let dt = nccl_dtype(dtype)?;
         self.with_nccl("all_reduce", |c, s| {
@@ -339,7 +423,12 @@ impl Communicator {
     fn all_reduce_impl(&self, input: &CudaTensor, op: ReduceOp) -> Result<CudaTensor> {
         self.live("all_reduce")?;
         self.check_tensor(input, "all_reduce")?;
-        dist_core::ensure_arg!(input.dtype().is_reducible(), "{} all_reduce: cannot reduce {}", self.name, input.dtype());
+        dist_core::ensure_arg!(
+            input.dtype().is_reducible(),
+            "{} all_reduce: cannot reduce {}",
+            self.name,
+            input.dtype()
+        );
         if op == ReduceOp::Sum {
             let mut ca = lock(&self.custom_ar);
             if let Some(ca) = ca.as_mut() {
@@ -383,7 +472,10 @@ impl DeviceCommunicator for Communicator {
     fn all_reduce_in_place(&self, tensor: &mut CudaTensor, op: ReduceOp) -> Result<()> {
         self.live("all_reduce_in_place")?;
         self.check_tensor(tensor, "all_reduce_in_place")?;
-        let use_ca = op == ReduceOp::Sum && lock(&self.custom_ar).as_ref().is_some_and(|c| c.should(tensor));
+        let use_ca = op == ReduceOp::Sum
+            && lock(&self.custom_ar)
+                .as_ref()
+                .is_some_and(|c| c.should(tensor));
         if use_ca {
             let out = self.all_reduce_impl(tensor, op)?;
             // SAFETY: both hold nbytes; `out` is retired below (kept while capturing; otherwise
@@ -391,7 +483,13 @@ impl DeviceCommunicator for Communicator {
             unsafe { copy_d2d(tensor.ptr(), out.ptr(), tensor.nbytes(), self.dev.stream()) }?;
             return self.retire(Some(out));
         }
-        self.nccl_all_reduce(tensor.ptr(), tensor.ptr(), tensor.dtype(), tensor.numel(), op)
+        self.nccl_all_reduce(
+            tensor.ptr(),
+            tensor.ptr(),
+            tensor.dtype(),
+            tensor.numel(),
+            op,
+        )
     }
 
     fn all_gather(&self, input: &CudaTensor, dim: isize) -> Result<CudaTensor> {
@@ -402,7 +500,11 @@ impl DeviceCommunicator for Communicator {
         let out = self.new_tensor(input.dtype(), &with_dim(input.shape(), d, len * self.world))?;
         let (dt, n) = wire_dtype(input.dtype(), input.numel())?;
         let es = input.dtype().size();
-        let tmp = if outer == 1 { None } else { Some(self.new_tensor(input.dtype(), &[self.world * input.numel()])?) };
+        let tmp = if outer == 1 {
+            None
+        } else {
+            Some(self.new_tensor(input.dtype(), &[self.world * input.numel()])?)
+        };
         let target = tmp.as_ref().map_or(out.ptr(), |t| t.ptr());
         self.with_nccl("all_gather", |c, s| {
             // SAFETY: input has n elements, target world*n; both outlive the enqueued work.
@@ -410,7 +512,17 @@ impl DeviceCommunicator for Communicator {
         })?;
         if let Some(tmp) = &tmp {
             // SAFETY: tmp and out both hold the full gathered element count.
-            unsafe { rank_major_to_cat(&self.dev, out.ptr(), tmp.ptr(), outer, inner, &vec![len; self.world], es)?; }
+            unsafe {
+                rank_major_to_cat(
+                    &self.dev,
+                    out.ptr(),
+                    tmp.ptr(),
+                    outer,
+                    inner,
+                    &vec![len; self.world],
+                    es,
+                )?;
+            }
         }
         self.retire(tmp)?;
         Ok(out)
@@ -420,7 +532,12 @@ impl DeviceCommunicator for Communicator {
         self.live("all_gatherv")?;
         self.check_tensor(input, "all_gatherv")?;
         let d = check_collective_dim(input.shape(), dim, "all_gatherv")?;
-        dist_core::ensure_arg!(sizes.len() == self.world, "all_gatherv: {} sizes for world size {}", sizes.len(), self.world);
+        dist_core::ensure_arg!(
+            sizes.len() == self.world,
+            "all_gatherv: {} sizes for world size {}",
+            sizes.len(),
+            self.world
+        );
         dist_core::ensure_arg!(
             sizes[self.rank] == input.shape()[d],
             "all_gatherv: rank {} has {} along dim {d}, sizes say {}",
@@ -435,7 +552,11 @@ impl DeviceCommunicator for Communicator {
         let total: usize = sizes.iter().sum();
         let out = self.new_tensor(input.dtype(), &with_dim(input.shape(), d, total))?;
         let es = input.dtype().size();
-        let tmp = if outer == 1 { None } else { Some(self.new_tensor(input.dtype(), &[outer * total * inner])?) };
+        let tmp = if outer == 1 {
+            None
+        } else {
+            Some(self.new_tensor(input.dtype(), &[outer * total * inner])?)
+        };
         let target = tmp.as_ref().map_or(out.ptr(), |t| t.ptr());
         let (dt, _) = wire_dtype(input.dtype(), 0)?;
         let me = self.rank;
@@ -445,10 +566,16 @@ impl DeviceCommunicator for Communicator {
                 for (root, &l) in sizes.iter().enumerate() {
                     let count = outer * l * inner;
                     if count > 0 {
-                        let send = if root == me { vptr(input.ptr()) as *const c_void } else { std::ptr::null() };
+                        let send = if root == me {
+                            vptr(input.ptr()) as *const c_void
+                        } else {
+                            std::ptr::null()
+                        };
                         // SAFETY: block `root` of target holds `count` elements; input holds
                         // `count` on the root; all outlive the enqueued work.
-                        unsafe { c.broadcast(send, vptr(target + (off * es) as u64), count, dt, root, s) }?;
+                        unsafe {
+                            c.broadcast(send, vptr(target + (off * es) as u64), count, dt, root, s)
+                        }?;
                     }
                     off += count;
                 }
@@ -457,7 +584,9 @@ impl DeviceCommunicator for Communicator {
         })?;
         if let Some(tmp) = &tmp {
             // SAFETY: tmp and out both hold the full gathered element count.
-            unsafe { rank_major_to_cat(&self.dev, out.ptr(), tmp.ptr(), outer, inner, sizes, es)?; }
+            unsafe {
+                rank_major_to_cat(&self.dev, out.ptr(), tmp.ptr(), outer, inner, sizes, es)?;
+            }
         }
         self.retire(tmp)?;
         Ok(out)
@@ -483,20 +612,45 @@ impl DeviceCommunicator for Communicator {
         } else {
             let t = self.new_tensor(input.dtype(), &[input.numel()])?;
             // SAFETY: t and input both hold input.numel() elements.
-            unsafe { cat_to_rank_major(&self.dev, t.ptr(), input.ptr(), outer, inner, &vec![chunk; self.world], es)?; }
+            unsafe {
+                cat_to_rank_major(
+                    &self.dev,
+                    t.ptr(),
+                    input.ptr(),
+                    outer,
+                    inner,
+                    &vec![chunk; self.world],
+                    es,
+                )?;
+            }
             Some(t)
         };
         let src = tmp.as_ref().map_or(input.ptr(), |t| t.ptr());
         let dt = nccl_dtype(input.dtype())?;
         self.with_nccl("reduce_scatter", |c, s| {
             // SAFETY: src holds world*count elements, out count; both outlive the work.
-            unsafe { c.reduce_scatter(vptr(src), vptr(out.ptr()), outer * chunk * inner, dt, nccl_op(op), s) }
+            unsafe {
+                c.reduce_scatter(
+                    vptr(src),
+                    vptr(out.ptr()),
+                    outer * chunk * inner,
+                    dt,
+                    nccl_op(op),
+                    s,
+                )
+            }
         })?;
         self.retire(tmp)?;
         Ok(out)
     }
 
-    fn reduce_scatterv(&self, input: &CudaTensor, dim: isize, sizes: &[usize], op: ReduceOp) -> Result<CudaTensor> {
+    fn reduce_scatterv(
+        &self,
+        input: &CudaTensor,
+        dim: isize,
+        sizes: &[usize],
+        op: ReduceOp,
+    ) -> Result<CudaTensor> {
         self.live("reduce_scatterv")?;
         self.check_tensor(input, "reduce_scatterv")?;
         let d = check_collective_dim(input.shape(), dim, "reduce_scatterv")?;
@@ -513,7 +667,9 @@ impl DeviceCommunicator for Communicator {
         } else {
             let t = self.new_tensor(input.dtype(), &[input.numel()])?;
             // SAFETY: t and input both hold input.numel() elements.
-            unsafe { cat_to_rank_major(&self.dev, t.ptr(), input.ptr(), outer, inner, sizes, es)?; }
+            unsafe {
+                cat_to_rank_major(&self.dev, t.ptr(), input.ptr(), outer, inner, sizes, es)?;
+            }
             Some(t)
         };
         let src = tmp.as_ref().map_or(input.ptr(), |t| t.ptr());
@@ -526,7 +682,17 @@ impl DeviceCommunicator for Communicator {
                     if count > 0 {
                         // SAFETY: block `root` of src holds `count` elements; out holds
                         // sizes[rank] rows (read on the root only); all outlive the work.
-                        unsafe { c.reduce(vptr(src + (off * es) as u64), vptr(out.ptr()), count, dt, nccl_op(op), root, s) }?;
+                        unsafe {
+                            c.reduce(
+                                vptr(src + (off * es) as u64),
+                                vptr(out.ptr()),
+                                count,
+                                dt,
+                                nccl_op(op),
+                                root,
+                                s,
+                            )
+                        }?;
                     }
                     off += count;
                 }
@@ -540,7 +706,11 @@ impl DeviceCommunicator for Communicator {
     fn gather(&self, input: &CudaTensor, dst: usize, dim: isize) -> Result<Option<CudaTensor>> {
         self.live("gather")?;
         self.check_tensor(input, "gather")?;
-        dist_core::ensure_arg!(dst < self.world, "gather: dst {dst} out of range for world size {}", self.world);
+        dist_core::ensure_arg!(
+            dst < self.world,
+            "gather: dst {dst} out of range for world size {}",
+            self.world
+        );
         let d = check_collective_dim(input.shape(), dim, "gather")?;
         let (outer, len, inner) = split_dims(input.shape(), d);
         let (dt, n) = wire_dtype(input.dtype(), input.numel())?;
@@ -554,10 +724,21 @@ impl DeviceCommunicator for Communicator {
             return Ok(None);
         }
         let out = self.new_tensor(input.dtype(), &with_dim(input.shape(), d, len * self.world))?;
-        let tmp = if outer == 1 { None } else { Some(self.new_tensor(input.dtype(), &[self.world * input.numel()])?) };
+        let tmp = if outer == 1 {
+            None
+        } else {
+            Some(self.new_tensor(input.dtype(), &[self.world * input.numel()])?)
+        };
         let target = tmp.as_ref().map_or(out.ptr(), |t| t.ptr());
         // SAFETY: block `dst` of target holds nbytes; input holds nbytes.
-        unsafe { copy_d2d(target + (dst * nbytes) as u64, input.ptr(), nbytes, self.dev.stream()) }?;
+        unsafe {
+            copy_d2d(
+                target + (dst * nbytes) as u64,
+                input.ptr(),
+                nbytes,
+                self.dev.stream(),
+            )
+        }?;
         if self.world > 1 {
             let world = self.world;
             self.with_nccl("gather", |c, s| {
@@ -572,7 +753,17 @@ impl DeviceCommunicator for Communicator {
         }
         if let Some(tmp) = &tmp {
             // SAFETY: tmp and out both hold the full gathered element count.
-            unsafe { rank_major_to_cat(&self.dev, out.ptr(), tmp.ptr(), outer, inner, &vec![len; self.world], es)?; }
+            unsafe {
+                rank_major_to_cat(
+                    &self.dev,
+                    out.ptr(),
+                    tmp.ptr(),
+                    outer,
+                    inner,
+                    &vec![len; self.world],
+                    es,
+                )?;
+            }
         }
         self.retire(tmp)?;
         Ok(Some(out))
@@ -581,11 +772,19 @@ impl DeviceCommunicator for Communicator {
     fn broadcast(&self, tensor: &mut CudaTensor, src: usize) -> Result<()> {
         self.live("broadcast")?;
         self.check_tensor(tensor, "broadcast")?;
-        dist_core::ensure_arg!(src < self.world, "broadcast: src {src} out of range for world size {}", self.world);
+        dist_core::ensure_arg!(
+            src < self.world,
+            "broadcast: src {src} out of range for world size {}",
+            self.world
+        );
         let (dt, n) = wire_dtype(tensor.dtype(), tensor.numel())?;
         let me = self.rank;
         self.with_nccl("broadcast", |c, s| {
-            let send = if me == src { vptr(tensor.ptr()) as *const c_void } else { std::ptr::null() };
+            let send = if me == src {
+                vptr(tensor.ptr()) as *const c_void
+            } else {
+                std::ptr::null()
+            };
             // SAFETY: tensor holds n elements and outlives the work.
             unsafe { c.broadcast(send, vptr(tensor.ptr()), n, dt, src, s) }
         })
@@ -675,18 +874,27 @@ impl std::fmt::Debug for CudaGraph {
 impl CudaGraph {
     /// Captures what `f` enqueues on `dev`'s stream (relaxed capture mode, so allocations in `f`
     /// are allowed) and instantiates it. The stream's capture is ended even when `f` fails.
-    pub fn capture<R>(dev: &Arc<DeviceContext>, f: impl FnOnce() -> Result<R>) -> Result<(CudaGraph, R)> {
+    pub fn capture<R>(
+        dev: &Arc<DeviceContext>,
+        f: impl FnOnce() -> Result<R>,
+    ) -> Result<(CudaGraph, R)> {
         dev.bind()?;
         // SAFETY: the stream is alive; relaxed mode.
-        unsafe { cu::stream::begin_capture(dev.stream(), sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) }
-            .map_err(|e| cuda_err("cuStreamBeginCapture", e))?;
+        unsafe {
+            cu::stream::begin_capture(
+                dev.stream(),
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
+            )
+        }
+        .map_err(|e| cuda_err("cuStreamBeginCapture", e))?;
         let r = f();
         // SAFETY: ends the capture begun above.
         let g = unsafe { cu::stream::end_capture(dev.stream()) };
         let r = r?;
         let graph = g.map_err(|e| cuda_err("cuStreamEndCapture", e))?;
         // SAFETY: graph is a valid captured graph.
-        let exec = match unsafe { cu::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) } {
+        let exec = match unsafe { cu::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }
+        {
             Ok(e) => e,
             Err(e) => {
                 // SAFETY: graph is ours and not instantiated.
@@ -694,14 +902,22 @@ impl CudaGraph {
                 return Err(cuda_err("cuGraphInstantiate", e));
             }
         };
-        Ok((CudaGraph { dev: dev.clone(), graph, exec }, r))
+        Ok((
+            CudaGraph {
+                dev: dev.clone(),
+                graph,
+                exec,
+            },
+            r,
+        ))
     }
 
     /// Enqueues one replay on the device's stream.
     pub fn replay(&self) -> Result<()> {
         self.dev.bind()?;
         // SAFETY: exec is a live instantiated graph; the stream is alive.
-        unsafe { cu::graph::launch(self.exec, self.dev.stream()) }.map_err(|e| cuda_err("cuGraphLaunch", e))
+        unsafe { cu::graph::launch(self.exec, self.dev.stream()) }
+            .map_err(|e| cuda_err("cuGraphLaunch", e))
     }
 }
 
@@ -733,7 +949,10 @@ impl dist_core::Backend for CudaBackend {
         t.to_host()
     }
     fn from_host(t: &dist_core::HostTensor, device: Device) -> Result<CudaTensor> {
-        dist_core::ensure_arg!(device.kind == DeviceKind::Cuda, "the CUDA backend cannot place a tensor on {device}");
+        dist_core::ensure_arg!(
+            device.kind == DeviceKind::Cuda,
+            "the CUDA backend cannot place a tensor on {device}"
+        );
         CudaTensor::from_host(t, device.index)
     }
 }

@@ -13,8 +13,14 @@ use dist_core::{Error, Result};
 
 /// Turns a driver error into [`Error::Backend`] with the driver's name and message.
 pub fn cuda_err(call: &str, e: DriverError) -> Error {
-    let name = e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let msg = e.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = e
+        .error_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let msg = e
+        .error_string()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     Error::Backend {
         backend: "cuda",
         code: Some(e.0 as i64),
@@ -70,7 +76,9 @@ pub fn device_count() -> usize {
     if cu::init().is_err() {
         return 0;
     }
-    cu::device::get_count().map(|c| c.max(0) as usize).unwrap_or(0)
+    cu::device::get_count()
+        .map(|c| c.max(0) as usize)
+        .unwrap_or(0)
 }
 
 /// One device's primary context and the stream every op of this crate is enqueued on
@@ -98,7 +106,9 @@ const POOL_ROUND: usize = 512;
 pub const DEFAULT_CACHE_BYTES: usize = 1 << 30;
 
 fn round_up(bytes: usize) -> Option<usize> {
-    bytes.checked_add(POOL_ROUND - 1).map(|b| b / POOL_ROUND * POOL_ROUND)
+    bytes
+        .checked_add(POOL_ROUND - 1)
+        .map(|b| b / POOL_ROUND * POOL_ROUND)
 }
 
 #[derive(Clone, Copy)]
@@ -156,7 +166,9 @@ impl DeviceContext {
 
     /// Makes this device's context current on the calling thread.
     pub fn bind(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(|e| cuda_err("cuCtxSetCurrent", e))
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("cuCtxSetCurrent", e))
     }
     /// Device index.
     pub fn ordinal(&self) -> usize {
@@ -174,18 +186,23 @@ impl DeviceContext {
     pub fn synchronize(&self) -> Result<()> {
         self.bind()?;
         // SAFETY: the stream is alive for the process.
-        unsafe { cu::stream::synchronize(self.stream.0) }.map_err(|e| cuda_err("cuStreamSynchronize", e))
+        unsafe { cu::stream::synchronize(self.stream.0) }
+            .map_err(|e| cuda_err("cuStreamSynchronize", e))
     }
     /// `(major, minor)` compute capability.
     pub fn compute_capability(&self) -> Result<(i32, i32)> {
-        self.ctx.compute_capability().map_err(|e| cuda_err("cuDeviceGetAttribute", e))
+        self.ctx
+            .compute_capability()
+            .map_err(|e| cuda_err("cuDeviceGetAttribute", e))
     }
     /// True while the stream is capturing a CUDA graph.
     pub fn is_capturing(&self) -> Result<bool> {
         self.bind()?;
         let mut st = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
         // SAFETY: valid stream and out-pointer.
-        check("cuStreamIsCapturing", unsafe { sys::cuStreamIsCapturing(self.stream.0, &mut st) })?;
+        check("cuStreamIsCapturing", unsafe {
+            sys::cuStreamIsCapturing(self.stream.0, &mut st)
+        })?;
         Ok(st == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE)
     }
     /// Frees every cached allocation (after waiting for the stream).
@@ -229,7 +246,10 @@ impl DeviceContext {
 
     /// The device's UUID (16 bytes), to tell devices apart across processes.
     pub fn uuid(&self) -> Result<[u8; 16]> {
-        let u = self.ctx.uuid().map_err(|e| cuda_err("cuDeviceGetUuid", e))?;
+        let u = self
+            .ctx
+            .uuid()
+            .map_err(|e| cuda_err("cuDeviceGetUuid", e))?;
         let mut out = [0u8; 16];
         for (o, b) in out.iter_mut().zip(u.bytes.iter()) {
             *o = *b as u8;
@@ -250,7 +270,11 @@ pub struct DeviceBuffer {
 
 impl std::fmt::Debug for DeviceBuffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DeviceBuffer({:#x}, {} B, cuda:{})", self.ptr, self.bytes, self.dev.ordinal)
+        write!(
+            f,
+            "DeviceBuffer({:#x}, {} B, cuda:{})",
+            self.ptr, self.bytes, self.dev.ordinal
+        )
     }
 }
 
@@ -267,7 +291,8 @@ impl DeviceBuffer {
                 dev: dev.clone(),
             });
         }
-        let size = round_up(bytes).ok_or_else(|| Error::invalid(format!("allocation of {bytes} B")))?;
+        let size =
+            round_up(bytes).ok_or_else(|| Error::invalid(format!("allocation of {bytes} B")))?;
         if let Some(ptr) = dev.pool_take(size) {
             return Ok(DeviceBuffer {
                 ptr,
@@ -281,10 +306,16 @@ impl DeviceBuffer {
             Err(e) if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY && dev.cached_bytes() > 0 => {
                 dev.empty_cache()?;
                 // SAFETY: as above.
-                unsafe { cu::malloc_sync(size) }
-                    .map_err(|e| cuda_err(&format!("cuMemAlloc({bytes} B) on cuda:{}", dev.ordinal), e))?
+                unsafe { cu::malloc_sync(size) }.map_err(|e| {
+                    cuda_err(&format!("cuMemAlloc({bytes} B) on cuda:{}", dev.ordinal), e)
+                })?
             }
-            Err(e) => return Err(cuda_err(&format!("cuMemAlloc({bytes} B) on cuda:{}", dev.ordinal), e)),
+            Err(e) => {
+                return Err(cuda_err(
+                    &format!("cuMemAlloc({bytes} B) on cuda:{}", dev.ordinal),
+                    e,
+                ))
+            }
         };
         Ok(DeviceBuffer {
             ptr,
@@ -345,7 +376,8 @@ pub unsafe fn copy_d2d(dst: u64, src: u64, bytes: usize, stream: sys::CUstream) 
         return Ok(());
     }
     // SAFETY: forwarded contract.
-    unsafe { cu::memcpy_dtod_async(dst, src, bytes, stream) }.map_err(|e| cuda_err("cuMemcpyDtoDAsync", e))
+    unsafe { cu::memcpy_dtod_async(dst, src, bytes, stream) }
+        .map_err(|e| cuda_err("cuMemcpyDtoDAsync", e))
 }
 
 /// A strided device-to-device copy: `height` rows of `width` bytes, rows `src_pitch` /
@@ -388,7 +420,9 @@ pub unsafe fn copy_2d(
         Height: height,
     };
     // SAFETY: forwarded contract; p describes the two ranges.
-    check("cuMemcpy2DAsync", unsafe { sys::cuMemcpy2DAsync_v2(&p, stream) })
+    check("cuMemcpy2DAsync", unsafe {
+        sys::cuMemcpy2DAsync_v2(&p, stream)
+    })
 }
 
 /// Host-to-device copy on the device's stream, waited for (the host slice is borrowed).
@@ -398,7 +432,8 @@ pub fn copy_h2d(dev: &DeviceContext, dst: u64, src: &[u8]) -> Result<()> {
     }
     dev.bind()?;
     // SAFETY: dst holds src.len() bytes (caller's buffer); we synchronise before src is released.
-    unsafe { cu::memcpy_htod_async(dst, src, dev.stream()) }.map_err(|e| cuda_err("cuMemcpyHtoDAsync", e))?;
+    unsafe { cu::memcpy_htod_async(dst, src, dev.stream()) }
+        .map_err(|e| cuda_err("cuMemcpyHtoDAsync", e))?;
     dev.synchronize()
 }
 
@@ -409,7 +444,8 @@ pub fn copy_d2h(dev: &DeviceContext, dst: &mut [u8], src: u64) -> Result<()> {
     }
     dev.bind()?;
     // SAFETY: src holds dst.len() bytes; we synchronise before dst is released.
-    unsafe { cu::memcpy_dtoh_async(dst, src, dev.stream()) }.map_err(|e| cuda_err("cuMemcpyDtoHAsync", e))?;
+    unsafe { cu::memcpy_dtoh_async(dst, src, dev.stream()) }
+        .map_err(|e| cuda_err("cuMemcpyDtoHAsync", e))?;
     dev.synchronize()
 }
 
@@ -428,9 +464,15 @@ mod tests {
             Ok(()) => assert!(device_count() < 1024),
             Err(Error::LibraryNotFound { library, tried }) => {
                 assert_eq!(library, "libcuda");
-                assert!(tried.iter().any(|t| t.starts_with("libcuda.so")), "{tried:?}");
+                assert!(
+                    tried.iter().any(|t| t.starts_with("libcuda.so")),
+                    "{tried:?}"
+                );
                 assert_eq!(device_count(), 0);
-                assert!(matches!(DeviceContext::get(0), Err(Error::LibraryNotFound { .. })));
+                assert!(matches!(
+                    DeviceContext::get(0),
+                    Err(Error::LibraryNotFound { .. })
+                ));
             }
             Err(e) => panic!("unexpected {e}"),
         }

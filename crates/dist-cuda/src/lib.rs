@@ -53,12 +53,13 @@
 //! # Ok::<(), dist_core::Error>(())
 //! ```
 
+pub mod bench;
 pub mod communicator;
 pub mod custom_ar;
 pub mod driver;
 pub mod tensor;
 
-pub use communicator::{CudaBackend, CudaGraph, Communicator, Options, P2pOp};
+pub use communicator::{Communicator, CudaBackend, CudaGraph, Options, P2pOp};
 pub use dist_core::{Error, Result};
 pub use driver::{device_count, ensure_driver, DeviceContext};
 pub use tensor::CudaTensor;

@@ -33,7 +33,11 @@ pub fn checked_nbytes(dtype: DType, shape: &[usize]) -> Result<usize> {
     shape
         .iter()
         .try_fold(dtype.size(), |acc, d| acc.checked_mul(*d))
-        .ok_or_else(|| Error::invalid(format!("tensor of shape {shape:?} and dtype {dtype} overflows usize bytes")))
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "tensor of shape {shape:?} and dtype {dtype} overflows usize bytes"
+            ))
+        })
 }
 
 impl CudaTensor {

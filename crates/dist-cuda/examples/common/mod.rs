@@ -43,7 +43,8 @@ pub struct FileGroup {
 impl FileGroup {
     pub fn new(tag: &str, rank: usize, world: usize, timeout: Duration) -> Result<FileGroup> {
         let dir = std::env::temp_dir().join(format!("dist-cuda-fg-{tag}"));
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
         Ok(FileGroup {
             dir,
             rank,
@@ -75,7 +76,12 @@ impl FileGroup {
                 return Ok(out.into_iter().map(Option::unwrap).collect());
             }
             if start.elapsed() > self.timeout {
-                let missing = names.iter().zip(&out).filter(|(_, o)| o.is_none()).map(|((r, _), _)| *r).collect();
+                let missing = names
+                    .iter()
+                    .zip(&out)
+                    .filter(|(_, o)| o.is_none())
+                    .map(|((r, _), _)| *r)
+                    .collect();
                 return Err(Error::Timeout {
                     op: format!("file group {op}"),
                     waited: start.elapsed(),
@@ -132,7 +138,9 @@ impl HostGroup for FileGroup {
             g[src].1 += 1;
             g[src].1
         };
-        Ok(self.take_all("recv", &[(src, format!("p2p{src}_{}_{n}", self.rank))])?.remove(0))
+        Ok(self
+            .take_all("recv", &[(src, format!("p2p{src}_{}_{n}", self.rank))])?
+            .remove(0))
     }
 }
 
@@ -177,7 +185,12 @@ impl Store for NoStore {
 }
 
 pub fn context(e: &Env, group: &str, timeout: Duration) -> Result<CommunicatorContext> {
-    let hg = Arc::new(FileGroup::new(&format!("{}-{group}", e.port).replace(':', "_"), e.rank, e.world, timeout)?);
+    let hg = Arc::new(FileGroup::new(
+        &format!("{}-{group}", e.port).replace(':', "_"),
+        e.rank,
+        e.world,
+        timeout,
+    )?);
     Ok(CommunicatorContext {
         group_name: group.to_string(),
         ranks: (0..e.world).collect(),

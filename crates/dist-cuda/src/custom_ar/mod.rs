@@ -20,9 +20,11 @@ use std::ffi::{c_void, CString};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result as cu, sys};
-use dist_core::{encode_obj, decode_obj, DType, Error, HostGroup, Result, Tensor};
+use dist_core::{decode_obj, encode_obj, DType, Error, HostGroup, Result, Tensor};
 
-use crate::driver::{check, copy_d2d, copy_h2d, cuda_err, ensure_nvrtc, DeviceBuffer, DeviceContext};
+use crate::driver::{
+    check, copy_d2d, copy_h2d, cuda_err, ensure_nvrtc, DeviceBuffer, DeviceContext,
+};
 use crate::tensor::CudaTensor;
 pub use policy::Algo;
 
@@ -42,14 +44,18 @@ unsafe impl Sync for Func {}
 pub fn compile_ptx(cc: (i32, i32)) -> Result<String> {
     ensure_nvrtc()?;
     let opts = cudarc::nvrtc::CompileOptions {
-        options: vec![format!("--gpu-architecture=compute_{}{}", cc.0, cc.1), "-std=c++17".into()],
+        options: vec![
+            format!("--gpu-architecture=compute_{}{}", cc.0, cc.1),
+            "-std=c++17".into(),
+        ],
         ..Default::default()
     };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| Error::Backend {
-        backend: "nvrtc",
-        code: None,
-        message: format!("compiling the custom all-reduce kernels: {e:?}"),
-    })?;
+    let ptx =
+        cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| Error::Backend {
+            backend: "nvrtc",
+            code: None,
+            message: format!("compiling the custom all-reduce kernels: {e:?}"),
+        })?;
     Ok(ptx.to_src())
 }
 
@@ -96,7 +102,11 @@ impl Kernels {
                 }
             }
         }
-        tracing::debug!(device = dev.ordinal(), "custom all-reduce kernels compiled in {:?}", t0.elapsed());
+        tracing::debug!(
+            device = dev.ordinal(),
+            "custom all-reduce kernels compiled in {:?}",
+            t0.elapsed()
+        );
         let k = Arc::new(Kernels { funcs });
         map.insert(dev.ordinal(), k.clone());
         Ok(k)
@@ -104,9 +114,13 @@ impl Kernels {
 }
 
 fn ipc_handle(ptr: u64) -> Result<[u8; IPC_HANDLE_BYTES]> {
-    let mut h = sys::CUipcMemHandle { reserved: [0; IPC_HANDLE_BYTES] };
+    let mut h = sys::CUipcMemHandle {
+        reserved: [0; IPC_HANDLE_BYTES],
+    };
     // SAFETY: ptr is the base of a live cuMemAlloc allocation; h is a valid out-pointer.
-    check("cuIpcGetMemHandle", unsafe { sys::cuIpcGetMemHandle(&mut h, ptr) })?;
+    check("cuIpcGetMemHandle", unsafe {
+        sys::cuIpcGetMemHandle(&mut h, ptr)
+    })?;
     let mut out = [0u8; IPC_HANDLE_BYTES];
     for (o, b) in out.iter_mut().zip(h.reserved.iter()) {
         *o = *b as u8;
@@ -116,16 +130,23 @@ fn ipc_handle(ptr: u64) -> Result<[u8; IPC_HANDLE_BYTES]> {
 
 fn ipc_open(bytes: &[u8]) -> Result<u64> {
     if bytes.len() != IPC_HANDLE_BYTES {
-        return Err(Error::protocol(format!("IPC handle of {} bytes, expected {IPC_HANDLE_BYTES}", bytes.len())));
+        return Err(Error::protocol(format!(
+            "IPC handle of {} bytes, expected {IPC_HANDLE_BYTES}",
+            bytes.len()
+        )));
     }
-    let mut h = sys::CUipcMemHandle { reserved: [0; IPC_HANDLE_BYTES] };
+    let mut h = sys::CUipcMemHandle {
+        reserved: [0; IPC_HANDLE_BYTES],
+    };
     for (d, s) in h.reserved.iter_mut().zip(bytes) {
         *d = *s as _;
     }
     let mut p: sys::CUdeviceptr = 0;
     // SAFETY: valid out-pointer; the handle came from a peer's cuIpcGetMemHandle. Flag 1 is
     // CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS.
-    check("cuIpcOpenMemHandle", unsafe { sys::cuIpcOpenMemHandle_v2(&mut p, h, 1) })?;
+    check("cuIpcOpenMemHandle", unsafe {
+        sys::cuIpcOpenMemHandle_v2(&mut p, h, 1)
+    })?;
     Ok(p)
 }
 
@@ -133,7 +154,10 @@ fn ipc_close(p: u64) {
     // SAFETY: p came from cuIpcOpenMemHandle and is closed once.
     let r = unsafe { sys::cuIpcCloseMemHandle(p) };
     if let Err(e) = r.result() {
-        tracing::warn!("cuIpcCloseMemHandle({p:#x}): {}", cuda_err("cuIpcCloseMemHandle", e));
+        tracing::warn!(
+            "cuIpcCloseMemHandle({p:#x}): {}",
+            cuda_err("cuIpcCloseMemHandle", e)
+        );
     }
 }
 
@@ -147,13 +171,22 @@ pub struct SharedBuffer {
 
 impl std::fmt::Debug for SharedBuffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SharedBuffer({} B, {} ranks)", self.own.len(), self.ptrs.len())
+        write!(
+            f,
+            "SharedBuffer({} B, {} ranks)",
+            self.own.len(),
+            self.ptrs.len()
+        )
     }
 }
 
 impl SharedBuffer {
     /// Collective over `host`: allocates and zeroes `bytes`, exchanges IPC handles, opens peers'.
-    pub fn create(dev: &Arc<DeviceContext>, host: &dyn HostGroup, bytes: usize) -> Result<SharedBuffer> {
+    pub fn create(
+        dev: &Arc<DeviceContext>,
+        host: &dyn HostGroup,
+        bytes: usize,
+    ) -> Result<SharedBuffer> {
         let own = DeviceBuffer::zeroed(dev, bytes.max(16))?;
         dev.synchronize()?; // zeroed before any peer can see it
         let h = ipc_handle(own.ptr())?;
@@ -234,14 +267,16 @@ impl std::fmt::Debug for CustomAllreduce {
 fn topology(dev: &DeviceContext, host: &dyn HostGroup) -> Result<(bool, bool)> {
     let mine = dev.uuid()?;
     let all = host.all_gather_bytes(&mine)?;
-    let n = cu::device::get_count().map_err(|e| cuda_err("cuDeviceGetCount", e))?.max(0);
+    let n = cu::device::get_count()
+        .map_err(|e| cuda_err("cuDeviceGetCount", e))?
+        .max(0);
     let mut by_uuid: HashMap<Vec<u8>, sys::CUdevice> = HashMap::new();
     for i in 0..n {
         let d = cu::device::get(i).map_err(|e| cuda_err("cuDeviceGet", e))?;
         let u = cu::device::get_uuid(d).map_err(|e| cuda_err("cuDeviceGetUuid", e))?;
         by_uuid.insert(u.bytes.iter().map(|b| *b as u8).collect(), d);
     }
-    let me = by_uuid.get(&mine.to_vec()).copied();
+    let me = by_uuid.get(mine.as_slice()).copied();
     let mut all_p2p = true;
     let mut all_atomic = true;
     for u in &all {
@@ -255,7 +290,9 @@ fn topology(dev: &DeviceContext, host: &dyn HostGroup) -> Result<(bool, bool)> {
         };
         let mut can = 0;
         // SAFETY: valid out-pointer and device handles.
-        check("cuDeviceCanAccessPeer", unsafe { sys::cuDeviceCanAccessPeer(&mut can, a, b) })?;
+        check("cuDeviceCanAccessPeer", unsafe {
+            sys::cuDeviceCanAccessPeer(&mut can, a, b)
+        })?;
         let mut atomic = 0;
         // SAFETY: as above.
         check("cuDeviceGetP2PAttribute", unsafe {
@@ -292,12 +329,20 @@ impl CustomAllreduce {
         dev.bind()?;
         let (p2p, fully_connected) = topology(dev, host)?;
         if !p2p || (world > 2 && !fully_connected) {
-            tracing::info!(group = group_name, p2p, fully_connected, "custom all-reduce disabled: no peer access");
+            tracing::info!(
+                group = group_name,
+                p2p,
+                fully_connected,
+                "custom all-reduce disabled: no peer access"
+            );
             return Ok(None);
         }
         let cc = dev.compute_capability()?;
         let max_size = max_size.unwrap_or_else(|| policy::max_size(cc, world, false));
-        dist_core::ensure_arg!(max_size % 16 == 0 && max_size > 0, "custom all-reduce max_size {max_size} must be a positive multiple of 16");
+        dist_core::ensure_arg!(
+            max_size % 16 == 0 && max_size > 0,
+            "custom all-reduce max_size {max_size} must be a positive multiple of 16"
+        );
         let kernels = Kernels::get(dev)?;
         let meta = SharedBuffer::create(dev, host, policy::SIGNAL_BYTES + max_size)?;
         let buffer = SharedBuffer::create(dev, host, max_size)?;
@@ -328,7 +373,14 @@ impl CustomAllreduce {
         me.rank_data_used = 1;
         // Every rank has zeroed its signals and registered before anyone launches.
         host.barrier()?;
-        tracing::info!(group = group_name, rank, world, max_size, fully_connected, "custom all-reduce ready");
+        tracing::info!(
+            group = group_name,
+            rank,
+            world,
+            max_size,
+            fully_connected,
+            "custom all-reduce ready"
+        );
         Ok(Some(me))
     }
 
@@ -381,8 +433,13 @@ impl CustomAllreduce {
     /// [`CustomAllreduce::register_graph_buffers`]; otherwise `input` is first copied into the
     /// registered buffer (the eager path).
     pub fn all_reduce(&mut self, input: &CudaTensor) -> Result<CudaTensor> {
-        dist_core::ensure_arg!(self.should(input), "custom all-reduce cannot take {input:?} (max {} B)", self.max_size);
-        let kind = kind_of(input.dtype()).ok_or_else(|| Error::unsupported(format!("custom all-reduce of {}", input.dtype())))?;
+        dist_core::ensure_arg!(
+            self.should(input),
+            "custom all-reduce cannot take {input:?} (max {} B)",
+            self.max_size
+        );
+        let kind = kind_of(input.dtype())
+            .ok_or_else(|| Error::unsupported(format!("custom all-reduce of {}", input.dtype())))?;
         let nbytes = input.nbytes();
         let algo = self
             .algo_for(nbytes)
@@ -395,7 +452,9 @@ impl CustomAllreduce {
         let rd = if self.dev.is_capturing()? {
             let slot = self.rank_data_used + self.graph_unreg.len();
             if (slot + 1) * policy::RANK_DATA_BYTES > policy::RANK_DATA_CAPACITY_BYTES {
-                return Err(Error::invalid("custom all-reduce: rank data overflow (too many graph buffers)"));
+                return Err(Error::invalid(
+                    "custom all-reduce: rank data overflow (too many graph buffers)",
+                ));
             }
             self.graph_unreg.push(input.ptr());
             self.rank_data.ptr() + (slot * policy::RANK_DATA_BYTES) as u64
@@ -421,7 +480,8 @@ impl CustomAllreduce {
         let mut a_self = self.signals[self.rank];
         let mut a_out = out;
         let mut a_rank = self.rank as i32;
-        let mut a_size = i32::try_from(packed).map_err(|_| Error::invalid("custom all-reduce: size over 2^31 packs"))?;
+        let mut a_size = i32::try_from(packed)
+            .map_err(|_| Error::invalid("custom all-reduce: size over 2^31 packs"))?;
         let mut params: [*mut c_void; 6] = [
             &mut a_rd as *mut u64 as *mut c_void,
             &mut a_sg as *mut [u64; 8] as *mut c_void,
@@ -463,7 +523,9 @@ impl CustomAllreduce {
             let mut base: sys::CUdeviceptr = 0;
             let mut size: usize = 0;
             // SAFETY: valid out-pointers; p is a device address this process allocated.
-            check("cuMemGetAddressRange", unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, p) })?;
+            check("cuMemGetAddressRange", unsafe {
+                sys::cuMemGetAddressRange_v2(&mut base, &mut size, p)
+            })?;
             mine.push((ipc_handle(base)?.to_vec(), p - base));
         }
         let all = host.all_gather_bytes(&encode_obj(&mine)?)?;
@@ -537,7 +599,10 @@ mod tests {
                 for ng in policy::WORLD_SIZES {
                     for n in [1, 2] {
                         let name = format!(".entry ar{n}_{kind}_{ng}(");
-                        assert!(ptx.contains(&name), "{name} missing from the PTX for {cc:?}");
+                        assert!(
+                            ptx.contains(&name),
+                            "{name} missing from the PTX for {cc:?}"
+                        );
                     }
                 }
             }

@@ -48,13 +48,21 @@ pub fn parse_algo(v: Option<&str>) -> Result<Option<Algo>> {
 
 /// True when an environment flag is set to a true value (`1`, `true`, `yes`, `on`).
 pub fn env_flag(v: Option<&str>) -> bool {
-    matches!(v.map(|s| s.trim().to_ascii_lowercase()).as_deref(), Some("1" | "true" | "yes" | "on"))
+    matches!(
+        v.map(|s| s.trim().to_ascii_lowercase()).as_deref(),
+        Some("1" | "true" | "yes" | "on")
+    )
 }
 
 /// The algorithm for one call: forced if given; else one-shot for 2 ranks; fully connected:
 /// `(ws <= 4 && bytes < 512 KiB) || (ws <= 8 && bytes < 256 KiB)` → one-shot, else two-shot.
 /// `None` where nothing is launched (more than 2 ranks, not fully connected).
-pub fn choose_algo(world: usize, nbytes: usize, fully_connected: bool, forced: Option<Algo>) -> Option<Algo> {
+pub fn choose_algo(
+    world: usize,
+    nbytes: usize,
+    fully_connected: bool,
+    forced: Option<Algo>,
+) -> Option<Algo> {
     if world > 2 && !fully_connected {
         return None;
     }
@@ -96,12 +104,19 @@ pub fn max_size(cc: (i32, i32), world: usize, symm_mem_active: bool) -> usize {
 
 /// Whether a communicator gets a custom all-reduce at all (before any device work): the group
 /// name contains `"tp"`, not disabled, world size in {2, 4, 6, 8}, one node.
-pub fn should_create(group_name: &str, disabled: bool, world: usize, single_node: bool) -> Result<(), String> {
+pub fn should_create(
+    group_name: &str,
+    disabled: bool,
+    world: usize,
+    single_node: bool,
+) -> Result<(), String> {
     if disabled {
         return Err(format!("{DISABLE_ENV} is set"));
     }
     if !group_name.contains("tp") {
-        return Err(format!("group {group_name:?} is not a tensor-parallel group"));
+        return Err(format!(
+            "group {group_name:?} is not a tensor-parallel group"
+        ));
     }
     if !WORLD_SIZES.contains(&world) {
         return Err(format!("world size {world} is not one of {WORLD_SIZES:?}"));
@@ -131,12 +146,18 @@ pub fn should_custom_ar(
     fully_connected: bool,
     max_size: usize,
 ) -> bool {
-    dtype_ok && nbytes % 16 == 0 && contiguous && (world == 2 || fully_connected) && nbytes < max_size
+    dtype_ok
+        && nbytes % 16 == 0
+        && contiguous
+        && (world == 2 || fully_connected)
+        && nbytes < max_size
 }
 
 /// Launch shape: `(blocks, threads)` for `packed` 16-byte elements.
 pub fn launch_shape(packed: usize, block_limit: usize) -> (usize, usize) {
-    let blocks = packed.div_ceil(THREADS).clamp(1, block_limit.min(MAX_BLOCKS));
+    let blocks = packed
+        .div_ceil(THREADS)
+        .clamp(1, block_limit.min(MAX_BLOCKS));
     (blocks, THREADS)
 }
 
@@ -154,20 +175,37 @@ mod tests {
         assert_eq!(parse_algo(Some("twoshot")).unwrap(), Some(Algo::TwoShot));
         assert_eq!(parse_algo(Some("2stage")).unwrap(), Some(Algo::TwoShot));
         assert!(parse_algo(Some("3stage")).is_err());
-        assert!(env_flag(Some("1")) && env_flag(Some("True")) && !env_flag(Some("0")) && !env_flag(None));
+        assert!(
+            env_flag(Some("1"))
+                && env_flag(Some("True"))
+                && !env_flag(Some("0"))
+                && !env_flag(None)
+        );
     }
 
     #[test]
     fn algo_choice_matches_vllm() {
         assert_eq!(choose_algo(2, 64 << 20, false, None), Some(Algo::OneShot));
-        assert_eq!(choose_algo(4, 512 * KIB - 16, true, None), Some(Algo::OneShot));
+        assert_eq!(
+            choose_algo(4, 512 * KIB - 16, true, None),
+            Some(Algo::OneShot)
+        );
         assert_eq!(choose_algo(4, 512 * KIB, true, None), Some(Algo::TwoShot));
-        assert_eq!(choose_algo(6, 256 * KIB - 16, true, None), Some(Algo::OneShot));
+        assert_eq!(
+            choose_algo(6, 256 * KIB - 16, true, None),
+            Some(Algo::OneShot)
+        );
         assert_eq!(choose_algo(6, 256 * KIB, true, None), Some(Algo::TwoShot));
         assert_eq!(choose_algo(8, 300 * KIB, true, None), Some(Algo::TwoShot));
         assert_eq!(choose_algo(8, 16, false, None), None);
-        assert_eq!(choose_algo(8, 16, true, Some(Algo::TwoShot)), Some(Algo::TwoShot));
-        assert_eq!(choose_algo(2, 16, false, Some(Algo::TwoShot)), Some(Algo::TwoShot));
+        assert_eq!(
+            choose_algo(8, 16, true, Some(Algo::TwoShot)),
+            Some(Algo::TwoShot)
+        );
+        assert_eq!(
+            choose_algo(2, 16, false, Some(Algo::TwoShot)),
+            Some(Algo::TwoShot)
+        );
     }
 
     #[test]
