@@ -543,7 +543,7 @@ impl MessageQueue {
 
         // 2. Every reader tries to open it: "same node" means exactly that.
         let mut opened = None;
-        if rank != writer_rank {
+        if rank != writer_rank && !force_remote {
             if let Some((name, slots, chunks, chunk_bytes, tok)) = &probe {
                 let geo = Geometry::new(*slots as usize, *chunks as usize, *chunk_bytes as usize)?;
                 opened = Ring::open(name, geo, tok, Duration::ZERO).ok();
