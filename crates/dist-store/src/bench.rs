@@ -231,7 +231,7 @@ fn worker(spec: &str) -> io::Result<i32> {
 }
 
 /// One rendezvous of `n` clients (threads, one connection each): each sets its key, then
-/// waits for all `n` keys. Returns the time from the start signal to the last return.
+/// waits for all `n` keys. Returns the time from the first client's start to the last return.
 fn rendezvous(host: &str, port: u16, n: usize, tag: &str) -> io::Result<Duration> {
     let clients: Vec<TcpStoreClient> = (0..n)
         .map(|_| connect(host, port))
@@ -245,24 +245,28 @@ fn rendezvous(host: &str, port: u16, n: usize, tag: &str) -> io::Result<Duration
             let keys = keys.clone();
             let go = go.clone();
             std::thread::Builder::new().stack_size(256 * 1024).spawn(
-                move || -> io::Result<Instant> {
+                move || -> io::Result<(Instant, Instant)> {
                     let refs: Vec<&str> = keys.iter().map(|s| s.as_str()).collect();
                     go.wait();
+                    let t0 = Instant::now();
                     c.set(&keys[i], b"1").map_err(io_err)?;
                     c.wait(&refs, Duration::from_secs(60)).map_err(io_err)?;
-                    Ok(Instant::now())
+                    Ok((t0, Instant::now()))
                 },
             )
         })
         .collect::<io::Result<_>>()?;
     go.wait();
-    let start = Instant::now();
-    let mut last = start;
+    // From the first client's start to the last client's return (each thread reads its own
+    // clock: this thread may be scheduled late).
+    let mut first: Option<Instant> = None;
+    let mut last: Option<Instant> = None;
     for h in handles {
-        let t = h
+        let (t0, t1) = h
             .join()
             .map_err(|_| io::Error::other("rendezvous thread panicked"))??;
-        last = last.max(t);
+        first = Some(first.map_or(t0, |f| f.min(t0)));
+        last = Some(last.map_or(t1, |l| l.max(t1)));
     }
-    Ok(last - start)
+    Ok(last.zip(first).map_or(Duration::ZERO, |(l, f)| l - f))
 }
