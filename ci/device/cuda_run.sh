@@ -29,18 +29,18 @@ say "== DIST_NCCL_SO_PATH=$DIST_NCCL_SO_PATH; nvrtc: $(ls /usr/local/cuda/lib64/
 
 status=0
 run_world() {
-  local w=$1 port=$2 pids=() r rc=0
+  local w=$1 port=$2 extra=${3:-} pids=() r rc=0
   rm -rf /tmp/dist-cuda-fg-"$port"-*
   local t0=$(date +%s%N)
   for r in $(seq 0 $((w - 1))); do
     RANK=$r WORLD_SIZE=$w LOCAL_RANK=$r LOCAL_WORLD_SIZE=$w MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
-      timeout "${MP_TIMEOUT:-150}" "$BIN/mp_cuda" >"/tmp/mp_cuda_w${w}_r${r}.log" 2>&1 &
+      timeout "${MP_TIMEOUT:-150}" "$BIN/mp_cuda" $extra >"/tmp/mp_cuda_w${w}_r${r}.log" 2>&1 &
     pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p" || rc=$?; done
   local t1=$(date +%s%N)
   for r in $(seq 0 $((w - 1))); do sed "s/^/[w$w r$r] /" "/tmp/mp_cuda_w${w}_r${r}.log" | tee -a "$LOG"; done
-  say "== mp_cuda world $w: exit $rc, $(( (t1 - t0) / 1000000 )) ms"
+  say "== mp_cuda world $w $extra: exit $rc, $(( (t1 - t0) / 1000000 )) ms"
   rm -rf /tmp/dist-cuda-fg-"$port"-*
   [ "$rc" = 0 ] || status=1
 }
@@ -49,6 +49,9 @@ for w in ${WORLDS:-2 4 8}; do
   run_world "$w" $((29600 + w * 7))
   [ "$status" = 0 ] || { say "== skipping larger worlds after a failure"; break; }
 done
+
+# A rank that dies: the others' custom all-reduce must end in a Timeout naming it.
+for w in ${DEAD_WORLDS:-2 4}; do run_world "$w" $((29700 + w)) --dead-peer; done
 
 if [ "${BENCH:-1}" = 1 ]; then
   say "== bench"

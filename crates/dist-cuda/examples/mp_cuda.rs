@@ -535,6 +535,45 @@ fn custom_ar(e: &common::Env, comm: &Communicator, ck: &mut Checks) -> Result<()
     Ok(())
 }
 
+/// `--dead-peer`: the last rank exits after set-up; the others' custom all-reduce must end in a
+/// `Timeout` naming it within the deadline (the kernels' barrier deadline), not hang.
+fn dead_peer(e: &common::Env, comm: &Communicator, ck: &mut Checks) -> Result<()> {
+    let last = e.world - 1;
+    comm.host_group().barrier()?;
+    if e.rank == last {
+        println!("rank {last}: exiting without a word");
+        std::process::exit(0);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let deadline = Duration::from_secs(3);
+    comm.set_timeout(deadline);
+    let t0 = std::time::Instant::now();
+    let x = CudaTensor::from_host(
+        &HostTensor::random(DType::F32, &[1024], 7),
+        comm.context().ordinal(),
+    )?;
+    let r = comm
+        .all_reduce(&x, ReduceOp::Sum)
+        .and_then(|_| comm.synchronize());
+    let took = t0.elapsed();
+    match &r {
+        Err(dist_core::Error::Timeout { missing_ranks, .. }) if missing_ranks == &vec![last] && took < deadline * 3 => ck.ok += 1,
+        other => ck.fail(format!("dead peer: expected a Timeout naming rank {last} within {:?}, got {other:?} after {took:?}", deadline * 3)),
+    }
+    if e.rank == 0 {
+        println!(
+            "dead peer: rank 0 got after {took:.2?}: {}",
+            r.err().map(|e| e.to_string()).unwrap_or_default()
+        );
+    }
+    // Refused from now on.
+    ck.err(
+        "custom all-reduce after a fault",
+        comm.all_reduce(&x, ReduceOp::Sum).and_then(|t| t.to_host()),
+    );
+    Ok(())
+}
+
 /// World 1: NCCL suite. Several ranks: one GPU each when there are enough (NCCL suite, then the
 /// custom all-reduce with NCCL beside it), else all on GPU 0 with NCCL off (custom all-reduce only).
 fn run(e: &common::Env, ck: &mut Checks) -> Result<()> {
@@ -557,6 +596,9 @@ fn run(e: &common::Env, ck: &mut Checks) -> Result<()> {
             comm.has_custom_ar(),
             t0.elapsed()
         );
+    }
+    if std::env::args().any(|a| a == "--dead-peer") {
+        return dead_peer(e, &comm, ck);
     }
     if comm.has_nccl() {
         nccl_suite(e, &comm, ck)?;

@@ -227,6 +227,7 @@ impl Communicator {
                 host.as_ref(),
                 &ctx.group_name,
                 opts.custom_ar_max_size,
+                ctx.timeout,
             )?
         } else {
             None
@@ -279,7 +280,7 @@ impl Communicator {
             // SAFETY: the device stream is alive for the process.
             let r = unsafe { sys::cuStreamQuery(self.dev.stream()) };
             match r {
-                sys::CUresult::CUDA_SUCCESS => return Ok(()),
+                sys::CUresult::CUDA_SUCCESS => return self.dev.check_faults(),
                 sys::CUresult::CUDA_ERROR_NOT_READY => {}
                 other => {
                     return Err(cuda_err(
@@ -291,6 +292,7 @@ impl Communicator {
             if let Some(c) = lock(&self.nccl).as_ref() {
                 c.check_async_error()?;
             }
+            self.dev.check_faults()?;
             if start.elapsed() >= t {
                 return Err(Error::Timeout {
                     op: format!("{} synchronize", self.name),
@@ -457,6 +459,9 @@ impl DeviceCommunicator for Communicator {
     }
     fn set_timeout(&self, timeout: Duration) {
         *lock(&self.timeout) = timeout;
+        if let Some(ca) = lock(&self.custom_ar).as_ref() {
+            ca.set_timeout(timeout);
+        }
     }
     fn device(&self) -> Device {
         Device::new(DeviceKind::Cuda, self.dev.ordinal())

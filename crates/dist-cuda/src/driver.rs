@@ -88,6 +88,116 @@ pub struct DeviceContext {
     stream: Stream,
     ordinal: usize,
     pool: Mutex<Pool>,
+    faults: Mutex<Vec<std::sync::Weak<FaultFlags>>>,
+}
+
+/// Per-peer fault words in host-mapped pinned memory that device code sets when a peer never
+/// arrived at a barrier before the deadline (the custom all-reduce's kernels). Registered with
+/// the [`DeviceContext`], whose `synchronize` turns a set word into [`Error::Timeout`] naming
+/// the ranks, so `to_host` cannot return the garbage such a kernel leaves.
+pub struct FaultFlags {
+    host: *mut u32,
+    dev: sys::CUdeviceptr,
+    words: usize,
+    op: String,
+    timeout: Mutex<std::time::Duration>,
+}
+
+// SAFETY: the pinned host words are only read/written with volatile accesses; the pointers are
+// valid until drop.
+unsafe impl Send for FaultFlags {}
+// SAFETY: as above.
+unsafe impl Sync for FaultFlags {}
+
+impl std::fmt::Debug for FaultFlags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FaultFlags({}, {:?})", self.op, self.faulted())
+    }
+}
+
+impl FaultFlags {
+    /// `words` zeroed fault words, mapped for the device, registered with `dev`.
+    pub fn new(
+        dev: &Arc<DeviceContext>,
+        words: usize,
+        op: &str,
+        timeout: std::time::Duration,
+    ) -> Result<Arc<FaultFlags>> {
+        dev.bind()?;
+        let bytes = words.max(1) * 4;
+        // SAFETY: allocation of pinned, device-mapped host memory; zeroed below before use.
+        let host = unsafe {
+            cu::malloc_host(
+                bytes,
+                sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE,
+            )
+        }
+        .map_err(|e| cuda_err("cuMemHostAlloc", e))? as *mut u32;
+        for i in 0..words {
+            // SAFETY: i < words, inside the allocation.
+            unsafe { std::ptr::write_volatile(host.add(i), 0) };
+        }
+        let mut d: sys::CUdeviceptr = 0;
+        // SAFETY: host came from cuMemHostAlloc with DEVICEMAP.
+        let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut d, host as *mut c_void, 0) };
+        if let Err(e) = r.result() {
+            // SAFETY: host came from cuMemHostAlloc and is freed once.
+            let _ = unsafe { cu::free_host(host as *mut c_void) };
+            return Err(cuda_err("cuMemHostGetDevicePointer", e));
+        }
+        let f = Arc::new(FaultFlags {
+            host,
+            dev: d,
+            words,
+            op: op.to_string(),
+            timeout: Mutex::new(timeout),
+        });
+        let mut reg = dev.faults.lock().unwrap_or_else(|e| e.into_inner());
+        reg.retain(|w| w.strong_count() > 0);
+        reg.push(Arc::downgrade(&f));
+        Ok(f)
+    }
+    /// Device address of word 0.
+    pub fn device_ptr(&self) -> sys::CUdeviceptr {
+        self.dev
+    }
+    /// Indices of the words that are set (the peers that did not arrive).
+    pub fn faulted(&self) -> Vec<usize> {
+        // SAFETY: i < words; volatile reads of pinned memory the device may write.
+        (0..self.words)
+            .filter(|i| unsafe { std::ptr::read_volatile(self.host.add(*i)) } != 0)
+            .collect()
+    }
+    /// The deadline device code is given.
+    pub fn timeout(&self) -> std::time::Duration {
+        *self.timeout.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Changes the deadline of later launches.
+    pub fn set_timeout(&self, t: std::time::Duration) {
+        *self.timeout.lock().unwrap_or_else(|e| e.into_inner()) = t;
+    }
+    /// `Err(Timeout)` naming the peers when any word is set.
+    pub fn check(&self) -> Result<()> {
+        let missing = self.faulted();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Timeout {
+            op: self.op.clone(),
+            waited: self.timeout(),
+            missing_ranks: missing,
+            detail: "peers never reached the device barrier; this custom all-reduce is disabled and its last results are invalid".into(),
+        })
+    }
+}
+
+impl Drop for FaultFlags {
+    fn drop(&mut self) {
+        // SAFETY: host came from cuMemHostAlloc and is freed once.
+        if let Err(e) = unsafe { cu::free_host(self.host as *mut c_void) } {
+            tracing::warn!("cuMemFreeHost: {}", cuda_err("cuMemFreeHost", e));
+        }
+    }
 }
 
 /// Freed allocations kept for reuse, by rounded size (a minimal caching allocator: `cuMemFree`
@@ -159,6 +269,7 @@ impl DeviceContext {
                 cap,
                 ..Default::default()
             }),
+            faults: Mutex::new(Vec::new()),
         });
         map.insert(ordinal, d.clone());
         Ok(d)
@@ -182,12 +293,22 @@ impl DeviceContext {
     pub fn stream(&self) -> sys::CUstream {
         self.stream.0
     }
-    /// Waits for the stream.
+    /// Waits for the stream, then reports device-side barrier faults ([`FaultFlags`]).
     pub fn synchronize(&self) -> Result<()> {
         self.bind()?;
         // SAFETY: the stream is alive for the process.
         unsafe { cu::stream::synchronize(self.stream.0) }
-            .map_err(|e| cuda_err("cuStreamSynchronize", e))
+            .map_err(|e| cuda_err("cuStreamSynchronize", e))?;
+        self.check_faults()
+    }
+
+    /// `Err(Timeout)` when device code registered a fault (see [`FaultFlags`]).
+    pub fn check_faults(&self) -> Result<()> {
+        let live: Vec<Arc<FaultFlags>> = {
+            let reg = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+            reg.iter().filter_map(|w| w.upgrade()).collect()
+        };
+        live.iter().try_for_each(|f| f.check())
     }
     /// `(major, minor)` compute capability.
     pub fn compute_capability(&self) -> Result<(i32, i32)> {

@@ -37,37 +37,70 @@ static __device__ __forceinline__ unsigned int ld_flag_volatile(unsigned int* p)
 }
 // Spinning peers may be other processes time-sliced on the same GPU: back off a little.
 static __device__ __forceinline__ void spin_pause() { __nanosleep(64); }
+static __device__ __forceinline__ unsigned long long now_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
 
+// Deadline of the barrier spins (not in vLLM): a peer that never arrives (a dead rank) makes
+// the waiting thread record the peer in `fault` (host-mapped memory: fault[peer] = 1) and
+// stop waiting, so the kernel ends and the host reports a Timeout naming the rank instead
+// of the GPU spinning forever. The protocol state is then inconsistent: the host disables
+// this custom all-reduce for good.
+struct Ctl {
+  unsigned int* fault;
+  unsigned long long deadline;
+};
+static __device__ __forceinline__ void report(const Ctl& c, int peer) {
+  asm volatile("st.volatile.u32 [%1], %0;" ::"r"(1u), "l"(c.fault + peer) : "memory");
+}
+
+// Returns false (in every thread of the block) when a peer missed the deadline.
 template <int ngpus>
-static __device__ __forceinline__ void barrier_at_start(const RankSignals& sg, Signal* self_sg, int rank) {
+static __device__ __forceinline__ bool barrier_at_start(const RankSignals& sg, Signal* self_sg, int rank, const Ctl& c) {
   unsigned int flag = self_sg->_flag[blockIdx.x] + 1;
+  int bad = 0;
   if (threadIdx.x < ngpus) {
     unsigned int* peer = &sg.signals[threadIdx.x]->start[blockIdx.x][rank];
     unsigned int* self = &self_sg->start[blockIdx.x][threadIdx.x];
     st_flag_volatile(peer, flag);
-    while (ld_flag_volatile(self) != flag) spin_pause();
+    while (ld_flag_volatile(self) != flag) {
+      spin_pause();
+      if (now_ns() > c.deadline) { report(c, threadIdx.x); bad = 1; break; }
+    }
   }
-  __syncthreads();
+  bad = __syncthreads_or(bad);
   if (threadIdx.x == 0) self_sg->_flag[blockIdx.x] = flag;
+  return !bad;
 }
 
+// Returns false when a peer missed the deadline (known to every thread only when !final_sync).
 template <int ngpus, bool final_sync>
-static __device__ __forceinline__ void barrier_at_end(const RankSignals& sg, Signal* self_sg, int rank) {
+static __device__ __forceinline__ bool barrier_at_end(const RankSignals& sg, Signal* self_sg, int rank, const Ctl& c) {
   __syncthreads();
   unsigned int flag = self_sg->_flag[blockIdx.x] + 1;
+  int bad = 0;
   if (threadIdx.x < ngpus) {
     unsigned int* peer = &sg.signals[threadIdx.x]->end[blockIdx.x][rank];
     unsigned int* self = &self_sg->end[blockIdx.x][threadIdx.x];
     if (!final_sync) {
       st_flag_release(peer, flag);
-      while (ld_flag_acquire(self) != flag) spin_pause();
+      while (ld_flag_acquire(self) != flag) {
+        spin_pause();
+        if (now_ns() > c.deadline) { report(c, threadIdx.x); bad = 1; break; }
+      }
     } else {
       st_flag_volatile(peer, flag);
-      while (ld_flag_volatile(self) != flag) spin_pause();
+      while (ld_flag_volatile(self) != flag) {
+        spin_pause();
+        if (now_ns() > c.deadline) { report(c, threadIdx.x); bad = 1; break; }
+      }
     }
   }
-  if (!final_sync) __syncthreads();
+  if (!final_sync) bad = __syncthreads_or(bad);
   if (threadIdx.x == 0) self_sg->_flag[blockIdx.x] = flag;
+  return !bad;
 }
 
 static __device__ __forceinline__ float h2f(unsigned short h) {
@@ -148,20 +181,20 @@ static __device__ __forceinline__ uint4 packed_reduce(const uint4* const* ptrs, 
 
 template <int KIND, int ngpus>
 static __device__ __forceinline__ void one_stage(const RankData* _dp, RankSignals sg, Signal* self_sg, uint4* result,
-                                                 int rank, int size) {
+                                                 int rank, int size, const Ctl& c) {
   const uint4* ptrs[ngpus];
 #pragma unroll
   for (int i = 0; i < ngpus; i++) ptrs[i] = (const uint4*)_dp->ptrs[i];
-  barrier_at_start<ngpus>(sg, self_sg, rank);
+  if (!barrier_at_start<ngpus>(sg, self_sg, rank, c)) return;  // a peer is gone: touch nothing of it
   for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < size; idx += gridDim.x * blockDim.x) {
     result[idx] = packed_reduce<KIND, ngpus>(ptrs, idx);
   }
-  barrier_at_end<ngpus, true>(sg, self_sg, rank);
+  barrier_at_end<ngpus, true>(sg, self_sg, rank, c);
 }
 
 template <int KIND, int ngpus>
 static __device__ __forceinline__ void two_stage(const RankData* _dp, RankSignals sg, Signal* self_sg, uint4* result,
-                                                 int rank, int size) {
+                                                 int rank, int size, const Ctl& c) {
   int tid = blockIdx.x * blockDim.x + threadIdx.x;
   int stride = gridDim.x * blockDim.x;
   int part = size / ngpus;
@@ -177,12 +210,12 @@ static __device__ __forceinline__ void two_stage(const RankData* _dp, RankSignal
     tmps[i] = (uint4*)(sg.signals[target] + 1);
   }
   uint4* tmp_out = tmps[0];
-  barrier_at_start<ngpus>(sg, self_sg, rank);
+  if (!barrier_at_start<ngpus>(sg, self_sg, rank, c)) return;
   // Stage 1: reduce-scatter into this rank's scratch.
   for (int idx = start + tid; idx < end; idx += stride) {
     tmp_out[idx - start] = packed_reduce<KIND, ngpus>(ptrs, idx);
   }
-  barrier_at_end<ngpus, false>(sg, self_sg, rank);
+  if (!barrier_at_end<ngpus, false>(sg, self_sg, rank, c)) return;
   // Stage 2: all-gather; same thread ids as stage 1, which gives visibility.
   for (int idx = tid; idx < largest_part; idx += stride) {
 #pragma unroll
@@ -195,14 +228,18 @@ static __device__ __forceinline__ void two_stage(const RankData* _dp, RankSignal
   }
 }
 
-#define DEF(KIND, NG)                                                                                        \
-  extern "C" __global__ void __launch_bounds__(512, 1)                                                       \
-      ar1_##KIND##_##NG(const RankData* dp, RankSignals sg, Signal* self_sg, uint4* out, int rank, int size) { \
-    one_stage<KIND, NG>(dp, sg, self_sg, out, rank, size);                                                   \
-  }                                                                                                          \
-  extern "C" __global__ void __launch_bounds__(512, 1)                                                       \
-      ar2_##KIND##_##NG(const RankData* dp, RankSignals sg, Signal* self_sg, uint4* out, int rank, int size) { \
-    two_stage<KIND, NG>(dp, sg, self_sg, out, rank, size);                                                   \
+#define DEF(KIND, NG)                                                                               \
+  extern "C" __global__ void __launch_bounds__(512, 1)                                              \
+      ar1_##KIND##_##NG(const RankData* dp, RankSignals sg, Signal* self_sg, uint4* out, int rank,  \
+                        int size, unsigned int* fault, unsigned long long timeout_ns) {            \
+    Ctl c = {fault, now_ns() + timeout_ns};                                                         \
+    one_stage<KIND, NG>(dp, sg, self_sg, out, rank, size, c);                                       \
+  }                                                                                                 \
+  extern "C" __global__ void __launch_bounds__(512, 1)                                              \
+      ar2_##KIND##_##NG(const RankData* dp, RankSignals sg, Signal* self_sg, uint4* out, int rank,  \
+                        int size, unsigned int* fault, unsigned long long timeout_ns) {            \
+    Ctl c = {fault, now_ns() + timeout_ns};                                                         \
+    two_stage<KIND, NG>(dp, sg, self_sg, out, rank, size, c);                                       \
   }
 
 DEF(0, 2) DEF(0, 4) DEF(0, 6) DEF(0, 8)

@@ -23,7 +23,7 @@ use cudarc::driver::{result as cu, sys};
 use dist_core::{decode_obj, encode_obj, DType, Error, HostGroup, Result, Tensor};
 
 use crate::driver::{
-    check, copy_d2d, copy_h2d, cuda_err, ensure_nvrtc, DeviceBuffer, DeviceContext,
+    check, copy_d2d, copy_h2d, cuda_err, ensure_nvrtc, DeviceBuffer, DeviceContext, FaultFlags,
 };
 use crate::tensor::CudaTensor;
 pub use policy::Algo;
@@ -247,6 +247,7 @@ pub struct CustomAllreduce {
     graph_unreg: Vec<u64>,
     opened: HashMap<Vec<u8>, u64>,
     cc: (i32, i32),
+    faults: Arc<FaultFlags>,
 }
 
 impl std::fmt::Debug for CustomAllreduce {
@@ -317,6 +318,7 @@ impl CustomAllreduce {
         host: &dyn HostGroup,
         group_name: &str,
         max_size: Option<usize>,
+        timeout: std::time::Duration,
     ) -> Result<Option<CustomAllreduce>> {
         let world = host.world_size();
         let rank = host.rank();
@@ -347,6 +349,12 @@ impl CustomAllreduce {
         let meta = SharedBuffer::create(dev, host, policy::SIGNAL_BYTES + max_size)?;
         let buffer = SharedBuffer::create(dev, host, max_size)?;
         let rank_data = DeviceBuffer::zeroed(dev, policy::RANK_DATA_CAPACITY_BYTES)?;
+        let faults = FaultFlags::new(
+            dev,
+            8,
+            &format!("{group_name} custom all-reduce (rank {rank})"),
+            timeout,
+        )?;
         let mut signals = [0u64; 8];
         signals[..world].copy_from_slice(meta.ptrs());
         let mut me = CustomAllreduce {
@@ -366,6 +374,7 @@ impl CustomAllreduce {
             graph_unreg: Vec::new(),
             opened: HashMap::new(),
             cc,
+            faults,
         };
         // register_buffer(buffer_ptrs): entry 0.
         let entry = me.entry_bytes(me.buffer.ptrs());
@@ -411,16 +420,28 @@ impl CustomAllreduce {
         (&self.meta, &self.buffer)
     }
 
-    /// `should_custom_ar(input)`.
+    /// Deadline the kernels' barrier spins get (the communicator's timeout).
+    pub fn set_timeout(&self, t: std::time::Duration) {
+        self.faults.set_timeout(t);
+    }
+
+    /// Peers a kernel gave up waiting for (empty when healthy). Once non-empty the custom
+    /// all-reduce refuses work: its barrier counters no longer agree across ranks.
+    pub fn faulted_peers(&self) -> Vec<usize> {
+        self.faults.faulted()
+    }
+
+    /// `should_custom_ar(input)`, and healthy.
     pub fn should(&self, t: &CudaTensor) -> bool {
-        policy::should_custom_ar(
-            t.nbytes(),
-            t.is_contiguous(),
-            policy::supports_dtype(t.dtype(), self.cc),
-            self.world,
-            self.fully_connected,
-            self.max_size,
-        )
+        self.faults.faulted().is_empty()
+            && policy::should_custom_ar(
+                t.nbytes(),
+                t.is_contiguous(),
+                policy::supports_dtype(t.dtype(), self.cc),
+                self.world,
+                self.fully_connected,
+                self.max_size,
+            )
     }
 
     /// The algorithm this call would use.
@@ -482,17 +503,21 @@ impl CustomAllreduce {
         let mut a_rank = self.rank as i32;
         let mut a_size = i32::try_from(packed)
             .map_err(|_| Error::invalid("custom all-reduce: size over 2^31 packs"))?;
-        let mut params: [*mut c_void; 6] = [
+        let mut a_fault = self.faults.device_ptr();
+        let mut a_timeout: u64 = self.faults.timeout().as_nanos().min(u64::MAX as u128) as u64;
+        let mut params: [*mut c_void; 8] = [
             &mut a_rd as *mut u64 as *mut c_void,
             &mut a_sg as *mut [u64; 8] as *mut c_void,
             &mut a_self as *mut u64 as *mut c_void,
             &mut a_out as *mut u64 as *mut c_void,
             &mut a_rank as *mut i32 as *mut c_void,
             &mut a_size as *mut i32 as *mut c_void,
+            &mut a_fault as *mut u64 as *mut c_void,
+            &mut a_timeout as *mut u64 as *mut c_void,
         ];
         self.dev.bind()?;
         // SAFETY: the parameters match the kernel's signature (RankData*, RankSignals by value
-        // (8 pointers), Signal*, uint4*, int, int); every pointer is live device memory of the
+        // (8 pointers), Signal*, uint4*, int, int, unsigned*, u64); every pointer is live device memory of the
         // sizes the kernel indexes (packed 16-byte units below max_size).
         unsafe {
             cu::launch_kernel(
