@@ -89,6 +89,7 @@ def torch_client_against_ours(bin_dir):
 
 
 def gloo_worker():
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import torch
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=60))

@@ -6,7 +6,8 @@
 //!   (`TORCHELASTIC_USE_AGENT_STORE=True` tells PyTorch and [`StatelessProcessGroup::from_env`]
 //!   not to start a second server);
 //! - sets `RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`, `GROUP_RANK`, `ROLE_RANK`,
-//!   `ROLE_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` (and `OMP_NUM_THREADS=1` when unset and
+//!   `ROLE_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`, `TORCHELASTIC_RESTART_COUNT=0` (and
+//!   `OMP_NUM_THREADS=1` when unset and
 //!   several ranks share the node, as torchrun does);
 //! - prefixes each line a rank prints with `[rank N] ` (stdout to stdout, stderr to stderr);
 //! - forwards SIGINT and SIGTERM to every rank (each rank leads its own process group, so
@@ -377,6 +378,12 @@ pub fn run(opts: &LaunchOptions) -> io::Result<i32> {
             .env("MASTER_ADDR", &layout.master_addr)
             .env("MASTER_PORT", port.to_string())
             .env("TORCHELASTIC_USE_AGENT_STORE", "True")
+            .env("TORCHELASTIC_RESTART_COUNT", "0")
+            .env("TORCHELASTIC_MAX_RESTARTS", "0")
+            .env(
+                "TORCHELASTIC_RUN_ID",
+                format!("dist-run-{}", std::process::id()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
