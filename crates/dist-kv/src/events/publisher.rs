@@ -215,6 +215,11 @@ impl ZmqEventPublisher {
         publisher
             .set_xpub_verbose(true)
             .map_err(Error::zmq("set ZMQ_XPUB_VERBOSE"))?;
+        // Linger 0 until the thread closes it with the configured linger, so an error below
+        // releases the socket at once.
+        publisher
+            .set_linger(0)
+            .map_err(Error::zmq("set PUB linger"))?;
         publisher
             .set_sndhwm(config.hwm)
             .map_err(Error::zmq(format!(
@@ -239,15 +244,19 @@ impl ZmqEventPublisher {
                 let s = ctx
                     .socket(zmq::ROUTER)
                     .map_err(Error::zmq("create ROUTER socket"))?;
-                // Room for a whole replay; an unreachable client is reported, not silently dropped.
-                s.set_sndhwm(
-                    config.hwm.max(
-                        i32::try_from(config.buffer_steps)
-                            .unwrap_or(i32::MAX)
-                            .saturating_add(1),
-                    ),
-                )
-                .map_err(Error::zmq("set ROUTER high-water mark"))?;
+                // Room for a whole replay (0 stays "no limit"); an unreachable client is
+                // reported, not silently dropped.
+                let whole = i32::try_from(config.buffer_steps)
+                    .unwrap_or(i32::MAX)
+                    .saturating_add(1);
+                let hwm = if config.hwm == 0 {
+                    0
+                } else {
+                    config.hwm.max(whole)
+                };
+                s.set_sndhwm(hwm)
+                    .map_err(Error::zmq("set ROUTER high-water mark"))?;
+                s.set_linger(0).map_err(Error::zmq("set ROUTER linger"))?;
                 s.set_router_mandatory(true)
                     .map_err(Error::zmq("set ROUTER_MANDATORY"))?;
                 s.bind(ep)
