@@ -261,6 +261,17 @@ impl Handle {
     }
 }
 
+/// What the writer broadcasts first in [`MessageQueue::create_from_group`]: where its ring is, so
+/// every rank can try to open it.
+#[derive(Serialize, Deserialize)]
+struct RingInfo {
+    name: String,
+    slots: u64,
+    chunks: u64,
+    chunk_bytes: u64,
+    token: [u8; 16],
+}
+
 /// A reader holding up the writer: what it has not read, and for how long.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StuckReader {
@@ -509,11 +520,11 @@ impl MessageQueue {
         let force_remote = opts.force_remote || env_flag("DIST_MQ_FORCE_REMOTE");
 
         // 1. The writer makes a ring with a slot for every possible reader and says where it is.
-        type Probe = std::result::Result<Option<(String, u64, u64, u64, [u8; 16])>, String>;
+        type Probe = std::result::Result<Option<RingInfo>, String>;
         let mut my_ring = None;
         let mut token = [0u8; 16];
         let probe: Option<Probe> = (rank == writer_rank).then(|| {
-            let made = (|| -> Result<Option<(String, u64, u64, u64, [u8; 16])>> {
+            let made = (|| -> Result<Option<RingInfo>> {
                 token =
                     proc::random_token().map_err(|e| Error::io("mq: reading /dev/urandom", e))?;
                 if readers.is_empty() || force_remote {
@@ -522,13 +533,13 @@ impl MessageQueue {
                 let geo = Geometry::new(readers.len(), opts.max_chunks, opts.max_chunk_bytes)?;
                 crate::shm::remove_stale_segments();
                 let ring = Ring::create(&Self::segment_tag(), geo, &token, &proc::me())?;
-                let p = (
-                    ring.name().to_string(),
-                    geo.slots as u64,
-                    geo.chunks as u64,
-                    geo.chunk_bytes as u64,
+                let p = RingInfo {
+                    name: ring.name().to_string(),
+                    slots: geo.slots as u64,
+                    chunks: geo.chunks as u64,
+                    chunk_bytes: geo.chunk_bytes as u64,
                     token,
-                );
+                };
                 my_ring = Some(ring);
                 Ok(Some(p))
             })();
@@ -544,9 +555,10 @@ impl MessageQueue {
         // 2. Every reader tries to open it: "same node" means exactly that.
         let mut opened = None;
         if rank != writer_rank && !force_remote {
-            if let Some((name, slots, chunks, chunk_bytes, tok)) = &probe {
-                let geo = Geometry::new(*slots as usize, *chunks as usize, *chunk_bytes as usize)?;
-                opened = Ring::open(name, geo, tok, Duration::ZERO).ok();
+            if let Some(p) = &probe {
+                let geo =
+                    Geometry::new(p.slots as usize, p.chunks as usize, p.chunk_bytes as usize)?;
+                opened = Ring::open(&p.name, geo, &p.token, Duration::ZERO).ok();
             }
         }
         let local_flags: Vec<bool> = group.all_gather_obj(&opened.is_some())?;
@@ -1313,7 +1325,7 @@ impl MessageQueue {
                 }
             }
         }
-        out.sort_by(|a, b| b.waited.cmp(&a.waited));
+        out.sort_by_key(|s| std::cmp::Reverse(s.waited));
         out
     }
 

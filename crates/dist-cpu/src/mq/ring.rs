@@ -84,7 +84,7 @@ pub(crate) struct Geometry {
 impl Geometry {
     pub fn new(slots: usize, chunks: usize, chunk_bytes: usize) -> Result<Geometry> {
         crate::ensure_arg!(
-            chunks >= 1 && chunks <= 1 << 20,
+            (1..=1 << 20).contains(&chunks),
             "max_chunks must be in 1..=1048576, got {chunks}"
         );
         crate::ensure_arg!(
