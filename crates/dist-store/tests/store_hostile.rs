@@ -139,3 +139,50 @@ fn ten_thousand_hostile_frames_do_not_hurt_a_normal_client() {
     }
     drop(open);
 }
+
+#[test]
+fn a_client_that_never_reads_is_throttled_not_buffered() {
+    use std::io::Read;
+    let s = StoreServer::start(ServerOptions {
+        max_pending_output: 8 << 20,
+        ..Default::default()
+    })
+    .unwrap();
+    let port = s.port();
+    let c = TcpStoreClient::connect("127.0.0.1", port, ClientOptions::default()).unwrap();
+    let big = vec![7u8; 1 << 20];
+    c.set("big", &big).unwrap();
+    let rss0 = rss_kib();
+    // 200 GETs of 1 MiB (200 MiB of replies) sent without reading any.
+    let mut raw = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut req = Vec::new();
+    Request::Validate {
+        magic: VALIDATION_MAGIC,
+    }
+    .encode(&mut req);
+    for _ in 0..200 {
+        Request::Get {
+            key: b"big".to_vec(),
+        }
+        .encode(&mut req);
+    }
+    raw.write_all(&req).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // Others are served meanwhile.
+    let t = Instant::now();
+    c.set("x", b"1").unwrap();
+    assert_eq!(c.get("x", Duration::from_secs(1)).unwrap(), b"1");
+    assert!(t.elapsed() < Duration::from_secs(1));
+    if let (Some(a), Some(b)) = (rss0, rss_kib()) {
+        assert!(b.saturating_sub(a) < 64 * 1024, "RSS grew by {} KiB", b - a);
+    }
+    // When it finally reads, every reply arrives intact.
+    raw.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = vec![0u8; 8 + (1 << 20)];
+    for i in 0..200 {
+        raw.read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("reply {i}: {e}"));
+        assert_eq!(&buf[..8], &((1u64 << 20).to_le_bytes()));
+        assert!(buf[8..].iter().all(|b| *b == 7));
+    }
+}
