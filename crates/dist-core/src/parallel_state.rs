@@ -41,8 +41,9 @@ pub trait GroupFactory: Send + Sync {
     fn store(&self) -> Arc<dyn Store>;
     /// The host group of the ranks `ranks` (global, in group order) for this process (which is in
     /// `ranks`). `key` (`"tp/g1"`: the kind and the index of the rank list) is the same on every
-    /// rank of the group; the factory must keep re-initialisations apart (e.g. by counting the
-    /// requests per key, which every rank makes in the same order). Collective over `ranks`.
+    /// rank of the group; the factory must keep re-initialisations apart, e.g. by counting the
+    /// requests per kind (the part before '/'): every rank asks for exactly one group of each kind
+    /// per initialisation, in the same order. Collective over `ranks`.
     fn host_group(
         &self,
         key: &str,

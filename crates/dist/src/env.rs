@@ -270,7 +270,11 @@ impl GroupFactory for StoreGroupFactory {
         })?;
         let generation = {
             let mut g = self.generations.lock().unwrap_or_else(|e| e.into_inner());
-            let n = g.entry(key.to_string()).or_insert(0);
+            // Count per group kind (the key's part before '/'): every rank builds exactly one
+            // group of each kind per initialisation, so the counts agree across ranks even when
+            // the ranks' groups of a kind have different indices.
+            let kind = key.split('/').next().unwrap_or(key);
+            let n = g.entry(kind.to_string()).or_insert(0);
             *n += 1;
             *n
         };

@@ -25,6 +25,17 @@ enum Cmd {
     Store(StoreCmd),
     /// Benchmarks: collectives (default), `store`, `mq`.
     Bench(BenchCmd),
+    /// KV-cache events: vLLM's msgpack stream over ZMQ.
+    #[command(subcommand)]
+    KvEvents(KvEventsCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum KvEventsCmd {
+    /// Publish sample batches that use every event type and field.
+    Publish(dist_kv::cli::PublishArgs),
+    /// Print received batches as JSON lines.
+    Subscribe(dist_kv::cli::SubscribeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,6 +92,14 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             Some(BenchSub::Store(o)) => Ok(code(dist_store::bench::run(&o)?)),
             Some(BenchSub::Mq(a)) => mq_bench(a),
         },
+        Cmd::KvEvents(KvEventsCmd::Publish(a)) => {
+            dist_kv::cli::run_publish(a)?;
+            Ok(0)
+        }
+        Cmd::KvEvents(KvEventsCmd::Subscribe(a)) => {
+            dist_kv::cli::run_subscribe(a)?;
+            Ok(0)
+        }
     }
 }
 
