@@ -1,8 +1,9 @@
 //! The MessageQueue benchmark behind `dist bench mq` and `examples/bench_mq.rs`.
 //!
-//! One writer and `n` readers, **ranks as threads of this process** (the ring, the futex waits and
-//! the copies are exactly those of separate processes; what differs is that threads share one
-//! scheduler view and one address space). For each reader count and message size it measures:
+//! One writer and `n` readers: [`bench`] runs the ranks as threads of this process,
+//! [`run_on_group`] runs one measurement on any [`HostGroup`] — `examples/bench_mq.rs` uses it
+//! with one process per rank over a `StatelessProcessGroup`. The ring, the futex waits and the
+//! copies are the same either way. For each reader count and message size it measures:
 //!
 //! - **paced latency**: the writer sends one message, waits until every reader has it, pauses
 //!   [`BenchOptions::pace`], sends the next; the latency of a message is from just before
@@ -11,11 +12,10 @@
 //! - **burst throughput**: the writer enqueues messages back to back; messages per second from the
 //!   first enqueue until the last reader has the last message.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dist_core::local::run_threads;
-use dist_core::{Error, Result};
+use dist_core::{Error, HostGroup, HostGroupExt, Result};
 
 use super::{MessageQueue, Options};
 
@@ -28,7 +28,7 @@ pub struct BenchOptions {
     pub sizes: Vec<usize>,
     /// Messages measured one at a time (default 2,000).
     pub paced_msgs: usize,
-    /// Pause between paced messages (default 100 µs).
+    /// Pause between paced messages, after every reader has the last one (default 100 µs).
     pub pace: Duration,
     /// Messages in the burst (default 20,000; fewer for large messages so a run moves at most
     /// about 512 MiB per reader).
@@ -100,18 +100,48 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Runs the benchmark for every reader count and size.
+/// Runs the benchmark for every reader count and size, ranks as threads of this process.
 pub fn bench(opts: &BenchOptions) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for &n in &opts.readers {
-        for &size in &opts.sizes {
-            rows.push(bench_one(opts, n, size)?);
+        crate::ensure_arg!(n >= 1, "bench: at least one reader");
+        let results = run_threads(n + 1, Duration::from_secs(120), |_, group| {
+            opts.sizes
+                .iter()
+                .map(|&size| run_on_group(&group, size, opts))
+                .collect::<Result<Vec<_>>>()
+        });
+        for (rank, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(Ok(v)) => rows.extend(v.into_iter().flatten()),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(Error::invalid(format!("bench: rank {rank} panicked"))),
+            }
         }
     }
     Ok(rows)
 }
 
-fn bench_one(opts: &BenchOptions, n: usize, size: usize) -> Result<Row> {
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// One measurement of messages of `size` bytes on `group` (threads or processes): rank 0
+/// writes, every other rank reads. Collective; returns the row on rank 0, `None` elsewhere.
+///
+/// Times are wall-clock nanoseconds (`SystemTime`, one clock for every process of a node), so
+/// the same code measures ranks as threads and as processes. Paced messages are sent one at a
+/// time: the writer waits until every local reader has read the last one (the ring's read
+/// sequence numbers, no extra channel; over TCP it can only wait [`BenchOptions::pace`]), then
+/// pauses [`BenchOptions::pace`].
+pub fn run_on_group(
+    group: &dyn HostGroup,
+    size: usize,
+    opts: &BenchOptions,
+) -> Result<Option<Row>> {
+    let n = group.world_size().saturating_sub(1);
     crate::ensure_arg!(n >= 1, "bench: at least one reader");
     let size = size.max(8);
     let chunk_bytes = size.max(4096);
@@ -126,90 +156,72 @@ fn bench_one(opts: &BenchOptions, n: usize, size: usize) -> Result<Row> {
         force_remote: opts.remote,
         ..Options::default()
     };
-    let epoch = Instant::now();
-    let acks = AtomicUsize::new(0);
-    let results = run_threads(n + 1, Duration::from_secs(60), |rank, group| -> Result<_> {
-        let mq = MessageQueue::create_from_group_with(&group, 0, mq_opts.clone(), true)?;
-        let mut lat = Vec::with_capacity(paced);
-        let mut msg = vec![0u8; size];
-        if rank == 0 {
-            for i in 0..paced {
-                let t = epoch.elapsed().as_nanos() as u64;
-                msg[..8].copy_from_slice(&t.to_le_bytes());
-                mq.enqueue_bytes(&msg)?;
-                let want = (i + 1) * n;
-                let wait_start = Instant::now();
-                while acks.load(Ordering::Acquire) < want {
-                    if wait_start.elapsed() > Duration::from_secs(60) {
-                        return Err(Error::timeout(
-                            "bench: paced acks",
-                            wait_start.elapsed(),
-                            "",
-                        ));
+    let mq = MessageQueue::create_from_group_with(group, 0, mq_opts, true)?;
+    let mut msg = vec![0u8; size];
+    let mut lat = Vec::with_capacity(if mq.is_writer() { 0 } else { paced });
+    let mut burst_start = 0;
+    if mq.is_writer() {
+        for _ in 0..paced {
+            msg[..8].copy_from_slice(&now_ns().to_le_bytes());
+            mq.enqueue_bytes(&msg)?;
+            let t = Instant::now();
+            if !opts.remote {
+                while !mq.stuck_readers().is_empty() {
+                    if t.elapsed() > Duration::from_secs(60) {
+                        return Err(Error::timeout("bench: paced message", t.elapsed(), ""));
                     }
                     std::thread::yield_now();
                 }
-                let gap = Instant::now();
-                while gap.elapsed() < opts.pace {
-                    std::thread::yield_now();
-                }
             }
-            let start = Instant::now();
-            for _ in 0..burst {
-                mq.enqueue_bytes(&msg)?;
+            let gap = Instant::now();
+            while gap.elapsed() < opts.pace {
+                std::thread::yield_now();
             }
-            Ok((lat, start, Instant::now()))
-        } else {
-            for _ in 0..paced {
-                let m = mq.dequeue_bytes()?;
-                let now = epoch.elapsed().as_nanos() as u64;
-                let t = u64::from_le_bytes(m[..8].try_into().expect("8 bytes"));
-                lat.push(Duration::from_nanos(now.saturating_sub(t)));
-                acks.fetch_add(1, Ordering::AcqRel);
-            }
-            let start = Instant::now();
-            for _ in 0..burst {
-                let m = mq.dequeue_bytes()?;
-                if m.len() != size {
-                    return Err(Error::protocol(format!(
-                        "bench: got {} bytes, sent {size}",
-                        m.len()
-                    )));
-                }
-            }
-            Ok((lat, start, Instant::now()))
         }
-    });
-    let mut per_rank = Vec::new();
-    for (rank, r) in results.into_iter().enumerate() {
-        match r {
-            Ok(Ok(x)) => per_rank.push(x),
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(Error::invalid(format!("bench: rank {rank} panicked"))),
+        burst_start = now_ns();
+        for _ in 0..burst {
+            mq.enqueue_bytes(&msg)?;
+        }
+    } else {
+        for _ in 0..paced {
+            let m = mq.dequeue_bytes()?;
+            let now = now_ns();
+            let t = u64::from_le_bytes(m[..8].try_into().expect("8 bytes"));
+            lat.push(now.saturating_sub(t));
+        }
+        for _ in 0..burst {
+            let m = mq.dequeue_bytes()?;
+            if m.len() != size {
+                return Err(Error::protocol(format!(
+                    "bench: got {} bytes, sent {size}",
+                    m.len()
+                )));
+            }
         }
     }
+    let end = now_ns();
+    let all = group.gather_obj(&(lat, end), 0)?;
+    let Some(all) = all else { return Ok(None) };
     // Latency of message i: the slowest reader's.
     let mut lat: Vec<Duration> = (0..paced)
         .map(|i| {
-            per_rank[1..]
-                .iter()
-                .map(|(l, _, _)| l[i])
-                .max()
-                .unwrap_or_default()
+            Duration::from_nanos(
+                all[1..]
+                    .iter()
+                    .map(|(l, _)| l.get(i).copied().unwrap_or(0))
+                    .max()
+                    .unwrap_or(0),
+            )
         })
         .collect();
     lat.sort_unstable();
-    let burst_start = per_rank[0].1;
-    let burst_end = per_rank[1..]
+    let burst_end = all[1..]
         .iter()
-        .map(|(_, _, e)| *e)
+        .map(|(_, e)| *e)
         .max()
         .unwrap_or(burst_start);
-    let secs = burst_end
-        .duration_since(burst_start)
-        .as_secs_f64()
-        .max(1e-9);
-    Ok(Row {
+    let secs = (burst_end.saturating_sub(burst_start) as f64 / 1e9).max(1e-9);
+    Ok(Some(Row {
         readers: n,
         bytes: size,
         chunk_bytes,
@@ -218,7 +230,7 @@ fn bench_one(opts: &BenchOptions, n: usize, size: usize) -> Result<Row> {
         p99: percentile(&lat, 0.99),
         burst_msgs: burst,
         msgs_per_s: burst as f64 / secs,
-    })
+    }))
 }
 
 #[cfg(test)]
