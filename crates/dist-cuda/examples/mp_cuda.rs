@@ -602,6 +602,15 @@ fn run(e: &common::Env, ck: &mut Checks) -> Result<()> {
     }
     if comm.has_nccl() {
         nccl_suite(e, &comm, ck)?;
+        // dist-core's conformance suite through the Backend trait (from_host/to_host included).
+        let n = dist_core::conformance::check_all::<dist_cuda::CudaBackend>(
+            &comm,
+            &dist_core::conformance::Suite::quick(false),
+        )?;
+        if e.rank == 0 {
+            println!("dist-core conformance suite: {n} checks passed");
+        }
+        ck.ok += n;
     }
     if e.world > 1 {
         custom_ar(e, &comm, ck)?;

@@ -4,7 +4,7 @@
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cudarc::driver::{result as cu, sys};
 use dist_core::communicator::{check_collective_dim, reduce_scatterv_shape};
@@ -270,45 +270,20 @@ impl Communicator {
     }
 
     /// Waits until the work enqueued so far has run, at most the communicator's timeout; polls
-    /// NCCL's asynchronous error meanwhile. Spins briefly, then sleeps.
+    /// NCCL's asynchronous error and the custom all-reduce's fault words meanwhile (a peer that
+    /// never arrived is a `Timeout` naming it). Spins briefly, then sleeps.
     pub fn synchronize(&self) -> Result<()> {
-        self.dev.bind()?;
-        let t = self.timeout();
-        let start = Instant::now();
-        let mut spins = 0u32;
-        loop {
-            // SAFETY: the device stream is alive for the process.
-            let r = unsafe { sys::cuStreamQuery(self.dev.stream()) };
-            match r {
-                sys::CUresult::CUDA_SUCCESS => return self.dev.check_faults(),
-                sys::CUresult::CUDA_ERROR_NOT_READY => {}
-                other => {
-                    return Err(cuda_err(
-                        &format!("{} synchronize", self.name),
-                        cudarc::driver::DriverError(other),
-                    ))
+        let nccl = &self.nccl;
+        self.dev.wait(
+            &format!("{} synchronize", self.name),
+            self.timeout(),
+            || {
+                if let Some(c) = lock(nccl).as_ref() {
+                    c.check_async_error()?;
                 }
-            }
-            if let Some(c) = lock(&self.nccl).as_ref() {
-                c.check_async_error()?;
-            }
-            self.dev.check_faults()?;
-            if start.elapsed() >= t {
-                return Err(Error::Timeout {
-                    op: format!("{} synchronize", self.name),
-                    waited: start.elapsed(),
-                    missing_ranks: Vec::new(),
-                    detail: "device work did not finish (a peer may not have joined a collective)"
-                        .into(),
-                });
-            }
-            spins += 1;
-            if spins < 64 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        }
+                Ok(())
+            },
+        )
     }
 
     fn live(&self, op: &str) -> Result<()> {
@@ -391,11 +366,17 @@ impl Communicator {
                     match o {
                         P2pOp::Send(t, p) => {
                             let (dt, n) = wire_dtype(t.dtype(), t.numel())?;
+                            if n == 0 {
+                                continue; // both sides skip: shapes match
+                            }
                             // SAFETY: t is live until the group's work runs (the caller keeps it).
                             unsafe { c.send(vptr(t.ptr()), n, dt, *p, s) }?;
                         }
                         P2pOp::Recv(t, p) => {
                             let (dt, n) = wire_dtype(t.dtype(), t.numel())?;
+                            if n == 0 {
+                                continue;
+                            }
                             // SAFETY: as above.
                             unsafe { c.recv(vptr(t.ptr()), n, dt, *p, s) }?;
                         }
@@ -416,6 +397,9 @@ impl Communicator {
     ) -> Result<()> {
         check_reduction(dtype, op, self.nccl_version)?;
         let dt = nccl_dtype(dtype)?;
+        if numel == 0 {
+            return Ok(());
+        }
         self.with_nccl("all_reduce", |c, s| {
             // SAFETY: src/dst hold numel elements and outlive the enqueued work (callers hold them).
             unsafe { c.all_reduce(vptr(src), vptr(dst), numel, dt, nccl_op(op), s) }
@@ -504,6 +488,9 @@ impl DeviceCommunicator for Communicator {
         let (outer, len, inner) = split_dims(input.shape(), d);
         let out = self.new_tensor(input.dtype(), &with_dim(input.shape(), d, len * self.world))?;
         let (dt, n) = wire_dtype(input.dtype(), input.numel())?;
+        if n == 0 {
+            return Ok(out);
+        }
         let es = input.dtype().size();
         let tmp = if outer == 1 {
             None
@@ -611,6 +598,9 @@ impl DeviceCommunicator for Communicator {
         check_reduction(input.dtype(), op, self.nccl_version)?;
         let chunk = len / self.world;
         let out = self.new_tensor(input.dtype(), &with_dim(input.shape(), d, chunk))?;
+        if input.numel() == 0 {
+            return Ok(out);
+        }
         let es = input.dtype().size();
         let tmp = if outer == 1 {
             None
@@ -721,6 +711,14 @@ impl DeviceCommunicator for Communicator {
         let (dt, n) = wire_dtype(input.dtype(), input.numel())?;
         let es = input.dtype().size();
         let nbytes = input.nbytes();
+        if n == 0 {
+            return if self.rank == dst {
+                let shape = with_dim(input.shape(), d, len * self.world);
+                self.new_tensor(input.dtype(), &shape).map(Some)
+            } else {
+                Ok(None)
+            };
+        }
         if self.rank != dst {
             self.with_nccl("gather", |c, s| {
                 // SAFETY: input holds n elements and outlives the work.
@@ -783,6 +781,9 @@ impl DeviceCommunicator for Communicator {
             self.world
         );
         let (dt, n) = wire_dtype(tensor.dtype(), tensor.numel())?;
+        if n == 0 {
+            return Ok(());
+        }
         let me = self.rank;
         self.with_nccl("broadcast", |c, s| {
             let send = if me == src {

@@ -293,13 +293,60 @@ impl DeviceContext {
     pub fn stream(&self) -> sys::CUstream {
         self.stream.0
     }
-    /// Waits for the stream, then reports device-side barrier faults ([`FaultFlags`]).
+    /// Waits for the stream (at most [`dist_core::DEFAULT_TIMEOUT`]), then reports device-side
+    /// barrier faults ([`FaultFlags`]).
     pub fn synchronize(&self) -> Result<()> {
+        self.wait(
+            &format!("cuda:{} synchronize", self.ordinal),
+            dist_core::DEFAULT_TIMEOUT,
+            || Ok(()),
+        )
+    }
+
+    /// Waits for the stream with a deadline, calling `poll` between queries (spins briefly, then
+    /// sleeps). Device faults win over the plain deadline: when `timeout` has passed, device
+    /// code (whose own barrier deadline is the same) gets a grace of a quarter of it, at least
+    /// one second, to report which peers it waited for.
+    pub fn wait(
+        &self,
+        op: &str,
+        timeout: std::time::Duration,
+        mut poll: impl FnMut() -> Result<()>,
+    ) -> Result<()> {
         self.bind()?;
-        // SAFETY: the stream is alive for the process.
-        unsafe { cu::stream::synchronize(self.stream.0) }
-            .map_err(|e| cuda_err("cuStreamSynchronize", e))?;
-        self.check_faults()
+        let start = std::time::Instant::now();
+        let grace = (timeout / 4).max(std::time::Duration::from_secs(1));
+        let mut spins = 0u32;
+        loop {
+            // SAFETY: the stream is alive for the process.
+            match unsafe { sys::cuStreamQuery(self.stream.0) } {
+                sys::CUresult::CUDA_SUCCESS => return self.check_faults(),
+                sys::CUresult::CUDA_ERROR_NOT_READY => {}
+                other => return Err(cuda_err(op, DriverError(other))),
+            }
+            poll()?;
+            self.check_faults()?;
+            let waited = start.elapsed();
+            if waited >= timeout + grace {
+                return Err(Error::Timeout {
+                    op: op.to_string(),
+                    waited,
+                    missing_ranks: Vec::new(),
+                    detail: "device work did not finish (a peer may not have joined a collective)"
+                        .into(),
+                });
+            }
+            spins += 1;
+            if spins < 64 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(std::time::Duration::from_micros(if spins < 1024 {
+                    50
+                } else {
+                    500
+                }));
+            }
+        }
     }
 
     /// `Err(Timeout)` when device code registered a fault (see [`FaultFlags`]).
