@@ -28,6 +28,10 @@ say "== $(nvidia-smi -L 2>&1 | head -1); driver $(nvidia-smi --query-gpu=driver_
 say "== DIST_NCCL_SO_PATH=$DIST_NCCL_SO_PATH; nvrtc: $(ls /usr/local/cuda/lib64/libnvrtc.so* 2>/dev/null | head -1)"
 
 status=0
+if [ -x "$BIN/cuda_backend_test" ]; then
+  say "== cuda_backend integration test (release; --include-ignored runs the GPU conformance at world 1)"
+  (set -o pipefail; "$BIN/cuda_backend_test" --include-ignored 2>&1 | tee -a "$LOG") || status=1
+fi
 run_world() {
   local w=$1 port=$2 extra=${3:-} pids=() r rc=0
   rm -rf /tmp/dist-cuda-fg-"$port"-*
