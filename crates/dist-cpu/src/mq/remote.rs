@@ -18,7 +18,7 @@
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -385,6 +385,19 @@ impl Link {
     }
 }
 
+/// At most this many connections may be sending their hello at once; more are dropped.
+const MAX_PENDING_HELLOS: usize = 64;
+
+/// What checking a hello needs.
+#[derive(Debug)]
+struct HelloParams {
+    ranks: Vec<usize>,
+    token: [u8; 16],
+    store_token: Option<Vec<u8>>,
+    link_cap: usize,
+    tag: String,
+}
+
 /// The writer's listener state: the links of the readers that have connected so far.
 #[derive(Debug)]
 pub(crate) struct Acceptor {
@@ -421,7 +434,7 @@ impl Acceptor {
     }
 
     fn run(
-        &self,
+        self: Arc<Self>,
         listener: TcpListener,
         ranks: Vec<usize>,
         token: [u8; 16],
@@ -429,12 +442,20 @@ impl Acceptor {
         link_cap: usize,
         tag: String,
     ) {
+        let params = Arc::new(HelloParams {
+            ranks,
+            token,
+            store_token,
+            link_cap,
+            tag,
+        });
+        let pending = Arc::new(AtomicUsize::new(0));
         let mut sleep = Duration::from_micros(100);
         while !self.stop.load(Ordering::Acquire) {
             if lock(&self.links).iter().all(Option::is_some) {
                 break;
             }
-            let (mut s, peer) = match listener.accept() {
+            let (s, peer) = match listener.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     std::thread::sleep(sleep);
@@ -442,38 +463,62 @@ impl Acceptor {
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(queue = %tag, "mq accept failed: {e}");
+                    tracing::warn!(queue = %params.tag, "mq accept failed: {e}");
                     std::thread::sleep(Duration::from_millis(10));
                     continue;
                 }
             };
             sleep = Duration::from_micros(100);
-            let _ = s.set_nonblocking(false);
-            let _ = s.set_read_timeout(Some(HELLO_TIMEOUT));
-            let expected = |r: usize| {
-                ranks
-                    .iter()
-                    .position(|&x| x == r)
-                    .is_some_and(|i| lock(&self.links)[i].is_none())
-            };
-            match read_hello(&mut s, &token, store_token.as_deref(), expected) {
-                Ok(rank) => {
-                    let _ = s.set_read_timeout(None);
-                    let i = ranks.iter().position(|&x| x == rank).expect("checked");
-                    match Link::start(rank, link_cap, s) {
-                        Ok(link) => {
-                            tracing::debug!(queue = %tag, rank, %peer, "mq remote reader connected");
-                            lock(&self.links)[i] = Some(link);
-                            self.cv.notify_all();
-                        }
-                        Err(e) => tracing::warn!(queue = %tag, rank, "mq: {e}"),
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(queue = %tag, %peer, "mq: dropped a connection: {e}");
-                    let _ = s.shutdown(Shutdown::Both);
-                }
+            // Each hello is read on its own short-lived thread, so a silent or slow client
+            // cannot hold the real readers up; at most MAX_PENDING_HELLOS at a time.
+            if pending.load(Ordering::Acquire) >= MAX_PENDING_HELLOS {
+                tracing::warn!(queue = %params.tag, %peer, "mq: too many pending connections; dropped one");
+                continue;
             }
+            pending.fetch_add(1, Ordering::AcqRel);
+            let (me, p, pend) = (self.clone(), params.clone(), pending.clone());
+            let spawned = std::thread::Builder::new()
+                .name("mq-hello".into())
+                .spawn(move || {
+                    me.hello(s, peer, &p);
+                    pend.fetch_sub(1, Ordering::AcqRel);
+                });
+            if spawned.is_err() {
+                pending.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    fn hello(&self, mut s: TcpStream, peer: std::net::SocketAddr, p: &HelloParams) {
+        let _ = s.set_nonblocking(false);
+        let _ = s.set_read_timeout(Some(HELLO_TIMEOUT));
+        let slot = |r: usize| p.ranks.iter().position(|&x| x == r);
+        let expected = |r: usize| slot(r).is_some_and(|i| lock(&self.links)[i].is_none());
+        let rank = match read_hello(&mut s, &p.token, p.store_token.as_deref(), expected) {
+            Ok(rank) => rank,
+            Err(e) => {
+                tracing::warn!(queue = %p.tag, %peer, "mq: dropped a connection: {e}");
+                let _ = s.shutdown(Shutdown::Both);
+                return;
+            }
+        };
+        let _ = s.set_read_timeout(None);
+        let i = slot(rank).expect("checked by read_hello");
+        let mut links = lock(&self.links);
+        if links[i].is_some() || self.stop.load(Ordering::Acquire) {
+            drop(links);
+            tracing::warn!(queue = %p.tag, %peer, rank, "mq: dropped a second connection for a reader");
+            let _ = s.shutdown(Shutdown::Both);
+            return;
+        }
+        match Link::start(rank, p.link_cap, s) {
+            Ok(link) => {
+                tracing::debug!(queue = %p.tag, rank, %peer, "mq remote reader connected");
+                links[i] = Some(link);
+                drop(links);
+                self.cv.notify_all();
+            }
+            Err(e) => tracing::warn!(queue = %p.tag, rank, "mq: {e}"),
         }
     }
 
@@ -519,6 +564,7 @@ impl Inbound {
         deadline: Instant,
     ) -> Result<Inbound> {
         let mut sleep = Duration::from_millis(1);
+        let start = Instant::now();
         let stream = loop {
             let e = match addr.parse::<std::net::SocketAddr>() {
                 Ok(a) => {
@@ -538,7 +584,7 @@ impl Inbound {
             if waited >= deadline {
                 return Err(Error::Timeout {
                     op: format!("mq connect to the writer at {addr}"),
-                    waited: Duration::ZERO,
+                    waited: start.elapsed(),
                     missing_ranks: Vec::new(),
                     detail: format!("last error: {e}"),
                 });
