@@ -68,6 +68,19 @@ fn child(o: &BenchOptions) -> Result<(), String> {
             );
         }
     }
+    finish(&g)
+}
+
+/// Rank 0 hosts the store: it leaves only after every other rank said it is done with it.
+fn finish(g: &StatelessProcessGroup) -> Result<(), String> {
+    use dist_core::{HostGroup, HostGroupExt};
+    if g.rank() == 0 {
+        for r in 1..g.world_size() {
+            g.recv_obj::<u8>(r).map_err(|e| e.to_string())?;
+        }
+    } else {
+        g.send_obj(&1u8, 0).map_err(|e| e.to_string())?;
+    }
     Ok(())
 }
 

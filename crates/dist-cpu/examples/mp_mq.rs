@@ -63,6 +63,14 @@ fn run() -> Result<(), String> {
             );
         }
     }
+    // Rank 0 may host the store: it leaves only after every other rank is done with it.
+    if rank == 0 {
+        for r in 1..world {
+            pg.recv_obj::<u8>(r).map_err(|e| e.to_string())?;
+        }
+    } else {
+        pg.send_obj(&1u8, 0).map_err(|e| e.to_string())?;
+    }
     Ok(())
 }
 
