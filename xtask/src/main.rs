@@ -236,7 +236,7 @@ fn test_multiproc(args: &[String]) -> Result {
         .filter(|p| p.to_string_lossy().contains(&filter))
         .collect();
     progs.sort();
-    let (mut passed, mut failed) = (0, 0);
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     let mut failures = vec![];
     for prog in &progs {
         let name = prog.file_name().unwrap().to_string_lossy().into_owned();
@@ -275,11 +275,20 @@ fn test_multiproc(args: &[String]) -> Result {
             let out = wait_with_deadline(&mut child, Duration::from_secs(timeout + 15));
             let secs = start.elapsed().as_secs_f64();
             match out {
-                Ok((true, _)) => {
+                Ok((code, log)) if code == Some(SKIP_CODE) => {
+                    skipped += 1;
+                    let why = log
+                        .lines()
+                        .find(|l| l.contains("SKIPPED"))
+                        .unwrap_or("")
+                        .trim();
+                    eprintln!("  skip   {name} world={n}: {why}");
+                }
+                Ok((Some(0), _)) => {
                     passed += 1;
                     eprintln!("  ok     {name} world={n} ({secs:.1}s)");
                 }
-                Ok((false, log)) => {
+                Ok((_, log)) => {
                     failed += 1;
                     eprintln!("  FAILED {name} world={n} ({secs:.1}s)\n{}", indent(&log));
                     failures.push(format!("{name} world={n}"));
@@ -295,7 +304,7 @@ fn test_multiproc(args: &[String]) -> Result {
             }
         }
     }
-    println!("multiproc: {passed} passed, {failed} failed");
+    println!("multiproc: {passed} passed, {failed} failed, {skipped} skipped");
     if failed > 0 {
         return Err(format!("failed: {}", failures.join(", ")));
     }
@@ -304,6 +313,9 @@ fn test_multiproc(args: &[String]) -> Result {
     }
     Ok(())
 }
+
+/// Exit status of a test program that could not run here (no GPU…): counted as skipped, never passed.
+const SKIP_CODE: i32 = 77;
 
 fn indent(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
@@ -315,7 +327,7 @@ fn indent(s: &str) -> String {
 fn wait_with_deadline(
     child: &mut ChildGuard,
     deadline: Duration,
-) -> std::result::Result<(bool, String), String> {
+) -> std::result::Result<(Option<i32>, String), String> {
     use std::io::Read;
     let mut out = child.0.stdout.take();
     let mut err = child.0.stderr.take();
@@ -351,7 +363,7 @@ fn wait_with_deadline(
         ereader.join().unwrap_or_default()
     );
     match status {
-        Some(s) => Ok((s.success(), log)),
+        Some(s) => Ok((s.code(), log)),
         None => Err(log),
     }
 }
