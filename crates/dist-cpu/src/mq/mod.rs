@@ -1771,4 +1771,25 @@ mod tests {
         });
         assert_eq!(out[0].as_ref().unwrap(), "hi");
     }
+
+    #[test]
+    fn a_writer_that_cannot_build_the_queue_fails_every_rank_at_once() {
+        let t = Instant::now();
+        let out = run_threads(3, Duration::from_secs(20), |_, g| {
+            MessageQueue::create_from_group(&g, 1, 8, 2)
+                .map(|_| ())
+                .unwrap_err()
+        });
+        for e in out {
+            let e = e.unwrap();
+            assert!(e.to_string().contains("max_chunk_bytes"), "{e}");
+        }
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_queue_can_be_shared_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<MessageQueue>();
+    }
 }
