@@ -1,6 +1,6 @@
 //! The MessageQueue benchmark behind `dist bench mq` and `examples/bench_mq.rs`.
 //!
-//! One writer and `n` readers: [`bench`] runs the ranks as threads of this process,
+//! One writer and `n` readers: [`bench()`] runs the ranks as threads of this process,
 //! [`run_on_group`] runs one measurement on any [`HostGroup`] — `examples/bench_mq.rs` uses it
 //! with one process per rank over a `StatelessProcessGroup`. The ring, the futex waits and the
 //! copies are the same either way. For each reader count and message size it measures:

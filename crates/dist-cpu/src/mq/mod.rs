@@ -1792,4 +1792,29 @@ mod tests {
         fn send_sync<T: Send + Sync>() {}
         send_sync::<MessageQueue>();
     }
+
+    /// Garbage in the ring (a buggy or hostile writer) is a protocol error for the reader: no
+    /// crash, no allocation of a claimed size over the cap.
+    #[test]
+    fn corrupt_chunks_are_protocol_errors() {
+        for (flags, msg_len) in [
+            (0, 3),
+            (FLAG_FIRST | FLAG_LAST, 1 << 62),
+            (FLAG_FIRST | FLAG_LAST, 2),
+        ] {
+            let w = MessageQueue::create_writer(0, &[1], &[], opts(64, 2, 500)).unwrap();
+            let r = MessageQueue::open_reader(w.handle(), 1, opts(64, 2, 500)).unwrap();
+            let Role::Writer(wr) = &w.role else {
+                unreachable!()
+            };
+            let ring = wr.ring.as_ref().unwrap();
+            ring.write_chunk(0, b"abc", msg_len, flags);
+            ring.write_seq().store(1, Ordering::Release);
+            let e = r.dequeue_bytes().unwrap_err();
+            assert!(matches!(e, Error::Protocol(_)), "{e}");
+            assert!(e.to_string().contains("corrupt chunk 0"), "{e}");
+            // The reader stays broken rather than guessing where the next message starts.
+            assert!(matches!(r.dequeue_bytes(), Err(Error::Protocol(_))));
+        }
+    }
 }
