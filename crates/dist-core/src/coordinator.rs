@@ -7,13 +7,14 @@
 //! the group*, as in vLLM.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::communicator::check_collective_dim;
+use crate::diag::{find_mismatch, CallDescriptor, Diagnostics};
 use crate::{
     decode_obj, encode_obj, Backend, Broadcaster, DType, Device, DeviceCommunicator, Error,
     HostGroup, HostGroupExt, ReduceOp, Result, Tensor, TensorMeta,
@@ -79,6 +80,9 @@ pub struct GroupCoordinator<B: Backend> {
     host: Arc<dyn HostGroup>,
     comm: Option<B::Communicator>,
     mq: Option<Box<dyn Broadcaster>>,
+    diag: Option<Arc<dyn Diagnostics>>,
+    check_collectives: bool,
+    seq: AtomicU64,
     destroyed: AtomicBool,
 }
 
@@ -101,6 +105,11 @@ pub struct CoordinatorParts<B: Backend> {
     pub comm: Option<B::Communicator>,
     /// The MessageQueue broadcaster, if any.
     pub mq: Option<Box<dyn Broadcaster>>,
+    /// The job's diagnostics (flight recorder and peer reports), if any.
+    pub diag: Option<Arc<dyn Diagnostics>>,
+    /// Check before each collective that every rank calls the same one (one host-group
+    /// all-gather of a small descriptor per call).
+    pub check_collectives: bool,
 }
 
 impl<B: Backend> GroupCoordinator<B> {
@@ -115,6 +124,8 @@ impl<B: Backend> GroupCoordinator<B> {
             host,
             comm,
             mq,
+            diag,
+            check_collectives,
         } = parts;
         let rank_in_group = ranks.iter().position(|&r| r == rank).ok_or_else(|| {
             Error::invalid(format!(
@@ -147,6 +158,9 @@ impl<B: Backend> GroupCoordinator<B> {
             host,
             comm,
             mq,
+            diag,
+            check_collectives,
+            seq: AtomicU64::new(0),
             destroyed: AtomicBool::new(false),
         })
     }
@@ -246,6 +260,93 @@ impl<B: Backend> GroupCoordinator<B> {
         Ok(())
     }
 
+    /// Runs one call with the flight recorder, the optional mismatch check, and a timeout error
+    /// enriched with what the missing ranks were last doing.
+    fn run_op<R>(
+        &self,
+        op: &str,
+        input: Option<(DType, &[usize])>,
+        args: String,
+        collective: bool,
+        f: impl FnOnce() -> Result<R>,
+    ) -> Result<R> {
+        self.live()?;
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let bytes = input.map_or(0, |(d, s)| (d.size() * s.iter().product::<usize>()) as u64);
+        if let Some(d) = &self.diag {
+            d.recorder().begin(&self.unique_name, op, seq, bytes);
+        }
+        let mut r = Ok(());
+        if self.check_collectives && collective && self.world_size() > 1 {
+            let desc = CallDescriptor {
+                seq,
+                op: op.to_string(),
+                dtype: input.map(|(d, _)| d.name().to_string()).unwrap_or_default(),
+                shape: input.map(|(_, s)| s.to_vec()).unwrap_or_default(),
+                args,
+            };
+            r = self.host.all_gather_obj(&desc).and_then(|all| {
+                match find_mismatch(&self.unique_name, &all) {
+                    None => Ok(()),
+                    Some(m) => Err(Error::InvalidArgument(m)),
+                }
+            });
+        }
+        let r = r.and_then(|()| f());
+        if let Some(d) = &self.diag {
+            d.recorder().end(&self.unique_name, seq, r.is_ok());
+        }
+        r.map_err(|e| self.explain(e))
+    }
+
+    /// Adds the diagnostics' report on the ranks a timeout or a lost peer names.
+    fn explain(&self, e: Error) -> Error {
+        let Some(d) = &self.diag else { return e };
+        let global = |rs: &[usize]| -> Vec<usize> {
+            rs.iter()
+                .filter_map(|&r| self.ranks.get(r).copied())
+                .collect()
+        };
+        match e {
+            Error::Timeout {
+                op,
+                waited,
+                missing_ranks,
+                detail,
+            } => {
+                let who = if missing_ranks.is_empty() {
+                    self.ranks
+                        .iter()
+                        .copied()
+                        .filter(|&r| r != self.rank)
+                        .collect()
+                } else {
+                    global(&missing_ranks)
+                };
+                let report = d.describe(&who);
+                Error::Timeout {
+                    op: format!("{} {op}", self.unique_name),
+                    waited,
+                    missing_ranks,
+                    detail: if detail.is_empty() {
+                        report
+                    } else {
+                        format!("{detail}; {report}")
+                    },
+                }
+            }
+            Error::PeerLost { rank, op, detail } => {
+                let report = d.describe(&global(&[rank]));
+                Error::PeerLost {
+                    rank,
+                    op: format!("{} {op}", self.unique_name),
+                    detail: format!("{detail}; {report}"),
+                }
+            }
+            other => other,
+        }
+    }
+
     /// Sum over the group. **Use the return value**: it is the result (the input is consumed).
     pub fn all_reduce(&self, x: B::Tensor) -> Result<B::Tensor> {
         self.all_reduce_op(x, ReduceOp::Sum)
@@ -257,7 +358,13 @@ impl<B: Backend> GroupCoordinator<B> {
         if self.world_size() == 1 {
             return Ok(x);
         }
-        self.comm("all_reduce")?.all_reduce(&x, op)
+        self.run_op(
+            "all_reduce",
+            Some((x.dtype(), x.shape())),
+            op.name().into(),
+            true,
+            || self.comm("all_reduce")?.all_reduce(&x, op),
+        )
     }
 
     /// `cat` over the group along `dim` (negative dims count from the end).
@@ -267,7 +374,13 @@ impl<B: Backend> GroupCoordinator<B> {
         if self.world_size() == 1 {
             return Ok(x);
         }
-        self.comm("all_gather")?.all_gather(&x, dim)
+        self.run_op(
+            "all_gather",
+            Some((x.dtype(), x.shape())),
+            format!("dim {dim}"),
+            true,
+            || self.comm("all_gather")?.all_gather(&x, dim),
+        )
     }
 
     /// `cat` along `dim` of per-rank tensors whose lengths there are `sizes`.
@@ -283,7 +396,14 @@ impl<B: Backend> GroupCoordinator<B> {
         if self.world_size() == 1 {
             return Ok(x);
         }
-        self.comm("all_gatherv")?.all_gatherv(&x, dim, sizes)
+        let shape = with_dim0(x.shape(), d);
+        self.run_op(
+            "all_gatherv",
+            Some((x.dtype(), &shape)),
+            format!("dim {dim} sizes {sizes:?}"),
+            true,
+            || self.comm("all_gatherv")?.all_gatherv(&x, dim, sizes),
+        )
     }
 
     /// This rank's chunk along `dim` of the sum over the group.
@@ -293,8 +413,16 @@ impl<B: Backend> GroupCoordinator<B> {
         if self.world_size() == 1 {
             return Ok(x);
         }
-        self.comm("reduce_scatter")?
-            .reduce_scatter(&x, dim, ReduceOp::Sum)
+        self.run_op(
+            "reduce_scatter",
+            Some((x.dtype(), x.shape())),
+            format!("dim {dim}"),
+            true,
+            || {
+                self.comm("reduce_scatter")?
+                    .reduce_scatter(&x, dim, ReduceOp::Sum)
+            },
+        )
     }
 
     /// This rank's `sizes[rank]`-long chunk along `dim` of the sum over the group.
@@ -304,8 +432,16 @@ impl<B: Backend> GroupCoordinator<B> {
         if self.world_size() == 1 {
             return Ok(x);
         }
-        self.comm("reduce_scatterv")?
-            .reduce_scatterv(&x, dim, sizes, ReduceOp::Sum)
+        self.run_op(
+            "reduce_scatterv",
+            Some((x.dtype(), x.shape())),
+            format!("dim {dim} sizes {sizes:?}"),
+            true,
+            || {
+                self.comm("reduce_scatterv")?
+                    .reduce_scatterv(&x, dim, sizes, ReduceOp::Sum)
+            },
+        )
     }
 
     /// `dst` (group rank) gets `Some(cat(x over ranks, dim))`; the others `None`.
@@ -316,7 +452,13 @@ impl<B: Backend> GroupCoordinator<B> {
         if self.world_size() == 1 {
             return Ok(Some(x));
         }
-        self.comm("gather")?.gather(&x, dst, dim)
+        self.run_op(
+            "gather",
+            Some((x.dtype(), x.shape())),
+            format!("dst {dst} dim {dim}"),
+            true,
+            || self.comm("gather")?.gather(&x, dst, dim),
+        )
     }
 
     /// Overwrites `x` with group rank `src`'s tensor.
@@ -326,7 +468,14 @@ impl<B: Backend> GroupCoordinator<B> {
         if self.world_size() == 1 {
             return Ok(());
         }
-        self.comm("broadcast")?.broadcast(x, src)
+        let (dtype, shape) = (x.dtype(), x.shape().to_vec());
+        self.run_op(
+            "broadcast",
+            Some((dtype, &shape)),
+            format!("src {src}"),
+            true,
+            || self.comm("broadcast")?.broadcast(x, src),
+        )
     }
 
     /// Broadcasts a typed object from group rank `src` (which passes `Some`). Uses the
@@ -384,8 +533,7 @@ impl<B: Backend> GroupCoordinator<B> {
 
     /// Waits for every rank of the group (over the host group, never the device).
     pub fn barrier(&self) -> Result<()> {
-        self.live()?;
-        self.host.barrier()
+        self.run_op("barrier", None, String::new(), true, || self.host.barrier())
     }
 
     /// Sends a tensor to group rank `dst` (default: the next rank).
@@ -393,7 +541,13 @@ impl<B: Backend> GroupCoordinator<B> {
         let dst = dst.unwrap_or((self.rank_in_group + 1) % self.world_size());
         self.check_group_rank(dst, "send dst")?;
         crate::ensure_arg!(dst != self.rank_in_group, "send: dst {dst} is this rank");
-        self.comm("send")?.send(t, dst)
+        self.run_op(
+            "send",
+            Some((t.dtype(), t.shape())),
+            format!("dst {dst}"),
+            false,
+            || self.comm("send")?.send(t, dst),
+        )
     }
 
     /// Receives a tensor of `dtype` and `shape` from group rank `src` (default: the previous rank).
@@ -404,7 +558,13 @@ impl<B: Backend> GroupCoordinator<B> {
         crate::ensure_arg!(src != self.rank_in_group, "recv: src {src} is this rank");
         let comm = self.comm("recv")?;
         let mut t = comm.empty(dtype, shape)?;
-        comm.recv(&mut t, src)?;
+        self.run_op(
+            "recv",
+            Some((dtype, shape)),
+            format!("src {src}"),
+            false,
+            || comm.recv(&mut t, src),
+        )?;
         Ok(t)
     }
 
@@ -697,4 +857,11 @@ impl<B: Backend> GroupCoordinator<B> {
     pub fn tensor_meta(t: &B::Tensor) -> TensorMeta {
         t.meta()
     }
+}
+
+/// `shape` with dim `d` zeroed: the part of an all_gatherv input that must agree across ranks.
+fn with_dim0(shape: &[usize], d: usize) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    s[d] = 0;
+    s
 }

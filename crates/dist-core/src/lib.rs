@@ -52,6 +52,7 @@
 pub mod communicator;
 pub mod conformance;
 pub mod coordinator;
+pub mod diag;
 mod dtype;
 mod error;
 pub mod group;

@@ -399,6 +399,7 @@ impl crate::Store for MemStore {
 #[derive(Debug, Clone)]
 pub struct ThreadGroupFactory {
     rank: usize,
+    check_collectives: bool,
     generations: Arc<Mutex<HashMap<String, usize>>>,
     registry: Arc<Mutex<HashMap<String, Vec<Option<ThreadGroup>>>>>,
     store: Arc<MemStore>,
@@ -412,6 +413,7 @@ impl ThreadGroupFactory {
         (0..world_size)
             .map(|rank| ThreadGroupFactory {
                 rank,
+                check_collectives: false,
                 generations: Arc::default(),
                 registry: registry.clone(),
                 store: store.clone(),
@@ -420,7 +422,18 @@ impl ThreadGroupFactory {
     }
 }
 
+impl ThreadGroupFactory {
+    /// Makes groups built by this factory check that every rank calls the same collective.
+    pub fn with_check_collectives(mut self) -> Self {
+        self.check_collectives = true;
+        self
+    }
+}
+
 impl crate::GroupFactory for ThreadGroupFactory {
+    fn check_collectives(&self) -> bool {
+        self.check_collectives
+    }
     fn store(&self) -> Arc<dyn crate::Store> {
         self.store.clone()
     }

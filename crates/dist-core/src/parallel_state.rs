@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::coordinator::CoordinatorParts;
+use crate::diag::Diagnostics;
 use crate::{
     Backend, Broadcaster, CommunicatorContext, Device, Error, GroupCoordinator, HostGroup,
     ParallelConfig, Result, Store,
@@ -58,6 +59,14 @@ pub trait GroupFactory: Send + Sync {
         _host: &Arc<dyn HostGroup>,
     ) -> Result<Option<Box<dyn Broadcaster>>> {
         Ok(None)
+    }
+    /// The job's diagnostics, attached to every group.
+    fn diagnostics(&self) -> Option<Arc<dyn Diagnostics>> {
+        None
+    }
+    /// Whether groups check that every rank calls the same collective (`DIST_CHECK_COLLECTIVES`).
+    fn check_collectives(&self) -> bool {
+        false
     }
 }
 
@@ -262,6 +271,8 @@ fn build_group<B: Backend>(
         host,
         comm,
         mq,
+        diag: factory.diagnostics(),
+        check_collectives: factory.check_collectives(),
     })?))
 }
 

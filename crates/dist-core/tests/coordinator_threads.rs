@@ -278,3 +278,37 @@ fn destroy_then_reinitialise_gets_new_unique_names() {
         o.unwrap();
     }
 }
+
+#[test]
+fn mismatch_detector_names_the_odd_rank() {
+    let world = 3;
+    let c = cfg(world, 3, 1);
+    let factories: Vec<ThreadGroupFactory> = ThreadGroupFactory::for_job(world)
+        .into_iter()
+        .map(|f| f.with_check_collectives())
+        .collect();
+    let out = run_threads(world, T, |rank, _| {
+        let s = state(rank, &factories[rank], c);
+        let tpg = s.tp();
+        // agreeing calls pass
+        tpg.all_reduce(HostTensor::zeros(DType::F32, &[4])).unwrap();
+        // rank 2 passes a different size: every rank gets an error naming it, nobody hangs
+        let n = if rank == 2 { 8 } else { 4 };
+        let e = tpg
+            .all_reduce(HostTensor::zeros(DType::F32, &[n]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rank 2 called #2 all_reduce f32 [8]"), "{e}");
+        // rank 1 calls a different collective
+        let x = HostTensor::zeros(DType::F32, &[3]);
+        let e = if rank == 1 {
+            tpg.all_gather(x, 0).unwrap_err()
+        } else {
+            tpg.all_reduce(x).unwrap_err()
+        };
+        assert!(e.to_string().contains("rank 1 called #3 all_gather"), "{e}");
+    });
+    for o in out {
+        o.unwrap();
+    }
+}
