@@ -199,7 +199,7 @@ fn a_waiting_writer_logs_which_reader_has_not_read_which_chunk() {
 #[test]
 fn shutdown_wakes_an_idle_reader_and_stops_a_busy_one() {
     for remote in [false, true] {
-        let (w, rs) = setup(2, remote, opts(1024, 4, Duration::from_secs(30)));
+        let (w, rs) = setup(1, remote, opts(1024, 4, Duration::from_secs(30)));
         // Idle: blocked in dequeue with a long deadline, woken by its own shutdown.
         let idle = &rs[0];
         std::thread::scope(|s| {
@@ -217,14 +217,32 @@ fn shutdown_wakes_an_idle_reader_and_stops_a_busy_one() {
             assert!(took < Duration::from_secs(2), "{took:?}");
         });
         // Busy: messages are waiting, but after its shutdown the reader returns Shutdown.
-        let busy = &rs[1];
-        w.enqueue_bytes(b"x").unwrap();
         let deadline = Instant::now() + Duration::from_secs(2);
-        assert_eq!(busy.dequeue_bytes().unwrap(), b"x");
-        w.enqueue_bytes(b"y").unwrap();
-        busy.shutdown();
-        assert!(matches!(busy.dequeue_bytes(), Err(Error::Shutdown(_))));
+        let (w2, rs2) = setup(1, remote, opts(1024, 4, Duration::from_secs(30)));
+        w2.enqueue_bytes(b"x").unwrap();
+        w2.enqueue_bytes(b"y").unwrap();
+        assert_eq!(rs2[0].dequeue_bytes().unwrap(), b"x");
+        rs2[0].shutdown();
+        assert!(matches!(rs2[0].dequeue_bytes(), Err(Error::Shutdown(_))));
         assert!(Instant::now() < deadline);
+        drop((w, rs));
+    }
+}
+
+/// A reader that shut down will never read again: the writer's next enqueue says so, naming
+/// it, instead of filling the ring and timing out.
+#[test]
+fn a_reader_that_shut_down_is_named_by_the_next_enqueue() {
+    for remote in [false, true] {
+        let (w, rs) = setup(2, remote, opts(1024, 4, Duration::from_secs(30)));
+        w.enqueue_bytes(b"x").unwrap();
+        rs[1].shutdown();
+        std::thread::sleep(Duration::from_millis(20));
+        match w.enqueue_bytes(b"y") {
+            Err(Error::PeerLost { rank, .. }) => assert_eq!(rank, 2),
+            r => panic!("remote={remote}: {r:?}"),
+        }
+        assert_eq!(rs[0].dequeue_bytes().unwrap(), b"x");
     }
 }
 
@@ -326,9 +344,25 @@ fn a_killed_reader_process_is_named_by_the_next_enqueue() {
         for i in 0..200u32 {
             w.enqueue_bytes(&i.to_le_bytes()).unwrap();
         }
-        // Kill rank 2 and do not reap it yet: a zombie counts as dead.
+        // Kill rank 2 and do not reap it yet: a zombie counts as dead. Once it is a zombie, the
+        // kernel has also closed its sockets.
         kids[1].kill().unwrap();
-        std::thread::sleep(Duration::from_millis(100));
+        let pid = kids[1].id();
+        let t = Instant::now();
+        while !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        }) {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "child {pid} did not die"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(15)); // past the writer's 10 ms liveness period
         let t = Instant::now();
         let mut err = None;
         for i in 0..10u32 {

@@ -70,8 +70,10 @@
 //! [`MessageQueue::shutdown`] on a reader wakes that reader's blocked `dequeue` (from another
 //! thread) with [`Error::Shutdown`]; later calls fail the same way. On the writer it closes the
 //! queue: readers first drain what was published, then get [`Error::Shutdown`]. Dropping the
-//! writer shuts it down. Dropping a reader marks its slot as left, so the writer's next enqueue
-//! names it instead of waiting.
+//! writer shuts it down. A reader that shuts down (or is dropped) will not read again, so it
+//! tells the writer (its ring slot is marked as left; a TCP reader closes its socket) and the
+//! writer's next enqueue fails with [`Error::PeerLost`] naming it instead of filling up and
+//! timing out.
 //!
 //! ## Example
 //! ```
@@ -1281,6 +1283,7 @@ impl MessageQueue {
         }
         if let Some(acc) = &w.acceptor {
             for l in lock(&acc.links).iter().flatten() {
+                l.check_peer();
                 if let Some(why) = l.lost() {
                     return Err(Error::PeerLost {
                         rank: l.rank,
@@ -1622,7 +1625,8 @@ impl MessageQueue {
     // ---------------------------------------------------------------------------------------
 
     /// Shuts this side down; may be called from any thread. On a reader: a `dequeue` blocked in
-    /// another thread returns [`Error::Shutdown`] at once, as does every later call. On the
+    /// another thread returns [`Error::Shutdown`] at once, as does every later call, and the
+    /// writer's next enqueue reports this reader as gone ([`Error::PeerLost`]). On the
     /// writer: readers get [`Error::Shutdown`] once they have read what was already published;
     /// a blocked `enqueue` returns [`Error::Shutdown`].
     pub fn shutdown(&self) {
@@ -1649,7 +1653,15 @@ impl MessageQueue {
                     }
                 }
             }
-            Role::Local(r) => bump_and_wake(r.ring.data_futex()),
+            Role::Local(r) => {
+                // This reader will not read again: let the writer know (it names us on its
+                // next enqueue) and wake our own blocked dequeue.
+                r.ring
+                    .attached(r.slot)
+                    .store(ring::SLOT_LEFT, Ordering::SeqCst);
+                bump_and_wake(r.ring.space_futex());
+                bump_and_wake(r.ring.data_futex());
+            }
             Role::Remote(r) => {
                 let _ = r.control.shutdown(std::net::Shutdown::Both);
             }
@@ -1668,13 +1680,7 @@ impl Drop for MessageQueue {
                     }
                 }
             }
-            Role::Local(r) => {
-                r.ring
-                    .attached(r.slot)
-                    .store(ring::SLOT_LEFT, Ordering::SeqCst);
-                bump_and_wake(r.ring.space_futex());
-            }
-            Role::Remote(_) => {}
+            Role::Local(_) | Role::Remote(_) => {}
         }
     }
 }

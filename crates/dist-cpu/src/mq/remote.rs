@@ -310,6 +310,41 @@ impl Link {
         self.cv.notify_all();
     }
 
+    /// Looks at the socket without blocking: a reader that closed its end (process exit, crash)
+    /// or sent bytes out of turn marks the link lost now, not when the sender next writes.
+    pub fn check_peer(&self) {
+        use std::os::fd::AsRawFd;
+        let mut b = [0u8; 1];
+        // SAFETY: the descriptor is owned by `self.stream` and open for the duration of the
+        // call; `b` is a valid 1-byte buffer; MSG_PEEK | MSG_DONTWAIT neither consumes data nor
+        // blocks, and changes no state of the descriptor that the sender thread relies on.
+        let n = unsafe {
+            libc::recv(
+                self.stream.as_raw_fd(),
+                b.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        let why = match n {
+            0 => Some("the reader closed its connection".to_string()),
+            n if n > 0 => Some("the reader sent unexpected bytes".to_string()),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => None,
+                    _ => Some(format!("connection error: {e}")),
+                }
+            }
+        };
+        if let Some(why) = why {
+            let mut st = lock(&self.state);
+            if st.lost.is_none() {
+                st.lost = Some(why);
+            }
+        }
+    }
+
     /// Why the link failed, if it did.
     pub fn lost(&self) -> Option<String> {
         lock(&self.state).lost.clone()
