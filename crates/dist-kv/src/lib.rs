@@ -57,5 +57,6 @@
 pub mod cli;
 mod error;
 pub mod events;
+pub mod transfer;
 
 pub use error::{Error, Result};

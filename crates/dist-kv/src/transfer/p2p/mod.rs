@@ -1,0 +1,1 @@
+//! P2P (placeholder while writing)
