@@ -265,9 +265,7 @@ impl std::fmt::Debug for CustomAllreduce {
 /// Whether every pair of the group's devices can reach each other: same device, or peer access
 /// with native atomics (the NVLink stand-in, since PCIe peers usually lack them). Devices of other
 /// ranks that this process cannot see count as not connected.
-fn topology(dev: &DeviceContext, host: &dyn HostGroup) -> Result<(bool, bool)> {
-    let mine = dev.uuid()?;
-    let all = host.all_gather_bytes(&mine)?;
+fn topology(mine: &[u8], all: &[Vec<u8>]) -> Result<(bool, bool)> {
     let n = cu::device::get_count()
         .map_err(|e| cuda_err("cuDeviceGetCount", e))?
         .max(0);
@@ -277,11 +275,11 @@ fn topology(dev: &DeviceContext, host: &dyn HostGroup) -> Result<(bool, bool)> {
         let u = cu::device::get_uuid(d).map_err(|e| cuda_err("cuDeviceGetUuid", e))?;
         by_uuid.insert(u.bytes.iter().map(|b| *b as u8).collect(), d);
     }
-    let me = by_uuid.get(mine.as_slice()).copied();
+    let me = by_uuid.get(mine).copied();
     let mut all_p2p = true;
     let mut all_atomic = true;
-    for u in &all {
-        if u.as_slice() == mine.as_slice() {
+    for u in all {
+        if u.as_slice() == mine {
             continue;
         }
         let (Some(a), Some(b)) = (me, by_uuid.get(u).copied()) else {
@@ -322,14 +320,51 @@ impl CustomAllreduce {
     ) -> Result<Option<CustomAllreduce>> {
         let world = host.world_size();
         let rank = host.rank();
-        let disabled = policy::env_flag(std::env::var(policy::DISABLE_ENV).ok().as_deref());
-        if let Err(why) = policy::should_create(group_name, disabled, world, true) {
+        // Group name and world size are the same on every rank: decided alike without talking.
+        if let Err(why) = policy::should_create(group_name, false, world, true) {
             tracing::info!(group = group_name, "custom all-reduce disabled: {why}");
             return Ok(None);
         }
-        let forced = policy::parse_algo(std::env::var(policy::ALGO_ENV).ok().as_deref())?;
+        // The environment and the visible devices are per process: agree on them in one
+        // exchange, so that no rank goes on to create buffers its peers will not.
+        let disabled = policy::env_flag(std::env::var(policy::DISABLE_ENV).ok().as_deref());
+        let forced = policy::parse_algo(std::env::var(policy::ALGO_ENV).ok().as_deref());
         dev.bind()?;
-        let (p2p, fully_connected) = topology(dev, host)?;
+        let uuid = dev.uuid()?;
+        let mut mine = vec![disabled as u8, forced.is_ok() as u8];
+        mine.extend_from_slice(&uuid);
+        let all = host.all_gather_bytes(&mine)?;
+        if let Some(r) = all.iter().position(|b| b.len() != mine.len()) {
+            return Err(Error::protocol(format!(
+                "custom all-reduce set-up: rank {r} sent {} bytes, expected {}",
+                all[r].len(),
+                mine.len()
+            )));
+        }
+        let flags: Vec<(bool, bool)> = all.iter().map(|b| (b[0] != 0, b[1] != 0)).collect();
+        match policy::setup_verdict(&flags) {
+            policy::SetupVerdict::Go => {}
+            policy::SetupVerdict::Disabled(off) => {
+                tracing::info!(
+                    group = group_name,
+                    "custom all-reduce disabled: {} set on ranks {off:?}",
+                    policy::DISABLE_ENV
+                );
+                return Ok(None);
+            }
+            policy::SetupVerdict::BadAlgo(bad) => {
+                return Err(forced.err().unwrap_or_else(|| {
+                    Error::invalid(format!("{} is invalid on ranks {bad:?}", policy::ALGO_ENV))
+                }));
+            }
+        }
+        let forced = forced?;
+        let uuids: Vec<Vec<u8>> = all.iter().map(|b| b[2..].to_vec()).collect();
+        let (p2p, fc) = topology(&uuid, &uuids)?;
+        // Each process judged with the devices it can see: the group takes the AND.
+        let verdicts = host.all_gather_bytes(&[p2p as u8, fc as u8])?;
+        let p2p = verdicts.iter().all(|v| v.first() == Some(&1));
+        let fully_connected = verdicts.iter().all(|v| v.get(1) == Some(&1));
         if !p2p || (world > 2 && !fully_connected) {
             tracing::info!(
                 group = group_name,

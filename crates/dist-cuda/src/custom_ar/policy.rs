@@ -127,6 +127,31 @@ pub fn should_create(
     Ok(())
 }
 
+/// What the group does after exchanging each rank's `(disabled by env, algorithm env valid)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SetupVerdict {
+    /// Every rank is willing and valid.
+    Go,
+    /// These ranks disabled it: nobody creates it (NCCL serves every all-reduce).
+    Disabled(Vec<usize>),
+    /// These ranks have an invalid algorithm setting: every rank fails alike.
+    BadAlgo(Vec<usize>),
+}
+
+/// The group's one decision from every rank's `(disabled, algo_ok)`: disabled anywhere wins,
+/// then an invalid setting anywhere is an error everywhere.
+pub fn setup_verdict(ranks: &[(bool, bool)]) -> SetupVerdict {
+    let off: Vec<usize> = (0..ranks.len()).filter(|r| ranks[*r].0).collect();
+    if !off.is_empty() {
+        return SetupVerdict::Disabled(off);
+    }
+    let bad: Vec<usize> = (0..ranks.len()).filter(|r| !ranks[*r].1).collect();
+    if !bad.is_empty() {
+        return SetupVerdict::BadAlgo(bad);
+    }
+    SetupVerdict::Go
+}
+
 /// Dtypes the kernels reduce (bf16 needs sm80+).
 pub fn supports_dtype(dtype: DType, cc: (i32, i32)) -> bool {
     match dtype {
@@ -239,6 +264,19 @@ mod tests {
         assert!(should_create("tp:0", false, 3, true).is_err());
         assert!(should_create("tp:0", false, 16, true).is_err());
         assert!(should_create("tp:0", false, 2, false).is_err());
+    }
+
+    #[test]
+    fn setup_agreement() {
+        assert_eq!(setup_verdict(&[(false, true); 4]), SetupVerdict::Go);
+        assert_eq!(
+            setup_verdict(&[(false, true), (true, true), (false, false)]),
+            SetupVerdict::Disabled(vec![1])
+        );
+        assert_eq!(
+            setup_verdict(&[(false, true), (false, false), (false, false)]),
+            SetupVerdict::BadAlgo(vec![1, 2])
+        );
     }
 
     #[test]
