@@ -24,13 +24,22 @@ pub fn ensure_driver() -> Result<&'static Runtime> {
 /// runtime loads but finds none, [`Error::LibraryNotFound`] without the runtime.
 pub fn visible_devices() -> Result<usize> {
     let rt = ensure_driver()?;
-    match hr::get_device_count(rt)? {
-        0 => Err(hr::no_device(format!(
-            "hipGetDeviceCount found 0 devices (HIP runtime {} from {})",
-            rt.version(),
-            rt.path
+    let from = format!("HIP runtime {} from {}", rt.version(), rt.path);
+    match hr::get_device_count(rt) {
+        Ok(0) => Err(hr::no_device(format!(
+            "hipGetDeviceCount found 0 devices ({from})"
         ))),
-        n => Ok(n),
+        Ok(n) => Ok(n),
+        Err(Error::Backend {
+            backend,
+            code,
+            message,
+        }) => Err(Error::Backend {
+            backend,
+            code,
+            message: format!("{message} ({from})"),
+        }),
+        Err(e) => Err(e),
     }
 }
 
