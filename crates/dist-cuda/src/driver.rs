@@ -44,11 +44,28 @@ pub fn ensure_driver() -> Result<()> {
     }
     Err(Error::LibraryNotFound {
         library: "libcuda".into(),
-        tried: cudarc::get_lib_name_candidates("cuda")
-            .into_iter()
-            .map(|n| format!("{n}: cannot be opened"))
-            .collect(),
+        tried: why_not_loaded("cuda"),
     })
+}
+
+/// cudarc's candidate names for `lib`, de-duplicated, each with the loader's reason.
+fn why_not_loaded(lib: &str) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    cudarc::get_lib_name_candidates(lib)
+        .into_iter()
+        .filter(|n| seen.insert(n.clone()))
+        .map(|n| {
+            // SAFETY: only reached when cudarc found none of these; a library that loads now
+            // is closed again at once (its initialisers are the vendor's).
+            match unsafe { libloading::Library::new(&n) } {
+                Ok(_) => format!("{n}: loads now but did not at the first check"),
+                Err(e) => {
+                    let e = e.to_string();
+                    format!("{n}: {}", e.strip_prefix(&format!("{n}: ")).unwrap_or(&e))
+                }
+            }
+        })
+        .collect()
 }
 
 /// Checks that NVRTC can be loaded (needed by the custom all-reduce only).
@@ -61,10 +78,7 @@ pub fn ensure_nvrtc() -> Result<()> {
     }
     Err(Error::LibraryNotFound {
         library: "libnvrtc".into(),
-        tried: cudarc::get_lib_name_candidates("nvrtc")
-            .into_iter()
-            .map(|n| format!("{n}: cannot be opened"))
-            .collect(),
+        tried: why_not_loaded("nvrtc"),
     })
 }
 

@@ -154,7 +154,12 @@ impl Library {
     ) -> std::result::Result<Library, String> {
         // SAFETY: loading a shared library runs its initialisers; NCCL's and RCCL's are the
         // vendor's own and have no preconditions beyond a sane process.
-        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| e.to_string())?;
+        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
+            // dlerror() repeats the path; keep the reason only.
+            let e = e.to_string();
+            let p = format!("{}: ", path.display());
+            e.strip_prefix(&p).map(str::to_string).unwrap_or(e)
+        })?;
         macro_rules! req {
             ($name:literal) => {{
                 // SAFETY: the symbol's type is the one nccl.h declares for this name (see sys).
