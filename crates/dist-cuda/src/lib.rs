@@ -41,6 +41,19 @@
 //! errors; `to_host` waits for the stream. NCCL init runs on a helper thread joined with the
 //! context's timeout; destroy aborts NCCL on a helper thread with a 5 s deadline.
 //!
+//! ## Environment
+//! | variable | effect |
+//! | --- | --- |
+//! | `DIST_NCCL_SO_PATH` | NCCL library to load first (vLLM: `VLLM_NCCL_SO_PATH`) |
+//! | `DIST_DISABLE_CUSTOM_ALL_REDUCE=1` | no custom all-reduce (vLLM: `disable_custom_all_reduce`); any rank setting it turns it off for the group |
+//! | `DIST_CUSTOM_ALLREDUCE_ALGO` | `1stage`/`oneshot` or `2stage`/`twoshot` forces the kernel; anything else is an error (vLLM: `VLLM_CUSTOM_ALLREDUCE_ALGO`) |
+//! | `DIST_CUDA_CACHE_BYTES` | cap of the per-device cache of freed buffers (default 1 GiB, 0 disables) |
+//!
+//! The P2P check is vLLM's default (`VLLM_SKIP_P2P_CHECK=1`): the driver's peer-access answer
+//! (`cuDeviceCanAccessPeer`), with native peer atomics standing in for NVML's NVLink status when
+//! deciding "fully connected" for more than two GPUs. vLLM's probe subprocess and JSON cache are
+//! not reproduced.
+//!
 //! ## Example
 //! ```no_run
 //! use dist_core::{Backend, DeviceCommunicator, HostTensor, ReduceOp};
