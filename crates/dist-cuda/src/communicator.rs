@@ -828,35 +828,44 @@ impl DeviceCommunicator for Communicator {
             return Ok(());
         }
         let _ = self.dev.bind();
-        let ca = lock(&self.custom_ar).take();
-        if ca.is_some() {
-            // Peers may still read our buffers: wait for our work, then for everyone.
-            let sync = self.dev.synchronize();
-            let bar = self.host.barrier();
+        let t = self.timeout();
+        // Our work first (bounded); every step runs even when an earlier one failed, and the
+        // first error is returned.
+        let mut first: Option<Error> = self
+            .dev
+            .wait(&format!("{} destroy", self.name), t, || Ok(()))
+            .err();
+        // NCCL next (as vLLM: abort, on a helper thread with a deadline): an abort also ends a
+        // collective a dead peer left hanging.
+        if let Some(mut c) = lock(&self.nccl).take() {
+            if let Err(e) = c.abort() {
+                first.get_or_insert(e);
+            }
+        }
+        if let Some(ca) = lock(&self.custom_ar).take() {
+            // Peers may still read our buffers: free them only once every rank is here.
+            if let Err(e) = self.host.barrier() {
+                first.get_or_insert(e);
+            }
             drop(ca);
-            sync?;
-            bar?;
         }
-        let nccl = lock(&self.nccl).take();
-        if let Some(mut c) = nccl {
-            c.abort()?;
-        }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 }
 
 impl Drop for Communicator {
     fn drop(&mut self) {
-        if !self.destroyed.load(Ordering::Acquire) {
-            // No collective barrier in drop (a peer may be gone): free locally, never panic.
-            self.destroyed.store(true, Ordering::Release);
-            let _ = self.dev.synchronize();
-            drop(lock(&self.custom_ar).take());
+        if !self.destroyed.swap(true, Ordering::AcqRel) {
+            // No collective barrier in drop (a peer may be gone): free locally, bounded, never panic.
+            let _ = self
+                .dev
+                .wait(&format!("{} drop", self.name), self.timeout(), || Ok(()));
             if let Some(mut c) = lock(&self.nccl).take() {
                 if let Err(e) = c.abort() {
                     tracing::warn!(group = %self.name, "dropping communicator: {e}");
                 }
             }
+            drop(lock(&self.custom_ar).take());
         }
     }
 }

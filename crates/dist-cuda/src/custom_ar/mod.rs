@@ -635,7 +635,13 @@ impl CustomAllreduce {
 impl Drop for CustomAllreduce {
     fn drop(&mut self) {
         if self.dev.bind().is_ok() {
-            if let Err(e) = self.dev.synchronize() {
+            // Bounded by the kernels' own deadline (plus the wait's grace).
+            if let Err(e) =
+                self.dev
+                    .wait("custom all-reduce teardown", self.faults.timeout(), || {
+                        Ok(())
+                    })
+            {
                 tracing::warn!("custom all-reduce teardown: {e}");
             }
             for (_, p) in self.opened.drain() {
