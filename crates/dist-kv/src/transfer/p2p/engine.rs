@@ -86,6 +86,8 @@ impl Default for EngineConfig {
 
 /// Socket read timeout: how often idle readers look at the shutdown flag.
 const POLL: Duration = Duration::from_millis(100);
+/// Given-up requests remembered to refuse their late tensors.
+const MAX_DISCARDED: usize = 4096;
 /// Most connections one engine keeps.
 const MAX_CONNS: usize = 1024;
 
@@ -223,6 +225,8 @@ struct SendState {
 #[derive(Debug, Default)]
 struct RecvStore {
     tensors: HashMap<String, (HostTensor, String)>,
+    /// Requests given up here (bounded, oldest forgotten first): their late PUTs are refused.
+    discarded: VecDeque<String>,
     /// Bytes held plus bytes reserved for PUTs whose data is arriving.
     bytes: usize,
 }
@@ -509,6 +513,12 @@ impl P2pEngine {
     /// Consumer: drops every received tensor of `request_id`, freeing the receive buffer.
     pub fn discard_request(&self, request_id: &str) {
         let mut r = lock(&self.inner.recv);
+        if !r.discarded.iter().any(|d| d == request_id) {
+            if r.discarded.len() >= MAX_DISCARDED {
+                r.discarded.pop_front();
+            }
+            r.discarded.push_back(request_id.to_string());
+        }
         let mut freed = 0;
         r.tensors.retain(|id, (t, _)| {
             let keep = request_of(id) != request_id;
@@ -829,6 +839,13 @@ impl Inner {
                 header.dtype, header.shape
             ));
         };
+        if lock(&self.recv)
+            .discarded
+            .iter()
+            .any(|d| d == request_of(&tensor_id))
+        {
+            return refuse(format!("{tensor_id}: the request was given up here"));
+        }
         // Back-pressure: answer only when the tensor fits.
         let start = Instant::now();
         let deadline = start + self.cfg.timeout;

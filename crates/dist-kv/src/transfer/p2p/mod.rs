@@ -330,36 +330,36 @@ impl P2pWorker {
         Ok(n)
     }
 
-    /// Receives and checks every layer of one request; nothing is written to the caches.
-    fn receive_request(&self, r: &P2pReqMeta, n: usize) -> Result<(Vec<(String, HostTensor)>, String)> {
+    /// Receives and checks one layer of one request.
+    fn receive_layer(
+        &self,
+        r: &P2pReqMeta,
+        n: usize,
+        name: &str,
+        spec: &KvCacheSpec,
+        deadline: Instant,
+    ) -> Result<(HostTensor, String)> {
         let get_peer = match self.cfg.engine.send_type {
             SendType::Get => Some(peer_address(&r.request_id, false, self.cfg.rank)?),
             _ => None,
         };
-        let deadline = Instant::now() + self.cfg.engine.timeout;
-        let mut from = String::new();
-        let mut out = Vec::with_capacity(self.layers.len());
-        for (name, spec) in &self.layers {
-            let tid = format!("{}#{name}", r.request_id);
-            let (t, peer) = self.engine.recv_tensor(&tid, get_peer.as_deref(), deadline)?;
-            from = peer;
-            let m = t.shape().get(1).copied().unwrap_or(0);
-            let want = [spec.kv, m, spec.block_size, spec.num_kv_heads, spec.head_dim];
-            if t.dtype() != spec.dtype || t.shape() != want || m < n {
-                return Err(Error::Protocol(format!(
-                    "{tid}: got {} {:?}, this cache needs {} [{}, >={n}, {}, {}, {}]",
-                    t.dtype(),
-                    t.shape(),
-                    spec.dtype,
-                    spec.kv,
-                    spec.block_size,
-                    spec.num_kv_heads,
-                    spec.head_dim
-                )));
-            }
-            out.push((name.clone(), first_blocks(&t, n)?));
+        let tid = format!("{}#{name}", r.request_id);
+        let (t, from) = self.engine.recv_tensor(&tid, get_peer.as_deref(), deadline)?;
+        let m = t.shape().get(1).copied().unwrap_or(0);
+        let want = [spec.kv, m, spec.block_size, spec.num_kv_heads, spec.head_dim];
+        if t.dtype() != spec.dtype || t.shape() != want || m < n {
+            return Err(Error::Protocol(format!(
+                "{tid}: got {} {:?}, this cache needs {} [{}, >={n}, {}, {}, {}]",
+                t.dtype(),
+                t.shape(),
+                spec.dtype,
+                spec.kv,
+                spec.block_size,
+                spec.num_kv_heads,
+                spec.head_dim
+            )));
         }
-        Ok((out, from))
+        Ok((first_blocks(&t, n)?, from))
     }
 }
 
@@ -417,14 +417,46 @@ impl KvConnectorWorker for P2pWorker {
         let Some(meta) = self.meta.take() else {
             return Ok(());
         };
-        for r in meta.requests.iter().filter(|r| !r.is_store && r.num_tokens > 0) {
-            let res = self.blocks_for(r).and_then(|n| {
-                let (layers, from) = self.receive_request(r, n)?;
+        // Layer-major, in the order the producer saves (each layer for every request), so a
+        // receive buffer that holds a few tensors never waits on one that cannot arrive yet.
+        // A request's layers are kept until all arrived and checked: nothing of a failed
+        // request is written. The deadline moves with progress.
+        let loads: Vec<&P2pReqMeta> = meta
+            .requests
+            .iter()
+            .filter(|r| !r.is_store && r.num_tokens > 0)
+            .collect();
+        let mut state: Vec<Result<(usize, Vec<(String, HostTensor)>, String)>> = loads
+            .iter()
+            .map(|r| self.blocks_for(r).map(|n| (n, Vec::new(), String::new())))
+            .collect();
+        let mut deadline = Instant::now() + self.cfg.engine.timeout;
+        for (name, spec) in &self.layers {
+            for (r, st) in loads.iter().zip(state.iter_mut()) {
+                let Ok((n, got, from)) = st else { continue };
+                match self.receive_layer(r, *n, name, spec, deadline) {
+                    Ok((t, peer)) => {
+                        got.push((name.clone(), t));
+                        *from = peer;
+                        deadline = Instant::now() + self.cfg.engine.timeout;
+                    }
+                    Err(e) => *st = Err(e),
+                }
+            }
+        }
+        for (r, st) in loads.iter().zip(state) {
+            let res = st.and_then(|(n, layers, from)| {
+                for (name, _) in &layers {
+                    if !caches.contains_key(name) {
+                        return Err(Error::invalid(format!(
+                            "layer {name} was registered but is not passed"
+                        )));
+                    }
+                }
                 for (name, t) in &layers {
-                    let c = caches.get_mut(name).ok_or_else(|| {
-                        Error::invalid(format!("layer {name} was registered but is not passed"))
-                    })?;
-                    c.scatter_blocks(&r.block_ids[..n], t)?;
+                    if let Some(c) = caches.get_mut(name) {
+                        c.scatter_blocks(&r.block_ids[..n], t)?;
+                    }
                 }
                 Ok(from)
             });
@@ -506,9 +538,11 @@ impl KvConnectorWorker for P2pWorker {
     fn get_finished(&mut self, finished_req_ids: &BTreeSet<String>) -> FinishedRequests {
         let (sending, mut failed) = self.engine.take_finished();
         failed.append(&mut std::mem::take(&mut self.failures.failed));
-        for id in finished_req_ids {
-            // Tensors that arrived for a request the scheduler already finished are dropped.
-            self.engine.discard_request(id);
+        if self.cfg.role == P2pRole::Consumer {
+            for id in finished_req_ids {
+                // Tensors that arrived for a request the scheduler already finished are dropped.
+                self.engine.discard_request(id);
+            }
         }
         FinishedRequests {
             finished_sending: sending,
