@@ -785,20 +785,31 @@ impl DeviceCommunicator for Communicator {
             return Ok(());
         }
         let _ = self.dev.bind();
-        let nccl = lock(&self.nccl).take();
-        if let Some(mut c) = nccl {
-            c.abort()?;
+        let t = self.timeout();
+        // Our work first (bounded); every step runs even when an earlier one failed, and the
+        // first error is returned.
+        let mut first: Option<Error> = self
+            .dev
+            .wait(&format!("{} destroy", self.name), t, || Ok(()))
+            .err();
+        // RCCL next (as vLLM: abort, on a helper thread with a deadline): an abort also ends a
+        // collective a dead peer left hanging.
+        if let Some(mut c) = lock(&self.nccl).take() {
+            if let Err(e) = c.abort() {
+                first.get_or_insert(e);
+            }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 }
 
 impl Drop for Communicator {
     fn drop(&mut self) {
-        if !self.destroyed.load(Ordering::Acquire) {
-            // No collective barrier in drop (a peer may be gone): free locally, never panic.
-            self.destroyed.store(true, Ordering::Release);
-            let _ = self.dev.synchronize();
+        if !self.destroyed.swap(true, Ordering::AcqRel) {
+            // No collective barrier in drop (a peer may be gone): free locally, bounded, never panic.
+            let _ = self
+                .dev
+                .wait(&format!("{} drop", self.name), self.timeout(), || Ok(()));
             if let Some(mut c) = lock(&self.nccl).take() {
                 if let Err(e) = c.abort() {
                     tracing::warn!(group = %self.name, "dropping communicator: {e}");
