@@ -877,4 +877,31 @@ impl dist_core::Backend for RocmBackend {
         );
         RocmTensor::from_host(t, device.index)
     }
+    /// The same storage re-viewed (no copy, as torch's `view`).
+    fn reshape(t: RocmTensor, shape: &[usize]) -> Result<RocmTensor> {
+        t.reshape(shape)
+    }
+    /// A device-to-device copy on the device's stream (no trip through the host).
+    fn flat_slice(t: &RocmTensor, start: usize, len: usize) -> Result<RocmTensor> {
+        dist_core::ensure_arg!(
+            start.checked_add(len).is_some_and(|e| e <= t.numel()),
+            "flat_slice [{start}, {start}+{len}) out of range for {} elements",
+            t.numel()
+        );
+        let dev = t.context();
+        let out = RocmTensor::uninit(dev, t.dtype(), &[len])?;
+        let es = t.dtype().size() as u64;
+        // SAFETY: [start, start+len) lies inside t (checked above) and out holds len elements;
+        // both are ordered on the device's stream, which later uses of `out` follow.
+        unsafe {
+            copy_d2d(
+                dev.runtime(),
+                out.ptr(),
+                t.ptr() + start as u64 * es,
+                len * t.dtype().size(),
+                dev.stream(),
+            )
+        }?;
+        Ok(out)
+    }
 }

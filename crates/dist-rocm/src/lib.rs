@@ -29,7 +29,8 @@
 //!   on, owned device memory (`hipMalloc`, one allocation per buffer so it can be shared with HIP
 //!   IPC) with a small cache, strided 2-D copies.
 //! - [`RocmTensor`]: a dense device buffer + dtype + shape; clones alias, as torch tensors do.
-//!   [`RocmBackend`] implements `dist_core::Backend` (`to_host`, `from_host`).
+//!   [`RocmBackend`] implements `dist_core::Backend` (`to_host`, `from_host`; `reshape` re-views
+//!   and `flat_slice` copies on the device, where the defaults go through the host).
 //! - [`Communicator`]: every `DeviceCommunicator` op over RCCL on the device's `hipStream_t`,
 //!   asynchronous (as vLLM's pynccl), capturable in a HIP graph ([`RocmGraph`]); the layouts are
 //!   dist-cuda's: `all_gather(dim)` gathers rank-major then re-lays out on the device with one
@@ -52,12 +53,19 @@
 //! asynchronous errors. RCCL init runs on a helper thread joined with the context's timeout.
 //!
 //! ## Tested how
-//! Without an AMD GPU (CI, Debian's `libamdhip64-dev`, HIP 5.2): every entry point reports "no
-//! ROCm device", and a `DIST_HIP_SO_PATH` that does not exist is `LibraryNotFound`. On NVIDIA
-//! machines, an ABI test (not a ROCm test): `examples/mp_rocm.rs --hip-from-cudart` installs a
-//! HIP function table served by `libcudart` ([`hip::install_runtime`]; HIP's NVIDIA platform is
-//! that mapping) and points the RCCL loader at `libnccl.so.2` (`DIST_NCCL_SO_PATH`), then runs
-//! this crate's communicator through every op against the `dist_core::reference` oracles.
+//! - Without an AMD GPU (CI, Debian's `libamdhip64-dev`, HIP 5.2): every entry point reports "no
+//!   ROCm device" (`tests/rocm_no_device.rs`), and a `DIST_HIP_SO_PATH` that does not exist is
+//!   `LibraryNotFound` everywhere (`tests/rocm_missing_library.rs`).
+//! - The crate's own logic (cache, copies, the 2-D re-layout against `concat_along`, IPC
+//!   handles, argument checks, life cycle) on a host-memory test double of the HIP runtime
+//!   installed with [`hip::install_runtime`] (`tests/rocm_host_runtime.rs`): no GPU needed.
+//! - On NVIDIA machines, an **ABI test, not a ROCm test** (`ci/device/rocm_run.sh`):
+//!   `examples/mp_rocm.rs --hip-from-cudart` installs a HIP function table served by
+//!   `libcudart` (HIP's NVIDIA platform is that mapping) and points the RCCL entry point at
+//!   `libnccl.so.2` (`DIST_NCCL_SO_PATH`), then runs this crate's communicator through every op
+//!   and dtype against the `dist_core::reference` oracles, HIP-graph replay and dist-core's
+//!   conformance suite. On an H100 (cudart 13.0, NCCL 2.28.9) at world 1: 1414 of 1414 checks.
+//!   Nothing here has run on AMD hardware yet.
 //!
 //! ## Example
 //! ```no_run

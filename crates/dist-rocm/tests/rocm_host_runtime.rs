@@ -297,6 +297,24 @@ fn crate_logic_on_a_host_memory_hip_double() {
             assert_eq!(z.to_host().unwrap(), HostTensor::zeros(dtype, &shape));
         }
     }
+    // Backend::reshape re-views, Backend::flat_slice copies on the device; both as the defaults.
+    let x = HostTensor::random(DType::F16, &[4, 6], 11);
+    let d = RocmBackend::from_host(&x, Device::new(DeviceKind::Rocm, 1)).unwrap();
+    let r = RocmBackend::reshape(d.clone(), &[3, 8]).unwrap();
+    assert_eq!(r.ptr(), d.ptr());
+    assert_eq!(
+        RocmBackend::to_host(&r).unwrap(),
+        x.clone().reshape(&[3, 8]).unwrap()
+    );
+    assert!(RocmBackend::reshape(d.clone(), &[5, 5]).is_err());
+    for (start, len) in [(0usize, 24usize), (5, 7), (23, 1), (24, 0)] {
+        let got = RocmBackend::to_host(&RocmBackend::flat_slice(&d, start, len).unwrap()).unwrap();
+        let want = dist_core::LocalBackend::flat_slice(&x, start, len).unwrap();
+        assert_eq!(got, want, "flat_slice({start}, {len})");
+    }
+    assert!(RocmBackend::flat_slice(&d, 20, 5).is_err());
+    assert!(RocmBackend::flat_slice(&d, usize::MAX, 2).is_err());
+    drop((d, r));
     // Sizes are checked before anything is allocated.
     assert!(RocmTensor::zeros(&dev, DType::F64, &[usize::MAX / 4, 3]).is_err());
 
