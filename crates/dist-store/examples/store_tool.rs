@@ -33,10 +33,13 @@ enum Cmd {
         /// Key prefix to use.
         #[arg(long, default_value = "rs/")]
         prefix: String,
+        /// Skip the queue calls (PyTorch's legacy server has none).
+        #[arg(long)]
+        no_queues: bool,
     },
 }
 
-fn interop(host: &str, port: u16, p: &str) -> Result<(), String> {
+fn interop(host: &str, port: u16, p: &str, queues: bool) -> Result<(), String> {
     let e = |x: dist_core::Error| x.to_string();
     let t = Duration::from_secs(10);
     let c = TcpStoreClient::connect(
@@ -120,16 +123,18 @@ fn interop(host: &str, port: u16, p: &str) -> Result<(), String> {
         "connection usable after cancel",
         c.get(&format!("{p}a"), t).map_err(e)? == b"va",
     )?;
-    c.queue_push(&format!("{p}q"), b"item").map_err(e)?;
-    check("queue_len", c.queue_len(&format!("{p}q")).map_err(e)? == 1)?;
-    check(
-        "queue_pop",
-        c.queue_pop(&format!("{p}q"), Some(t))
-            .map_err(e)?
-            .as_deref()
-            == Some(&b"item"[..]),
-    )?;
-    // Wait for keys the other side sets (torch_done), and leave one for it.
+    if queues {
+        c.queue_push(&format!("{p}q"), b"item").map_err(e)?;
+        check("queue_len", c.queue_len(&format!("{p}q")).map_err(e)? == 1)?;
+        check(
+            "queue_pop",
+            c.queue_pop(&format!("{p}q"), Some(t))
+                .map_err(e)?
+                .as_deref()
+                == Some(&b"item"[..]),
+        )?;
+    }
+    // Leave a key for the other side to read.
     c.set(&format!("{p}from_rust"), b"hello torch").map_err(e)?;
     println!("interop client: {ok} checks passed");
     Ok(())
@@ -150,7 +155,12 @@ fn main() {
             eprintln!("dist bench store: {e}");
             1
         }),
-        Cmd::Interop { host, port, prefix } => match interop(&host, port, &prefix) {
+        Cmd::Interop {
+            host,
+            port,
+            prefix,
+            no_queues,
+        } => match interop(&host, port, &prefix, !no_queues) {
             Ok(()) => 0,
             Err(m) => {
                 eprintln!("interop: FAILED: {m}");

@@ -39,6 +39,10 @@ pub struct ClientOptions {
     /// client then reconnects once without extensions and remembers. `false`: speak exactly
     /// PyTorch's protocol.
     pub extensions: bool,
+    /// Prepended to every key on the wire. PyTorch's `TCPStore` prepends `/` to every key
+    /// (its `keyPrefix_`), so the default `/` makes our keys the keys PyTorch processes see:
+    /// `set("a")` here and `store.get("a")` in PyTorch meet at `/a`.
+    pub key_prefix: String,
 }
 
 impl Default for ClientOptions {
@@ -53,6 +57,7 @@ impl Default for ClientOptions {
                 ..Limits::default()
             },
             extensions: true,
+            key_prefix: "/".into(),
         }
     }
 }
@@ -368,7 +373,7 @@ impl TcpStoreClient {
     /// Pushes `value` onto the queue `key`.
     pub fn queue_push(&self, key: &str, value: &[u8]) -> Result<()> {
         let req = Request::QueuePush {
-            key: key.into(),
+            key: self.k(key),
             value: value.to_vec(),
         };
         self.call("store queue_push", &req, self.op_deadline())
@@ -381,7 +386,7 @@ impl TcpStoreClient {
         if let Some(t) = wait {
             self.wait_inner("store queue_pop", &[key], t)?;
         }
-        let req = Request::QueuePop { key: key.into() };
+        let req = Request::QueuePop { key: self.k(key) };
         match self.call("store queue_pop", &req, self.op_deadline())? {
             Reply::QueuePop(v) => Ok(v),
             r => Err(Error::protocol(format!("queue_pop answered {r:?}"))),
@@ -392,12 +397,20 @@ impl TcpStoreClient {
     pub fn queue_len(&self, key: &str) -> Result<i64> {
         match self.call(
             "store queue_len",
-            &Request::QueueLen { key: key.into() },
+            &Request::QueueLen { key: self.k(key) },
             self.op_deadline(),
         )? {
             Reply::I64(n) => Ok(n),
             r => Err(Error::protocol(format!("queue_len answered {r:?}"))),
         }
+    }
+
+    /// The wire form of `key`: [`ClientOptions::key_prefix`] + `key`.
+    fn k(&self, key: &str) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.opts.key_prefix.len() + key.len());
+        v.extend_from_slice(self.opts.key_prefix.as_bytes());
+        v.extend_from_slice(key.as_bytes());
+        v
     }
 
     /// True once `HELLO` said the server supports `WAIT_GET`.
@@ -420,7 +433,7 @@ impl TcpStoreClient {
     ) -> Result<Option<Vec<Vec<u8>>>> {
         let start = Instant::now();
         let deadline = start + timeout;
-        let keys_b: Vec<Vec<u8>> = keys.iter().map(|k| k.as_bytes().to_vec()).collect();
+        let keys_b: Vec<Vec<u8>> = keys.iter().map(|k| self.k(k)).collect();
         self.with_conn(deadline, |s, c| {
             let get = get && s.has_wait_get();
             let req = if get {
@@ -486,7 +499,7 @@ impl TcpStoreClient {
         let probe = &keys[..keys.len().min(4096)];
         for k in probe {
             Request::Check {
-                keys: vec![k.as_bytes().to_vec()],
+                keys: vec![self.k(k)],
             }
             .encode(&mut c.wbuf);
         }
@@ -524,7 +537,7 @@ fn format_missing(missing: &[&str], total: usize) -> String {
 impl dist_core::Store for TcpStoreClient {
     fn set(&self, key: &str, value: &[u8]) -> Result<()> {
         let req = Request::Set {
-            key: key.into(),
+            key: self.k(key),
             value: value.to_vec(),
         };
         self.call("store set", &req, self.op_deadline()).map(|_| ())
@@ -538,7 +551,7 @@ impl dist_core::Store for TcpStoreClient {
         }
         match self.call(
             "store get",
-            &Request::Get { key: key.into() },
+            &Request::Get { key: self.k(key) },
             self.op_deadline(),
         )? {
             Reply::Value(v) => Ok(v),
@@ -548,7 +561,7 @@ impl dist_core::Store for TcpStoreClient {
 
     fn add(&self, key: &str, delta: i64) -> Result<i64> {
         let req = Request::Add {
-            key: key.into(),
+            key: self.k(key),
             delta,
         };
         match self.call("store add", &req, self.op_deadline())? {
@@ -559,7 +572,7 @@ impl dist_core::Store for TcpStoreClient {
 
     fn compare_set(&self, key: &str, expected: &[u8], desired: &[u8]) -> Result<Vec<u8>> {
         let req = Request::CompareSet {
-            key: key.into(),
+            key: self.k(key),
             expected: expected.to_vec(),
             desired: desired.to_vec(),
         };
@@ -571,7 +584,7 @@ impl dist_core::Store for TcpStoreClient {
 
     fn check(&self, keys: &[&str]) -> Result<bool> {
         let req = Request::Check {
-            keys: keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
+            keys: keys.iter().map(|k| self.k(k)).collect(),
         };
         match self.call("store check", &req, self.op_deadline())? {
             Reply::Check(r) => Ok(r == CheckResponse::Ready),
@@ -586,7 +599,7 @@ impl dist_core::Store for TcpStoreClient {
     fn delete(&self, key: &str) -> Result<bool> {
         match self.call(
             "store delete",
-            &Request::DeleteKey { key: key.into() },
+            &Request::DeleteKey { key: self.k(key) },
             self.op_deadline(),
         )? {
             Reply::I64(n) => Ok(n == 1),
@@ -606,7 +619,7 @@ impl dist_core::Store for TcpStoreClient {
             return Ok(v);
         }
         let req = Request::MultiGet {
-            keys: keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
+            keys: keys.iter().map(|k| self.k(k)).collect(),
         };
         match self.call("store multi_get", &req, self.op_deadline())? {
             Reply::Values(v) => Ok(v),
@@ -625,7 +638,7 @@ impl dist_core::Store for TcpStoreClient {
             pairs: keys
                 .iter()
                 .zip(values)
-                .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
+                .map(|(k, v)| (self.k(k), v.to_vec()))
                 .collect(),
         };
         self.call("store multi_set", &req, self.op_deadline())
@@ -634,7 +647,7 @@ impl dist_core::Store for TcpStoreClient {
 
     fn append(&self, key: &str, value: &[u8]) -> Result<()> {
         let req = Request::Append {
-            key: key.into(),
+            key: self.k(key),
             value: value.to_vec(),
         };
         self.call("store append", &req, self.op_deadline())

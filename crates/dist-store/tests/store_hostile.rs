@@ -13,6 +13,9 @@ use dist_store::proto::{QueryType, Request, VALIDATION_MAGIC};
 use dist_store::{ClientOptions, ServerOptions, StoreServer, TcpStoreClient};
 use rand::{Rng, SeedableRng};
 
+/// The tests here measure the process's RSS: run them one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn rss_kib() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     s.lines()
@@ -74,6 +77,7 @@ fn hostile_frame(rng: &mut impl Rng) -> Vec<u8> {
 
 #[test]
 fn ten_thousand_hostile_frames_do_not_hurt_a_normal_client() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let s = StoreServer::start(ServerOptions::default()).unwrap();
     let port = s.port();
     let rss0 = rss_kib();
@@ -142,6 +146,7 @@ fn ten_thousand_hostile_frames_do_not_hurt_a_normal_client() {
 
 #[test]
 fn a_client_that_never_reads_is_throttled_not_buffered() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     use std::io::Read;
     let s = StoreServer::start(ServerOptions {
         max_pending_output: 8 << 20,
@@ -152,6 +157,8 @@ fn a_client_that_never_reads_is_throttled_not_buffered() {
     let c = TcpStoreClient::connect("127.0.0.1", port, ClientOptions::default()).unwrap();
     let big = vec![7u8; 1 << 20];
     c.set("big", &big).unwrap();
+    // SET has no reply: make sure it was applied before another connection reads the key.
+    assert!(c.check(&["big"]).unwrap());
     let rss0 = rss_kib();
     // 200 GETs of 1 MiB (200 MiB of replies) sent without reading any.
     let mut raw = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -162,7 +169,7 @@ fn a_client_that_never_reads_is_throttled_not_buffered() {
     .encode(&mut req);
     for _ in 0..200 {
         Request::Get {
-            key: b"big".to_vec(),
+            key: b"/big".to_vec(), // our client prefixes keys with `/`
         }
         .encode(&mut req);
     }
