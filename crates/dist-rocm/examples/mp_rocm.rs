@@ -490,11 +490,20 @@ fn main() {
             }
         }
     }
-    // Every rank needs its own device (RCCL refuses two ranks on one GPU).
+    // Every rank needs its own device (RCCL refuses two ranks on one GPU). Every rank decides
+    // the same way, so no rank is left waiting for a peer that skipped.
     if let Err(err) = DeviceContext::get(e.local_rank) {
         println!(
             "rank {}: SKIPPED: no ROCm device for local rank {} ({err})",
             e.rank, e.local_rank
+        );
+        std::process::exit(SKIP);
+    }
+    let n = dist_rocm::device_count();
+    if n < e.world {
+        println!(
+            "rank {}: SKIPPED: world {} needs one GPU per rank, {n} visible",
+            e.rank, e.world
         );
         std::process::exit(SKIP);
     }
