@@ -403,6 +403,24 @@ fn crate_logic_on_a_host_memory_hip_double() {
     assert_eq!(m.ptr() as usize as u64, buf.ptr());
     drop(m);
     drop(buf);
+    // Owned memory of the safe layer: freed on drop; zero bytes allocate nothing.
+    let before = live_allocations();
+    let m = hip::safe::DeviceMemory::alloc(rt, 1, 4096).unwrap();
+    assert_eq!(live_allocations(), before + 1);
+    assert!(m.ipc_handle().is_ok());
+    drop(m);
+    let z = hip::safe::DeviceMemory::alloc(rt, 1, 0).unwrap();
+    assert!(z.is_empty() && z.ipc_handle().is_err());
+    drop(z);
+    assert_eq!(live_allocations(), before);
+    // A runtime that refuses capture: an error, the closure never runs, nothing panics.
+    let r = dist_rocm::RocmGraph::capture(&dev, || -> dist_core::Result<()> {
+        panic!("must not run when the capture cannot begin")
+    });
+    assert!(
+        matches!(r, Err(Error::Backend { backend: "hip", .. })),
+        "{r:?}"
+    );
     // Events.
     let (e0, e1) = (Event::new(rt, 1).unwrap(), Event::new(rt, 1).unwrap());
     e0.record(dev.stream_handle()).unwrap();
