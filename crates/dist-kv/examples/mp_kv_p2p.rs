@@ -1,0 +1,256 @@
+//! Two processes through the P2P connector on the CPU data path (TCP), as `dist run
+//! --nproc-per-node 2` starts them: rank 0 is the producer (prefill), rank 1 the consumer
+//! (decode). For each mode (PUT, PUT_ASYNC, GET) the producer fills NHD caches with random data
+//! and sends several requests' layers; the consumer, with HND caches and another block
+//! assignment, receives them and checks every block against the producer's data (regenerated
+//! from the same seed: the oracle). Then the consumer dies in the middle of a request and the
+//! producer must report that request failed, naming it, with its buffers freed, in time.
+//!
+//! Exits 0 when every check passed; prints each mode's time and rate. `--worlds` prints `2`.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use dist_core::{DType, HostGroup, HostGroupExt};
+use dist_kv::transfer::p2p::{
+    wait_finished, EngineConfig, P2pConfig, P2pRole, P2pScheduler, P2pWorker, SendType,
+};
+use dist_kv::transfer::{
+    BlockId, KvCacheSpec, KvCaches, KvConnectorScheduler, KvConnectorWorker, KvLayout,
+    NewRequestData, PagedKvCache, Request, SchedulerOutput,
+};
+use dist_store::StatelessProcessGroup;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+const BS: usize = 16;
+const LAYERS: usize = 8;
+const BLOCKS: usize = 64;
+const SEED: u64 = 0x5eed;
+
+fn spec(layout: KvLayout) -> KvCacheSpec {
+    KvCacheSpec {
+        kv: 2,
+        num_blocks: BLOCKS,
+        block_size: BS,
+        num_kv_heads: 8,
+        head_dim: 128,
+        dtype: DType::BF16,
+        layout,
+    }
+}
+
+fn layer(i: usize) -> String {
+    format!("model.layers.{i}.self_attn.attn")
+}
+
+fn producer_caches() -> Res<KvCaches> {
+    (0..LAYERS)
+        .map(|i| Ok((layer(i), PagedKvCache::random(spec(KvLayout::Nhd), SEED + i as u64)?)))
+        .collect()
+}
+
+/// Prompt lengths and the two block assignments (disjoint permutations of the cache's blocks).
+fn plan(n_req: usize) -> Vec<(usize, Vec<BlockId>, Vec<BlockId>)> {
+    let lens = [200usize, 65, 17, 128, 33, 5];
+    let mut next_p = 0u32;
+    let mut next_c = 0u32;
+    (0..n_req)
+        .map(|i| {
+            let len = lens[i % lens.len()];
+            let nb = len.div_ceil(BS) as u32;
+            let p = (0..nb).map(|k| (next_p + k) * 7 % BLOCKS as u32).collect();
+            let c = (0..nb).map(|k| (BLOCKS as u32 - 1) - (next_c + k) * 3 % BLOCKS as u32).collect();
+            next_p += nb;
+            next_c += nb;
+            (len, p, c)
+        })
+        .collect()
+}
+
+fn cfg(role: P2pRole, send_type: SendType, recv_cap: usize) -> P2pConfig {
+    P2pConfig {
+        role,
+        rank: 0,
+        block_size: BS,
+        engine: EngineConfig {
+            host: std::env::var("KV_HOST").unwrap_or_else(|_| "127.0.0.1".into()),
+            port: 0,
+            send_type,
+            send_buffer_bytes: 8 << 20,
+            recv_buffer_bytes: recv_cap,
+            timeout: Duration::from_secs(10),
+            done_timeout: Duration::from_secs(20),
+        },
+    }
+}
+
+fn ids(tag: &str, n: usize, pa: &str, ca: &str) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("{tag}-{i}___prefill_addr_{pa}___decode_addr_{ca}_{i:04x}"))
+        .collect()
+}
+
+fn produce(w: &mut P2pWorker, caches: &KvCaches, reqs: &[(Request, Vec<BlockId>)]) -> Res<()> {
+    let mut sched = P2pScheduler::new(P2pRole::Producer, BS)?;
+    let mut out = SchedulerOutput::default();
+    for (r, b) in reqs {
+        out.scheduled_new_reqs.push(NewRequestData {
+            request: r.clone(),
+            block_ids: b.clone(),
+            num_computed_tokens: 0,
+        });
+        out.num_scheduled_tokens.insert(r.request_id.clone(), r.prompt_token_ids.len());
+    }
+    w.bind_connector_metadata(sched.build_connector_meta(&out));
+    for (name, c) in caches {
+        w.save_kv_layer(name, c)?;
+    }
+    let r = w.wait_for_save();
+    w.clear_connector_metadata();
+    Ok(r?)
+}
+
+fn consume(w: &mut P2pWorker, caches: &mut KvCaches, reqs: &[(Request, Vec<BlockId>)]) -> Res<()> {
+    let mut sched = P2pScheduler::new(P2pRole::Consumer, BS)?;
+    let mut out = SchedulerOutput::default();
+    for (r, b) in reqs {
+        let (n, _) = sched.get_num_new_matched_tokens(r, 0)?;
+        sched.update_state_after_alloc(r, b, n.unwrap_or(0));
+        out.scheduled_new_reqs.push(NewRequestData {
+            request: r.clone(),
+            block_ids: b.clone(),
+            num_computed_tokens: 0,
+        });
+    }
+    w.bind_connector_metadata(sched.build_connector_meta(&out));
+    w.start_load_kv(caches)?;
+    w.clear_connector_metadata();
+    Ok(())
+}
+
+fn run_mode(g: &StatelessProcessGroup, mode: SendType, tag: &str) -> Res<()> {
+    let rank = g.rank();
+    let role = if rank == 0 { P2pRole::Producer } else { P2pRole::Consumer };
+    let mut w = P2pWorker::new(cfg(role, mode, 4 << 20))?;
+    let addrs: Vec<String> = g.all_gather_obj(&w.engine().listen_addr().to_string())?;
+    let plan = plan(5);
+    let ids = ids(tag, plan.len(), &addrs[0], &addrs[1]);
+    let prompt = |len: usize, i: usize| (0..len as i64).map(|t| t * 31 + i as i64).collect();
+    let pc = producer_caches()?;
+    let start = Instant::now();
+    if rank == 0 {
+        w.register_kv_caches(&pc)?;
+        let reqs: Vec<_> = plan
+            .iter()
+            .enumerate()
+            .map(|(i, (len, p, _))| (Request::new(&ids[i], prompt(*len, i)), p.clone()))
+            .collect();
+        produce(&mut w, &pc, &reqs)?;
+        let want: BTreeSet<String> = ids.iter().cloned().collect();
+        let fin = wait_finished(&mut w, &want, Duration::from_secs(30));
+        if fin.finished_sending != want || !fin.failed.is_empty() {
+            return Err(format!("{mode:?}: producer finished {fin:?}").into());
+        }
+        if w.engine().send_buffer_bytes() != 0 || w.engine().pending_requests() != 0 {
+            return Err(format!("{mode:?}: producer still holds buffers").into());
+        }
+    } else {
+        let mut cc: KvCaches = (0..LAYERS)
+            .map(|i| Ok((layer(i), PagedKvCache::zeros(spec(KvLayout::Hnd))?)))
+            .collect::<Res<_>>()?;
+        w.register_kv_caches(&cc)?;
+        let reqs: Vec<_> = plan
+            .iter()
+            .enumerate()
+            .map(|(i, (len, _, c))| (Request::new(&ids[i], prompt(*len, i)), c.clone()))
+            .collect();
+        consume(&mut w, &mut cc, &reqs)?;
+        let fin = w.get_finished(&BTreeSet::new());
+        if !fin.failed.is_empty() || fin.finished_recving.len() != ids.len() {
+            return Err(format!("{mode:?}: consumer finished {fin:?}").into());
+        }
+        let elapsed = start.elapsed();
+        let mut bytes = 0usize;
+        for (i, (len, p, c)) in plan.iter().enumerate() {
+            let n = (len - 1).div_ceil(BS);
+            for name in cc.keys() {
+                let want = pc[name].gather_blocks(&p[..n])?;
+                let got = cc[name].gather_blocks(&c[..n])?;
+                if want != got {
+                    return Err(format!("{mode:?}: request {i} layer {name}: blocks differ").into());
+                }
+                bytes += want.nbytes();
+            }
+        }
+        println!(
+            "mp_kv_p2p {mode:?}: {} requests x {LAYERS} layers, {:.1} MiB in {:.1} ms ({:.0} MiB/s), every block equal",
+            ids.len(),
+            bytes as f64 / (1 << 20) as f64,
+            elapsed.as_secs_f64() * 1e3,
+            bytes as f64 / (1 << 20) as f64 / elapsed.as_secs_f64()
+        );
+    }
+    g.barrier()?;
+    w.shutdown()?;
+    Ok(())
+}
+
+/// The consumer takes one layer of a request and exits without a word (as a crash would).
+fn dead_consumer(g: &StatelessProcessGroup) -> Res<()> {
+    let rank = g.rank();
+    let role = if rank == 0 { P2pRole::Producer } else { P2pRole::Consumer };
+    // One layer of the request is 128 KiB: the consumer's buffer holds one.
+    let mut w = P2pWorker::new(cfg(role, SendType::PutAsync, 128 << 10))?;
+    let addrs: Vec<String> = g.all_gather_obj(&w.engine().listen_addr().to_string())?;
+    let id = ids("dead", 1, &addrs[0], &addrs[1]).remove(0);
+    g.barrier()?;
+    if rank == 1 {
+        let l0 = format!("{id}#{}", layer(0));
+        w.engine().recv_tensor(&l0, None, Instant::now() + Duration::from_secs(10))?;
+        println!("mp_kv_p2p: consumer took layer 0 of {id} and dies");
+        std::process::exit(0);
+    }
+    let pc = producer_caches()?;
+    w.register_kv_caches(&pc)?;
+    let start = Instant::now();
+    let reqs = vec![(Request::new(&id, (0..32).collect()), vec![1, 2])];
+    let _ = produce(&mut w, &pc, &reqs);
+    let fin = wait_finished(&mut w, &[id.clone()].into(), Duration::from_secs(30));
+    let waited = start.elapsed();
+    let msg = fin
+        .failed
+        .get(&id)
+        .ok_or_else(|| format!("dead consumer: request not failed: {fin:?}"))?;
+    if !msg.contains(&id) || !msg.contains(&addrs[1]) {
+        return Err(format!("dead consumer: error does not name the request and peer: {msg}").into());
+    }
+    if w.engine().send_buffer_bytes() != 0 || w.engine().pending_requests() != 0 {
+        return Err("dead consumer: producer still holds buffers".into());
+    }
+    println!("mp_kv_p2p: dead consumer -> request failed after {waited:?}, buffers freed: {msg}");
+    w.shutdown()?;
+    Ok(())
+}
+
+fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--worlds") {
+        println!("2");
+        return;
+    }
+    let r = (|| -> Res<()> {
+        let g = StatelessProcessGroup::from_env(Duration::from_secs(60))?;
+        if g.world_size() != 2 {
+            return Err(format!("mp_kv_p2p runs with 2 ranks, got {}", g.world_size()).into());
+        }
+        run_mode(&g, SendType::Put, "put")?;
+        run_mode(&g, SendType::PutAsync, "putasync")?;
+        run_mode(&g, SendType::Get, "get")?;
+        dead_consumer(&g)
+    })();
+    if let Err(e) = r {
+        eprintln!("mp_kv_p2p: FAILED: {e}");
+        std::process::exit(1);
+    }
+    println!("mp_kv_p2p: all checks passed");
+}
