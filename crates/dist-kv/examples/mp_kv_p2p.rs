@@ -46,7 +46,12 @@ fn layer(i: usize) -> String {
 
 fn producer_caches() -> Res<KvCaches> {
     (0..LAYERS)
-        .map(|i| Ok((layer(i), PagedKvCache::random(spec(KvLayout::Nhd), SEED + i as u64)?)))
+        .map(|i| {
+            Ok((
+                layer(i),
+                PagedKvCache::random(spec(KvLayout::Nhd), SEED + i as u64)?,
+            ))
+        })
         .collect()
 }
 
@@ -60,7 +65,9 @@ fn plan(n_req: usize) -> Vec<(usize, Vec<BlockId>, Vec<BlockId>)> {
             let len = lens[i % lens.len()];
             let nb = len.div_ceil(BS) as u32;
             let p = (0..nb).map(|k| (next_p + k) * 7 % BLOCKS as u32).collect();
-            let c = (0..nb).map(|k| (BLOCKS as u32 - 1) - (next_c + k) * 3 % BLOCKS as u32).collect();
+            let c = (0..nb)
+                .map(|k| (BLOCKS as u32 - 1) - (next_c + k) * 3 % BLOCKS as u32)
+                .collect();
             next_p += nb;
             next_c += nb;
             (len, p, c)
@@ -100,7 +107,8 @@ fn produce(w: &mut P2pWorker, caches: &KvCaches, reqs: &[(Request, Vec<BlockId>)
             block_ids: b.clone(),
             num_computed_tokens: 0,
         });
-        out.num_scheduled_tokens.insert(r.request_id.clone(), r.prompt_token_ids.len());
+        out.num_scheduled_tokens
+            .insert(r.request_id.clone(), r.prompt_token_ids.len());
     }
     w.bind_connector_metadata(sched.build_connector_meta(&out));
     for (name, c) in caches {
@@ -131,7 +139,11 @@ fn consume(w: &mut P2pWorker, caches: &mut KvCaches, reqs: &[(Request, Vec<Block
 
 fn run_mode(g: &StatelessProcessGroup, mode: SendType, tag: &str) -> Res<()> {
     let rank = g.rank();
-    let role = if rank == 0 { P2pRole::Producer } else { P2pRole::Consumer };
+    let role = if rank == 0 {
+        P2pRole::Producer
+    } else {
+        P2pRole::Consumer
+    };
     let mut w = P2pWorker::new(cfg(role, mode, 4 << 20))?;
     let addrs: Vec<String> = g.all_gather_obj(&w.engine().listen_addr().to_string())?;
     let plan = plan(5);
@@ -199,7 +211,11 @@ fn run_mode(g: &StatelessProcessGroup, mode: SendType, tag: &str) -> Res<()> {
 /// The consumer takes one layer of a request and exits without a word (as a crash would).
 fn dead_consumer(g: &StatelessProcessGroup) -> Res<()> {
     let rank = g.rank();
-    let role = if rank == 0 { P2pRole::Producer } else { P2pRole::Consumer };
+    let role = if rank == 0 {
+        P2pRole::Producer
+    } else {
+        P2pRole::Consumer
+    };
     // One layer of the request is 128 KiB: the consumer's buffer holds one.
     let mut w = P2pWorker::new(cfg(role, SendType::PutAsync, 128 << 10))?;
     let addrs: Vec<String> = g.all_gather_obj(&w.engine().listen_addr().to_string())?;
@@ -207,7 +223,8 @@ fn dead_consumer(g: &StatelessProcessGroup) -> Res<()> {
     g.barrier()?;
     if rank == 1 {
         let l0 = format!("{id}#{}", layer(0));
-        w.engine().recv_tensor(&l0, None, Instant::now() + Duration::from_secs(10))?;
+        w.engine()
+            .recv_tensor(&l0, None, Instant::now() + Duration::from_secs(10))?;
         println!("mp_kv_p2p: consumer took layer 0 of {id} and dies");
         std::process::exit(0);
     }
@@ -223,7 +240,9 @@ fn dead_consumer(g: &StatelessProcessGroup) -> Res<()> {
         .get(&id)
         .ok_or_else(|| format!("dead consumer: request not failed: {fin:?}"))?;
     if !msg.contains(&id) || !msg.contains(&addrs[1]) {
-        return Err(format!("dead consumer: error does not name the request and peer: {msg}").into());
+        return Err(
+            format!("dead consumer: error does not name the request and peer: {msg}").into(),
+        );
     }
     if w.engine().send_buffer_bytes() != 0 || w.engine().pending_requests() != 0 {
         return Err("dead consumer: producer still holds buffers".into());

@@ -59,10 +59,14 @@ fn plan() -> Vec<(Vec<i64>, Vec<BlockId>, Vec<BlockId>)> {
         .map(|(i, &len)| {
             let nb = len.div_ceil(BS) as u32;
             let p = (0..nb).map(|k| (np + k) * 5 % BLOCKS as u32).collect();
-            let c = (0..nb).map(|k| BLOCKS as u32 - 1 - (nc + k) * 7 % BLOCKS as u32).collect();
+            let c = (0..nb)
+                .map(|k| BLOCKS as u32 - 1 - (nc + k) * 7 % BLOCKS as u32)
+                .collect();
             np += nb;
             nc += nb;
-            let prompt = (0..len as i64).map(|t| (t * 131 + i as i64 * 7) % 50_000).collect();
+            let prompt = (0..len as i64)
+                .map(|t| (t * 131 + i as i64 * 7) % 50_000)
+                .collect();
             (prompt, p, c)
         })
         .collect()
@@ -76,13 +80,18 @@ fn step_out(reqs: &[(Request, Vec<BlockId>)]) -> SchedulerOutput {
             block_ids: b.clone(),
             num_computed_tokens: 0,
         });
-        out.num_scheduled_tokens.insert(r.request_id.clone(), r.prompt_token_ids.len());
+        out.num_scheduled_tokens
+            .insert(r.request_id.clone(), r.prompt_token_ids.len());
     }
     out
 }
 
 /// Loads every request; returns (loaded, failed) ids.
-fn load(cfg: &StorageConfig, cc: &mut KvCaches, reqs: &[(Request, Vec<BlockId>)]) -> Res<(BTreeSet<String>, Vec<String>)> {
+fn load(
+    cfg: &StorageConfig,
+    cc: &mut KvCaches,
+    reqs: &[(Request, Vec<BlockId>)],
+) -> Res<(BTreeSet<String>, Vec<String>)> {
     let mut sched = StorageScheduler::new(cfg.clone())?;
     let mut w = StorageWorker::new(cfg.clone())?;
     w.register_kv_caches(cc)?;
@@ -90,7 +99,9 @@ fn load(cfg: &StorageConfig, cc: &mut KvCaches, reqs: &[(Request, Vec<BlockId>)]
         let (n, _) = sched.get_num_new_matched_tokens(r, 0)?;
         let n = n.unwrap_or(0);
         if n == 0 {
-            return Err(format!("{}: no hit in {}", r.request_id, cfg.storage_path.display()).into());
+            return Err(
+                format!("{}: no hit in {}", r.request_id, cfg.storage_path.display()).into(),
+            );
         }
         sched.update_state_after_alloc(r, b, n);
     }
@@ -114,7 +125,10 @@ fn main() {
             "dist-kv-mp-storage-{}",
             std::env::var("MASTER_PORT").unwrap_or_default()
         ));
-        let dir: String = g.broadcast_obj((g.rank() == 0).then(|| dir.display().to_string()).as_ref(), 0)?;
+        let dir: String = g.broadcast_obj(
+            (g.rank() == 0).then(|| dir.display().to_string()).as_ref(),
+            0,
+        )?;
         let cfg = StorageConfig::new(&dir, BS);
         let plan = plan();
         let pc = caches(KvLayout::Nhd, Some(SEED))?;
@@ -138,7 +152,11 @@ fn main() {
             if !fin.failed.is_empty() || fin.finished_sending.len() != reqs.len() {
                 return Err(format!("save: {fin:?}").into());
             }
-            println!("mp_kv_storage: saved {} requests x {LAYERS} layers in {:?}", reqs.len(), start.elapsed());
+            println!(
+                "mp_kv_storage: saved {} requests x {LAYERS} layers in {:?}",
+                reqs.len(),
+                start.elapsed()
+            );
         }
         g.barrier()?;
         // The decode prompts are the prefill prompts plus one generated token.
@@ -168,7 +186,10 @@ fn main() {
                     }
                 }
             }
-            println!("mp_kv_storage: loaded {} requests in {took:?}, every row equal", dec.len());
+            println!(
+                "mp_kv_storage: loaded {} requests in {took:?}, every row equal",
+                dec.len()
+            );
         }
         g.barrier()?;
         if g.rank() == 0 {
@@ -185,13 +206,25 @@ fn main() {
         if g.rank() == 1 {
             let mut cc = caches(KvLayout::Hnd, None)?;
             let (loaded, failed) = load(&cfg, &mut cc, &dec)?;
-            if failed.len() != 1 || !failed[0].contains("dec-3") || !failed[0].contains("checksum") || loaded.contains("dec-3") || loaded.len() != 4 {
+            if failed.len() != 1
+                || !failed[0].contains("dec-3")
+                || !failed[0].contains("checksum")
+                || loaded.contains("dec-3")
+                || loaded.len() != 4
+            {
                 return Err(format!("damaged file: loaded {loaded:?}, failed {failed:?}").into());
             }
-            if cc.values().any(|c| c.gather_blocks(&plan[3].2).map(|t| t.as_bytes().iter().any(|&x| x != 0)).unwrap_or(true)) {
+            if cc.values().any(|c| {
+                c.gather_blocks(&plan[3].2)
+                    .map(|t| t.as_bytes().iter().any(|&x| x != 0))
+                    .unwrap_or(true)
+            }) {
                 return Err("damaged file: request 3's blocks were written".into());
             }
-            println!("mp_kv_storage: damaged file -> only that request failed: {}", failed[0]);
+            println!(
+                "mp_kv_storage: damaged file -> only that request failed: {}",
+                failed[0]
+            );
         }
         g.barrier()?;
         if g.rank() == 0 {

@@ -4,7 +4,7 @@
 //! collectives: **KV-cache events** (`kv_events.py`), a stream that tells routers and cache
 //! managers outside the engine which blocks each engine holds, and **KV transfer**
 //! (`kv_transfer/`), which moves cache blocks between prefill and decode instances. This crate holds
-//! both; today it has the events ([`events`]), KV transfer comes later.
+//! both: the events in [`events`], KV transfer in [`transfer`].
 //!
 //! ## Where it sits
 //!
@@ -29,6 +29,21 @@
 //!   scheduler.
 //! * **One thread owns the sockets.** ZeroMQ sockets are not thread-safe; the publisher creates them
 //!   (so bind errors reach the caller) and moves them into its `zmq-publisher` thread.
+//!
+//! ## KV transfer
+//!
+//! [`transfer`] is vLLM's `KVConnectorBase_V1` as two traits, one per role
+//! ([`transfer::KvConnectorScheduler`] in the scheduler, [`transfer::KvConnectorWorker`] in each
+//! worker), with serde metadata between them and an engine-neutral model of what they touch
+//! (requests, a paged KV cache per layer in NHD or HND layout over a `HostTensor`). Two
+//! connectors implement it: the shared-storage connector ([`transfer::storage`]: vLLM's cache key,
+//! one safetensors file per layer carrying a SHA-256 of its data, every file checked before
+//! anything is written, so a damaged file fails its request and never loads wrong data) and the
+//! P2P connector ([`transfer::p2p`]: the peer's address in the request id as vLLM does, a typed
+//! control channel, PUT / PUT_ASYNC / GET, bounded buffers with back-pressure, and the
+//! finished-request tracking vLLM leaves as a TODO). The P2P data path is TCP on the CPU, behind
+//! a small trait ([`transfer::p2p::DataPath`]) where an NCCL path can plug in; that path is not
+//! written yet. Every wait has a deadline; a failed transfer is an error naming its request.
 //!
 //! ## Example
 //!

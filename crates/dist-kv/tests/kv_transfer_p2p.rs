@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use dist_core::DType;
 use dist_kv::transfer::p2p::wire::{write_frame, Frame, TensorHeader, PROTOCOL_VERSION};
 use dist_kv::transfer::p2p::{
-    wait_finished, EngineConfig, P2pConfig, P2pConnectorMetadata, P2pRole, P2pScheduler,
-    P2pWorker, SendType,
+    wait_finished, EngineConfig, P2pConfig, P2pConnectorMetadata, P2pRole, P2pScheduler, P2pWorker,
+    SendType,
 };
 use dist_kv::transfer::{
     decode_metadata, encode_metadata, BlockId, KvCacheSpec, KvCaches, KvConnectorScheduler,
@@ -66,7 +66,10 @@ fn cfg(role: P2pRole, send_type: SendType, send_cap: usize, recv_cap: usize) -> 
 
 /// vLLM's proxy names requests `___prefill_addr_{p}___decode_addr_{d}_{uuid}`.
 fn request_id(i: usize, prefill: &str, decode: &str) -> String {
-    format!("cmpl-{i}___prefill_addr_{prefill}___decode_addr_{decode}_{:08x}", rand::random::<u32>())
+    format!(
+        "cmpl-{i}___prefill_addr_{prefill}___decode_addr_{decode}_{:08x}",
+        rand::random::<u32>()
+    )
 }
 
 struct Plan {
@@ -96,7 +99,10 @@ fn producer_step(
     let mut sched = P2pScheduler::new(P2pRole::Producer, BS).unwrap();
     let mut out = SchedulerOutput::default();
     for (r, b) in reqs {
-        assert_eq!(sched.get_num_new_matched_tokens(r, 0).unwrap(), (Some(0), false));
+        assert_eq!(
+            sched.get_num_new_matched_tokens(r, 0).unwrap(),
+            (Some(0), false)
+        );
         out.scheduled_new_reqs.push(NewRequestData {
             request: r.clone(),
             block_ids: b.clone(),
@@ -147,10 +153,20 @@ fn transfer(send_type: SendType, send_cap: usize, recv_cap: usize) {
     );
     let ids: Vec<String> = (0..3).map(|i| request_id(i, &pa, &ca)).collect();
     let prod_reqs: Vec<_> = (0..3)
-        .map(|i| (Request::new(&ids[i], p.prompts[i].clone()), p.prod_blocks[i].clone()))
+        .map(|i| {
+            (
+                Request::new(&ids[i], p.prompts[i].clone()),
+                p.prod_blocks[i].clone(),
+            )
+        })
         .collect();
     let cons_reqs: Vec<_> = (0..3)
-        .map(|i| (Request::new(&ids[i], p.prompts[i].clone()), p.cons_blocks[i].clone()))
+        .map(|i| {
+            (
+                Request::new(&ids[i], p.prompts[i].clone()),
+                p.cons_blocks[i].clone(),
+            )
+        })
         .collect();
     let pc = caches(KvLayout::Nhd, 16, Some(1234));
     let mut cc = caches(KvLayout::Hnd, 12, None);
@@ -170,7 +186,10 @@ fn transfer(send_type: SendType, send_cap: usize, recv_cap: usize) {
         );
         (h.join().unwrap(), got)
     });
-    assert!(sent.failed.is_empty() && got.failed.is_empty(), "{sent:?} {got:?}");
+    assert!(
+        sent.failed.is_empty() && got.failed.is_empty(),
+        "{sent:?} {got:?}"
+    );
     assert_eq!(sent.finished_sending.len(), 3, "{send_type:?}: {sent:?}");
     assert_eq!(got.finished_recving.len(), 3, "{send_type:?}: {got:?}");
     for i in 0..3 {
@@ -178,14 +197,20 @@ fn transfer(send_type: SendType, send_cap: usize, recv_cap: usize) {
         for (name, c) in &cc {
             let want = pc[name].gather_blocks(&p.prod_blocks[i][..n]).unwrap();
             let have = c.gather_blocks(&p.cons_blocks[i][..n]).unwrap();
-            assert!(want == have, "{send_type:?} request {i} layer {name}: blocks differ");
+            assert!(
+                want == have,
+                "{send_type:?} request {i} layer {name}: blocks differ"
+            );
         }
     }
     // Nothing is held any more on either side.
     assert_eq!(prod.engine().send_buffer_bytes(), 0);
     assert_eq!(prod.engine().pending_requests(), 0);
     assert_eq!(cons.engine().recv_buffer_bytes(), 0);
-    eprintln!("{send_type:?} send cap {send_cap} recv cap {recv_cap}: {:?}", start.elapsed());
+    eprintln!(
+        "{send_type:?} send cap {send_cap} recv cap {recv_cap}: {:?}",
+        start.elapsed()
+    );
 }
 
 #[test]
@@ -223,8 +248,10 @@ fn one_request(prod: &mut P2pWorker, ca: &str, pc: &KvCaches) -> String {
 #[test]
 fn consumer_dying_mid_transfer_fails_the_request_and_frees_buffers() {
     // The consumer's buffer holds one layer: the producer's second PUT waits for room.
-    let mut prod = P2pWorker::new(cfg(P2pRole::Producer, SendType::PutAsync, 1 << 20, 1 << 20)).unwrap();
-    let mut cons = P2pWorker::new(cfg(P2pRole::Consumer, SendType::PutAsync, 1 << 20, 4096)).unwrap();
+    let mut prod =
+        P2pWorker::new(cfg(P2pRole::Producer, SendType::PutAsync, 1 << 20, 1 << 20)).unwrap();
+    let mut cons =
+        P2pWorker::new(cfg(P2pRole::Consumer, SendType::PutAsync, 1 << 20, 4096)).unwrap();
     let ca = cons.engine().listen_addr().to_string();
     let pc = caches(KvLayout::Nhd, 16, Some(5));
     prod.register_kv_caches(&pc).unwrap();
@@ -246,7 +273,10 @@ fn consumer_dying_mid_transfer_fails_the_request_and_frees_buffers() {
     });
     let fin = wait_finished(&mut prod, &[id.clone()].into(), Duration::from_secs(10));
     let waited = start.elapsed();
-    let msg = fin.failed.get(&id).unwrap_or_else(|| panic!("not failed: {fin:?}"));
+    let msg = fin
+        .failed
+        .get(&id)
+        .unwrap_or_else(|| panic!("not failed: {fin:?}"));
     assert!(msg.contains(&id) && msg.contains(&ca), "{msg}");
     assert!(fin.finished_sending.is_empty());
     assert_eq!(prod.engine().send_buffer_bytes(), 0);
@@ -264,10 +294,16 @@ fn consumer_that_never_loads_times_out_on_the_producer() {
     let pc = caches(KvLayout::Nhd, 16, Some(5));
     prod.register_kv_caches(&pc).unwrap();
     let id = one_request(&mut prod, cons.engine().listen_addr(), &pc);
-    assert!(prod.engine().send_buffer_bytes() > 0, "GET keeps the layers");
+    assert!(
+        prod.engine().send_buffer_bytes() > 0,
+        "GET keeps the layers"
+    );
     let fin = wait_finished(&mut prod, &[id.clone()].into(), Duration::from_secs(5));
     let msg = &fin.failed[&id];
-    assert!(msg.contains(&id) && msg.contains("consumer to load"), "{msg}");
+    assert!(
+        msg.contains(&id) && msg.contains("consumer to load"),
+        "{msg}"
+    );
     assert_eq!(prod.engine().send_buffer_bytes(), 0);
 }
 
@@ -278,13 +314,18 @@ fn consumer_without_data_fails_its_request_in_time_and_tells_the_producer() {
     let mut c = cfg(P2pRole::Consumer, SendType::PutAsync, 1 << 20, 1 << 20);
     c.engine.timeout = Duration::from_millis(400);
     let mut cons = P2pWorker::new(c).unwrap();
-    let prod = P2pWorker::new(cfg(P2pRole::Producer, SendType::PutAsync, 1 << 20, 1 << 20)).unwrap();
+    let prod =
+        P2pWorker::new(cfg(P2pRole::Producer, SendType::PutAsync, 1 << 20, 1 << 20)).unwrap();
     let id = request_id(0, prod.engine().listen_addr(), cons.engine().listen_addr());
     let mut cc = caches(KvLayout::Hnd, 12, Some(9));
     let before = cc.clone();
     cons.register_kv_caches(&cc).unwrap();
     let start = Instant::now();
-    consumer_step(&mut cons, &mut cc, &[(Request::new(&id, (0..14).collect()), vec![11, 2, 5, 0])]);
+    consumer_step(
+        &mut cons,
+        &mut cc,
+        &[(Request::new(&id, (0..14).collect()), vec![11, 2, 5, 0])],
+    );
     assert!(start.elapsed() < Duration::from_secs(3));
     let fin = cons.get_finished(&BTreeSet::new());
     assert!(fin.failed[&id].contains("timed out"), "{fin:?}");
@@ -303,7 +344,8 @@ fn hostile_bytes_do_not_hurt_the_engine() {
     let mut a = std::net::TcpStream::connect(&addr).unwrap();
     a.write_all(&[0xff, 0xff, 0xff, 0x7f, 1, 2, 3]).unwrap();
     let mut b = std::net::TcpStream::connect(&addr).unwrap();
-    b.write_all(&[8, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 0xff, 0xff, 0xff, 0xff]).unwrap();
+    b.write_all(&[8, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 0xff, 0xff, 0xff, 0xff])
+        .unwrap();
     let mut c = std::net::TcpStream::connect(&addr).unwrap();
     write_frame(
         &mut c,
@@ -339,7 +381,11 @@ fn hostile_bytes_do_not_hurt_the_engine() {
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(cons.engine().recv_buffer_bytes(), 0, "nothing reserved for hostile PUTs");
+    assert_eq!(
+        cons.engine().recv_buffer_bytes(),
+        0,
+        "nothing reserved for hostile PUTs"
+    );
     drop((a, b, c, d));
     // The engine still serves a real producer.
     drop(cons);

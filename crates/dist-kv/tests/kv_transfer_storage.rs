@@ -57,7 +57,9 @@ fn tmpdir(tag: &str) -> PathBuf {
 }
 
 fn prompt(seed: u64, len: usize) -> Vec<i64> {
-    (0..len as i64).map(|t| (t * 7919 + seed as i64 * 104729) % 32000).collect()
+    (0..len as i64)
+        .map(|t| (t * 7919 + seed as i64 * 104729) % 32000)
+        .collect()
 }
 
 /// Runs one producer step that saves `reqs` (request, blocks).
@@ -67,7 +69,10 @@ fn produce(cfg: &StorageConfig, caches: &KvCaches, reqs: &[(Request, Vec<BlockId
     worker.register_kv_caches(caches).unwrap();
     let mut out = SchedulerOutput::default();
     for (r, b) in reqs {
-        assert_eq!(sched.get_num_new_matched_tokens(r, 0).unwrap(), (Some(0), false));
+        assert_eq!(
+            sched.get_num_new_matched_tokens(r, 0).unwrap(),
+            (Some(0), false)
+        );
         out.scheduled_new_reqs.push(NewRequestData {
             request: r.clone(),
             block_ids: b.clone(),
@@ -95,7 +100,11 @@ fn consume(
     cfg: &StorageConfig,
     caches: &mut KvCaches,
     reqs: &[(Request, Vec<BlockId>)],
-) -> (BTreeMap<String, String>, BTreeSet<BlockId>, BTreeSet<String>) {
+) -> (
+    BTreeMap<String, String>,
+    BTreeSet<BlockId>,
+    BTreeSet<String>,
+) {
     let mut sched = StorageScheduler::new(cfg.clone()).unwrap();
     let mut worker = StorageWorker::new(cfg.clone()).unwrap();
     worker.register_kv_caches(caches).unwrap();
@@ -184,16 +193,24 @@ fn save_then_load_with_another_layout_and_blocks() {
     // A miss: a prompt nobody saved.
     let mut sched = StorageScheduler::new(s.cfg.clone()).unwrap();
     let miss = Request::new("miss", prompt(99, 30));
-    assert_eq!(sched.get_num_new_matched_tokens(&miss, 0).unwrap(), (Some(0), false));
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&miss, 0).unwrap(),
+        (Some(0), false)
+    );
     // A hit partly computed already: only the rest is reported.
     assert_eq!(
-        sched.get_num_new_matched_tokens(&s.cons_reqs[0].0, 4).unwrap(),
+        sched
+            .get_num_new_matched_tokens(&s.cons_reqs[0].0, 4)
+            .unwrap(),
         (Some(8), false)
     );
     // Same tokens but other multimodal hashes: another key, a miss.
     let mut other_mm = s.cons_reqs[2].0.clone();
     other_mm.mm_hashes = vec!["img-c".into()];
-    assert_eq!(sched.get_num_new_matched_tokens(&other_mm, 0).unwrap(), (Some(0), false));
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&other_mm, 0).unwrap(),
+        (Some(0), false)
+    );
 
     let mut cons = caches(KvLayout::Hnd, 14, 2, None);
     let (failed, blocks, loaded) = consume(&s.cfg, &mut cons, &s.cons_reqs);
@@ -246,7 +263,12 @@ fn damaged_files_fail_only_their_request_and_load_nothing() {
             "another request's file",
             |p| {
                 // Same size, valid checksum, wrong shape: request 1's layer file is smaller.
-                let other = p.parent().unwrap().parent().unwrap().join("foreign.safetensors");
+                let other = p
+                    .parent()
+                    .unwrap()
+                    .parent()
+                    .unwrap()
+                    .join("foreign.safetensors");
                 std::fs::copy(&other, p).unwrap();
             },
             "expected",
@@ -264,7 +286,11 @@ fn damaged_files_fail_only_their_request_and_load_nothing() {
     for (what, damage, needle) in damages {
         let s = setup("bad");
         produce(&s.cfg, &s.prod, &s.prod_reqs);
-        std::fs::copy(file_of(&s, 1, 0), s.cfg.storage_path.join("foreign.safetensors")).unwrap();
+        std::fs::copy(
+            file_of(&s, 1, 0),
+            s.cfg.storage_path.join("foreign.safetensors"),
+        )
+        .unwrap();
         // Damage request 0's last layer: nothing of request 0 may be written, even layer 0.
         damage(&file_of(&s, 0, LAYERS - 1));
         let mut cons = caches(KvLayout::Hnd, 14, 2, Some(7));
@@ -272,10 +298,16 @@ fn damaged_files_fail_only_their_request_and_load_nothing() {
         let (failed, blocks, loaded) = consume(&s.cfg, &mut cons, &s.cons_reqs);
         assert_eq!(failed.len(), 1, "{what}: {failed:?}");
         let msg = &failed["dec-0"];
-        assert!(msg.contains("dec-0") && msg.contains(needle), "{what}: {msg}");
+        assert!(
+            msg.contains("dec-0") && msg.contains(needle),
+            "{what}: {msg}"
+        );
         assert_eq!(
             blocks,
-            s.cons_reqs[0].1[..3].iter().copied().collect::<BTreeSet<_>>(),
+            s.cons_reqs[0].1[..3]
+                .iter()
+                .copied()
+                .collect::<BTreeSet<_>>(),
             "{what}"
         );
         assert!(!loaded.contains("dec-0") && loaded.len() == 2, "{what}");
@@ -301,7 +333,9 @@ fn a_cache_of_another_shape_is_refused_per_request() {
     let (failed, _, loaded) = consume(&s.cfg, &mut cons, &s.cons_reqs);
     assert_eq!(failed.len(), 3, "{failed:?}");
     assert!(loaded.is_empty());
-    assert!(cons.values().all(|c| c.tensor().as_bytes().iter().all(|&b| b == 0)));
+    assert!(cons
+        .values()
+        .all(|c| c.tensor().as_bytes().iter().all(|&b| b == 0)));
     let _ = std::fs::remove_dir_all(&s.cfg.storage_path);
 }
 

@@ -77,7 +77,10 @@ pub struct FinishedRequests {
 pub type KvTransferParams = BTreeMap<String, String>;
 
 /// The metadata a scheduler-side connector sends to its workers each step.
-pub trait KvConnectorMetadata: Serialize + DeserializeOwned + Clone + Debug + Send + 'static {}
+pub trait KvConnectorMetadata:
+    Serialize + DeserializeOwned + Clone + Debug + Send + 'static
+{
+}
 
 /// Cap on encoded connector metadata (16 MiB), checked before decoding.
 pub const MAX_METADATA_BYTES: usize = 16 << 20;
@@ -192,7 +195,6 @@ impl FailureLog {
     pub(crate) fn record(&mut self, request_id: &str, blocks: &[BlockId], err: &Error) {
         tracing::warn!(request = request_id, error = %err, "KV transfer failed for request");
         self.blocks.extend(blocks.iter().copied());
-        self.failed
-            .insert(request_id.to_string(), err.to_string());
+        self.failed.insert(request_id.to_string(), err.to_string());
     }
 }

@@ -95,7 +95,9 @@ impl Error {
     /// Wraps `self` as the failure of `request_id` (unless it already names that request).
     pub fn for_request(self, request_id: &str) -> Self {
         match self {
-            Error::Request { request_id: ref r, .. } if r == request_id => self,
+            Error::Request {
+                request_id: ref r, ..
+            } if r == request_id => self,
             e => Error::Request {
                 request_id: request_id.to_string(),
                 source: Box::new(e),
@@ -177,7 +179,9 @@ mod tests {
         assert_eq!(e.request_id(), Some("cmpl-7"));
         // Wrapping twice for the same request does not nest.
         let again = e.for_request("cmpl-7");
-        assert!(matches!(&again, Error::Request { source, .. } if !matches!(**source, Error::Request { .. })));
+        assert!(
+            matches!(&again, Error::Request { source, .. } if !matches!(**source, Error::Request { .. }))
+        );
         assert_eq!(again.duplicate().to_string(), again.to_string());
     }
 }

@@ -22,7 +22,7 @@
 
 use std::collections::BTreeMap;
 
-use dist_core::{DType, HostTensor};
+use dist_core::{Backend, DType, Device, HostTensor};
 use serde::{Deserialize, Serialize};
 
 use super::error::{Error, Result};
@@ -187,6 +187,16 @@ impl PagedKvCache {
         Ok(PagedKvCache { spec, data })
     }
 
+    /// A cache copied from a backend's tensor (device memory goes through the host).
+    pub fn from_backend<B: Backend>(spec: KvCacheSpec, t: &B::Tensor) -> Result<Self> {
+        Self::from_tensor(spec, B::to_host(t)?)
+    }
+
+    /// A copy of this cache as a backend's tensor on `device`.
+    pub fn to_backend<B: Backend>(&self, device: Device) -> Result<B::Tensor> {
+        Ok(B::from_host(&self.data, device)?)
+    }
+
     /// The spec.
     pub fn spec(&self) -> &KvCacheSpec {
         &self.spec
@@ -229,10 +239,7 @@ impl PagedKvCache {
     }
 
     fn check_blocks(&self, blocks: &[BlockId]) -> Result<()> {
-        if let Some(bad) = blocks
-            .iter()
-            .find(|&&b| b as usize >= self.spec.num_blocks)
-        {
+        if let Some(bad) = blocks.iter().find(|&&b| b as usize >= self.spec.num_blocks) {
             return Err(Error::invalid(format!(
                 "block {bad} out of range for a cache of {} blocks",
                 self.spec.num_blocks
@@ -405,7 +412,11 @@ pub fn align_to_block_size(num_tokens: usize, block_size: usize) -> usize {
 /// The slots of the first `num_tokens` tokens of a request whose blocks are `block_ids`:
 /// `block_id * block_size + offset` (vLLM's `ReqMeta.make_meta`). Fails when the blocks hold
 /// fewer than `num_tokens` slots.
-pub fn slot_mapping(block_ids: &[BlockId], block_size: usize, num_tokens: usize) -> Result<Vec<u64>> {
+pub fn slot_mapping(
+    block_ids: &[BlockId],
+    block_size: usize,
+    num_tokens: usize,
+) -> Result<Vec<u64>> {
     if block_size == 0 || num_tokens > block_ids.len() * block_size {
         return Err(Error::invalid(format!(
             "{num_tokens} tokens do not fit {} blocks of {block_size} slots",
@@ -450,7 +461,10 @@ mod tests {
         assert_eq!(align_to_block_size(16, 16), 0);
         assert_eq!(align_to_block_size(17, 16), 16);
         assert_eq!(align_to_block_size(33, 16), 32);
-        assert_eq!(slot_mapping(&[5, 2], 4, 6).unwrap(), vec![20, 21, 22, 23, 8, 9]);
+        assert_eq!(
+            slot_mapping(&[5, 2], 4, 6).unwrap(),
+            vec![20, 21, 22, 23, 8, 9]
+        );
         assert!(slot_mapping(&[5], 4, 5).is_err());
     }
 
@@ -485,6 +499,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn backend_round_trip() {
+        use dist_core::LocalBackend;
+        let c = PagedKvCache::random(spec(KvLayout::Hnd), 3).unwrap();
+        let t = c.to_backend::<LocalBackend>(Device::CPU).unwrap();
+        let back = PagedKvCache::from_backend::<LocalBackend>(*c.spec(), &t).unwrap();
+        assert!(back == c);
+        let mut other = *c.spec();
+        other.num_kv_heads = 1;
+        assert!(PagedKvCache::from_backend::<LocalBackend>(other, &t).is_err());
     }
 
     #[test]

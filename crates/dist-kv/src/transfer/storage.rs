@@ -71,7 +71,9 @@ impl StorageConfig {
 
     fn check(&self) -> Result<()> {
         if self.block_size == 0 {
-            return Err(Error::invalid("shared-storage connector: block_size must be positive"));
+            return Err(Error::invalid(
+                "shared-storage connector: block_size must be positive",
+            ));
         }
         Ok(())
     }
@@ -179,10 +181,20 @@ impl StorageScheduler {
 
     fn found_match(&self, prompt: &[i64], mm_hashes: &[String]) -> bool {
         let n = self.config.lookup_tokens(prompt);
-        n > 0 && self.config.folder(&self.config.cache_key(&prompt[..n], mm_hashes)).is_dir()
+        n > 0
+            && self
+                .config
+                .folder(&self.config.cache_key(&prompt[..n], mm_hashes))
+                .is_dir()
     }
 
-    fn meta(&self, req: &Request, block_ids: &[BlockId], n: usize, is_store: bool) -> Option<StorageReqMeta> {
+    fn meta(
+        &self,
+        req: &Request,
+        block_ids: &[BlockId],
+        n: usize,
+        is_store: bool,
+    ) -> Option<StorageReqMeta> {
         let n = n.min(block_ids.len() * self.config.block_size);
         let slots = slot_mapping(block_ids, self.config.block_size, n).ok()?;
         Some(StorageReqMeta {
@@ -218,8 +230,10 @@ impl KvConnectorScheduler for StorageScheduler {
         num_external_tokens: usize,
     ) {
         if num_external_tokens > 0 {
-            self.need_load
-                .insert(request.request_id.clone(), (request.clone(), block_ids.to_vec()));
+            self.need_load.insert(
+                request.request_id.clone(),
+                (request.clone(), block_ids.to_vec()),
+            );
         }
     }
 
@@ -229,11 +243,13 @@ impl KvConnectorScheduler for StorageScheduler {
             let req = &new.request;
             if self.need_load.contains_key(&req.request_id) {
                 let n = self.config.lookup_tokens(&req.prompt_token_ids);
-                meta.requests.extend(self.meta(req, &new.block_ids, n, false));
+                meta.requests
+                    .extend(self.meta(req, &new.block_ids, n, false));
             } else if !self.found_match(&req.prompt_token_ids, &req.mm_hashes) {
                 let n = align_to_block_size(req.prompt_token_ids.len(), self.config.block_size);
                 if n > 0 {
-                    meta.requests.extend(self.meta(req, &new.block_ids, n, true));
+                    meta.requests
+                        .extend(self.meta(req, &new.block_ids, n, true));
                 }
             }
         }
@@ -241,9 +257,10 @@ impl KvConnectorScheduler for StorageScheduler {
             if !cached.resumed_from_preemption {
                 continue;
             }
-            let (Some((req, _)), Some(blocks)) =
-                (self.need_load.get(&cached.request_id), &cached.new_block_ids)
-            else {
+            let (Some((req, _)), Some(blocks)) = (
+                self.need_load.get(&cached.request_id),
+                &cached.new_block_ids,
+            ) else {
                 continue;
             };
             let n = self.config.lookup_tokens(&req.prompt_token_ids);
@@ -313,7 +330,12 @@ impl StorageWorker {
         let mut out = Vec::with_capacity(self.layers.len());
         for (name, spec) in &self.layers {
             let path = self.config.file(&key, name)?;
-            let shape = vec![spec.kv, req.slot_mapping.len(), spec.num_kv_heads, spec.head_dim];
+            let shape = vec![
+                spec.kv,
+                req.slot_mapping.len(),
+                spec.num_kv_heads,
+                spec.head_dim,
+            ];
             let t = read_file(&path, spec.dtype, &shape, self.config.require_checksum)?;
             out.push((name.clone(), t));
         }
@@ -322,25 +344,41 @@ impl StorageWorker {
 
     fn blocks_of(&self, req: &StorageReqMeta) -> Vec<BlockId> {
         let bs = self.config.block_size as u64;
-        let set: BTreeSet<BlockId> = req.slot_mapping.iter().map(|s| (s / bs) as BlockId).collect();
+        let set: BTreeSet<BlockId> = req
+            .slot_mapping
+            .iter()
+            .map(|s| (s / bs) as BlockId)
+            .collect();
         set.into_iter().collect()
     }
 }
 
 /// Serialises rows as a safetensors file with the checksum in its metadata.
 pub fn encode_file(rows: &HostTensor) -> Result<Vec<u8>> {
-    let view = TensorView::new(st_dtype(rows.dtype()), rows.shape().to_vec(), rows.as_bytes())
-        .map_err(|e| Error::invalid(format!("safetensors view: {e}")))?;
+    let view = TensorView::new(
+        st_dtype(rows.dtype()),
+        rows.shape().to_vec(),
+        rows.as_bytes(),
+    )
+    .map_err(|e| Error::invalid(format!("safetensors view: {e}")))?;
     let info = HashMap::from([
         ("format".to_string(), "pt".to_string()),
-        (CHECKSUM_KEY.to_string(), hex(&sha2::Sha256::digest(rows.as_bytes()))),
+        (
+            CHECKSUM_KEY.to_string(),
+            hex(&sha2::Sha256::digest(rows.as_bytes())),
+        ),
     ]);
     safetensors::serialize([(TENSOR_NAME, view)], Some(info))
         .map_err(|e| Error::invalid(format!("safetensors serialize: {e}")))
 }
 
 /// Reads one layer file, checking size, format, dtype, shape and checksum before returning it.
-pub fn read_file(path: &Path, dtype: DType, shape: &[usize], require_checksum: bool) -> Result<HostTensor> {
+pub fn read_file(
+    path: &Path,
+    dtype: DType,
+    shape: &[usize],
+    require_checksum: bool,
+) -> Result<HostTensor> {
     let shown = path.display().to_string();
     let corrupt = |reason: String| Error::Corrupt {
         path: shown.clone(),
@@ -360,7 +398,8 @@ pub fn read_file(path: &Path, dtype: DType, shape: &[usize], require_checksum: b
         )));
     }
     let bytes = fs::read(path).map_err(|e| Error::io(format!("read {shown}"), e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(format!("not safetensors: {e}")))?;
+    let st =
+        SafeTensors::deserialize(&bytes).map_err(|e| corrupt(format!("not safetensors: {e}")))?;
     let (_, header) =
         SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(format!("header: {e}")))?;
     let view = st
@@ -380,7 +419,9 @@ pub fn read_file(path: &Path, dtype: DType, shape: &[usize], require_checksum: b
                 return Err(corrupt(format!("checksum {got} does not match {sum}")));
             }
         }
-        None if require_checksum => return Err(corrupt(format!("no {CHECKSUM_KEY} in its metadata"))),
+        None if require_checksum => {
+            return Err(corrupt(format!("no {CHECKSUM_KEY} in its metadata")))
+        }
         None => {}
     }
     Ok(HostTensor::from_bytes(dtype, shape, view.data())?)
@@ -418,7 +459,11 @@ impl KvConnectorWorker for StorageWorker {
         let Some(meta) = self.meta.take() else {
             return Ok(());
         };
-        for req in meta.requests.iter().filter(|r| !r.is_store && !r.slot_mapping.is_empty()) {
+        for req in meta
+            .requests
+            .iter()
+            .filter(|r| !r.is_store && !r.slot_mapping.is_empty())
+        {
             let res = self.read_request(req).and_then(|layers| {
                 // Every file checked: now write, after checking every target exists and fits.
                 for (name, rows) in &layers {
@@ -459,7 +504,11 @@ impl KvConnectorWorker for StorageWorker {
         let Some(meta) = self.meta.take() else {
             return Ok(());
         };
-        for req in meta.requests.iter().filter(|r| r.is_store && !r.slot_mapping.is_empty()) {
+        for req in meta
+            .requests
+            .iter()
+            .filter(|r| r.is_store && !r.slot_mapping.is_empty())
+        {
             if self.failures.failed.contains_key(&req.request_id) {
                 continue;
             }
@@ -517,7 +566,10 @@ mod tests {
         );
         // md5 of the empty input, a fixed point every implementation agrees on.
         assert_eq!(c.cache_key(&[], &[]), "d41d8cd98f00b204e9800998ecf8427e");
-        let f = StorageConfig { fips: true, ..c.clone() };
+        let f = StorageConfig {
+            fips: true,
+            ..c.clone()
+        };
         assert_eq!(
             f.cache_key(&[], &[]),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"

@@ -73,7 +73,13 @@ impl DataLink for TcpLink {
     }
     fn recv(&self, stream: &mut TcpStream, out: &mut [u8], deadline: Instant) -> Result<()> {
         let n = out.len();
-        read_full(stream, out, false, deadline, &format!("tcp data path: recv {n} bytes"))?;
+        read_full(
+            stream,
+            out,
+            false,
+            deadline,
+            &format!("tcp data path: recv {n} bytes"),
+        )?;
         Ok(())
     }
 }

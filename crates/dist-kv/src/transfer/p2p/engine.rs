@@ -439,7 +439,9 @@ impl P2pEngine {
                 match conn.wait_reply(seq, deadline, &op)? {
                     Reply::Get(Some(t)) => return Ok((t, peer.to_string())),
                     Reply::Get(None) => {}
-                    Reply::Put(_) => return Err(Error::Protocol(format!("{op}: PUT reply to a GET"))),
+                    Reply::Put(_) => {
+                        return Err(Error::Protocol(format!("{op}: PUT reply to a GET")))
+                    }
                 }
                 let now = Instant::now();
                 if now >= deadline {
@@ -679,8 +681,8 @@ impl Inner {
             op: op.clone(),
             detail,
         };
-        let mut s = TcpStream::connect_timeout(&addr, self.cfg.timeout)
-            .map_err(|e| lost(e.to_string()))?;
+        let mut s =
+            TcpStream::connect_timeout(&addr, self.cfg.timeout).map_err(|e| lost(e.to_string()))?;
         self.prepare(&s)?;
         let init = self.datapath.link_init(peer)?;
         write_frame(
@@ -696,7 +698,9 @@ impl Inner {
         let deadline = Instant::now() + self.cfg.timeout;
         let mut closed = false;
         let ack = loop {
-            match read_frame(&mut s, true, deadline, &mut closed).map_err(|e| lost(e.to_string()))? {
+            match read_frame(&mut s, true, deadline, &mut closed)
+                .map_err(|e| lost(e.to_string()))?
+            {
                 Some(f) => break f,
                 None if closed => return Err(lost("closed during the handshake".into())),
                 None if Instant::now() >= deadline => {
@@ -719,7 +723,10 @@ impl Inner {
         let link = self.datapath.open(peer, true, &init)?;
         let conn = Arc::new(Conn {
             peer: peer.to_string(),
-            writer: Mutex::new(s.try_clone().map_err(|e| Error::io("clone kv p2p socket", e))?),
+            writer: Mutex::new(
+                s.try_clone()
+                    .map_err(|e| Error::io("clone kv p2p socket", e))?,
+            ),
             link,
             replies: Mutex::new(HashMap::new()),
             cv: Condvar::new(),
@@ -959,13 +966,17 @@ impl Inner {
         match conn.wait_reply(seq, deadline, &op)? {
             Reply::Put(PutStatus::Ready) => {}
             Reply::Put(PutStatus::Refused(why)) => {
-                return Err(Error::Capacity(format!("{op}: the consumer refused: {why}")))
+                return Err(Error::Capacity(format!(
+                    "{op}: the consumer refused: {why}"
+                )))
             }
             Reply::Get(_) => return Err(Error::Protocol(format!("{op}: GET reply to a PUT"))),
         }
-        let r = conn
-            .link
-            .send(&mut w, o.tensor.as_bytes(), Instant::now() + self.cfg.timeout);
+        let r = conn.link.send(
+            &mut w,
+            o.tensor.as_bytes(),
+            Instant::now() + self.cfg.timeout,
+        );
         drop(w);
         r.map_err(|e| {
             conn.lose(&e.to_string());
@@ -981,7 +992,10 @@ impl Inner {
         peer: &str,
     ) -> Result<()> {
         if tensor_id.len() > MAX_TENSOR_ID {
-            return Err(Error::invalid(format!("tensor id of {} bytes", tensor_id.len())));
+            return Err(Error::invalid(format!(
+                "tensor id of {} bytes",
+                tensor_id.len()
+            )));
         }
         let o = Outgoing {
             request_id: request_id.to_string(),
@@ -992,7 +1006,9 @@ impl Inner {
         {
             let mut s = lock(&self.send);
             if let Some(why) = s.failed.get(request_id) {
-                return Err(Error::Protocol(format!("already failed: {why}")).for_request(request_id));
+                return Err(
+                    Error::Protocol(format!("already failed: {why}")).for_request(request_id)
+                );
             }
             s.reqs.entry(request_id.to_string()).or_insert(ProdReq {
                 peer: peer.to_string(),
@@ -1130,7 +1146,10 @@ impl Inner {
     fn finish_request(&self, request_id: &str) {
         let mut s = lock(&self.send);
         if s.reqs.remove(request_id).is_none() {
-            tracing::debug!(request = request_id, "kv p2p: loaded report for an unknown request");
+            tracing::debug!(
+                request = request_id,
+                "kv p2p: loaded report for an unknown request"
+            );
         }
         self.drop_buffers(&mut s, request_id);
         if !s.failed.contains_key(request_id) {

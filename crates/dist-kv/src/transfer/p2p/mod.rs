@@ -83,7 +83,7 @@ pub fn parse_request_id(request_id: &str, is_prefill: bool) -> Result<(String, u
         .char_indices()
         .filter(|&(i, c)| c == ':' && rest[i + 1..].starts_with(|d: char| d.is_ascii_digit()))
         .map(|(i, _)| i)
-        .last()
+        .next_back()
         .ok_or_else(bad)?;
     let host = &rest[..colon];
     let digits: String = rest[colon + 1..]
@@ -197,8 +197,10 @@ impl KvConnectorScheduler for P2pScheduler {
         num_external_tokens: usize,
     ) {
         if self.role == P2pRole::Consumer && num_external_tokens > 0 {
-            self.need_load
-                .insert(request.request_id.clone(), (request.clone(), block_ids.to_vec()));
+            self.need_load.insert(
+                request.request_id.clone(),
+                (request.clone(), block_ids.to_vec()),
+            );
         }
     }
 
@@ -234,7 +236,8 @@ impl KvConnectorScheduler for P2pScheduler {
                         });
                     } else {
                         // Chunked prefill: send once the whole prompt is computed.
-                        self.chunked.insert(id.clone(), (len, new.block_ids.clone()));
+                        self.chunked
+                            .insert(id.clone(), (len, new.block_ids.clone()));
                     }
                 }
             }
@@ -344,9 +347,17 @@ impl P2pWorker {
             _ => None,
         };
         let tid = format!("{}#{name}", r.request_id);
-        let (t, from) = self.engine.recv_tensor(&tid, get_peer.as_deref(), deadline)?;
+        let (t, from) = self
+            .engine
+            .recv_tensor(&tid, get_peer.as_deref(), deadline)?;
         let m = t.shape().get(1).copied().unwrap_or(0);
-        let want = [spec.kv, m, spec.block_size, spec.num_kv_heads, spec.head_dim];
+        let want = [
+            spec.kv,
+            m,
+            spec.block_size,
+            spec.num_kv_heads,
+            spec.head_dim,
+        ];
         if t.dtype() != spec.dtype || t.shape() != want || m < n {
             return Err(Error::Protocol(format!(
                 "{tid}: got {} {:?}, this cache needs {} [{}, >={n}, {}, {}, {}]",
@@ -362,6 +373,9 @@ impl P2pWorker {
         Ok((first_blocks(&t, n)?, from))
     }
 }
+
+/// A request being loaded: blocks to load, layers received so far, the producer's address.
+type Pending = (usize, Vec<(String, HostTensor)>, String);
 
 /// The first `n` blocks (dim 1) of a `[kv, m, ...]` tensor.
 fn first_blocks(t: &HostTensor, n: usize) -> Result<HostTensor> {
@@ -426,7 +440,7 @@ impl KvConnectorWorker for P2pWorker {
             .iter()
             .filter(|r| !r.is_store && r.num_tokens > 0)
             .collect();
-        let mut state: Vec<Result<(usize, Vec<(String, HostTensor)>, String)>> = loads
+        let mut state: Vec<Result<Pending>> = loads
             .iter()
             .map(|r| self.blocks_for(r).map(|n| (n, Vec::new(), String::new())))
             .collect();
@@ -472,7 +486,8 @@ impl KvConnectorWorker for P2pWorker {
                     let e = e.for_request(&r.request_id);
                     self.engine.discard_request(&r.request_id);
                     if let Ok(peer) = peer_address(&r.request_id, false, self.cfg.rank) {
-                        self.engine.notify_abort(&r.request_id, &peer, &e.to_string());
+                        self.engine
+                            .notify_abort(&r.request_id, &peer, &e.to_string());
                     }
                     self.failures.record(&r.request_id, &r.block_ids, &e);
                 }
@@ -493,7 +508,11 @@ impl KvConnectorWorker for P2pWorker {
         let Some(meta) = self.meta.take() else {
             return Ok(());
         };
-        for r in meta.requests.iter().filter(|r| r.is_store && r.num_tokens > 0) {
+        for r in meta
+            .requests
+            .iter()
+            .filter(|r| r.is_store && r.num_tokens > 0)
+        {
             if self.failures.failed.contains_key(&r.request_id) {
                 continue;
             }
@@ -501,8 +520,12 @@ impl KvConnectorWorker for P2pWorker {
                 let n = self.blocks_for(r)?;
                 let peer = peer_address(&r.request_id, true, self.cfg.rank)?;
                 let t = layer.gather_blocks(&r.block_ids[..n])?;
-                self.engine
-                    .send_tensor(&r.request_id, &format!("{}#{layer_name}", r.request_id), t, &peer)
+                self.engine.send_tensor(
+                    &r.request_id,
+                    &format!("{}#{layer_name}", r.request_id),
+                    t,
+                    &peer,
+                )
             })();
             match res {
                 Ok(()) => {
@@ -590,6 +613,56 @@ pub fn wait_finished<W: KvConnectorWorker>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::transfer::connector::{CachedRequestData, NewRequestData};
+
+    #[test]
+    fn producer_sends_a_chunked_prefill_once_with_every_block() {
+        let mut s = P2pScheduler::new(P2pRole::Producer, 4).unwrap();
+        let r = Request::new("r___decode_addr_h:1", (0..10).collect());
+        // Step 1: 4 of 10 tokens, blocks [5].
+        let mut out = SchedulerOutput::default();
+        out.scheduled_new_reqs.push(NewRequestData {
+            request: r.clone(),
+            block_ids: vec![5],
+            num_computed_tokens: 0,
+        });
+        out.num_scheduled_tokens.insert(r.request_id.clone(), 4);
+        assert!(s.build_connector_meta(&out).requests.is_empty());
+        // Step 2: 4 more, block 2 added; step 3: the last 2, block 9 added.
+        for (computed, blocks, emits) in [(4, vec![2], false), (8, vec![9], true)] {
+            let mut out = SchedulerOutput::default();
+            out.scheduled_cached_reqs.push(CachedRequestData {
+                request_id: r.request_id.clone(),
+                resumed_from_preemption: false,
+                new_block_ids: Some(blocks),
+                num_computed_tokens: computed,
+            });
+            out.num_scheduled_tokens
+                .insert(r.request_id.clone(), if emits { 2 } else { 4 });
+            let m = s.build_connector_meta(&out);
+            assert_eq!(m.requests.len(), usize::from(emits));
+            if emits {
+                assert_eq!(m.requests[0].block_ids, vec![5, 2, 9]);
+                assert_eq!(m.requests[0].num_tokens, 10);
+                assert!(m.requests[0].is_store);
+            }
+        }
+        // The consumer loads all but the last token, in blocks it was given.
+        let mut c = P2pScheduler::new(P2pRole::Consumer, 4).unwrap();
+        assert_eq!(
+            c.get_num_new_matched_tokens(&r, 0).unwrap(),
+            (Some(9), false)
+        );
+        assert_eq!(
+            c.get_num_new_matched_tokens(&r, 8).unwrap(),
+            (Some(1), false)
+        );
+        assert_eq!(
+            s.get_num_new_matched_tokens(&r, 0).unwrap(),
+            (Some(0), false)
+        );
+    }
 
     #[test]
     fn request_ids_carry_addresses_as_in_vllm() {

@@ -175,7 +175,10 @@ pub(crate) fn read_full(
             Ok(0) if got == 0 && idle_ok => return Ok(ReadOutcome::Closed),
             Ok(0) => {
                 return Err(Error::io(
-                    format!("{what}: connection closed after {got} of {} bytes", buf.len()),
+                    format!(
+                        "{what}: connection closed after {got} of {} bytes",
+                        buf.len()
+                    ),
                     ErrorKind::UnexpectedEof.into(),
                 ))
             }
@@ -254,7 +257,10 @@ mod tests {
                 seq: 7,
                 status: PutStatus::Refused("full".into()),
             },
-            Frame::GetReply { seq: 9, header: None },
+            Frame::GetReply {
+                seq: 9,
+                header: None,
+            },
             Frame::Loaded {
                 request_id: "r".into(),
             },
