@@ -133,7 +133,9 @@ def main():
 
     common = ["--duration", str(duration), "--clients", ",".join(map(str, clients)),
               "--rendezvous", ",".join(map(str, rdv)), "--repeat", "3"]
-    # ours/ours
+    # ours/ours, with one event-loop thread and with the default (4 here)
+    for (kind, n), (v, med) in rust_bench(bin_dir, common + ["--server-threads", "1"]).items():
+        table[("ours(1 thread)/ours", kind, n)] = (v, med)
     for (kind, n), (v, med) in rust_bench(bin_dir, common).items():
         table[("ours/ours", kind, n)] = (v, med)
     # torch master for torch/torch and torch/ours
@@ -172,7 +174,7 @@ def main():
         srv.terminate()
         srv.wait(10)
 
-    pairings = ["ours/ours", "torch/torch", "torch/ours", "ours/torch"]
+    pairings = ["ours/ours", "ours(1 thread)/ours", "torch/torch", "torch/ours", "ours/torch"]
     print("\n| server/client | " + " | ".join(
         [f"set+get/s, {n} procs" for n in clients] + [f"rendezvous {n} (best/median ms)" for n in rdv]) + " |")
     print("|---|" + "---|" * (len(clients) + len(rdv)))
@@ -188,7 +190,8 @@ def main():
     for n in clients:
         a, b = table.get(("ours/ours", "setget", n)), table.get(("torch/torch", "setget", n))
         if a and b:
-            print(f"set+get, {n} clients: ours/ours is {a[0] / b[0]:.2f}x torch/torch")
+            print(f"set+get, {n} clients: ours/ours is {a[0] / b[0]:.2f}x torch/torch "
+                  f"({2 * a[0]:,.0f} vs {2 * b[0]:,.0f} ops/s counting set and get apart)")
 
 
 if __name__ == "__main__":

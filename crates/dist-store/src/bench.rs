@@ -44,6 +44,9 @@ pub struct StoreBenchOptions {
     /// Times each rendezvous is repeated (the best and median are printed).
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// Event-loop threads of the in-process server (default: the server's default).
+    #[arg(long)]
+    pub server_threads: Option<usize>,
 }
 
 fn io_err(e: crate::Error) -> io::Error {
@@ -83,6 +86,9 @@ pub fn run(opts: &StoreBenchOptions) -> io::Result<i32> {
         None => Some(
             StoreServer::start(ServerOptions {
                 max_connections: 1 << 20,
+                threads: opts
+                    .server_threads
+                    .unwrap_or_else(|| ServerOptions::default().threads),
                 ..Default::default()
             })
             .map_err(io_err)?,
@@ -95,7 +101,11 @@ pub fn run(opts: &StoreBenchOptions) -> io::Result<i32> {
     };
     let who = match &opts.addr {
         Some(a) => format!("server at {a}"),
-        None => "our server (in-process)".to_string(),
+        None => format!(
+            "our server (in-process, {} loop threads)",
+            opts.server_threads
+                .unwrap_or_else(|| ServerOptions::default().threads)
+        ),
     };
     println!(
         "dist bench store: {who}; our client; value {} B; {:.1} s per throughput run",

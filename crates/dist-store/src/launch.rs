@@ -513,6 +513,9 @@ pub struct ServeOptions {
     /// Most concurrent connections.
     #[arg(long, default_value_t = 65_536)]
     pub max_connections: usize,
+    /// Event-loop threads (default: the machine's parallelism, at most 4).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 /// Runs a standalone store server until SIGINT or SIGTERM; returns the exit code.
@@ -527,6 +530,9 @@ pub fn serve(opts: &ServeOptions) -> io::Result<i32> {
         port: opts.port,
         token,
         max_connections: opts.max_connections,
+        threads: opts
+            .threads
+            .unwrap_or_else(|| ServerOptions::default().threads),
         ..Default::default()
     })
     .map_err(to_io)?;

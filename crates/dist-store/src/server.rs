@@ -1,7 +1,11 @@
-//! The store server: one thread, one `mio` event loop, every connection non-blocking.
+//! The store server: a few threads, each a `mio` event loop over its share of the
+//! connections, every connection non-blocking.
 //!
-//! State lives in [`Core`] (keys, queues, waiters) and is touched only by the loop thread, so
-//! there are no locks. Each connection keeps a read buffer (never more than one request plus
+//! The keys, queues and waiters live in one `Core` behind a mutex held only while a request
+//! executes (no I/O under it). Loop 0 accepts and deals connections round-robin to the loops.
+//! A write that completes another loop's waiter leaves that waiter's reply in the owner's
+//! inbox (under the core lock, so a later `CANCEL_WAIT` finds it there) and wakes the owner.
+//! Each connection keeps a read buffer (never more than one request plus
 //! one read beyond what it has sent us, and never more than [`Limits::max_request_bytes`]) and
 //! a write buffer; a connection whose unread replies pass [`ServerOptions::max_pending_output`]
 //! is not read from until it drains, so a client that never reads cannot grow our memory.
@@ -13,8 +17,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -56,6 +60,8 @@ pub struct ServerOptions {
     /// Serve our extensions (`HELLO`, `WAIT_GET`). `false` behaves as PyTorch's server does
     /// on them (closes the connection), which tests the clients' fallback.
     pub extensions: bool,
+    /// Event-loop threads (at least 1). The default is the machine's parallelism, at most 4.
+    pub threads: usize,
 }
 
 impl Default for ServerOptions {
@@ -69,6 +75,9 @@ impl Default for ServerOptions {
             handshake_timeout: Duration::from_secs(30),
             max_pending_output: 64 << 20,
             extensions: true,
+            threads: std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(4),
         }
     }
 }
@@ -77,41 +86,65 @@ impl Default for ServerOptions {
 #[derive(Debug)]
 pub struct StoreServer {
     addrs: Vec<SocketAddr>,
-    stop: Arc<AtomicBool>,
-    waker: Arc<Waker>,
-    thread: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl StoreServer {
-    /// Binds and starts the loop on a background thread named `dist-store`.
+    /// Binds and starts the loops on background threads named `dist-store-N`.
     pub fn start(opts: ServerOptions) -> Result<Self> {
         crate::sys::raise_nofile_limit();
-        let poll = Poll::new().map_err(|e| Error::io("store server: create poll", e))?;
         let listeners = bind_all(&opts.host, opts.port)?;
         let mut addrs = Vec::new();
-        for (i, l) in listeners.iter().enumerate() {
+        for l in &listeners {
             addrs.push(
                 l.local_addr()
                     .map_err(|e| Error::io("store server: local_addr", e))?,
             );
-            let _ = i;
         }
-        let waker = Arc::new(
-            Waker::new(poll.registry(), WAKER)
-                .map_err(|e| Error::io("store server: create waker", e))?,
-        );
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut lp = EventLoop::new(poll, listeners, opts, stop.clone())?;
-        info!(addrs = ?addrs, "store server listening");
-        let thread = std::thread::Builder::new()
-            .name("dist-store".into())
-            .spawn(move || lp.run())
-            .map_err(|e| Error::io("store server: spawn thread", e))?;
+        let n = opts.threads.max(1);
+        let mut polls = Vec::new();
+        let mut inboxes = Vec::new();
+        for _ in 0..n {
+            let poll = Poll::new().map_err(|e| Error::io("store server: create poll", e))?;
+            let waker = Waker::new(poll.registry(), WAKER)
+                .map_err(|e| Error::io("store server: create waker", e))?;
+            inboxes.push(Inbox {
+                msgs: Mutex::new(Vec::new()),
+                waker,
+            });
+            polls.push(poll);
+        }
+        let shared = Arc::new(Shared {
+            core: Mutex::new(Core::default()),
+            opts,
+            stop: AtomicBool::new(false),
+            inboxes,
+            live: AtomicUsize::new(0),
+        });
+        let mut loops = Vec::new();
+        let mut listeners = Some(listeners);
+        for (id, poll) in polls.into_iter().enumerate() {
+            let ls = if id == 0 {
+                listeners.take().unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            loops.push(EventLoop::new(id, poll, ls, shared.clone())?);
+        }
+        let mut threads = Vec::new();
+        for mut lp in loops {
+            let t = std::thread::Builder::new()
+                .name(format!("dist-store-{}", lp.id))
+                .spawn(move || lp.run())
+                .map_err(|e| Error::io("store server: spawn thread", e))?;
+            threads.push(t);
+        }
+        info!(addrs = ?addrs, threads = n, "store server listening");
         Ok(StoreServer {
             addrs,
-            stop,
-            waker,
-            thread: Some(thread),
+            shared,
+            threads,
         })
     }
 
@@ -135,15 +168,17 @@ impl StoreServer {
         self.stop_and_join();
     }
 
-    /// True while the loop thread runs.
+    /// True while every loop thread runs.
     pub fn is_running(&self) -> bool {
-        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+        !self.threads.is_empty() && self.threads.iter().all(|t| !t.is_finished())
     }
 
     fn stop_and_join(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = self.waker.wake();
-        if let Some(t) = self.thread.take() {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        for i in &self.shared.inboxes {
+            let _ = i.waker.wake();
+        }
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -217,14 +252,6 @@ enum Phase {
     Ready,
 }
 
-struct Waiting {
-    id: u64,
-    remaining: usize,
-    keys: Vec<Vec<u8>>,
-    /// For `WAIT_GET`: the keys whose values follow `STOP_WAITING`, in request order.
-    then_get: Option<Vec<Vec<u8>>>,
-}
-
 struct Conn {
     stream: TcpStream,
     peer: SocketAddr,
@@ -234,7 +261,8 @@ struct Conn {
     need: usize,
     wbuf: Vec<u8>,
     wpos: usize,
-    wait: Option<Waiting>,
+    /// The id of this connection's pending `WAIT`/`WAIT_GET`, if any (state in `Core::waits`).
+    wait: Option<u64>,
     close_after_flush: bool,
     /// WRITABLE interest is registered only while replies are stuck in `wbuf`.
     want_writable: bool,
@@ -246,15 +274,35 @@ impl Conn {
     }
 }
 
-/// Waiter registration: connection slot, its generation, the wait's id.
-type Reg = (usize, u64, u64);
+/// A pending wait, owned by connection `slot` (generation `gen`) of loop `owner`.
+struct WaitState {
+    owner: usize,
+    slot: usize,
+    gen: u64,
+    remaining: usize,
+    /// The missing keys it is registered under.
+    keys: Vec<Vec<u8>>,
+    /// For `WAIT_GET`: the keys whose values follow `STOP_WAITING`, in request order.
+    then_get: Option<Vec<Vec<u8>>>,
+}
 
-/// The keys, queues and waiters.
+/// A completed wait's reply, for the loop that owns the connection.
+struct Done {
+    owner: usize,
+    slot: usize,
+    gen: u64,
+    wait: u64,
+    bytes: Vec<u8>,
+}
+
+/// The keys, queues and waiters, shared by the loops.
 #[derive(Default)]
 struct Core {
     kv: HashMap<Vec<u8>, Vec<u8>>,
     queues: HashMap<Vec<u8>, VecDeque<Vec<u8>>>,
-    waiters: HashMap<Vec<u8>, Vec<Reg>>,
+    /// Key -> ids of the waits registered on it.
+    waiters: HashMap<Vec<u8>, Vec<u64>>,
+    waits: HashMap<u64, WaitState>,
     next_wait: u64,
 }
 
@@ -262,18 +310,126 @@ impl Core {
     fn present(&self, k: &[u8]) -> bool {
         self.kv.contains_key(k) || self.queues.get(k).is_some_and(|q| !q.is_empty())
     }
+
+    fn unregister(&mut self, id: u64, keys: &[Vec<u8>], except: Option<&[u8]>) {
+        for k in keys {
+            if Some(k.as_slice()) == except {
+                continue;
+            }
+            if let Some(v) = self.waiters.get_mut(k) {
+                v.retain(|x| *x != id);
+                if v.is_empty() {
+                    self.waiters.remove(k);
+                }
+            }
+        }
+    }
+
+    /// Counts `key` as arrived for its waiters (only the first live one with `only_one`);
+    /// completed waits are removed and their replies pushed to `out`.
+    fn wake_key(&mut self, key: &[u8], only_one: bool, out: &mut Vec<Done>) {
+        let Some(mut ids) = self.waiters.remove(key) else {
+            return;
+        };
+        let mut i = 0;
+        while i < ids.len() {
+            let id = ids[i];
+            let Some(ws) = self.waits.get_mut(&id) else {
+                ids.swap_remove(i);
+                continue;
+            };
+            ws.remaining -= 1;
+            if ws.remaining == 0 {
+                let ws = self.waits.remove(&id).expect("present");
+                self.unregister(id, &ws.keys, Some(key));
+                let mut bytes = vec![WaitResponse::StopWaiting as u8];
+                if let Some(keys) = &ws.then_get {
+                    put_values(&mut bytes, &self.kv, keys);
+                }
+                out.push(Done {
+                    owner: ws.owner,
+                    slot: ws.slot,
+                    gen: ws.gen,
+                    wait: id,
+                    bytes,
+                });
+            }
+            if only_one {
+                ids.remove(i);
+                if !ids.is_empty() {
+                    self.waiters.insert(key.to_vec(), ids);
+                }
+                return;
+            }
+            i += 1;
+        }
+    }
+}
+
+enum Msg {
+    /// A connection dealt to this loop by loop 0.
+    Conn(TcpStream, SocketAddr),
+    /// A wait of one of this loop's connections completed on another loop.
+    Done(Done),
+}
+
+struct Inbox {
+    msgs: Mutex<Vec<Msg>>,
+    waker: Waker,
+}
+
+struct Shared {
+    core: Mutex<Core>,
+    opts: ServerOptions,
+    stop: AtomicBool,
+    inboxes: Vec<Inbox>,
+    live: AtomicUsize,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("loops", &self.inboxes.len())
+            .field("live", &self.live.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    /// Hands replies of completed waits to their loops; call with the core lock held, so a
+    /// `CANCEL_WAIT` that finds its wait gone also finds the reply in the inbox.
+    fn post(&self, me: usize, done: &mut Vec<Done>, local: &mut Vec<Done>) {
+        for d in done.drain(..) {
+            if d.owner == me {
+                local.push(d);
+            } else {
+                let inbox = &self.inboxes[d.owner];
+                let was_empty = {
+                    let mut m = lock(&inbox.msgs);
+                    let e = m.is_empty();
+                    m.push(Msg::Done(d));
+                    e
+                };
+                if was_empty {
+                    let _ = inbox.waker.wake();
+                }
+            }
+        }
+    }
 }
 
 struct EventLoop {
+    id: usize,
     poll: Poll,
     listeners: Vec<TcpListener>,
-    opts: ServerOptions,
-    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     conns: Vec<Option<Conn>>,
     gens: Vec<u64>,
     free: Vec<usize>,
-    live: usize,
-    core: Core,
     /// Connections with replies appended by another connection's request.
     dirty: Vec<usize>,
     /// Connections with more input to process (their read budget ran out).
@@ -281,8 +437,12 @@ struct EventLoop {
     handshakes: VecDeque<(Instant, usize, u64)>,
     scratch: Vec<u8>,
     accept_retry: bool,
+    next_loop: usize,
     refused: u64,
     last_refusal_log: Option<Instant>,
+    /// Scratch lists for wait completions.
+    done: Vec<Done>,
+    local: Vec<Done>,
 }
 
 enum Flow {
@@ -292,10 +452,10 @@ enum Flow {
 
 impl EventLoop {
     fn new(
+        id: usize,
         poll: Poll,
         mut listeners: Vec<TcpListener>,
-        opts: ServerOptions,
-        stop: Arc<AtomicBool>,
+        shared: Arc<Shared>,
     ) -> Result<Self> {
         for (i, l) in listeners.iter_mut().enumerate() {
             poll.registry()
@@ -303,28 +463,33 @@ impl EventLoop {
                 .map_err(|e| Error::io("store server: register listener", e))?;
         }
         Ok(EventLoop {
+            id,
             poll,
             listeners,
-            opts,
-            stop,
+            shared,
             conns: Vec::new(),
             gens: Vec::new(),
             free: Vec::new(),
-            live: 0,
-            core: Core::default(),
             dirty: Vec::new(),
             again: VecDeque::new(),
             handshakes: VecDeque::new(),
             scratch: vec![0; SCRATCH],
             accept_retry: false,
+            next_loop: 0,
             refused: 0,
             last_refusal_log: None,
+            done: Vec::new(),
+            local: Vec::new(),
         })
+    }
+
+    fn opts(&self) -> &ServerOptions {
+        &self.shared.opts
     }
 
     fn run(&mut self) {
         let mut events = Events::with_capacity(1024);
-        while !self.stop.load(Ordering::SeqCst) {
+        while !self.shared.stop.load(Ordering::SeqCst) {
             let timeout = if !self.again.is_empty() {
                 Some(Duration::ZERO)
             } else if self.accept_retry {
@@ -344,13 +509,11 @@ impl EventLoop {
             for ev in events.iter() {
                 let t = ev.token();
                 if t == WAKER {
-                    continue;
-                }
-                if t.0 < self.listeners.len() {
+                    self.drain_inbox();
+                } else if t.0 < self.listeners.len() {
                     self.accept(t.0);
                 } else if t.0 >= FIRST_CONN {
-                    let slot = t.0 - FIRST_CONN;
-                    self.handle(slot);
+                    self.handle(t.0 - FIRST_CONN);
                 }
             }
             if self.accept_retry {
@@ -370,16 +533,51 @@ impl EventLoop {
             self.flush_dirty();
             self.expire_handshakes();
         }
-        let live = self.live;
-        self.conns.clear();
-        info!(connections = live, "store server stopped");
+        let slots: Vec<usize> = (0..self.conns.len())
+            .filter(|s| self.conns[*s].is_some())
+            .collect();
+        let n = slots.len();
+        for s in slots {
+            self.close(s, String::new());
+        }
+        info!(
+            thread = self.id,
+            connections = n,
+            "store server loop stopped"
+        );
+    }
+
+    /// Takes this loop's messages: new connections and completed waits.
+    fn drain_inbox(&mut self) {
+        let msgs = std::mem::take(&mut *lock(&self.shared.inboxes[self.id].msgs));
+        for m in msgs {
+            match m {
+                Msg::Conn(stream, peer) => self.add_conn(stream, peer),
+                Msg::Done(d) => self.apply_done(d),
+            }
+        }
+    }
+
+    fn apply_done(&mut self, d: Done) {
+        if self.gens.get(d.slot) != Some(&d.gen) {
+            return;
+        }
+        if let Some(c) = self.conns[d.slot].as_mut() {
+            if c.wait == Some(d.wait) {
+                c.wait = None;
+                c.wbuf.extend_from_slice(&d.bytes);
+                self.dirty.push(d.slot);
+            }
+        }
     }
 
     fn accept(&mut self, li: usize) {
+        let n = self.shared.inboxes.len();
         loop {
             match self.listeners[li].accept() {
                 Ok((stream, peer)) => {
-                    if self.live >= self.opts.max_connections {
+                    let max = self.opts().max_connections;
+                    if self.shared.live.load(Ordering::Relaxed) >= max {
                         self.refused += 1;
                         let now = Instant::now();
                         if self
@@ -389,7 +587,7 @@ impl EventLoop {
                             warn!(
                                 %peer,
                                 refused = self.refused,
-                                max = self.opts.max_connections,
+                                max,
                                 "store server: connection limit reached; closing new connections"
                             );
                             self.last_refusal_log = Some(now);
@@ -397,7 +595,16 @@ impl EventLoop {
                         drop(stream);
                         continue;
                     }
-                    self.add_conn(stream, peer);
+                    self.shared.live.fetch_add(1, Ordering::Relaxed);
+                    let to = self.next_loop % n;
+                    self.next_loop = self.next_loop.wrapping_add(1);
+                    if to == self.id {
+                        self.add_conn(stream, peer);
+                    } else {
+                        let inbox = &self.shared.inboxes[to];
+                        lock(&inbox.msgs).push(Msg::Conn(stream, peer));
+                        let _ = inbox.waker.wake();
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -411,6 +618,7 @@ impl EventLoop {
         }
     }
 
+    /// Takes a connection already counted in `live`.
     fn add_conn(&mut self, mut stream: TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
         let slot = match self.free.pop() {
@@ -428,6 +636,7 @@ impl EventLoop {
         {
             warn!(%peer, error = %e, "store server: cannot register connection");
             self.free.push(slot);
+            self.shared.live.fetch_sub(1, Ordering::Relaxed);
             return;
         }
         self.gens[slot] += 1;
@@ -443,13 +652,9 @@ impl EventLoop {
             close_after_flush: false,
             want_writable: false,
         });
-        self.live += 1;
-        self.handshakes.push_back((
-            Instant::now() + self.opts.handshake_timeout,
-            slot,
-            self.gens[slot],
-        ));
-        debug!(%peer, slot, "store server: connection accepted");
+        let deadline = Instant::now() + self.opts().handshake_timeout;
+        self.handshakes.push_back((deadline, slot, self.gens[slot]));
+        debug!(%peer, slot, thread = self.id, "store server: connection accepted");
     }
 
     fn expire_handshakes(&mut self) {
@@ -474,32 +679,27 @@ impl EventLoop {
             return;
         };
         if reason.is_empty() {
-            debug!(peer = %c.peer, "store server: connection closed by peer");
+            debug!(peer = %c.peer, "store server: connection closed");
         } else {
             warn!(peer = %c.peer, "store server: dropping connection: {reason}");
         }
-        if let Some(w) = c.wait.take() {
-            self.unregister_wait(slot, &w);
+        if let Some(id) = c.wait.take() {
+            let mut core = lock(&self.shared.core);
+            if let Some(ws) = core.waits.remove(&id) {
+                core.unregister(id, &ws.keys, None);
+            }
         }
         let _ = self.poll.registry().deregister(&mut c.stream);
         self.gens[slot] += 1;
         self.free.push(slot);
-        self.live -= 1;
-    }
-
-    fn unregister_wait(&mut self, slot: usize, w: &Waiting) {
-        for k in &w.keys {
-            if let Some(v) = self.core.waiters.get_mut(k) {
-                v.retain(|r| !(r.0 == slot && r.2 == w.id));
-                if v.is_empty() {
-                    self.core.waiters.remove(k);
-                }
-            }
-        }
+        self.shared.live.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Serves one connection: writes what is pending, runs complete requests, reads more.
     fn handle(&mut self, slot: usize) {
+        if self.conns.get(slot).map_or(true, |c| c.is_none()) {
+            return;
+        }
         let mut budget = READ_BUDGET;
         let mut scratch = std::mem::take(&mut self.scratch);
         let flow = self.handle_inner(slot, &mut budget, &mut scratch);
@@ -515,6 +715,8 @@ impl EventLoop {
     }
 
     fn handle_inner(&mut self, slot: usize, budget: &mut usize, scratch: &mut [u8]) -> Flow {
+        let max_out = self.opts().max_pending_output;
+        let max_req = self.opts().limits.max_request_bytes;
         // A read shorter than asked for emptied the socket: the next bytes will raise a new
         // readiness edge, so there is no need for a read that only says WouldBlock.
         let mut drained = false;
@@ -532,7 +734,7 @@ impl EventLoop {
                     Flow::Continue
                 };
             }
-            if c.pending_out() >= self.opts.max_pending_output || *budget == 0 {
+            if c.pending_out() >= max_out || *budget == 0 {
                 return Flow::Continue;
             }
             // Process what is buffered before reading more.
@@ -540,7 +742,7 @@ impl EventLoop {
                 return Flow::Close(r);
             }
             let c = self.conns[slot].as_mut().expect("live connection");
-            if c.pending_out() >= self.opts.max_pending_output {
+            if c.pending_out() >= max_out {
                 continue;
             }
             if drained {
@@ -552,7 +754,7 @@ impl EventLoop {
                 Ok(n) => {
                     drained = n < want;
                     *budget -= n.min(*budget);
-                    if c.rbuf.len() + n > self.opts.limits.max_request_bytes + SCRATCH {
+                    if c.rbuf.len() + n > max_req + SCRATCH {
                         return Flow::Close("request larger than the request limit".into());
                     }
                     c.rbuf.extend_from_slice(&scratch[..n]);
@@ -567,17 +769,18 @@ impl EventLoop {
     }
 
     fn process_buffered(&mut self, slot: usize) -> Flow {
+        let max_out = self.opts().max_pending_output;
         let mut consumed = 0;
         let flow = loop {
             let c = self.conns[slot].as_mut().expect("live connection");
-            if c.close_after_flush || c.pending_out() >= self.opts.max_pending_output {
+            if c.close_after_flush || c.pending_out() >= max_out {
                 break Flow::Continue;
             }
             let avail = c.rbuf.len() - consumed;
             if avail < c.need.max(1) {
                 break Flow::Continue;
             }
-            match decode_request(&c.rbuf[consumed..], &self.opts.limits) {
+            match decode_request(&c.rbuf[consumed..], &self.shared.opts.limits) {
                 Ok(Decoded::NeedMore { min_len }) => {
                     c.need = min_len;
                     break Flow::Continue;
@@ -659,112 +862,20 @@ impl EventLoop {
         }
     }
 
-    fn reply(&mut self, slot: usize, f: impl FnOnce(&mut Vec<u8>)) {
-        if let Some(c) = self.conns[slot].as_mut() {
-            f(&mut c.wbuf);
-        }
+    fn conn(&mut self, slot: usize) -> &mut Conn {
+        self.conns[slot].as_mut().expect("live connection")
     }
 
-    fn wake_key(&mut self, key: &[u8], only_one: bool) {
-        let Some(mut regs) = self.core.waiters.remove(key) else {
-            return;
-        };
-        let mut i = 0;
-        while i < regs.len() {
-            let (slot, gen, id) = regs[i];
-            let valid = self.gens.get(slot) == Some(&gen)
-                && self.conns[slot]
-                    .as_ref()
-                    .and_then(|c| c.wait.as_ref())
-                    .is_some_and(|w| w.id == id);
-            if !valid {
-                regs.swap_remove(i);
-                continue;
-            }
-            let c = self.conns[slot].as_mut().expect("checked");
-            let w = c.wait.as_mut().expect("checked");
-            w.remaining -= 1;
-            if w.remaining == 0 {
-                let w = c.wait.take().expect("checked");
-                c.wbuf.push(WaitResponse::StopWaiting as u8);
-                if let Some(keys) = &w.then_get {
-                    put_values(&mut c.wbuf, &self.core.kv, keys);
-                }
-                self.dirty.push(slot);
-                // Drop its other registrations (keys that were already satisfied are gone).
-                for k in &w.keys {
-                    if k.as_slice() != key {
-                        if let Some(v) = self.core.waiters.get_mut(k) {
-                            v.retain(|r| !(r.0 == slot && r.2 == w.id));
-                            if v.is_empty() {
-                                self.core.waiters.remove(k);
-                            }
-                        }
-                    }
-                }
-            }
-            if only_one {
-                regs.remove(i);
-                if !regs.is_empty() {
-                    self.core.waiters.insert(key.to_vec(), regs);
-                }
-                return;
-            }
-            i += 1;
-        }
-    }
-
-    /// `WAIT` (and `WAIT_GET` with `then_get`): answers at once when every key exists,
-    /// otherwise registers the connection as a waiter of each missing key.
-    fn wait(&mut self, slot: usize, keys: Vec<Vec<u8>>, then_get: Option<Vec<Vec<u8>>>) -> Flow {
-        if self.conns[slot].as_ref().expect("live").wait.is_some() {
-            return Flow::Close("WAIT while another WAIT is pending".into());
-        }
-        let mut missing: Vec<Vec<u8>> =
-            keys.into_iter().filter(|k| !self.core.present(k)).collect();
-        if missing.is_empty() {
-            let c = self.conns[slot].as_mut().expect("live");
-            c.wbuf.push(WaitResponse::StopWaiting as u8);
-            if let Some(keys) = &then_get {
-                put_values(&mut c.wbuf, &self.core.kv, keys);
-            }
-            return Flow::Continue;
-        }
-        self.core.next_wait += 1;
-        let id = self.core.next_wait;
-        let gen = self.gens[slot];
-        missing.sort_unstable();
-        missing.dedup();
-        for k in &missing {
-            self.core
-                .waiters
-                .entry(k.clone())
-                .or_default()
-                .push((slot, gen, id));
-        }
-        let c = self.conns[slot].as_mut().expect("live");
-        c.wait = Some(Waiting {
-            id,
-            remaining: missing.len(),
-            keys: missing,
-            then_get,
-        });
-        Flow::Continue
-    }
-
+    /// Runs one request of connection `slot`.
     fn exec(&mut self, slot: usize, req: Request) -> Flow {
-        let phase = self.conns[slot].as_ref().expect("live").phase;
+        let phase = self.conn(slot).phase;
         match (phase, &req) {
             (Phase::New, Request::Validate { magic }) => {
                 if *magic != VALIDATION_MAGIC {
                     return Flow::Close(format!("bad validation magic {magic:#x}"));
                 }
-                let c = self.conns[slot].as_mut().expect("live");
-                c.phase = if self.opts.token.is_some() {
-                    Phase::NeedAuth
-                } else {
-                    Phase::Ready
-                };
+                let auth = self.opts().token.is_some();
+                self.conn(slot).phase = if auth { Phase::NeedAuth } else { Phase::Ready };
                 return Flow::Continue;
             }
             (Phase::New, r) => {
@@ -775,11 +886,11 @@ impl EventLoop {
             }
             (Phase::NeedAuth, Request::Auth { token }) => {
                 let ok = self
-                    .opts
+                    .opts()
                     .token
                     .as_deref()
                     .is_some_and(|t| crate::auth::ct_eq(t, token));
-                let c = self.conns[slot].as_mut().expect("live");
+                let c = self.conn(slot);
                 if ok {
                     c.phase = Phase::Ready;
                     c.wbuf.push(0);
@@ -796,37 +907,103 @@ impl EventLoop {
                 ))
             }
             (Phase::Ready, Request::Hello { .. } | Request::WaitGet { .. })
-                if !self.opts.extensions =>
+                if !self.opts().extensions =>
             {
                 return Flow::Close(format!("unknown query type {:?}", req.query_type()))
             }
             (Phase::Ready, _) => {}
         }
-        match req {
-            Request::Validate { .. } => {}
+        // Requests that need no shared state.
+        match &req {
+            Request::Validate { .. } => return Flow::Continue,
             Request::Auth { token } => {
-                let ok = match &self.opts.token {
-                    Some(t) => crate::auth::ct_eq(t, &token),
+                let ok = match &self.opts().token {
+                    Some(t) => crate::auth::ct_eq(t, token),
                     None => true,
                 };
-                self.reply(slot, |w| w.push(if ok { 0 } else { 1 }));
+                self.conn(slot).wbuf.push(if ok { 0 } else { 1 });
+                return Flow::Continue;
             }
             Request::Ping { nonce } => {
-                self.reply(slot, |w| w.extend_from_slice(&nonce.to_le_bytes()))
+                let n = *nonce;
+                self.conn(slot).wbuf.extend_from_slice(&n.to_le_bytes());
+                return Flow::Continue;
             }
+            Request::Hello { .. } => {
+                self.conn(slot)
+                    .wbuf
+                    .extend_from_slice(&FEATURE_WAIT_GET.to_le_bytes());
+                return Flow::Continue;
+            }
+            Request::CancelWait => return self.cancel_wait(slot),
+            _ => {}
+        }
+        let shared = self.shared.clone();
+        let mut core = lock(&shared.core);
+        let mut done = std::mem::take(&mut self.done);
+        let flow = self.exec_core(slot, req, &mut core, &mut done);
+        let mut local = std::mem::take(&mut self.local);
+        shared.post(self.id, &mut done, &mut local);
+        drop(core);
+        for d in local.drain(..) {
+            self.apply_done(d);
+        }
+        self.done = done;
+        self.local = local;
+        flow
+    }
+
+    fn cancel_wait(&mut self, slot: usize) -> Flow {
+        if let Some(id) = self.conn(slot).wait {
+            let gone = {
+                let mut core = lock(&self.shared.core);
+                match core.waits.remove(&id) {
+                    Some(ws) => {
+                        core.unregister(id, &ws.keys, None);
+                        false
+                    }
+                    None => true,
+                }
+            };
+            if gone {
+                // Completed on another loop: its reply is in our inbox; deliver it first.
+                self.drain_inbox();
+            }
+            self.conn(slot).wait = None;
+        }
+        self.conn(slot).wbuf.push(WaitResponse::WaitCanceled as u8);
+        Flow::Continue
+    }
+
+    /// Requests that touch the keys, queues or waiters (the core lock is held).
+    fn exec_core(
+        &mut self,
+        slot: usize,
+        req: Request,
+        core: &mut Core,
+        done: &mut Vec<Done>,
+    ) -> Flow {
+        let id = self.id;
+        let gen = self.gens[slot];
+        let c = self.conns[slot].as_mut().expect("live connection");
+        match req {
             Request::Set { key, value } => {
-                self.core.kv.insert(key.clone(), value);
-                self.wake_key(&key, false);
+                if core.waiters.contains_key(&key) {
+                    core.kv.insert(key.clone(), value);
+                    core.wake_key(&key, false, done);
+                } else {
+                    core.kv.insert(key, value);
+                }
             }
             Request::CompareSet {
                 key,
                 expected,
                 desired,
             } => {
-                let out = match self.core.kv.get_mut(&key) {
+                let out = match core.kv.get_mut(&key) {
                     None if expected.is_empty() => {
-                        self.core.kv.insert(key.clone(), desired.clone());
-                        self.wake_key(&key, false);
+                        core.kv.insert(key.clone(), desired.clone());
+                        core.wake_key(&key, false, done);
                         desired
                     }
                     // PyTorch's documented oddity: a missing key with a non-empty `expected`
@@ -839,15 +1016,13 @@ impl EventLoop {
                         cur.clone()
                     }
                 };
-                self.reply(slot, |w| put_blob(w, &out));
+                put_blob(&mut c.wbuf, &out);
             }
             Request::Get { key } => {
-                let empty = Vec::new();
-                let c = self.conns[slot].as_mut().expect("live");
-                put_blob(&mut c.wbuf, self.core.kv.get(&key).unwrap_or(&empty));
+                put_blob(&mut c.wbuf, core.kv.get(&key).map_or(&[][..], |v| v));
             }
             Request::Add { key, delta } => {
-                let cur = match self.core.kv.get(&key) {
+                let cur = match core.kv.get(&key) {
                     None => 0,
                     Some(v) => match parse_i64(v) {
                         Some(n) => n,
@@ -865,92 +1040,114 @@ impl EventLoop {
                         String::from_utf8_lossy(&key)
                     ));
                 };
-                self.core.kv.insert(key.clone(), n.to_string().into_bytes());
-                self.reply(slot, |w| put_i64(w, n));
-                self.wake_key(&key, false);
+                core.kv.insert(key.clone(), n.to_string().into_bytes());
+                put_i64(&mut c.wbuf, n);
+                core.wake_key(&key, false, done);
             }
             Request::Check { keys } => {
-                let ready = keys.iter().all(|k| self.core.present(k));
+                let ready = keys.iter().all(|k| core.present(k));
                 let b = if ready {
                     CheckResponse::Ready
                 } else {
                     CheckResponse::NotReady
                 };
-                self.reply(slot, |w| w.push(b as u8));
+                c.wbuf.push(b as u8);
             }
-            Request::Hello { .. } => self.reply(slot, |w| {
-                w.extend_from_slice(&FEATURE_WAIT_GET.to_le_bytes())
-            }),
-            Request::Wait { keys } => return self.wait(slot, keys, None),
-            Request::WaitGet { keys } => {
-                let then = keys.clone();
-                return self.wait(slot, keys, Some(then));
-            }
-            Request::CancelWait => {
-                let w = self.conns[slot].as_mut().expect("live").wait.take();
-                if let Some(w) = w {
-                    self.unregister_wait(slot, &w);
-                }
-                self.reply(slot, |w| w.push(WaitResponse::WaitCanceled as u8));
-            }
-            Request::GetNumKeys => {
-                let n = self.core.kv.len() as i64;
-                self.reply(slot, |w| put_i64(w, n));
-            }
+            Request::Wait { keys } => return start_wait(core, c, (id, slot, gen), keys, false),
+            Request::WaitGet { keys } => return start_wait(core, c, (id, slot, gen), keys, true),
+            Request::GetNumKeys => put_i64(&mut c.wbuf, core.kv.len() as i64),
             Request::DeleteKey { key } => {
-                let n = self.core.kv.remove(&key).is_some() as i64;
-                self.reply(slot, |w| put_i64(w, n));
+                put_i64(&mut c.wbuf, core.kv.remove(&key).is_some() as i64)
             }
             Request::Append { key, value } => {
-                self.core
-                    .kv
+                core.kv
                     .entry(key.clone())
                     .or_default()
                     .extend_from_slice(&value);
-                self.wake_key(&key, false);
+                core.wake_key(&key, false, done);
             }
-            Request::MultiGet { keys } => {
-                let empty = Vec::new();
-                let c = self.conns[slot].as_mut().expect("live");
-                for k in &keys {
-                    put_blob(&mut c.wbuf, self.core.kv.get(k).unwrap_or(&empty));
-                }
-            }
+            Request::MultiGet { keys } => put_values(&mut c.wbuf, &core.kv, &keys),
             Request::MultiSet { pairs } => {
                 for (k, v) in pairs {
-                    self.core.kv.insert(k.clone(), v);
-                    self.wake_key(&k, false);
+                    core.kv.insert(k.clone(), v);
+                    core.wake_key(&k, false, done);
                 }
             }
             Request::QueuePush { key, value } => {
-                self.core
-                    .queues
-                    .entry(key.clone())
-                    .or_default()
-                    .push_back(value);
-                self.wake_key(&key, true);
+                core.queues.entry(key.clone()).or_default().push_back(value);
+                core.wake_key(&key, true, done);
             }
             Request::QueuePop { key } => {
-                let q = self.core.queues.get_mut(&key);
+                let q = core.queues.get_mut(&key);
                 let len = q.as_ref().map_or(0, |q| q.len());
                 let item = q.and_then(|q| q.pop_front());
-                if self.core.queues.get(&key).is_some_and(|q| q.is_empty()) {
-                    self.core.queues.remove(&key);
+                if core.queues.get(&key).is_some_and(|q| q.is_empty()) {
+                    core.queues.remove(&key);
                 }
-                self.reply(slot, |w| {
-                    put_i64(w, len as i64);
-                    if let Some(it) = item {
-                        put_blob(w, &it);
-                    }
-                });
+                put_i64(&mut c.wbuf, len as i64);
+                if let Some(it) = item {
+                    put_blob(&mut c.wbuf, &it);
+                }
             }
             Request::QueueLen { key } => {
-                let n = self.core.queues.get(&key).map_or(0, |q| q.len()) as i64;
-                self.reply(slot, |w| put_i64(w, n));
+                let n = core.queues.get(&key).map_or(0, |q| q.len()) as i64;
+                put_i64(&mut c.wbuf, n);
             }
+            Request::Validate { .. }
+            | Request::Auth { .. }
+            | Request::Ping { .. }
+            | Request::Hello { .. }
+            | Request::CancelWait => {}
         }
         Flow::Continue
     }
+}
+
+/// `WAIT` (and `WAIT_GET` with `get`): answers at once when every key exists, otherwise
+/// registers a wait under each missing key. `who` is (loop, slot, generation).
+fn start_wait(
+    core: &mut Core,
+    c: &mut Conn,
+    who: (usize, usize, u64),
+    keys: Vec<Vec<u8>>,
+    get: bool,
+) -> Flow {
+    if c.wait.is_some() {
+        return Flow::Close("WAIT while another WAIT is pending".into());
+    }
+    let mut missing: Vec<Vec<u8>> = keys.iter().filter(|k| !core.present(k)).cloned().collect();
+    if missing.is_empty() {
+        c.wbuf.push(WaitResponse::StopWaiting as u8);
+        if get {
+            put_values(&mut c.wbuf, &core.kv, &keys);
+        }
+        return Flow::Continue;
+    }
+    core.next_wait += 1;
+    let id = core.next_wait;
+    missing.sort_unstable();
+    missing.dedup();
+    for k in &missing {
+        match core.waiters.get_mut(k) {
+            Some(v) => v.push(id),
+            None => {
+                core.waiters.insert(k.clone(), vec![id]);
+            }
+        }
+    }
+    core.waits.insert(
+        id,
+        WaitState {
+            owner: who.0,
+            slot: who.1,
+            gen: who.2,
+            remaining: missing.len(),
+            keys: missing,
+            then_get: get.then_some(keys),
+        },
+    );
+    c.wait = Some(id);
+    Flow::Continue
 }
 
 /// Appends one value per key (empty for a missing key), as `MULTI_GET` answers.

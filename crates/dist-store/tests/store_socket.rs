@@ -297,3 +297,76 @@ fn ipv6_loopback_when_available() {
     c.set("v6", b"yes").unwrap();
     assert_eq!(c.get("v6", T).unwrap(), b"yes");
 }
+
+#[test]
+fn waits_racing_their_cancellation_across_loops_keep_every_connection_in_sync() {
+    // 4 loops; waits time out (CANCEL_WAIT) while other connections, on other loops, set the
+    // awaited keys: whichever wins, the next reply on each connection must be its own.
+    let s = StoreServer::start(ServerOptions {
+        threads: 4,
+        ..Default::default()
+    })
+    .unwrap();
+    let port = s.port();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let setters: Vec<_> = (0..2)
+        .map(|t| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let c =
+                    TcpStoreClient::connect("127.0.0.1", port, ClientOptions::default()).unwrap();
+                let mut rng = rand::rngs::SmallRng::seed_from_u64(t);
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let k = format!("race/{}/{}", rng.gen_range(0..8), rng.gen_range(0..1000));
+                    c.set(&k, k.as_bytes()).unwrap();
+                    n += 1;
+                    if n % 64 == 0 {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            })
+        })
+        .collect();
+    let waiters: Vec<_> = (0..8)
+        .map(|w| {
+            std::thread::spawn(move || {
+                let c =
+                    TcpStoreClient::connect("127.0.0.1", port, ClientOptions::default()).unwrap();
+                c.set(&format!("mine/{w}"), format!("{w}").as_bytes())
+                    .unwrap();
+                let (mut ok, mut timeouts) = (0, 0);
+                for i in 0..200 {
+                    let k = format!("race/{w}/{}", i * 5);
+                    match c.get(&k, Duration::from_micros(300)) {
+                        Ok(v) => {
+                            assert_eq!(v, k.as_bytes());
+                            ok += 1;
+                        }
+                        Err(e) => {
+                            assert!(e.is_timeout(), "{e}");
+                            timeouts += 1;
+                        }
+                    }
+                    // The connection is in sync: its next answer is its own.
+                    assert_eq!(
+                        c.get(&format!("mine/{w}"), T).unwrap(),
+                        format!("{w}").as_bytes()
+                    );
+                }
+                (ok, timeouts)
+            })
+        })
+        .collect();
+    let mut total = (0, 0);
+    for h in waiters {
+        let (a, b) = h.join().unwrap();
+        total = (total.0 + a, total.1 + b);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in setters {
+        h.join().unwrap();
+    }
+    assert_eq!(total.0 + total.1, 8 * 200);
+    eprintln!("waits completed: {}, timed out: {}", total.0, total.1);
+}
