@@ -391,3 +391,37 @@ fn hostile_bytes_do_not_hurt_the_engine() {
     drop(cons);
     transfer(SendType::Put, 1 << 20, 1 << 20);
 }
+
+#[test]
+fn producer_dying_fails_the_consumers_request_at_once() {
+    let mut prod = P2pWorker::new(cfg(P2pRole::Producer, SendType::Put, 1 << 20, 1 << 20)).unwrap();
+    let mut cons = P2pWorker::new(cfg(P2pRole::Consumer, SendType::Put, 1 << 20, 1 << 20)).unwrap();
+    let id = request_id(0, prod.engine().listen_addr(), cons.engine().listen_addr());
+    let mut cc = caches(KvLayout::Hnd, 12, Some(9));
+    let before = cc.clone();
+    cons.register_kv_caches(&cc).unwrap();
+    // Layer 0 arrives, then the producer goes away.
+    let pc = caches(KvLayout::Nhd, 16, Some(5));
+    let l0 = "model.layers.0.self_attn.attn";
+    let t = pc[l0].gather_blocks(&[3, 0, 7, 9]).unwrap();
+    prod.engine()
+        .send_tensor(&id, &format!("{id}#{l0}"), t, cons.engine().listen_addr())
+        .unwrap();
+    prod.shutdown().unwrap();
+    let start = Instant::now();
+    consumer_step(
+        &mut cons,
+        &mut cc,
+        &[(Request::new(&id, (0..14).collect()), vec![11, 2, 5, 0])],
+    );
+    let waited = start.elapsed();
+    let fin = cons.get_finished(&BTreeSet::new());
+    let msg = &fin.failed[&id];
+    assert!(msg.contains(&id) && msg.contains("lost"), "{msg}");
+    assert!(
+        waited < Duration::from_secs(2),
+        "waited {waited:?} (timeout is 5 s)"
+    );
+    assert!(cc == before, "nothing written");
+    assert_eq!(cons.engine().recv_buffer_bytes(), 0, "layer 0 dropped");
+}

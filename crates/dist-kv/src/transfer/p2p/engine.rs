@@ -237,6 +237,8 @@ struct Inner {
     addr: String,
     datapath: Arc<dyn DataPath>,
     conns: Mutex<HashMap<String, Arc<Conn>>>,
+    /// Peers whose connection broke (address -> reason), until they connect again.
+    lost_peers: Mutex<HashMap<String, String>>,
     recv: Mutex<RecvStore>,
     recv_cv: Condvar,
     send: Mutex<SendState>,
@@ -278,6 +280,7 @@ impl P2pEngine {
             addr,
             datapath,
             conns: Mutex::new(HashMap::new()),
+            lost_peers: Mutex::new(HashMap::new()),
             recv: Mutex::new(RecvStore::default()),
             recv_cv: Condvar::new(),
             send: Mutex::new(SendState::default()),
@@ -409,8 +412,9 @@ impl P2pEngine {
     }
 
     /// Consumer: the tensor `tensor_id`, waiting until it arrives (PUT modes) or asking `peer`
-    /// for it (GET, retried while the producer does not hold it yet) until `deadline`. Returns
-    /// the tensor and the producer's address.
+    /// for it (GET, retried while the producer does not hold it yet) until `deadline`. In PUT
+    /// modes `peer`, when given, is the producer: a broken connection from it ends the wait at
+    /// once. Returns the tensor and the producer's address.
     pub fn recv_tensor(
         &self,
         tensor_id: &str,
@@ -465,6 +469,13 @@ impl P2pEngine {
             }
             if i.shutdown.load(Ordering::Acquire) {
                 return Err(Error::Shutdown(op));
+            }
+            if let Some(why) = peer.and_then(|p| lock(&i.lost_peers).get(p).cloned()) {
+                return Err(Error::PeerLost {
+                    peer: peer.unwrap_or_default().to_string(),
+                    op,
+                    detail: why,
+                });
             }
             let now = Instant::now();
             if now >= deadline {
@@ -576,7 +587,7 @@ impl Inner {
                 break;
             }
             let Ok(stream) = stream else { continue };
-            if lock(&self.conns).len() >= MAX_CONNS {
+            if self.live_threads() >= MAX_CONNS {
                 tracing::warn!("kv p2p: refusing a connection, {MAX_CONNS} are open");
                 continue;
             }
@@ -585,10 +596,23 @@ impl Inner {
                 .name("kv-p2p-conn".into())
                 .spawn(move || me.accept(stream))
             {
-                Ok(h) => lock(&self.readers).push(h),
+                Ok(h) => self.add_thread(h),
                 Err(e) => tracing::warn!(error = %e, "kv p2p: cannot spawn a connection thread"),
             }
         }
+    }
+
+    /// Keeps a connection thread's handle (for the join at shutdown), forgetting finished ones.
+    fn add_thread(&self, h: JoinHandle<()>) {
+        let mut r = lock(&self.readers);
+        r.retain(|h| !h.is_finished());
+        r.push(h);
+    }
+
+    fn live_threads(&self) -> usize {
+        let mut r = lock(&self.readers);
+        r.retain(|h| !h.is_finished());
+        r.len()
     }
 
     fn prepare(&self, s: &TcpStream) -> Result<()> {
@@ -652,6 +676,7 @@ impl Inner {
                 cv: Condvar::new(),
                 lost: Mutex::new(None),
             });
+            lock(&self.lost_peers).remove(&listen_addr);
             lock(&self.conns).insert(listen_addr, conn.clone());
             Ok(conn)
         })();
@@ -738,7 +763,8 @@ impl Inner {
             .name("kv-p2p-conn".into())
             .spawn(move || me.read_loop(c, s))
             .map_err(|e| Error::io("spawn kv-p2p-conn", e))?;
-        lock(&self.readers).push(h);
+        self.add_thread(h);
+        lock(&self.lost_peers).remove(peer);
         lock(&self.conns).insert(peer.to_string(), conn.clone());
         Ok(conn)
     }
@@ -768,6 +794,12 @@ impl Inner {
                 conns.remove(&conn.peer);
             }
             drop(conns);
+            let mut lost = lock(&self.lost_peers);
+            if lost.len() >= MAX_CONNS {
+                lost.clear();
+            }
+            lost.insert(conn.peer.clone(), reason.clone());
+            drop(lost);
             self.on_conn_lost(&conn.peer, &reason);
         }
     }
@@ -805,9 +837,15 @@ impl Inner {
                 Ok(())
             }
             Frame::Loaded { request_id } => {
-                self.finish_request(&request_id);
+                if self.tracks(&request_id, &conn.peer) {
+                    self.finish_request(&request_id);
+                } else {
+                    tracing::debug!(request = %request_id, peer = %conn.peer,
+                        "kv p2p: loaded report for a request not sent to that peer");
+                }
                 Ok(())
             }
+            Frame::Abort { request_id, .. } if !self.tracks(&request_id, &conn.peer) => Ok(()),
             Frame::Abort { request_id, reason } => {
                 let e = Error::PeerLost {
                     peer: conn.peer.clone(),
@@ -1143,14 +1181,17 @@ impl Inner {
         tracing::warn!(request = request_id, error = %err, "kv p2p: request failed, buffers freed");
     }
 
+    /// True when `request_id` is being sent to `peer` (reports from others are ignored).
+    fn tracks(&self, request_id: &str, peer: &str) -> bool {
+        lock(&self.send)
+            .reqs
+            .get(request_id)
+            .is_some_and(|r| r.peer == peer)
+    }
+
     fn finish_request(&self, request_id: &str) {
         let mut s = lock(&self.send);
-        if s.reqs.remove(request_id).is_none() {
-            tracing::debug!(
-                request = request_id,
-                "kv p2p: loaded report for an unknown request"
-            );
-        }
+        s.reqs.remove(request_id);
         self.drop_buffers(&mut s, request_id);
         if !s.failed.contains_key(request_id) {
             s.done.insert(request_id.to_string());

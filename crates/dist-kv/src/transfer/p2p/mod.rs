@@ -342,14 +342,15 @@ impl P2pWorker {
         spec: &KvCacheSpec,
         deadline: Instant,
     ) -> Result<(HostTensor, String)> {
-        let get_peer = match self.cfg.engine.send_type {
+        // The producer's address: asked in GET mode, watched for a broken connection otherwise.
+        let producer = match self.cfg.engine.send_type {
             SendType::Get => Some(peer_address(&r.request_id, false, self.cfg.rank)?),
-            _ => None,
+            _ => peer_address(&r.request_id, false, self.cfg.rank).ok(),
         };
         let tid = format!("{}#{name}", r.request_id);
         let (t, from) = self
             .engine
-            .recv_tensor(&tid, get_peer.as_deref(), deadline)?;
+            .recv_tensor(&tid, producer.as_deref(), deadline)?;
         let m = t.shape().get(1).copied().unwrap_or(0);
         let want = [
             spec.kv,
