@@ -425,3 +425,35 @@ fn producer_dying_fails_the_consumers_request_at_once() {
     assert!(cc == before, "nothing written");
     assert_eq!(cons.engine().recv_buffer_bytes(), 0, "layer 0 dropped");
 }
+
+#[test]
+fn unclaimed_tensors_expire_and_free_the_buffer() {
+    let mut c = cfg(P2pRole::Consumer, SendType::Put, 1 << 20, 4096);
+    c.engine.done_timeout = Duration::from_millis(200);
+    let cons = P2pWorker::new(c).unwrap();
+    let prod = P2pWorker::new(cfg(P2pRole::Producer, SendType::Put, 1 << 20, 1 << 20)).unwrap();
+    let ca = cons.engine().listen_addr().to_string();
+    let zeros = || dist_core::HostTensor::zeros(DType::U8, &[4096]);
+    // A tensor nobody will load fills the consumer's buffer...
+    prod.engine()
+        .send_tensor("ghost", "ghost#l", zeros(), &ca)
+        .unwrap();
+    assert_eq!(cons.engine().recv_buffer_bytes(), 4096);
+    // ...so the next PUT waits for room until the ghost expires, then goes through.
+    let start = Instant::now();
+    prod.engine()
+        .send_tensor("real", "real#l", zeros(), &ca)
+        .unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_millis(150),
+        "{:?}",
+        start.elapsed()
+    );
+    let (t, from) = cons
+        .engine()
+        .recv_tensor("real#l", None, Instant::now() + Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(t.nbytes(), 4096);
+    assert_eq!(from, prod.engine().listen_addr());
+    assert_eq!(cons.engine().recv_buffer_bytes(), 0);
+}

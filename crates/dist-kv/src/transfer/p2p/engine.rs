@@ -224,7 +224,8 @@ struct SendState {
 
 #[derive(Debug, Default)]
 struct RecvStore {
-    tensors: HashMap<String, (HostTensor, String)>,
+    /// Tensor id -> (tensor, producer's address, arrival).
+    tensors: HashMap<String, (HostTensor, String, Instant)>,
     /// Requests given up here (bounded, oldest forgotten first): their late PUTs are refused.
     discarded: VecDeque<String>,
     /// Bytes held plus bytes reserved for PUTs whose data is arriving.
@@ -462,7 +463,7 @@ impl P2pEngine {
         }
         let mut r = lock(&i.recv);
         loop {
-            if let Some((t, from)) = r.tensors.remove(tensor_id) {
+            if let Some((t, from, _)) = r.tensors.remove(tensor_id) {
                 r.bytes -= t.nbytes();
                 i.recv_cv.notify_all();
                 return Ok((t, from));
@@ -533,7 +534,7 @@ impl P2pEngine {
             r.discarded.push_back(request_id.to_string());
         }
         let mut freed = 0;
-        r.tensors.retain(|id, (t, _)| {
+        r.tensors.retain(|id, (t, _, _)| {
             let keep = request_of(id) != request_id;
             if !keep {
                 freed += t.nbytes();
@@ -897,6 +898,22 @@ impl Inner {
         {
             let mut r = lock(&self.recv);
             while r.bytes + n > cap {
+                // Tensors nobody loaded within the done timeout are dropped (their producer has
+                // failed the request by then), so unclaimed data cannot hold the buffer forever.
+                let ttl = self.cfg.done_timeout;
+                let mut freed = 0;
+                r.tensors.retain(|id, (t, _, at)| {
+                    let keep = at.elapsed() <= ttl;
+                    if !keep {
+                        tracing::warn!(tensor = %id, "kv p2p: dropping a tensor nobody loaded");
+                        freed += t.nbytes();
+                    }
+                    keep
+                });
+                r.bytes -= freed;
+                if r.bytes + n <= cap {
+                    break;
+                }
                 let now = Instant::now();
                 if self.shutdown.load(Ordering::Acquire) || now >= deadline {
                     let why = format!(
@@ -938,7 +955,10 @@ impl Inner {
             return Err(e);
         }
         let mut r = lock(&self.recv);
-        if let Some((old, _)) = r.tensors.insert(tensor_id, (t, conn.peer.clone())) {
+        if let Some((old, _, _)) = r
+            .tensors
+            .insert(tensor_id, (t, conn.peer.clone(), Instant::now()))
+        {
             r.bytes -= old.nbytes();
         }
         self.recv_cv.notify_all();
