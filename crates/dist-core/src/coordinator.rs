@@ -299,6 +299,15 @@ impl<B: Backend> GroupCoordinator<B> {
         r.map_err(|e| self.explain(e))
     }
 
+    /// `op` prefixed with this group's name unless it already names it.
+    fn qualify(&self, op: String) -> String {
+        if op.contains(&self.unique_name) {
+            op
+        } else {
+            format!("{} {op}", self.unique_name)
+        }
+    }
+
     /// Adds the diagnostics' report on the ranks a timeout or a lost peer names.
     fn explain(&self, e: Error) -> Error {
         let Some(d) = &self.diag else { return e };
@@ -325,7 +334,7 @@ impl<B: Backend> GroupCoordinator<B> {
                 };
                 let report = d.describe(&who);
                 Error::Timeout {
-                    op: format!("{} {op}", self.unique_name),
+                    op: self.qualify(op),
                     waited,
                     missing_ranks,
                     detail: if detail.is_empty() {
@@ -339,7 +348,7 @@ impl<B: Backend> GroupCoordinator<B> {
                 let report = d.describe(&global(&[rank]));
                 Error::PeerLost {
                     rank,
-                    op: format!("{} {op}", self.unique_name),
+                    op: self.qualify(op),
                     detail: format!("{detail}; {report}"),
                 }
             }

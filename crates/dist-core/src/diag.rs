@@ -124,6 +124,52 @@ impl FlightRecorder {
     }
 }
 
+/// Store key under which rank `r` publishes its [`Snapshot`]: `dist/fr/{r}`.
+pub fn snapshot_key(rank: usize) -> String {
+    format!("dist/fr/{rank}")
+}
+
+/// A heartbeat older than this means the rank is stopped, hung in the kernel, or dead.
+pub const STALE_HEARTBEAT_MS: u64 = 3_000;
+
+/// What a rank publishes about itself, periodically, for the others and the launcher to read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Global rank.
+    pub rank: usize,
+    /// Process id.
+    pub pid: u32,
+    /// Host name.
+    pub host: String,
+    /// When this snapshot was written, ms since the Unix epoch.
+    pub heartbeat_ms: u64,
+    /// The most recent calls, oldest first.
+    pub records: Vec<OpRecord>,
+}
+
+impl Snapshot {
+    /// `rank 3 (pid 42 on node-a, heartbeat 0.4 s ago): last tp:0 all_reduce #41 … still running`.
+    pub fn describe(&self, now_ms: u64) -> String {
+        let age = now_ms.saturating_sub(self.heartbeat_ms);
+        let beat = if age > STALE_HEARTBEAT_MS {
+            format!(
+                "no heartbeat for {:.1} s: stopped or dead",
+                age as f64 / 1000.0
+            )
+        } else {
+            format!("heartbeat {:.1} s ago", age as f64 / 1000.0)
+        };
+        let last = match self.records.last() {
+            Some(r) => format!("last {}", r.describe(now_ms)),
+            None => "no collective call yet".to_string(),
+        };
+        format!(
+            "rank {} (pid {} on {}, {beat}): {last}",
+            self.rank, self.pid, self.host
+        )
+    }
+}
+
 /// What a coordinator reports to and asks of the job's diagnostics.
 pub trait Diagnostics: Send + Sync + std::fmt::Debug {
     /// The recorder of this process.
@@ -150,11 +196,10 @@ pub struct CallDescriptor {
 
 impl std::fmt::Display for CallDescriptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "#{} {} {} {:?}",
-            self.seq, self.op, self.dtype, self.shape
-        )?;
+        write!(f, "#{} {}", self.seq, self.op)?;
+        if !self.dtype.is_empty() {
+            write!(f, " {} {:?}", self.dtype, self.shape)?;
+        }
         if !self.args.is_empty() {
             write!(f, " ({})", self.args)?;
         }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::diagnostics::StoreDiagnostics;
 use dist_core::{
     Backend, Broadcaster, Device, DeviceKind, Error, GroupFactory, HostGroup, HostGroupExt,
     ParallelConfig, ParallelState, Result, Store, WorldInfo,
@@ -93,6 +94,7 @@ pub fn parse_tcp_uri(uri: &str) -> Result<(String, u16)> {
 /// A running job as seen from one process: its place, the store, and the world's host group.
 #[derive(Debug)]
 pub struct DistEnv {
+    diagnostics: Option<Arc<StoreDiagnostics>>,
     world: WorldInfo,
     store: Arc<dyn Store>,
     world_group: Arc<StatelessProcessGroup>,
@@ -145,8 +147,13 @@ impl DistEnv {
         };
         let world_group = Arc::new(group);
         world_group.barrier()?;
+        let diagnostics = diagnostics_connection(&opts.init_method, opts.timeout)
+            .map(|s| StoreDiagnostics::start(rank, s));
+        let mut factory = StoreGroupFactory::new(rank, store.clone(), true);
+        factory.diagnostics = diagnostics.clone();
         Ok(DistEnv {
-            factory: StoreGroupFactory::new(rank, store.clone(), true),
+            diagnostics,
+            factory,
             world,
             store,
             world_group,
@@ -175,6 +182,7 @@ impl DistEnv {
             StatelessProcessGroup::over_store(store.clone(), "world/", rank, world_size, timeout)?;
         group.barrier()?;
         Ok(DistEnv {
+            diagnostics: None,
             factory: StoreGroupFactory::new(rank, store.clone(), true),
             world: WorldInfo {
                 rank,
@@ -200,6 +208,11 @@ impl DistEnv {
     pub fn world_group(&self) -> &Arc<StatelessProcessGroup> {
         &self.world_group
     }
+    /// The job's diagnostics (flight recorder, snapshots), when its store connection could be made.
+    pub fn diagnostics(&self) -> Option<&Arc<StoreDiagnostics>> {
+        self.diagnostics.as_ref()
+    }
+
     /// The factory that builds groups over this job's store.
     pub fn factory(&self) -> &StoreGroupFactory {
         &self.factory
@@ -237,6 +250,8 @@ pub struct StoreGroupFactory {
     store: Arc<dyn Store>,
     generations: Arc<Mutex<HashMap<String, usize>>>,
     message_queues: bool,
+    diagnostics: Option<Arc<StoreDiagnostics>>,
+    check_collectives: bool,
 }
 
 impl StoreGroupFactory {
@@ -248,6 +263,8 @@ impl StoreGroupFactory {
             store,
             generations: Arc::default(),
             message_queues,
+            diagnostics: None,
+            check_collectives: check_collectives_from_env(),
         }
     }
 }
@@ -255,6 +272,14 @@ impl StoreGroupFactory {
 impl GroupFactory for StoreGroupFactory {
     fn store(&self) -> Arc<dyn Store> {
         self.store.clone()
+    }
+    fn diagnostics(&self) -> Option<Arc<dyn dist_core::diag::Diagnostics>> {
+        self.diagnostics
+            .clone()
+            .map(|d| d as Arc<dyn dist_core::diag::Diagnostics>)
+    }
+    fn check_collectives(&self) -> bool {
+        self.check_collectives
     }
     fn host_group(
         &self,
@@ -315,6 +340,48 @@ impl Broadcaster for MqBroadcaster {
     fn dequeue_bytes(&self) -> Result<Vec<u8>> {
         self.0.dequeue_bytes()
     }
+}
+
+/// Environment variable that turns on the collective mismatch detector (`1`): before each
+/// collective every rank all-gathers a small descriptor of its call over the group's host group
+/// (one store round trip per rank and call), and ranks that disagree get an error naming the odd
+/// ones instead of a hang or a wrong result.
+pub const CHECK_COLLECTIVES_ENV: &str = "DIST_CHECK_COLLECTIVES";
+
+fn check_collectives_from_env() -> bool {
+    matches!(
+        std::env::var(CHECK_COLLECTIVES_ENV).as_deref(),
+        Ok("1") | Ok("true") | Ok("yes")
+    )
+}
+
+/// A store connection of the diagnostics' own, with short call deadlines.
+fn diagnostics_connection(init_method: &str, timeout: Duration) -> Option<Arc<dyn Store>> {
+    let (host, port) = if init_method == "env://" {
+        (
+            std::env::var("MASTER_ADDR").ok()?,
+            std::env::var("MASTER_PORT").ok()?.parse().ok()?,
+        )
+    } else {
+        parse_tcp_uri(init_method).ok()?
+    };
+    let token = match std::env::var_os("DIST_STORE_TOKEN_FILE") {
+        Some(p) => Some(dist_store::auth::read_token_file(std::path::Path::new(&p)).ok()?),
+        None => None,
+    };
+    let c = TcpStoreClient::connect(
+        &host,
+        port,
+        ClientOptions {
+            timeout: Duration::from_secs(1),
+            connect_timeout: timeout.min(Duration::from_secs(10)),
+            token,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| tracing::warn!("diagnostics disabled: cannot open a store connection: {e}"))
+    .ok()?;
+    Some(Arc::new(c))
 }
 
 const MAGIC: &[u8] = b"magic_message";

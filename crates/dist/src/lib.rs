@@ -27,6 +27,7 @@
 //! ```
 
 pub mod bench;
+pub mod diagnostics;
 mod env;
 
 pub use dist_core as core;
@@ -35,7 +36,7 @@ pub use dist_cpu;
 pub use dist_store;
 pub use env::{
     default_timeout, in_the_same_node_as, node_count, parse_tcp_uri, DistEnv, InitOptions,
-    MqBroadcaster, StoreGroupFactory, TIMEOUT_ENV,
+    MqBroadcaster, StoreGroupFactory, CHECK_COLLECTIVES_ENV, TIMEOUT_ENV,
 };
 
 /// The backend the default features select: shared-memory host collectives.
