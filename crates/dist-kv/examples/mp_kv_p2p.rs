@@ -7,6 +7,7 @@
 //! producer must report that request failed, naming it, with its buffers freed, in time.
 //!
 //! Exits 0 when every check passed; prints each mode's time and rate. `--worlds` prints `2`.
+//! `--bench MIB` measures each mode's rate beside a plain TCP stream instead (no checks).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -252,15 +253,127 @@ fn dead_consumer(g: &StatelessProcessGroup) -> Res<()> {
     Ok(())
 }
 
+/// `--bench MIB`: each mode moves about MIB MiB through the connector (requests of 16 blocks,
+/// 1 MiB per layer), timed on the consumer from its start to the last injected layer, beside a
+/// plain TCP stream of the same bytes between the same two processes (the ceiling).
+fn bench(g: &StatelessProcessGroup, mib: usize) -> Res<()> {
+    let rank = g.rank();
+    let nreq = mib.div_ceil(LAYERS).max(1);
+    let per_req = 16usize;
+    let tokens = per_req * BS;
+    for (mode, tag) in [
+        (SendType::Put, "put"),
+        (SendType::PutAsync, "putasync"),
+        (SendType::Get, "get"),
+    ] {
+        let role = if rank == 0 {
+            P2pRole::Producer
+        } else {
+            P2pRole::Consumer
+        };
+        let mut c = cfg(role, mode, 64 << 20);
+        c.engine.send_buffer_bytes = 64 << 20;
+        let mut w = P2pWorker::new(c)?;
+        let addrs: Vec<String> = g.all_gather_obj(&w.engine().listen_addr().to_string())?;
+        let ids = ids(&format!("bench-{tag}"), nreq, &addrs[0], &addrs[1]);
+        let blocks = |i: usize| -> Vec<BlockId> {
+            (0..per_req)
+                .map(|k| ((i * per_req + k) % BLOCKS) as BlockId)
+                .collect()
+        };
+        let reqs: Vec<_> = (0..nreq)
+            .map(|i| {
+                (
+                    Request::new(&ids[i], (0..tokens as i64).collect()),
+                    blocks(i),
+                )
+            })
+            .collect();
+        let pc = producer_caches()?;
+        g.barrier()?;
+        let start = Instant::now();
+        if rank == 0 {
+            w.register_kv_caches(&pc)?;
+            produce(&mut w, &pc, &reqs)?;
+            let want: BTreeSet<String> = ids.iter().cloned().collect();
+            let fin = wait_finished(&mut w, &want, Duration::from_secs(60));
+            if fin.finished_sending != want {
+                return Err(format!("bench {mode:?}: {fin:?}").into());
+            }
+        } else {
+            let mut cc: KvCaches = (0..LAYERS)
+                .map(|i| Ok((layer(i), PagedKvCache::zeros(spec(KvLayout::Nhd))?)))
+                .collect::<Res<_>>()?;
+            w.register_kv_caches(&cc)?;
+            consume(&mut w, &mut cc, &reqs)?;
+            let t = start.elapsed().as_secs_f64();
+            let fin = w.get_finished(&BTreeSet::new());
+            if fin.finished_recving.len() != nreq {
+                return Err(format!("bench {mode:?}: {fin:?}").into());
+            }
+            let bytes = (nreq * LAYERS * per_req * 2 * BS * 8 * 128 * 2) as f64;
+            println!(
+                "bench {mode:?}: {:.0} MiB in {:.1} ms = {:.0} MiB/s ({} tensors of 1 MiB)",
+                bytes / (1 << 20) as f64,
+                t * 1e3,
+                bytes / (1 << 20) as f64 / t,
+                nreq * LAYERS
+            );
+        }
+        g.barrier()?;
+        w.shutdown()?;
+    }
+    // The ceiling: the same bytes as 1 MiB writes on one plain TCP stream.
+    use std::io::{Read, Write};
+    let total = nreq * LAYERS;
+    let buf = vec![7u8; 1 << 20];
+    if rank == 1 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        g.send_obj(&l.local_addr()?.to_string(), 0)?;
+        let (mut s, _) = l.accept()?;
+        let mut b = vec![0u8; 1 << 20];
+        let start = Instant::now();
+        for _ in 0..total {
+            s.read_exact(&mut b)?;
+        }
+        let t = start.elapsed().as_secs_f64();
+        println!(
+            "bench plain TCP stream: {total} MiB in {:.1} ms = {:.0} MiB/s",
+            t * 1e3,
+            total as f64 / t
+        );
+    } else {
+        let a: String = g.recv_obj(1)?;
+        let mut s = std::net::TcpStream::connect(a)?;
+        for _ in 0..total {
+            s.write_all(&buf)?;
+        }
+    }
+    g.barrier()?;
+    Ok(())
+}
+
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("--worlds") {
         println!("2");
         return;
     }
+    let bench_mib: Option<usize> = match std::env::args().nth(1).as_deref() {
+        Some("--bench") => Some(
+            std::env::args()
+                .nth(2)
+                .and_then(|m| m.parse().ok())
+                .unwrap_or(256),
+        ),
+        _ => None,
+    };
     let r = (|| -> Res<()> {
         let g = StatelessProcessGroup::from_env(Duration::from_secs(60))?;
         if g.world_size() != 2 {
             return Err(format!("mp_kv_p2p runs with 2 ranks, got {}", g.world_size()).into());
+        }
+        if let Some(mib) = bench_mib {
+            return bench(&g, mib);
         }
         run_mode(&g, SendType::Put, "put")?;
         run_mode(&g, SendType::PutAsync, "putasync")?;

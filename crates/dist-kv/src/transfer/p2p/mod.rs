@@ -371,7 +371,7 @@ impl P2pWorker {
                 spec.head_dim
             )));
         }
-        Ok((first_blocks(&t, n)?, from))
+        Ok((first_blocks(t, n)?, from))
     }
 }
 
@@ -379,10 +379,10 @@ impl P2pWorker {
 type Pending = (usize, Vec<(String, HostTensor)>, String);
 
 /// The first `n` blocks (dim 1) of a `[kv, m, ...]` tensor.
-fn first_blocks(t: &HostTensor, n: usize) -> Result<HostTensor> {
+fn first_blocks(t: HostTensor, n: usize) -> Result<HostTensor> {
     let sh = t.shape();
     if sh[1] == n {
-        return Ok(t.clone());
+        return Ok(t);
     }
     let per_block: usize = sh[2..].iter().product::<usize>() * t.dtype().size();
     let mut shape = sh.to_vec();
