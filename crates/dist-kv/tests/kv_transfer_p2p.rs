@@ -387,9 +387,28 @@ fn hostile_bytes_do_not_hurt_the_engine() {
         "nothing reserved for hostile PUTs"
     );
     drop((a, b, c, d));
-    // The engine still serves a real producer.
+    // The same engine still serves a real producer.
+    let prod = P2pWorker::new(cfg(P2pRole::Producer, SendType::Put, 1 << 20, 1 << 20)).unwrap();
+    let t = dist_core::HostTensor::random(DType::F32, &[3, 5], 1);
+    prod.engine()
+        .send_tensor("ok", "ok#l", t.clone(), &addr)
+        .unwrap();
+    let (got, _) = cons
+        .engine()
+        .recv_tensor("ok#l", None, Instant::now() + Duration::from_secs(2))
+        .unwrap();
+    assert!(got == t);
+    // A connection that never says hello does not hold up the shutdown.
+    let idle = std::net::TcpStream::connect(&addr).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let start = Instant::now();
     drop(cons);
-    transfer(SendType::Put, 1 << 20, 1 << 20);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    drop(idle);
 }
 
 #[test]

@@ -554,6 +554,75 @@ mod tests {
     use super::*;
 
     #[test]
+    fn scheduler_loads_hits_stores_misses_and_reloads_resumed_requests() {
+        use crate::transfer::connector::{CachedRequestData, NewRequestData};
+        let dir = std::env::temp_dir().join(format!("dist-kv-sched-{}", std::process::id()));
+        let cfg = StorageConfig::new(&dir, 4);
+        let mut s = StorageScheduler::new(cfg.clone()).unwrap();
+        let hit = Request::new("hit", (0..10).collect());
+        let miss = Request::new("miss", (100..110).collect());
+        // Make "hit" a hit: its lookup prefix (align(9) = 8 tokens) has a folder.
+        let key = cfg.cache_key(&hit.prompt_token_ids[..8], &[]);
+        fs::create_dir_all(cfg.folder(&key)).unwrap();
+        assert_eq!(
+            s.get_num_new_matched_tokens(&hit, 0).unwrap(),
+            (Some(8), false)
+        );
+        assert_eq!(
+            s.get_num_new_matched_tokens(&miss, 0).unwrap(),
+            (Some(0), false)
+        );
+        s.update_state_after_alloc(&hit, &[6, 1, 3], 8);
+        s.update_state_after_alloc(&miss, &[2, 5, 7], 0);
+        let out = SchedulerOutput {
+            scheduled_new_reqs: vec![
+                NewRequestData {
+                    request: hit.clone(),
+                    block_ids: vec![6, 1, 3],
+                    num_computed_tokens: 0,
+                },
+                NewRequestData {
+                    request: miss.clone(),
+                    block_ids: vec![2, 5, 7],
+                    num_computed_tokens: 0,
+                },
+            ],
+            ..Default::default()
+        };
+        let m = s.build_connector_meta(&out);
+        assert_eq!(m.requests.len(), 2);
+        let (load, store) = (&m.requests[0], &m.requests[1]);
+        assert!(!load.is_store && store.is_store);
+        assert_eq!(load.slot_mapping, vec![24, 25, 26, 27, 4, 5, 6, 7]);
+        assert_eq!(cfg.cache_key(&load.token_ids, &[]), key);
+        // The store key is over align(10) = 8 tokens of "miss".
+        assert_eq!(store.token_ids, (100..108).collect::<Vec<_>>());
+        assert_eq!(store.slot_mapping, vec![8, 9, 10, 11, 20, 21, 22, 23]);
+        // Nothing pending after the step; a preempted request resumed with new blocks reloads.
+        assert!(s
+            .build_connector_meta(&SchedulerOutput::default())
+            .requests
+            .is_empty());
+        s.update_state_after_alloc(&hit, &[9, 8], 8);
+        let out = SchedulerOutput {
+            scheduled_cached_reqs: vec![CachedRequestData {
+                request_id: "hit".into(),
+                resumed_from_preemption: true,
+                new_block_ids: Some(vec![9, 8]),
+                num_computed_tokens: 0,
+            }],
+            ..Default::default()
+        };
+        let m = s.build_connector_meta(&out);
+        assert_eq!(m.requests.len(), 1);
+        assert_eq!(
+            m.requests[0].slot_mapping,
+            vec![36, 37, 38, 39, 32, 33, 34, 35]
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn cache_key_is_vllms() {
         // Python: hashlib.md5(np.array([1, 2, 3], dtype=np.int64).tobytes()).hexdigest(),
         // what vLLM's `_generate_foldername_debug` computes (values from CPython's hashlib).

@@ -632,6 +632,9 @@ impl Inner {
                 match read_frame(&mut s, true, deadline, &mut closed)? {
                     Some(f) => break f,
                     None if closed => return Err(Error::Protocol("closed before hello".into())),
+                    None if self.shutdown.load(Ordering::Acquire) => {
+                        return Err(Error::Shutdown("kv p2p handshake".into()))
+                    }
                     None if Instant::now() >= deadline => {
                         return Err(Error::Protocol("no hello in time".into()))
                     }
