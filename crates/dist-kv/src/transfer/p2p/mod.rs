@@ -25,8 +25,9 @@
 //!   request in `finished_sending` and frees what it still holds for it. A consumer that dies or
 //!   closes (EOF), aborts, or does not report within `done_timeout` fails the request on the
 //!   producer with an error naming it, and its buffers are freed. On the consumer, a tensor
-//!   that does not arrive by the timeout fails the request (no hang), and nothing of it is
-//!   written to the cache.
+//!   that does not arrive by the timeout, or whose producer's connection broke, fails the
+//!   request (no hang), nothing of it is written to the cache, and the producer is told.
+//!   Tensors nobody loads expire after `done_timeout`, so they cannot hold the buffer.
 
 mod datapath;
 mod engine;
