@@ -71,6 +71,12 @@ pub trait DeviceCommunicator: Send + Sync + std::fmt::Debug {
     /// Receives from `src` into `tensor`, whose dtype and shape must match the sender's.
     fn recv(&self, tensor: &mut Self::Tensor, src: usize) -> Result<()>;
 
+    /// Waits until every operation this communicator enqueued has finished on the device
+    /// (benchmarks time with it). A no-op for host backends, whose calls return when done.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Enters a graph-capture scope (CUDA graphs); a no-op where the backend has no graphs.
     fn begin_capture(&self) -> Result<()> {
         Ok(())

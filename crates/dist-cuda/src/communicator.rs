@@ -430,6 +430,9 @@ impl Communicator {
 }
 
 impl DeviceCommunicator for Communicator {
+    fn synchronize(&self) -> Result<()> {
+        Communicator::synchronize(self)
+    }
     type Tensor = CudaTensor;
 
     fn rank(&self) -> usize {

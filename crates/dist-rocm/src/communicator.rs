@@ -399,6 +399,9 @@ impl Communicator {
 }
 
 impl DeviceCommunicator for Communicator {
+    fn synchronize(&self) -> Result<()> {
+        Communicator::synchronize(self)
+    }
     type Tensor = RocmTensor;
 
     fn rank(&self) -> usize {

@@ -32,7 +32,8 @@ pub const ALL_OPS: [&str; 8] = [
 /// Options of `dist bench` (collectives).
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Backend: cpu (shared memory) or host (over the store). Default: DIST_BACKEND, else cpu.
+    /// Backend: cpu (shared memory), host (over the store), cuda, rocm (when built with those
+    /// features). Default: DIST_BACKEND, else cpu.
     #[arg(long)]
     pub backend: Option<String>,
     /// Ranks to launch when not already under `dist run`.
@@ -163,10 +164,25 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<u8> {
         Some(b) => BackendKind::parse(b)?,
         None => BackendKind::from_env()?,
     };
-    let env = DistEnv::init(&InitOptions::default())?;
+    #[cfg(feature = "rocm")]
+    if kind == BackendKind::Rocm {
+        // Say plainly when there is no ROCm device (or no HIP runtime) and stop.
+        if let Err(e) = dist_rocm::probe() {
+            eprintln!("dist bench --backend rocm: {e}");
+            return Ok(1);
+        }
+    }
+    let env = DistEnv::init(&InitOptions {
+        device_kind: kind.device_kind(),
+        ..InitOptions::default()
+    })?;
     let rows = match kind {
         BackendKind::Cpu => run_rank::<dist_cpu::CpuBackend>(&env, args, kind)?,
         BackendKind::Host => run_rank::<dist_core::host_comm::HostBackend>(&env, args, kind)?,
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => run_rank::<dist_cuda::CudaBackend>(&env, args, kind)?,
+        #[cfg(feature = "rocm")]
+        BackendKind::Rocm => run_rank::<dist_rocm::RocmBackend>(&env, args, kind)?,
     };
     let wrong: i64 = rows.iter().map(|r| r.wrong.max(0)).sum();
     if env.world().rank == 0 {
@@ -230,7 +246,24 @@ pub fn run_rank<B: Backend>(
     let me = env.world().rank;
     let printer = me == 0;
     let host = tpg.host_group().clone();
-    let comm = tpg.device_communicator();
+    // A one-rank group has no communicator (as in vLLM); the bench makes one anyway so the
+    // backend's own path is measured (at world 1 that is per-call overhead).
+    let own;
+    let comm = match tpg.device_communicator() {
+        Some(c) => Some(c),
+        None => {
+            own = B::create_communicator(&dist_core::CommunicatorContext {
+                group_name: format!("{}/bench", tpg.unique_name()),
+                ranks: tpg.ranks().to_vec(),
+                rank_in_group: tpg.rank_in_group(),
+                local_rank: env.world().local_rank,
+                host_group: host.clone(),
+                store: env.store().clone(),
+                timeout: env.world().timeout,
+            })?;
+            Some(&own)
+        }
+    };
     let total = ops.len() * sizes.len();
     let tty = printer && !args.json && std::io::stderr().is_terminal();
     if printer && !args.json {
@@ -458,11 +491,13 @@ fn bench_one<B: Backend>(
         run_once(false)?;
     }
     let iters = args.iters.unwrap_or_else(|| default_iters(bytes)).max(1);
+    comm.synchronize()?;
     host.barrier()?;
     let t0 = Instant::now();
     for _ in 0..iters {
         run_once(false)?;
     }
+    comm.synchronize()?;
     let mine = t0.elapsed().as_secs_f64() / iters as f64;
     let times: Vec<f64> = host.all_gather_obj(&mine)?;
     let t = times.iter().cloned().fold(0.0, f64::max);

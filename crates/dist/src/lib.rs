@@ -10,8 +10,8 @@
 //! | `cpu` (default) | [`dist_cpu::CpuBackend`]: shared-memory collectives on one node | built |
 //! | — (always) | [`dist_core::host_comm::HostBackend`]: collectives over the store, any topology | built |
 //! | `gloo` | gloo across nodes for host tensors | not built yet |
-//! | `cuda` | NCCL and the custom all-reduce | being built |
-//! | `rocm` | HIP and RCCL | not built yet |
+//! | `cuda` | [`dist_cuda`]: NCCL loaded at run time, the custom all-reduce | built (one GPU tested) |
+//! | `rocm` | `dist_rocm`: HIP and RCCL loaded at run time | built (no AMD GPU tested) |
 //! | `tpu` | PJRT | not built yet |
 //!
 //! ## Example
@@ -33,6 +33,10 @@ mod env;
 pub use dist_core as core;
 pub use dist_core::*;
 pub use dist_cpu;
+#[cfg(feature = "cuda")]
+pub use dist_cuda;
+#[cfg(feature = "rocm")]
+pub use dist_rocm;
 pub use dist_store;
 pub use env::{
     default_timeout, in_the_same_node_as, node_count, parse_tcp_uri, DistEnv, InitOptions,
@@ -50,6 +54,12 @@ pub enum BackendKind {
     Cpu,
     /// Host collectives over the store ([`dist_core::host_comm::HostBackend`]).
     Host,
+    /// NVIDIA GPUs through NCCL (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    Cuda,
+    /// AMD GPUs through RCCL (feature `rocm`).
+    #[cfg(feature = "rocm")]
+    Rocm,
 }
 
 impl BackendKind {
@@ -59,9 +69,22 @@ impl BackendKind {
         match s.to_ascii_lowercase().as_str() {
             "cpu" | "shm" => Ok(BackendKind::Cpu),
             "host" | "store" => Ok(BackendKind::Host),
-            "cuda" | "nccl" | "rocm" | "hip" | "rccl" | "tpu" | "pjrt" => Err(Error::unsupported(format!(
-                "backend {s}: not compiled into this build of dist (see the crate docs for what is built)"
-            ))),
+            #[cfg(feature = "cuda")]
+            "cuda" | "nccl" => Ok(BackendKind::Cuda),
+            #[cfg(feature = "rocm")]
+            "rocm" | "hip" | "rccl" => Ok(BackendKind::Rocm),
+            // Reached only for backends whose feature is off in this build.
+            #[allow(unreachable_patterns)]
+            "cuda" | "nccl" | "rocm" | "hip" | "rccl" | "tpu" | "pjrt" => {
+                Err(Error::unsupported(format!(
+                    "backend {s}: not compiled into this build of dist (build with --features {})",
+                    match s {
+                        "rocm" | "hip" | "rccl" => "rocm",
+                        "tpu" | "pjrt" => "tpu",
+                        _ => "cuda",
+                    }
+                )))
+            }
             other => Err(Error::invalid(format!(
                 "unknown backend {other:?} (expected cpu, host, cuda, rocm, tpu)"
             ))),
@@ -79,6 +102,20 @@ impl BackendKind {
         match self {
             BackendKind::Cpu => "cpu",
             BackendKind::Host => "host",
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda => "cuda",
+            #[cfg(feature = "rocm")]
+            BackendKind::Rocm => "rocm",
+        }
+    }
+    /// The kind of device this backend's tensors live on.
+    pub fn device_kind(self) -> DeviceKind {
+        match self {
+            BackendKind::Cpu | BackendKind::Host => DeviceKind::Cpu,
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda => DeviceKind::Cuda,
+            #[cfg(feature = "rocm")]
+            BackendKind::Rocm => DeviceKind::Rocm,
         }
     }
 }
