@@ -22,9 +22,13 @@
 //!   buffers that may be partial ([`proto::Decoded::NeedMore`] says how many bytes to wait for),
 //!   checks every length against [`proto::Limits`] before allocating, and is tested without
 //!   sockets and fuzzed (`fuzz/`).
-//! - **An event-driven server.** [`StoreServer`] runs one `mio` loop on one thread: no locks,
-//!   thousands of connections, waiters woken by the writes that satisfy them, back-pressure on
-//!   clients that do not read, and hostile connections dropped with a log line.
+//! - **An event-driven server.** [`StoreServer`] runs a few `mio` event loops (one per thread,
+//!   4 at most by default) over one core of keys, queues and waiters behind a mutex held only
+//!   while a request executes: thousands of connections, waiters woken by the writes that
+//!   satisfy them (across loops through per-loop inboxes), back-pressure on clients that do
+//!   not read, and hostile connections dropped with a log line.
+//! - **One round trip per `get`** against our server: the client probes with `HELLO` and then
+//!   uses `WAIT_GET` (our extension); against PyTorch's server it falls back by itself.
 //! - **Deadlines everywhere.** Every client call has one; `wait` cancels on the server
 //!   (`CANCEL_WAIT`) and its error names the keys still missing; connecting retries with backoff.
 //! - **Optional authentication** (our extension): with a token, the server serves nothing
