@@ -370,3 +370,49 @@ fn waits_racing_their_cancellation_across_loops_keep_every_connection_in_sync() 
     assert_eq!(total.0 + total.1, 8 * 200);
     eprintln!("waits completed: {}, timed out: {}", total.0, total.1);
 }
+
+#[test]
+fn holds_4096_concurrent_connections() {
+    use std::io::{Read, Write};
+    // 4,096 client sockets here plus 4,096 in the server: skip where the fd limit is lower.
+    let mut lim = 0u64;
+    if let Ok(s) = std::fs::read_to_string("/proc/self/limits") {
+        if let Some(l) = s.lines().find(|l| l.starts_with("Max open files")) {
+            lim = l
+                .split_whitespace()
+                .nth(4)
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    if lim < 8_400 {
+        eprintln!("SKIPPED: hard open-file limit {lim} < 8,400");
+        return;
+    }
+    let s = StoreServer::start(ServerOptions::default()).unwrap();
+    let mut socks = Vec::with_capacity(4096);
+    let mut hello = Vec::new();
+    dist_store::proto::Request::Validate {
+        magic: dist_store::proto::VALIDATION_MAGIC,
+    }
+    .encode(&mut hello);
+    for i in 0..4096u32 {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", s.port())).unwrap();
+        let mut req = hello.clone();
+        dist_store::proto::Request::Ping { nonce: i }.encode(&mut req);
+        c.write_all(&req).unwrap();
+        socks.push(c);
+    }
+    for (i, c) in socks.iter_mut().enumerate() {
+        c.set_read_timeout(Some(T)).unwrap();
+        let mut b = [0u8; 4];
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(u32::from_le_bytes(b), i as u32);
+    }
+    // All 4,096 still open: a normal client is served at once.
+    let t = Instant::now();
+    let c = client(&s);
+    c.set("k", b"v").unwrap();
+    assert_eq!(c.get("k", T).unwrap(), b"v");
+    assert!(t.elapsed() < Duration::from_secs(1));
+}
