@@ -16,6 +16,7 @@ fn small_cfg() -> Option<ShmConfig> {
     Some(ShmConfig {
         half_bytes: 8192,
         slot_bytes: 512,
+        threads: 1,
     })
 }
 
@@ -392,6 +393,39 @@ fn absent_peer_times_out_naming_it_and_closed_peer_is_lost() {
             assert!(matches!(e, Error::PeerLost { rank: 1, .. }), "{e}");
         }
     });
+}
+
+#[test]
+fn helper_threads_split_large_all_reduces() {
+    // Chunks of 1 MiB through 3 helper threads per rank: the reduction and copies are split
+    // among them; results stay bit-identical.
+    let cfg = Some(ShmConfig {
+        half_bytes: 1 << 20,
+        slot_bytes: 4096,
+        threads: 3,
+    });
+    for world in [2, 3] {
+        let cases = [
+            (DType::F32, ReduceOp::Sum),
+            (DType::BF16, ReduceOp::Avg),
+            (DType::I32, ReduceOp::Min),
+        ];
+        let all: Vec<_> = cases
+            .iter()
+            .map(|&(d, op)| {
+                let ins = inputs(d, &[(3 << 20) / d.size() + 5], world, 42);
+                let want = reference::all_reduce(&ins, op).unwrap();
+                (ins, want, op)
+            })
+            .collect();
+        with_comms(world, cfg, |r, c| {
+            assert_eq!(c.config().threads, 3);
+            for (ins, want, op) in &all {
+                let got = c.all_reduce(&ins[r], *op).unwrap();
+                assert!(got == *want, "world {world} {:?} {op}", want.dtype());
+            }
+        });
+    }
 }
 
 #[test]

@@ -29,6 +29,7 @@
 //! waiting at once) and refuses later calls: its round counters no longer agree with its peers'.
 
 mod layout;
+mod pool;
 pub(crate) mod region;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,6 +45,7 @@ use dist_core::{
 
 use crate::shm::{remove_stale_segments, WaitOutcome};
 use layout::PartMap;
+use pool::{share, Pool};
 pub use region::MAX_WORLD;
 use region::{Header, RankSeg, SlotHeader, STATE_CLOSED, STATE_FAILED};
 
@@ -52,6 +54,8 @@ const POLL_EVERY: Duration = Duration::from_millis(10);
 /// All-reduce chunks of at most this many bytes times the world size are reduced whole by every
 /// rank (one wait fewer than reduce-scatter + all-gather).
 const SMALL_REDUCE_BYTES: usize = 256 << 10;
+/// Work of at least this many bytes per phase is split among the rank's helper threads.
+const PAR_MIN_BYTES: usize = 256 << 10;
 /// Largest metadata message of [`ShmCommunicator::recv_list`].
 const MAX_LIST_META_BYTES: usize = 1 << 20;
 /// Most tensors in one [`ShmCommunicator::send_list`].
@@ -66,6 +70,10 @@ pub struct ShmConfig {
     pub half_bytes: usize,
     /// Bytes of each of the two point-to-point slots per (rank, peer) pair.
     pub slot_bytes: usize,
+    /// Threads this rank uses for the copies and reductions of large all-reduce chunks; 0 picks
+    /// `DIST_CPU_THREADS` or else the cores available to the process divided by the group's
+    /// size (at most 8). Local to each rank (rank 0's sizes above are used by all).
+    pub threads: usize,
 }
 
 impl ShmConfig {
@@ -83,7 +91,24 @@ impl ShmConfig {
         ShmConfig {
             half_bytes: half / 4096 * 4096,
             slot_bytes: if world <= 8 { 256 << 10 } else { 64 << 10 },
+            threads: 0,
         }
+    }
+
+    /// The helper-thread count [`ShmConfig::threads`] resolves to for `world` ranks.
+    pub fn resolved_threads(&self, world: usize) -> usize {
+        if self.threads > 0 {
+            return self.threads.min(64);
+        }
+        if let Some(t) = std::env::var("DIST_CPU_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|t| *t > 0)
+        {
+            return t.min(64);
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / world.max(1)).clamp(1, 8)
     }
 }
 
@@ -145,6 +170,7 @@ pub struct ShmCommunicator {
     /// Every rank's segment, ours at `rank`.
     segs: Vec<RankSeg>,
     pid: u32,
+    pool: Pool,
     timeout_ns: AtomicU64,
     state: Mutex<OpState>,
 }
@@ -232,6 +258,21 @@ fn ensure_reducible(dtype: DType, what: &str) -> Result<()> {
     }
 }
 
+/// `buf` cut as [`share`] cuts it into `t` pieces, each behind its own (uncontended) lock so
+/// pool members can take theirs.
+fn split_mut(buf: &mut [u8], t: usize) -> Vec<Mutex<&mut [u8]>> {
+    let len = buf.len();
+    let mut rest = buf;
+    let mut out = Vec::with_capacity(t);
+    for i in 0..t {
+        let (x, y) = share(len, t, i);
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(y - x);
+        out.push(Mutex::new(head));
+        rest = tail;
+    }
+    out
+}
+
 /// `[s, e)` of slice `p` when `len` bytes are cut into `n` slices of 64-byte multiples.
 fn slice_of(len: usize, n: usize, p: usize) -> (usize, usize) {
     let per = len.div_ceil(n).div_ceil(64) * 64;
@@ -260,14 +301,16 @@ impl ShmCommunicator {
             (1..=MAX_WORLD).contains(&world),
             "the shared-memory communicator serves 1 to {MAX_WORLD} ranks, group {group_name} has {world}"
         );
+        let local = config.unwrap_or_else(|| ShmConfig::for_world(world));
         let proposal = (rank == 0).then(|| {
-            let c = config.unwrap_or_else(|| ShmConfig::for_world(world));
+            let c = local;
             (random_id(), c.half_bytes as u64, c.slot_bytes as u64)
         });
         let (job, half, slot): (u64, u64, u64) = host_group.broadcast_obj(proposal.as_ref(), 0)?;
         let cfg = ShmConfig {
             half_bytes: half as usize,
             slot_bytes: slot as usize,
+            threads: local.resolved_threads(world),
         };
         crate::ensure_arg!(
             cfg.half_bytes >= 4096
@@ -344,6 +387,7 @@ impl ShmCommunicator {
             cfg,
             segs,
             pid: std::process::id(),
+            pool: Pool::new(cfg.threads),
             timeout_ns: AtomicU64::new(timeout.as_nanos().min(u64::MAX as u128) as u64),
             state: Mutex::new(OpState {
                 round: 0,
@@ -524,8 +568,20 @@ impl ShmCommunicator {
             let g = st.round;
             let h = self.begin_round(o, g)?;
             let me = &self.segs[self.rank];
-            // SAFETY: every peer finished round g-2, the last reader of half h (begin_round).
-            unsafe { me.write_half(h, 0, &buf[a..b]) };
+            let t = if len >= PAR_MIN_BYTES {
+                self.pool.threads()
+            } else {
+                1
+            };
+            {
+                let src = &buf[a..b];
+                self.pool_run(t, &|i| {
+                    let (x, y) = share(len, t, i);
+                    // SAFETY: every peer finished round g-2, the last reader of half h
+                    // (begin_round); members write disjoint ranges.
+                    unsafe { me.write_half(h, x, &src[x..y]) };
+                });
+            }
             self.publish(Counter::Written, g + 1);
             self.wait_all(o, Counter::Written, g + 1, |_| true)?;
             if small {
@@ -539,35 +595,71 @@ impl ShmCommunicator {
                 reduce_bytes(dtype, &mut buf[a..b], &ins, op)?;
             } else {
                 let (s, e) = slice_of(len, n, self.rank);
-                if e > s {
-                    {
-                        // SAFETY: as above; slice [s, e) of each half is read by us alone.
-                        let ins: Vec<&[u8]> = self
-                            .segs
-                            .iter()
-                            .map(|sg| unsafe { sg.read_half(h, s, e - s) })
-                            .collect();
-                        reduce_bytes(dtype, &mut buf[a + s..a + e], &ins, op)?;
+                let tr = if e - s >= PAR_MIN_BYTES {
+                    self.pool.threads()
+                } else {
+                    1
+                };
+                let pieces = split_mut(&mut buf[a + s..a + e], tr);
+                let failed = Mutex::new(None);
+                self.pool_run(tr, &|i| {
+                    let (x, y) = share(e - s, tr, i);
+                    if y <= x {
+                        return;
                     }
-                    // SAFETY: only we read slice [s, e) of our half in this round, and we are done.
-                    unsafe { me.write_half(h, s, &buf[a + s..a + e]) };
+                    let mut out = pieces[i].lock().unwrap_or_else(|e| e.into_inner());
+                    // SAFETY: every peer published half h for round g; slice [s, e) of each half
+                    // is read by us alone and nobody rewrites it before round g+2.
+                    let ins: Vec<&[u8]> = self
+                        .segs
+                        .iter()
+                        .map(|sg| unsafe { sg.read_half(h, s + x, y - x) })
+                        .collect();
+                    if let Err(err) = reduce_bytes(dtype, &mut out, &ins, op) {
+                        *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
+                    }
+                    drop(ins);
+                    // SAFETY: only we read slice [s, e) of our half in this round, and the reads
+                    // of this range are done; members write disjoint ranges.
+                    unsafe { me.write_half(h, s + x, &out) };
+                });
+                drop(pieces);
+                if let Some(err) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                    return Err(err);
                 }
                 self.publish(Counter::Reduced, g + 1);
                 self.wait_all(o, Counter::Reduced, g + 1, |_| true)?;
-                for p in (0..n).filter(|&p| p != self.rank) {
-                    let (s, e) = slice_of(len, n, p);
-                    if e > s {
-                        // SAFETY: peer p published its reduced slice; it is not rewritten before round g+2.
-                        let src = unsafe { self.segs[p].read_half(h, s, e - s) };
-                        buf[a + s..a + e].copy_from_slice(src);
+                let pieces = split_mut(&mut buf[a..b], t);
+                self.pool_run(t, &|i| {
+                    let (x, y) = share(len, t, i);
+                    let mut out = pieces[i].lock().unwrap_or_else(|e| e.into_inner());
+                    for p in (0..n).filter(|&p| p != self.rank) {
+                        let (s, e) = slice_of(len, n, p);
+                        let (lo, hi) = (s.max(x), e.min(y));
+                        if hi > lo {
+                            // SAFETY: peer p published its reduced slice; it is not rewritten
+                            // before round g+2, which waits for our `consumed`.
+                            let src = unsafe { self.segs[p].read_half(h, lo, hi - lo) };
+                            out[lo - x..hi - x].copy_from_slice(src);
+                        }
                     }
-                }
+                });
             }
             self.publish(Counter::Consumed, g + 1);
             st.round += 1;
             a = b;
         }
         Ok(())
+    }
+
+    /// Runs `f` on `t` members of the pool (`t == 1`: on the caller alone).
+    fn pool_run(&self, t: usize, f: &(dyn Fn(usize) + Sync)) {
+        if t <= 1 {
+            f(0);
+        } else {
+            debug_assert_eq!(t, self.pool.threads());
+            self.pool.run(f);
+        }
     }
 
     /// Reduce-scatter: `input` is the whole tensor of `shape`; `out` receives this rank's part
