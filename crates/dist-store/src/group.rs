@@ -243,6 +243,45 @@ impl StatelessProcessGroup {
         Ok(())
     }
 
+    /// Waits for `keys[i]` (written by rank `ranks[i]`) within the operation's deadline and
+    /// returns their values (one `MULTI_GET`, which waits on the server; one round trip against
+    /// our server). A timeout names the ranks whose keys are missing; values are size-capped.
+    fn fetch_ranks(
+        &self,
+        op: &str,
+        keys: &[String],
+        ranks: &[usize],
+        start: Instant,
+    ) -> Result<Vec<Vec<u8>>> {
+        let refs: Vec<&str> = keys.iter().map(|s| s.as_str()).collect();
+        let left = (start + self.timeout).saturating_duration_since(Instant::now());
+        match self.store.multi_get(&refs, left) {
+            Ok(vs) => {
+                for v in &vs {
+                    self.check_size(op, v.len())?;
+                }
+                Ok(vs)
+            }
+            Err(e) if e.is_timeout() => Err(self.timeout_error(op, &refs, ranks, start)),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn timeout_error(&self, op: &str, keys: &[&str], ranks: &[usize], start: Instant) -> Error {
+        let mut missing = Vec::new();
+        for (k, r) in keys.iter().zip(ranks) {
+            if !self.store.check(&[k]).unwrap_or(false) {
+                missing.push(*r);
+            }
+        }
+        Error::Timeout {
+            op: self.op(op),
+            waited: start.elapsed(),
+            missing_ranks: missing,
+            detail: format!("deadline {:?}", self.timeout),
+        }
+    }
+
     /// Waits for `keys[i]` (one per rank in `ranks[i]`) until `deadline`; a timeout names
     /// the ranks whose keys are missing.
     fn wait_ranks(
@@ -257,20 +296,7 @@ impl StatelessProcessGroup {
         let left = deadline.saturating_duration_since(Instant::now());
         match self.store.wait(&refs, left) {
             Ok(()) => Ok(()),
-            Err(e) if e.is_timeout() => {
-                let mut missing = Vec::new();
-                for (k, r) in refs.iter().zip(ranks) {
-                    if !self.store.check(&[k]).unwrap_or(false) {
-                        missing.push(*r);
-                    }
-                }
-                Err(Error::Timeout {
-                    op: self.op(op),
-                    waited: start.elapsed(),
-                    missing_ranks: missing,
-                    detail: format!("deadline {:?}", self.timeout),
-                })
-            }
+            Err(e) if e.is_timeout() => Err(self.timeout_error(op, &refs, ranks, start)),
             Err(e) => Err(e),
         }
     }
@@ -380,16 +406,8 @@ impl HostGroup for StatelessProcessGroup {
         };
         let start = Instant::now();
         let key = format!("{p}broadcast_from/{src}/{n}");
-        self.wait_ranks(
-            "broadcast",
-            std::slice::from_ref(&key),
-            &[src],
-            start,
-            start + self.timeout,
-        )?;
-        let v = self.store.get(&key, self.timeout)?;
-        self.check_size("broadcast", v.len())?;
-        Ok(v)
+        let mut v = self.fetch_ranks("broadcast", &[key], &[src], start)?;
+        Ok(v.pop().unwrap_or_default())
     }
 
     fn all_gather_bytes(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
@@ -407,13 +425,7 @@ impl HostGroup for StatelessProcessGroup {
             .map(|r| format!("{p}all_gather/{n}/{r}"))
             .collect();
         self.write(keys[self.rank].clone(), data)?;
-        self.wait_ranks("all_gather", &keys, &ranks, start, start + self.timeout)?;
-        let refs: Vec<&str> = keys.iter().map(|s| s.as_str()).collect();
-        let all = self.store.multi_get(&refs, self.timeout)?;
-        for v in &all {
-            self.check_size("all_gather", v.len())?;
-        }
-        Ok(all)
+        self.fetch_ranks("all_gather", &keys, &ranks, start)
     }
 
     fn send_bytes(&self, data: &[u8], dst: usize) -> Result<()> {
@@ -437,17 +449,9 @@ impl HostGroup for StatelessProcessGroup {
         };
         let key = format!("{}send_to/{}/from/{src}/{n}", self.prefix, self.rank);
         let start = Instant::now();
-        self.wait_ranks(
-            "recv",
-            std::slice::from_ref(&key),
-            &[src],
-            start,
-            start + self.timeout,
-        )?;
-        let v = self.store.get(&key, self.timeout)?;
-        self.check_size("recv", v.len())?;
+        let mut v = self.fetch_ranks("recv", std::slice::from_ref(&key), &[src], start)?;
         self.store.delete(&key)?;
-        Ok(v)
+        Ok(v.pop().unwrap_or_default())
     }
 
     fn max_object_bytes(&self) -> usize {
