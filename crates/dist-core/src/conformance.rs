@@ -1,5 +1,5 @@
 //! The conformance suite every backend runs: each collective on random data, in several dtypes
-//! and shapes (empty and odd sizes included), checked against the [`reference`](crate::reference)
+//! and shapes (empty and odd sizes included), checked against the [`reference`](mod@crate::reference)
 //! oracles.
 //!
 //! Every rank calls [`check_all`] with its own communicator. Inputs are generated from

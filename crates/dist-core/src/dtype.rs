@@ -339,7 +339,7 @@ const BLOCK: usize = 512;
 ///
 /// Ranks are combined in slice order in the accumulator type and rounded once, so the result is
 /// the same bits whoever computes it. The loops are written to auto-vectorise: one pass over each
-/// input per block of [`BLOCK`] elements.
+/// input per block of 512 elements.
 ///
 /// `out` may alias none of the inputs (callers with an in-place buffer reduce into a scratch block).
 pub fn reduce_slices<T: Element>(out: &mut [T], inputs: &[&[T]], op: ReduceOp) {

@@ -1,5 +1,5 @@
 //! A device communicator over any [`HostGroup`]: every collective moves host-tensor bytes through
-//! the host group and computes its result with the [`reference`](crate::reference) functions.
+//! the host group and computes its result with the [`reference`](mod@crate::reference) functions.
 //!
 //! It is what vLLM's base communicator over a gloo group is: correct for every op, dtype and world
 //! size, and as fast as the host group (the store, for a `StatelessProcessGroup`). It lets every

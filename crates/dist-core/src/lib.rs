@@ -17,7 +17,7 @@
 //! - the traits the backends implement: [`Store`] (the rendezvous store), [`HostGroup`] (vLLM's
 //!   "cpu group": control-plane bytes and typed objects, see [`HostGroupExt`]) and
 //!   [`DeviceCommunicator`] (the data-plane collectives), tied together by [`Backend`];
-//! - [`reference`]: the result of every collective computed plainly on the host — the oracle of
+//! - [`reference`](mod@reference): the result of every collective computed plainly on the host — the oracle of
 //!   every backend's tests;
 //! - group math ([`layout`]): vLLM's exact rank layouts, `get_pp_indices`, `divide`…
 //! - one [`Error`] type with the variants a caller acts on.
