@@ -416,3 +416,31 @@ fn holds_4096_concurrent_connections() {
     assert_eq!(c.get("k", T).unwrap(), b"v");
     assert!(t.elapsed() < Duration::from_secs(1));
 }
+
+#[test]
+fn connections_over_the_limit_are_closed_and_the_rest_keep_working() {
+    let s = StoreServer::start(ServerOptions {
+        max_connections: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let a = client(&s);
+    let b = client(&s);
+    let over = TcpStoreClient::connect(
+        "127.0.0.1",
+        s.port(),
+        ClientOptions {
+            connect_timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+    );
+    assert!(over.is_err());
+    a.set("k", b"v").unwrap();
+    assert_eq!(b.get("k", T).unwrap(), b"v");
+    drop(a);
+    // A slot frees up once a client leaves.
+    let t0 = Instant::now();
+    let c = TcpStoreClient::connect("127.0.0.1", s.port(), ClientOptions::default()).unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(c.get("k", T).unwrap(), b"v");
+}
