@@ -105,10 +105,6 @@ pub struct JobLayout {
     pub master_port: Option<u16>,
 }
 
-fn env_num(k: &str) -> Option<usize> {
-    std::env::var(k).ok()?.trim().parse().ok()
-}
-
 /// The first host of a SLURM node list (`node[01-04,07],other` → `node01`).
 pub fn slurm_first_host(list: &str) -> Option<String> {
     let list = list.trim();
@@ -140,6 +136,15 @@ pub fn slurm_first_host(list: &str) -> Option<String> {
 
 /// Resolves the layout from flags, then SLURM, Open MPI and torchrun-style variables.
 pub fn resolve_layout(opts: &LaunchOptions) -> io::Result<JobLayout> {
+    resolve_layout_with(opts, |k| std::env::var(k).ok())
+}
+
+/// [`resolve_layout`] with the environment given as a lookup function.
+pub fn resolve_layout_with(
+    opts: &LaunchOptions,
+    env: impl Fn(&str) -> Option<String>,
+) -> io::Result<JobLayout> {
+    let env_num = |k: &str| -> Option<usize> { env(k)?.trim().parse().ok() };
     let nnodes = opts
         .nnodes
         .or_else(|| env_num("SLURM_NNODES"))
@@ -153,19 +158,16 @@ pub fn resolve_layout(opts: &LaunchOptions) -> io::Result<JobLayout> {
     let master_addr = opts
         .master_addr
         .clone()
-        .or_else(|| std::env::var("MASTER_ADDR").ok())
+        .or_else(|| env("MASTER_ADDR"))
         .or_else(|| {
-            std::env::var("SLURM_JOB_NODELIST")
-                .or_else(|_| std::env::var("SLURM_NODELIST"))
-                .ok()
+            env("SLURM_JOB_NODELIST")
+                .or_else(|| env("SLURM_NODELIST"))
                 .and_then(|l| slurm_first_host(&l))
         })
         .unwrap_or_else(|| "127.0.0.1".into());
-    let master_port = opts.master_port.or_else(|| {
-        std::env::var("MASTER_PORT")
-            .ok()
-            .and_then(|p| p.trim().parse().ok())
-    });
+    let master_port = opts
+        .master_port
+        .or_else(|| env("MASTER_PORT").and_then(|p| p.trim().parse().ok()));
     let bad = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
     if opts.nproc_per_node == 0 {
         return Err(bad("--nproc-per-node must be at least 1".into()));
@@ -588,6 +590,52 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn layout_from_slurm_and_open_mpi() {
+        let o = LaunchOptions::new(8, ["true"]);
+        let slurm = |k: &str| {
+            match k {
+                "SLURM_NNODES" => Some("4"),
+                "SLURM_NODEID" => Some("2"),
+                "SLURM_JOB_NODELIST" => Some("gpu[07-10]"),
+                _ => None,
+            }
+            .map(String::from)
+        };
+        let l = resolve_layout_with(&o, slurm).unwrap();
+        assert_eq!(
+            l,
+            JobLayout {
+                nnodes: 4,
+                node_rank: 2,
+                nproc_per_node: 8,
+                master_addr: "gpu07".into(),
+                master_port: Some(29500)
+            }
+        );
+        let ompi = |k: &str| {
+            match k {
+                "OMPI_COMM_WORLD_SIZE" => Some("2"),
+                "OMPI_COMM_WORLD_RANK" => Some("1"),
+                "MASTER_ADDR" => Some("10.1.1.1"),
+                "MASTER_PORT" => Some("4000"),
+                _ => None,
+            }
+            .map(String::from)
+        };
+        let l = resolve_layout_with(&o, ompi).unwrap();
+        assert_eq!(
+            (l.nnodes, l.node_rank, l.master_addr.as_str(), l.master_port),
+            (2, 1, "10.1.1.1", Some(4000))
+        );
+        // Flags win over the environment; one node without a port picks a free one later.
+        let mut o = LaunchOptions::new(2, ["true"]);
+        o.nnodes = Some(1);
+        o.node_rank = Some(0);
+        let l = resolve_layout_with(&o, slurm).unwrap();
+        assert_eq!((l.nnodes, l.node_rank, l.master_port), (1, 0, None));
     }
 
     #[test]
