@@ -446,6 +446,7 @@ pub fn run(opts: &LaunchOptions) -> io::Result<i32> {
             .next()
         {
             let live = ranks.live();
+            print_rank_summary(&layout.master_addr, port, token_for_summary(opts), world);
             if !live.is_empty() {
                 eprintln!(
                     "dist run: rank {} failed with {}; stopping ranks {live:?}",
@@ -471,6 +472,7 @@ pub fn run(opts: &LaunchOptions) -> io::Result<i32> {
                 start.elapsed().as_secs_f64(),
                 ranks.live()
             );
+            print_rank_summary(&layout.master_addr, port, token_for_summary(opts), world);
             ranks.stop_all(grace.min(Duration::from_secs(2)))?;
             break 124;
         }
@@ -489,6 +491,48 @@ pub fn run(opts: &LaunchOptions) -> io::Result<i32> {
     }
     drop(server);
     Ok(code)
+}
+
+fn token_for_summary(opts: &LaunchOptions) -> Option<Vec<u8>> {
+    opts.token_file
+        .as_ref()
+        .and_then(|p| crate::auth::read_token_file(p).ok())
+}
+
+/// Prints what each rank was last doing, from the flight-recorder snapshots ranks publish in the
+/// store (`dist_core::diag::snapshot_key`); prints nothing when no rank published one.
+fn print_rank_summary(host: &str, port: u16, token: Option<Vec<u8>>, world: usize) {
+    use dist_core::diag::{now_ms, snapshot_key, Snapshot};
+    use dist_core::Store;
+    let opts = crate::ClientOptions {
+        timeout: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(1),
+        token,
+        ..Default::default()
+    };
+    let Ok(client) = crate::TcpStoreClient::connect(host, port, opts) else {
+        return;
+    };
+    let now = now_ms();
+    let mut lines = Vec::new();
+    for r in 0..world {
+        let key = snapshot_key(r);
+        if !matches!(client.check(&[key.as_str()]), Ok(true)) {
+            continue;
+        }
+        if let Ok(s) = client
+            .get(&key, Duration::from_secs(1))
+            .and_then(|b| dist_core::decode_obj::<Snapshot>(&b, 1 << 20))
+        {
+            lines.push(s.describe(now));
+        }
+    }
+    if !lines.is_empty() {
+        eprintln!("dist run: what each rank was last doing:");
+        for l in lines {
+            eprintln!("dist run:   {l}");
+        }
+    }
 }
 
 fn to_io(e: crate::Error) -> io::Error {

@@ -103,6 +103,13 @@ fn worker(case: &str) -> Result<(), Box<dyn std::error::Error>> {
             // wait on a store key the culprit would have written
             let _: u64 = env.world_group().recv_obj(culprit)?;
         }
+        "hang" => {
+            // The culprit stops calling collectives (as if stuck in a long host-side step).
+            if rank == culprit {
+                std::thread::sleep(Duration::from_secs(60));
+            }
+            tp.all_reduce(x(64, 1))?;
+        }
         "skip" => {
             if rank != culprit {
                 tp.all_reduce(x(16, 99))?;
@@ -334,4 +341,31 @@ fn mismatched_sizes() {
 #[test]
 fn the_store_host_dies() {
     run_case("store_dies", 3, 0, false, "store");
+}
+
+/// `dist run` prints what every rank was last doing when it tears a job down.
+#[test]
+fn launcher_prints_what_each_rank_was_doing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dist"))
+        .args(["run", "--nproc-per-node", "3", "--timeout", "60", "--"])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "fault_worker_entry",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CASE_ENV, "hang")
+        .env("CULPRIT", "1")
+        .env("DIST_TIMEOUT", DEADLINE_S.to_string())
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("what each rank was last doing"), "{err}");
+    assert!(err.contains("rank 1 (pid"), "{err}");
+    assert!(err.contains("tp:0 all_reduce"), "{err}");
 }
