@@ -16,7 +16,7 @@
 //! - **Wire compatibility.** [`proto`] is PyTorch's `TCPStore` protocol of the libuv era
 //!   (PyTorch ≥ 2.4), byte for byte: a PyTorch process can use [`StoreServer`] as its store
 //!   (`is_master=False`), and [`TcpStoreClient`] works against a PyTorch master. The protocol is
-//!   written down in `STORE_PROTOCOL.md`; golden byte transcripts in `tests/store_golden.rs`
+//!   written down in `docs/STORE_PROTOCOL.md`; golden byte transcripts in `tests/store_golden.rs`
 //!   pin it without PyTorch.
 //! - **Sans-IO codec, thin socket shells.** [`proto`] decodes requests and replies from byte
 //!   buffers that may be partial ([`proto::Decoded::NeedMore`] says how many bytes to wait for),

@@ -11,7 +11,7 @@
 //! Frame layout (all integers little-endian, as PyTorch writes them on x86-64 and aarch64):
 //! one query byte, then the fields of that query; a *key* or *value* is a `u64` length followed
 //! by that many bytes; a *key list* is a `u64` count followed by that many keys. The full
-//! description, with every reply, is in `STORE_PROTOCOL.md`.
+//! description, with every reply, is in `docs/STORE_PROTOCOL.md` at the workspace root.
 
 use std::fmt;
 
