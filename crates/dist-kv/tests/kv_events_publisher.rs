@@ -237,17 +237,18 @@ fn null_publisher_accepts_everything() {
 
 fn free_port_pair() -> u16 {
     // Two consecutive free ports (DP ranks 0 and 1), and +100/+101 free for the factory test.
-    for _ in 0..50 {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = l.local_addr().unwrap().port();
-        if p > 65_000 {
-            continue;
-        }
-        let others: Vec<_> = [1, 100, 101]
+    // Candidates come from below the kernel's ephemeral range (32768..), where other tests'
+    // outgoing connections do not land, starting at a per-process offset.
+    let mut p = 20_000 + (std::process::id() as u16 % 4_000) * 2;
+    for _ in 0..500 {
+        p = if p + 200 >= 32_000 { 20_000 } else { p + 7 };
+        let ok = [0u16, 1, 100, 101]
             .iter()
             .map(|d| std::net::TcpListener::bind(("127.0.0.1", p + d)))
-            .collect();
-        if others.iter().all(Result::is_ok) {
+            .collect::<Vec<_>>()
+            .iter()
+            .all(Result::is_ok);
+        if ok {
             return p;
         }
     }
