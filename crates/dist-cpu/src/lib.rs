@@ -30,7 +30,13 @@
 //!   any count, dtype and shape ([`ShmCommunicator::send_list`]) carry typed metadata.
 //! - fp8 tensors move as bytes; reducing them is [`dist_core::Error::Unsupported`].
 //!
-//! Not here yet: the gloo path across nodes (`gloo` feature) and a shared-memory `HostGroup`.
+//! - [`ShmHostGroup`]: the `HostGroup` operations (barrier, bytes, typed objects) at
+//!   shared-memory speed over a communicator of its own, bootstrapped over a slower group.
+//! - Large all-reduce chunks are split among a few helper threads per rank
+//!   ([`ShmConfig::threads`], `DIST_CPU_THREADS`; default: cores / ranks, at most 8).
+//!
+//! Not here yet: the gloo path across nodes (the `gloo` feature exists but adds nothing;
+//! `DIST_CPU_BACKEND=gloo` is refused with `Error::Unsupported`).
 //!
 //! ## Example
 //! ```
@@ -54,7 +60,8 @@ pub mod mq;
 pub mod shm;
 
 pub use coll::{
-    CpuBackend, ShmCommunicator, ShmConfig, MAX_LIST_BYTES, MAX_LIST_TENSORS, MAX_WORLD,
+    CpuBackend, ShmCommunicator, ShmConfig, ShmHostGroup, MAX_LIST_BYTES, MAX_LIST_TENSORS,
+    MAX_WORLD,
 };
 pub use dist_core::{Error, Result};
 
