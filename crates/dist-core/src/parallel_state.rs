@@ -60,6 +60,10 @@ pub trait GroupFactory: Send + Sync {
     ) -> Result<Option<Box<dyn Broadcaster>>> {
         Ok(None)
     }
+    /// The deadline of the groups of `kind` (`"tp"`, `"pp"`…); `default` is the job's.
+    fn timeout_for(&self, _kind: &str, default: Duration) -> Duration {
+        default
+    }
     /// The job's diagnostics, attached to every group.
     fn diagnostics(&self) -> Option<Arc<dyn Diagnostics>> {
         None
@@ -237,7 +241,8 @@ fn build_group<B: Backend>(
         })?;
     let unique_name = unique_name(spec.kind);
     let key = format!("{}/g{index}", spec.kind);
-    let host = factory.host_group(&key, ranks, world.timeout)?;
+    let timeout = factory.timeout_for(spec.kind, world.timeout);
+    let host = factory.host_group(&key, ranks, timeout)?;
     let rank_in_group = ranks
         .iter()
         .position(|&r| r == world.rank)
@@ -250,7 +255,7 @@ fn build_group<B: Backend>(
             local_rank: world.local_rank,
             host_group: host.clone(),
             store: factory.store(),
-            timeout: world.timeout,
+            timeout,
         };
         Some(B::create_communicator(&ctx)?)
     } else {

@@ -281,6 +281,9 @@ impl GroupFactory for StoreGroupFactory {
     fn check_collectives(&self) -> bool {
         self.check_collectives
     }
+    fn timeout_for(&self, kind: &str, default: Duration) -> Duration {
+        group_timeout(kind).unwrap_or(default)
+    }
     fn host_group(
         &self,
         key: &str,
@@ -340,6 +343,15 @@ impl Broadcaster for MqBroadcaster {
     fn dequeue_bytes(&self) -> Result<Vec<u8>> {
         self.0.dequeue_bytes()
     }
+}
+
+/// The deadline of one kind of group from `DIST_TIMEOUT_<KIND>` (`DIST_TIMEOUT_TP=60`), seconds.
+pub fn group_timeout(kind: &str) -> Option<Duration> {
+    std::env::var(format!("{TIMEOUT_ENV}_{}", kind.to_ascii_uppercase()))
+        .ok()
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .map(Duration::from_secs_f64)
 }
 
 /// Environment variable that turns on the collective mismatch detector (`1`): before each
@@ -469,6 +481,24 @@ mod tests {
         assert!(parse_tcp_uri("env://").is_err());
         assert!(parse_tcp_uri("tcp://host").is_err());
         assert!(parse_tcp_uri("tcp://host:x").is_err());
+    }
+
+    #[test]
+    fn per_group_timeouts_from_env() {
+        std::env::set_var("DIST_TIMEOUT_PCP", "2.5");
+        assert_eq!(group_timeout("pcp"), Some(Duration::from_millis(2500)));
+        let f = StoreGroupFactory::new(0, Arc::new(dist_core::local::MemStore::new()), false);
+        assert_eq!(
+            f.timeout_for("pcp", Duration::from_secs(9)),
+            Duration::from_millis(2500)
+        );
+        assert_eq!(
+            f.timeout_for("dcp", Duration::from_secs(9)),
+            Duration::from_secs(9)
+        );
+        std::env::set_var("DIST_TIMEOUT_PCP", "nonsense");
+        assert_eq!(group_timeout("pcp"), None);
+        std::env::remove_var("DIST_TIMEOUT_PCP");
     }
 
     #[test]

@@ -39,8 +39,8 @@ pub use dist_cuda;
 pub use dist_rocm;
 pub use dist_store;
 pub use env::{
-    default_timeout, in_the_same_node_as, node_count, parse_tcp_uri, DistEnv, InitOptions,
-    MqBroadcaster, StoreGroupFactory, CHECK_COLLECTIVES_ENV, TIMEOUT_ENV,
+    default_timeout, group_timeout, in_the_same_node_as, node_count, parse_tcp_uri, DistEnv,
+    InitOptions, MqBroadcaster, StoreGroupFactory, CHECK_COLLECTIVES_ENV, TIMEOUT_ENV,
 };
 
 /// The backend the default features select: shared-memory host collectives.
