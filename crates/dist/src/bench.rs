@@ -69,7 +69,7 @@ pub struct BenchArgs {
     /// One JSON object per row instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Draw busbw against size per op into FILE.svg.
+    /// Draw busbw against size per op into FILE (.svg, or .png).
     #[arg(long, value_name = "FILE")]
     pub plot: Option<std::path::PathBuf>,
     /// Skip the oracle check (timings only).
@@ -187,7 +187,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<u8> {
     let wrong: i64 = rows.iter().map(|r| r.wrong.max(0)).sum();
     if env.world().rank == 0 {
         if let Some(p) = &args.plot {
-            std::fs::write(p, plot_svg(&rows))?;
+            let png = p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
+            let bytes = if png {
+                crate::plot::png(&rows)
+            } else {
+                crate::plot::svg(&rows).into_bytes()
+            };
+            std::fs::write(p, bytes)?;
             eprintln!("plot written to {}", p.display());
         }
     }
@@ -526,85 +532,6 @@ fn bench_one<B: Backend>(
     })
 }
 
-/// An SVG chart of busbw (GB/s) against size (log scale), one line per op.
-pub fn plot_svg(rows: &[Row]) -> String {
-    let (w, h, ml, mr, mt, mb) = (820.0, 480.0, 70.0, 170.0, 30.0, 50.0);
-    let mut ops: Vec<&str> = rows.iter().map(|r| r.op.as_str()).collect();
-    ops.dedup();
-    let xs: Vec<f64> = rows.iter().map(|r| (r.bytes as f64).log2()).collect();
-    let (xmin, xmax) = xs
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
-    let ymax = rows.iter().map(|r| r.busbw).fold(0.0, f64::max).max(1e-9) * 1.1;
-    let sx = |x: f64| ml + (x - xmin) / (xmax - xmin).max(1e-9) * (w - ml - mr);
-    let sy = |y: f64| h - mb - y / ymax * (h - mt - mb);
-    let colors = [
-        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-    ];
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-    );
-    s += &format!(
-        "<text x=\"{}\" y=\"18\" text-anchor=\"middle\">dist bench: bus bandwidth</text>\n",
-        w / 2.0
-    );
-    s += &format!(
-        "<line x1=\"{ml}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/><line x1=\"{ml}\" y1=\"{mt}\" x2=\"{ml}\" y2=\"{}\" stroke=\"black\"/>\n",
-        h - mb, w - mr, h - mb, h - mb
-    );
-    for i in 0..=5 {
-        let y = ymax * i as f64 / 5.0;
-        s += &format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{y:.2}</text>\n",
-            ml - 6.0,
-            sy(y) + 4.0
-        );
-    }
-    let mut x = xmin.ceil();
-    while x <= xmax {
-        let b = 2f64.powf(x) as u64;
-        let label = if b >= 1 << 30 {
-            format!("{}G", b >> 30)
-        } else if b >= 1 << 20 {
-            format!("{}M", b >> 20)
-        } else if b >= 1 << 10 {
-            format!("{}K", b >> 10)
-        } else {
-            b.to_string()
-        };
-        s += &format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{label}</text>\n",
-            sx(x),
-            h - mb + 18.0
-        );
-        x += 2.0;
-    }
-    s += &format!(
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">size (bytes)</text>\n",
-        (ml + w - mr) / 2.0,
-        h - 10.0
-    );
-    s += &format!("<text x=\"16\" y=\"{}\" transform=\"rotate(-90 16 {})\" text-anchor=\"middle\">busbw (GB/s)</text>\n", h / 2.0, h / 2.0);
-    for (i, op) in ops.iter().enumerate() {
-        let c = colors[i % colors.len()];
-        let pts: Vec<String> = rows
-            .iter()
-            .filter(|r| r.op == *op)
-            .map(|r| format!("{:.1},{:.1}", sx((r.bytes as f64).log2()), sy(r.busbw)))
-            .collect();
-        s += &format!(
-            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>\n",
-            pts.join(" ")
-        );
-        let ly = mt + 18.0 * i as f64 + 10.0;
-        s += &format!(
-            "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{c}\" stroke-width=\"3\"/><text x=\"{}\" y=\"{}\">{op}</text>\n",
-            w - mr + 10.0, w - mr + 30.0, w - mr + 36.0, ly + 4.0
-        );
-    }
-    s + "</svg>\n"
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -633,30 +560,5 @@ mod tests {
             assert_eq!(v.iter().sum::<usize>(), t);
             assert_eq!(v.len(), n);
         }
-    }
-
-    #[test]
-    fn svg_has_a_line_per_op() {
-        let row = |op: &str, b: usize, bw: f64| Row {
-            op: op.into(),
-            backend: "cpu".into(),
-            world: 4,
-            bytes: b,
-            count: b / 4,
-            dtype: "f32".into(),
-            redop: "sum".into(),
-            root: -1,
-            time_us: 1.0,
-            algbw: bw,
-            busbw: bw,
-            wrong: 0,
-        };
-        let s = plot_svg(&[
-            row("a", 1024, 1.0),
-            row("a", 4096, 2.0),
-            row("b", 1024, 0.5),
-        ]);
-        assert_eq!(s.matches("<polyline").count(), 2);
-        assert!(s.starts_with("<svg"));
     }
 }

@@ -29,6 +29,7 @@
 pub mod bench;
 pub mod diagnostics;
 mod env;
+pub mod plot;
 
 pub use dist_core as core;
 pub use dist_core::*;
