@@ -16,7 +16,10 @@ const SYSTEM_PACKAGES: &[(&str, &[&str])] = &[
     ("pkg-config", &["pkg-config", "--version"]),
     ("libzmq3-dev", &["pkg-config", "--exists", "libzmq"]),
     // HIP runtime (no AMD GPU needed): the ROCm backend's "no device" paths are tested with it.
-    ("libamdhip64-dev", &["sh", "-c", "ldconfig -p | grep -q libamdhip64"]),
+    (
+        "libamdhip64-dev",
+        &["sh", "-c", "ldconfig -p | grep -q libamdhip64"],
+    ),
 ];
 
 fn main() -> ExitCode {
