@@ -35,8 +35,12 @@
 //! - Large all-reduce chunks are split among a few helper threads per rank
 //!   ([`ShmConfig::threads`], `DIST_CPU_THREADS`; default: cores / ranks, at most 8).
 //!
-//! Not here yet: the gloo path across nodes (the `gloo` feature exists but adds nothing;
-//! `DIST_CPU_BACKEND=gloo` is refused with `Error::Unsupported`).
+//! - **Across nodes: gloo** (feature `gloo`, Debian's `libgloo-dev`): the `gloo` module holds a C++ shim
+//!   (built with the `cc` crate; every C++ exception caught and returned as an error) whose
+//!   rendezvous goes through the job's `dist_core::Store` as set/get/wait callbacks.
+//!   [`CpuBackend`] picks shared memory when every rank is on this node and gloo otherwise;
+//!   `DIST_CPU_BACKEND=shm|gloo` forces one. gloo's ring combines ranks in its own order, so its
+//!   float results match the oracles within rounding (integers exactly).
 //!
 //! ## Example
 //! ```
@@ -55,13 +59,16 @@
 //! }
 //! ```
 
+mod backend;
 mod coll;
+#[cfg(feature = "gloo")]
+pub mod gloo;
 pub mod mq;
 pub mod shm;
 
+pub use backend::{CpuBackend, CpuCommunicator};
 pub use coll::{
-    CpuBackend, ShmCommunicator, ShmConfig, ShmHostGroup, MAX_LIST_BYTES, MAX_LIST_TENSORS,
-    MAX_WORLD,
+    ShmCommunicator, ShmConfig, ShmHostGroup, MAX_LIST_BYTES, MAX_LIST_TENSORS, MAX_WORLD,
 };
 pub use dist_core::{Error, Result};
 

@@ -40,8 +40,8 @@ use std::time::{Duration, Instant};
 use dist_core::communicator::{check_collective_dim, reduce_scatterv_shape};
 use dist_core::tensor::with_dim;
 use dist_core::{
-    reduce_bytes, Backend, CommunicatorContext, DType, Device, DeviceCommunicator, Error,
-    HostGroup, HostGroupExt, HostTensor, ReduceOp, Result, DEFAULT_TIMEOUT,
+    reduce_bytes, DType, Device, DeviceCommunicator, Error, HostGroup, HostGroupExt, HostTensor,
+    ReduceOp, Result,
 };
 
 use crate::shm::{remove_stale_segments, WaitOutcome};
@@ -162,7 +162,7 @@ impl Counter {
 
 /// Collectives on [`HostTensor`]s among the ranks of one group on one node, through shared memory.
 ///
-/// Build it with [`CpuBackend::create_communicator`] (or [`ShmCommunicator::new`] from any
+/// Build it with [`crate::CpuBackend`] (or [`ShmCommunicator::new`] from any
 /// [`HostGroup`]). Calls are serialised by an internal lock. See the module docs for the protocol.
 #[derive(Debug)]
 pub struct ShmCommunicator {
@@ -212,7 +212,7 @@ fn random_id() -> u64 {
 }
 
 /// What identifies this machine (boot id and host name): ranks must agree to share memory.
-fn node_id() -> String {
+pub(crate) fn node_id() -> String {
     let read = |p: &str| {
         std::fs::read_to_string(p)
             .unwrap_or_default()
@@ -1209,63 +1209,6 @@ impl Drop for ShmCommunicator {
             h.state.0.store(STATE_CLOSED, Ordering::Release);
         }
         h.bell.ring();
-    }
-}
-
-/// The CPU backend: host tensors and the shared-memory communicator.
-///
-/// `DIST_CPU_BACKEND=shm` (the default) selects shared memory; `gloo` is refused with
-/// [`Error::Unsupported`] because this build has no gloo path.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CpuBackend;
-
-impl Backend for CpuBackend {
-    const NAME: &'static str = "cpu";
-    type Tensor = HostTensor;
-    type Communicator = ShmCommunicator;
-
-    fn create_communicator(ctx: &CommunicatorContext) -> Result<ShmCommunicator> {
-        match std::env::var("DIST_CPU_BACKEND").as_deref() {
-            Err(_) | Ok("") | Ok("shm") => {}
-            Ok("gloo") => {
-                return Err(Error::unsupported(
-                    "DIST_CPU_BACKEND=gloo: this build of dist-cpu has no gloo path",
-                ))
-            }
-            Ok(other) => {
-                return Err(Error::invalid(format!(
-                    "DIST_CPU_BACKEND={other}: expected shm or gloo"
-                )))
-            }
-        }
-        let hg = &ctx.host_group;
-        crate::ensure_arg!(
-            ctx.ranks.len() == hg.world_size() && ctx.rank_in_group == hg.rank(),
-            "group {}: {} ranks and rank {} in the context, the host group has {} ranks and rank {}",
-            ctx.group_name,
-            ctx.ranks.len(),
-            ctx.rank_in_group,
-            hg.world_size(),
-            hg.rank()
-        );
-        let timeout = if ctx.timeout.is_zero() {
-            DEFAULT_TIMEOUT
-        } else {
-            ctx.timeout
-        };
-        ShmCommunicator::new(hg.as_ref(), &ctx.group_name, timeout)
-    }
-
-    fn to_host(t: &HostTensor) -> Result<HostTensor> {
-        Ok(t.clone())
-    }
-
-    fn from_host(t: &HostTensor, device: Device) -> Result<HostTensor> {
-        crate::ensure_arg!(
-            device.kind == dist_core::DeviceKind::Cpu,
-            "the cpu backend holds host tensors, asked for {device}"
-        );
-        Ok(t.clone())
     }
 }
 
