@@ -3,9 +3,6 @@
 //!
 //! Usage: `cuda_bench [--max-bytes N] [--mode in-place|out-of-place|graph]`.
 
-#[path = "common/mod.rs"]
-mod common;
-
 use std::time::Duration;
 
 use dist_cuda::bench::{all_reduce_sweep, format_row, header, sizes, Mode};
@@ -33,8 +30,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("graph") => Mode::Graph,
         Some(m) => return Err(format!("unknown --mode {m}").into()),
     };
-    let e = common::env();
-    let ctx = common::context(&e, "bench", Duration::from_secs(60))?;
+    let e = dist_store::RankEnv::from_env()?;
+    let ctx = e.job_context("bench", Duration::from_secs(60))?;
     let comm = Communicator::new(
         &ctx,
         &Options {

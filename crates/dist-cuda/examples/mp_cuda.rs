@@ -9,9 +9,6 @@
 //!
 //! Exits 0 when every check passed. `--worlds` prints the supported world sizes.
 
-#[path = "common/mod.rs"]
-mod common;
-
 use std::time::Duration;
 
 use dist_core::half::{bf16, f16};
@@ -159,7 +156,7 @@ fn rank_inputs(
 }
 
 /// NCCL: every op and every dtype against the oracles, at any world size (one GPU per rank).
-fn nccl_suite(e: &common::Env, comm: &Communicator, ck: &mut Checks) -> Result<()> {
+fn nccl_suite(e: &dist_store::RankEnv, comm: &Communicator, ck: &mut Checks) -> Result<()> {
     let (w, me) = (e.world, e.rank);
     let lib = dist_nccl::library(dist_nccl::Flavor::Nccl)?;
     if me == 0 {
@@ -426,7 +423,7 @@ fn inputs(dtype: DType, n: usize, seed: u64, world: usize) -> Vec<HostTensor> {
         .collect()
 }
 
-fn custom_ar(e: &common::Env, comm: &Communicator, ck: &mut Checks) -> Result<()> {
+fn custom_ar(e: &dist_store::RankEnv, comm: &Communicator, ck: &mut Checks) -> Result<()> {
     if !comm.has_custom_ar() {
         ck.fail("custom all-reduce not created".into());
         return Ok(());
@@ -537,7 +534,7 @@ fn custom_ar(e: &common::Env, comm: &Communicator, ck: &mut Checks) -> Result<()
 
 /// `--dead-peer`: the last rank exits after set-up; the others' custom all-reduce must end in a
 /// `Timeout` naming it within the deadline (the kernels' barrier deadline), not hang.
-fn dead_peer(e: &common::Env, comm: &Communicator, ck: &mut Checks) -> Result<()> {
+fn dead_peer(e: &dist_store::RankEnv, comm: &Communicator, ck: &mut Checks) -> Result<()> {
     let last = e.world - 1;
     comm.host_group().barrier()?;
     if e.rank == last {
@@ -576,7 +573,7 @@ fn dead_peer(e: &common::Env, comm: &Communicator, ck: &mut Checks) -> Result<()
 
 /// World 1: NCCL suite. Several ranks: one GPU each when there are enough (NCCL suite, then the
 /// custom all-reduce with NCCL beside it), else all on GPU 0 with NCCL off (custom all-reduce only).
-fn run(e: &common::Env, ck: &mut Checks) -> Result<()> {
+fn run(e: &dist_store::RankEnv, ck: &mut Checks) -> Result<()> {
     let per_gpu = e.world == 1 || dist_cuda::device_count() >= e.world;
     let opts = Options {
         device: Some(if per_gpu { e.local_rank } else { 0 }),
@@ -584,7 +581,7 @@ fn run(e: &common::Env, ck: &mut Checks) -> Result<()> {
         custom_all_reduce: e.world > 1,
         custom_ar_max_size: None,
     };
-    let ctx = common::context(e, "tp:0", Duration::from_secs(120))?;
+    let ctx = e.job_context("tp:0", Duration::from_secs(120))?;
     let t0 = std::time::Instant::now();
     let comm = Communicator::new(&ctx, &opts)?;
     if e.rank == 0 {
@@ -632,7 +629,7 @@ fn main() {
         println!("1,2,4,6,8");
         return;
     }
-    let e = common::env();
+    let e = dist_store::RankEnv::from_env().expect("torchrun environment");
     if DeviceContext::get(0).is_err() {
         eprintln!(
             "rank {}: SKIPPED: no CUDA device ({})",

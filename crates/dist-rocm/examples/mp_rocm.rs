@@ -12,8 +12,6 @@
 //! Exits 0 when every check passed, 77 (skipped, with a line saying `SKIPPED`) when there is no
 //! HIP runtime or no device for every rank. `--worlds` prints the supported world sizes.
 
-#[path = "common/mod.rs"]
-mod common;
 #[path = "common/cudart_shim.rs"]
 mod cudart_shim;
 
@@ -163,7 +161,7 @@ fn rank_inputs(
 }
 
 /// RCCL: every op and every dtype against the oracles, at any world size (one GPU per rank).
-fn nccl_suite(e: &common::Env, comm: &Communicator, ck: &mut Checks) -> Result<()> {
+fn nccl_suite(e: &dist_store::RankEnv, comm: &Communicator, ck: &mut Checks) -> Result<()> {
     let (w, me) = (e.world, e.rank);
     let lib = dist_nccl::library(dist_nccl::Flavor::Rccl)?;
     if me == 0 {
@@ -418,12 +416,12 @@ fn nccl_suite(e: &common::Env, comm: &Communicator, ck: &mut Checks) -> Result<(
 }
 
 /// World 1 or one GPU per rank: the RCCL suite, then the conformance suite; refusals after destroy.
-fn run(e: &common::Env, ck: &mut Checks) -> Result<()> {
+fn run(e: &dist_store::RankEnv, ck: &mut Checks) -> Result<()> {
     let opts = Options {
         device: Some(e.local_rank),
         nccl: true,
     };
-    let ctx = common::context(e, "tp:0", Duration::from_secs(120))?;
+    let ctx = e.job_context("tp:0", Duration::from_secs(120))?;
     let t0 = std::time::Instant::now();
     let comm = Communicator::new(&ctx, &opts)?;
     if e.rank == 0 {
@@ -469,7 +467,7 @@ fn main() {
         println!("1,2,4,8");
         return;
     }
-    let e = common::env();
+    let e = dist_store::RankEnv::from_env().expect("torchrun environment");
     if args.iter().any(|a| a == "--hip-from-cudart") {
         match cudart_shim::install() {
             Ok(rt) => {

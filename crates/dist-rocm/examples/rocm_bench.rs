@@ -4,8 +4,6 @@
 //!
 //! Usage: `rocm_bench [--hip-from-cudart] [--max-bytes N] [--mode in-place|out-of-place|graph]`.
 
-#[path = "common/mod.rs"]
-mod common;
 #[path = "common/cudart_shim.rs"]
 mod cudart_shim;
 
@@ -44,8 +42,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("graph") => Mode::Graph,
         Some(m) => return Err(format!("unknown --mode {m}").into()),
     };
-    let e = common::env();
-    let ctx = common::context(&e, "bench", Duration::from_secs(60))?;
+    let e = dist_store::RankEnv::from_env()?;
+    let ctx = e.job_context("bench", Duration::from_secs(60))?;
     let comm = Communicator::new(
         &ctx,
         &Options {

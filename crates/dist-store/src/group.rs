@@ -567,3 +567,73 @@ mod tests {
         assert_eq!(h.join().unwrap(), "hi");
     }
 }
+
+/// torchrun's variables as a test or tool program sees them, with the defaults of a single
+/// process (rank 0 of 1 on `127.0.0.1:29500`) when it runs without a launcher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankEnv {
+    /// `RANK`.
+    pub rank: usize,
+    /// `WORLD_SIZE`.
+    pub world: usize,
+    /// `LOCAL_RANK`.
+    pub local_rank: usize,
+    /// `MASTER_ADDR`.
+    pub master_addr: String,
+    /// `MASTER_PORT`.
+    pub master_port: u16,
+}
+
+impl RankEnv {
+    /// Reads the variables; a malformed one is an error, a missing one takes its default.
+    pub fn from_env() -> Result<RankEnv> {
+        fn get<T: std::str::FromStr>(k: &str, d: T) -> Result<T> {
+            match std::env::var(k) {
+                Ok(v) => v.trim().parse().map_err(|_| {
+                    Error::invalid(format!("environment variable {k}={v:?} is malformed"))
+                }),
+                Err(_) => Ok(d),
+            }
+        }
+        let rank = get("RANK", 0usize)?;
+        let world = get("WORLD_SIZE", 1usize)?;
+        check_rank(rank, world)?;
+        Ok(RankEnv {
+            rank,
+            world,
+            local_rank: get("LOCAL_RANK", rank)?,
+            master_addr: get("MASTER_ADDR", "127.0.0.1".to_string())?,
+            master_port: get("MASTER_PORT", 29500u16)?,
+        })
+    }
+
+    /// The context of a communicator over the whole job named `group`: its host group is a
+    /// [`StatelessProcessGroup`] (rank 0 hosts the store unless a launcher does).
+    pub fn job_context(
+        &self,
+        group: &str,
+        timeout: Duration,
+    ) -> Result<dist_core::CommunicatorContext> {
+        let g = if agent_store_on(self.master_port) {
+            StatelessProcessGroup::from_env(timeout)?
+        } else {
+            StatelessProcessGroup::create(
+                &self.master_addr,
+                self.master_port,
+                self.rank,
+                self.world,
+                timeout,
+            )?
+        };
+        let store = g.store().clone();
+        Ok(dist_core::CommunicatorContext {
+            group_name: group.to_string(),
+            ranks: (0..self.world).collect(),
+            rank_in_group: self.rank,
+            local_rank: self.local_rank,
+            host_group: Arc::new(g),
+            store,
+            timeout,
+        })
+    }
+}

@@ -69,5 +69,5 @@ mod sys;
 
 pub use client::{ClientOptions, TcpStoreClient};
 pub use dist_core::{Error, Result};
-pub use group::StatelessProcessGroup;
+pub use group::{RankEnv, StatelessProcessGroup};
 pub use server::{ServerOptions, StoreServer};
