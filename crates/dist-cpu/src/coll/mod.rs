@@ -211,7 +211,9 @@ fn random_id() -> u64 {
     h.finish()
 }
 
-/// What identifies this machine (boot id and host name): ranks must agree to share memory.
+/// What identifies this node: boot id, host name and network namespace. Ranks that agree
+/// share memory; ranks in other network namespaces count as other nodes (that is how the
+/// cross-node path is tested on one machine).
 pub(crate) fn node_id() -> String {
     let read = |p: &str| {
         std::fs::read_to_string(p)
@@ -219,8 +221,11 @@ pub(crate) fn node_id() -> String {
             .trim()
             .to_string()
     };
+    let netns = std::fs::read_link("/proc/self/ns/net")
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
     format!(
-        "{}@{}",
+        "{}@{}/{netns}",
         read("/proc/sys/kernel/random/boot_id"),
         read("/proc/sys/kernel/hostname")
     )
