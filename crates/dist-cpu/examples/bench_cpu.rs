@@ -10,8 +10,10 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dist_core::{DType, DeviceCommunicator, HostGroup, HostTensor, ReduceOp};
-use dist_cpu::ShmCommunicator;
+use dist_core::{
+    Backend, CommunicatorContext, DType, DeviceCommunicator, HostGroup, HostTensor, ReduceOp,
+};
+use dist_cpu::CpuBackend;
 use dist_store::StatelessProcessGroup;
 
 struct Args {
@@ -82,13 +84,28 @@ fn launch(a: &Args) -> Result<(), String> {
 fn rank_main(a: &Args) -> Result<(), String> {
     let e = |x: dist_core::Error| x.to_string();
     let g = Arc::new(StatelessProcessGroup::from_env(Duration::from_secs(120)).map_err(e)?);
-    let c = ShmCommunicator::new(g.as_ref(), "bench", Duration::from_secs(120)).map_err(e)?;
+    let ctx = CommunicatorContext {
+        group_name: "bench".into(),
+        ranks: (0..g.world_size()).collect(),
+        rank_in_group: g.rank(),
+        local_rank: g.rank(),
+        host_group: g.clone(),
+        store: g.store().clone(),
+        timeout: Duration::from_secs(120),
+    };
+    // Shared memory unless DIST_CPU_BACKEND=gloo (with the `gloo` feature).
+    let c = CpuBackend::create_communicator(&ctx).map_err(e)?;
     let (r, n) = (c.rank(), c.world_size());
     if r == 0 && !a.json {
-        println!(
-            "# dist-cpu shm all_reduce, {n} ranks, halves of {} KiB",
-            c.config().half_bytes >> 10
-        );
+        let how = match c.as_shm() {
+            Some(s) => format!(
+                "halves of {} KiB, {} threads per rank",
+                s.config().half_bytes >> 10,
+                s.config().threads
+            ),
+            None => "over TCP".into(),
+        };
+        println!("# dist-cpu {} all_reduce, {n} ranks, {how}", c.kind());
         println!(
             "{:>12} {:>12} {:>6} {:>6} {:>10} {:>8} {:>8} {:>7}",
             "size(B)", "count", "type", "redop", "time(us)", "algbw", "busbw", "#wrong"

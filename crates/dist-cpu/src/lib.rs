@@ -29,6 +29,8 @@
 //!   two slots is sent without waiting for the receiver; larger ones stream. Lists of tensors of
 //!   any count, dtype and shape ([`ShmCommunicator::send_list`]) carry typed metadata.
 //! - fp8 tensors move as bytes; reducing them is [`dist_core::Error::Unsupported`].
+//! - [`mq`]: vLLM's shared-memory broadcast MessageQueue (one writer, n readers; TCP for
+//!   readers on other nodes), on the same primitives.
 //!
 //! - [`ShmHostGroup`]: the `HostGroup` operations (barrier, bytes, typed objects) at
 //!   shared-memory speed over a communicator of its own, bootstrapped over a slower group.
