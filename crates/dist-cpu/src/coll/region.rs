@@ -253,3 +253,53 @@ impl RankSeg {
         unsafe { std::slice::from_raw_parts(self.slot_ptr(peer, h).add(SLOT_HEADER), len) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_and_round_trips() {
+        let (world, half, slot) = (3, 8192, 256);
+        assert_eq!(
+            segment_bytes(world, half, slot),
+            4096 + 2 * 8192 + 3 * 2 * (64 + 256)
+        );
+        let tag = format!("region-test-{}", line!());
+        let mut me = RankSeg::create(&tag, 1, world, half, slot).unwrap();
+        let peer = RankSeg::open(me.name(), 1, world, half, slot, Duration::from_secs(1)).unwrap();
+        // A wrong identity is refused.
+        assert!(RankSeg::open(me.name(), 2, world, half, slot, Duration::from_secs(1)).is_err());
+        assert!(RankSeg::open(me.name(), 1, world, 4096, slot, Duration::from_secs(1)).is_err());
+        let data: Vec<u8> = (0..100u8).collect();
+        // SAFETY: single-threaded test; nobody else maps the segment.
+        unsafe {
+            me.write_half(1, 64, &data);
+            assert_eq!(peer.read_half(1, 64, 100), &data[..]);
+            assert!(peer.read_half(0, 64, 100).iter().all(|b| *b == 0));
+            let h = SlotHeader {
+                total: 1000,
+                len: 100,
+                dtype: 7,
+                index: 3,
+            };
+            me.write_slot(2, 1, h, &data);
+            assert_eq!(peer.read_slot_header(2, 1), h);
+            assert_eq!(peer.read_slot(2, 1, 100), &data[..]);
+            assert_eq!(peer.read_slot_header(2, 0).total, 0);
+        }
+        me.hdr().written.0.store(5, Ordering::Release);
+        assert_eq!(peer.hdr().written.0.load(Ordering::Acquire), 5);
+        assert_eq!(peer.hdr().pid.load(Ordering::Relaxed), std::process::id());
+        me.unlink();
+        assert!(!std::path::Path::new(&format!("/dev/shm/{}", me.name())).exists());
+    }
+
+    #[test]
+    #[should_panic(expected = "past a shared half")]
+    fn out_of_bounds_half_access_panics() {
+        let me = RankSeg::create(&format!("region-test-{}", line!()), 0, 1, 4096, 64).unwrap();
+        // SAFETY: single-threaded; the bounds check fires before any access.
+        unsafe { me.write_half(0, 4000, &[0u8; 100]) };
+    }
+}
