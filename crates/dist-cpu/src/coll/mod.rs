@@ -1238,6 +1238,41 @@ mod tests {
     }
 
     #[test]
+    fn hostile_slot_headers_are_protocol_errors() {
+        use dist_core::local::run_threads;
+        let t = Duration::from_secs(20);
+        let out = run_threads(2, t, |r, g| {
+            let c = ShmCommunicator::new(&g, "hostile", t).unwrap();
+            if r == 0 {
+                // Claim a chunk longer than the message and a huge total, then publish it.
+                let bad = SlotHeader {
+                    total: 1 << 60,
+                    len: 1 << 40,
+                    dtype: 7,
+                    index: 0,
+                };
+                let me = &c.segs[0];
+                // SAFETY: rank 1 has acknowledged nothing yet, so slot half 0 is free.
+                unsafe { me.write_slot(1, 0, bad, &[]) };
+                me.hdr().sent[1].store(1, Ordering::Release);
+                me.hdr().bell.ring();
+                g.barrier().unwrap();
+                None
+            } else {
+                let mut x = HostTensor::zeros(DType::F32, &[4]);
+                let e1 = c.recv(&mut x, 0).unwrap_err();
+                g.barrier().unwrap();
+                // The communicator is now unusable rather than out of step.
+                let e2 = c.recv(&mut x, 0).unwrap_err();
+                Some((e1, e2))
+            }
+        });
+        let (e1, e2) = out.into_iter().nth(1).unwrap().unwrap().unwrap();
+        assert!(matches!(e1, Error::Protocol(_)), "{e1}");
+        assert!(matches!(e2, Error::NotInitialized(_)), "{e2}");
+    }
+
+    #[test]
     fn config_defaults() {
         let c = ShmConfig::for_world(4);
         assert_eq!(c.half_bytes % 4096, 0);
