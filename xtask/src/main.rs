@@ -15,12 +15,19 @@ use std::time::{Duration, Instant};
 const SYSTEM_PACKAGES: &[(&str, &[&str])] = &[
     ("pkg-config", &["pkg-config", "--version"]),
     ("libzmq3-dev", &["pkg-config", "--exists", "libzmq"]),
+    (
+        "libgloo-dev",
+        &["test", "-e", "/usr/include/gloo/allreduce.h"],
+    ),
     // HIP runtime (no AMD GPU needed): the ROCm backend's "no device" paths are tested with it.
     (
         "libamdhip64-dev",
         &["sh", "-c", "ldconfig -p | grep -q libamdhip64"],
     ),
 ];
+
+/// Cargo features every build and test of the workspace turns on (the gloo path of dist-cpu).
+const FEATURES: &[&str] = &["--features", "dist-cpu/gloo"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -172,17 +179,13 @@ fn test(args: &[String]) -> Result {
     )?;
     run(
         "cargo clippy",
-        cargo().args([
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]),
+        cargo()
+            .args(["clippy", "--workspace", "--all-targets"])
+            .args(FEATURES)
+            .args(["--", "-D", "warnings"]),
     )?;
     let mut t = cargo();
-    t.args(["test", "--workspace"]);
+    t.args(["test", "--workspace"]).args(FEATURES);
     if let Some(py) = &py {
         t.env("DIST_KV_PYTHON", py);
     }
@@ -191,6 +194,7 @@ fn test(args: &[String]) -> Result {
         "cargo doc",
         cargo()
             .args(["doc", "--workspace", "--no-deps"])
+            .args(FEATURES)
             .env("RUSTDOCFLAGS", "-D warnings"),
     )?;
     if args.iter().any(|a| a == "--no-multiproc") {
@@ -226,7 +230,9 @@ fn test_multiproc(args: &[String]) -> Result {
     }
     run(
         "build multi-process test programs (release)",
-        cargo().args(["build", "--release", "--workspace", "--examples", "--bins"]),
+        cargo()
+            .args(["build", "--release", "--workspace", "--examples", "--bins"])
+            .args(FEATURES),
     )?;
     let target = target_dir();
     let launcher = target.join("release/dist");
@@ -259,22 +265,44 @@ fn test_multiproc(args: &[String]) -> Result {
         } else {
             worlds
         };
-        for n in worlds {
+        // `PROGRAM --variants` may name extra runs, one `VAR=VALUE` a line (e.g. another backend).
+        let variants = Command::new(prog)
+            .arg("--variants")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let mut runs: Vec<Option<(String, String)>> = vec![None];
+        runs.extend(variants.lines().filter_map(|l| {
+            l.trim()
+                .split_once('=')
+                .map(|(k, v)| Some((k.to_string(), v.to_string())))
+        }));
+        for (variant, n) in runs
+            .iter()
+            .flat_map(|v| worlds.iter().map(move |n| (v.clone(), *n)))
+        {
+            let label = match &variant {
+                Some((k, v)) => format!("{name} world={n} {k}={v}"),
+                None => format!("{name} world={n}"),
+            };
             let start = Instant::now();
+            let mut cmd = Command::new(&launcher);
+            cmd.args([
+                "run",
+                "--nproc-per-node",
+                &n.to_string(),
+                "--timeout",
+                &timeout.to_string(),
+                "--",
+            ])
+            .arg(prog)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+            if let Some((k, v)) = &variant {
+                cmd.env(k, v);
+            }
             let mut child = ChildGuard(
-                Command::new(&launcher)
-                    .args([
-                        "run",
-                        "--nproc-per-node",
-                        &n.to_string(),
-                        "--timeout",
-                        &timeout.to_string(),
-                        "--",
-                    ])
-                    .arg(prog)
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
+                cmd.spawn()
                     .map_err(|e| format!("start {}: {e}", launcher.display()))?,
             );
             let out = wait_with_deadline(&mut child, Duration::from_secs(timeout + 15));
@@ -287,24 +315,24 @@ fn test_multiproc(args: &[String]) -> Result {
                         .find(|l| l.contains("SKIPPED"))
                         .unwrap_or("")
                         .trim();
-                    eprintln!("  skip   {name} world={n}: {why}");
+                    eprintln!("  skip   {label}: {why}");
                 }
                 Ok((Some(0), _)) => {
                     passed += 1;
-                    eprintln!("  ok     {name} world={n} ({secs:.1}s)");
+                    eprintln!("  ok     {label} ({secs:.1}s)");
                 }
                 Ok((_, log)) => {
                     failed += 1;
-                    eprintln!("  FAILED {name} world={n} ({secs:.1}s)\n{}", indent(&log));
-                    failures.push(format!("{name} world={n}"));
+                    eprintln!("  FAILED {label} ({secs:.1}s)\n{}", indent(&log));
+                    failures.push(label.clone());
                 }
                 Err(log) => {
                     failed += 1;
                     eprintln!(
-                        "  HUNG   {name} world={n}: killed after {secs:.0}s\n{}",
+                        "  HUNG   {label}: killed after {secs:.0}s\n{}",
                         indent(&log)
                     );
-                    failures.push(format!("{name} world={n} (hung)"));
+                    failures.push(format!("{label} (hung)"));
                 }
             }
         }

@@ -227,6 +227,13 @@ fn main() {
         println!("1,2,3,4,8");
         return;
     }
+    if std::env::args().nth(1).as_deref() == Some("--variants") {
+        // Extra runs for `cargo xtask test-multiproc`: the gloo path, when built in.
+        if cfg!(feature = "gloo") {
+            println!("DIST_CPU_BACKEND=gloo");
+        }
+        return;
+    }
     if let Err(e) = run() {
         eprintln!(
             "mp_cpu_collectives: rank {}: {e}",
