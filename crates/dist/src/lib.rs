@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | `cpu` (default) | [`dist_cpu::CpuBackend`]: shared-memory collectives on one node | built |
 //! | — (always) | [`dist_core::host_comm::HostBackend`]: collectives over the store, any topology | built |
-//! | `gloo` | gloo across nodes for host tensors | not built yet |
+//! | `gloo` | gloo across nodes for host tensors (a C++ shim over Debian's libgloo-dev) | built |
 //! | `cuda` | `dist_cuda`: NCCL loaded at run time, the custom all-reduce | built (one GPU tested) |
 //! | `rocm` | `dist_rocm`: HIP and RCCL loaded at run time | built (no AMD GPU tested) |
 //! | `tpu` | PJRT | not built yet |
