@@ -17,6 +17,25 @@ pub const TPU_LIBRARY_PATH_ENV: &str = "TPU_LIBRARY_PATH";
 /// instead of accepting larger structs, which [`sys::Args`]'s zeroed tail relies on.
 pub const MIN_API_MINOR: i32 = 60;
 
+/// Where PCI devices are listed.
+pub const PCI_DEVICES: &str = "/sys/bus/pci/devices";
+/// Google's PCI vendor id (TPU chips).
+pub const GOOGLE_PCI_VENDOR: &str = "0x1ae0";
+
+/// Number of PCI devices under `pci_devices` (a sysfs `devices` directory) whose vendor is
+/// Google: TPU chips, as JAX counts them before loading libtpu. 0 when the directory is missing.
+pub fn tpu_chip_count(pci_devices: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(pci_devices) else {
+        return 0;
+    };
+    rd.filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("vendor"))
+                .is_ok_and(|v| v.trim().eq_ignore_ascii_case(GOOGLE_PCI_VENDOR))
+        })
+        .count()
+}
+
 /// Checks a plugin's reported `(major, minor)` against what this crate speaks. Pure, so tested.
 pub fn check_version(major: i32, minor: i32) -> std::result::Result<(), String> {
     if major != sys::PJRT_API_MAJOR {
@@ -107,6 +126,7 @@ pub struct Library {
     pub major: i32,
     /// `PJRT_API_MINOR` the plugin was built with.
     pub minor: i32,
+    initialized: Mutex<Option<std::result::Result<(), String>>>,
 }
 
 // SAFETY: the PJRT_Api table is immutable after GetPjrtApi returns, and PJRT's functions are
@@ -150,28 +170,38 @@ impl Library {
     pub fn open() -> Result<Library> {
         let plugin = std::env::var(PLUGIN_ENV).ok();
         let tpu = std::env::var(TPU_LIBRARY_PATH_ENV).ok();
+        Self::open_with(plugin.as_deref(), tpu.as_deref(), true)
+    }
+
+    /// [`Library::open`] with the variables given instead of read from the environment;
+    /// `ask_python` allows the last resort of asking `python3` for the libtpu package.
+    pub fn open_with(plugin: Option<&str>, tpu_library_path: Option<&str>, ask_python: bool) -> Result<Library> {
         let mut tried = Vec::new();
-        for path in candidates(plugin.as_deref(), tpu.as_deref(), None) {
-            match Self::open_path(&path) {
-                Ok(lib) => return Ok(lib),
-                Err(OpenError::Unusable(e)) => return Err(e),
+        let try_path = |path: &Path, tried: &mut Vec<String>| -> Option<Result<Library>> {
+            match Self::open_path(path) {
+                Ok(lib) => Some(Ok(lib)),
+                Err(OpenError::Unusable(e)) => Some(Err(e)),
                 Err(OpenError::NotLoaded(reason)) => {
-                    tried.push(format!("{}: {reason}", path.display()))
+                    tried.push(format!("{}: {reason}", path.display()));
+                    None
                 }
+            }
+        };
+        for path in candidates(plugin, tpu_library_path, None) {
+            if let Some(r) = try_path(&path, &mut tried) {
+                return r;
             }
         }
-        // Last resort: ask Python where the libtpu wheel is (only now, since it spawns a process).
-        if let Some(dir) = python_libtpu_dir() {
-            let path = dir.join("libtpu.so");
-            match Self::open_path(&path) {
-                Ok(lib) => return Ok(lib),
-                Err(OpenError::Unusable(e)) => return Err(e),
-                Err(OpenError::NotLoaded(reason)) => {
-                    tried.push(format!("{}: {reason}", path.display()))
+        if ask_python {
+            // Last resort: ask Python where the libtpu wheel is (only now: it spawns a process).
+            match python_libtpu_dir() {
+                Some(dir) => {
+                    if let Some(r) = try_path(&dir.join("libtpu.so"), &mut tried) {
+                        return r;
+                    }
                 }
+                None => tried.push("python3 -c 'import libtpu': no libtpu package (or no python3)".into()),
             }
-        } else {
-            tried.push("python3 -c 'import libtpu': no libtpu package (or no python3)".into());
         }
         Err(Error::LibraryNotFound {
             library: "PJRT plugin (libtpu.so or DIST_PJRT_PLUGIN)".into(),
@@ -179,8 +209,43 @@ impl Library {
         })
     }
 
-    /// Loads one path: `dlopen`, `GetPjrtApi`, the table's length, the version check, then
-    /// `PJRT_Plugin_Initialize`.
+    /// `PJRT_Plugin_Initialize`, once (later calls return the first call's outcome). For
+    /// libtpu, first checks that this host has TPU chips ([`tpu_chip_count`]): libtpu's
+    /// initialisation on a host without them spends minutes querying the cloud metadata server
+    /// before failing. `DIST_TPU_SKIP_CHIP_CHECK=1` skips the check.
+    pub fn initialize(&self) -> Result<()> {
+        let mut g = self.initialized.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = &*g {
+            return r.clone().map_err(|m| Error::Backend {
+                backend: "pjrt",
+                code: None,
+                message: m,
+            });
+        }
+        let skip = std::env::var("DIST_TPU_SKIP_CHIP_CHECK").is_ok_and(|v| v == "1");
+        if self.is_libtpu() && !skip {
+            let n = tpu_chip_count(Path::new(PCI_DEVICES));
+            if n == 0 {
+                // Not cached: chips do not appear at run time, but the answer is cheap.
+                return Err(Error::Backend {
+                    backend: "pjrt",
+                    code: None,
+                    message: format!(
+                        "no TPU: no Google TPU chip (PCI vendor {GOOGLE_PCI_VENDOR}) under {PCI_DEVICES}; \
+                         libtpu ({}, PJRT API {}) needs a TPU host (set DIST_TPU_SKIP_CHIP_CHECK=1 to try anyway)",
+                        self.path,
+                        self.version()
+                    ),
+                });
+            }
+        }
+        let r = result::plugin_initialize(self);
+        *g = Some(r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        r
+    }
+
+    /// Loads one path: `dlopen`, `GetPjrtApi`, the table's length and the version check
+    /// (`PJRT_Plugin_Initialize` runs later, at the first client: [`Library::initialize`]).
     pub fn open_path(path: &Path) -> std::result::Result<Library, OpenError> {
         // SAFETY: loading a shared library runs its initialisers; PJRT plugins are vendor
         // libraries with no preconditions beyond a sane process.
@@ -223,8 +288,8 @@ impl Library {
             path: shown,
             major,
             minor,
+            initialized: Mutex::new(None),
         };
-        result::plugin_initialize(&l).map_err(OpenError::Unusable)?;
         tracing::info!(path = %l.path, version = %l.version(), "loaded PJRT plugin");
         Ok(l)
     }
@@ -275,6 +340,20 @@ mod tests {
         assert!(e.contains(&format!("0.{}", MIN_API_MINOR - 1)), "{e}");
         let e = check_version(1, 90).unwrap_err();
         assert!(e.contains("major version 1"), "{e}");
+    }
+
+    #[test]
+    fn tpu_chips_are_counted_by_pci_vendor() {
+        let root = std::env::temp_dir().join(format!("dist-tpu-pci-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (dev, vendor) in [("0000:00:04.0", "0x1ae0\n"), ("0000:00:05.0", "0x10de\n"), ("0000:00:06.0", "0x1AE0")] {
+            std::fs::create_dir_all(root.join(dev)).unwrap();
+            std::fs::write(root.join(dev).join("vendor"), vendor).unwrap();
+        }
+        std::fs::create_dir_all(root.join("0000:00:07.0")).unwrap(); // no vendor file
+        assert_eq!(tpu_chip_count(&root), 2);
+        assert_eq!(tpu_chip_count(&root.join("missing")), 0);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

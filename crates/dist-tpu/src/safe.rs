@@ -142,7 +142,7 @@ impl Client {
         kv: Option<&'static KvAdapter>,
         timeout: Duration,
     ) -> Result<Client> {
-        let opts = options.to_vec();
+            let opts = options.to_vec();
         let (tx, rx) = mpsc::channel::<Result<RawPtr<sys::PJRT_Client>>>();
         std::thread::Builder::new()
             .name("pjrt-client-create".into())
@@ -279,7 +279,7 @@ impl Client {
 
 fn no_device_wording(lib: &Library, e: Error) -> Error {
     match e {
-        Error::Backend { backend, code, message } if lib.is_libtpu() => Error::Backend {
+        Error::Backend { backend, code, message } if lib.is_libtpu() && !message.starts_with("no TPU") => Error::Backend {
             backend,
             code,
             message: format!(
@@ -297,6 +297,7 @@ fn create_raw(
     opts: &[(String, OptionValue)],
     kv: Option<&'static KvAdapter>,
 ) -> Result<RawPtr<sys::PJRT_Client>> {
+    lib.initialize()?;
     // The named values point into `opts` and `lists`, alive for the call.
     let lists: Vec<Vec<i64>> = opts
         .iter()

@@ -1,0 +1,109 @@
+//! dist-tpu against what this machine has: clear errors with no plugin (always), and, where the
+//! `libtpu` wheel is installed (found through `DIST_TEST_LIBTPU`, `TPU_LIBRARY_PATH` or the
+//! Python package), that `GetPjrtApi` loads and reports its version and that client creation
+//! fails with a "no TPU" error on a host without TPUs. Without libtpu those tests print a
+//! SKIPPED line and return (counted as skipped by `ci/device/tpu_libtpu_check.sh`, never as a pass).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dist_core::local::{MemStore, ThreadGroup};
+use dist_core::{Backend, CommunicatorContext, Device, DeviceKind, Error, HostTensor};
+use dist_tpu::{Library, TpuBackend};
+
+#[test]
+fn no_plugin_is_library_not_found_listing_every_try() {
+    match Library::open_with(Some("/nonexistent/plugin.so"), Some("/nonexistent/libtpu-dir/libtpu.so"), false) {
+        Err(Error::LibraryNotFound { library, tried }) => {
+            assert!(library.contains("PJRT plugin"), "{library}");
+            assert!(tried[0].starts_with("/nonexistent/plugin.so: "), "{tried:?}");
+            assert!(tried[1].starts_with("/nonexistent/libtpu-dir/libtpu.so: "), "{tried:?}");
+            // libtpu.so on the loader's path is tried last (and is absent here unless installed
+            // system-wide, in which case it loaded and we are in the Ok arm)
+            assert!(tried.iter().any(|t| t.starts_with("libtpu.so: ")), "{tried:?}");
+            assert!(tried.iter().all(|t| t.len() > t.find(": ").unwrap() + 2), "each has a reason: {tried:?}");
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(l) => eprintln!("SKIPPED: a system libtpu.so loaded ({l:?}); this test covers its absence"),
+    }
+}
+
+#[test]
+fn a_host_device_is_refused_before_any_plugin_is_loaded() {
+    let t = HostTensor::from_vec(&[2], vec![1.0f32, 2.0]).unwrap();
+    assert!(matches!(TpuBackend::from_host(&t, Device::CPU), Err(Error::InvalidArgument(_))));
+    let _ = Device::new(DeviceKind::Tpu, 0);
+}
+
+fn libtpu_path() -> Option<PathBuf> {
+    for var in ["DIST_TEST_LIBTPU", "TPU_LIBRARY_PATH"] {
+        if let Ok(p) = std::env::var(var) {
+            let p = PathBuf::from(p);
+            let p = if p.is_dir() { p.join("libtpu.so") } else { p };
+            if p.exists() {
+                return Some(p);
+            }
+        }
+    }
+    dist_tpu::loader::python_libtpu_dir().map(|d| d.join("libtpu.so")).filter(|p| p.exists())
+}
+
+#[test]
+fn libtpu_loads_reports_its_version_and_says_no_tpu() {
+    let Some(path) = libtpu_path() else {
+        eprintln!("SKIPPED: libtpu is not installed (pip install libtpu, or DIST_TEST_LIBTPU=/path/libtpu.so)");
+        return;
+    };
+    let lib: &'static Library = match Library::open_path(&path) {
+        Ok(l) => Box::leak(Box::new(l)),
+        Err(e) => panic!("{} did not load: {e}", path.display()),
+    };
+    assert_eq!(lib.major, 0);
+    assert!(lib.minor >= dist_tpu::MIN_API_MINOR, "{lib:?}");
+    assert!(lib.is_libtpu());
+    eprintln!("{} reports PJRT API {}", lib.path, lib.version());
+    if dist_tpu::loader::tpu_chip_count(std::path::Path::new(dist_tpu::loader::PCI_DEVICES)) > 0 {
+        eprintln!("SKIPPED: this host has TPU chips; the no-TPU error is not what happens here");
+        return;
+    }
+    let t = Instant::now();
+    match dist_tpu::Client::create(lib, &[], None, Duration::from_secs(60)) {
+        Err(e) => {
+            let s = e.to_string();
+            assert!(s.contains("no TPU"), "{s}");
+            assert!(s.contains("pjrt"), "{s}");
+            assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        }
+        Ok(c) => panic!("a client on a host without TPUs: {c:?}"),
+    }
+}
+
+#[test]
+fn conformance_world1_needs_a_plugin_with_a_device() {
+    // Runs only where DIST_PJRT_PLUGIN names a plugin whose client finds a device (the device
+    // machine runs the same through examples/pjrt_check.rs).
+    if std::env::var("DIST_PJRT_PLUGIN").is_err() {
+        eprintln!("SKIPPED: DIST_PJRT_PLUGIN is not set");
+        return;
+    }
+    let hg = ThreadGroup::new(1, Duration::from_secs(60)).pop().unwrap();
+    let ctx = CommunicatorContext {
+        group_name: "tp:0".into(),
+        ranks: vec![0],
+        rank_in_group: 0,
+        local_rank: 0,
+        host_group: Arc::new(hg),
+        store: Arc::new(MemStore::new()),
+        timeout: Duration::from_secs(60),
+    };
+    let comm = match TpuBackend::create_communicator(&ctx) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("SKIPPED: no usable device through the plugin: {e}");
+            return;
+        }
+    };
+    let n = dist_core::conformance::check_all::<TpuBackend>(&comm, &dist_core::conformance::Suite::quick(false)).unwrap();
+    assert!(n > 100);
+}
