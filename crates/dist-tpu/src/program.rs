@@ -16,7 +16,7 @@
 //! | all_gather(dim) | `stablehlo.all_gather`, `all_gather_dim = dim` |
 //! | reduce_scatter(dim) | `stablehlo.reduce_scatter`, `scatter_dimension = dim` |
 //! | send/recv | a 2-replica `stablehlo.collective_permute` with pairs `[[0, 1]]` over (sender, receiver) |
-//! | broadcast(src) | all_reduce-sum of the input's bits (same-width unsigned integers), masked to zero on every replica but `src` (`replica_id`, `compare`, `select`), bitcast back: bit-exact for every dtype, one collective |
+//! | broadcast(src) | all_reduce-sum of the input's bytes (`bitcast_convert` to `ui8` with a trailing dim of the element size), masked to zero on every replica but `src` (`replica_id`, `compare`, `select`), bitcast back: bit-exact for every dtype, one collective |
 //! | all_gatherv | each rank pads its part to the largest size (a one-device program), then all_gather, `slice` of each rank's rows and `concatenate` |
 //! | reduce_scatterv | all_reduce, then a one-device `slice` of this rank's rows |
 //!
@@ -134,16 +134,6 @@ pub fn mlir_elem(d: DType) -> &'static str {
         DType::F8E4M3 => "f8E4M3FN",
         DType::F8E5M2 => "f8E5M2",
         _ => "ui8",
-    }
-}
-
-/// The unsigned integer type of the same width.
-pub fn bits_elem(d: DType) -> &'static str {
-    match d.size() {
-        1 => "ui8",
-        2 => "ui16",
-        4 => "ui32",
-        _ => "ui64",
     }
 }
 
@@ -296,8 +286,13 @@ pub fn program_text(key: &ProgramKey) -> Result<String> {
             ))
         }
         OpKind::Broadcast { src } => {
-            let bits = bits_elem(d);
-            let bt = tensor_ty(shape, bits);
+            // The bits as ui8 (a trailing dim of the element's size): every runtime reduces
+            // ui8 (NCCL has no 16-bit unsigned type), and x + 0 + ... + 0 is exact in integers.
+            let mut bshape = shape.clone();
+            if d.size() > 1 {
+                bshape.push(d.size());
+            }
+            let bt = tensor_ty(&bshape, "ui8");
             let u32t = tensor_ty(&[], "ui32");
             let rid = b.push(format!("\"stablehlo.replica_id\"() : () -> {u32t}"));
             let s = b.push(format!(
@@ -317,7 +312,7 @@ pub fn program_text(key: &ProgramKey) -> Result<String> {
             ));
             let r = b.push(format!(
                 "\"stablehlo.all_reduce\"({m}) {} {{replica_groups = {groups}}} : ({bt}) -> {bt}",
-                region(ReduceOp::Sum, bits)
+                region(ReduceOp::Sum, "ui8")
             ));
             b.push(format!(
                 "\"stablehlo.bitcast_convert\"({r}) : ({bt}) -> {in_ty}"
@@ -573,6 +568,8 @@ mod tests {
     fn golden_send_recv_permute_and_broadcast() {
         let t = key(OpKind::Permute { pairs: vec![(0, 1)] }, DType::F32, &[3], 2).text().unwrap();
         assert!(t.contains("\"stablehlo.collective_permute\"(%arg0) {source_target_pairs = dense<[[0, 1]]> : tensor<1x2xi64>} : (tensor<3xf32>) -> tensor<3xf32>"), "{t}");
+        let t = key(OpKind::Broadcast { src: 0 }, DType::U8, &[2, 2], 1).text().unwrap();
+        assert!(t.contains("\"stablehlo.bitcast_convert\"(%arg0) : (tensor<2x2xui8>) -> tensor<2x2xui8>"), "{t}");
         let t = key(OpKind::Broadcast { src: 2 }, DType::BF16, &[3], 4).text().unwrap();
         assert_eq!(
             t,
@@ -581,15 +578,15 @@ mod tests {
     %0 = "stablehlo.replica_id"() : () -> tensor<ui32>
     %1 = "stablehlo.constant"() {value = dense<2> : tensor<ui32>} : () -> tensor<ui32>
     %2 = "stablehlo.compare"(%0, %1) {comparison_direction = #stablehlo<comparison_direction EQ>} : (tensor<ui32>, tensor<ui32>) -> tensor<i1>
-    %3 = "stablehlo.bitcast_convert"(%arg0) : (tensor<3xbf16>) -> tensor<3xui16>
-    %4 = "stablehlo.constant"() {value = dense<0> : tensor<3xui16>} : () -> tensor<3xui16>
-    %5 = "stablehlo.select"(%2, %3, %4) : (tensor<i1>, tensor<3xui16>, tensor<3xui16>) -> tensor<3xui16>
+    %3 = "stablehlo.bitcast_convert"(%arg0) : (tensor<3xbf16>) -> tensor<3x2xui8>
+    %4 = "stablehlo.constant"() {value = dense<0> : tensor<3x2xui8>} : () -> tensor<3x2xui8>
+    %5 = "stablehlo.select"(%2, %3, %4) : (tensor<i1>, tensor<3x2xui8>, tensor<3x2xui8>) -> tensor<3x2xui8>
     %6 = "stablehlo.all_reduce"(%5) ({
-    ^bb0(%a: tensor<ui16>, %b: tensor<ui16>):
-      %r = "stablehlo.add"(%a, %b) : (tensor<ui16>, tensor<ui16>) -> tensor<ui16>
-      "stablehlo.return"(%r) : (tensor<ui16>) -> ()
-    }) {replica_groups = dense<[[0, 1, 2, 3]]> : tensor<1x4xi64>} : (tensor<3xui16>) -> tensor<3xui16>
-    %7 = "stablehlo.bitcast_convert"(%6) : (tensor<3xui16>) -> tensor<3xbf16>
+    ^bb0(%a: tensor<ui8>, %b: tensor<ui8>):
+      %r = "stablehlo.add"(%a, %b) : (tensor<ui8>, tensor<ui8>) -> tensor<ui8>
+      "stablehlo.return"(%r) : (tensor<ui8>) -> ()
+    }) {replica_groups = dense<[[0, 1, 2, 3]]> : tensor<1x4xi64>} : (tensor<3x2xui8>) -> tensor<3x2xui8>
+    %7 = "stablehlo.bitcast_convert"(%6) : (tensor<3x2xui8>) -> tensor<3xbf16>
     func.return %7 : tensor<3xbf16>
   }
 }
