@@ -14,11 +14,15 @@ use std::time::{Duration, Instant};
 
 use dist_core::conformance::{check_all, compare, Suite};
 use dist_core::local::{MemStore, ThreadGroup};
-use dist_core::{Backend, CommunicatorContext, DType, DeviceCommunicator, Error, HostTensor, ReduceOp};
+use dist_core::{
+    Backend, CommunicatorContext, DType, DeviceCommunicator, Error, HostTensor, ReduceOp,
+};
 use dist_tpu::TpuBackend;
 
 fn ctx() -> CommunicatorContext {
-    let hg = ThreadGroup::new(1, Duration::from_secs(120)).pop().expect("one group");
+    let hg = ThreadGroup::new(1, Duration::from_secs(120))
+        .pop()
+        .expect("one group");
     CommunicatorContext {
         group_name: "tpu-check".into(),
         ranks: vec![0],
@@ -46,7 +50,10 @@ fn probe() -> i32 {
     let t = Instant::now();
     match dist_tpu::Client::create(lib, &[], None, Duration::from_secs(120)) {
         Ok(c) => println!("client: {c:?} ({:.1} s)", t.elapsed().as_secs_f64()),
-        Err(e) => println!("client creation failed after {:.1} s: {e}", t.elapsed().as_secs_f64()),
+        Err(e) => println!(
+            "client creation failed after {:.1} s: {e}",
+            t.elapsed().as_secs_f64()
+        ),
     }
     0
 }
@@ -98,7 +105,10 @@ fn conformance() -> Result<(), Error> {
         return Err(Error::Backend {
             backend: "check",
             code: None,
-            message: format!("expected 1 compilation and {} launches, got {compiled} and {launched}", reps + 1),
+            message: format!(
+                "expected 1 compilation and {} launches, got {compiled} and {launched}",
+                reps + 1
+            ),
         });
     }
     // The same op on a second shape compiles exactly once more; the first shape none.

@@ -13,7 +13,9 @@ use dist_core::{
 };
 
 use crate::program::{compile_options, OpKind, ProgramKey};
-use crate::safe::{global_client, parse_create_options, Client, ClientConfig, Executable, CREATE_OPTIONS_ENV};
+use crate::safe::{
+    global_client, parse_create_options, Client, ClientConfig, Executable, CREATE_OPTIONS_ENV,
+};
 use crate::tensor::TpuTensor;
 
 /// The backend: PJRT buffers and the program-based communicator.
@@ -71,7 +73,11 @@ impl Communicator {
     pub fn new(ctx: &CommunicatorContext) -> Result<Communicator> {
         let world = ctx.ranks.len();
         let rank = ctx.rank_in_group;
-        dist_core::ensure_arg!(rank < world, "rank {rank} out of range for group {} of {world}", ctx.group_name);
+        dist_core::ensure_arg!(
+            rank < world,
+            "rank {rank} out of range for group {} of {world}",
+            ctx.group_name
+        );
         let global_rank = ctx.ranks[rank];
         let options = match std::env::var(CREATE_OPTIONS_ENV) {
             Ok(s) => parse_create_options(&s, global_rank, world, ctx.local_rank)?,
@@ -83,7 +89,11 @@ impl Communicator {
             timeout: ctx.timeout,
         };
         let client = global_client(&config)?;
-        let index = if client.devices.len() == 1 { 0 } else { ctx.local_rank };
+        let index = if client.devices.len() == 1 {
+            0
+        } else {
+            ctx.local_rank
+        };
         dist_core::ensure_arg!(
             index < client.devices.len(),
             "local rank {} has no device: the {} client sees {} addressable devices",
@@ -97,7 +107,11 @@ impl Communicator {
         } else {
             ctx.host_group.all_gather_obj(&my_id)?
         };
-        dist_core::ensure_arg!(device_ids.len() == world, "got {} device ids for {world} ranks", device_ids.len());
+        dist_core::ensure_arg!(
+            device_ids.len() == world,
+            "got {} device ids for {world} ranks",
+            device_ids.len()
+        );
         for (i, a) in device_ids.iter().enumerate() {
             if let Some(j) = device_ids[i + 1..].iter().position(|b| b == a) {
                 return Err(Error::invalid(format!(
@@ -138,7 +152,10 @@ impl Communicator {
 
     fn live(&self, op: &str) -> Result<()> {
         if self.destroyed.load(Ordering::Acquire) {
-            return Err(Error::NotInitialized(format!("{} {op}: communicator destroyed", self.group)));
+            return Err(Error::NotInitialized(format!(
+                "{} {op}: communicator destroyed",
+                self.group
+            )));
         }
         Ok(())
     }
@@ -181,14 +198,25 @@ impl Communicator {
             return Ok(e.clone());
         }
         let text = key.text()?;
-        let exe = Arc::new(self.client.compile(&text, &compile_options(&key.devices)).map_err(|e| match e {
-            Error::Backend { backend, code, message } => Error::Backend {
-                backend,
-                code,
-                message: format!("compiling {:?} {} {:?}: {message}", key.op, key.dtype, key.shape),
-            },
-            other => other,
-        })?);
+        let exe = Arc::new(
+            self.client
+                .compile(&text, &compile_options(&key.devices))
+                .map_err(|e| match e {
+                    Error::Backend {
+                        backend,
+                        code,
+                        message,
+                    } => Error::Backend {
+                        backend,
+                        code,
+                        message: format!(
+                            "compiling {:?} {} {:?}: {message}",
+                            key.op, key.dtype, key.shape
+                        ),
+                    },
+                    other => other,
+                })?,
+        );
         self.compilations.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(group = %self.group, rank = self.rank, op = ?key.op, dtype = %key.dtype, shape = ?key.shape, "compiled");
         cache.insert(key.clone(), exe.clone());
@@ -200,7 +228,9 @@ impl Communicator {
         let exe = self.program(&key)?;
         let out_shape = key.output_shape();
         let name = format!("{} {op}", self.group);
-        let buf = self.client.execute(&exe, &[input.buffer()], self.timeout(), &name)?;
+        let buf = self
+            .client
+            .execute(&exe, &[input.buffer()], self.timeout(), &name)?;
         self.executions.fetch_add(1, Ordering::Relaxed);
         Ok(TpuTensor::new(buf, input.dtype(), out_shape, self.index))
     }
@@ -210,20 +240,36 @@ impl Communicator {
     }
 
     fn check_reducible(&self, t: &TpuTensor, op: &str) -> Result<()> {
-        dist_core::ensure_arg!(t.dtype().is_reducible(), "{} {op}: cannot reduce {}", self.group, t.dtype());
+        dist_core::ensure_arg!(
+            t.dtype().is_reducible(),
+            "{} {op}: cannot reduce {}",
+            self.group,
+            t.dtype()
+        );
         Ok(())
     }
 
     fn check_peer(&self, r: usize, what: &str) -> Result<()> {
-        dist_core::ensure_arg!(r < self.world, "{} {what} {r} out of range for world size {}", self.group, self.world);
+        dist_core::ensure_arg!(
+            r < self.world,
+            "{} {what} {r} out of range for world size {}",
+            self.group,
+            self.world
+        );
         Ok(())
     }
 
     /// Point-to-point through a two-replica collective_permute over (src, dst).
     fn permute(&self, t: &TpuTensor, src: usize, dst: usize, op: &str) -> Result<TpuTensor> {
-        dist_core::ensure_arg!(src != dst, "{} {op}: a rank cannot send to itself", self.group);
+        dist_core::ensure_arg!(
+            src != dst,
+            "{} {op}: a rank cannot send to itself",
+            self.group
+        );
         let key = ProgramKey {
-            op: OpKind::Permute { pairs: vec![(0, 1)] },
+            op: OpKind::Permute {
+                pairs: vec![(0, 1)],
+            },
             dtype: t.dtype(),
             shape: t.shape().to_vec(),
             replica_groups: vec![vec![0, 1]],
@@ -262,7 +308,11 @@ impl DeviceCommunicator for Communicator {
         if input.numel() == 0 {
             return self.zeros(input.dtype(), input.shape());
         }
-        self.run(self.group_key(OpKind::AllReduce(op), input), input, "all_reduce")
+        self.run(
+            self.group_key(OpKind::AllReduce(op), input),
+            input,
+            "all_reduce",
+        )
     }
 
     fn all_reduce_in_place(&self, tensor: &mut TpuTensor, op: ReduceOp) -> Result<()> {
@@ -301,13 +351,23 @@ impl DeviceCommunicator for Communicator {
         }
         let padded;
         let x = if input.shape()[d] < max {
-            padded = self.run(self.local_key(OpKind::PadTo { dim: d, len: max }, input), input, "all_gatherv pad")?;
+            padded = self.run(
+                self.local_key(OpKind::PadTo { dim: d, len: max }, input),
+                input,
+                "all_gatherv pad",
+            )?;
             &padded
         } else {
             input
         };
         self.run(
-            self.group_key(OpKind::GatherV { dim: d, sizes: sizes.to_vec() }, x),
+            self.group_key(
+                OpKind::GatherV {
+                    dim: d,
+                    sizes: sizes.to_vec(),
+                },
+                x,
+            ),
             x,
             "all_gatherv",
         )
@@ -331,7 +391,13 @@ impl DeviceCommunicator for Communicator {
         self.run(key, input, "reduce_scatter")
     }
 
-    fn reduce_scatterv(&self, input: &TpuTensor, dim: isize, sizes: &[usize], op: ReduceOp) -> Result<TpuTensor> {
+    fn reduce_scatterv(
+        &self,
+        input: &TpuTensor,
+        dim: isize,
+        sizes: &[usize],
+        op: ReduceOp,
+    ) -> Result<TpuTensor> {
         self.check_tensor(input, "reduce_scatterv")?;
         self.check_reducible(input, "reduce_scatterv")?;
         let d = check_collective_dim(input.shape(), dim, "reduce_scatterv")?;
@@ -348,7 +414,14 @@ impl DeviceCommunicator for Communicator {
         }
         let start: usize = sizes[..self.rank].iter().sum();
         self.run(
-            self.local_key(OpKind::Slice { dim: d, start, len: sizes[self.rank] }, &all),
+            self.local_key(
+                OpKind::Slice {
+                    dim: d,
+                    start,
+                    len: sizes[self.rank],
+                },
+                &all,
+            ),
             &all,
             "reduce_scatterv slice",
         )
@@ -366,7 +439,11 @@ impl DeviceCommunicator for Communicator {
         if tensor.numel() == 0 {
             return Ok(());
         }
-        *tensor = self.run(self.group_key(OpKind::Broadcast { src }, tensor), tensor, "broadcast")?;
+        *tensor = self.run(
+            self.group_key(OpKind::Broadcast { src }, tensor),
+            tensor,
+            "broadcast",
+        )?;
         Ok(())
     }
 
@@ -374,7 +451,9 @@ impl DeviceCommunicator for Communicator {
         self.check_tensor(tensor, "send")?;
         self.check_peer(dst, "send dst")?;
         if self.world == 1 {
-            return Err(Error::invalid(format!("send to {dst}: a world-size-1 group has no peer")));
+            return Err(Error::invalid(format!(
+                "send to {dst}: a world-size-1 group has no peer"
+            )));
         }
         if tensor.numel() == 0 {
             return Ok(());
@@ -387,7 +466,9 @@ impl DeviceCommunicator for Communicator {
         self.check_tensor(tensor, "recv")?;
         self.check_peer(src, "recv src")?;
         if self.world == 1 {
-            return Err(Error::invalid(format!("recv from {src}: a world-size-1 group has no peer")));
+            return Err(Error::invalid(format!(
+                "recv from {src}: a world-size-1 group has no peer"
+            )));
         }
         if tensor.numel() == 0 {
             return Ok(());

@@ -69,10 +69,15 @@ impl KvAdapter {
         match self.store.get(&k, timeout) {
             Ok(v) if v.len() > MAX_VALUE_BYTES => Err((
                 sys::code::INVALID_ARGUMENT,
-                format!("kv get {k}: value of {} bytes exceeds {MAX_VALUE_BYTES}", v.len()),
+                format!(
+                    "kv get {k}: value of {} bytes exceeds {MAX_VALUE_BYTES}",
+                    v.len()
+                ),
             )),
             Ok(v) => Ok(v),
-            Err(e @ Error::Timeout { .. }) => Err((sys::code::DEADLINE_EXCEEDED, format!("kv get {k}: {e}"))),
+            Err(e @ Error::Timeout { .. }) => {
+                Err((sys::code::DEADLINE_EXCEEDED, format!("kv get {k}: {e}")))
+            }
             Err(e) => Err((sys::code::UNAVAILABLE, format!("kv get {k}: {e}"))),
         }
     }
@@ -89,7 +94,11 @@ impl KvAdapter {
 ///
 /// # Safety
 /// `cb` is null or points to the plugin's `PJRT_CallbackError`.
-unsafe fn make_error(cb: *mut sys::PJRT_CallbackError, code: i32, msg: &str) -> *mut sys::PJRT_Error {
+unsafe fn make_error(
+    cb: *mut sys::PJRT_CallbackError,
+    code: i32,
+    msg: &str,
+) -> *mut sys::PJRT_Error {
     if cb.is_null() {
         tracing::error!("PJRT kv callback failed without a callback_error to report it: {msg}");
         return std::ptr::null_mut();
@@ -107,7 +116,9 @@ unsafe extern "C" fn free_value(value: *mut c_char) {
 ///
 /// # Safety
 /// Called by the plugin with valid args whose `user_arg` is a live `KvAdapter`.
-pub unsafe extern "C" fn kv_get(args: *mut sys::PJRT_KeyValueGetCallback_Args) -> *mut sys::PJRT_Error {
+pub unsafe extern "C" fn kv_get(
+    args: *mut sys::PJRT_KeyValueGetCallback_Args,
+) -> *mut sys::PJRT_Error {
     if args.is_null() {
         return std::ptr::null_mut();
     }
@@ -148,7 +159,9 @@ pub unsafe extern "C" fn kv_get(args: *mut sys::PJRT_KeyValueGetCallback_Args) -
 ///
 /// # Safety
 /// Called by the plugin with valid args whose `user_arg` is a live `KvAdapter`.
-pub unsafe extern "C" fn kv_put(args: *mut sys::PJRT_KeyValuePutCallback_Args) -> *mut sys::PJRT_Error {
+pub unsafe extern "C" fn kv_put(
+    args: *mut sys::PJRT_KeyValuePutCallback_Args,
+) -> *mut sys::PJRT_Error {
     if args.is_null() {
         return std::ptr::null_mut();
     }
@@ -185,7 +198,11 @@ mod tests {
     // A stand-in for the plugin's PJRT_CallbackError: records (code, message) and returns a
     // distinct non-null pointer.
     static LAST: Mutex<Option<(i32, String)>> = Mutex::new(None);
-    unsafe extern "C" fn fake_error(code: i32, msg: *const c_char, n: usize) -> *mut sys::PJRT_Error {
+    unsafe extern "C" fn fake_error(
+        code: i32,
+        msg: *const c_char,
+        n: usize,
+    ) -> *mut sys::PJRT_Error {
         // SAFETY: n bytes at msg (the adapter passes a &str).
         let m = unsafe { crate::result::str_from(msg, n) };
         *LAST.lock().unwrap() = Some((code, m));
@@ -194,8 +211,10 @@ mod tests {
 
     fn adapter() -> (&'static KvAdapter, Arc<MemStore>) {
         let store = Arc::new(MemStore::new());
-        let ad: &'static KvAdapter =
-            Box::leak(Box::new(KvAdapter::new(store.clone(), Duration::from_millis(200))));
+        let ad: &'static KvAdapter = Box::leak(Box::new(KvAdapter::new(
+            store.clone(),
+            Duration::from_millis(200),
+        )));
         (ad, store)
     }
 
@@ -226,7 +245,8 @@ mod tests {
             return Err(LAST.lock().unwrap().take().unwrap());
         }
         // SAFETY: the callback set value/value_size; we copy, then call its deleter as PJRT does.
-        let v = unsafe { std::slice::from_raw_parts(a.a.value as *const u8, a.a.value_size) }.to_vec();
+        let v =
+            unsafe { std::slice::from_raw_parts(a.a.value as *const u8, a.a.value_size) }.to_vec();
         // SAFETY: the deleter frees the value once.
         unsafe { (a.a.value_deleter_callback.unwrap())(a.a.value) };
         Ok(v)
@@ -252,10 +272,17 @@ mod tests {
         assert_eq!(get(&cb, "empty", 1000).unwrap(), Vec::<u8>::new());
         // stored under the prefix, so other users of the store do not collide
         assert_eq!(
-            store.get("dist-tpu/pjrt/gpu:local_topology/1", Duration::from_millis(10)).unwrap(),
+            store
+                .get(
+                    "dist-tpu/pjrt/gpu:local_topology/1",
+                    Duration::from_millis(10)
+                )
+                .unwrap(),
             val
         );
-        assert!(store.get("gpu:local_topology/1", Duration::from_millis(10)).is_err());
+        assert!(store
+            .get("gpu:local_topology/1", Duration::from_millis(10))
+            .is_err());
     }
 
     #[test]
@@ -270,7 +297,11 @@ mod tests {
         // a zero timeout from the plugin means the adapter's default (200 ms here)
         let t = std::time::Instant::now();
         assert!(get(&cb, "never/set", 0).is_err());
-        assert!(t.elapsed() >= Duration::from_millis(150), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(150),
+            "{:?}",
+            t.elapsed()
+        );
     }
 
     #[test]

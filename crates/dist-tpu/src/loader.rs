@@ -175,7 +175,11 @@ impl Library {
 
     /// [`Library::open`] with the variables given instead of read from the environment;
     /// `ask_python` allows the last resort of asking `python3` for the libtpu package.
-    pub fn open_with(plugin: Option<&str>, tpu_library_path: Option<&str>, ask_python: bool) -> Result<Library> {
+    pub fn open_with(
+        plugin: Option<&str>,
+        tpu_library_path: Option<&str>,
+        ask_python: bool,
+    ) -> Result<Library> {
         let mut tried = Vec::new();
         let try_path = |path: &Path, tried: &mut Vec<String>| -> Option<Result<Library>> {
             match Self::open_path(path) {
@@ -200,7 +204,8 @@ impl Library {
                         return r;
                     }
                 }
-                None => tried.push("python3 -c 'import libtpu': no libtpu package (or no python3)".into()),
+                None => tried
+                    .push("python3 -c 'import libtpu': no libtpu package (or no python3)".into()),
             }
         }
         Err(Error::LibraryNotFound {
@@ -346,7 +351,11 @@ mod tests {
     fn tpu_chips_are_counted_by_pci_vendor() {
         let root = std::env::temp_dir().join(format!("dist-tpu-pci-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        for (dev, vendor) in [("0000:00:04.0", "0x1ae0\n"), ("0000:00:05.0", "0x10de\n"), ("0000:00:06.0", "0x1AE0")] {
+        for (dev, vendor) in [
+            ("0000:00:04.0", "0x1ae0\n"),
+            ("0000:00:05.0", "0x10de\n"),
+            ("0000:00:06.0", "0x1AE0"),
+        ] {
             std::fs::create_dir_all(root.join(dev)).unwrap();
             std::fs::write(root.join(dev).join("vendor"), vendor).unwrap();
         }

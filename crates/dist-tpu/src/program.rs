@@ -492,7 +492,9 @@ mod tests {
 
     #[test]
     fn golden_all_reduce_sum() {
-        let t = key(OpKind::AllReduce(ReduceOp::Sum), DType::F32, &[4], 2).text().unwrap();
+        let t = key(OpKind::AllReduce(ReduceOp::Sum), DType::F32, &[4], 2)
+            .text()
+            .unwrap();
         assert_eq!(
             t,
             r#"module @dist_all_reduce_sum attributes {mhlo.num_partitions = 1 : i32, mhlo.num_replicas = 2 : i32} {
@@ -511,7 +513,9 @@ mod tests {
 
     #[test]
     fn golden_all_reduce_avg_divides_by_the_replica_count() {
-        let t = key(OpKind::AllReduce(ReduceOp::Avg), DType::BF16, &[2, 3], 4).text().unwrap();
+        let t = key(OpKind::AllReduce(ReduceOp::Avg), DType::BF16, &[2, 3], 4)
+            .text()
+            .unwrap();
         assert!(t.contains("\"stablehlo.add\""), "{t}");
         assert!(
             t.contains("%1 = \"stablehlo.constant\"() {value = dense<4.000000e+00> : tensor<2x3xbf16>} : () -> tensor<2x3xbf16>"),
@@ -522,15 +526,24 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("func.return %2 : tensor<2x3xbf16>"), "{t}");
-        let t = key(OpKind::AllReduce(ReduceOp::Avg), DType::I32, &[5], 3).text().unwrap();
+        let t = key(OpKind::AllReduce(ReduceOp::Avg), DType::I32, &[5], 3)
+            .text()
+            .unwrap();
         assert!(t.contains("dense<3> : tensor<5xi32>"), "{t}");
         for (op, name) in [
             (ReduceOp::Prod, "multiply"),
             (ReduceOp::Max, "maximum"),
             (ReduceOp::Min, "minimum"),
         ] {
-            let t = key(OpKind::AllReduce(op), DType::U8, &[7], 2).text().unwrap();
-            assert!(t.contains(&format!("\"stablehlo.{name}\"(%a, %b) : (tensor<ui8>, tensor<ui8>) -> tensor<ui8>")), "{t}");
+            let t = key(OpKind::AllReduce(op), DType::U8, &[7], 2)
+                .text()
+                .unwrap();
+            assert!(
+                t.contains(&format!(
+                    "\"stablehlo.{name}\"(%a, %b) : (tensor<ui8>, tensor<ui8>) -> tensor<ui8>"
+                )),
+                "{t}"
+            );
         }
     }
 
@@ -548,7 +561,15 @@ mod tests {
         assert_eq!(k.output_shape(), vec![2, 6, 4]);
         let t = k.text().unwrap();
         assert!(t.contains("%0 = \"stablehlo.all_gather\"(%arg0) {all_gather_dim = 1 : i64, replica_groups = dense<[[0, 1]]> : tensor<1x2xi64>} : (tensor<2x3x4xf16>) -> tensor<2x6x4xf16>"), "{t}");
-        let k = key(OpKind::ReduceScatter { dim: 2, op: ReduceOp::Sum }, DType::I64, &[2, 3, 8], 4);
+        let k = key(
+            OpKind::ReduceScatter {
+                dim: 2,
+                op: ReduceOp::Sum,
+            },
+            DType::I64,
+            &[2, 3, 8],
+            4,
+        );
         assert_eq!(k.output_shape(), vec![2, 3, 2]);
         let t = k.text().unwrap();
         assert!(t.contains("{replica_groups = dense<[[0, 1, 2, 3]]> : tensor<1x4xi64>, scatter_dimension = 2 : i64} : (tensor<2x3x8xi64>) -> tensor<2x3x2xi64>"), "{t}");
@@ -557,20 +578,54 @@ mod tests {
 
     #[test]
     fn golden_fp8_moves_as_bytes_and_is_not_reduced() {
-        let t = key(OpKind::AllGather { dim: 0 }, DType::F8E4M3, &[5], 2).text().unwrap();
-        assert!(t.contains("%0 = \"stablehlo.bitcast_convert\"(%arg0) : (tensor<5xf8E4M3FN>) -> tensor<5xui8>"), "{t}");
+        let t = key(OpKind::AllGather { dim: 0 }, DType::F8E4M3, &[5], 2)
+            .text()
+            .unwrap();
+        assert!(
+            t.contains(
+                "%0 = \"stablehlo.bitcast_convert\"(%arg0) : (tensor<5xf8E4M3FN>) -> tensor<5xui8>"
+            ),
+            "{t}"
+        );
         assert!(t.contains("%1 = \"stablehlo.all_gather\"(%0)"), "{t}");
-        assert!(t.contains("%2 = \"stablehlo.bitcast_convert\"(%1) : (tensor<10xui8>) -> tensor<10xf8E4M3FN>"), "{t}");
-        assert!(key(OpKind::AllReduce(ReduceOp::Sum), DType::F8E5M2, &[5], 2).text().is_err());
+        assert!(
+            t.contains(
+                "%2 = \"stablehlo.bitcast_convert\"(%1) : (tensor<10xui8>) -> tensor<10xf8E4M3FN>"
+            ),
+            "{t}"
+        );
+        assert!(
+            key(OpKind::AllReduce(ReduceOp::Sum), DType::F8E5M2, &[5], 2)
+                .text()
+                .is_err()
+        );
     }
 
     #[test]
     fn golden_send_recv_permute_and_broadcast() {
-        let t = key(OpKind::Permute { pairs: vec![(0, 1)] }, DType::F32, &[3], 2).text().unwrap();
+        let t = key(
+            OpKind::Permute {
+                pairs: vec![(0, 1)],
+            },
+            DType::F32,
+            &[3],
+            2,
+        )
+        .text()
+        .unwrap();
         assert!(t.contains("\"stablehlo.collective_permute\"(%arg0) {source_target_pairs = dense<[[0, 1]]> : tensor<1x2xi64>} : (tensor<3xf32>) -> tensor<3xf32>"), "{t}");
-        let t = key(OpKind::Broadcast { src: 0 }, DType::U8, &[2, 2], 1).text().unwrap();
-        assert!(t.contains("\"stablehlo.bitcast_convert\"(%arg0) : (tensor<2x2xui8>) -> tensor<2x2xui8>"), "{t}");
-        let t = key(OpKind::Broadcast { src: 2 }, DType::BF16, &[3], 4).text().unwrap();
+        let t = key(OpKind::Broadcast { src: 0 }, DType::U8, &[2, 2], 1)
+            .text()
+            .unwrap();
+        assert!(
+            t.contains(
+                "\"stablehlo.bitcast_convert\"(%arg0) : (tensor<2x2xui8>) -> tensor<2x2xui8>"
+            ),
+            "{t}"
+        );
+        let t = key(OpKind::Broadcast { src: 2 }, DType::BF16, &[3], 4)
+            .text()
+            .unwrap();
         assert_eq!(
             t,
             r#"module @dist_broadcast attributes {mhlo.num_partitions = 1 : i32, mhlo.num_replicas = 4 : i32} {
@@ -597,21 +652,55 @@ mod tests {
     #[test]
     fn golden_gatherv_pad_and_slice() {
         // rank sizes [1, 0, 3] along dim 1, padded to 3
-        let k = key(OpKind::GatherV { dim: 1, sizes: vec![1, 0, 3] }, DType::I32, &[2, 3], 3);
+        let k = key(
+            OpKind::GatherV {
+                dim: 1,
+                sizes: vec![1, 0, 3],
+            },
+            DType::I32,
+            &[2, 3],
+            3,
+        );
         assert_eq!(k.output_shape(), vec![2, 4]);
         let t = k.text().unwrap();
         assert!(t.contains("-> tensor<2x9xi32>"), "{t}");
         assert!(t.contains("%1 = \"stablehlo.slice\"(%0) {limit_indices = array<i64: 2, 1>, start_indices = array<i64: 0, 0>, strides = array<i64: 1, 1>} : (tensor<2x9xi32>) -> tensor<2x1xi32>"), "{t}");
         assert!(t.contains("%2 = \"stablehlo.slice\"(%0) {limit_indices = array<i64: 2, 9>, start_indices = array<i64: 0, 6>, strides = array<i64: 1, 1>} : (tensor<2x9xi32>) -> tensor<2x3xi32>"), "{t}");
         assert!(t.contains("%3 = \"stablehlo.concatenate\"(%1, %2) {dimension = 1 : i64} : (tensor<2x1xi32>, tensor<2x3xi32>) -> tensor<2x4xi32>"), "{t}");
-        let k = ProgramKey { devices: vec![7], replica_groups: vec![vec![0]], ..key(OpKind::PadTo { dim: 0, len: 3 }, DType::F32, &[1, 2], 1) };
+        let k = ProgramKey {
+            devices: vec![7],
+            replica_groups: vec![vec![0]],
+            ..key(OpKind::PadTo { dim: 0, len: 3 }, DType::F32, &[1, 2], 1)
+        };
         let t = k.text().unwrap();
         assert!(t.contains("mhlo.num_replicas = 1 : i32"), "{t}");
         assert!(t.contains("%0 = \"stablehlo.constant\"() {value = dense<0.000000e+00> : tensor<f32>} : () -> tensor<f32>"), "{t}");
         assert!(t.contains("%1 = \"stablehlo.pad\"(%arg0, %0) {edge_padding_high = array<i64: 2, 0>, edge_padding_low = array<i64: 0, 0>, interior_padding = array<i64: 0, 0>} : (tensor<1x2xf32>, tensor<f32>) -> tensor<3x2xf32>"), "{t}");
-        let t = key(OpKind::Slice { dim: 0, start: 1, len: 2 }, DType::U8, &[4], 1).text().unwrap();
+        let t = key(
+            OpKind::Slice {
+                dim: 0,
+                start: 1,
+                len: 2,
+            },
+            DType::U8,
+            &[4],
+            1,
+        )
+        .text()
+        .unwrap();
         assert!(t.contains("{limit_indices = array<i64: 3>, start_indices = array<i64: 1>, strides = array<i64: 1>} : (tensor<4xui8>) -> tensor<2xui8>"), "{t}");
-        assert!(key(OpKind::Slice { dim: 0, start: 3, len: 2 }, DType::U8, &[4], 1).text().is_err());
+        assert!(key(
+            OpKind::Slice {
+                dim: 0,
+                start: 3,
+                len: 2
+            },
+            DType::U8,
+            &[4],
+            1
+        )
+        .text()
+        .is_err());
     }
 
     #[test]
@@ -627,11 +716,11 @@ mod tests {
         let ebo: Vec<u8> = [
             vec![0x08],
             vec![0xff; 9],
-            vec![0x01],             // device_ordinal = -1
-            vec![0x20, 0x02],       // num_replicas = 2
-            vec![0x28, 0x01],       // num_partitions = 1
-            vec![0x4a, 0x0a],       // device_assignment, 10 bytes
-            vec![0x08, 0x02, 0x10, 0x01], // replica_count 2, computation_count 1
+            vec![0x01],                               // device_ordinal = -1
+            vec![0x20, 0x02],                         // num_replicas = 2
+            vec![0x28, 0x01],                         // num_partitions = 1
+            vec![0x4a, 0x0a],                         // device_assignment, 10 bytes
+            vec![0x08, 0x02, 0x10, 0x01],             // replica_count 2, computation_count 1
             vec![0x1a, 0x04, 0x0a, 0x02, 0x00, 0x01], // computation_devices { ids [0, 1] }
         ]
         .concat();
@@ -651,12 +740,30 @@ mod tests {
         set.insert(base.clone());
         assert!(!set.insert(base.clone()), "same key twice");
         let variants = [
-            ProgramKey { op: OpKind::AllReduce(ReduceOp::Max), ..base.clone() },
-            ProgramKey { dtype: DType::BF16, ..base.clone() },
-            ProgramKey { shape: vec![5], ..base.clone() },
-            ProgramKey { shape: vec![4, 1], ..base.clone() },
-            ProgramKey { replica_groups: vec![vec![0], vec![1]], ..base.clone() },
-            ProgramKey { devices: vec![1, 0], ..base.clone() },
+            ProgramKey {
+                op: OpKind::AllReduce(ReduceOp::Max),
+                ..base.clone()
+            },
+            ProgramKey {
+                dtype: DType::BF16,
+                ..base.clone()
+            },
+            ProgramKey {
+                shape: vec![5],
+                ..base.clone()
+            },
+            ProgramKey {
+                shape: vec![4, 1],
+                ..base.clone()
+            },
+            ProgramKey {
+                replica_groups: vec![vec![0], vec![1]],
+                ..base.clone()
+            },
+            ProgramKey {
+                devices: vec![1, 0],
+                ..base.clone()
+            },
         ];
         for v in variants {
             assert!(set.insert(v.clone()), "{v:?} collided");

@@ -198,7 +198,10 @@ pub unsafe fn client_addressable_devices(
 ///
 /// # Safety
 /// `device` is a live device of a live client.
-pub unsafe fn device_info(lib: &Library, device: *mut sys::PJRT_Device) -> Result<(i64, i32, String)> {
+pub unsafe fn device_info(
+    lib: &Library,
+    device: *mut sys::PJRT_Device,
+) -> Result<(i64, i32, String)> {
     let mut d = Args::<sys::PJRT_Device_GetDescription_Args>::new();
     d.a.device = device;
     call!(lib, PJRT_Device_GetDescription, d)?;

@@ -48,19 +48,28 @@ pub fn parse_create_options(
         .replace("{local_rank}", &local_rank.to_string());
     let mut out = Vec::new();
     for item in s.split(';').map(str::trim).filter(|i| !i.is_empty()) {
-        let bad = || Error::invalid(format!("{CREATE_OPTIONS_ENV}: '{item}' is not name=type:value"));
+        let bad = || {
+            Error::invalid(format!(
+                "{CREATE_OPTIONS_ENV}: '{item}' is not name=type:value"
+            ))
+        };
         let (name, tv) = item.split_once('=').ok_or_else(bad)?;
         let (ty, v) = tv.split_once(':').ok_or_else(bad)?;
         let num = |x: &str| {
-            x.trim()
-                .parse::<i64>()
-                .map_err(|_| Error::invalid(format!("{CREATE_OPTIONS_ENV}: '{x}' in '{item}' is not an integer")))
+            x.trim().parse::<i64>().map_err(|_| {
+                Error::invalid(format!(
+                    "{CREATE_OPTIONS_ENV}: '{x}' in '{item}' is not an integer"
+                ))
+            })
         };
         let val = match ty.trim() {
             "str" => OptionValue::Str(v.to_string()),
             "int" => OptionValue::Int(num(v)?),
             "ints" => OptionValue::Ints(
-                v.split(',').filter(|x| !x.trim().is_empty()).map(num).collect::<Result<_>>()?,
+                v.split(',')
+                    .filter(|x| !x.trim().is_empty())
+                    .map(num)
+                    .collect::<Result<_>>()?,
             ),
             "float" => OptionValue::Float(v.trim().parse().map_err(|_| bad())?),
             "bool" => OptionValue::Bool(match v.trim() {
@@ -70,7 +79,10 @@ pub fn parse_create_options(
             }),
             _ => return Err(bad()),
         };
-        dist_core::ensure_arg!(!name.trim().is_empty(), "{CREATE_OPTIONS_ENV}: empty name in '{item}'");
+        dist_core::ensure_arg!(
+            !name.trim().is_empty(),
+            "{CREATE_OPTIONS_ENV}: empty name in '{item}'"
+        );
         out.push((name.trim().to_string(), val));
     }
     Ok(out)
@@ -127,7 +139,14 @@ impl std::fmt::Debug for Client {
             .field("platform", &self.platform)
             .field("platform_version", &self.platform_version)
             .field("process_index", &self.process_index)
-            .field("devices", &self.devices.iter().map(|d| (d.id, &d.kind)).collect::<Vec<_>>())
+            .field(
+                "devices",
+                &self
+                    .devices
+                    .iter()
+                    .map(|d| (d.id, &d.kind))
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -142,7 +161,7 @@ impl Client {
         kv: Option<&'static KvAdapter>,
         timeout: Duration,
     ) -> Result<Client> {
-            let opts = options.to_vec();
+        let opts = options.to_vec();
         let (tx, rx) = mpsc::channel::<Result<RawPtr<sys::PJRT_Client>>>();
         std::thread::Builder::new()
             .name("pjrt-client-create".into())
@@ -221,13 +240,19 @@ impl Client {
 
     /// Copies a host tensor to addressable device `index`; waits (bounded) until the runtime is
     /// done reading the host memory.
-    pub fn buffer_from_host(&self, index: usize, t: &HostTensor, timeout: Duration) -> Result<Buffer> {
+    pub fn buffer_from_host(
+        &self,
+        index: usize,
+        t: &HostTensor,
+        timeout: Duration,
+    ) -> Result<Buffer> {
         let dev = self.device(index)?;
         let ty = buffer_type(t.dtype())?;
         let dims = dims_of(t.shape())?;
         // SAFETY: client and device are live; the bytes are the dense elements of `dims`.
-        let (buf, done) =
-            unsafe { result::buffer_from_host(self.lib, self.raw.0, dev.raw.0, t.as_bytes(), ty, &dims)? };
+        let (buf, done) = unsafe {
+            result::buffer_from_host(self.lib, self.raw.0, dev.raw.0, t.as_bytes(), ty, &dims)?
+        };
         let buf = Buffer::from_raw(self.lib, buf)?;
         // SAFETY: `done` is this call's event (or null).
         unsafe { result::event_wait(self.lib, done, timeout, "PJRT_Client_BufferFromHostBuffer")? };
@@ -251,18 +276,33 @@ impl Client {
         };
         // SAFETY: the executable is live.
         exe.num_outputs = unsafe { result::executable_num_outputs(self.lib, raw.as_ptr())? };
-        dist_core::ensure_arg!(exe.num_outputs == 1, "program has {} outputs, expected 1", exe.num_outputs);
+        dist_core::ensure_arg!(
+            exe.num_outputs == 1,
+            "program has {} outputs, expected 1",
+            exe.num_outputs
+        );
         Ok(exe)
     }
 
     /// Runs `exe` on this process's device with `args`, waits (bounded) for the device to finish,
     /// and returns its one output. `launch_id` is the executable's launch count, the same on
     /// every participating process when they launch in the same order.
-    pub fn execute(&self, exe: &Executable, args: &[&Buffer], timeout: Duration, op: &str) -> Result<Buffer> {
+    pub fn execute(
+        &self,
+        exe: &Executable,
+        args: &[&Buffer],
+        timeout: Duration,
+        op: &str,
+    ) -> Result<Buffer> {
         let raw_args: Vec<*mut sys::PJRT_Buffer> = args.iter().map(|b| b.raw.0).collect();
-        let launch = exe.launches.fetch_add(1, Ordering::Relaxed).wrapping_add(1).max(1);
+        let launch = exe
+            .launches
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(1)
+            .max(1);
         // SAFETY: the executable and every argument buffer are live for the call.
-        let (outs, ev) = unsafe { result::execute(self.lib, exe.raw.0, &raw_args, exe.num_outputs, launch)? };
+        let (outs, ev) =
+            unsafe { result::execute(self.lib, exe.raw.0, &raw_args, exe.num_outputs, launch)? };
         let mut owned = Vec::new();
         for o in outs {
             owned.push(Buffer::from_raw(self.lib, o)?);
@@ -279,7 +319,11 @@ impl Client {
 
 fn no_device_wording(lib: &Library, e: Error) -> Error {
     match e {
-        Error::Backend { backend, code, message } if lib.is_libtpu() && !message.starts_with("no TPU") => Error::Backend {
+        Error::Backend {
+            backend,
+            code,
+            message,
+        } if lib.is_libtpu() && !message.starts_with("no TPU") => Error::Backend {
             backend,
             code,
             message: format!(
@@ -371,7 +415,11 @@ pub fn buffer_type(d: DType) -> Result<i32> {
         DType::BF16 => t::BF16,
         DType::F8E4M3 => t::F8E4M3FN,
         DType::F8E5M2 => t::F8E5M2,
-        other => return Err(Error::unsupported(format!("dtype {other} has no PJRT buffer type here"))),
+        other => {
+            return Err(Error::unsupported(format!(
+                "dtype {other} has no PJRT buffer type here"
+            )))
+        }
     })
 }
 
@@ -403,7 +451,10 @@ impl Buffer {
                 message: "the plugin returned a null buffer".into(),
             });
         }
-        Ok(Buffer { lib, raw: RawPtr(raw) })
+        Ok(Buffer {
+            lib,
+            raw: RawPtr(raw),
+        })
     }
 
     /// Copies the buffer (of `dtype` and `shape`) into a new host tensor, waiting at most
@@ -416,7 +467,15 @@ impl Buffer {
         }
         // SAFETY: the buffer is live; `h` stays alive and untouched until the event is ready
         // (or is leaked below).
-        let ev = unsafe { result::buffer_to_host(self.lib, self.raw.0, h.as_bytes_mut().as_mut_ptr(), n, shape.len())? };
+        let ev = unsafe {
+            result::buffer_to_host(
+                self.lib,
+                self.raw.0,
+                h.as_bytes_mut().as_mut_ptr(),
+                n,
+                shape.len(),
+            )?
+        };
         // SAFETY: the event is this copy's.
         match unsafe { result::event_wait(self.lib, ev, timeout, "PJRT_Buffer_ToHostBuffer") } {
             Ok(()) => Ok(h),
@@ -505,7 +564,12 @@ pub fn global_client(config: &ClientConfig) -> Result<&'static Client> {
         .kv
         .as_ref()
         .map(|(s, t)| &*Box::leak(Box::new(KvAdapter::new(s.clone(), *t))));
-    let c: &'static Client = Box::leak(Box::new(Client::create(lib, &config.options, kv, config.timeout)?));
+    let c: &'static Client = Box::leak(Box::new(Client::create(
+        lib,
+        &config.options,
+        kv,
+        config.timeout,
+    )?));
     *g = Some(c);
     Ok(c)
 }
@@ -535,7 +599,14 @@ mod tests {
             ]
         );
         assert!(parse_create_options("", 0, 1, 0).unwrap().is_empty());
-        for bad in ["x", "x=int", "x=int:y", "x=what:1", "=int:1", "x=bool:maybe"] {
+        for bad in [
+            "x",
+            "x=int",
+            "x=int:y",
+            "x=what:1",
+            "=int:1",
+            "x=bool:maybe",
+        ] {
             assert!(parse_create_options(bad, 0, 1, 0).is_err(), "{bad}");
         }
     }

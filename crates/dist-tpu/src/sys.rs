@@ -527,8 +527,14 @@ mod tests {
         assert_eq!(offset_of!(PJRT_Api, PJRT_Error_Destroy), 40);
         assert_eq!(offset_of!(PJRT_Api, PJRT_Client_Create), 40 + 10 * 8);
         assert_eq!(offset_of!(PJRT_Api, PJRT_Client_Compile), 40 + 20 * 8);
-        assert_eq!(offset_of!(PJRT_Api, PJRT_Client_BufferFromHostBuffer), 40 + 22 * 8);
-        assert_eq!(offset_of!(PJRT_Api, PJRT_LoadedExecutable_Execute), 40 + 55 * 8);
+        assert_eq!(
+            offset_of!(PJRT_Api, PJRT_Client_BufferFromHostBuffer),
+            40 + 22 * 8
+        );
+        assert_eq!(
+            offset_of!(PJRT_Api, PJRT_LoadedExecutable_Execute),
+            40 + 55 * 8
+        );
         assert_eq!(offset_of!(PJRT_Api, PJRT_Buffer_Destroy), 40 + 58 * 8);
         assert_eq!(offset_of!(PJRT_Api, PJRT_Buffer_ToHostBuffer), 40 + 70 * 8);
         assert_eq!(size_of::<PJRT_Api>(), 40 + 73 * 8);
@@ -538,7 +544,10 @@ mod tests {
         assert_eq!(offset_of!(PJRT_NamedValue, value), 40);
         assert_eq!(PJRT_Client_BufferFromHostBuffer_Args::STRUCT_SIZE(), 120);
         assert_eq!(offset_of!(PJRT_Client_BufferFromHostBuffer_Args, dims), 40);
-        assert_eq!(offset_of!(PJRT_Client_BufferFromHostBuffer_Args, device), 80);
+        assert_eq!(
+            offset_of!(PJRT_Client_BufferFromHostBuffer_Args, device),
+            80
+        );
         assert_eq!(PJRT_Buffer_MemoryLayout::STRUCT_SIZE(), 76);
         assert_eq!(PJRT_Buffer_ToHostBuffer_Args::STRUCT_SIZE(), 56);
         assert_eq!(PJRT_ExecuteOptions::STRUCT_SIZE(), 52);

@@ -14,25 +14,46 @@ use dist_tpu::{Library, TpuBackend};
 
 #[test]
 fn no_plugin_is_library_not_found_listing_every_try() {
-    match Library::open_with(Some("/nonexistent/plugin.so"), Some("/nonexistent/libtpu-dir/libtpu.so"), false) {
+    match Library::open_with(
+        Some("/nonexistent/plugin.so"),
+        Some("/nonexistent/libtpu-dir/libtpu.so"),
+        false,
+    ) {
         Err(Error::LibraryNotFound { library, tried }) => {
             assert!(library.contains("PJRT plugin"), "{library}");
-            assert!(tried[0].starts_with("/nonexistent/plugin.so: "), "{tried:?}");
-            assert!(tried[1].starts_with("/nonexistent/libtpu-dir/libtpu.so: "), "{tried:?}");
+            assert!(
+                tried[0].starts_with("/nonexistent/plugin.so: "),
+                "{tried:?}"
+            );
+            assert!(
+                tried[1].starts_with("/nonexistent/libtpu-dir/libtpu.so: "),
+                "{tried:?}"
+            );
             // libtpu.so on the loader's path is tried last (and is absent here unless installed
             // system-wide, in which case it loaded and we are in the Ok arm)
-            assert!(tried.iter().any(|t| t.starts_with("libtpu.so: ")), "{tried:?}");
-            assert!(tried.iter().all(|t| t.len() > t.find(": ").unwrap() + 2), "each has a reason: {tried:?}");
+            assert!(
+                tried.iter().any(|t| t.starts_with("libtpu.so: ")),
+                "{tried:?}"
+            );
+            assert!(
+                tried.iter().all(|t| t.len() > t.find(": ").unwrap() + 2),
+                "each has a reason: {tried:?}"
+            );
         }
         Err(e) => panic!("wrong error: {e}"),
-        Ok(l) => eprintln!("SKIPPED: a system libtpu.so loaded ({l:?}); this test covers its absence"),
+        Ok(l) => {
+            eprintln!("SKIPPED: a system libtpu.so loaded ({l:?}); this test covers its absence")
+        }
     }
 }
 
 #[test]
 fn a_host_device_is_refused_before_any_plugin_is_loaded() {
     let t = HostTensor::from_vec(&[2], vec![1.0f32, 2.0]).unwrap();
-    assert!(matches!(TpuBackend::from_host(&t, Device::CPU), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        TpuBackend::from_host(&t, Device::CPU),
+        Err(Error::InvalidArgument(_))
+    ));
     let _ = Device::new(DeviceKind::Tpu, 0);
 }
 
@@ -46,7 +67,9 @@ fn libtpu_path() -> Option<PathBuf> {
             }
         }
     }
-    dist_tpu::loader::python_libtpu_dir().map(|d| d.join("libtpu.so")).filter(|p| p.exists())
+    dist_tpu::loader::python_libtpu_dir()
+        .map(|d| d.join("libtpu.so"))
+        .filter(|p| p.exists())
 }
 
 #[test]
@@ -104,6 +127,10 @@ fn conformance_world1_needs_a_plugin_with_a_device() {
             return;
         }
     };
-    let n = dist_core::conformance::check_all::<TpuBackend>(&comm, &dist_core::conformance::Suite::quick(false)).unwrap();
+    let n = dist_core::conformance::check_all::<TpuBackend>(
+        &comm,
+        &dist_core::conformance::Suite::quick(false),
+    )
+    .unwrap();
     assert!(n > 100);
 }
