@@ -94,6 +94,7 @@ fn libtpu_loads_reports_its_version_and_says_no_tpu() {
     match dist_tpu::Client::create(lib, &[], None, Duration::from_secs(60)) {
         Err(e) => {
             let s = e.to_string();
+            eprintln!("client creation: {s}");
             assert!(s.contains("no TPU"), "{s}");
             assert!(s.contains("pjrt"), "{s}");
             assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
