@@ -68,4 +68,8 @@ if [ $rc -ne 0 ]; then
   status=$rc
 fi
 say "== conformance rc=$rc in $(( $(date +%s) - start )) s"
+if [ -f ci/device/tpu_jax_peer.py ]; then
+  say "== peer: JAX through the same plugin"
+  timeout 120 $PY ci/device/tpu_jax_peer.py 2>"$OUTDIR/peer.err" | tee -a "$LOG" || tail -5 "$OUTDIR/peer.err" | tee -a "$LOG"
+fi
 exit $status

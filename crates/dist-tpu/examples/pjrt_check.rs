@@ -129,6 +129,17 @@ fn conformance() -> Result<(), Error> {
             message: "a cached program was compiled again".into(),
         });
     }
+    // Launch cost of a tiny program (the peer figure is ci/device/tpu_jax_peer.py's).
+    let tiny = TpuBackend::from_host(&HostTensor::random(DType::F32, &[1], 3), comm.device())?;
+    comm.all_reduce(&tiny, ReduceOp::Sum)?;
+    let t2 = Instant::now();
+    for _ in 0..reps {
+        comm.all_reduce(&tiny, ReduceOp::Sum)?;
+    }
+    println!(
+        "all_reduce sum f32 [1]: {:.1} us per call (launch + wait), {reps} calls",
+        (t2.elapsed() / reps).as_secs_f64() * 1e6
+    );
     comm.destroy()?;
     match comm.all_reduce(&dx, ReduceOp::Sum) {
         Err(Error::NotInitialized(_)) => {}
