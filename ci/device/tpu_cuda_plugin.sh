@@ -70,6 +70,6 @@ fi
 say "== conformance rc=$rc in $(( $(date +%s) - start )) s"
 if [ -f ci/device/tpu_jax_peer.py ]; then
   say "== peer: JAX through the same plugin"
-  timeout 120 $PY ci/device/tpu_jax_peer.py 2>"$OUTDIR/peer.err" | tee -a "$LOG" || tail -5 "$OUTDIR/peer.err" | tee -a "$LOG"
+  ( set -o pipefail; timeout 120 $PY ci/device/tpu_jax_peer.py 2>"$OUTDIR/peer.err" | tee -a "$LOG" ) || tail -5 "$OUTDIR/peer.err" | tee -a "$LOG"
 fi
 exit $status
