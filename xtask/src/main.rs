@@ -26,8 +26,9 @@ const SYSTEM_PACKAGES: &[(&str, &[&str])] = &[
     ),
 ];
 
-/// Cargo features every build and test of the workspace turns on (the gloo path of dist-cpu).
-const FEATURES: &[&str] = &["--features", "dist-cpu/gloo"];
+/// Cargo features every build and test of the workspace turns on: the gloo path of dist-cpu and
+/// every hardware backend of the facade (they build without their hardware and say so at run time).
+const FEATURES: &[&str] = &["--features", "dist-cpu/gloo,dist/cuda,dist/rocm,dist/tpu"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

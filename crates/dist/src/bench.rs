@@ -32,7 +32,7 @@ pub const ALL_OPS: [&str; 8] = [
 /// Options of `dist bench` (collectives).
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Backend: cpu (shared memory), host (over the store), cuda, rocm (when built with those
+    /// Backend: cpu (shared memory), host (over the store), cuda, rocm, tpu (when built with those
     /// features). Default: DIST_BACKEND, else cpu.
     #[arg(long)]
     pub backend: Option<String>,
@@ -183,6 +183,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<u8> {
         BackendKind::Cuda => run_rank::<dist_cuda::CudaBackend>(&env, args, kind)?,
         #[cfg(feature = "rocm")]
         BackendKind::Rocm => run_rank::<dist_rocm::RocmBackend>(&env, args, kind)?,
+        #[cfg(feature = "tpu")]
+        BackendKind::Tpu => run_rank::<dist_tpu::TpuBackend>(&env, args, kind)?,
     };
     let wrong: i64 = rows.iter().map(|r| r.wrong.max(0)).sum();
     if env.world().rank == 0 {

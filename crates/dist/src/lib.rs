@@ -12,7 +12,7 @@
 //! | `gloo` | gloo across nodes for host tensors (a C++ shim over Debian's libgloo-dev) | built |
 //! | `cuda` | `dist_cuda`: NCCL loaded at run time, the custom all-reduce | built (one GPU tested) |
 //! | `rocm` | `dist_rocm`: HIP and RCCL loaded at run time | built (no AMD GPU tested) |
-//! | `tpu` | PJRT | not built yet |
+//! | `tpu` | `dist_tpu`: PJRT plugins (libtpu, or JAX's CUDA plugin), StableHLO collectives | built (world 1 tested through the CUDA plugin) |
 //!
 //! ## Example
 //! ```no_run
@@ -39,6 +39,8 @@ pub use dist_cuda;
 #[cfg(feature = "rocm")]
 pub use dist_rocm;
 pub use dist_store;
+#[cfg(feature = "tpu")]
+pub use dist_tpu;
 pub use env::{
     default_timeout, group_timeout, in_the_same_node_as, node_count, parse_tcp_uri, DistEnv,
     InitOptions, MqBroadcaster, StoreGroupFactory, CHECK_COLLECTIVES_ENV, TIMEOUT_ENV,
@@ -61,6 +63,9 @@ pub enum BackendKind {
     /// AMD GPUs through RCCL (feature `rocm`).
     #[cfg(feature = "rocm")]
     Rocm,
+    /// TPUs (or any PJRT plugin) through compiled StableHLO collectives (feature `tpu`).
+    #[cfg(feature = "tpu")]
+    Tpu,
 }
 
 impl BackendKind {
@@ -74,6 +79,8 @@ impl BackendKind {
             "cuda" | "nccl" => Ok(BackendKind::Cuda),
             #[cfg(feature = "rocm")]
             "rocm" | "hip" | "rccl" => Ok(BackendKind::Rocm),
+            #[cfg(feature = "tpu")]
+            "tpu" | "pjrt" => Ok(BackendKind::Tpu),
             // Reached only for backends whose feature is off in this build.
             #[allow(unreachable_patterns)]
             "cuda" | "nccl" | "rocm" | "hip" | "rccl" | "tpu" | "pjrt" => {
@@ -107,6 +114,8 @@ impl BackendKind {
             BackendKind::Cuda => "cuda",
             #[cfg(feature = "rocm")]
             BackendKind::Rocm => "rocm",
+            #[cfg(feature = "tpu")]
+            BackendKind::Tpu => "tpu",
         }
     }
     /// The kind of device this backend's tensors live on.
@@ -117,6 +126,8 @@ impl BackendKind {
             BackendKind::Cuda => DeviceKind::Cuda,
             #[cfg(feature = "rocm")]
             BackendKind::Rocm => DeviceKind::Rocm,
+            #[cfg(feature = "tpu")]
+            BackendKind::Tpu => DeviceKind::Tpu,
         }
     }
 }
