@@ -256,8 +256,13 @@ fn test_multiproc(args: &[String]) -> Result {
             .arg("--worlds")
             .output()
             .map_err(|e| format!("{name} --worlds: {e}"))?;
-        let worlds: Vec<usize> = String::from_utf8_lossy(&worlds.stdout)
-            .trim()
+        // `PROGRAM --worlds` prints the world sizes on its first line; each further line may name
+        // an extra run with one environment variable set (`DIST_CPU_BACKEND=gloo`).
+        let listing = String::from_utf8_lossy(&worlds.stdout).into_owned();
+        let mut lines = listing.lines();
+        let worlds: Vec<usize> = lines
+            .next()
+            .unwrap_or("")
             .split(',')
             .filter_map(|s| s.trim().parse().ok())
             .collect();
@@ -266,17 +271,14 @@ fn test_multiproc(args: &[String]) -> Result {
         } else {
             worlds
         };
-        // `PROGRAM --variants` may name extra runs, one `VAR=VALUE` a line (e.g. another backend).
-        let variants = Command::new(prog)
-            .arg("--variants")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
         let mut runs: Vec<Option<(String, String)>> = vec![None];
-        runs.extend(variants.lines().filter_map(|l| {
-            l.trim()
-                .split_once('=')
-                .map(|(k, v)| Some((k.to_string(), v.to_string())))
+        runs.extend(lines.filter_map(|l| {
+            let (k, v) = l.trim().split_once('=')?;
+            let env_like = !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                && !v.contains(char::is_whitespace);
+            env_like.then(|| Some((k.to_string(), v.to_string())))
         }));
         for (variant, n) in runs
             .iter()

@@ -225,10 +225,7 @@ fn run() -> R<()> {
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("--worlds") {
         println!("1,2,3,4,8");
-        return;
-    }
-    if std::env::args().nth(1).as_deref() == Some("--variants") {
-        // Extra runs for `cargo xtask test-multiproc`: the gloo path, when built in.
+        // An extra run per line for `cargo xtask test-multiproc`: the gloo path, when built in.
         if cfg!(feature = "gloo") {
             println!("DIST_CPU_BACKEND=gloo");
         }
