@@ -12,7 +12,11 @@ fn main() {
             .flag_if_supported("-std=c++17")
             .warnings(false)
             .compile("dist_cpu_gloo_shim");
-        for dir in ["/usr/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu"] {
+        for dir in [
+            "/usr/lib",
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/lib/aarch64-linux-gnu",
+        ] {
             println!("cargo:rustc-link-search=native={dir}");
         }
         println!("cargo:rustc-link-lib=dylib=gloo");
