@@ -76,7 +76,7 @@ pub use layout::{
     divide, ensure_divisibility, get_pp_indices, get_pp_indices_from_env,
     split_tensor_along_last_dim, tcp_uri, GroupLayout, ParallelConfig,
 };
-pub use parallel_state::{GroupFactory, ParallelState, WorldInfo};
+pub use parallel_state::{GroupFactory, GroupGenerations, ParallelState, WorldInfo};
 pub use store::Store;
 pub use tensor::{Device, DeviceKind, HostTensor, Tensor, TensorMeta};
 

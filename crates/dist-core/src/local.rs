@@ -400,7 +400,7 @@ impl crate::Store for MemStore {
 pub struct ThreadGroupFactory {
     rank: usize,
     check_collectives: bool,
-    generations: Arc<Mutex<HashMap<String, usize>>>,
+    generations: crate::GroupGenerations,
     registry: Arc<Mutex<HashMap<String, Vec<Option<ThreadGroup>>>>>,
     store: Arc<MemStore>,
 }
@@ -414,7 +414,7 @@ impl ThreadGroupFactory {
             .map(|rank| ThreadGroupFactory {
                 rank,
                 check_collectives: false,
-                generations: Arc::default(),
+                generations: Default::default(),
                 registry: registry.clone(),
                 store: store.clone(),
             })
@@ -446,16 +446,7 @@ impl crate::GroupFactory for ThreadGroupFactory {
         let me = ranks.iter().position(|&r| r == self.rank).ok_or_else(|| {
             Error::invalid(format!("rank {} not in group {key} {ranks:?}", self.rank))
         })?;
-        let generation = {
-            let mut g = self.generations.lock().unwrap_or_else(|e| e.into_inner());
-            // Count per group kind (the key's part before '/'): every rank builds exactly one
-            // group of each kind per initialisation, so the counts agree across ranks even when
-            // the ranks' groups of a kind have different indices.
-            let kind = key.split('/').next().unwrap_or(key);
-            let n = g.entry(kind.to_string()).or_insert(0);
-            *n += 1;
-            *n
-        };
+        let generation = self.generations.next(key);
         let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let slots = reg.entry(format!("{key}#{generation}")).or_insert_with(|| {
             ThreadGroup::new(ranks.len(), timeout)

@@ -74,6 +74,23 @@ pub trait GroupFactory: Send + Sync {
     }
 }
 
+/// Numbers the re-initialisations of each kind of group, so a factory can give a rebuilt group
+/// a fresh namespace (`"tp/g0#2"`) on which every rank agrees: each rank asks for exactly one group
+/// of each kind per initialisation, in the same order, whatever the index of its rank list.
+#[derive(Debug, Clone, Default)]
+pub struct GroupGenerations(Arc<Mutex<std::collections::HashMap<String, usize>>>);
+
+impl GroupGenerations {
+    /// The generation (from 1) of the group with `key` (`"tp/g1"`): the count of requests for its kind.
+    pub fn next(&self, key: &str) -> usize {
+        let kind = key.split('/').next().unwrap_or(key);
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = g.entry(kind.to_string()).or_insert(0);
+        *n += 1;
+        *n
+    }
+}
+
 /// The groups of one process.
 #[derive(Debug)]
 pub struct ParallelState<B: Backend> {

@@ -1,8 +1,7 @@
 //! Setting up a job: the store, the world, the group factory and the model-parallel state
 //! (vLLM's `init_distributed_environment` and `initialize_model_parallel`).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::diagnostics::StoreDiagnostics;
@@ -248,7 +247,7 @@ impl DistEnv {
 pub struct StoreGroupFactory {
     rank: usize,
     store: Arc<dyn Store>,
-    generations: Arc<Mutex<HashMap<String, usize>>>,
+    generations: dist_core::GroupGenerations,
     message_queues: bool,
     diagnostics: Option<Arc<StoreDiagnostics>>,
     check_collectives: bool,
@@ -261,7 +260,7 @@ impl StoreGroupFactory {
         StoreGroupFactory {
             rank,
             store,
-            generations: Arc::default(),
+            generations: Default::default(),
             message_queues,
             diagnostics: None,
             check_collectives: check_collectives_from_env(),
@@ -296,16 +295,7 @@ impl GroupFactory for StoreGroupFactory {
                 self.rank
             ))
         })?;
-        let generation = {
-            let mut g = self.generations.lock().unwrap_or_else(|e| e.into_inner());
-            // Count per group kind (the key's part before '/'): every rank builds exactly one
-            // group of each kind per initialisation, so the counts agree across ranks even when
-            // the ranks' groups of a kind have different indices.
-            let kind = key.split('/').next().unwrap_or(key);
-            let n = g.entry(kind.to_string()).or_insert(0);
-            *n += 1;
-            *n
-        };
+        let generation = self.generations.next(key);
         let g = StatelessProcessGroup::over_store(
             self.store.clone(),
             &format!("{key}#{generation}/"),
