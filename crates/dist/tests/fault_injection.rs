@@ -285,6 +285,22 @@ fn run_case(case: &str, world: usize, culprit: usize, check: bool, expect: &str)
         eprintln!("{case}: rank {r}: {err}");
     }
     drop(ranks);
+    // No listening socket may remain: the store's port is closed once its host is gone (the
+    // ranks' own listeners, the MessageQueue's TCP side, close with their processes).
+    drop(server);
+    assert!(
+        std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_millis(300)
+        )
+        .is_err(),
+        "{case}: the store port {port} still accepts connections"
+    );
+    let listening = listening_ports_of(&pids);
+    assert!(
+        listening.is_empty(),
+        "{case}: the ranks left listening sockets: {listening:?}"
+    );
     // No shared-memory segment of these processes may remain.
     let left: Vec<String> = std::fs::read_dir("/dev/shm")
         .map(|d| {
