@@ -72,7 +72,9 @@ pub struct BenchArgs {
     /// Draw busbw against size per op into FILE (.svg, or .png).
     #[arg(long, value_name = "FILE")]
     pub plot: Option<std::path::PathBuf>,
-    /// Skip the oracle check (timings only).
+    /// Skip the oracle check (timings only). The check counts, in `#wrong`, elements that differ
+    /// from the oracle: exactly for data movement, within 1e-5 relative (2e-2 for f16/bf16) for
+    /// floating-point reductions.
     #[arg(long)]
     pub no_check: bool,
     /// Seconds the launched job may run before it is killed.
