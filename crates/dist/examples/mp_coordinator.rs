@@ -232,7 +232,12 @@ fn main() {
     let same = in_the_same_node_as(env.world_group().as_ref(), 0).unwrap();
     assert_eq!(same, vec![true; world]);
     assert_eq!(node_count(env.world_group().as_ref()).unwrap(), 1);
-    if env.world().rank == 0 {
+    let rank = env.world().rank;
+    if let Err(e) = env.destroy::<B>() {
+        eprintln!("rank {rank}: destroy_distributed_environment failed: {e}");
+        std::process::exit(1);
+    }
+    if rank == 0 {
         println!("mp_coordinator: world {world}: all layouts passed");
     }
 }

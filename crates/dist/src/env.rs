@@ -226,6 +226,18 @@ impl DistEnv {
         ParallelState::initialize(&self.world, &self.factory, config)
     }
 
+    /// Leaves the job (vLLM's `destroy_model_parallel` + `destroy_distributed_environment`):
+    /// destroys the process-wide groups of backend `B` if any, waits for every rank (so the
+    /// rank hosting the store leaves last), and stops the diagnostics publisher.
+    pub fn destroy<B: Backend>(self) -> Result<()> {
+        let groups = dist_core::parallel_state::destroy_model_parallel::<B>();
+        let barrier = self.world_group.barrier();
+        if let Some(d) = &self.diagnostics {
+            d.stop();
+        }
+        groups.and(barrier)
+    }
+
     /// Builds the groups and installs them as the process-wide state behind `get_tp_group()`
     /// (vLLM's `ensure_model_parallel_initialized`).
     pub fn ensure_model_parallel_initialized<B: Backend>(
