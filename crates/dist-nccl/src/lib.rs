@@ -41,6 +41,7 @@
 //! ```
 
 pub mod loader;
+pub mod ops;
 pub mod result;
 pub mod safe;
 pub mod sys;

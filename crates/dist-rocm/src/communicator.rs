@@ -7,22 +7,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use dist_core::communicator::{check_collective_dim, reduce_scatterv_shape};
-use dist_core::tensor::{split_dims, with_dim};
 use dist_core::{
     CommunicatorContext, DType, Device, DeviceCommunicator, DeviceKind, Error, HostGroup, ReduceOp,
     Result, Tensor,
 };
-use dist_nccl::{check_reduction, nccl_dtype, nccl_op, wire_dtype, Comm, Flavor, UniqueId};
+use dist_nccl::ops::{self, NcclDevice};
+use dist_nccl::{Comm, Flavor, UniqueId};
 
 use crate::driver::{copy_2d, copy_d2d, vptr, DeviceContext};
 use crate::hip::safe::Graph;
 use crate::tensor::RocmTensor;
 
-/// Re-lays out a rank-major buffer (`parts[r]` = `(outer, lens[r], inner)` elements of `es`
-/// bytes, contiguous) into `cat(parts, dim)`, with one strided device copy per rank on the
-/// device's stream. The layout step of all_gather(dim) / all_gatherv / gather when `dim` is
-/// not the outermost non-trivial dimension.
+/// [`dist_nccl::ops::rank_major_to_cat`] on `dev`'s stream.
 ///
 /// # Safety
 /// `src` and `dst` are live device buffers of `outer * sum(lens) * inner * es` bytes on `dev`.
@@ -35,35 +31,18 @@ pub unsafe fn rank_major_to_cat(
     lens: &[usize],
     es: usize,
 ) -> Result<()> {
-    let total: usize = lens.iter().sum();
-    let (mut src_off, mut col) = (0usize, 0usize);
-    for &l in lens {
-        let w = l * inner * es;
-        // SAFETY: src holds outer*total*inner elements rank-major, dst the same count
-        // interleaved; each strided copy stays inside both (callers size them so).
-        unsafe {
-            copy_2d(
-                dev.runtime(),
-                dst + col as u64,
-                total * inner * es,
-                src + src_off as u64,
-                w,
-                w,
-                outer,
-                dev.stream(),
-            )
-        }?;
-        src_off += outer * w;
-        col += w;
-    }
-    Ok(())
+    let copy = |d: u64, dp: usize, s: u64, sp: usize, w: usize, h: usize| {
+        // SAFETY: forwarded contract: both buffers are live on `dev`.
+        unsafe { copy_2d(dev.runtime(), d, dp, s, sp, w, h, dev.stream()) }
+    };
+    // SAFETY: forwarded contract.
+    unsafe { ops::rank_major_to_cat(copy, dst, src, outer, inner, lens, es) }
 }
 
-/// The inverse of [`rank_major_to_cat`]: `cat`-laid-out `src` into rank-major `dst` (the layout
-/// step of reduce_scatter(dim) / reduce_scatterv).
+/// [`dist_nccl::ops::cat_to_rank_major`] on `dev`'s stream.
 ///
 /// # Safety
-/// As [`rank_major_to_cat`].
+/// `src` and `dst` are live device buffers of `outer * sum(lens) * inner * es` bytes on `dev`.
 pub unsafe fn cat_to_rank_major(
     dev: &DeviceContext,
     dst: u64,
@@ -73,27 +52,12 @@ pub unsafe fn cat_to_rank_major(
     lens: &[usize],
     es: usize,
 ) -> Result<()> {
-    let total: usize = lens.iter().sum();
-    let (mut dst_off, mut col) = (0usize, 0usize);
-    for &l in lens {
-        let w = l * inner * es;
-        // SAFETY: mirror of rank_major_to_cat.
-        unsafe {
-            copy_2d(
-                dev.runtime(),
-                dst + dst_off as u64,
-                w,
-                src + col as u64,
-                total * inner * es,
-                w,
-                outer,
-                dev.stream(),
-            )
-        }?;
-        dst_off += outer * w;
-        col += w;
-    }
-    Ok(())
+    let copy = |d: u64, dp: usize, s: u64, sp: usize, w: usize, h: usize| {
+        // SAFETY: forwarded contract: both buffers are live on `dev`.
+        unsafe { copy_2d(dev.runtime(), d, dp, s, sp, w, h, dev.stream()) }
+    };
+    // SAFETY: forwarded contract.
+    unsafe { ops::cat_to_rank_major(copy, dst, src, outer, inner, lens, es) }
 }
 
 /// How a communicator is built. [`Options::from_env`] is what [`crate::RocmBackend`] uses.
@@ -118,13 +82,7 @@ impl Options {
 }
 
 /// One grouped point-to-point operation of [`Communicator::batch_send_recv`].
-#[derive(Debug)]
-pub enum P2pOp<'a> {
-    /// Send the tensor to the peer.
-    Send(&'a RocmTensor, usize),
-    /// Receive into the tensor from the peer.
-    Recv(&'a mut RocmTensor, usize),
-}
+pub type P2pOp<'a> = ops::P2pOp<'a, RocmTensor>;
 
 /// The ROCm device communicator of one group.
 ///
@@ -284,6 +242,64 @@ impl Communicator {
         Ok(())
     }
 
+    /// Grouped sends and receives (vLLM's `batch_isend_irecv`), in one group; fp8 travels as bytes.
+    pub fn batch_send_recv(&self, p2p: &mut [P2pOp<'_>]) -> Result<()> {
+        for o in p2p.iter() {
+            let t = match o {
+                ops::P2pOp::Send(t, _) => &**t,
+                ops::P2pOp::Recv(t, _) => &**t,
+            };
+            self.check_tensor(t, "batch_send_recv")?;
+        }
+        ops::batch_send_recv(self, p2p)
+    }
+
+    fn nccl_all_reduce(
+        &self,
+        src: u64,
+        dst: u64,
+        dtype: DType,
+        numel: usize,
+        op: ReduceOp,
+    ) -> Result<()> {
+        ops::all_reduce_ptrs(self, src, dst, dtype, numel, op)
+    }
+
+    fn all_reduce_impl(&self, input: &RocmTensor, op: ReduceOp) -> Result<RocmTensor> {
+        self.live("all_reduce")?;
+        self.check_tensor(input, "all_reduce")?;
+        dist_core::ensure_arg!(
+            input.dtype().is_reducible(),
+            "{} all_reduce: cannot reduce {}",
+            self.name,
+            input.dtype()
+        );
+        let out = self.new_tensor(input.dtype(), input.shape())?;
+        self.nccl_all_reduce(input.ptr(), out.ptr(), input.dtype(), input.numel(), op)?;
+        Ok(out)
+    }
+}
+
+impl NcclDevice for Communicator {
+    type Tensor = RocmTensor;
+    fn group_name(&self) -> &str {
+        &self.name
+    }
+    fn group_rank(&self) -> usize {
+        self.rank
+    }
+    fn group_size(&self) -> usize {
+        self.world
+    }
+    fn nccl_version_code(&self) -> i32 {
+        self.nccl_version
+    }
+    fn new_tensor(&self, dtype: DType, shape: &[usize]) -> Result<RocmTensor> {
+        RocmTensor::uninit(&self.dev, dtype, shape)
+    }
+    fn device_ptr(t: &RocmTensor) -> u64 {
+        t.ptr()
+    }
     fn with_nccl<R>(
         &self,
         op: &str,
@@ -307,7 +323,6 @@ impl Communicator {
             e => e,
         })
     }
-
     /// Keeps an op's temporary alive when the stream is capturing (see `graph_keep`); otherwise
     /// drops it (its free waits for the device).
     fn retire(&self, tmp: Option<RocmTensor>) -> Result<()> {
@@ -318,83 +333,32 @@ impl Communicator {
         }
         Ok(())
     }
-
-    fn new_tensor(&self, dtype: DType, shape: &[usize]) -> Result<RocmTensor> {
-        RocmTensor::uninit(&self.dev, dtype, shape)
-    }
-
-    /// Grouped sends and receives (vLLM's `batch_isend_irecv`), in one NCCL group. fp8 travels as bytes.
-    pub fn batch_send_recv(&self, ops: &mut [P2pOp<'_>]) -> Result<()> {
-        for o in ops.iter() {
-            let (t, peer) = match o {
-                P2pOp::Send(t, p) => (&**t, *p),
-                P2pOp::Recv(t, p) => (&**t, *p),
-            };
-            self.check_tensor(t, "batch_send_recv")?;
-            dist_core::ensure_arg!(
-                peer < self.world,
-                "batch_send_recv: peer {peer} out of range for {}",
-                self.world
-            );
-        }
-        self.with_nccl("batch_send_recv", |c, s| {
-            c.group(|c| {
-                for o in ops.iter_mut() {
-                    match o {
-                        P2pOp::Send(t, p) => {
-                            let (dt, n) = wire_dtype(t.dtype(), t.numel())?;
-                            if n == 0 {
-                                continue; // both sides skip: shapes match
-                            }
-                            // SAFETY: t is live until the group's work runs (the caller keeps it).
-                            unsafe { c.send(vptr(t.ptr()), n, dt, *p, s) }?;
-                        }
-                        P2pOp::Recv(t, p) => {
-                            let (dt, n) = wire_dtype(t.dtype(), t.numel())?;
-                            if n == 0 {
-                                continue;
-                            }
-                            // SAFETY: as above.
-                            unsafe { c.recv(vptr(t.ptr()), n, dt, *p, s) }?;
-                        }
-                    }
-                }
-                Ok(())
-            })
-        })
-    }
-
-    fn nccl_all_reduce(
+    unsafe fn copy_2d(
         &self,
-        src: u64,
         dst: u64,
-        dtype: DType,
-        numel: usize,
-        op: ReduceOp,
+        dst_pitch: usize,
+        src: u64,
+        src_pitch: usize,
+        width: usize,
+        height: usize,
     ) -> Result<()> {
-        check_reduction(dtype, op, self.nccl_version)?;
-        let dt = nccl_dtype(dtype)?;
-        if numel == 0 {
-            return Ok(());
+        // SAFETY: forwarded contract.
+        unsafe {
+            copy_2d(
+                self.dev.runtime(),
+                dst,
+                dst_pitch,
+                src,
+                src_pitch,
+                width,
+                height,
+                self.dev.stream(),
+            )
         }
-        self.with_nccl("all_reduce", |c, s| {
-            // SAFETY: src/dst hold numel elements and outlive the enqueued work (callers hold them).
-            unsafe { c.all_reduce(vptr(src), vptr(dst), numel, dt, nccl_op(op), s) }
-        })
     }
-
-    fn all_reduce_impl(&self, input: &RocmTensor, op: ReduceOp) -> Result<RocmTensor> {
-        self.live("all_reduce")?;
-        self.check_tensor(input, "all_reduce")?;
-        dist_core::ensure_arg!(
-            input.dtype().is_reducible(),
-            "{} all_reduce: cannot reduce {}",
-            self.name,
-            input.dtype()
-        );
-        let out = self.new_tensor(input.dtype(), input.shape())?;
-        self.nccl_all_reduce(input.ptr(), out.ptr(), input.dtype(), input.numel(), op)?;
-        Ok(out)
+    unsafe fn copy_d2d(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { copy_d2d(self.dev.runtime(), dst, src, bytes, self.dev.stream()) }
     }
 }
 
@@ -448,159 +412,19 @@ impl DeviceCommunicator for Communicator {
     fn all_gather(&self, input: &RocmTensor, dim: isize) -> Result<RocmTensor> {
         self.live("all_gather")?;
         self.check_tensor(input, "all_gather")?;
-        let d = check_collective_dim(input.shape(), dim, "all_gather")?;
-        let (outer, len, inner) = split_dims(input.shape(), d);
-        let out = self.new_tensor(input.dtype(), &with_dim(input.shape(), d, len * self.world))?;
-        let (dt, n) = wire_dtype(input.dtype(), input.numel())?;
-        if n == 0 {
-            return Ok(out);
-        }
-        let es = input.dtype().size();
-        let tmp = if outer == 1 {
-            None
-        } else {
-            Some(self.new_tensor(input.dtype(), &[self.world * input.numel()])?)
-        };
-        let target = tmp.as_ref().map_or(out.ptr(), |t| t.ptr());
-        self.with_nccl("all_gather", |c, s| {
-            // SAFETY: input has n elements, target world*n; both outlive the enqueued work.
-            unsafe { c.all_gather(vptr(input.ptr()), vptr(target), n, dt, s) }
-        })?;
-        if let Some(tmp) = &tmp {
-            // SAFETY: tmp and out both hold the full gathered element count.
-            unsafe {
-                rank_major_to_cat(
-                    &self.dev,
-                    out.ptr(),
-                    tmp.ptr(),
-                    outer,
-                    inner,
-                    &vec![len; self.world],
-                    es,
-                )?;
-            }
-        }
-        self.retire(tmp)?;
-        Ok(out)
+        ops::all_gather(self, input, dim)
     }
 
     fn all_gatherv(&self, input: &RocmTensor, dim: isize, sizes: &[usize]) -> Result<RocmTensor> {
         self.live("all_gatherv")?;
         self.check_tensor(input, "all_gatherv")?;
-        let d = check_collective_dim(input.shape(), dim, "all_gatherv")?;
-        dist_core::ensure_arg!(
-            sizes.len() == self.world,
-            "all_gatherv: {} sizes for world size {}",
-            sizes.len(),
-            self.world
-        );
-        dist_core::ensure_arg!(
-            sizes[self.rank] == input.shape()[d],
-            "all_gatherv: rank {} has {} along dim {d}, sizes say {}",
-            self.rank,
-            input.shape()[d],
-            sizes[self.rank]
-        );
-        if sizes.iter().all(|s| *s == sizes[0]) {
-            return self.all_gather(input, dim);
-        }
-        let (outer, _, inner) = split_dims(input.shape(), d);
-        let total: usize = sizes.iter().sum();
-        let out = self.new_tensor(input.dtype(), &with_dim(input.shape(), d, total))?;
-        let es = input.dtype().size();
-        let tmp = if outer == 1 {
-            None
-        } else {
-            Some(self.new_tensor(input.dtype(), &[outer * total * inner])?)
-        };
-        let target = tmp.as_ref().map_or(out.ptr(), |t| t.ptr());
-        let (dt, _) = wire_dtype(input.dtype(), 0)?;
-        let me = self.rank;
-        self.with_nccl("all_gatherv", |c, s| {
-            c.group(|c| {
-                let mut off = 0usize;
-                for (root, &l) in sizes.iter().enumerate() {
-                    let count = outer * l * inner;
-                    if count > 0 {
-                        let send = if root == me {
-                            vptr(input.ptr()) as *const c_void
-                        } else {
-                            std::ptr::null()
-                        };
-                        // SAFETY: block `root` of target holds `count` elements; input holds
-                        // `count` on the root; all outlive the enqueued work.
-                        unsafe {
-                            c.broadcast(send, vptr(target + (off * es) as u64), count, dt, root, s)
-                        }?;
-                    }
-                    off += count;
-                }
-                Ok(())
-            })
-        })?;
-        if let Some(tmp) = &tmp {
-            // SAFETY: tmp and out both hold the full gathered element count.
-            unsafe {
-                rank_major_to_cat(&self.dev, out.ptr(), tmp.ptr(), outer, inner, sizes, es)?;
-            }
-        }
-        self.retire(tmp)?;
-        Ok(out)
+        ops::all_gatherv(self, input, dim, sizes)
     }
 
     fn reduce_scatter(&self, input: &RocmTensor, dim: isize, op: ReduceOp) -> Result<RocmTensor> {
         self.live("reduce_scatter")?;
         self.check_tensor(input, "reduce_scatter")?;
-        let d = check_collective_dim(input.shape(), dim, "reduce_scatter")?;
-        let (outer, len, inner) = split_dims(input.shape(), d);
-        dist_core::ensure_arg!(
-            len % self.world == 0,
-            "reduce_scatter: dim {d} of shape {:?} is not divisible by world size {}",
-            input.shape(),
-            self.world
-        );
-        check_reduction(input.dtype(), op, self.nccl_version)?;
-        let chunk = len / self.world;
-        let out = self.new_tensor(input.dtype(), &with_dim(input.shape(), d, chunk))?;
-        if input.numel() == 0 {
-            return Ok(out);
-        }
-        let es = input.dtype().size();
-        let tmp = if outer == 1 {
-            None
-        } else {
-            let t = self.new_tensor(input.dtype(), &[input.numel()])?;
-            // SAFETY: t and input both hold input.numel() elements.
-            unsafe {
-                cat_to_rank_major(
-                    &self.dev,
-                    t.ptr(),
-                    input.ptr(),
-                    outer,
-                    inner,
-                    &vec![chunk; self.world],
-                    es,
-                )?;
-            }
-            Some(t)
-        };
-        let src = tmp.as_ref().map_or(input.ptr(), |t| t.ptr());
-        let dt = nccl_dtype(input.dtype())?;
-        self.with_nccl("reduce_scatter", |c, s| {
-            // SAFETY: src holds world*count elements, out count; both outlive the work.
-            unsafe {
-                c.reduce_scatter(
-                    vptr(src),
-                    vptr(out.ptr()),
-                    outer * chunk * inner,
-                    dt,
-                    nccl_op(op),
-                    s,
-                )
-            }
-        })?;
-        self.retire(tmp)?;
-        Ok(out)
+        ops::reduce_scatter(self, input, dim, op)
     }
 
     fn reduce_scatterv(
@@ -612,163 +436,29 @@ impl DeviceCommunicator for Communicator {
     ) -> Result<RocmTensor> {
         self.live("reduce_scatterv")?;
         self.check_tensor(input, "reduce_scatterv")?;
-        let d = check_collective_dim(input.shape(), dim, "reduce_scatterv")?;
-        let out_shape = reduce_scatterv_shape(input.shape(), d, sizes, self.world, self.rank)?;
-        if sizes.iter().all(|s| *s == sizes[0]) {
-            return self.reduce_scatter(input, dim, op);
-        }
-        check_reduction(input.dtype(), op, self.nccl_version)?;
-        let (outer, _, inner) = split_dims(input.shape(), d);
-        let out = self.new_tensor(input.dtype(), &out_shape)?;
-        let es = input.dtype().size();
-        let tmp = if outer == 1 {
-            None
-        } else {
-            let t = self.new_tensor(input.dtype(), &[input.numel()])?;
-            // SAFETY: t and input both hold input.numel() elements.
-            unsafe {
-                cat_to_rank_major(&self.dev, t.ptr(), input.ptr(), outer, inner, sizes, es)?;
-            }
-            Some(t)
-        };
-        let src = tmp.as_ref().map_or(input.ptr(), |t| t.ptr());
-        let dt = nccl_dtype(input.dtype())?;
-        self.with_nccl("reduce_scatterv", |c, s| {
-            c.group(|c| {
-                let mut off = 0usize;
-                for (root, &l) in sizes.iter().enumerate() {
-                    let count = outer * l * inner;
-                    if count > 0 {
-                        // SAFETY: block `root` of src holds `count` elements; out holds
-                        // sizes[rank] rows (read on the root only); all outlive the work.
-                        unsafe {
-                            c.reduce(
-                                vptr(src + (off * es) as u64),
-                                vptr(out.ptr()),
-                                count,
-                                dt,
-                                nccl_op(op),
-                                root,
-                                s,
-                            )
-                        }?;
-                    }
-                    off += count;
-                }
-                Ok(())
-            })
-        })?;
-        self.retire(tmp)?;
-        Ok(out)
+        ops::reduce_scatterv(self, input, dim, sizes, op)
     }
 
     fn gather(&self, input: &RocmTensor, dst: usize, dim: isize) -> Result<Option<RocmTensor>> {
         self.live("gather")?;
         self.check_tensor(input, "gather")?;
-        dist_core::ensure_arg!(
-            dst < self.world,
-            "gather: dst {dst} out of range for world size {}",
-            self.world
-        );
-        let d = check_collective_dim(input.shape(), dim, "gather")?;
-        let (outer, len, inner) = split_dims(input.shape(), d);
-        let (dt, n) = wire_dtype(input.dtype(), input.numel())?;
-        let es = input.dtype().size();
-        let nbytes = input.nbytes();
-        if n == 0 {
-            return if self.rank == dst {
-                let shape = with_dim(input.shape(), d, len * self.world);
-                self.new_tensor(input.dtype(), &shape).map(Some)
-            } else {
-                Ok(None)
-            };
-        }
-        if self.rank != dst {
-            self.with_nccl("gather", |c, s| {
-                // SAFETY: input holds n elements and outlives the work.
-                unsafe { c.send(vptr(input.ptr()), n, dt, dst, s) }
-            })?;
-            return Ok(None);
-        }
-        let out = self.new_tensor(input.dtype(), &with_dim(input.shape(), d, len * self.world))?;
-        let tmp = if outer == 1 {
-            None
-        } else {
-            Some(self.new_tensor(input.dtype(), &[self.world * input.numel()])?)
-        };
-        let target = tmp.as_ref().map_or(out.ptr(), |t| t.ptr());
-        // SAFETY: block `dst` of target holds nbytes; input holds nbytes.
-        unsafe {
-            copy_d2d(
-                self.dev.runtime(),
-                target + (dst * nbytes) as u64,
-                input.ptr(),
-                nbytes,
-                self.dev.stream(),
-            )
-        }?;
-        if self.world > 1 {
-            let world = self.world;
-            self.with_nccl("gather", |c, s| {
-                c.group(|c| {
-                    for r in (0..world).filter(|r| *r != dst) {
-                        // SAFETY: block r of target holds n elements and outlives the work.
-                        unsafe { c.recv(vptr(target + (r * nbytes) as u64), n, dt, r, s) }?;
-                    }
-                    Ok(())
-                })
-            })?;
-        }
-        if let Some(tmp) = &tmp {
-            // SAFETY: tmp and out both hold the full gathered element count.
-            unsafe {
-                rank_major_to_cat(
-                    &self.dev,
-                    out.ptr(),
-                    tmp.ptr(),
-                    outer,
-                    inner,
-                    &vec![len; self.world],
-                    es,
-                )?;
-            }
-        }
-        self.retire(tmp)?;
-        Ok(Some(out))
+        ops::gather(self, input, dst, dim)
     }
 
     fn broadcast(&self, tensor: &mut RocmTensor, src: usize) -> Result<()> {
         self.live("broadcast")?;
         self.check_tensor(tensor, "broadcast")?;
-        dist_core::ensure_arg!(
-            src < self.world,
-            "broadcast: src {src} out of range for world size {}",
-            self.world
-        );
-        let (dt, n) = wire_dtype(tensor.dtype(), tensor.numel())?;
-        if n == 0 {
-            return Ok(());
-        }
-        let me = self.rank;
-        self.with_nccl("broadcast", |c, s| {
-            let send = if me == src {
-                vptr(tensor.ptr()) as *const c_void
-            } else {
-                std::ptr::null()
-            };
-            // SAFETY: tensor holds n elements and outlives the work.
-            unsafe { c.broadcast(send, vptr(tensor.ptr()), n, dt, src, s) }
-        })
+        ops::broadcast(self, tensor, src)
     }
 
     fn send(&self, tensor: &RocmTensor, dst: usize) -> Result<()> {
         self.check_tensor(tensor, "send")?;
-        self.batch_send_recv(&mut [P2pOp::Send(tensor, dst)])
+        self.batch_send_recv(&mut [ops::P2pOp::Send(tensor, dst)])
     }
 
     fn recv(&self, tensor: &mut RocmTensor, src: usize) -> Result<()> {
         self.check_tensor(tensor, "recv")?;
-        self.batch_send_recv(&mut [P2pOp::Recv(tensor, src)])
+        self.batch_send_recv(&mut [ops::P2pOp::Recv(tensor, src)])
     }
 
     fn begin_capture(&self) -> Result<()> {
