@@ -121,15 +121,20 @@ fn ip(args: &[&str]) -> bool {
 }
 
 #[test]
+#[cfg_attr(
+    dist_cpu_not_root,
+    ignore = "SKIPPED: the two-namespace gloo test needs root (ip netns); the build was not root"
+)]
 fn two_namespaces_use_gloo_and_match_the_oracles() {
     if std::env::var("DIST_CPU_NETNS_CHILD").is_ok() {
         child();
     }
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: the two-namespace gloo test needs root (ip netns)");
-        return;
-    }
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the build ran as root, this test does not: it needs root (ip netns)"
+    );
     let pid = std::process::id();
     let (a, b) = (format!("dcpu{pid}a"), format!("dcpu{pid}b"));
     let (va, vb) = (format!("vc{pid}a"), format!("vc{pid}b"));
@@ -147,10 +152,10 @@ fn two_namespaces_use_gloo_and_match_the_oracles() {
         && ip(&["-n", &b, "link", "set", &vb, "up"])
         && ip(&["-n", &a, "link", "set", "lo", "up"])
         && ip(&["-n", &b, "link", "set", "lo", "up"]);
-    if !ok {
-        eprintln!("SKIPPED: could not set up network namespaces (ip netns / veth refused)");
-        return;
-    }
+    assert!(
+        ok,
+        "could not set up network namespaces as root (ip netns / veth refused)"
+    );
     let exe = std::env::current_exe().unwrap();
     let port = 20000 + (pid % 20000) as u16;
     let kids: Vec<_> = (0..WORLD)
