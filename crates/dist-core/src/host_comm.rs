@@ -33,28 +33,7 @@ pub struct HostCommunicator {
 struct Wire {
     dtype: DType,
     shape: Vec<usize>,
-    #[serde(with = "serde_bytes_compat")]
     data: Vec<u8>,
-}
-
-/// postcard encodes `Vec<u8>` compactly already; this keeps the field a plain byte string.
-mod serde_bytes_compat {
-    pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-        }
-        d.deserialize_bytes(V)
-    }
 }
 
 impl HostCommunicator {

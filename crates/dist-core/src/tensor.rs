@@ -313,6 +313,19 @@ impl Tensor for HostTensor {
     }
 }
 
+/// Bytes of a tensor of `shape` and `dtype`, with overflow checked before anything is allocated
+/// (device backends size their buffers with it).
+pub fn checked_nbytes(dtype: DType, shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(dtype.size(), |acc, d| acc.checked_mul(*d))
+        .ok_or_else(|| {
+            crate::Error::invalid(format!(
+                "tensor of shape {shape:?} and dtype {dtype} overflows usize bytes"
+            ))
+        })
+}
+
 /// Normalises a possibly negative `dim` for a tensor of `ndim` dimensions, as torch does.
 pub fn normalize_dim(dim: isize, ndim: usize) -> Result<usize> {
     let n = ndim as isize;
@@ -470,6 +483,13 @@ mod tests {
         let z = HostTensor::zeros(DType::BF16, &[0, 5]);
         assert_eq!(z.nbytes(), 0);
         assert_eq!(z.as_slice::<half::bf16>().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn checked_sizes() {
+        assert_eq!(checked_nbytes(DType::F32, &[2, 3]).unwrap(), 24);
+        assert_eq!(checked_nbytes(DType::BF16, &[]).unwrap(), 2);
+        assert!(checked_nbytes(DType::F64, &[usize::MAX / 4, 3]).is_err());
     }
 
     #[test]

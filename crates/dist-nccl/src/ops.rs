@@ -72,6 +72,23 @@ pub enum P2pOp<'a, T> {
     Recv(&'a mut T, usize),
 }
 
+/// The blocks of a re-layout between rank-major and `cat` order: for each rank, its offset in the
+/// rank-major buffer, its column offset in a `cat` row, and its width, all in bytes.
+fn blocks(
+    outer: usize,
+    inner: usize,
+    lens: &[usize],
+    es: usize,
+) -> impl Iterator<Item = (u64, u64, usize)> + '_ {
+    lens.iter().scan((0usize, 0usize), move |(off, col), &l| {
+        let w = l * inner * es;
+        let b = (*off as u64, *col as u64, w);
+        *off += outer * w;
+        *col += w;
+        Some(b)
+    })
+}
+
 /// Re-lays out a rank-major buffer (`parts[r]` = `(outer, lens[r], inner)` elements of `es` bytes,
 /// contiguous) into `cat(parts, dim)` with one strided copy per rank (`copy_2d(dst, dst_pitch,
 /// src, src_pitch, width, height)`). The layout step of all_gather(dim) / all_gatherv / gather
@@ -89,20 +106,9 @@ pub unsafe fn rank_major_to_cat(
     lens: &[usize],
     es: usize,
 ) -> Result<()> {
-    let total: usize = lens.iter().sum();
-    let (mut src_off, mut col) = (0usize, 0usize);
-    for &l in lens {
-        let w = l * inner * es;
-        copy_2d(
-            dst + col as u64,
-            total * inner * es,
-            src + src_off as u64,
-            w,
-            w,
-            outer,
-        )?;
-        src_off += outer * w;
-        col += w;
+    let row = lens.iter().sum::<usize>() * inner * es;
+    for (off, col, w) in blocks(outer, inner, lens, es) {
+        copy_2d(dst + col, row, src + off, w, w, outer)?;
     }
     Ok(())
 }
@@ -121,26 +127,18 @@ pub unsafe fn cat_to_rank_major(
     lens: &[usize],
     es: usize,
 ) -> Result<()> {
-    let total: usize = lens.iter().sum();
-    let (mut dst_off, mut col) = (0usize, 0usize);
-    for &l in lens {
-        let w = l * inner * es;
-        copy_2d(
-            dst + dst_off as u64,
-            w,
-            src + col as u64,
-            total * inner * es,
-            w,
-            outer,
-        )?;
-        dst_off += outer * w;
-        col += w;
+    let row = lens.iter().sum::<usize>() * inner * es;
+    for (off, col, w) in blocks(outer, inner, lens, es) {
+        copy_2d(dst + off, w, src + col, row, w, outer)?;
     }
     Ok(())
 }
 
-fn relayout_to_cat<D: NcclDevice>(
+/// [`rank_major_to_cat`] (`to_cat`) or [`cat_to_rank_major`] with `d`'s device copy.
+#[allow(clippy::too_many_arguments)]
+fn relayout<D: NcclDevice>(
     d: &D,
+    to_cat: bool,
     dst: u64,
     src: u64,
     outer: usize,
@@ -153,24 +151,13 @@ fn relayout_to_cat<D: NcclDevice>(
         unsafe { d.copy_2d(dst, dp, src, sp, w, h) }
     };
     // SAFETY: callers pass buffers of the full size on d's device; `copy` is d's device copy.
-    unsafe { rank_major_to_cat(copy, dst, src, outer, inner, lens, es) }
-}
-
-fn relayout_to_rank_major<D: NcclDevice>(
-    d: &D,
-    dst: u64,
-    src: u64,
-    outer: usize,
-    inner: usize,
-    lens: &[usize],
-    es: usize,
-) -> Result<()> {
-    let copy = |dst: u64, dp: usize, src: u64, sp: usize, w: usize, h: usize| {
-        // SAFETY: forwarded: the callers of this function pass live buffers of d's device.
-        unsafe { d.copy_2d(dst, dp, src, sp, w, h) }
-    };
-    // SAFETY: callers pass buffers of the full size on d's device; `copy` is d's device copy.
-    unsafe { cat_to_rank_major(copy, dst, src, outer, inner, lens, es) }
+    unsafe {
+        if to_cat {
+            rank_major_to_cat(copy, dst, src, outer, inner, lens, es)
+        } else {
+            cat_to_rank_major(copy, dst, src, outer, inner, lens, es)
+        }
+    }
 }
 
 /// NCCL all-reduce of `numel` elements from `src` into `dst` (may be equal: in place).
@@ -255,8 +242,9 @@ pub fn all_gather<D: NcclDevice>(d: &D, input: &D::Tensor, dim: isize) -> Result
         unsafe { c.all_gather(vptr(D::device_ptr(input)), vptr(target), n, dt, s) }
     })?;
     if let Some(tmp) = &tmp {
-        relayout_to_cat(
+        relayout(
             d,
+            true,
             D::device_ptr(&out),
             D::device_ptr(tmp),
             outer,
@@ -327,8 +315,9 @@ pub fn all_gatherv<D: NcclDevice>(
         })
     })?;
     if let Some(tmp) = &tmp {
-        relayout_to_cat(
+        relayout(
             d,
+            true,
             D::device_ptr(&out),
             D::device_ptr(tmp),
             outer,
@@ -368,8 +357,9 @@ pub fn reduce_scatter<D: NcclDevice>(
         None
     } else {
         let t = d.new_tensor(input.dtype(), &[input.numel()])?;
-        relayout_to_rank_major(
+        relayout(
             d,
+            false,
             D::device_ptr(&t),
             D::device_ptr(input),
             outer,
@@ -421,8 +411,9 @@ pub fn reduce_scatterv<D: NcclDevice>(
         None
     } else {
         let t = d.new_tensor(input.dtype(), &[input.numel()])?;
-        relayout_to_rank_major(
+        relayout(
             d,
+            false,
             D::device_ptr(&t),
             D::device_ptr(input),
             outer,
@@ -518,8 +509,9 @@ pub fn gather<D: NcclDevice>(
         })?;
     }
     if let Some(tmp) = &tmp {
-        relayout_to_cat(
+        relayout(
             d,
+            true,
             D::device_ptr(&out),
             D::device_ptr(tmp),
             outer,
@@ -553,4 +545,75 @@ pub fn broadcast<D: NcclDevice>(d: &D, tensor: &mut D::Tensor, src: usize) -> Re
         // SAFETY: tensor holds n elements and outlives the work.
         unsafe { c.broadcast(send, vptr(p), n, dt, src, s) }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dist_core::tensor::{concat_along, split_along};
+
+    /// The re-layouts, run with a host-memory `copy_2d`, equal dist-core's concat/split.
+    #[test]
+    fn relayouts_match_concat_and_split() {
+        let host_copy_2d = |dst: u64, dp: usize, src: u64, sp: usize, w: usize, h: usize| {
+            for r in 0..h {
+                // SAFETY: the test's buffers hold every row the re-layout addresses.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        (src as usize + r * sp) as *const u8,
+                        (dst as usize + r * dp) as *mut u8,
+                        w,
+                    )
+                };
+            }
+            Ok(())
+        };
+        let (outer, inner, es) = (3usize, 2usize, 4usize);
+        let lens = [1usize, 0, 3, 2];
+        let total: usize = lens.iter().sum();
+        let parts: Vec<Vec<u8>> = lens
+            .iter()
+            .enumerate()
+            .map(|(r, l)| {
+                (0..outer * l * inner * es)
+                    .map(|i| (r * 50 + i) as u8)
+                    .collect()
+            })
+            .collect();
+        let rank_major: Vec<u8> = parts.concat();
+        let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+        let want = concat_along(&refs, &[outer, 0, inner], 1, &lens, es).unwrap();
+        let mut cat = vec![0u8; rank_major.len()];
+        // SAFETY: both buffers hold outer*total*inner*es bytes; the copy is a host copy.
+        unsafe {
+            rank_major_to_cat(
+                host_copy_2d,
+                cat.as_mut_ptr() as u64,
+                rank_major.as_ptr() as u64,
+                outer,
+                inner,
+                &lens,
+                es,
+            )
+        }
+        .unwrap();
+        assert_eq!(cat, want);
+        let mut back = vec![0u8; cat.len()];
+        // SAFETY: as above.
+        unsafe {
+            cat_to_rank_major(
+                host_copy_2d,
+                back.as_mut_ptr() as u64,
+                cat.as_ptr() as u64,
+                outer,
+                inner,
+                &lens,
+                es,
+            )
+        }
+        .unwrap();
+        assert_eq!(back, rank_major);
+        let split = split_along(&cat, &[outer, total, inner], 1, &lens, es).unwrap();
+        assert_eq!(split.concat(), rank_major);
+    }
 }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use dist_core::{DType, Device, DeviceKind, Error, HostTensor, Result, Tensor};
+use dist_core::{DType, Device, DeviceKind, HostTensor, Result, Tensor};
 
 use crate::driver::{copy_d2h, copy_h2d, DeviceBuffer, DeviceContext};
 
@@ -28,17 +28,7 @@ impl std::fmt::Debug for RocmTensor {
     }
 }
 
-/// Bytes of `shape` of `dtype`, with overflow checked before anything is allocated.
-pub fn checked_nbytes(dtype: DType, shape: &[usize]) -> Result<usize> {
-    shape
-        .iter()
-        .try_fold(dtype.size(), |acc, d| acc.checked_mul(*d))
-        .ok_or_else(|| {
-            Error::invalid(format!(
-                "tensor of shape {shape:?} and dtype {dtype} overflows usize bytes"
-            ))
-        })
-}
+pub use dist_core::tensor::checked_nbytes;
 
 impl RocmTensor {
     /// A zero-filled tensor on `dev` (zeroed on the device's stream).
@@ -116,17 +106,5 @@ impl Tensor for RocmTensor {
     }
     fn device(&self) -> Device {
         Device::new(DeviceKind::Rocm, self.buf.device().ordinal())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nbytes_overflow_is_caught_before_allocation() {
-        assert_eq!(checked_nbytes(DType::F32, &[2, 3]).unwrap(), 24);
-        assert_eq!(checked_nbytes(DType::BF16, &[]).unwrap(), 2);
-        assert!(checked_nbytes(DType::F64, &[usize::MAX / 4, 3]).is_err());
     }
 }

@@ -21,7 +21,6 @@ const PUBLISHED: usize = 8;
 /// Flight recorder + snapshots over a store.
 #[derive(Debug)]
 pub struct StoreDiagnostics {
-    rank: usize,
     store: Arc<dyn Store>,
     recorder: Arc<FlightRecorder>,
     stop: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
@@ -68,7 +67,6 @@ impl StoreDiagnostics {
             })
             .ok();
         Arc::new(StoreDiagnostics {
-            rank,
             store,
             recorder,
             stop: Mutex::new(handle.map(|h| (tx, h))),
@@ -122,7 +120,6 @@ impl Diagnostics for StoreDiagnostics {
         &self.recorder
     }
     fn describe(&self, global_ranks: &[usize]) -> String {
-        let _ = self.rank;
         describe_ranks(
             self.store.as_ref(),
             global_ranks,
