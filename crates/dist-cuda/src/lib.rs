@@ -70,6 +70,9 @@ pub mod bench;
 pub mod communicator;
 pub mod custom_ar;
 pub mod driver;
+pub mod ipc;
+pub mod pair;
+pub mod paged;
 pub mod tensor;
 
 pub use communicator::{Communicator, CudaBackend, CudaGraph, Options, P2pOp};

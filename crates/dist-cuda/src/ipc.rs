@@ -1,0 +1,1 @@
+//! CUDA IPC: sharing device memory between processes of one host.

@@ -1,0 +1,1 @@
+//! A two-rank NCCL link for point-to-point transfers between two processes.
