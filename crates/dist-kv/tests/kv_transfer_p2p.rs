@@ -4,20 +4,24 @@
 //! dies, gives up or never loads fails the producer's request with an error naming it and frees
 //! its buffers, within the deadlines; hostile bytes on the socket do not hurt the engine.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
 use dist_core::DType;
 use dist_kv::transfer::p2p::wire::{write_frame, Frame, TensorHeader, PROTOCOL_VERSION};
 use dist_kv::transfer::p2p::{
-    wait_finished, EngineConfig, P2pConfig, P2pConnectorMetadata, P2pRole, P2pScheduler, P2pWorker,
-    SendType,
+    wait_finished, DataPath, EngineConfig, P2pConfig, P2pConnectorMetadata, P2pRole, P2pScheduler,
+    P2pWorker, SendType, TcpDataPath,
 };
 use dist_kv::transfer::{
-    decode_metadata, encode_metadata, BlockId, KvCacheSpec, KvCaches, KvConnectorScheduler,
-    KvConnectorWorker, KvLayout, NewRequestData, PagedKvCache, Request, SchedulerOutput,
+    decode_metadata, encode_metadata, BlockId, KvCacheLayer, KvCacheSpec, KvCaches,
+    KvConnectorScheduler, KvConnectorWorker, KvLayout, NewRequestData, PagedKvCache, Request,
+    SchedulerOutput,
 };
+
+#[path = "kv_transfer_p2p/lending.rs"]
+mod lending;
 
 const BS: usize = 4;
 const LAYERS: usize = 3;
@@ -91,9 +95,9 @@ fn plan() -> Plan {
     }
 }
 
-fn producer_step(
-    worker: &mut P2pWorker,
-    caches: &KvCaches,
+fn producer_step<W: KvConnectorWorker<Metadata = P2pConnectorMetadata>>(
+    worker: &mut W,
+    caches: &BTreeMap<String, W::Cache>,
     reqs: &[(Request, Vec<BlockId>)],
 ) -> BTreeSet<String> {
     let mut sched = P2pScheduler::new(P2pRole::Producer, BS).unwrap();
@@ -123,7 +127,11 @@ fn producer_step(
     reqs.iter().map(|(r, _)| r.request_id.clone()).collect()
 }
 
-fn consumer_step(worker: &mut P2pWorker, caches: &mut KvCaches, reqs: &[(Request, Vec<BlockId>)]) {
+fn consumer_step<W: KvConnectorWorker<Metadata = P2pConnectorMetadata>>(
+    worker: &mut W,
+    caches: &mut BTreeMap<String, W::Cache>,
+    reqs: &[(Request, Vec<BlockId>)],
+) {
     let mut sched = P2pScheduler::new(P2pRole::Consumer, BS).unwrap();
     let mut out = SchedulerOutput::default();
     for (r, b) in reqs {
@@ -144,9 +152,31 @@ fn consumer_step(worker: &mut P2pWorker, caches: &mut KvCaches, reqs: &[(Request
 
 /// Runs a full transfer and checks every loaded block against the producer's.
 fn transfer(send_type: SendType, send_cap: usize, recv_cap: usize) {
+    transfer_on::<PagedKvCache, TcpDataPath>(send_type, send_cap, recv_cap, |c| c, || TcpDataPath);
+}
+
+/// [`transfer`] with caches `C` (made from host caches by `wrap`) over data path `D`.
+fn transfer_on<C, D>(
+    send_type: SendType,
+    send_cap: usize,
+    recv_cap: usize,
+    wrap: impl Fn(PagedKvCache) -> C,
+    path: impl Fn() -> D,
+) where
+    C: KvCacheLayer,
+    D: DataPath<Buffer = C::Buffer>,
+{
     let p = plan();
-    let mut prod = P2pWorker::new(cfg(P2pRole::Producer, send_type, send_cap, recv_cap)).unwrap();
-    let mut cons = P2pWorker::new(cfg(P2pRole::Consumer, send_type, send_cap, recv_cap)).unwrap();
+    let mut prod = P2pWorker::<C, D>::with_data_path(
+        cfg(P2pRole::Producer, send_type, send_cap, recv_cap),
+        path(),
+    )
+    .unwrap();
+    let mut cons = P2pWorker::<C, D>::with_data_path(
+        cfg(P2pRole::Consumer, send_type, send_cap, recv_cap),
+        path(),
+    )
+    .unwrap();
     let (pa, ca) = (
         prod.engine().listen_addr().to_string(),
         cons.engine().listen_addr().to_string(),
@@ -168,8 +198,10 @@ fn transfer(send_type: SendType, send_cap: usize, recv_cap: usize) {
             )
         })
         .collect();
-    let pc = caches(KvLayout::Nhd, 16, Some(1234));
-    let mut cc = caches(KvLayout::Hnd, 12, None);
+    let wrap_all =
+        |c: KvCaches| -> BTreeMap<String, C> { c.into_iter().map(|(n, c)| (n, wrap(c))).collect() };
+    let pc = wrap_all(caches(KvLayout::Nhd, 16, Some(1234)));
+    let mut cc = wrap_all(caches(KvLayout::Hnd, 12, None));
     prod.register_kv_caches(&pc).unwrap();
     cons.register_kv_caches(&cc).unwrap();
     let start = Instant::now();
@@ -195,8 +227,10 @@ fn transfer(send_type: SendType, send_cap: usize, recv_cap: usize) {
     for i in 0..3 {
         let n = (p.prompts[i].len() - 1).div_ceil(BS);
         for (name, c) in &cc {
-            let want = pc[name].gather_blocks(&p.prod_blocks[i][..n]).unwrap();
-            let have = c.gather_blocks(&p.cons_blocks[i][..n]).unwrap();
+            let want = pc[name]
+                .gather_slots(&slots(&p.prod_blocks[i][..n]))
+                .unwrap();
+            let have = c.gather_slots(&slots(&p.cons_blocks[i][..n])).unwrap();
             assert!(
                 want == have,
                 "{send_type:?} request {i} layer {name}: blocks differ"
@@ -211,6 +245,14 @@ fn transfer(send_type: SendType, send_cap: usize, recv_cap: usize) {
         "{send_type:?} send cap {send_cap} recv cap {recv_cap}: {:?}",
         start.elapsed()
     );
+}
+
+/// Every slot of `blocks`, in order.
+fn slots(blocks: &[BlockId]) -> Vec<u64> {
+    blocks
+        .iter()
+        .flat_map(|&b| (0..BS as u64).map(move |o| b as u64 * BS as u64 + o))
+        .collect()
 }
 
 #[test]
@@ -475,4 +517,22 @@ fn unclaimed_tensors_expire_and_free_the_buffer() {
     assert_eq!(t.nbytes(), 4096);
     assert_eq!(from, prod.engine().listen_addr());
     assert_eq!(cons.engine().recv_buffer_bytes(), 0);
+}
+
+/// A data path whose receiver reads the sender's memory (as CUDA IPC): in every mode, the
+/// sender keeps each tensor until the receiver's `Stored` / `GetDone`, then frees it.
+#[test]
+fn lending_data_path_keeps_tensors_until_the_receiver_copied_them() {
+    use std::sync::atomic::Ordering;
+    for send_type in [SendType::Put, SendType::PutAsync, SendType::Get] {
+        let before = lending::COPIES.load(Ordering::Relaxed);
+        transfer_on(send_type, 1 << 20, 1 << 20, lending::wrap, || {
+            lending::LendingPath
+        });
+        // 3 layers of 3 requests, each a copy out of lent memory.
+        assert!(lending::COPIES.load(Ordering::Relaxed) - before >= 9);
+        transfer_on(send_type, 2048, 2048, lending::wrap, || {
+            lending::LendingPath
+        });
+    }
 }

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::error::{Error, Result};
-use super::model::{BlockId, KvCaches, PagedKvCache, Request};
+use super::model::{BlockId, KvCacheLayer, Request};
 
 /// The two roles of a connector (vLLM's `KVConnectorRole`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -145,9 +145,11 @@ pub trait KvConnectorScheduler: Send + Debug {
 pub trait KvConnectorWorker: Send + Debug {
     /// The metadata the scheduler side sends.
     type Metadata: KvConnectorMetadata;
+    /// The layer caches it works on: [`super::PagedKvCache`] in host memory, or a device cache.
+    type Cache: KvCacheLayer;
 
     /// Tells the connector the layers and their shapes; called once before the first step.
-    fn register_kv_caches(&mut self, caches: &KvCaches) -> Result<()>;
+    fn register_kv_caches(&mut self, caches: &BTreeMap<String, Self::Cache>) -> Result<()>;
 
     /// Sets this step's metadata (vLLM's `bind_connector_metadata`).
     fn bind_connector_metadata(&mut self, meta: Self::Metadata);
@@ -160,13 +162,13 @@ pub trait KvConnectorWorker: Send + Debug {
     /// be loaded is not an error of the call: it is reported by
     /// [`Self::get_block_ids_with_load_errors`] and in [`Self::get_finished`]'s `failed`, and none of
     /// its blocks is written with wrong data.
-    fn start_load_kv(&mut self, caches: &mut KvCaches) -> Result<()>;
+    fn start_load_kv(&mut self, caches: &mut BTreeMap<String, Self::Cache>) -> Result<()>;
 
     /// Blocks until `layer_name` is loaded (layer-by-layer pipelining).
     fn wait_for_layer_load(&mut self, layer_name: &str) -> Result<()>;
 
     /// Starts saving this step's requests' KV of one layer, right after the layer's attention ran.
-    fn save_kv_layer(&mut self, layer_name: &str, layer: &PagedKvCache) -> Result<()>;
+    fn save_kv_layer(&mut self, layer_name: &str, layer: &Self::Cache) -> Result<()>;
 
     /// Blocks until every save of this step is done (or handed to a bounded buffer).
     fn wait_for_save(&mut self) -> Result<()>;

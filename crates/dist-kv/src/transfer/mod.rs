@@ -68,7 +68,7 @@ pub use connector::{
 };
 pub use error::{Error, Result};
 pub use model::{
-    align_to_block_size, slot_mapping, BlockId, KvCacheSpec, KvCaches, KvLayout, PagedKvCache,
-    Request,
+    align_to_block_size, blocks_shape, check_blocks_tensor, rows_shape, slot_mapping, BlockId,
+    KvCacheLayer, KvCacheSpec, KvCaches, KvLayout, PagedKvCache, Request,
 };
 pub use storage::{StorageConfig, StorageConnectorMetadata, StorageScheduler, StorageWorker};

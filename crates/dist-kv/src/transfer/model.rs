@@ -136,6 +136,68 @@ impl KvCacheSpec {
     }
 }
 
+/// A layer's paged KV cache wherever its memory lives: host memory ([`PagedKvCache`]) or a
+/// device's (`transfer::cuda::CudaKvCache` with the `cuda` feature). The connectors are written
+/// against this trait: the P2P connector moves [`KvCacheLayer::Buffer`]s (host or device
+/// tensors) on a data path of the same buffer type, the storage connector goes through host rows.
+pub trait KvCacheLayer: Send + Sync + std::fmt::Debug {
+    /// Where gathered blocks are held: a host or a device tensor.
+    type Buffer: dist_core::Tensor + 'static;
+
+    /// The geometry.
+    fn spec(&self) -> &KvCacheSpec;
+
+    /// Copies whole blocks out, token-major `[kv, blocks.len(), block_size, num_kv_heads,
+    /// head_dim]` whatever the layout.
+    fn gather_blocks(&self, blocks: &[BlockId]) -> Result<Self::Buffer>;
+
+    /// Writes the first `blocks.len()` blocks of each plane of `data`
+    /// (`[kv, m, block_size, num_kv_heads, head_dim]`, `m >= blocks.len()`) into `blocks`.
+    fn scatter_blocks(&mut self, blocks: &[BlockId], data: &Self::Buffer) -> Result<()>;
+
+    /// Host copy of the token rows at `slots`, `[kv, slots.len(), num_kv_heads, head_dim]`.
+    fn gather_slots(&self, slots: &[u64]) -> Result<HostTensor>;
+
+    /// Writes host `rows` (`[kv, slots.len(), num_kv_heads, head_dim]`) at `slots`.
+    fn scatter_slots(&mut self, slots: &[u64], rows: &HostTensor) -> Result<()>;
+}
+
+/// The shape of `n` gathered slots of a cache: `[kv, n, num_kv_heads, head_dim]`.
+pub fn rows_shape(spec: &KvCacheSpec, n: usize) -> Vec<usize> {
+    vec![spec.kv, n, spec.num_kv_heads, spec.head_dim]
+}
+
+/// The shape of `n` gathered blocks of a cache: `[kv, n, block_size, num_kv_heads, head_dim]`.
+pub fn blocks_shape(spec: &KvCacheSpec, n: usize) -> Vec<usize> {
+    vec![
+        spec.kv,
+        n,
+        spec.block_size,
+        spec.num_kv_heads,
+        spec.head_dim,
+    ]
+}
+
+/// Checks that `data` holds at least `n` gathered blocks of a cache of `spec`; returns its
+/// block count `m` (dim 1).
+pub fn check_blocks_tensor(
+    spec: &KvCacheSpec,
+    n: usize,
+    data: &impl dist_core::Tensor,
+) -> Result<usize> {
+    let m = data.shape().get(1).copied().unwrap_or(0);
+    if data.dtype() != spec.dtype || data.shape() != blocks_shape(spec, m).as_slice() || m < n {
+        return Err(Error::invalid(format!(
+            "blocks {} {:?} do not fit {n} blocks of this cache ({} {:?})",
+            data.dtype(),
+            data.shape(),
+            spec.dtype,
+            blocks_shape(spec, n)
+        )));
+    }
+    Ok(m)
+}
+
 /// The paged KV cache of one layer in host memory; see the module docs.
 #[derive(Clone, PartialEq)]
 pub struct PagedKvCache {
@@ -250,18 +312,12 @@ impl PagedKvCache {
 
     /// The shape of `n` gathered slots: `[kv, n, num_kv_heads, head_dim]`.
     pub fn rows_shape(&self, n: usize) -> Vec<usize> {
-        vec![self.spec.kv, n, self.spec.num_kv_heads, self.spec.head_dim]
+        rows_shape(&self.spec, n)
     }
 
     /// The shape of `n` gathered blocks: `[kv, n, block_size, num_kv_heads, head_dim]`.
     pub fn blocks_shape(&self, n: usize) -> Vec<usize> {
-        vec![
-            self.spec.kv,
-            n,
-            self.spec.block_size,
-            self.spec.num_kv_heads,
-            self.spec.head_dim,
-        ]
+        blocks_shape(&self.spec, n)
     }
 
     /// Copies the token rows at `slots` (`block * block_size + offset`) out, as
@@ -358,26 +414,18 @@ impl PagedKvCache {
         Ok(out)
     }
 
-    /// Writes `data` (`[kv, blocks.len(), block_size, num_kv_heads, head_dim]`) into `blocks`.
+    /// Writes the first `blocks.len()` blocks of each plane of `data`
+    /// (`[kv, m, block_size, num_kv_heads, head_dim]`, `m >= blocks.len()`) into `blocks`.
     pub fn scatter_blocks(&mut self, blocks: &[BlockId], data: &HostTensor) -> Result<()> {
         self.check_blocks(blocks)?;
-        let want = self.blocks_shape(blocks.len());
-        if data.dtype() != self.spec.dtype || data.shape() != want.as_slice() {
-            return Err(Error::invalid(format!(
-                "blocks {} {:?} do not fit {} blocks of this cache ({} {want:?})",
-                data.dtype(),
-                data.shape(),
-                blocks.len(),
-                self.spec.dtype
-            )));
-        }
+        let m = check_blocks_tensor(&self.spec, blocks.len(), data)?;
         let s = self.spec;
         let es = s.dtype.size();
         let src = data.as_bytes();
         let row = s.head_dim * es;
         let blk = s.block_size * s.slot_elems() * es;
-        let mut o = 0;
         for k in 0..s.kv {
+            let mut o = k * m * blk;
             for &b in blocks {
                 if s.layout == KvLayout::Nhd {
                     let a = self.at(k, b as usize, 0, 0);
@@ -395,6 +443,25 @@ impl PagedKvCache {
             }
         }
         Ok(())
+    }
+}
+
+impl KvCacheLayer for PagedKvCache {
+    type Buffer = HostTensor;
+    fn spec(&self) -> &KvCacheSpec {
+        &self.spec
+    }
+    fn gather_blocks(&self, blocks: &[BlockId]) -> Result<HostTensor> {
+        PagedKvCache::gather_blocks(self, blocks)
+    }
+    fn scatter_blocks(&mut self, blocks: &[BlockId], data: &HostTensor) -> Result<()> {
+        PagedKvCache::scatter_blocks(self, blocks, data)
+    }
+    fn gather_slots(&self, slots: &[u64]) -> Result<HostTensor> {
+        PagedKvCache::gather_slots(self, slots)
+    }
+    fn scatter_slots(&mut self, slots: &[u64], rows: &HostTensor) -> Result<()> {
+        PagedKvCache::scatter_slots(self, slots, rows)
     }
 }
 
@@ -498,6 +565,24 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn scatter_takes_the_first_blocks_of_a_larger_tensor() {
+        for layout in [KvLayout::Nhd, KvLayout::Hnd] {
+            let src = PagedKvCache::random(spec(KvLayout::Nhd), 5).unwrap();
+            let sent = src.gather_blocks(&[4, 1, 6]).unwrap();
+            let mut dst = PagedKvCache::zeros(spec(layout)).unwrap();
+            dst.scatter_blocks(&[2, 0], &sent).unwrap();
+            assert!(dst.gather_blocks(&[2, 0]).unwrap() == src.gather_blocks(&[4, 1]).unwrap());
+            assert!(
+                dst.gather_blocks(&[1, 3, 4, 5, 6]).unwrap()
+                    == PagedKvCache::zeros(spec(layout))
+                        .unwrap()
+                        .gather_blocks(&[1, 3, 4, 5, 6])
+                        .unwrap()
+            );
         }
     }
 

@@ -36,7 +36,9 @@ use super::connector::{
     SchedulerOutput,
 };
 use super::error::{Error, Result};
-use super::model::{align_to_block_size, slot_mapping, BlockId, KvCaches, PagedKvCache, Request};
+use super::model::{
+    align_to_block_size, rows_shape, slot_mapping, BlockId, KvCacheLayer, PagedKvCache, Request,
+};
 
 /// The tensor name vLLM uses in every file.
 pub const TENSOR_NAME: &str = "kv_cache";
@@ -271,20 +273,23 @@ impl KvConnectorScheduler for StorageScheduler {
     }
 }
 
-/// Worker side of the shared-storage connector.
+/// Worker side of the shared-storage connector, over host caches ([`PagedKvCache`], the
+/// default) or device caches (rows go through host memory, as vLLM's `safetensors.torch.save_file`
+/// of a GPU tensor does).
 #[derive(Debug)]
-pub struct StorageWorker {
+pub struct StorageWorker<C = PagedKvCache> {
     config: StorageConfig,
     layers: BTreeMap<String, super::model::KvCacheSpec>,
     meta: Option<StorageConnectorMetadata>,
     failures: FailureLog,
     loaded: BTreeSet<String>,
     saved: BTreeSet<String>,
+    _cache: std::marker::PhantomData<fn() -> C>,
 }
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
-impl StorageWorker {
+impl<C: KvCacheLayer> StorageWorker<C> {
     /// A worker-side connector.
     pub fn new(config: StorageConfig) -> Result<Self> {
         config.check()?;
@@ -295,11 +300,12 @@ impl StorageWorker {
             failures: FailureLog::default(),
             loaded: BTreeSet::new(),
             saved: BTreeSet::new(),
+            _cache: std::marker::PhantomData,
         })
     }
 
     /// Writes one layer's rows of one request, atomically (temporary file, then rename).
-    fn save_one(&self, req: &StorageReqMeta, layer_name: &str, layer: &PagedKvCache) -> Result<()> {
+    fn save_one(&self, req: &StorageReqMeta, layer_name: &str, layer: &C) -> Result<()> {
         let rows = layer.gather_slots(&req.slot_mapping)?;
         let key = self.config.cache_key(&req.token_ids, &req.mm_hashes);
         let path = self.config.file(&key, layer_name)?;
@@ -428,10 +434,11 @@ pub fn read_file(
     Ok(HostTensor::from_bytes(dtype, shape, view.data())?)
 }
 
-impl KvConnectorWorker for StorageWorker {
+impl<C: KvCacheLayer> KvConnectorWorker for StorageWorker<C> {
     type Metadata = StorageConnectorMetadata;
+    type Cache = C;
 
-    fn register_kv_caches(&mut self, caches: &KvCaches) -> Result<()> {
+    fn register_kv_caches(&mut self, caches: &BTreeMap<String, C>) -> Result<()> {
         for (name, c) in caches {
             if c.spec().block_size != self.config.block_size {
                 return Err(Error::invalid(format!(
@@ -456,7 +463,7 @@ impl KvConnectorWorker for StorageWorker {
         self.meta.is_some()
     }
 
-    fn start_load_kv(&mut self, caches: &mut KvCaches) -> Result<()> {
+    fn start_load_kv(&mut self, caches: &mut BTreeMap<String, C>) -> Result<()> {
         let Some(meta) = self.meta.take() else {
             return Ok(());
         };
@@ -471,7 +478,7 @@ impl KvConnectorWorker for StorageWorker {
                     let cache = caches.get(name).ok_or_else(|| {
                         Error::invalid(format!("layer {name} was registered but is not passed"))
                     })?;
-                    if cache.rows_shape(req.slot_mapping.len()) != rows.shape() {
+                    if rows_shape(cache.spec(), req.slot_mapping.len()) != rows.shape() {
                         return Err(Error::invalid(format!("layer {name} changed shape")));
                     }
                 }
@@ -501,7 +508,7 @@ impl KvConnectorWorker for StorageWorker {
         Ok(())
     }
 
-    fn save_kv_layer(&mut self, layer_name: &str, layer: &PagedKvCache) -> Result<()> {
+    fn save_kv_layer(&mut self, layer_name: &str, layer: &C) -> Result<()> {
         let Some(meta) = self.meta.take() else {
             return Ok(());
         };

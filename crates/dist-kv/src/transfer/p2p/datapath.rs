@@ -3,17 +3,26 @@
 //! vLLM moves them with `ncclSend`/`ncclRecv` on a 2-rank communicator per remote address, whose
 //! unique id travels in the control channel's `NEW` message. This trait is that seam: a
 //! [`DataPath`] makes one [`DataLink`] per peer connection (the initiator's
-//! [`DataPath::link_init`] bytes go in the `Hello` frame, so an NCCL path would put its unique id
-//! there and call `ncclCommInitRank` in [`DataPath::open`]), and the link moves one tensor's bytes
-//! after a `PutReply::Ready` or a `GetReply`.
+//! [`DataPath::link_init`] bytes go in the `Hello` frame, so the NCCL path puts its unique id
+//! there and calls `ncclCommInitRank` in [`DataPath::open`]), allocates receive buffers, and the
+//! link moves one tensor at a time after a `PutReply::Ready` or a `GetReply`.
 //!
-//! [`TcpDataPath`] is the CPU path: the bytes follow the control frame on the same TCP stream.
-//! An NCCL path (with device tensors instead of host bytes) is not written yet; it would
-//! implement these two traits in the CUDA backend crate.
+//! Paths, by buffer type:
+//! * [`TcpDataPath`] (host tensors): the bytes follow the control frame on the same TCP stream.
+//! * `transfer::cuda::NcclDataPath` (device tensors, `cuda` feature): `ncclSend`/`ncclRecv` on a
+//!   2-rank communicator per connection, as vLLM; across GPUs and nodes.
+//! * `transfer::cuda::CudaIpcDataPath` (device tensors, `cuda` feature): the receiver copies
+//!   straight out of the sender's device memory through CUDA IPC; one host, any GPUs of it
+//!   (including one GPU shared by both instances, which NCCL refuses).
+//!
+//! A path whose receiver reads the sender's memory ([`DataPath::lends_memory`]) makes the engine
+//! keep the sent tensor until the receiver's `Received` frame.
 
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::Instant;
+
+use dist_core::{DType, HostTensor, Tensor};
 
 use crate::transfer::error::{Error, Result};
 
@@ -21,57 +30,81 @@ use super::wire::read_full;
 
 /// Makes the per-peer links of one engine.
 pub trait DataPath: Send + Sync + std::fmt::Debug + 'static {
+    /// The tensors it moves (host or device memory); the connector's cache gathers into them.
+    type Buffer: Tensor + 'static;
+    /// One peer's link.
+    type Link: DataLink<Self::Buffer>;
+
     /// A short name, exchanged at the handshake; both ends must use the same path.
     fn name(&self) -> &'static str;
     /// The initiator's set-up bytes for a new link to `peer` (sent in `Hello`).
     fn link_init(&self, peer: &str) -> Result<Vec<u8>>;
-    /// Opens the link to `peer`; `init` is the initiator's [`Self::link_init`] bytes.
-    fn open(&self, peer: &str, initiator: bool, init: &[u8]) -> Result<Box<dyn DataLink>>;
+    /// Opens the link to `peer`; `init` is the initiator's [`Self::link_init`] bytes. The
+    /// acceptor calls it after answering the handshake, the initiator after reading the answer,
+    /// so a collective set-up (NCCL's) finds both ends inside it.
+    fn open(&self, peer: &str, initiator: bool, init: &[u8]) -> Result<Self::Link>;
+    /// A receive buffer of `dtype` and `shape` (its size is checked against the receive buffer
+    /// cap before this is called).
+    fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<Self::Buffer>;
+    /// True when the receiver reads the sender's memory during [`DataLink::recv`]: the sender
+    /// then keeps the tensor until the receiver acknowledges it.
+    fn lends_memory(&self) -> bool {
+        false
+    }
 }
 
-/// One peer's link: moves the bytes of one tensor at a time. The control stream is passed in:
-/// the TCP path writes and reads the data there, a device path ignores it.
-pub trait DataLink: Send + Sync + std::fmt::Debug {
+/// One peer's link: moves one tensor at a time. The control stream is passed in: the TCP path
+/// writes and reads the data there, a device path may put a small descriptor there or ignore it.
+pub trait DataLink<B>: Send + Sync + std::fmt::Debug {
     /// Sends `data`; the caller holds the stream's writer so nothing interleaves.
-    fn send(&self, stream: &mut TcpStream, data: &[u8], deadline: Instant) -> Result<()>;
-    /// Receives exactly `out.len()` bytes.
-    fn recv(&self, stream: &mut TcpStream, out: &mut [u8], deadline: Instant) -> Result<()>;
+    fn send(&self, stream: &mut TcpStream, data: &B, deadline: Instant) -> Result<()>;
+    /// Receives into `out`, whose dtype and shape the control frame announced.
+    fn recv(&self, stream: &mut TcpStream, out: &mut B, deadline: Instant) -> Result<()>;
 }
 
 /// The CPU data path: tensor bytes on the control TCP stream, right after their frame.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TcpDataPath;
 
+/// The link of [`TcpDataPath`] (stateless).
 #[derive(Debug)]
-struct TcpLink;
+pub struct TcpLink;
 
 impl DataPath for TcpDataPath {
+    type Buffer = HostTensor;
+    type Link = TcpLink;
+
     fn name(&self) -> &'static str {
         "tcp"
     }
     fn link_init(&self, _peer: &str) -> Result<Vec<u8>> {
         Ok(Vec::new())
     }
-    fn open(&self, _peer: &str, _initiator: bool, init: &[u8]) -> Result<Box<dyn DataLink>> {
+    fn open(&self, _peer: &str, _initiator: bool, init: &[u8]) -> Result<TcpLink> {
         if !init.is_empty() {
             return Err(Error::Protocol(format!(
                 "tcp data path takes no link set-up bytes, got {}",
                 init.len()
             )));
         }
-        Ok(Box::new(TcpLink))
+        Ok(TcpLink)
+    }
+    fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
+        Ok(HostTensor::zeros(dtype, shape))
     }
 }
 
-impl DataLink for TcpLink {
-    fn send(&self, stream: &mut TcpStream, data: &[u8], _deadline: Instant) -> Result<()> {
+impl DataLink<HostTensor> for TcpLink {
+    fn send(&self, stream: &mut TcpStream, data: &HostTensor, _deadline: Instant) -> Result<()> {
+        let data = data.as_bytes();
         // The stream's write timeout bounds each write; a peer that stops reading fails it.
         stream
             .write_all(data)
             .and_then(|_| stream.flush())
             .map_err(|e| Error::io(format!("tcp data path: send {} bytes", data.len()), e))
     }
-    fn recv(&self, stream: &mut TcpStream, out: &mut [u8], deadline: Instant) -> Result<()> {
+    fn recv(&self, stream: &mut TcpStream, out: &mut HostTensor, deadline: Instant) -> Result<()> {
+        let out = out.as_bytes_mut();
         let n = out.len();
         read_full(
             stream,

@@ -15,10 +15,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use dist_core::HostTensor;
+use dist_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::datapath::{DataLink, DataPath};
+use super::datapath::{DataLink, DataPath, TcpDataPath};
 use super::wire::{
     read_frame, write_frame, Frame, PutStatus, TensorHeader, MAX_TENSOR_ID, PROTOCOL_VERSION,
 };
@@ -92,18 +92,18 @@ const MAX_DISCARDED: usize = 4096;
 const MAX_CONNS: usize = 1024;
 
 #[derive(Debug)]
-enum Reply {
+enum Reply<B> {
     Put(PutStatus),
-    Get(Option<HostTensor>),
+    Get(Option<B>),
 }
 
 #[derive(Debug)]
-struct Conn {
+struct Conn<D: DataPath> {
     peer: String,
     writer: Mutex<TcpStream>,
-    link: Box<dyn DataLink>,
+    link: D::Link,
     /// Expected replies by seq: `None` until the reader delivers it.
-    replies: Mutex<HashMap<u64, Option<Reply>>>,
+    replies: Mutex<HashMap<u64, Option<Reply<D::Buffer>>>>,
     cv: Condvar,
     lost: Mutex<Option<String>>,
 }
@@ -112,7 +112,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl Conn {
+impl<D: DataPath> Conn<D> {
     fn alive(&self) -> bool {
         lock(&self.lost).is_none()
     }
@@ -153,7 +153,7 @@ impl Conn {
         lock(&self.replies).insert(seq, None);
     }
 
-    fn deliver(&self, seq: u64, r: Reply) {
+    fn deliver(&self, seq: u64, r: Reply<D::Buffer>) {
         let mut m = lock(&self.replies);
         if let Some(slot) = m.get_mut(&seq) {
             *slot = Some(r);
@@ -162,7 +162,7 @@ impl Conn {
         // A reply nobody waits for any more (its waiter timed out) is dropped.
     }
 
-    fn wait_reply(&self, seq: u64, deadline: Instant, op: &str) -> Result<Reply> {
+    fn wait_reply(&self, seq: u64, deadline: Instant, op: &str) -> Result<Reply<D::Buffer>> {
         let start = Instant::now();
         let mut m = lock(&self.replies);
         loop {
@@ -195,10 +195,10 @@ impl Conn {
 }
 
 #[derive(Debug)]
-struct Outgoing {
+struct Outgoing<B> {
     request_id: String,
     tensor_id: String,
-    tensor: HostTensor,
+    tensor: B,
     peer: String,
 }
 
@@ -211,10 +211,13 @@ struct ProdReq {
     saved: Option<Instant>,
 }
 
-#[derive(Debug, Default)]
-struct SendState {
-    queue: VecDeque<Outgoing>,
-    store: HashMap<String, Outgoing>,
+#[derive(Debug)]
+struct SendState<B> {
+    queue: VecDeque<Outgoing<B>>,
+    store: HashMap<String, Outgoing<B>>,
+    /// GET replies whose receiver reads this memory ([`DataPath::lends_memory`]), by
+    /// (peer, GET seq), until its `GetDone`.
+    lent: HashMap<(String, u64), Outgoing<B>>,
     bytes: usize,
     in_flight: bool,
     reqs: HashMap<String, ProdReq>,
@@ -222,37 +225,62 @@ struct SendState {
     failed: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Default)]
-struct RecvStore {
+impl<B> Default for SendState<B> {
+    fn default() -> Self {
+        SendState {
+            queue: VecDeque::new(),
+            store: HashMap::new(),
+            lent: HashMap::new(),
+            bytes: 0,
+            in_flight: false,
+            reqs: HashMap::new(),
+            done: BTreeSet::new(),
+            failed: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RecvStore<B> {
     /// Tensor id -> (tensor, producer's address, arrival).
-    tensors: HashMap<String, (HostTensor, String, Instant)>,
+    tensors: HashMap<String, (B, String, Instant)>,
     /// Requests given up here (bounded, oldest forgotten first): their late PUTs are refused.
     discarded: VecDeque<String>,
     /// Bytes held plus bytes reserved for PUTs whose data is arriving.
     bytes: usize,
 }
 
+impl<B> Default for RecvStore<B> {
+    fn default() -> Self {
+        RecvStore {
+            tensors: HashMap::new(),
+            discarded: VecDeque::new(),
+            bytes: 0,
+        }
+    }
+}
+
 #[derive(Debug)]
-struct Inner {
+struct Inner<D: DataPath> {
     cfg: EngineConfig,
     addr: String,
-    datapath: Arc<dyn DataPath>,
-    conns: Mutex<HashMap<String, Arc<Conn>>>,
+    datapath: D,
+    conns: Mutex<HashMap<String, Arc<Conn<D>>>>,
     /// Peers whose connection broke (address -> reason), until they connect again.
     lost_peers: Mutex<HashMap<String, String>>,
-    recv: Mutex<RecvStore>,
+    recv: Mutex<RecvStore<D::Buffer>>,
     recv_cv: Condvar,
-    send: Mutex<SendState>,
+    send: Mutex<SendState<D::Buffer>>,
     send_cv: Condvar,
     shutdown: AtomicBool,
     seq: AtomicU64,
     readers: Mutex<Vec<JoinHandle<()>>>,
 }
 
-/// A P2P engine; see the module docs. Dropping it shuts it down.
+/// A P2P engine over the data path `D`; see the module docs. Dropping it shuts it down.
 #[derive(Debug)]
-pub struct P2pEngine {
-    inner: Arc<Inner>,
+pub struct P2pEngine<D: DataPath = TcpDataPath> {
+    inner: Arc<Inner<D>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -261,9 +289,9 @@ pub fn request_of(tensor_id: &str) -> &str {
     tensor_id.rsplit_once('#').map_or(tensor_id, |(r, _)| r)
 }
 
-impl P2pEngine {
+impl<D: DataPath> P2pEngine<D> {
     /// Binds the listening socket and starts the engine's threads.
-    pub fn new(cfg: EngineConfig, datapath: Arc<dyn DataPath>) -> Result<Self> {
+    pub fn new(cfg: EngineConfig, datapath: D) -> Result<Self> {
         if cfg.send_buffer_bytes == 0 || cfg.recv_buffer_bytes == 0 || cfg.timeout.is_zero() {
             return Err(Error::invalid(format!(
                 "p2p engine: buffer sizes and timeout must be positive ({cfg:?})"
@@ -328,7 +356,7 @@ impl P2pEngine {
         &self,
         request_id: &str,
         tensor_id: &str,
-        tensor: HostTensor,
+        tensor: D::Buffer,
         peer: &str,
     ) -> Result<()> {
         self.inner.send_tensor(request_id, tensor_id, tensor, peer)
@@ -421,7 +449,7 @@ impl P2pEngine {
         tensor_id: &str,
         peer: Option<&str>,
         deadline: Instant,
-    ) -> Result<(HostTensor, String)> {
+    ) -> Result<(D::Buffer, String)> {
         let i = &self.inner;
         let op = format!("kv p2p recv {tensor_id}");
         let start = Instant::now();
@@ -559,7 +587,7 @@ impl P2pEngine {
             },
             Duration::from_secs(1),
         );
-        let conns: Vec<Arc<Conn>> = lock(&i.conns).drain().map(|(_, c)| c).collect();
+        let conns: Vec<Arc<Conn<D>>> = lock(&i.conns).drain().map(|(_, c)| c).collect();
         for c in conns {
             c.lose("engine shut down");
         }
@@ -575,13 +603,13 @@ impl P2pEngine {
     }
 }
 
-impl Drop for P2pEngine {
+impl<D: DataPath> Drop for P2pEngine<D> {
     fn drop(&mut self) {
         self.shutdown();
     }
 }
 
-impl Inner {
+impl<D: DataPath> Inner<D> {
     fn listen(self: Arc<Self>, listener: TcpListener) {
         for stream in listener.incoming() {
             if self.shutdown.load(Ordering::Acquire) {
@@ -624,7 +652,7 @@ impl Inner {
     }
 
     fn accept(self: Arc<Self>, mut s: TcpStream) {
-        let r = (|| -> Result<Arc<Conn>> {
+        let r = (|| -> Result<Arc<Conn<D>>> {
             self.prepare(&s)?;
             let deadline = Instant::now() + self.cfg.timeout;
             let mut closed = false;
@@ -690,7 +718,7 @@ impl Inner {
         }
     }
 
-    fn get_conn(self: &Arc<Self>, peer: &str) -> Result<Arc<Conn>> {
+    fn get_conn(self: &Arc<Self>, peer: &str) -> Result<Arc<Conn<D>>> {
         if self.shutdown.load(Ordering::Acquire) {
             return Err(Error::Shutdown(format!("kv p2p connect to {peer}")));
         }
@@ -773,7 +801,7 @@ impl Inner {
         Ok(conn)
     }
 
-    fn read_loop(self: Arc<Self>, conn: Arc<Conn>, mut s: TcpStream) {
+    fn read_loop(self: Arc<Self>, conn: Arc<Conn<D>>, mut s: TcpStream) {
         let reason = loop {
             if self.shutdown.load(Ordering::Acquire) {
                 break "engine shut down".to_string();
@@ -808,7 +836,7 @@ impl Inner {
         }
     }
 
-    fn handle(&self, conn: &Conn, s: &mut TcpStream, f: Frame) -> Result<()> {
+    fn handle(&self, conn: &Conn<D>, s: &mut TcpStream, f: Frame) -> Result<()> {
         match f {
             Frame::Put {
                 seq,
@@ -820,6 +848,14 @@ impl Inner {
                 Ok(())
             }
             Frame::Get { seq, tensor_id } => self.on_get(conn, seq, &tensor_id),
+            Frame::GetDone { seq } => {
+                let mut st = lock(&self.send);
+                if let Some(o) = st.lent.remove(&(conn.peer.clone(), seq)) {
+                    st.bytes -= o.tensor.nbytes();
+                    self.send_cv.notify_all();
+                }
+                Ok(())
+            }
             Frame::GetReply { seq, header } => {
                 let t = match header {
                     Some(h) => {
@@ -830,9 +866,12 @@ impl Inner {
                                 h.dtype, h.shape
                             )));
                         };
-                        let mut t = HostTensor::zeros(h.dtype, &h.shape);
+                        let mut t = self.datapath.alloc(h.dtype, &h.shape)?;
                         conn.link
-                            .recv(s, t.as_bytes_mut(), Instant::now() + self.cfg.timeout)?;
+                            .recv(s, &mut t, Instant::now() + self.cfg.timeout)?;
+                        if self.datapath.lends_memory() {
+                            conn.send_frame(&Frame::GetDone { seq }, "kv p2p get done")?;
+                        }
                         Some(t)
                     }
                     None => None,
@@ -865,7 +904,7 @@ impl Inner {
 
     fn on_put(
         &self,
-        conn: &Conn,
+        conn: &Conn<D>,
         s: &mut TcpStream,
         seq: u64,
         tensor_id: String,
@@ -939,6 +978,16 @@ impl Inner {
             lock(&self.recv).bytes -= n;
             self.recv_cv.notify_all();
         };
+        // The buffer first (device memory can run out): a failed allocation refuses the PUT.
+        let mut t = match self.datapath.alloc(header.dtype, &header.shape) {
+            Ok(t) => t,
+            Err(e) => {
+                unreserve(n);
+                return refuse(format!(
+                    "{tensor_id}: cannot allocate the receive buffer: {e}"
+                ));
+            }
+        };
         if let Err(e) = conn.send_frame(
             &Frame::PutReply {
                 seq,
@@ -949,31 +998,42 @@ impl Inner {
             unreserve(n);
             return Err(e);
         }
-        let mut t = HostTensor::zeros(header.dtype, &header.shape);
-        if let Err(e) = conn
-            .link
-            .recv(s, t.as_bytes_mut(), Instant::now() + self.cfg.timeout)
-        {
+        if let Err(e) = conn.link.recv(s, &mut t, Instant::now() + self.cfg.timeout) {
             unreserve(n);
             return Err(e);
         }
-        let mut r = lock(&self.recv);
-        if let Some((old, _, _)) = r
-            .tensors
-            .insert(tensor_id, (t, conn.peer.clone(), Instant::now()))
         {
-            r.bytes -= old.nbytes();
+            let mut r = lock(&self.recv);
+            if let Some((old, _, _)) = r
+                .tensors
+                .insert(tensor_id, (t, conn.peer.clone(), Instant::now()))
+            {
+                r.bytes -= old.nbytes();
+            }
+            self.recv_cv.notify_all();
         }
-        self.recv_cv.notify_all();
+        if self.datapath.lends_memory() {
+            // The producer may free its copy now.
+            conn.send_frame(
+                &Frame::PutReply {
+                    seq,
+                    status: PutStatus::Stored,
+                },
+                "kv p2p put reply",
+            )?;
+        }
         Ok(())
     }
 
-    fn on_get(&self, conn: &Conn, seq: u64, tensor_id: &str) -> Result<()> {
+    fn on_get(&self, conn: &Conn<D>, seq: u64, tensor_id: &str) -> Result<()> {
+        let lends = self.datapath.lends_memory();
         let o = {
             let mut st = lock(&self.send);
             let o = st.store.remove(tensor_id);
             if let Some(o) = &o {
-                st.bytes -= o.tensor.nbytes();
+                if !lends {
+                    st.bytes -= o.tensor.nbytes();
+                }
                 if let Some(r) = st.reqs.get_mut(&o.request_id) {
                     r.pending = r.pending.saturating_sub(1);
                 }
@@ -987,22 +1047,30 @@ impl Inner {
         });
         let mut w = lock(&conn.writer);
         let r = write_frame(&mut *w, &Frame::GetReply { seq, header }).and_then(|_| match &o {
-            Some(o) => conn.link.send(
-                &mut w,
-                o.tensor.as_bytes(),
-                Instant::now() + self.cfg.timeout,
-            ),
+            Some(o) => conn
+                .link
+                .send(&mut w, &o.tensor, Instant::now() + self.cfg.timeout),
             None => Ok(()),
         });
         drop(w);
-        if let (Err(e), Some(o)) = (&r, &o) {
-            self.fail_request(&o.request_id, &e.duplicate().for_request(&o.request_id));
+        match (&r, o) {
+            (Err(e), Some(o)) => {
+                if lends {
+                    lock(&self.send).bytes -= o.tensor.nbytes();
+                }
+                self.fail_request(&o.request_id, &e.duplicate().for_request(&o.request_id));
+            }
+            // The consumer reads this memory: kept (and counted) until its GetDone.
+            (Ok(()), Some(o)) if lends => {
+                lock(&self.send).lent.insert((conn.peer.clone(), seq), o);
+            }
+            _ => {}
         }
         r
     }
 
     /// Producer: sends one tensor now (PUT): offer, wait for the answer, then the data.
-    fn put_now(self: &Arc<Self>, o: &Outgoing) -> Result<()> {
+    fn put_now(self: &Arc<Self>, o: &Outgoing<D::Buffer>) -> Result<()> {
         let op = format!("kv p2p put {}", o.tensor_id);
         let conn = self.get_conn(&o.peer)?;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
@@ -1031,25 +1099,42 @@ impl Inner {
                     "{op}: the consumer refused: {why}"
                 )))
             }
+            Reply::Put(PutStatus::Stored) => {
+                return Err(Error::Protocol(format!("{op}: stored before the data")))
+            }
             Reply::Get(_) => return Err(Error::Protocol(format!("{op}: GET reply to a PUT"))),
         }
-        let r = conn.link.send(
-            &mut w,
-            o.tensor.as_bytes(),
-            Instant::now() + self.cfg.timeout,
-        );
+        let lends = self.datapath.lends_memory();
+        if lends {
+            conn.expect(seq);
+        }
+        let r = conn
+            .link
+            .send(&mut w, &o.tensor, Instant::now() + self.cfg.timeout);
         drop(w);
         r.map_err(|e| {
             conn.lose(&e.to_string());
             conn.peer_lost(&op)
-        })
+        })?;
+        if lends {
+            // The consumer reads this memory: keep it until it says the copy is done.
+            match conn.wait_reply(seq, Instant::now() + self.cfg.timeout, &op)? {
+                Reply::Put(PutStatus::Stored) => {}
+                other => {
+                    return Err(Error::Protocol(format!(
+                        "{op}: expected the consumer's stored reply, got {other:?}"
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     fn send_tensor(
         self: &Arc<Self>,
         request_id: &str,
         tensor_id: &str,
-        tensor: HostTensor,
+        tensor: D::Buffer,
         peer: &str,
     ) -> Result<()> {
         if tensor_id.len() > MAX_TENSOR_ID {
@@ -1172,7 +1257,7 @@ impl Inner {
     }
 
     /// Drops every queued or stored tensor of `request_id`; returns the bytes freed.
-    fn drop_buffers(&self, s: &mut SendState, request_id: &str) {
+    fn drop_buffers(&self, s: &mut SendState<D::Buffer>, request_id: &str) {
         let mut freed = 0;
         s.queue.retain(|o| {
             let keep = o.request_id != request_id;
@@ -1182,6 +1267,13 @@ impl Inner {
             keep
         });
         s.store.retain(|_, o| {
+            let keep = o.request_id != request_id;
+            if !keep {
+                freed += o.tensor.nbytes();
+            }
+            keep
+        });
+        s.lent.retain(|_, o| {
             let keep = o.request_id != request_id;
             if !keep {
                 freed += o.tensor.nbytes();
@@ -1223,6 +1315,18 @@ impl Inner {
     }
 
     fn on_conn_lost(&self, peer: &str, reason: &str) {
+        {
+            let mut s = lock(&self.send);
+            let mut freed = 0;
+            s.lent.retain(|(p, _), o| {
+                let keep = p != peer;
+                if !keep {
+                    freed += o.tensor.nbytes();
+                }
+                keep
+            });
+            s.bytes -= freed;
+        }
         let ids: Vec<String> = lock(&self.send)
             .reqs
             .iter()

@@ -34,13 +34,11 @@ mod engine;
 pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dist_core::HostTensor;
 use serde::{Deserialize, Serialize};
 
-pub use datapath::{DataLink, DataPath, TcpDataPath};
+pub use datapath::{DataLink, DataPath, TcpDataPath, TcpLink};
 pub use engine::{request_of, EngineConfig, P2pEngine, SendType};
 
 use super::connector::{
@@ -48,7 +46,9 @@ use super::connector::{
     SchedulerOutput,
 };
 use super::error::{Error, Result};
-use super::model::{BlockId, KvCacheSpec, KvCaches, PagedKvCache, Request};
+use super::model::{
+    check_blocks_tensor, BlockId, KvCacheLayer, KvCacheSpec, PagedKvCache, Request,
+};
 
 /// Which side of the transfer an instance is (vLLM's `kv_role`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -281,27 +281,33 @@ impl KvConnectorScheduler for P2pScheduler {
     }
 }
 
-/// Worker side of the P2P connector.
+/// Worker side of the P2P connector, generic over the layer caches (`C`: host memory by
+/// default) and the data path that moves their gathered blocks (`D`: TCP by default; with the
+/// `cuda` feature NCCL or CUDA IPC for device caches).
 #[derive(Debug)]
-pub struct P2pWorker {
+pub struct P2pWorker<C: KvCacheLayer = PagedKvCache, D: DataPath<Buffer = C::Buffer> = TcpDataPath>
+{
     cfg: P2pConfig,
-    engine: P2pEngine,
+    engine: P2pEngine<D>,
     layers: BTreeMap<String, KvCacheSpec>,
     meta: Option<P2pConnectorMetadata>,
     failures: FailureLog,
     loaded: BTreeSet<String>,
     /// Producer: requests saved in this step (marked after `wait_for_save`).
     saving: BTreeSet<String>,
+    _cache: std::marker::PhantomData<fn() -> C>,
 }
 
 impl P2pWorker {
-    /// A worker-side connector over the TCP data path; binds its listener.
+    /// A worker-side connector for host caches over the TCP data path; binds its listener.
     pub fn new(cfg: P2pConfig) -> Result<Self> {
-        Self::with_data_path(cfg, Arc::new(TcpDataPath))
+        Self::with_data_path(cfg, TcpDataPath)
     }
+}
 
-    /// A worker-side connector over `data_path`.
-    pub fn with_data_path(cfg: P2pConfig, data_path: Arc<dyn DataPath>) -> Result<Self> {
+impl<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>> P2pWorker<C, D> {
+    /// A worker-side connector over `data_path`; binds its listener.
+    pub fn with_data_path(cfg: P2pConfig, data_path: D) -> Result<Self> {
         if cfg.block_size == 0 {
             return Err(Error::invalid("p2p connector: block_size must be positive"));
         }
@@ -314,11 +320,12 @@ impl P2pWorker {
             failures: FailureLog::default(),
             loaded: BTreeSet::new(),
             saving: BTreeSet::new(),
+            _cache: std::marker::PhantomData,
         })
     }
 
     /// The engine (its address, buffer fill, pending requests).
-    pub fn engine(&self) -> &P2pEngine {
+    pub fn engine(&self) -> &P2pEngine<D> {
         &self.engine
     }
 
@@ -334,7 +341,8 @@ impl P2pWorker {
         Ok(n)
     }
 
-    /// Receives and checks one layer of one request.
+    /// Receives and checks one layer of one request (at least `n` blocks of this cache's shape;
+    /// a producer that sent more blocks than this instance loads is fine).
     fn receive_layer(
         &self,
         r: &P2pReqMeta,
@@ -342,7 +350,7 @@ impl P2pWorker {
         name: &str,
         spec: &KvCacheSpec,
         deadline: Instant,
-    ) -> Result<(HostTensor, String)> {
+    ) -> Result<(C::Buffer, String)> {
         // The producer's address: asked in GET mode, watched for a broken connection otherwise.
         let producer = match self.cfg.engine.send_type {
             SendType::Get => Some(peer_address(&r.request_id, false, self.cfg.rank)?),
@@ -352,54 +360,19 @@ impl P2pWorker {
         let (t, from) = self
             .engine
             .recv_tensor(&tid, producer.as_deref(), deadline)?;
-        let m = t.shape().get(1).copied().unwrap_or(0);
-        let want = [
-            spec.kv,
-            m,
-            spec.block_size,
-            spec.num_kv_heads,
-            spec.head_dim,
-        ];
-        if t.dtype() != spec.dtype || t.shape() != want || m < n {
-            return Err(Error::Protocol(format!(
-                "{tid}: got {} {:?}, this cache needs {} [{}, >={n}, {}, {}, {}]",
-                t.dtype(),
-                t.shape(),
-                spec.dtype,
-                spec.kv,
-                spec.block_size,
-                spec.num_kv_heads,
-                spec.head_dim
-            )));
-        }
-        Ok((first_blocks(t, n)?, from))
+        check_blocks_tensor(spec, n, &t).map_err(|e| Error::Protocol(format!("{tid}: {e}")))?;
+        Ok((t, from))
     }
 }
 
 /// A request being loaded: blocks to load, layers received so far, the producer's address.
-type Pending = (usize, Vec<(String, HostTensor)>, String);
+type Pending<B> = (usize, Vec<(String, B)>, String);
 
-/// The first `n` blocks (dim 1) of a `[kv, m, ...]` tensor.
-fn first_blocks(t: HostTensor, n: usize) -> Result<HostTensor> {
-    let sh = t.shape();
-    if sh[1] == n {
-        return Ok(t);
-    }
-    let per_block: usize = sh[2..].iter().product::<usize>() * t.dtype().size();
-    let mut shape = sh.to_vec();
-    shape[1] = n;
-    let mut bytes = Vec::with_capacity(sh[0] * n * per_block);
-    for k in 0..sh[0] {
-        let a = k * sh[1] * per_block;
-        bytes.extend_from_slice(&t.as_bytes()[a..a + n * per_block]);
-    }
-    Ok(HostTensor::from_bytes(t.dtype(), &shape, &bytes)?)
-}
-
-impl KvConnectorWorker for P2pWorker {
+impl<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>> KvConnectorWorker for P2pWorker<C, D> {
     type Metadata = P2pConnectorMetadata;
+    type Cache = C;
 
-    fn register_kv_caches(&mut self, caches: &KvCaches) -> Result<()> {
+    fn register_kv_caches(&mut self, caches: &BTreeMap<String, C>) -> Result<()> {
         for (name, c) in caches {
             if c.spec().block_size != self.cfg.block_size {
                 return Err(Error::invalid(format!(
@@ -426,7 +399,7 @@ impl KvConnectorWorker for P2pWorker {
         self.meta.is_some()
     }
 
-    fn start_load_kv(&mut self, caches: &mut KvCaches) -> Result<()> {
+    fn start_load_kv(&mut self, caches: &mut BTreeMap<String, C>) -> Result<()> {
         if self.cfg.role != P2pRole::Consumer {
             return Ok(());
         }
@@ -442,7 +415,7 @@ impl KvConnectorWorker for P2pWorker {
             .iter()
             .filter(|r| !r.is_store && r.num_tokens > 0)
             .collect();
-        let mut state: Vec<Result<Pending>> = loads
+        let mut state: Vec<Result<Pending<C::Buffer>>> = loads
             .iter()
             .map(|r| self.blocks_for(r).map(|n| (n, Vec::new(), String::new())))
             .collect();
@@ -503,7 +476,7 @@ impl KvConnectorWorker for P2pWorker {
         Ok(())
     }
 
-    fn save_kv_layer(&mut self, layer_name: &str, layer: &PagedKvCache) -> Result<()> {
+    fn save_kv_layer(&mut self, layer_name: &str, layer: &C) -> Result<()> {
         if self.cfg.role != P2pRole::Producer {
             return Ok(());
         }

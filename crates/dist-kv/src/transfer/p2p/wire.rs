@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::transfer::error::{Error, Result};
 
 /// Version of the control protocol; peers with another version are refused at the handshake.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest control frame (1 MiB).
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// Longest tensor id (`{request_id}#{layer_name}`).
@@ -47,6 +47,9 @@ pub enum PutStatus {
     Ready,
     /// The tensor will not be taken (too large, buffer full past the deadline, shutting down).
     Refused(String),
+    /// Sent after the data when the data path lends the sender's memory (CUDA IPC): the
+    /// receiver has its copy, the sender may free the tensor.
+    Stored,
 }
 
 /// One control message.
@@ -102,6 +105,12 @@ pub enum Frame {
         /// The tensor's header, or `None` when the producer does not hold it (yet).
         header: Option<TensorHeader>,
     },
+    /// The consumer has copied a GET's tensor out of the producer's memory (data paths that lend
+    /// memory only): the producer frees it.
+    GetDone {
+        /// The GET's `seq`.
+        seq: u64,
+    },
     /// The consumer has injected every layer of a request: the producer frees what it holds.
     Loaded {
         /// The request id.
@@ -150,7 +159,8 @@ pub fn decode_frame(body: &[u8]) -> Result<Frame> {
 }
 
 /// Outcome of a read that may be idle.
-pub(crate) enum ReadOutcome {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadOutcome {
     /// The buffer is full.
     Done,
     /// Nothing arrived before the socket's read timeout (only when idle was allowed).
@@ -161,7 +171,7 @@ pub(crate) enum ReadOutcome {
 
 /// Fills `buf` from a stream whose read timeout is short. With `idle_ok`, a timeout before the
 /// first byte returns [`ReadOutcome::Idle`]; after that, stalls count against `deadline`.
-pub(crate) fn read_full(
+pub fn read_full(
     s: &mut TcpStream,
     buf: &mut [u8],
     idle_ok: bool,
