@@ -325,6 +325,17 @@ impl DeviceContext {
         &self,
         op: &str,
         timeout: std::time::Duration,
+        poll: impl FnMut() -> Result<()>,
+    ) -> Result<()> {
+        self.wait_on(self.stream.0, op, timeout, poll)
+    }
+
+    /// [`DeviceContext::wait`] for another stream of this device's context.
+    pub fn wait_on(
+        &self,
+        stream: sys::CUstream,
+        op: &str,
+        timeout: std::time::Duration,
         mut poll: impl FnMut() -> Result<()>,
     ) -> Result<()> {
         self.bind()?;
@@ -332,8 +343,8 @@ impl DeviceContext {
         let grace = (timeout / 4).max(std::time::Duration::from_secs(1));
         let mut spins = 0u32;
         loop {
-            // SAFETY: the stream is alive for the process.
-            match unsafe { sys::cuStreamQuery(self.stream.0) } {
+            // SAFETY: the caller's stream is alive (this context's own lives for the process).
+            match unsafe { sys::cuStreamQuery(stream) } {
                 sys::CUresult::CUDA_SUCCESS => return self.check_faults(),
                 sys::CUresult::CUDA_ERROR_NOT_READY => {}
                 other => return Err(cuda_err(op, DriverError(other))),

@@ -25,13 +25,12 @@ use dist_core::{decode_obj, encode_obj, DType, Error, HostGroup, Result, Tensor}
 use crate::driver::{
     check, copy_d2d, copy_h2d, cuda_err, ensure_nvrtc, DeviceBuffer, DeviceContext, FaultFlags,
 };
+use crate::ipc::{ipc_close, ipc_handle, ipc_open};
 use crate::tensor::CudaTensor;
 pub use policy::Algo;
 
 /// The kernels' CUDA C source (no headers; NVRTC compiles it for the device's architecture).
 pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
-
-const IPC_HANDLE_BYTES: usize = 64;
 
 #[derive(Clone, Copy)]
 struct Func(sys::CUfunction);
@@ -110,54 +109,6 @@ impl Kernels {
         let k = Arc::new(Kernels { funcs });
         map.insert(dev.ordinal(), k.clone());
         Ok(k)
-    }
-}
-
-fn ipc_handle(ptr: u64) -> Result<[u8; IPC_HANDLE_BYTES]> {
-    let mut h = sys::CUipcMemHandle {
-        reserved: [0; IPC_HANDLE_BYTES],
-    };
-    // SAFETY: ptr is the base of a live cuMemAlloc allocation; h is a valid out-pointer.
-    check("cuIpcGetMemHandle", unsafe {
-        sys::cuIpcGetMemHandle(&mut h, ptr)
-    })?;
-    let mut out = [0u8; IPC_HANDLE_BYTES];
-    for (o, b) in out.iter_mut().zip(h.reserved.iter()) {
-        *o = *b as u8;
-    }
-    Ok(out)
-}
-
-fn ipc_open(bytes: &[u8]) -> Result<u64> {
-    if bytes.len() != IPC_HANDLE_BYTES {
-        return Err(Error::protocol(format!(
-            "IPC handle of {} bytes, expected {IPC_HANDLE_BYTES}",
-            bytes.len()
-        )));
-    }
-    let mut h = sys::CUipcMemHandle {
-        reserved: [0; IPC_HANDLE_BYTES],
-    };
-    for (d, s) in h.reserved.iter_mut().zip(bytes) {
-        *d = *s as _;
-    }
-    let mut p: sys::CUdeviceptr = 0;
-    // SAFETY: valid out-pointer; the handle came from a peer's cuIpcGetMemHandle. Flag 1 is
-    // CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS.
-    check("cuIpcOpenMemHandle", unsafe {
-        sys::cuIpcOpenMemHandle_v2(&mut p, h, 1)
-    })?;
-    Ok(p)
-}
-
-fn ipc_close(p: u64) {
-    // SAFETY: p came from cuIpcOpenMemHandle and is closed once.
-    let r = unsafe { sys::cuIpcCloseMemHandle(p) };
-    if let Err(e) = r.result() {
-        tracing::warn!(
-            "cuIpcCloseMemHandle({p:#x}): {}",
-            cuda_err("cuIpcCloseMemHandle", e)
-        );
     }
 }
 
