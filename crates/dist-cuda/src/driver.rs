@@ -331,7 +331,7 @@ impl DeviceContext {
     }
 
     /// [`DeviceContext::wait`] for another stream of this device's context.
-    pub fn wait_on(
+    pub(crate) fn wait_on(
         &self,
         stream: sys::CUstream,
         op: &str,
