@@ -4,7 +4,7 @@
 # CUDA IPC: the custom all-reduce), then `cuda_bench` beside torch's NCCL all-reduce.
 #
 # Build here:  cargo build --release -p dist-cuda --examples
-#              mkdir -p .device-bin/cuda && cp target/release/examples/{mp_cuda,cuda_bench} .device-bin/cuda/
+#              mkdir -p .device-bin/cuda && cp target/release/examples/{mp_cuda,cuda_bench,paged_check} .device-bin/cuda/
 # Run there:   bash ci/device/cuda_run.sh .device-bin/cuda   (the `run` tool with carry [".device-bin"])
 set -u
 BIN=${1:-.device-bin/cuda}
@@ -31,6 +31,10 @@ status=0
 if [ -x "$BIN/cuda_backend_test" ]; then
   say "== cuda_backend integration test (release; --include-ignored runs the GPU conformance at world 1)"
   (set -o pipefail; "$BIN/cuda_backend_test" --include-ignored 2>&1 | tee -a "$LOG") || status=1
+fi
+if [ -x "$BIN/paged_check" ]; then
+  say "== paged_check (device gather/scatter of paged KV cache rows against a host oracle)"
+  (set -o pipefail; "$BIN/paged_check" 2>&1 | tee -a "$LOG") || status=1
 fi
 run_world() {
   local w=$1 port=$2 extra=${3:-} pids=() r rc=0
