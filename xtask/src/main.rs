@@ -28,7 +28,10 @@ const SYSTEM_PACKAGES: &[(&str, &[&str])] = &[
 
 /// Cargo features every build and test of the workspace turns on: the gloo path of dist-cpu and
 /// every hardware backend of the facade (they build without their hardware and say so at run time).
-const FEATURES: &[&str] = &["--features", "dist-cpu/gloo,dist/cuda,dist/rocm,dist/tpu"];
+const FEATURES: &[&str] = &[
+    "--features",
+    "dist-cpu/gloo,dist/cuda,dist/rocm,dist/tpu,dist-kv/cuda",
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -8,17 +8,25 @@
 //!
 //! Exits 0 when every check passed; prints each mode's time and rate. `--worlds` prints `2`.
 //! `--bench MIB` measures each mode's rate beside a plain TCP stream instead (no checks).
+//!
+//! `--path tcp` (the default) is the CPU data path with host caches. Built with the `cuda`
+//! feature, `--path cuda-ipc` and `--path nccl` run the same checks with the caches in device
+//! memory (device `LOCAL_RANK % device count`) and the tensors on a device data path; the
+//! oracle compares host copies of the rows. NCCL refuses two ranks on one GPU: with fewer than
+//! two GPUs, `--path nccl` checks that the refusal is a clean error on both sides within the
+//! deadline (no hang) and exits 77 (skipped), unless NCCL accepts, when the checks run.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use dist_core::{DType, HostGroup, HostGroupExt};
 use dist_kv::transfer::p2p::{
-    wait_finished, EngineConfig, P2pConfig, P2pRole, P2pScheduler, P2pWorker, SendType,
+    wait_finished, DataPath, EngineConfig, P2pConfig, P2pConnectorMetadata, P2pRole, P2pScheduler,
+    P2pWorker, SendType, TcpDataPath,
 };
 use dist_kv::transfer::{
-    BlockId, KvCacheSpec, KvCaches, KvConnectorScheduler, KvConnectorWorker, KvLayout,
-    NewRequestData, PagedKvCache, Request, SchedulerOutput,
+    BlockId, KvCacheLayer, KvCacheSpec, KvCaches, KvConnectorScheduler, KvConnectorWorker,
+    KvLayout, NewRequestData, PagedKvCache, Request, SchedulerOutput,
 };
 use dist_store::StatelessProcessGroup;
 
@@ -99,7 +107,39 @@ fn ids(tag: &str, n: usize, pa: &str, ca: &str) -> Vec<String> {
         .collect()
 }
 
-fn produce(w: &mut P2pWorker, caches: &KvCaches, reqs: &[(Request, Vec<BlockId>)]) -> Res<()> {
+/// Where the caches live and how tensors move: host caches on TCP, or device caches on a device
+/// data path.
+struct Flavor<C, D> {
+    /// Device copy (or not) of a host cache.
+    wrap: fn(PagedKvCache) -> Res<C>,
+    /// The data path.
+    path: fn() -> Res<D>,
+}
+
+fn host_flavor() -> Flavor<PagedKvCache, TcpDataPath> {
+    Flavor {
+        wrap: Ok,
+        path: || Ok(TcpDataPath),
+    }
+}
+
+fn wrap_all<C>(f: fn(PagedKvCache) -> Res<C>, caches: KvCaches) -> Res<BTreeMap<String, C>> {
+    caches.into_iter().map(|(n, c)| Ok((n, f(c)?))).collect()
+}
+
+/// Every slot of `blocks`, in order.
+fn slots(blocks: &[BlockId]) -> Vec<u64> {
+    blocks
+        .iter()
+        .flat_map(|&b| (0..BS as u64).map(move |o| b as u64 * BS as u64 + o))
+        .collect()
+}
+
+fn produce<W: KvConnectorWorker<Metadata = P2pConnectorMetadata>>(
+    w: &mut W,
+    caches: &BTreeMap<String, W::Cache>,
+    reqs: &[(Request, Vec<BlockId>)],
+) -> Res<()> {
     let mut sched = P2pScheduler::new(P2pRole::Producer, BS)?;
     let mut out = SchedulerOutput::default();
     for (r, b) in reqs {
@@ -120,7 +160,11 @@ fn produce(w: &mut P2pWorker, caches: &KvCaches, reqs: &[(Request, Vec<BlockId>)
     Ok(r?)
 }
 
-fn consume(w: &mut P2pWorker, caches: &mut KvCaches, reqs: &[(Request, Vec<BlockId>)]) -> Res<()> {
+fn consume<W: KvConnectorWorker<Metadata = P2pConnectorMetadata>>(
+    w: &mut W,
+    caches: &mut BTreeMap<String, W::Cache>,
+    reqs: &[(Request, Vec<BlockId>)],
+) -> Res<()> {
     let mut sched = P2pScheduler::new(P2pRole::Consumer, BS)?;
     let mut out = SchedulerOutput::default();
     for (r, b) in reqs {
@@ -138,14 +182,19 @@ fn consume(w: &mut P2pWorker, caches: &mut KvCaches, reqs: &[(Request, Vec<Block
     Ok(())
 }
 
-fn run_mode(g: &StatelessProcessGroup, mode: SendType, tag: &str) -> Res<()> {
+fn run_mode<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>>(
+    g: &StatelessProcessGroup,
+    f: &Flavor<C, D>,
+    mode: SendType,
+    tag: &str,
+) -> Res<()> {
     let rank = g.rank();
     let role = if rank == 0 {
         P2pRole::Producer
     } else {
         P2pRole::Consumer
     };
-    let mut w = P2pWorker::new(cfg(role, mode, 4 << 20))?;
+    let mut w = P2pWorker::<C, D>::with_data_path(cfg(role, mode, 4 << 20), (f.path)()?)?;
     let addrs: Vec<String> = g.all_gather_obj(&w.engine().listen_addr().to_string())?;
     let plan = plan(5);
     let ids = ids(tag, plan.len(), &addrs[0], &addrs[1]);
@@ -153,13 +202,14 @@ fn run_mode(g: &StatelessProcessGroup, mode: SendType, tag: &str) -> Res<()> {
     let pc = producer_caches()?;
     let start = Instant::now();
     if rank == 0 {
-        w.register_kv_caches(&pc)?;
+        let dc = wrap_all(f.wrap, pc)?;
+        w.register_kv_caches(&dc)?;
         let reqs: Vec<_> = plan
             .iter()
             .enumerate()
             .map(|(i, (len, p, _))| (Request::new(&ids[i], prompt(*len, i)), p.clone()))
             .collect();
-        produce(&mut w, &pc, &reqs)?;
+        produce(&mut w, &dc, &reqs)?;
         let want: BTreeSet<String> = ids.iter().cloned().collect();
         let fin = wait_finished(&mut w, &want, Duration::from_secs(30));
         if fin.finished_sending != want || !fin.failed.is_empty() {
@@ -169,9 +219,10 @@ fn run_mode(g: &StatelessProcessGroup, mode: SendType, tag: &str) -> Res<()> {
             return Err(format!("{mode:?}: producer still holds buffers").into());
         }
     } else {
-        let mut cc: KvCaches = (0..LAYERS)
+        let cc: KvCaches = (0..LAYERS)
             .map(|i| Ok((layer(i), PagedKvCache::zeros(spec(KvLayout::Hnd))?)))
             .collect::<Res<_>>()?;
+        let mut cc = wrap_all(f.wrap, cc)?;
         w.register_kv_caches(&cc)?;
         let reqs: Vec<_> = plan
             .iter()
@@ -188,8 +239,8 @@ fn run_mode(g: &StatelessProcessGroup, mode: SendType, tag: &str) -> Res<()> {
         for (i, (len, p, c)) in plan.iter().enumerate() {
             let n = (len - 1).div_ceil(BS);
             for name in cc.keys() {
-                let want = pc[name].gather_blocks(&p[..n])?;
-                let got = cc[name].gather_blocks(&c[..n])?;
+                let want = pc[name].gather_slots(&slots(&p[..n]))?;
+                let got = cc[name].gather_slots(&slots(&c[..n]))?;
                 if want != got {
                     return Err(format!("{mode:?}: request {i} layer {name}: blocks differ").into());
                 }
@@ -210,7 +261,10 @@ fn run_mode(g: &StatelessProcessGroup, mode: SendType, tag: &str) -> Res<()> {
 }
 
 /// The consumer takes one layer of a request and exits without a word (as a crash would).
-fn dead_consumer(g: &StatelessProcessGroup) -> Res<()> {
+fn dead_consumer<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>>(
+    g: &StatelessProcessGroup,
+    f: &Flavor<C, D>,
+) -> Res<()> {
     let rank = g.rank();
     let role = if rank == 0 {
         P2pRole::Producer
@@ -218,7 +272,8 @@ fn dead_consumer(g: &StatelessProcessGroup) -> Res<()> {
         P2pRole::Consumer
     };
     // One layer of the request is 128 KiB: the consumer's buffer holds one.
-    let mut w = P2pWorker::new(cfg(role, SendType::PutAsync, 128 << 10))?;
+    let mut w =
+        P2pWorker::<C, D>::with_data_path(cfg(role, SendType::PutAsync, 128 << 10), (f.path)()?)?;
     let addrs: Vec<String> = g.all_gather_obj(&w.engine().listen_addr().to_string())?;
     let id = ids("dead", 1, &addrs[0], &addrs[1]).remove(0);
     g.barrier()?;
@@ -229,7 +284,7 @@ fn dead_consumer(g: &StatelessProcessGroup) -> Res<()> {
         println!("mp_kv_p2p: consumer took layer 0 of {id} and dies");
         std::process::exit(0);
     }
-    let pc = producer_caches()?;
+    let pc = wrap_all(f.wrap, producer_caches()?)?;
     w.register_kv_caches(&pc)?;
     let start = Instant::now();
     let reqs = vec![(Request::new(&id, (0..32).collect()), vec![1, 2])];
@@ -256,7 +311,11 @@ fn dead_consumer(g: &StatelessProcessGroup) -> Res<()> {
 /// `--bench MIB`: each mode moves about MIB MiB through the connector (requests of 16 blocks,
 /// 1 MiB per layer), timed on the consumer from its start to the last injected layer, beside a
 /// plain TCP stream of the same bytes between the same two processes (the ceiling).
-fn bench(g: &StatelessProcessGroup, mib: usize) -> Res<()> {
+fn bench<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>>(
+    g: &StatelessProcessGroup,
+    f: &Flavor<C, D>,
+    mib: usize,
+) -> Res<()> {
     let rank = g.rank();
     let nreq = mib.div_ceil(LAYERS).max(1);
     let per_req = 16usize;
@@ -273,7 +332,7 @@ fn bench(g: &StatelessProcessGroup, mib: usize) -> Res<()> {
         };
         let mut c = cfg(role, mode, 64 << 20);
         c.engine.send_buffer_bytes = 64 << 20;
-        let mut w = P2pWorker::new(c)?;
+        let mut w = P2pWorker::<C, D>::with_data_path(c, (f.path)()?)?;
         let addrs: Vec<String> = g.all_gather_obj(&w.engine().listen_addr().to_string())?;
         let ids = ids(&format!("bench-{tag}"), nreq, &addrs[0], &addrs[1]);
         let blocks = |i: usize| -> Vec<BlockId> {
@@ -289,7 +348,7 @@ fn bench(g: &StatelessProcessGroup, mib: usize) -> Res<()> {
                 )
             })
             .collect();
-        let pc = producer_caches()?;
+        let pc = wrap_all(f.wrap, producer_caches()?)?;
         g.barrier()?;
         let start = Instant::now();
         if rank == 0 {
@@ -301,9 +360,10 @@ fn bench(g: &StatelessProcessGroup, mib: usize) -> Res<()> {
                 return Err(format!("bench {mode:?}: {fin:?}").into());
             }
         } else {
-            let mut cc: KvCaches = (0..LAYERS)
+            let cc: KvCaches = (0..LAYERS)
                 .map(|i| Ok((layer(i), PagedKvCache::zeros(spec(KvLayout::Nhd))?)))
                 .collect::<Res<_>>()?;
+            let mut cc = wrap_all(f.wrap, cc)?;
             w.register_kv_caches(&cc)?;
             consume(&mut w, &mut cc, &reqs)?;
             let t = start.elapsed().as_secs_f64();
@@ -353,36 +413,122 @@ fn bench(g: &StatelessProcessGroup, mib: usize) -> Res<()> {
     Ok(())
 }
 
+/// The checks (or the bench) with one flavor.
+fn run_all<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>>(
+    g: &StatelessProcessGroup,
+    f: &Flavor<C, D>,
+    bench_mib: Option<usize>,
+) -> Res<()> {
+    if let Some(mib) = bench_mib {
+        return bench(g, f, mib);
+    }
+    run_mode(g, f, SendType::Put, "put")?;
+    run_mode(g, f, SendType::PutAsync, "putasync")?;
+    run_mode(g, f, SendType::Get, "get")?;
+    dead_consumer(g, f)
+}
+
+#[cfg(feature = "cuda")]
+mod device {
+    use super::*;
+    use dist_kv::transfer::cuda::{CudaIpcDataPath, CudaKvCache, NcclDataPath};
+
+    fn ordinal() -> usize {
+        let n = dist_cuda::device_count().max(1);
+        std::env::var("LOCAL_RANK")
+            .ok()
+            .and_then(|r| r.parse::<usize>().ok())
+            .unwrap_or(0)
+            % n
+    }
+
+    fn wrap(c: PagedKvCache) -> Res<CudaKvCache> {
+        Ok(CudaKvCache::from_host(&c, ordinal())?)
+    }
+
+    pub fn ipc() -> Flavor<CudaKvCache, CudaIpcDataPath> {
+        Flavor {
+            wrap,
+            path: || Ok(CudaIpcDataPath::new(ordinal())?),
+        }
+    }
+
+    pub fn nccl() -> Flavor<CudaKvCache, NcclDataPath> {
+        Flavor {
+            wrap,
+            path: || Ok(NcclDataPath::new(ordinal(), Duration::from_secs(20))?),
+        }
+    }
+
+    /// `--path nccl` with fewer than two GPUs: both ranks on one GPU, which NCCL refuses.
+    /// Returns Ok(true) when the refusal was a clean error on this rank within the deadline.
+    pub fn nccl_one_gpu(g: &StatelessProcessGroup) -> Res<bool> {
+        let start = Instant::now();
+        match run_mode(g, &nccl(), SendType::Put, "nccl1gpu") {
+            Ok(()) => Ok(false),
+            Err(e) => {
+                let waited = start.elapsed();
+                println!(
+                    "mp_kv_p2p: nccl on one GPU, rank {}: refused after {waited:.1?}: {e}",
+                    g.rank()
+                );
+                if waited > Duration::from_secs(40) {
+                    return Err(format!("the refusal took {waited:?}").into());
+                }
+                Ok(true)
+            }
+        }
+    }
+}
+
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("--worlds") {
         println!("2");
         return;
     }
-    let bench_mib: Option<usize> = match std::env::args().nth(1).as_deref() {
-        Some("--bench") => Some(
-            std::env::args()
-                .nth(2)
-                .and_then(|m| m.parse().ok())
-                .unwrap_or(256),
-        ),
-        _ => None,
-    };
+    let args: Vec<String> = std::env::args().collect();
+    let bench_mib: Option<usize> = args
+        .iter()
+        .position(|a| a == "--bench")
+        .map(|i| args.get(i + 1).and_then(|m| m.parse().ok()).unwrap_or(256));
+    let path = args
+        .iter()
+        .position(|a| a == "--path")
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| "tcp".into());
     let r = (|| -> Res<()> {
         let g = StatelessProcessGroup::from_env(Duration::from_secs(60))?;
         if g.world_size() != 2 {
             return Err(format!("mp_kv_p2p runs with 2 ranks, got {}", g.world_size()).into());
         }
-        if let Some(mib) = bench_mib {
-            return bench(&g, mib);
+        match path.as_str() {
+            "tcp" => run_all(&g, &host_flavor(), bench_mib),
+            #[cfg(feature = "cuda")]
+            "cuda-ipc" => run_all(&g, &device::ipc(), bench_mib),
+            #[cfg(feature = "cuda")]
+            "nccl" if dist_cuda::device_count() < 2 && bench_mib.is_none() => {
+                if device::nccl_one_gpu(&g)? {
+                    println!("mp_kv_p2p: SKIPPED: the nccl path needs two GPUs (NCCL refuses two ranks on one GPU)");
+                    std::process::exit(77);
+                }
+                run_all(&g, &device::nccl(), None)
+            }
+            #[cfg(feature = "cuda")]
+            "nccl" => run_all(&g, &device::nccl(), bench_mib),
+            other => Err(format!(
+                "--path {other}: expected tcp{}",
+                if cfg!(feature = "cuda") {
+                    ", cuda-ipc or nccl"
+                } else {
+                    " (cuda-ipc and nccl need the cuda feature)"
+                }
+            )
+            .into()),
         }
-        run_mode(&g, SendType::Put, "put")?;
-        run_mode(&g, SendType::PutAsync, "putasync")?;
-        run_mode(&g, SendType::Get, "get")?;
-        dead_consumer(&g)
     })();
     if let Err(e) = r {
         eprintln!("mp_kv_p2p: FAILED: {e}");
         std::process::exit(1);
     }
-    println!("mp_kv_p2p: all checks passed");
+    println!("mp_kv_p2p ({path}): all checks passed");
 }

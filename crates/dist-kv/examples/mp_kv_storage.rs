@@ -5,16 +5,17 @@
 //! against the producer's data (regenerated from the same seed: the oracle). One request's file
 //! is then damaged: that request alone fails, and nothing of it is written.
 //!
-//! Exits 0 when every check passed. `--worlds` prints `2`.
+//! Exits 0 when every check passed. `--worlds` prints `2`. Built with the `cuda` feature,
+//! `--device` keeps both sides' caches in device memory (device `LOCAL_RANK % device count`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use dist_core::{DType, HostGroup, HostGroupExt};
 use dist_kv::transfer::{
-    align_to_block_size, slot_mapping, BlockId, KvCacheSpec, KvCaches, KvConnectorScheduler,
-    KvConnectorWorker, KvLayout, NewRequestData, PagedKvCache, Request, SchedulerOutput,
-    StorageConfig, StorageScheduler, StorageWorker,
+    align_to_block_size, slot_mapping, BlockId, KvCacheLayer, KvCacheSpec, KvCaches,
+    KvConnectorScheduler, KvConnectorWorker, KvLayout, NewRequestData, PagedKvCache, Request,
+    SchedulerOutput, StorageConfig, StorageScheduler, StorageWorker,
 };
 use dist_store::StatelessProcessGroup;
 
@@ -87,13 +88,13 @@ fn step_out(reqs: &[(Request, Vec<BlockId>)]) -> SchedulerOutput {
 }
 
 /// Loads every request; returns (loaded, failed) ids.
-fn load(
+fn load<C: KvCacheLayer>(
     cfg: &StorageConfig,
-    cc: &mut KvCaches,
+    cc: &mut BTreeMap<String, C>,
     reqs: &[(Request, Vec<BlockId>)],
 ) -> Res<(BTreeSet<String>, Vec<String>)> {
     let mut sched = StorageScheduler::new(cfg.clone())?;
-    let mut w = StorageWorker::new(cfg.clone())?;
+    let mut w = StorageWorker::<C>::new(cfg.clone())?;
     w.register_kv_caches(cc)?;
     for (r, b) in reqs {
         let (n, _) = sched.get_num_new_matched_tokens(r, 0)?;
@@ -111,16 +112,59 @@ fn load(
     Ok((fin.finished_recving, fin.failed.into_values().collect()))
 }
 
+fn wrap_all<C>(f: fn(PagedKvCache) -> Res<C>, caches: KvCaches) -> Res<BTreeMap<String, C>> {
+    caches.into_iter().map(|(n, c)| Ok((n, f(c)?))).collect()
+}
+
+#[cfg(feature = "cuda")]
+fn device_cache(c: PagedKvCache) -> Res<dist_kv::transfer::cuda::CudaKvCache> {
+    let n = dist_cuda::device_count().max(1);
+    let ordinal = std::env::var("LOCAL_RANK")
+        .ok()
+        .and_then(|r| r.parse::<usize>().ok())
+        .unwrap_or(0)
+        % n;
+    Ok(dist_kv::transfer::cuda::CudaKvCache::from_host(
+        &c, ordinal,
+    )?)
+}
+
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("--worlds") {
         println!("2");
         return;
     }
+    let device = std::env::args().any(|a| a == "--device");
     let r = (|| -> Res<()> {
         let g = StatelessProcessGroup::from_env(Duration::from_secs(60))?;
         if g.world_size() != 2 {
             return Err(format!("mp_kv_storage runs with 2 ranks, got {}", g.world_size()).into());
         }
+        if !device {
+            return run(&g, Ok);
+        }
+        #[cfg(feature = "cuda")]
+        return run(&g, device_cache);
+        #[cfg(not(feature = "cuda"))]
+        Err("--device needs the cuda feature".into())
+    })();
+    if let Err(e) = r {
+        eprintln!("mp_kv_storage: FAILED: {e}");
+        std::process::exit(1);
+    }
+    println!(
+        "mp_kv_storage ({}): all checks passed",
+        if device {
+            "device caches"
+        } else {
+            "host caches"
+        }
+    );
+}
+
+/// Every check, with the caches made by `wrap` from host caches.
+fn run<C: KvCacheLayer>(g: &StatelessProcessGroup, wrap: fn(PagedKvCache) -> Res<C>) -> Res<()> {
+    {
         let dir = std::env::temp_dir().join(format!(
             "dist-kv-mp-storage-{}",
             std::env::var("MASTER_PORT").unwrap_or_default()
@@ -140,7 +184,8 @@ fn main() {
                 .map(|(i, (p, b, _))| (Request::new(format!("pre-{i}"), p.clone()), b.clone()))
                 .collect();
             let mut sched = StorageScheduler::new(cfg.clone())?;
-            let mut w = StorageWorker::new(cfg.clone())?;
+            let mut w = StorageWorker::<C>::new(cfg.clone())?;
+            let pc = wrap_all(wrap, pc.clone())?;
             w.register_kv_caches(&pc)?;
             let start = Instant::now();
             w.bind_connector_metadata(sched.build_connector_meta(&step_out(&reqs)));
@@ -170,7 +215,7 @@ fn main() {
             })
             .collect();
         if g.rank() == 1 {
-            let mut cc = caches(KvLayout::Hnd, None)?;
+            let mut cc = wrap_all(wrap, caches(KvLayout::Hnd, None)?)?;
             let start = Instant::now();
             let (loaded, failed) = load(&cfg, &mut cc, &dec)?;
             if !failed.is_empty() || loaded.len() != dec.len() {
@@ -204,7 +249,7 @@ fn main() {
         }
         g.barrier()?;
         if g.rank() == 1 {
-            let mut cc = caches(KvLayout::Hnd, None)?;
+            let mut cc = wrap_all(wrap, caches(KvLayout::Hnd, None)?)?;
             let (loaded, failed) = load(&cfg, &mut cc, &dec)?;
             if failed.len() != 1
                 || !failed[0].contains("dec-3")
@@ -214,8 +259,10 @@ fn main() {
             {
                 return Err(format!("damaged file: loaded {loaded:?}, failed {failed:?}").into());
             }
+            let n3 = plan[3].2.len() * BS;
+            let s3 = slot_mapping(&plan[3].2, BS, n3)?;
             if cc.values().any(|c| {
-                c.gather_blocks(&plan[3].2)
+                c.gather_slots(&s3)
                     .map(|t| t.as_bytes().iter().any(|&x| x != 0))
                     .unwrap_or(true)
             }) {
@@ -231,10 +278,5 @@ fn main() {
             std::fs::remove_dir_all(&dir)?;
         }
         Ok(())
-    })();
-    if let Err(e) = r {
-        eprintln!("mp_kv_storage: FAILED: {e}");
-        std::process::exit(1);
     }
-    println!("mp_kv_storage: all checks passed");
 }

@@ -60,6 +60,9 @@ pub enum Error {
     /// The engine was shut down while the call was waiting.
     #[error("shut down: {0}")]
     Shutdown(String),
+    /// The backend failed: a device call, a missing library (CUDA, NCCL), device memory.
+    #[error("backend: {0}")]
+    Backend(String),
     /// An operating-system error, with what was being done.
     #[error("{context}: {source}")]
     Io {
@@ -140,6 +143,7 @@ impl Error {
             Error::NotFound(s) => Error::NotFound(s.clone()),
             Error::Capacity(s) => Error::Capacity(s.clone()),
             Error::Shutdown(s) => Error::Shutdown(s.clone()),
+            Error::Backend(s) => Error::Backend(s.clone()),
             Error::Io { context, source } => Error::Io {
                 context: context.clone(),
                 source: std::io::Error::new(source.kind(), source.to_string()),
@@ -157,7 +161,22 @@ impl From<dist_core::Error> for Error {
         match e {
             dist_core::Error::InvalidArgument(s) => Error::InvalidArgument(s),
             dist_core::Error::Protocol(s) => Error::Protocol(s),
-            other => Error::Protocol(other.to_string()),
+            dist_core::Error::Timeout {
+                op,
+                waited,
+                missing_ranks,
+                detail,
+            } => Error::Timeout {
+                op,
+                waited,
+                peer: None,
+                detail: if missing_ranks.is_empty() {
+                    detail
+                } else {
+                    format!("ranks {missing_ranks:?} did not answer; {detail}")
+                },
+            },
+            other => Error::Backend(other.to_string()),
         }
     }
 }

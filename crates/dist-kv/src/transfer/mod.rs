@@ -5,6 +5,8 @@
 //! * [`model`]: the engine-neutral things they touch: [`Request`], the paged cache of a layer
 //!   ([`PagedKvCache`], NHD or HND) and the slot arithmetic.
 //! * [`storage`]: the shared-storage connector (safetensors files under a folder, vLLM's key).
+//! * `cuda` (feature `cuda`): the layer cache in device memory and the device data paths of
+//!   the P2P connector (NCCL, as vLLM; CUDA IPC between instances of one host).
 //! * [`p2p`]: the P2P connector (a prefill instance sends each layer's blocks of a request to a
 //!   decode instance, PUT / PUT_ASYNC / GET, bounded buffers, finished-request tracking).
 //!
@@ -56,6 +58,8 @@
 //! ```
 
 pub mod connector;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod error;
 pub mod model;
 pub mod p2p;
