@@ -144,15 +144,8 @@ pub fn copy_from_export(ex: &IpcExport, out: &mut CudaTensor, timeout: Duration)
     let base = ipc_open(&ex.handle)?;
     // SAFETY: base maps the exporter's allocation, which holds offset + bytes (the exporter
     // read both off it and keeps it alive until told the copy is done); out holds ex.bytes.
-    let r = unsafe {
-        copy_d2d(
-            out.ptr(),
-            base + ex.offset,
-            ex.bytes as usize,
-            dev.stream(),
-        )
-    }
-    .and_then(|()| dev.wait(&op, timeout, || Ok(())));
+    let r = unsafe { copy_d2d(out.ptr(), base + ex.offset, ex.bytes as usize, dev.stream()) }
+        .and_then(|()| dev.wait(&op, timeout, || Ok(())));
     if r.is_err() {
         // The copy may still be queued: unmap only once the stream is idle, or never.
         if dev.wait(&op, timeout, || Ok(())).is_err() {
@@ -214,4 +207,3 @@ pub(crate) fn ipc_close(p: u64) {
         );
     }
 }
-

@@ -71,8 +71,8 @@ pub mod communicator;
 pub mod custom_ar;
 pub mod driver;
 pub mod ipc;
-pub mod pair;
 pub mod paged;
+pub mod pair;
 pub mod tensor;
 
 pub use communicator::{Communicator, CudaBackend, CudaGraph, Options, P2pOp};

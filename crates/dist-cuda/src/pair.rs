@@ -69,7 +69,9 @@ impl NcclPair {
         timeout: Duration,
     ) -> Result<NcclPair> {
         if rank > 1 {
-            return Err(Error::invalid(format!("NCCL pair rank {rank}: must be 0 or 1")));
+            return Err(Error::invalid(format!(
+                "NCCL pair rank {rank}: must be 0 or 1"
+            )));
         }
         let lib = dist_nccl::library(Flavor::Nccl)?;
         let id = UniqueId::from_bytes(id)?;
