@@ -207,3 +207,27 @@ pub(crate) fn ipc_close(p: u64) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_bytes_round_trip_and_length_check() {
+        let mut handle = [0u8; IPC_HANDLE_BYTES];
+        for (i, b) in handle.iter_mut().enumerate() {
+            *b = (i * 13 % 251) as u8;
+        }
+        let ex = IpcExport {
+            handle,
+            offset: 512,
+            bytes: 1 << 33,
+            pid: 4242,
+            ptr: 0x7f00_0000_1200,
+        };
+        let b = ex.to_bytes();
+        assert_eq!(IpcExport::from_bytes(&b).unwrap(), ex);
+        assert!(IpcExport::from_bytes(&b[..EXPORT_BYTES - 1]).is_err());
+        assert!(IpcExport::from_bytes(&[0; EXPORT_BYTES + 1]).is_err());
+    }
+}

@@ -1,0 +1,40 @@
+//! The device pieces of KV transfer on a machine without CUDA (CI): building a device data path
+//! is a clear error naming the missing library, never a panic. The device checks themselves run
+//! on the GPU machine (`ci/device/kv_run.sh`: mp_kv_p2p --path cuda-ipc / nccl, mp_kv_storage
+//! --device).
+#![cfg(feature = "cuda")]
+
+use std::time::Duration;
+
+use dist_kv::transfer::cuda::{CudaIpcDataPath, CudaKvCache, NcclDataPath};
+use dist_kv::transfer::{KvCacheSpec, KvLayout};
+
+fn has_driver() -> bool {
+    dist_cuda::ensure_driver().is_ok() && dist_cuda::device_count() > 0
+}
+
+#[test]
+fn without_cuda_the_device_paths_are_clear_errors() {
+    if has_driver() {
+        eprintln!("a CUDA device is present: this test is for machines without one");
+        return;
+    }
+    let e = CudaIpcDataPath::new(0).unwrap_err().to_string();
+    assert!(e.contains("libcuda") || e.contains("cuda"), "{e}");
+    let e = NcclDataPath::new(0, Duration::from_secs(1))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("libcuda") || e.contains("cuda"), "{e}");
+    let spec = KvCacheSpec {
+        kv: 2,
+        num_blocks: 4,
+        block_size: 16,
+        num_kv_heads: 2,
+        head_dim: 8,
+        dtype: dist_core::DType::BF16,
+        layout: KvLayout::Hnd,
+    };
+    let host = dist_kv::transfer::PagedKvCache::zeros(spec).unwrap();
+    let e = CudaKvCache::from_host(&host, 0).unwrap_err().to_string();
+    assert!(e.contains("libcuda") || e.contains("cuda"), "{e}");
+}
