@@ -313,6 +313,26 @@ fn time(mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 /// The figure: gathers and a scatter of a realistic bf16 layer.
 fn bench(rng: &mut Rng) -> Result<()> {
     let dev = DeviceContext::get(0)?;
+    {
+        // The fixed cost of a call: list upload, launch and the waits, for one slot.
+        let s = PagedShape {
+            kv: 2,
+            num_blocks: 4096,
+            block_size: 16,
+            num_kv_heads: 8,
+            head_dim: 128,
+            hnd: false,
+        };
+        let cache = CudaTensor::zeros(&dev, DType::BF16, &s.cache_shape())?;
+        let mut out = CudaTensor::zeros(&dev, DType::BF16, &rows_shape(&s, 1))?;
+        let slot = [rng.below(4096 * 16) as u64];
+        let secs = time(|| gather_slots(&cache, &s, &slot, &mut out))?;
+        println!(
+            "paged_check: bench gather bf16 NHD of 1 slot (the fixed cost of a call): median \
+             {:.1} us",
+            secs * 1e6
+        );
+    }
     for (label, nblk) in [("256 random blocks", 256usize), ("all 4096 blocks", 4096)] {
         for hnd in [false, true] {
             let s = PagedShape {

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::{result as cu, sys};
 use dist_core::{DType, Error, Result, Tensor};
 
-use crate::driver::{copy_h2d, cuda_err, ensure_nvrtc, DeviceBuffer, DeviceContext};
+use crate::driver::{cuda_err, ensure_nvrtc, DeviceBuffer, DeviceContext};
 use crate::tensor::CudaTensor;
 
 /// The kernels' CUDA C source (no headers; NVRTC compiles it for the device's architecture).
@@ -207,34 +207,37 @@ fn validate(
 
 /// For a scatter whose list names some slot more than once: the entries to keep (the last
 /// write of each slot, as the host loop leaves it), in list order. `None` when all are distinct.
-fn last_writes(slots: &[u64]) -> Result<Option<Vec<u32>>> {
+/// Every slot is below `total` (validated); one bit per slot of the cache marks the seen ones.
+fn last_writes(slots: &[u64], total: u64) -> Result<Option<Vec<u32>>> {
     if slots.len() < 2 {
         return Ok(None);
     }
-    let mut sorted = slots.to_vec();
-    sorted.sort_unstable();
-    if !sorted.windows(2).any(|w| w[0] == w[1]) {
+    let words = usize::try_from(total.div_ceil(64))
+        .map_err(|_| Error::invalid(format!("paged scatter_slots: a cache of {total} slots")))?;
+    let mut seen = vec![0u64; words];
+    // Marks `s`; true when it was marked already.
+    let mark = |seen: &mut [u64], s: u64| {
+        let (w, bit) = ((s / 64) as usize, 1u64 << (s % 64));
+        let was = seen[w] & bit != 0;
+        seen[w] |= bit;
+        was
+    };
+    if !slots.iter().any(|&s| mark(&mut seen, s)) {
         return Ok(None);
     }
-    let n = u32::try_from(slots.len()).map_err(|_| {
-        Error::invalid(format!(
+    if u32::try_from(slots.len()).is_err() {
+        return Err(Error::invalid(format!(
             "paged scatter_slots: {} slots with repeats (at most 2^32 supported)",
             slots.len()
-        ))
-    })?;
-    let mut order: Vec<u32> = (0..n).collect();
-    order.sort_by_key(|&i| slots[i as usize]); // stable: repeats stay in list order
-    let mut keep: Vec<u32> = order
-        .iter()
-        .enumerate()
-        .filter(|&(j, &i)| {
-            order
-                .get(j + 1)
-                .map_or(true, |&next| slots[next as usize] != slots[i as usize])
-        })
-        .map(|(_, &i)| i)
+        )));
+    }
+    seen.iter_mut().for_each(|w| *w = 0);
+    let mut keep: Vec<u32> = (0..slots.len())
+        .rev()
+        .filter(|&i| !mark(&mut seen, slots[i]))
+        .map(|i| i as u32)
         .collect();
-    keep.sort_unstable();
+    keep.reverse();
     Ok(Some(keep))
 }
 
@@ -315,6 +318,7 @@ impl Plan {
         let blocks = usize::try_from(total.div_ceil(THREADS as u64))
             .unwrap_or(MAX_BLOCKS)
             .clamp(1, MAX_BLOCKS);
+        // The kernel's 32-bit index reaches total - 1 + blocks * THREADS.
         let wide = total + (blocks * THREADS) as u64 > u64::from(u32::MAX);
         (blocks, THREADS, wide)
     }
@@ -355,7 +359,11 @@ fn run(
             "{op}: the row buffer shares memory with the cache"
         )));
     }
-    let rows = if scatter { last_writes(slots)? } else { None };
+    let rows = if scatter {
+        last_writes(slots, (shape.num_blocks * shape.block_size) as u64)?
+    } else {
+        None
+    };
     let Some(plan) = Plan::new(
         shape,
         cache.dtype().size(),
@@ -388,7 +396,12 @@ fn run(
         list.extend(r.iter().flat_map(|i| i.to_le_bytes()));
     }
     let dlist = DeviceBuffer::alloc(dev, list.len())?;
-    copy_h2d(dev, dlist.ptr(), &list)?;
+    dev.bind()?;
+    // SAFETY: dlist holds list.len() bytes and lives until the stream has been waited for
+    // below. From pageable memory the driver stages the bytes before returning, so `list` may
+    // be dropped at any time after the call (CUDA's "API synchronization behavior").
+    unsafe { cu::memcpy_htod_async(dlist.ptr(), &list, dev.stream()) }
+        .map_err(|e| cuda_err("cuMemcpyHtoDAsync (paged slot list)", e))?;
 
     let mut a_cache = cache.ptr();
     let mut a_buf = buf.ptr();
@@ -420,14 +433,13 @@ fn run(
         &mut a_total as *mut u64 as *mut c_void,
         &mut a_scatter as *mut i32 as *mut c_void,
     ];
-    dev.bind()?;
     // SAFETY: the parameters match the kernel's signature (four device pointers, seven
     // unsigned long long, one int). The cache and the buffer are live allocations of the
     // validated shapes, with no byte in common, and the plan's rows stay inside them: every
     // slot is below num_blocks * block_size and every buffer row below R. Both base addresses
     // and the row bytes are multiples of the unit width. `dlist` holds m bases and, when
-    // `a_rows` is not null, m row indices below slots.len(); it lives until the stream has been
-    // waited for below.
+    // `a_rows` is not null, m row indices below slots.len() (copied before the kernel runs, in
+    // stream order); it lives until the stream has been waited for below. The context is current.
     unsafe {
         cu::launch_kernel(
             f,
@@ -573,7 +585,7 @@ mod tests {
                             assert_eq!(buf, want, "gather {s:?} es {es}");
                             // Scatter (the repeat: last write wins).
                             let src = bytes(bbytes, seed ^ 99);
-                            let keep = last_writes(&slots).unwrap();
+                            let keep = last_writes(&slots, nslots).unwrap();
                             assert!(keep.is_some());
                             let p = Plan::new(&s, es, r_rows, &slots, keep, 256).unwrap();
                             let mut got = vec![0u8; cbytes];
@@ -676,11 +688,16 @@ mod tests {
 
     #[test]
     fn repeats_keep_the_last_write_in_list_order() {
-        assert_eq!(last_writes(&[5, 1, 9]).unwrap(), None);
-        assert_eq!(last_writes(&[]).unwrap(), None);
+        assert_eq!(last_writes(&[5, 1, 9], 10).unwrap(), None);
+        assert_eq!(last_writes(&[], 10).unwrap(), None);
+        assert_eq!(last_writes(&[3], 10).unwrap(), None);
         assert_eq!(
-            last_writes(&[4, 7, 4, 2, 7, 4]).unwrap(),
+            last_writes(&[4, 7, 4, 2, 7, 4], 8).unwrap(),
             Some(vec![3, 4, 5])
+        );
+        assert_eq!(
+            last_writes(&[63, 64, 127, 63, 0], 128).unwrap(),
+            Some(vec![1, 2, 3, 4])
         );
     }
 
