@@ -103,6 +103,24 @@ pub struct DeviceContext {
     ordinal: usize,
     pool: Mutex<Pool>,
     faults: Mutex<Vec<std::sync::Weak<FaultFlags>>>,
+    /// Serial of each live `cuMemAlloc` allocation of this crate (cached ones included), by
+    /// base address; see [`DeviceContext::allocation_serial`].
+    serials: Mutex<HashMap<sys::CUdeviceptr, u64>>,
+}
+
+/// A process-unique, cross-process-distinct allocation serial: a random base per process plus
+/// a counter, so a serial names one allocation of one process.
+fn next_serial() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static BASE: OnceLock<u64> = OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let base = *BASE.get_or_init(|| {
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+            | 1
+    });
+    base.wrapping_add(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 1)
 }
 
 /// Per-peer fault words in host-mapped pinned memory that device code sets when a peer never
@@ -284,6 +302,7 @@ impl DeviceContext {
                 ..Default::default()
             }),
             faults: Mutex::new(Vec::new()),
+            serials: Mutex::new(HashMap::new()),
         });
         map.insert(ordinal, d.clone());
         Ok(d)
@@ -404,6 +423,7 @@ impl DeviceContext {
         let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         for (_, v) in p.free.drain() {
             for ptr in v {
+                self.serial_freed(ptr);
                 // SAFETY: cached pointers came from cuMemAlloc and are owned by the pool only.
                 if let Err(e) = unsafe { cu::free_sync(ptr) } {
                     tracing::warn!("cuMemFree({ptr:#x}): {}", cuda_err("cuMemFree", e));
@@ -412,6 +432,32 @@ impl DeviceContext {
         }
         p.cached = 0;
         Ok(())
+    }
+
+    /// The serial of the allocation of this crate whose base address is `base` (`None` for
+    /// memory allocated elsewhere). A serial changes when the address is freed and allocated
+    /// again, and stays while the allocation is reused from the cache: an importer of this
+    /// memory may keep its IPC mapping for as long as the serial it was given is the same.
+    pub fn allocation_serial(&self, base: sys::CUdeviceptr) -> Option<u64> {
+        self.serials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&base)
+            .copied()
+    }
+
+    fn serial_born(&self, ptr: sys::CUdeviceptr) {
+        self.serials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ptr, next_serial());
+    }
+
+    fn serial_freed(&self, ptr: sys::CUdeviceptr) {
+        self.serials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ptr);
     }
 
     /// Bytes held by the allocation cache.
@@ -510,6 +556,7 @@ impl DeviceBuffer {
                 ))
             }
         };
+        dev.serial_born(ptr);
         Ok(DeviceBuffer {
             ptr,
             bytes: size,
@@ -553,6 +600,7 @@ impl Drop for DeviceBuffer {
             tracing::warn!("freeing {:?}: {e}", self);
             return;
         }
+        self.dev.serial_freed(self.ptr);
         // SAFETY: ptr came from cuMemAlloc and is freed once. cuMemFree waits for pending work.
         if let Err(e) = unsafe { cu::free_sync(self.ptr) } {
             tracing::warn!("cuMemFree of {:?}: {}", self, cuda_err("cuMemFree", e));

@@ -2,18 +2,25 @@
 //!
 //! [`IpcExport`] describes a device tensor for another process: the IPC handle of the
 //! allocation holding it (`cuIpcGetMemHandle` of the base that `cuMemGetAddressRange` finds),
-//! the tensor's offset and size in it, and the exporter's pid and device address.
-//! [`copy_from_export`] is the importer's side: it maps the allocation (`cuIpcOpenMemHandle`,
-//! lazy peer access, so the exporter may be on another GPU of the host or on the same one),
-//! copies the bytes into a local tensor on the device's stream, waits with a deadline and unmaps.
-//! An export from the importing process itself (CUDA refuses to open its own handles) is copied
-//! from its device address directly.
+//! the tensor's offset and size in it, the allocation's serial
+//! ([`DeviceContext::allocation_serial`]) and the exporter's pid and device address.
+//! [`IpcImporter`] is the importer's side: it maps the allocation (`cuIpcOpenMemHandle`, lazy
+//! peer access, so the exporter may be on another GPU of the host or on the same one), copies
+//! the bytes into a local tensor on the device's stream and waits with a deadline. An export
+//! from the importing process itself (CUDA refuses to open its own handles) is copied from its
+//! device address directly.
 //!
-//! Mapping per copy, not cached: a cached mapping of an allocation the exporter has since freed
-//! would keep reading the old memory if the driver handed the same handle out again. The
-//! exporter must keep the tensor alive until the importer says it has copied it.
+//! Mappings are kept (opening one costs far more than a copy of a few MiB), at most
+//! [`IpcImporter::MAX_MAPPINGS`] per device, least recently used closed first. A kept mapping is
+//! used again only for an export of the same allocation *serial*: the exporter's allocator
+//! reuses an allocation under the same serial, and an address freed and allocated again gets a
+//! new one, so a mapping of memory the exporter has since freed is closed and reopened, never
+//! read (the handle of the new allocation may be byte-for-byte the old one's). Memory allocated
+//! outside this crate has no serial (0) and is mapped for one copy only. The exporter must keep
+//! the tensor alive until the importer says it has copied it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use cudarc::driver::sys;
@@ -25,7 +32,7 @@ use crate::tensor::CudaTensor;
 /// Bytes of a `CUipcMemHandle`.
 pub const IPC_HANDLE_BYTES: usize = 64;
 /// Bytes of an encoded [`IpcExport`].
-pub const EXPORT_BYTES: usize = IPC_HANDLE_BYTES + 4 * 8;
+pub const EXPORT_BYTES: usize = IPC_HANDLE_BYTES + 5 * 8;
 
 /// A device tensor described for another process of the host; see the module docs.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -40,6 +47,8 @@ pub struct IpcExport {
     pub pid: u64,
     /// The tensor's device address in the exporter.
     pub ptr: u64,
+    /// The allocation's serial in the exporter (0: unknown, map for one copy only).
+    pub serial: u64,
 }
 
 impl std::fmt::Debug for IpcExport {
@@ -49,6 +58,7 @@ impl std::fmt::Debug for IpcExport {
             .field("bytes", &self.bytes)
             .field("pid", &self.pid)
             .field("ptr", &format_args!("{:#x}", self.ptr))
+            .field("serial", &format_args!("{:#x}", self.serial))
             .finish()
     }
 }
@@ -58,7 +68,7 @@ impl IpcExport {
     pub fn to_bytes(&self) -> [u8; EXPORT_BYTES] {
         let mut b = [0u8; EXPORT_BYTES];
         b[..IPC_HANDLE_BYTES].copy_from_slice(&self.handle);
-        for (i, v) in [self.offset, self.bytes, self.pid, self.ptr]
+        for (i, v) in [self.offset, self.bytes, self.pid, self.ptr, self.serial]
             .into_iter()
             .enumerate()
         {
@@ -88,6 +98,7 @@ impl IpcExport {
             bytes: word(1),
             pid: word(2),
             ptr: word(3),
+            serial: word(4),
         })
     }
 }
@@ -104,6 +115,7 @@ pub fn export(t: &CudaTensor) -> Result<IpcExport> {
             bytes: 0,
             pid: std::process::id() as u64,
             ptr: 0,
+            serial: 0,
         });
     }
     // SAFETY: valid out-pointers; t.ptr() is a live device address of this context.
@@ -116,45 +128,137 @@ pub fn export(t: &CudaTensor) -> Result<IpcExport> {
         bytes: t.nbytes() as u64,
         pid: std::process::id() as u64,
         ptr: t.ptr(),
+        serial: dev.allocation_serial(base).unwrap_or(0),
     })
 }
 
-/// Copies the tensor `ex` describes into `out` (which must have exactly `ex.bytes` bytes),
-/// waiting for the copy at most `timeout`; see the module docs.
-pub fn copy_from_export(ex: &IpcExport, out: &mut CudaTensor, timeout: Duration) -> Result<()> {
-    if ex.bytes != out.nbytes() as u64 {
-        return Err(Error::invalid(format!(
-            "IPC copy of {} bytes into a tensor of {} bytes",
-            ex.bytes,
-            out.nbytes()
-        )));
+/// Open mappings by (exporter pid, handle), and a use counter for least-recently-used.
+type Mappings = (HashMap<(u64, [u8; IPC_HANDLE_BYTES]), Mapping>, u64);
+
+#[derive(Debug)]
+struct Mapping {
+    serial: u64,
+    base: u64,
+    used: u64,
+}
+
+/// Copies peers' exports into local tensors, keeping their mappings; see the module docs.
+/// One per device and process ([`IpcImporter::for_device`]), so one allocation is never
+/// mapped twice.
+#[derive(Debug)]
+pub struct IpcImporter {
+    dev: Arc<DeviceContext>,
+    maps: Mutex<Mappings>,
+}
+
+impl IpcImporter {
+    /// Most mappings kept open per device.
+    pub const MAX_MAPPINGS: usize = 256;
+
+    /// The importer of device `dev` in this process.
+    pub fn for_device(dev: &Arc<DeviceContext>) -> Arc<IpcImporter> {
+        static ALL: OnceLock<Mutex<HashMap<usize, Arc<IpcImporter>>>> = OnceLock::new();
+        let mut all = ALL
+            .get_or_init(|| Mutex::new(HashMap::new()))
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        all.entry(dev.ordinal())
+            .or_insert_with(|| {
+                Arc::new(IpcImporter {
+                    dev: dev.clone(),
+                    maps: Mutex::new((HashMap::new(), 0)),
+                })
+            })
+            .clone()
     }
-    if ex.bytes == 0 {
-        return Ok(());
+
+    /// Mappings open now.
+    pub fn open_mappings(&self) -> usize {
+        self.maps.lock().unwrap_or_else(|e| e.into_inner()).0.len()
     }
-    let dev: Arc<DeviceContext> = out.context().clone();
-    dev.bind()?;
-    let op = format!("cuda ipc copy of {} bytes from pid {}", ex.bytes, ex.pid);
-    if ex.pid == std::process::id() as u64 {
-        // SAFETY: the exporter (this process) keeps ex.ptr alive for ex.bytes until told the
-        // copy is done, which is after the wait below; out holds ex.bytes.
-        unsafe { copy_d2d(out.ptr(), ex.ptr, ex.bytes as usize, dev.stream()) }?;
-        return dev.wait(&op, timeout, || Ok(()));
-    }
-    let base = ipc_open(&ex.handle)?;
-    // SAFETY: base maps the exporter's allocation, which holds offset + bytes (the exporter
-    // read both off it and keeps it alive until told the copy is done); out holds ex.bytes.
-    let r = unsafe { copy_d2d(out.ptr(), base + ex.offset, ex.bytes as usize, dev.stream()) }
-        .and_then(|()| dev.wait(&op, timeout, || Ok(())));
-    if r.is_err() {
-        // The copy may still be queued: unmap only once the stream is idle, or never.
-        if dev.wait(&op, timeout, || Ok(())).is_err() {
-            tracing::warn!("{op}: leaving the mapping open, the copy did not finish");
-            return r;
+
+    /// Copies the tensor `ex` describes into `out` (which must have exactly `ex.bytes` bytes
+    /// and live on this importer's device), waiting for the copy at most `timeout`.
+    pub fn copy(&self, ex: &IpcExport, out: &mut CudaTensor, timeout: Duration) -> Result<()> {
+        if ex.bytes != out.nbytes() as u64 {
+            return Err(Error::invalid(format!(
+                "IPC copy of {} bytes into a tensor of {} bytes",
+                ex.bytes,
+                out.nbytes()
+            )));
         }
+        if out.context().ordinal() != self.dev.ordinal() {
+            return Err(Error::invalid(format!(
+                "IPC copy into a tensor on cuda:{} by the importer of cuda:{}",
+                out.context().ordinal(),
+                self.dev.ordinal()
+            )));
+        }
+        if ex.bytes == 0 {
+            return Ok(());
+        }
+        let dev = &self.dev;
+        dev.bind()?;
+        let op = format!("cuda ipc copy of {} bytes from pid {}", ex.bytes, ex.pid);
+        let copy = |src: u64| -> Result<()> {
+            // SAFETY: src maps (or, in this process, is) the exporter's allocation at the
+            // tensor's offset, holding ex.bytes, kept alive by the exporter until told the copy
+            // is done, which is after the wait below; out holds ex.bytes.
+            unsafe { copy_d2d(out.ptr(), src, ex.bytes as usize, dev.stream()) }?;
+            dev.wait(&op, timeout, || Ok(()))
+        };
+        if ex.pid == std::process::id() as u64 {
+            return copy(ex.ptr);
+        }
+        // The lock is held through the copy: no mapping is closed while a copy reads it.
+        let mut g = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        let (maps, tick) = &mut *g;
+        *tick += 1;
+        let key = (ex.pid, ex.handle);
+        let base = match maps.get_mut(&key) {
+            Some(m) if m.serial == ex.serial && ex.serial != 0 => {
+                m.used = *tick;
+                m.base
+            }
+            stale => {
+                if stale.is_some() {
+                    // Freed and allocated again under the same handle: never read the old one.
+                    if let Some(m) = maps.remove(&key) {
+                        ipc_close(m.base);
+                    }
+                }
+                if maps.len() >= Self::MAX_MAPPINGS {
+                    let oldest = maps.iter().min_by_key(|(_, m)| m.used).map(|(k, _)| *k);
+                    if let Some(m) = oldest.and_then(|k| maps.remove(&k)) {
+                        ipc_close(m.base);
+                    }
+                }
+                ipc_open(&ex.handle)?
+            }
+        };
+        let r = copy(base + ex.offset);
+        match (&r, ex.serial) {
+            // The copy may still be queued: leave the mapping open (leaked) rather than unmap
+            // memory the device may still read.
+            (Err(_), _) => {
+                if dev.wait(&op, timeout, || Ok(())).is_ok() {
+                    ipc_close(base);
+                } else {
+                    tracing::warn!("{op}: leaving the mapping open, the copy did not finish");
+                }
+                maps.remove(&key);
+            }
+            (Ok(()), 0) => ipc_close(base),
+            (Ok(()), serial) => {
+                maps.entry(key).or_insert(Mapping {
+                    serial,
+                    base,
+                    used: *tick,
+                });
+            }
+        }
+        r
     }
-    ipc_close(base);
-    r
 }
 
 /// `cuIpcGetMemHandle` of the allocation starting at `ptr`.
@@ -224,6 +328,7 @@ mod tests {
             bytes: 1 << 33,
             pid: 4242,
             ptr: 0x7f00_0000_1200,
+            serial: 0xdead_beef_0000_0003,
         };
         let b = ex.to_bytes();
         assert_eq!(IpcExport::from_bytes(&b).unwrap(), ex);

@@ -10,9 +10,10 @@
 //!   one GPU, so producer and consumer need a GPU each.
 //! * [`CudaIpcDataPath`]: for producer and consumer on one host (any GPUs of it, one GPU
 //!   shared included): the sender writes an IPC descriptor of the gathered tensor on the control
-//!   stream and the receiver copies straight out of the sender's device memory; the engine keeps
-//!   the sender's tensor until the receiver's `Stored` / `GetDone` ([`DataPath::lends_memory`]).
-//!   Both sides check at the handshake that they run on one host (the kernel's boot id).
+//!   stream and the receiver copies straight out of the sender's device memory (mappings kept
+//!   per allocation serial, `dist_cuda::ipc::IpcImporter`); the engine keeps the sender's tensor
+//!   until the receiver's `Stored` / `GetDone` ([`DataPath::lends_memory`]). Both sides check
+//!   at the handshake that they run on one host (the kernel's boot id).
 //!
 //! Both paths wait for every transfer with the engine's deadline: a peer that dies mid-transfer
 //! fails the request (NCCL: the pair is aborted; IPC: the copy from a dead process's memory
@@ -24,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dist_core::{DType, HostTensor, Tensor};
-use dist_cuda::ipc::{copy_from_export, export, IpcExport, EXPORT_BYTES};
+use dist_cuda::ipc::{export, IpcExport, IpcImporter, EXPORT_BYTES};
 use dist_cuda::paged::{gather_slots, scatter_slots, PagedShape};
 use dist_cuda::pair::NcclPair;
 use dist_cuda::{CudaTensor, DeviceContext};
@@ -245,6 +246,7 @@ impl DataLink<CudaTensor> for NcclLink {
 pub struct CudaIpcDataPath {
     dev: Arc<DeviceContext>,
     host: Vec<u8>,
+    importer: Arc<IpcImporter>,
 }
 
 /// This host's identity for the same-host check: the kernel's boot id (differs between
@@ -259,16 +261,18 @@ fn host_id() -> Result<Vec<u8>> {
 impl CudaIpcDataPath {
     /// A path on device `ordinal`. Fails when CUDA cannot be loaded.
     pub fn new(ordinal: usize) -> Result<Self> {
+        let dev = DeviceContext::get(ordinal)?;
         Ok(CudaIpcDataPath {
-            dev: DeviceContext::get(ordinal)?,
+            importer: IpcImporter::for_device(&dev),
+            dev,
             host: host_id()?,
         })
     }
 }
 
-/// The link of [`CudaIpcDataPath`] (stateless: mappings are per copy).
+/// The link of [`CudaIpcDataPath`] (mappings are kept by the device's importer).
 #[derive(Debug)]
-pub struct CudaIpcLink;
+pub struct CudaIpcLink(Arc<IpcImporter>);
 
 impl DataPath for CudaIpcDataPath {
     type Buffer = CudaTensor;
@@ -289,7 +293,7 @@ impl DataPath for CudaIpcDataPath {
                 String::from_utf8_lossy(&self.host)
             )));
         }
-        Ok(CudaIpcLink)
+        Ok(CudaIpcLink(self.importer.clone()))
     }
     fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<CudaTensor> {
         Ok(CudaTensor::uninit(&self.dev, dtype, shape)?)
@@ -317,6 +321,6 @@ impl DataLink<CudaTensor> for CudaIpcLink {
             "cuda-ipc data path: recv the descriptor",
         )?;
         let ex = IpcExport::from_bytes(&b)?;
-        Ok(copy_from_export(&ex, out, left(deadline))?)
+        Ok(self.0.copy(&ex, out, left(deadline))?)
     }
 }

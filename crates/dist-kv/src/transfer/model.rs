@@ -142,7 +142,7 @@ impl KvCacheSpec {
 /// tensors) on a data path of the same buffer type, the storage connector goes through host rows.
 pub trait KvCacheLayer: Send + Sync + std::fmt::Debug {
     /// Where gathered blocks are held: a host or a device tensor.
-    type Buffer: dist_core::Tensor + 'static;
+    type Buffer: dist_core::Tensor + Clone + 'static;
 
     /// The geometry.
     fn spec(&self) -> &KvCacheSpec;

@@ -17,7 +17,7 @@ use dist_kv::transfer::p2p::{DataLink, DataPath};
 use dist_kv::transfer::{BlockId, Error, KvCacheLayer, KvCacheSpec, PagedKvCache, Result};
 
 /// A host tensor shared by reference (the "device memory" the receiver reads).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Lent(pub Arc<HostTensor>);
 
 impl Tensor for Lent {

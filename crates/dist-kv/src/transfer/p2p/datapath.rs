@@ -31,7 +31,9 @@ use super::wire::read_full;
 /// Makes the per-peer links of one engine.
 pub trait DataPath: Send + Sync + std::fmt::Debug + 'static {
     /// The tensors it moves (host or device memory); the connector's cache gathers into them.
-    type Buffer: Tensor + 'static;
+    /// `Clone` is used only by paths that lend memory, to keep a sent tensor (for device
+    /// tensors a reference-count increment).
+    type Buffer: Tensor + Clone + 'static;
     /// One peer's link.
     type Link: DataLink<Self::Buffer>;
 

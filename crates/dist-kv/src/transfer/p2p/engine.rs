@@ -215,8 +215,9 @@ struct ProdReq {
 struct SendState<B> {
     queue: VecDeque<Outgoing<B>>,
     store: HashMap<String, Outgoing<B>>,
-    /// GET replies whose receiver reads this memory ([`DataPath::lends_memory`]), by
-    /// (peer, GET seq), until its `GetDone`.
+    /// Tensors sent on a path whose receiver reads this memory ([`DataPath::lends_memory`]),
+    /// by (peer, seq), until the receiver's `Stored` (PUT) or `GetDone` (GET). Counted in
+    /// `bytes`.
     lent: HashMap<(String, u64), Outgoing<B>>,
     bytes: usize,
     in_flight: bool,
@@ -843,17 +844,20 @@ impl<D: DataPath> Inner<D> {
                 tensor_id,
                 header,
             } => self.on_put(conn, s, seq, tensor_id, header),
+            Frame::PutReply {
+                seq,
+                status: PutStatus::Stored,
+            } => {
+                self.release_lent(&conn.peer, seq);
+                Ok(())
+            }
             Frame::PutReply { seq, status } => {
                 conn.deliver(seq, Reply::Put(status));
                 Ok(())
             }
             Frame::Get { seq, tensor_id } => self.on_get(conn, seq, &tensor_id),
             Frame::GetDone { seq } => {
-                let mut st = lock(&self.send);
-                if let Some(o) = st.lent.remove(&(conn.peer.clone(), seq)) {
-                    st.bytes -= o.tensor.nbytes();
-                    self.send_cv.notify_all();
-                }
+                self.release_lent(&conn.peer, seq);
                 Ok(())
             }
             Frame::GetReply { seq, header } => {
@@ -1002,26 +1006,28 @@ impl<D: DataPath> Inner<D> {
             unreserve(n);
             return Err(e);
         }
-        {
-            let mut r = lock(&self.recv);
-            if let Some((old, _, _)) = r
-                .tensors
-                .insert(tensor_id, (t, conn.peer.clone(), Instant::now()))
-            {
-                r.bytes -= old.nbytes();
-            }
-            self.recv_cv.notify_all();
-        }
         if self.datapath.lends_memory() {
-            // The producer may free its copy now.
-            conn.send_frame(
+            // The producer may free its copy now. Sent before the tensor can be loaded, so it
+            // reaches the producer before this request's Loaded.
+            if let Err(e) = conn.send_frame(
                 &Frame::PutReply {
                     seq,
                     status: PutStatus::Stored,
                 },
                 "kv p2p put reply",
-            )?;
+            ) {
+                unreserve(n);
+                return Err(e);
+            }
         }
+        let mut r = lock(&self.recv);
+        if let Some((old, _, _)) = r
+            .tensors
+            .insert(tensor_id, (t, conn.peer.clone(), Instant::now()))
+        {
+            r.bytes -= old.nbytes();
+        }
+        self.recv_cv.notify_all();
         Ok(())
     }
 
@@ -1104,30 +1110,34 @@ impl<D: DataPath> Inner<D> {
             }
             Reply::Get(_) => return Err(Error::Protocol(format!("{op}: GET reply to a PUT"))),
         }
+        // The consumer reads this memory on a lending path: keep (and count) it until its
+        // Stored. Registered before the data goes out, so the Stored cannot come first; the
+        // next tensor goes out meanwhile.
         let lends = self.datapath.lends_memory();
         if lends {
-            conn.expect(seq);
+            let mut st = lock(&self.send);
+            st.bytes += o.tensor.nbytes();
+            st.lent.insert(
+                (conn.peer.clone(), seq),
+                Outgoing {
+                    request_id: o.request_id.clone(),
+                    tensor_id: o.tensor_id.clone(),
+                    tensor: o.tensor.clone(),
+                    peer: o.peer.clone(),
+                },
+            );
         }
         let r = conn
             .link
             .send(&mut w, &o.tensor, Instant::now() + self.cfg.timeout);
+        if r.is_err() && lends {
+            self.release_lent(&conn.peer, seq);
+        }
         drop(w);
         r.map_err(|e| {
             conn.lose(&e.to_string());
             conn.peer_lost(&op)
-        })?;
-        if lends {
-            // The consumer reads this memory: keep it until it says the copy is done.
-            match conn.wait_reply(seq, Instant::now() + self.cfg.timeout, &op)? {
-                Reply::Put(PutStatus::Stored) => {}
-                other => {
-                    return Err(Error::Protocol(format!(
-                        "{op}: expected the consumer's stored reply, got {other:?}"
-                    )))
-                }
-            }
-        }
-        Ok(())
+        })
     }
 
     fn send_tensor(
@@ -1312,6 +1322,15 @@ impl<D: DataPath> Inner<D> {
             s.done.insert(request_id.to_string());
         }
         self.send_cv.notify_all();
+    }
+
+    /// The receiver at `peer` has copied the lent tensor of `seq`: free it.
+    fn release_lent(&self, peer: &str, seq: u64) {
+        let mut st = lock(&self.send);
+        if let Some(o) = st.lent.remove(&(peer.to_string(), seq)) {
+            st.bytes -= o.tensor.nbytes();
+            self.send_cv.notify_all();
+        }
     }
 
     fn on_conn_lost(&self, peer: &str, reason: &str) {

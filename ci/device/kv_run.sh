@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# KV transfer on the GPU machine (which has no Rust): the prebuilt dist-kv examples with device
+# caches, two processes sharing the machine's GPUs (GPU `LOCAL_RANK % count`).
+#   - mp_kv_p2p --path cuda-ipc: PUT, PUT_ASYNC, GET, every block checked; a consumer dying
+#     mid-transfer fails the producer's request, naming it, buffers freed;
+#   - mp_kv_p2p --path nccl: the same over NCCL with two GPUs; with one GPU NCCL refuses two
+#     ranks, the example checks the refusal is a clean, bounded error and exits 77 (skipped);
+#   - mp_kv_storage --device: the shared-storage connector from and into device caches;
+#   - the bench: the same bytes through the connector on cuda-ipc and on tcp (host caches), and
+#     a plain TCP stream, in this run.
+#
+# Build here:  cargo build --release -p dist-kv --features cuda --examples
+#              mkdir -p .device-bin/kv && cp target/release/examples/{mp_kv_p2p,mp_kv_storage} .device-bin/kv/
+# Run there:   bash ci/device/kv_run.sh .device-bin/kv   (the `run` tool with carry [".device-bin"])
+set -u
+BIN=${1:-.device-bin/kv}
+OUTDIR=${OUT:-/tmp/dist-kv-out}
+mkdir -p "$OUTDIR"
+LOG="$OUTDIR/kv_run.log"
+: >"$LOG"
+say() { echo "$@" | tee -a "$LOG"; }
+
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if [ -z "${DIST_NCCL_SO_PATH:-}" ]; then
+  DIST_NCCL_SO_PATH=$(python3 -c 'import nvidia.nccl as m, os; print(os.path.join(list(m.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)
+  [ -f "$DIST_NCCL_SO_PATH" ] || DIST_NCCL_SO_PATH=$(find / -name 'libnccl.so.2*' -type f 2>/dev/null | head -1)
+  export DIST_NCCL_SO_PATH
+fi
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+say "== $(nvidia-smi -L 2>&1 | tr '\n' ' '); DIST_NCCL_SO_PATH=$DIST_NCCL_SO_PATH"
+
+status=0
+# run2 PORT LABEL PROG ARGS...: both ranks, their logs, the exit codes (77 from both = skipped).
+run2() {
+  local port=$1 label=$2 prog=$3; shift 3
+  local pids=() r rcs=()
+  local t0=$(date +%s%N)
+  for r in 0 1; do
+    RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+      timeout "${MP_TIMEOUT:-180}" "$BIN/$prog" "$@" >"/tmp/kv_${label}_r${r}.log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; rcs+=($?); done
+  local t1=$(date +%s%N)
+  for r in 0 1; do sed "s/^/[$label r$r] /" "/tmp/kv_${label}_r${r}.log" | tee -a "$LOG"; done
+  say "== $label: exit ${rcs[*]}, $(( (t1 - t0) / 1000000 )) ms"
+  if [ "${rcs[0]}" = 77 ] && [ "${rcs[1]}" = 77 ]; then say "== $label: SKIPPED"; return; fi
+  [ "${rcs[0]}" = 0 ] && [ "${rcs[1]}" = 0 ] || status=1
+}
+
+run2 29811 ipc mp_kv_p2p --path cuda-ipc
+run2 29812 nccl mp_kv_p2p --path nccl
+run2 29813 storage mp_kv_storage --device
+run2 29814 tcp mp_kv_p2p --path tcp
+if [ "${BENCH:-1}" = 1 ]; then
+  for p in cuda-ipc tcp; do run2 $((29820 + ${#p})) "bench-$p" mp_kv_p2p --path $p --bench "${BENCH_MIB:-512}"; done
+fi
+say "== status $status"
+exit $status
