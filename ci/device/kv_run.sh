@@ -55,7 +55,12 @@ run2 29812 nccl mp_kv_p2p --path nccl
 run2 29813 storage mp_kv_storage --device
 run2 29814 tcp mp_kv_p2p --path tcp
 if [ "${BENCH:-1}" = 1 ]; then
-  for p in cuda-ipc tcp; do run2 $((29820 + ${#p})) "bench-$p" mp_kv_p2p --path $p --bench "${BENCH_MIB:-512}"; done
+  # 1 MiB and 4 MiB per layer tensor (KV_BENCH_BLOCKS 16 and 64 blocks of 16 bf16 tokens x 8 x 128).
+  for b in ${BENCH_BLOCKS:-16 64}; do
+    for p in cuda-ipc tcp; do
+      KV_BENCH_BLOCKS=$b run2 $((29820 + ${#p} + b)) "bench-$p-$b" mp_kv_p2p --path $p --bench "${BENCH_MIB:-1024}"
+    done
+  done
 fi
 say "== status $status"
 exit $status

@@ -308,17 +308,25 @@ fn dead_consumer<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>>(
     Ok(())
 }
 
-/// `--bench MIB`: each mode moves about MIB MiB through the connector (requests of 16 blocks,
-/// 1 MiB per layer), timed on the consumer from its start to the last injected layer, beside a
-/// plain TCP stream of the same bytes between the same two processes (the ceiling).
+/// `--bench MIB`: each mode moves about MIB MiB through the connector (requests of
+/// `KV_BENCH_BLOCKS` blocks, default 16 = 1 MiB per layer, at most 64), timed on the consumer
+/// from its start to the last injected layer, beside a plain TCP stream of the same bytes
+/// between the same two processes (the ceiling).
 fn bench<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>>(
     g: &StatelessProcessGroup,
     f: &Flavor<C, D>,
     mib: usize,
 ) -> Res<()> {
     let rank = g.rank();
-    let nreq = mib.div_ceil(LAYERS).max(1);
-    let per_req = 16usize;
+    let per_req: usize = std::env::var("KV_BENCH_BLOCKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16)
+        .clamp(1, BLOCKS);
+    let tensor_mib = per_req as f64 / 16.0;
+    let nreq = ((mib as f64 / tensor_mib).ceil() as usize)
+        .div_ceil(LAYERS)
+        .max(1);
     let tokens = per_req * BS;
     for (mode, tag) in [
         (SendType::Put, "put"),
@@ -373,11 +381,12 @@ fn bench<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>>(
             }
             let bytes = (nreq * LAYERS * per_req * 2 * BS * 8 * 128 * 2) as f64;
             println!(
-                "bench {mode:?}: {:.0} MiB in {:.1} ms = {:.0} MiB/s ({} tensors of 1 MiB)",
+                "bench {mode:?}: {:.0} MiB in {:.1} ms = {:.0} MiB/s ({} tensors of {tensor_mib} MiB, {:.0} us each)",
                 bytes / (1 << 20) as f64,
                 t * 1e3,
                 bytes / (1 << 20) as f64 / t,
-                nreq * LAYERS
+                nreq * LAYERS,
+                t * 1e6 / (nreq * LAYERS) as f64
             );
         }
         g.barrier()?;
@@ -385,7 +394,7 @@ fn bench<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>>(
     }
     // The ceiling: the same bytes as 1 MiB writes on one plain TCP stream.
     use std::io::{Read, Write};
-    let total = nreq * LAYERS;
+    let total = ((nreq * LAYERS) as f64 * tensor_mib).ceil() as usize;
     let buf = vec![7u8; 1 << 20];
     if rank == 1 {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
