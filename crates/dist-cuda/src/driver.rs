@@ -103,10 +103,13 @@ pub struct DeviceContext {
     ordinal: usize,
     pool: Mutex<Pool>,
     faults: Mutex<Vec<std::sync::Weak<FaultFlags>>>,
-    /// Serial of each live `cuMemAlloc` allocation of this crate (cached ones included), by
-    /// base address; see [`DeviceContext::allocation_serial`].
-    serials: Mutex<HashMap<sys::CUdeviceptr, u64>>,
+    /// Serial (and IPC handle, once exported) of each live `cuMemAlloc` allocation of this
+    /// crate (cached ones included), by base address; see [`DeviceContext::allocation_serial`].
+    serials: Mutex<HashMap<sys::CUdeviceptr, AllocInfo>>,
 }
+
+/// An allocation's serial and, once exported, its CUDA IPC handle.
+type AllocInfo = (u64, Option<[u8; 64]>);
 
 /// A process-unique, cross-process-distinct allocation serial: a random base per process plus
 /// a counter, so a serial names one allocation of one process.
@@ -451,14 +454,31 @@ impl DeviceContext {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&base)
+            .map(|a| a.0)
+    }
+
+    /// The serial and, once exported, the IPC handle of the allocation at `base`.
+    pub(crate) fn allocation_ipc(&self, base: sys::CUdeviceptr) -> Option<AllocInfo> {
+        self.serials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&base)
             .copied()
+    }
+
+    /// Remembers the IPC handle of the allocation at `base` while it has `serial`.
+    pub(crate) fn remember_ipc_handle(&self, base: sys::CUdeviceptr, serial: u64, h: [u8; 64]) {
+        let mut m = self.serials.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(a) = m.get_mut(&base).filter(|a| a.0 == serial) {
+            a.1 = Some(h);
+        }
     }
 
     fn serial_born(&self, ptr: sys::CUdeviceptr) {
         self.serials
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(ptr, next_serial());
+            .insert(ptr, (next_serial(), None));
     }
 
     fn serial_freed(&self, ptr: sys::CUdeviceptr) {

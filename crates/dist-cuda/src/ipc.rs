@@ -104,20 +104,41 @@ impl IpcExport {
 }
 
 /// Describes `t` for another process. `t` must stay alive until the importer has copied it.
+/// The handle of an allocation of this crate is made once per allocation serial and kept.
 pub fn export(t: &CudaTensor) -> Result<IpcExport> {
-    let dev = t.context();
-    dev.bind()?;
-    let (mut base, mut size): (sys::CUdeviceptr, usize) = (0, 0);
+    let pid = std::process::id() as u64;
     if t.nbytes() == 0 {
         return Ok(IpcExport {
             handle: [0; IPC_HANDLE_BYTES],
             offset: 0,
             bytes: 0,
-            pid: std::process::id() as u64,
+            pid,
             ptr: 0,
             serial: 0,
         });
     }
+    let dev = t.context();
+    dev.bind()?;
+    // A tensor's storage is a whole allocation of this crate: its base is the tensor's address.
+    if let Some((serial, known)) = dev.allocation_ipc(t.ptr()) {
+        let handle = match known {
+            Some(h) => h,
+            None => {
+                let h = ipc_handle(t.ptr())?;
+                dev.remember_ipc_handle(t.ptr(), serial, h);
+                h
+            }
+        };
+        return Ok(IpcExport {
+            handle,
+            offset: 0,
+            bytes: t.nbytes() as u64,
+            pid,
+            ptr: t.ptr(),
+            serial,
+        });
+    }
+    let (mut base, mut size): (sys::CUdeviceptr, usize) = (0, 0);
     // SAFETY: valid out-pointers; t.ptr() is a live device address of this context.
     check("cuMemGetAddressRange", unsafe {
         sys::cuMemGetAddressRange_v2(&mut base, &mut size, t.ptr())
@@ -126,9 +147,9 @@ pub fn export(t: &CudaTensor) -> Result<IpcExport> {
         handle: ipc_handle(base)?,
         offset: t.ptr() - base,
         bytes: t.nbytes() as u64,
-        pid: std::process::id() as u64,
+        pid,
         ptr: t.ptr(),
-        serial: dev.allocation_serial(base).unwrap_or(0),
+        serial: 0,
     })
 }
 
