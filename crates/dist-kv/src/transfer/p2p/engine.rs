@@ -1266,7 +1266,7 @@ impl<D: DataPath> Inner<D> {
         }
     }
 
-    /// Drops every queued or stored tensor of `request_id`; returns the bytes freed.
+    /// Drops every queued or stored tensor of `request_id` (not the lent ones).
     fn drop_buffers(&self, s: &mut SendState<D::Buffer>, request_id: &str) {
         let mut freed = 0;
         s.queue.retain(|o| {
@@ -1283,13 +1283,9 @@ impl<D: DataPath> Inner<D> {
             }
             keep
         });
-        s.lent.retain(|_, o| {
-            let keep = o.request_id != request_id;
-            if !keep {
-                freed += o.tensor.nbytes();
-            }
-            keep
-        });
+        // Lent tensors stay: the receiver may be copying out of them right now, and memory
+        // reused under it could be loaded as this request's. Its Stored / GetDone, or the
+        // connection's loss, frees them.
         s.bytes -= freed;
     }
 

@@ -6,12 +6,13 @@
 //!   worker `rank` talks to `ip:(port + rank)` and listens at `kv_port + rank`. A tensor is
 //!   named `{request_id}#{layer_name}`.
 //! * **Data path**: TCP between the two instances on CPU ([`TcpDataPath`]), behind the
-//!   [`DataPath`]/[`DataLink`] traits where an NCCL path (device tensors, `ncclSend`/`ncclRecv`
-//!   on a 2-rank communicator per peer, unique id in the handshake) plugs in later; it is not
-//!   written yet. TCP rather than shared memory because the peer is only known by the address
-//!   in the request id: producer and consumer are separate jobs with no common group to set up
-//!   segments, usually on separate nodes; TCP works across nodes, and a dead peer shows at once
-//!   as EOF or a reset instead of as a pid to poll.
+//!   [`DataPath`]/[`DataLink`] traits; with the `cuda` feature, device caches move over NCCL
+//!   (`ncclSend`/`ncclRecv` on a 2-rank communicator per peer, unique id in the handshake, as
+//!   vLLM) or CUDA IPC (one host), see `transfer::cuda`. The control channel is TCP, and so is
+//!   the CPU data path, rather than shared memory, because the peer is only known by the
+//!   address in the request id: producer and consumer are separate jobs with no common group
+//!   to set up segments, usually on separate nodes; TCP works across nodes, and a dead peer
+//!   shows at once as EOF or a reset instead of as a pid to poll.
 //! * **Control channel**: typed frames ([`wire::Frame`], postcard, length-capped), no pickle.
 //! * **Modes** ([`SendType`]): PUT sends in `save_kv_layer`; PUT_ASYNC queues to a sender thread
 //!   and `wait_for_save` drains the queue; GET keeps tensors until the consumer asks.
@@ -27,7 +28,10 @@
 //!   producer with an error naming it, and its buffers are freed. On the consumer, a tensor
 //!   that does not arrive by the timeout, or whose producer's connection broke, fails the
 //!   request (no hang), nothing of it is written to the cache, and the producer is told.
-//!   Tensors nobody loads expire after `done_timeout`, so they cannot hold the buffer.
+//!   Tensors nobody loads expire after `done_timeout`, so they cannot hold the buffer. On a
+//!   data path that lends memory (CUDA IPC) a sent tensor the receiver may still be copying
+//!   is freed only by the receiver's acknowledgement or the loss of the connection, never
+//!   under a copy, even when its request fails.
 
 mod datapath;
 mod engine;
