@@ -193,6 +193,20 @@ impl IpcImporter {
             .clone()
     }
 
+    /// Closes every mapping of process `pid`'s memory (its connection is gone: what it exported
+    /// is no longer read, and a kept mapping would hold its freed memory).
+    pub fn forget_process(&self, pid: u64) {
+        let mut g = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        g.0.retain(|(p, _), m| {
+            if *p == pid {
+                ipc_close(m.base);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
     /// Mappings open now.
     pub fn open_mappings(&self) -> usize {
         self.maps.lock().unwrap_or_else(|e| e.into_inner()).0.len()

@@ -114,12 +114,15 @@ struct Flavor<C, D> {
     wrap: fn(PagedKvCache) -> Res<C>,
     /// The data path.
     path: fn() -> Res<D>,
+    /// A check once a worker has shut down (the IPC path: no mapping of the peer's memory left).
+    after_shutdown: fn() -> Res<()>,
 }
 
 fn host_flavor() -> Flavor<PagedKvCache, TcpDataPath> {
     Flavor {
         wrap: Ok,
         path: || Ok(TcpDataPath),
+        after_shutdown: || Ok(()),
     }
 }
 
@@ -257,6 +260,7 @@ fn run_mode<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>>(
     }
     g.barrier()?;
     w.shutdown()?;
+    (f.after_shutdown)()?;
     Ok(())
 }
 
@@ -459,6 +463,14 @@ mod device {
         Flavor {
             wrap,
             path: || Ok(CudaIpcDataPath::new(ordinal())?),
+            after_shutdown: || {
+                let dev = dist_cuda::DeviceContext::get(ordinal())?;
+                let open = dist_cuda::ipc::IpcImporter::for_device(&dev).open_mappings();
+                if open != 0 {
+                    return Err(format!("{open} IPC mappings still open after shutdown").into());
+                }
+                Ok(())
+            },
         }
     }
 
@@ -466,6 +478,7 @@ mod device {
         Flavor {
             wrap,
             path: || Ok(NcclDataPath::new(ordinal(), Duration::from_secs(20))?),
+            after_shutdown: || Ok(()),
         }
     }
 

@@ -1,4 +1,5 @@
-//! The one error type of `dist-kv`.
+//! The error type of `dist-kv`'s KV-cache events (KV transfer has its own,
+//! [`crate::transfer::Error`], whose errors name the request they fail).
 
 use std::time::Duration;
 

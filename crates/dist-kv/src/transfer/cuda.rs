@@ -21,6 +21,7 @@
 
 use std::io::Write;
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -270,9 +271,23 @@ impl CudaIpcDataPath {
     }
 }
 
-/// The link of [`CudaIpcDataPath`] (mappings are kept by the device's importer).
+/// The link of [`CudaIpcDataPath`]. Mappings are kept by the device's importer; when the link
+/// goes (its connection closed), the mappings of the peer's memory are closed.
 #[derive(Debug)]
-pub struct CudaIpcLink(Arc<IpcImporter>);
+pub struct CudaIpcLink {
+    importer: Arc<IpcImporter>,
+    /// The exporting peer's pid, once a descriptor came (0: none yet).
+    peer_pid: AtomicU64,
+}
+
+impl Drop for CudaIpcLink {
+    fn drop(&mut self) {
+        let pid = self.peer_pid.load(Ordering::Relaxed);
+        if pid != 0 && pid != std::process::id() as u64 {
+            self.importer.forget_process(pid);
+        }
+    }
+}
 
 impl DataPath for CudaIpcDataPath {
     type Buffer = CudaTensor;
@@ -293,7 +308,10 @@ impl DataPath for CudaIpcDataPath {
                 String::from_utf8_lossy(&self.host)
             )));
         }
-        Ok(CudaIpcLink(self.importer.clone()))
+        Ok(CudaIpcLink {
+            importer: self.importer.clone(),
+            peer_pid: AtomicU64::new(0),
+        })
     }
     fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<CudaTensor> {
         Ok(CudaTensor::uninit(&self.dev, dtype, shape)?)
@@ -321,6 +339,7 @@ impl DataLink<CudaTensor> for CudaIpcLink {
             "cuda-ipc data path: recv the descriptor",
         )?;
         let ex = IpcExport::from_bytes(&b)?;
-        Ok(self.0.copy(&ex, out, left(deadline))?)
+        self.peer_pid.store(ex.pid, Ordering::Relaxed);
+        Ok(self.importer.copy(&ex, out, left(deadline))?)
     }
 }
