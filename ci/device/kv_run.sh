@@ -7,7 +7,7 @@
 #     ranks, the example checks the refusal is a clean, bounded error and exits 77 (skipped);
 #   - mp_kv_storage --device: the shared-storage connector from and into device caches;
 #   - the bench: the same bytes through the connector on cuda-ipc and on tcp (host caches), and
-#     a plain TCP stream, in this run.
+#     a plain TCP stream, in this run. MPS=1 runs it all under the CUDA MPS daemon.
 #
 # Build here:  cargo build --release -p dist-kv --features cuda --examples
 #              mkdir -p .device-bin/kv && cp target/release/examples/{mp_kv_p2p,mp_kv_storage} .device-bin/kv/
@@ -30,6 +30,15 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
   [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 done
 say "== $(nvidia-smi -L 2>&1 | tr '\n' ' '); DIST_NCCL_SO_PATH=$DIST_NCCL_SO_PATH"
+
+# MPS=1: run everything under the CUDA MPS daemon (two processes share the GPU concurrently instead
+# of taking time slices); started here, stopped at the end.
+if [ "${MPS:-0}" = 1 ]; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/dist-mps CUDA_MPS_LOG_DIRECTORY=/tmp/dist-mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d && say "== MPS daemon started"
+  trap 'echo quit | nvidia-cuda-mps-control' EXIT
+fi
 
 status=0
 # run2 PORT LABEL PROG ARGS...: both ranks, their logs, the exit codes (77 from both = skipped).
