@@ -5,7 +5,7 @@
 //! first and every entry point of this crate calls it.
 
 use std::collections::HashMap;
-use std::ffi::c_void;
+use std::ffi::{c_void, CString};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result as cu, sys, CudaContext, DriverError};
@@ -68,7 +68,8 @@ fn why_not_loaded(lib: &str) -> Vec<String> {
         .collect()
 }
 
-/// Checks that NVRTC can be loaded (needed by the custom all-reduce only).
+/// Checks that NVRTC can be loaded (needed by the kernels this crate compiles: the custom
+/// all-reduce and the paged KV copy).
 pub fn ensure_nvrtc() -> Result<()> {
     static PRESENT: OnceLock<bool> = OnceLock::new();
     // SAFETY: only tries to dlopen the candidate names.
@@ -80,6 +81,86 @@ pub fn ensure_nvrtc() -> Result<()> {
         library: "libnvrtc".into(),
         tried: why_not_loaded("nvrtc"),
     })
+}
+
+/// A kernel of a module loaded by [`load_kernels`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KernelFn(pub(crate) sys::CUfunction);
+// SAFETY: a CUfunction is a handle usable from any thread with its context current.
+unsafe impl Send for KernelFn {}
+// SAFETY: as above; launching is thread-safe in the driver.
+unsafe impl Sync for KernelFn {}
+
+/// Compiles CUDA C `source` (no headers) with NVRTC for compute capability `cc`; returns the
+/// PTX. `what` names the kernels in the error.
+pub(crate) fn compile_ptx(source: &str, cc: (i32, i32), what: &str) -> Result<String> {
+    ensure_nvrtc()?;
+    let opts = cudarc::nvrtc::CompileOptions {
+        options: vec![
+            format!("--gpu-architecture=compute_{}{}", cc.0, cc.1),
+            "-std=c++17".into(),
+        ],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| Error::Backend {
+        backend: "nvrtc",
+        code: None,
+        message: format!("compiling {what}: {e:?}"),
+    })?;
+    Ok(ptx.to_src())
+}
+
+/// Compiles `source` for `dev`'s architecture, loads it into `dev`'s context (never unloaded)
+/// and returns the kernels `names`, in order.
+pub(crate) fn load_kernels(
+    dev: &DeviceContext,
+    source: &str,
+    what: &str,
+    names: &[String],
+) -> Result<Vec<KernelFn>> {
+    let t0 = std::time::Instant::now();
+    let ptx = compile_ptx(source, dev.compute_capability()?, what)?;
+    let src = CString::new(ptx).map_err(|_| Error::protocol("PTX with a NUL byte"))?;
+    dev.bind()?;
+    // SAFETY: src is NUL-terminated PTX text; the module lives for the process (never unloaded).
+    let module = unsafe { cu::module::load_data(src.as_ptr() as *const c_void) }
+        .map_err(|e| cuda_err(&format!("cuModuleLoadData ({what})"), e))?;
+    let funcs = names
+        .iter()
+        .map(|n| {
+            let name = CString::new(n.as_str())
+                .map_err(|_| Error::protocol("kernel name with a NUL byte"))?;
+            // SAFETY: module is loaded; name is NUL-terminated.
+            unsafe { cu::module::get_function(module, name) }
+                .map(KernelFn)
+                .map_err(|e| cuda_err(&format!("cuModuleGetFunction {n} ({what})"), e))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    tracing::debug!(
+        device = dev.ordinal(),
+        "{what} compiled in {:?}",
+        t0.elapsed()
+    );
+    Ok(funcs)
+}
+
+/// One value per device and process, made by `make` at first use: `cache` is the caller's
+/// `static` (compiled kernels, the IPC importer).
+pub(crate) fn per_device<T>(
+    cache: &'static OnceLock<Mutex<HashMap<usize, Arc<T>>>>,
+    dev: &DeviceContext,
+    make: impl FnOnce() -> Result<T>,
+) -> Result<Arc<T>> {
+    let mut map = cache
+        .get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(v) = map.get(&dev.ordinal()) {
+        return Ok(v.clone());
+    }
+    let v = Arc::new(make()?);
+    map.insert(dev.ordinal(), v.clone());
+    Ok(v)
 }
 
 /// Number of visible CUDA devices (0 without a driver or a device).

@@ -26,7 +26,7 @@ use std::time::Duration;
 use cudarc::driver::sys;
 use dist_core::{Error, Result, Tensor};
 
-use crate::driver::{check, copy_d2d, cuda_err, DeviceContext};
+use crate::driver::{check, copy_d2d, cuda_err, per_device, DeviceContext};
 use crate::tensor::CudaTensor;
 
 /// Bytes of a `CUipcMemHandle`.
@@ -179,18 +179,13 @@ impl IpcImporter {
     /// The importer of device `dev` in this process.
     pub fn for_device(dev: &Arc<DeviceContext>) -> Arc<IpcImporter> {
         static ALL: OnceLock<Mutex<HashMap<usize, Arc<IpcImporter>>>> = OnceLock::new();
-        let mut all = ALL
-            .get_or_init(|| Mutex::new(HashMap::new()))
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        all.entry(dev.ordinal())
-            .or_insert_with(|| {
-                Arc::new(IpcImporter {
-                    dev: dev.clone(),
-                    maps: Mutex::new((HashMap::new(), 0)),
-                })
+        let made = per_device(&ALL, dev, || {
+            Ok(IpcImporter {
+                dev: dev.clone(),
+                maps: Mutex::new((HashMap::new(), 0)),
             })
-            .clone()
+        });
+        made.expect("making an importer cannot fail")
     }
 
     /// Closes every mapping of process `pid`'s memory (its connection is gone: what it exported

@@ -20,13 +20,13 @@
 //! stream or process at once (and the calls cannot be captured in a CUDA graph).
 
 use std::collections::HashMap;
-use std::ffi::{c_void, CString};
+use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{result as cu, sys};
+use cudarc::driver::result as cu;
 use dist_core::{DType, Error, Result, Tensor};
 
-use crate::driver::{cuda_err, ensure_nvrtc, DeviceBuffer, DeviceContext};
+use crate::driver::{cuda_err, load_kernels, per_device, DeviceBuffer, DeviceContext, KernelFn};
 use crate::tensor::CudaTensor;
 
 /// The kernels' CUDA C source (no headers; NVRTC compiles it for the device's architecture).
@@ -82,21 +82,7 @@ impl PagedShape {
 
 /// Compiles [`KERNEL_SOURCE`] with NVRTC for compute capability `cc`; returns the PTX.
 pub fn compile_ptx(cc: (i32, i32)) -> Result<String> {
-    ensure_nvrtc()?;
-    let opts = cudarc::nvrtc::CompileOptions {
-        options: vec![
-            format!("--gpu-architecture=compute_{}{}", cc.0, cc.1),
-            "-std=c++17".into(),
-        ],
-        ..Default::default()
-    };
-    let ptx =
-        cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| Error::Backend {
-            backend: "nvrtc",
-            code: None,
-            message: format!("compiling the paged gather/scatter kernels: {e:?}"),
-        })?;
-    Ok(ptx.to_src())
+    crate::driver::compile_ptx(KERNEL_SOURCE, cc, "the paged gather/scatter kernels")
 }
 
 /// The kernel entry point for a unit width and index width.
@@ -104,54 +90,31 @@ fn kernel_name(width: usize, wide: bool) -> String {
     format!("paged_copy_{width}_i{}", if wide { 64 } else { 32 })
 }
 
-#[derive(Clone, Copy)]
-struct Func(sys::CUfunction);
-// SAFETY: a CUfunction is a handle usable from any thread with its context current.
-unsafe impl Send for Func {}
-// SAFETY: as above; launching is thread-safe in the driver.
-unsafe impl Sync for Func {}
-
 /// The compiled kernels of one device, by (unit width, 64-bit index).
 struct Kernels {
-    funcs: HashMap<(usize, bool), Func>,
+    funcs: HashMap<(usize, bool), KernelFn>,
 }
 
 impl Kernels {
     /// Compiled once per process and device, at first use.
     fn get(dev: &Arc<DeviceContext>) -> Result<Arc<Kernels>> {
         static CACHE: OnceLock<Mutex<HashMap<usize, Arc<Kernels>>>> = OnceLock::new();
-        let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-        let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(k) = map.get(&dev.ordinal()) {
-            return Ok(k.clone());
-        }
-        let cc = dev.compute_capability()?;
-        let t0 = std::time::Instant::now();
-        let ptx = compile_ptx(cc)?;
-        let src = CString::new(ptx).map_err(|_| Error::protocol("PTX with a NUL byte"))?;
-        dev.bind()?;
-        // SAFETY: src is NUL-terminated PTX text; the module lives for the process (never unloaded).
-        let module = unsafe { cu::module::load_data(src.as_ptr() as *const c_void) }
-            .map_err(|e| cuda_err("cuModuleLoadData (paged gather/scatter PTX)", e))?;
-        let mut funcs = HashMap::new();
-        for width in WIDTHS {
-            for wide in [false, true] {
-                let name = CString::new(kernel_name(width, wide))
-                    .map_err(|_| Error::protocol("kernel name with a NUL byte"))?;
-                // SAFETY: module is loaded; name is NUL-terminated.
-                let f = unsafe { cu::module::get_function(module, name) }
-                    .map_err(|e| cuda_err("cuModuleGetFunction (paged gather/scatter)", e))?;
-                funcs.insert((width, wide), Func(f));
-            }
-        }
-        tracing::debug!(
-            device = dev.ordinal(),
-            "paged gather/scatter kernels compiled in {:?}",
-            t0.elapsed()
-        );
-        let k = Arc::new(Kernels { funcs });
-        map.insert(dev.ordinal(), k.clone());
-        Ok(k)
+        per_device(&CACHE, dev, || {
+            let keys: Vec<(usize, bool)> = WIDTHS
+                .into_iter()
+                .flat_map(|w| [(w, false), (w, true)])
+                .collect();
+            let names: Vec<String> = keys.iter().map(|&(w, wide)| kernel_name(w, wide)).collect();
+            let funcs = load_kernels(
+                dev,
+                KERNEL_SOURCE,
+                "the paged gather/scatter kernels",
+                &names,
+            )?;
+            Ok(Kernels {
+                funcs: keys.into_iter().zip(funcs).collect(),
+            })
+        })
     }
 }
 
@@ -326,7 +289,7 @@ impl Plan {
 
 /// True when the byte ranges of two tensors share memory.
 fn overlaps(a: &CudaTensor, b: &CudaTensor) -> bool {
-    let len = |t: &CudaTensor| (t.numel() * t.dtype().size()) as u64;
+    let len = |t: &CudaTensor| t.nbytes() as u64;
     let (a0, b0) = (a.ptr(), b.ptr());
     len(a) > 0 && len(b) > 0 && a0 < b0 + len(b) && b0 < a0 + len(a)
 }
@@ -523,6 +486,34 @@ mod tests {
         idx * es
     }
 
+    /// Row `i` of plane `k` of a `[kv, r_rows, heads, head_dim]` buffer is the cache's row at
+    /// `slots[i]`: `gather` copies cache → buffer, else buffer → cache, in list order.
+    fn oracle(
+        s: &PagedShape,
+        es: usize,
+        cache: &mut [u8],
+        buf: &mut [u8],
+        r_rows: usize,
+        slots: &[u64],
+        gather: bool,
+    ) {
+        let row = s.head_dim * es;
+        for k in 0..s.kv {
+            for (i, &sl) in slots.iter().enumerate() {
+                let (blk, off) = (sl as usize / s.block_size, sl as usize % s.block_size);
+                for h in 0..s.num_kv_heads {
+                    let a = at(s, es, k, blk, off, h);
+                    let o = ((k * r_rows + i) * s.num_kv_heads + h) * row;
+                    if gather {
+                        buf[o..o + row].copy_from_slice(&cache[a..a + row]);
+                    } else {
+                        cache[a..a + row].copy_from_slice(&buf[o..o + row]);
+                    }
+                }
+            }
+        }
+    }
+
     fn bytes(n: usize, seed: u64) -> Vec<u8> {
         let mut x = seed | 1;
         (0..n)
@@ -572,16 +563,7 @@ mod tests {
                             let mut c = cache.clone();
                             emulate(&p, &mut c, &mut buf, false);
                             let mut want = vec![0xA5u8; bbytes];
-                            for k in 0..kv {
-                                for (i, &sl) in slots.iter().enumerate() {
-                                    let (blk, off) = (sl as usize / bs, sl as usize % bs);
-                                    for h in 0..heads {
-                                        let a = at(&s, es, k, blk, off, h);
-                                        let o = ((k * r_rows + i) * heads + h) * row;
-                                        want[o..o + row].copy_from_slice(&cache[a..a + row]);
-                                    }
-                                }
-                            }
+                            oracle(&s, es, &mut cache.clone(), &mut want, r_rows, &slots, true);
                             assert_eq!(buf, want, "gather {s:?} es {es}");
                             // Scatter (the repeat: last write wins).
                             let src = bytes(bbytes, seed ^ 99);
@@ -592,16 +574,7 @@ mod tests {
                             let mut sb = src.clone();
                             emulate(&p, &mut got, &mut sb, true);
                             let mut want = vec![0u8; cbytes];
-                            for k in 0..kv {
-                                for (i, &sl) in slots.iter().enumerate() {
-                                    let (blk, off) = (sl as usize / bs, sl as usize % bs);
-                                    for h in 0..heads {
-                                        let a = at(&s, es, k, blk, off, h);
-                                        let o = ((k * r_rows + i) * heads + h) * row;
-                                        want[a..a + row].copy_from_slice(&src[o..o + row]);
-                                    }
-                                }
-                            }
+                            oracle(&s, es, &mut want, &mut src.clone(), r_rows, &slots, false);
                             assert_eq!(got, want, "scatter {s:?} es {es}");
                         }
                     }

@@ -16,14 +16,15 @@
 pub mod policy;
 
 use std::collections::HashMap;
-use std::ffi::{c_void, CString};
+use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result as cu, sys};
 use dist_core::{decode_obj, encode_obj, DType, Error, HostGroup, Result, Tensor};
 
 use crate::driver::{
-    check, copy_d2d, copy_h2d, cuda_err, ensure_nvrtc, DeviceBuffer, DeviceContext, FaultFlags,
+    check, copy_d2d, copy_h2d, cuda_err, load_kernels, per_device, DeviceBuffer, DeviceContext,
+    FaultFlags, KernelFn,
 };
 use crate::ipc::{ipc_close, ipc_handle, ipc_open};
 use crate::tensor::CudaTensor;
@@ -32,35 +33,14 @@ pub use policy::Algo;
 /// The kernels' CUDA C source (no headers; NVRTC compiles it for the device's architecture).
 pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
 
-#[derive(Clone, Copy)]
-struct Func(sys::CUfunction);
-// SAFETY: a CUfunction is a handle usable from any thread with its context current.
-unsafe impl Send for Func {}
-// SAFETY: as above; launching is thread-safe in the driver.
-unsafe impl Sync for Func {}
-
 /// Compiles [`KERNEL_SOURCE`] with NVRTC for compute capability `cc`; returns the PTX.
 pub fn compile_ptx(cc: (i32, i32)) -> Result<String> {
-    ensure_nvrtc()?;
-    let opts = cudarc::nvrtc::CompileOptions {
-        options: vec![
-            format!("--gpu-architecture=compute_{}{}", cc.0, cc.1),
-            "-std=c++17".into(),
-        ],
-        ..Default::default()
-    };
-    let ptx =
-        cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| Error::Backend {
-            backend: "nvrtc",
-            code: None,
-            message: format!("compiling the custom all-reduce kernels: {e:?}"),
-        })?;
-    Ok(ptx.to_src())
+    crate::driver::compile_ptx(KERNEL_SOURCE, cc, "the custom all-reduce kernels")
 }
 
 /// The compiled kernels of one device: `ar{1,2}_{kind}_{ngpus}`.
 struct Kernels {
-    funcs: HashMap<(u8, usize, Algo), Func>,
+    funcs: HashMap<(u8, usize, Algo), KernelFn>,
 }
 
 fn kind_of(dtype: DType) -> Option<u8> {
@@ -76,39 +56,22 @@ impl Kernels {
     /// Compiled once per process and device, at first use.
     fn get(dev: &Arc<DeviceContext>) -> Result<Arc<Kernels>> {
         static CACHE: OnceLock<Mutex<HashMap<usize, Arc<Kernels>>>> = OnceLock::new();
-        let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-        let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(k) = map.get(&dev.ordinal()) {
-            return Ok(k.clone());
-        }
-        let cc = dev.compute_capability()?;
-        let t0 = std::time::Instant::now();
-        let ptx = compile_ptx(cc)?;
-        let src = CString::new(ptx).map_err(|_| Error::protocol("PTX with a NUL byte"))?;
-        dev.bind()?;
-        // SAFETY: src is NUL-terminated PTX text; the module lives for the process (never unloaded).
-        let module = unsafe { cu::module::load_data(src.as_ptr() as *const c_void) }
-            .map_err(|e| cuda_err("cuModuleLoadData (custom all-reduce PTX)", e))?;
-        let mut funcs = HashMap::new();
-        for kind in 0..3u8 {
-            for ng in policy::WORLD_SIZES {
-                for (algo, n) in [(Algo::OneShot, 1), (Algo::TwoShot, 2)] {
-                    let name = CString::new(format!("ar{n}_{kind}_{ng}")).expect("no NUL");
-                    // SAFETY: module is loaded; name is NUL-terminated.
-                    let f = unsafe { cu::module::get_function(module, name) }
-                        .map_err(|e| cuda_err("cuModuleGetFunction", e))?;
-                    funcs.insert((kind, ng, algo), Func(f));
+        per_device(&CACHE, dev, || {
+            let mut keys = Vec::new();
+            let mut names = Vec::new();
+            for kind in 0..3u8 {
+                for ng in policy::WORLD_SIZES {
+                    for (algo, n) in [(Algo::OneShot, 1), (Algo::TwoShot, 2)] {
+                        keys.push((kind, ng, algo));
+                        names.push(format!("ar{n}_{kind}_{ng}"));
+                    }
                 }
             }
-        }
-        tracing::debug!(
-            device = dev.ordinal(),
-            "custom all-reduce kernels compiled in {:?}",
-            t0.elapsed()
-        );
-        let k = Arc::new(Kernels { funcs });
-        map.insert(dev.ordinal(), k.clone());
-        Ok(k)
+            let funcs = load_kernels(dev, KERNEL_SOURCE, "the custom all-reduce kernels", &names)?;
+            Ok(Kernels {
+                funcs: keys.into_iter().zip(funcs).collect(),
+            })
+        })
     }
 }
 
