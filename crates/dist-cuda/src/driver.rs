@@ -316,9 +316,6 @@ impl Drop for FaultFlags {
     }
 }
 
-/// How long [`DeviceContext::wait`] yields before it starts sleeping.
-const YIELD_FOR: std::time::Duration = std::time::Duration::from_micros(500);
-
 /// Freed allocations kept for reuse, by rounded size (a minimal caching allocator: `cuMemFree`
 /// waits for the whole device, which out-of-place collectives would otherwise pay every call).
 /// Reuse is safe because every op of this crate is ordered on the device's one stream.
@@ -467,20 +464,15 @@ impl DeviceContext {
                         .into(),
                 });
             }
-            // Yield (not sleep) for the first YIELD_FOR: most waits are for work of tens of
-            // microseconds, and a sleep costs at least the timer slack (~50 us) each time.
-            // Then sleep, longer as the wait grows.
             spins += 1;
-            if spins < 64 || waited < YIELD_FOR {
+            if spins < 64 {
                 std::thread::yield_now();
             } else {
-                std::thread::sleep(std::time::Duration::from_micros(
-                    if waited < std::time::Duration::from_millis(20) {
-                        50
-                    } else {
-                        500
-                    },
-                ));
+                std::thread::sleep(std::time::Duration::from_micros(if spins < 1024 {
+                    50
+                } else {
+                    500
+                }));
             }
         }
     }
