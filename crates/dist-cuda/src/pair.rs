@@ -54,7 +54,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl NcclPair {
-    /// A fresh unique id (128 bytes) from the loaded NCCL library.
+    /// Loads NCCL (once per process), so a missing library shows before the first link.
+    pub fn load_library() -> Result<()> {
+        dist_nccl::library(Flavor::Nccl).map(|_| ())
+    }
+
+    /// A fresh unique id (128 bytes) from the loaded NCCL library. NCCL starts a bootstrap
+    /// listener for it: make one only for a link about to be set up.
     pub fn unique_id() -> Result<Vec<u8>> {
         let lib = dist_nccl::library(Flavor::Nccl)?;
         Ok(UniqueId::new(lib)?.to_bytes())

@@ -25,8 +25,8 @@ use dist_kv::transfer::p2p::{
     P2pWorker, SendType, TcpDataPath,
 };
 use dist_kv::transfer::{
-    BlockId, KvCacheLayer, KvCacheSpec, KvCaches, KvConnectorScheduler, KvConnectorWorker,
-    KvLayout, NewRequestData, PagedKvCache, Request, SchedulerOutput,
+    slot_mapping, BlockId, KvCacheLayer, KvCacheSpec, KvCaches, KvConnectorScheduler,
+    KvConnectorWorker, KvLayout, NewRequestData, PagedKvCache, Request, SchedulerOutput,
 };
 use dist_store::StatelessProcessGroup;
 
@@ -132,10 +132,7 @@ fn wrap_all<C>(f: fn(PagedKvCache) -> Res<C>, caches: KvCaches) -> Res<BTreeMap<
 
 /// Every slot of `blocks`, in order.
 fn slots(blocks: &[BlockId]) -> Vec<u64> {
-    blocks
-        .iter()
-        .flat_map(|&b| (0..BS as u64).map(move |o| b as u64 * BS as u64 + o))
-        .collect()
+    slot_mapping(blocks, BS, blocks.len() * BS).expect("whole blocks fit")
 }
 
 fn produce<W: KvConnectorWorker<Metadata = P2pConnectorMetadata>>(

@@ -15,7 +15,7 @@ use dist_kv::transfer::p2p::{
     P2pWorker, SendType, TcpDataPath,
 };
 use dist_kv::transfer::{
-    decode_metadata, encode_metadata, BlockId, KvCacheLayer, KvCacheSpec, KvCaches,
+    decode_metadata, encode_metadata, slot_mapping, BlockId, KvCacheLayer, KvCacheSpec, KvCaches,
     KvConnectorScheduler, KvConnectorWorker, KvLayout, NewRequestData, PagedKvCache, Request,
     SchedulerOutput,
 };
@@ -249,10 +249,7 @@ fn transfer_on<C, D>(
 
 /// Every slot of `blocks`, in order.
 fn slots(blocks: &[BlockId]) -> Vec<u64> {
-    blocks
-        .iter()
-        .flat_map(|&b| (0..BS as u64).map(move |o| b as u64 * BS as u64 + o))
-        .collect()
+    slot_mapping(blocks, BS, blocks.len() * BS).expect("whole blocks fit")
 }
 
 #[test]

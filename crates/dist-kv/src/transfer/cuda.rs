@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dist_core::{DType, HostTensor, Tensor};
+use dist_core::{DType, HostTensor};
 use dist_cuda::ipc::{export, IpcExport, IpcImporter, EXPORT_BYTES};
 use dist_cuda::paged::{gather_slots, scatter_slots, PagedShape};
 use dist_cuda::pair::NcclPair;
@@ -33,8 +33,8 @@ use dist_cuda::{CudaTensor, DeviceContext};
 
 use super::error::{Error, Result};
 use super::model::{
-    blocks_shape, check_blocks_tensor, rows_shape, BlockId, KvCacheLayer, KvCacheSpec, KvLayout,
-    PagedKvCache,
+    blocks_shape, check_blocks_tensor, rows_shape, slot_mapping, BlockId, KvCacheLayer,
+    KvCacheSpec, KvLayout, PagedKvCache,
 };
 use super::p2p::wire::read_full;
 use super::p2p::{DataLink, DataPath};
@@ -77,15 +77,7 @@ impl CudaKvCache {
 
     /// Wraps a device tensor, whose dtype and shape must be the spec's.
     pub fn from_tensor(spec: KvCacheSpec, data: CudaTensor) -> Result<Self> {
-        spec.checked_bytes()?;
-        if data.dtype() != spec.dtype || data.shape() != spec.shape() {
-            return Err(Error::invalid(format!(
-                "tensor {} {:?} does not match KV cache spec {spec:?} (shape {:?})",
-                data.dtype(),
-                data.shape(),
-                spec.shape()
-            )));
-        }
+        spec.check_cache_tensor(&data)?;
         Ok(CudaKvCache { spec, data })
     }
 
@@ -105,16 +97,9 @@ impl CudaKvCache {
 
     /// Every slot of `blocks`, in order, after checking the block ids.
     fn block_slots(&self, blocks: &[BlockId]) -> Result<Vec<u64>> {
-        let (nb, bs) = (self.spec.num_blocks, self.spec.block_size as u64);
-        if let Some(bad) = blocks.iter().find(|&&b| b as usize >= nb) {
-            return Err(Error::invalid(format!(
-                "block {bad} out of range for a cache of {nb} blocks"
-            )));
-        }
-        Ok(blocks
-            .iter()
-            .flat_map(|&b| (0..bs).map(move |o| b as u64 * bs + o))
-            .collect())
+        self.spec.check_blocks(blocks)?;
+        let bs = self.spec.block_size;
+        slot_mapping(blocks, bs, blocks.len() * bs)
     }
 }
 
@@ -161,16 +146,7 @@ impl KvCacheLayer for CudaKvCache {
     }
 
     fn scatter_slots(&mut self, slots: &[u64], rows: &HostTensor) -> Result<()> {
-        let want = rows_shape(&self.spec, slots.len());
-        if rows.dtype() != self.spec.dtype || rows.shape() != want.as_slice() {
-            return Err(Error::invalid(format!(
-                "rows {} {:?} do not fit {} slots of this cache ({} {want:?})",
-                rows.dtype(),
-                rows.shape(),
-                slots.len(),
-                self.spec.dtype
-            )));
-        }
+        self.spec.check_rows_tensor(slots.len(), rows)?;
         let d = CudaTensor::from_host(rows, self.dev().ordinal())?;
         Ok(scatter_slots(
             &mut self.data,
@@ -197,15 +173,10 @@ impl NcclDataPath {
     /// CUDA or NCCL cannot be loaded.
     pub fn new(ordinal: usize, init_timeout: Duration) -> Result<Self> {
         let dev = DeviceContext::get(ordinal)?;
-        dist_nccl_check()?;
+        // A missing NCCL is an error here, not at the first transfer.
+        NcclPair::load_library()?;
         Ok(NcclDataPath { dev, init_timeout })
     }
-}
-
-/// Loads NCCL now, so a missing library is an error at construction, not at the first transfer.
-fn dist_nccl_check() -> Result<()> {
-    NcclPair::unique_id().map(|_| ())?;
-    Ok(())
 }
 
 /// The link of [`NcclDataPath`]: one 2-rank communicator (the initiator is rank 0).

@@ -130,6 +130,46 @@ impl KvCacheSpec {
             })
     }
 
+    /// Checks that every block id is below `num_blocks`.
+    pub fn check_blocks(&self, blocks: &[BlockId]) -> Result<()> {
+        if let Some(bad) = blocks.iter().find(|&&b| b as usize >= self.num_blocks) {
+            return Err(Error::invalid(format!(
+                "block {bad} out of range for a cache of {} blocks",
+                self.num_blocks
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks that `t` is a whole cache of this spec (its dtype and [`KvCacheSpec::shape`]).
+    pub fn check_cache_tensor(&self, t: &impl dist_core::Tensor) -> Result<()> {
+        self.checked_bytes()?;
+        if t.dtype() != self.dtype || t.shape() != self.shape() {
+            return Err(Error::invalid(format!(
+                "tensor {} {:?} does not match KV cache spec {self:?} (shape {:?})",
+                t.dtype(),
+                t.shape(),
+                self.shape()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks that `rows` holds exactly `n` gathered slots of this spec
+    /// (`[kv, n, num_kv_heads, head_dim]`, its dtype).
+    pub fn check_rows_tensor(&self, n: usize, rows: &impl dist_core::Tensor) -> Result<()> {
+        let want = rows_shape(self, n);
+        if rows.dtype() != self.dtype || rows.shape() != want.as_slice() {
+            return Err(Error::invalid(format!(
+                "rows {} {:?} do not fit {n} slots of this cache ({} {want:?})",
+                rows.dtype(),
+                rows.shape(),
+                self.dtype
+            )));
+        }
+        Ok(())
+    }
+
     /// Elements of one token slot over all heads (`num_kv_heads * head_dim`).
     fn slot_elems(&self) -> usize {
         self.num_kv_heads * self.head_dim
@@ -237,15 +277,7 @@ impl PagedKvCache {
 
     /// Wraps an existing tensor, whose dtype and shape must be the spec's.
     pub fn from_tensor(spec: KvCacheSpec, data: HostTensor) -> Result<Self> {
-        spec.checked_bytes()?;
-        if data.dtype() != spec.dtype || data.shape() != spec.shape() {
-            return Err(Error::invalid(format!(
-                "tensor {} {:?} does not match KV cache spec {spec:?} (shape {:?})",
-                data.dtype(),
-                data.shape(),
-                spec.shape()
-            )));
-        }
+        spec.check_cache_tensor(&data)?;
         Ok(PagedKvCache { spec, data })
     }
 
@@ -300,16 +332,6 @@ impl PagedKvCache {
         Ok(())
     }
 
-    fn check_blocks(&self, blocks: &[BlockId]) -> Result<()> {
-        if let Some(bad) = blocks.iter().find(|&&b| b as usize >= self.spec.num_blocks) {
-            return Err(Error::invalid(format!(
-                "block {bad} out of range for a cache of {} blocks",
-                self.spec.num_blocks
-            )));
-        }
-        Ok(())
-    }
-
     /// The shape of `n` gathered slots: `[kv, n, num_kv_heads, head_dim]`.
     pub fn rows_shape(&self, n: usize) -> Vec<usize> {
         rows_shape(&self.spec, n)
@@ -346,16 +368,7 @@ impl PagedKvCache {
     /// Writes `rows` (`[kv, slots.len(), num_kv_heads, head_dim]`, this cache's dtype) at `slots`.
     pub fn scatter_slots(&mut self, slots: &[u64], rows: &HostTensor) -> Result<()> {
         self.check_slots(slots)?;
-        let want = self.rows_shape(slots.len());
-        if rows.dtype() != self.spec.dtype || rows.shape() != want.as_slice() {
-            return Err(Error::invalid(format!(
-                "rows {} {:?} do not fit {} slots of this cache ({} {want:?})",
-                rows.dtype(),
-                rows.shape(),
-                slots.len(),
-                self.spec.dtype
-            )));
-        }
+        self.spec.check_rows_tensor(slots.len(), rows)?;
         let s = self.spec;
         let row = s.head_dim * s.dtype.size();
         let src = rows.as_bytes();
@@ -376,7 +389,7 @@ impl PagedKvCache {
     /// Copies whole blocks out, as `[kv, blocks.len(), block_size, num_kv_heads, head_dim]`
     /// (token-major whatever this cache's layout).
     pub fn gather_blocks(&self, blocks: &[BlockId]) -> Result<HostTensor> {
-        self.check_blocks(blocks)?;
+        self.spec.check_blocks(blocks)?;
         let s = self.spec;
         let mut out = HostTensor::zeros(s.dtype, &self.blocks_shape(blocks.len()));
         let es = s.dtype.size();
@@ -417,7 +430,7 @@ impl PagedKvCache {
     /// Writes the first `blocks.len()` blocks of each plane of `data`
     /// (`[kv, m, block_size, num_kv_heads, head_dim]`, `m >= blocks.len()`) into `blocks`.
     pub fn scatter_blocks(&mut self, blocks: &[BlockId], data: &HostTensor) -> Result<()> {
-        self.check_blocks(blocks)?;
+        self.spec.check_blocks(blocks)?;
         let m = check_blocks_tensor(&self.spec, blocks.len(), data)?;
         let s = self.spec;
         let es = s.dtype.size();
