@@ -443,25 +443,22 @@ mod device {
     use super::*;
     use dist_kv::transfer::cuda::{CudaIpcDataPath, CudaKvCache, NcclDataPath};
 
-    fn ordinal() -> usize {
-        let n = dist_cuda::device_count().max(1);
-        std::env::var("LOCAL_RANK")
-            .ok()
-            .and_then(|r| r.parse::<usize>().ok())
-            .unwrap_or(0)
-            % n
+    /// This rank's GPU: `LOCAL_RANK` (as the launcher sets it) modulo the visible devices.
+    fn ordinal() -> Res<usize> {
+        let local = dist_store::RankEnv::from_env()?.local_rank;
+        Ok(local % dist_cuda::device_count().max(1))
     }
 
     fn wrap(c: PagedKvCache) -> Res<CudaKvCache> {
-        Ok(CudaKvCache::from_host(&c, ordinal())?)
+        Ok(CudaKvCache::from_host(&c, ordinal()?)?)
     }
 
     pub fn ipc() -> Flavor<CudaKvCache, CudaIpcDataPath> {
         Flavor {
             wrap,
-            path: || Ok(CudaIpcDataPath::new(ordinal())?),
+            path: || Ok(CudaIpcDataPath::new(ordinal()?)?),
             after_shutdown: || {
-                let dev = dist_cuda::DeviceContext::get(ordinal())?;
+                let dev = dist_cuda::DeviceContext::get(ordinal()?)?;
                 let open = dist_cuda::ipc::IpcImporter::for_device(&dev).open_mappings();
                 if open != 0 {
                     return Err(format!("{open} IPC mappings still open after shutdown").into());
@@ -474,7 +471,7 @@ mod device {
     pub fn nccl() -> Flavor<CudaKvCache, NcclDataPath> {
         Flavor {
             wrap,
-            path: || Ok(NcclDataPath::new(ordinal(), Duration::from_secs(20))?),
+            path: || Ok(NcclDataPath::new(ordinal()?, Duration::from_secs(20))?),
             after_shutdown: || Ok(()),
         }
     }

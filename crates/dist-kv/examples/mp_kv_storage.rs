@@ -118,12 +118,9 @@ fn wrap_all<C>(f: fn(PagedKvCache) -> Res<C>, caches: KvCaches) -> Res<BTreeMap<
 
 #[cfg(feature = "cuda")]
 fn device_cache(c: PagedKvCache) -> Res<dist_kv::transfer::cuda::CudaKvCache> {
-    let n = dist_cuda::device_count().max(1);
-    let ordinal = std::env::var("LOCAL_RANK")
-        .ok()
-        .and_then(|r| r.parse::<usize>().ok())
-        .unwrap_or(0)
-        % n;
+    // This rank's GPU: `LOCAL_RANK` (as the launcher sets it) modulo the visible devices.
+    let local = dist_store::RankEnv::from_env()?.local_rank;
+    let ordinal = local % dist_cuda::device_count().max(1);
     Ok(dist_kv::transfer::cuda::CudaKvCache::from_host(
         &c, ordinal,
     )?)
