@@ -8,22 +8,11 @@
 # Run there:   bash ci/device/cuda_run.sh .device-bin/cuda   (the `run` tool with carry [".device-bin"])
 set -u
 BIN=${1:-.device-bin/cuda}
-OUTDIR=${OUT:-/tmp/dist-cuda-out}
-mkdir -p "$OUTDIR"
-LOG="$OUTDIR/cuda_run.log"
-: >"$LOG"
-say() { echo "$@" | tee -a "$LOG"; }
-
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+. "$(dirname "$0")/common.sh"
+device_log cuda_run
 # NCCL: the wheel torch uses, unless DIST_NCCL_SO_PATH is set. NVRTC: the toolkit's.
-if [ -z "${DIST_NCCL_SO_PATH:-}" ]; then
-  DIST_NCCL_SO_PATH=$(python3 -c 'import nvidia.nccl as m, os; print(os.path.join(list(m.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)
-  [ -f "$DIST_NCCL_SO_PATH" ] || DIST_NCCL_SO_PATH=$(find / -name 'libnccl.so.2*' -type f 2>/dev/null | head -1)
-  export DIST_NCCL_SO_PATH
-fi
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-  [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
-done
+find_nccl
+add_cuda_libs
 say "== $(nvidia-smi -L 2>&1 | head -1); driver $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>&1 | head -1)"
 say "== DIST_NCCL_SO_PATH=$DIST_NCCL_SO_PATH; nvrtc: $(ls /usr/local/cuda/lib64/libnvrtc.so* 2>/dev/null | head -1)"
 

@@ -14,21 +14,10 @@
 # Run there:   bash ci/device/kv_run.sh .device-bin/kv   (the `run` tool with carry [".device-bin"])
 set -u
 BIN=${1:-.device-bin/kv}
-OUTDIR=${OUT:-/tmp/dist-kv-out}
-mkdir -p "$OUTDIR"
-LOG="$OUTDIR/kv_run.log"
-: >"$LOG"
-say() { echo "$@" | tee -a "$LOG"; }
-
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ -z "${DIST_NCCL_SO_PATH:-}" ]; then
-  DIST_NCCL_SO_PATH=$(python3 -c 'import nvidia.nccl as m, os; print(os.path.join(list(m.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)
-  [ -f "$DIST_NCCL_SO_PATH" ] || DIST_NCCL_SO_PATH=$(find / -name 'libnccl.so.2*' -type f 2>/dev/null | head -1)
-  export DIST_NCCL_SO_PATH
-fi
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-  [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
-done
+. "$(dirname "$0")/common.sh"
+device_log kv_run
+find_nccl
+add_cuda_libs
 say "== $(nvidia-smi -L 2>&1 | tr '\n' ' '); DIST_NCCL_SO_PATH=$DIST_NCCL_SO_PATH"
 
 # MPS=1: run everything under the CUDA MPS daemon (two processes share the GPU concurrently instead

@@ -13,18 +13,9 @@
 # Run there:   bash ci/device/rocm_run.sh .device-bin/rocm   (the `run` tool with carry [".device-bin"])
 set -u
 BIN=${1:-.device-bin/rocm}
-OUTDIR=${OUT:-/tmp/dist-rocm-out}
-mkdir -p "$OUTDIR"
-LOG="$OUTDIR/rocm_run.log"
-: >"$LOG"
-say() { echo "$@" | tee -a "$LOG"; }
-
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ -z "${DIST_NCCL_SO_PATH:-}" ]; then
-  DIST_NCCL_SO_PATH=$(python3 -c 'import nvidia.nccl as m, os; print(os.path.join(list(m.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)
-  [ -f "$DIST_NCCL_SO_PATH" ] || DIST_NCCL_SO_PATH=$(find / -name 'libnccl.so.2*' -type f 2>/dev/null | head -1)
-  export DIST_NCCL_SO_PATH
-fi
+. "$(dirname "$0")/common.sh"
+device_log rocm_run
+find_nccl
 # cudart matching the driver: the toolkit's first, else the one torch's wheels carry.
 if [ -z "${DIST_CUDART_SO_PATH:-}" ]; then
   for c in /usr/local/cuda/lib64/libcudart.so.13 /usr/local/cuda/lib64/libcudart.so.12 \

@@ -11,13 +11,8 @@
 # Exit: 0 passed, 1 failed, 77 skipped (no plugin found).
 set -u
 BIN=${1:-.device-bin/tpu}
-OUTDIR=${OUT:-/tmp/dist-tpu-out}
-mkdir -p "$OUTDIR"
-LOG="$OUTDIR/tpu_cuda_plugin.log"
-: >"$LOG"
-say() { echo "$@" | tee -a "$LOG"; }
-
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+. "$(dirname "$0")/common.sh"
+device_log tpu_cuda_plugin
 PY=python3
 [ -x /opt/torch/.venv/bin/python3 ] && PY=/opt/torch/.venv/bin/python3
 
