@@ -60,15 +60,19 @@ pub mod host_comm;
 pub mod layout;
 pub mod local;
 pub mod parallel_state;
+pub mod pool;
 pub mod reference;
 mod store;
 pub mod tensor;
+pub mod view;
 
 pub use communicator::{
     Backend, Broadcaster, CommunicatorContext, DeviceCommunicator, LocalBackend, LocalCommunicator,
     DEFAULT_TIMEOUT,
 };
-pub use coordinator::{CoordinatorParts, DictValue, GroupCoordinator, TensorDict, Value};
+pub use coordinator::{
+    CoordinatorParts, DictEntry, DictValue, GroupCoordinator, TensorDict, Value,
+};
 pub use dtype::{reduce_bytes, reduce_slices, DType, Element, ReduceOp};
 pub use error::{Error, Result};
 pub use group::{decode_obj, encode_obj, HostGroup, HostGroupExt, DEFAULT_MAX_OBJECT_BYTES};
@@ -77,8 +81,10 @@ pub use layout::{
     split_tensor_along_last_dim, tcp_uri, GroupLayout, ParallelConfig,
 };
 pub use parallel_state::{GroupFactory, GroupGenerations, ParallelState, WorldInfo};
+pub use pool::{HostPool, PoolStats};
 pub use store::Store;
 pub use tensor::{Device, DeviceKind, HostTensor, Tensor, TensorMeta};
+pub use view::{HostView, HostViewMut};
 
 /// Re-exported so [`dispatch_dtype!`] works in dependent crates.
 pub use half;

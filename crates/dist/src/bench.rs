@@ -455,7 +455,10 @@ fn bench_one<B: Backend>(
                 if r == root && check {
                     scratch = B::from_host(&host_in, dev)?;
                 }
-                comm.broadcast(&mut scratch, root)?;
+                comm.broadcast(
+                    &mut dist_core::communicator::Comm::<B>::view_mut(&mut scratch),
+                    root,
+                )?;
                 None
             }
             "gather" => comm.gather(&input, root, 0)?,
@@ -463,11 +466,17 @@ fn bench_one<B: Backend>(
             "reduce_scatterv" => Some(comm.reduce_scatterv(&input, 0, &sizes, redop)?),
             "sendrecv" => {
                 if r % 2 == 0 {
-                    comm.send(&input, next)?;
-                    comm.recv(&mut scratch, prev)?;
+                    comm.send(&dist_core::communicator::Comm::<B>::view(&input), next)?;
+                    comm.recv(
+                        &mut dist_core::communicator::Comm::<B>::view_mut(&mut scratch),
+                        prev,
+                    )?;
                 } else {
-                    comm.recv(&mut scratch, prev)?;
-                    comm.send(&input, next)?;
+                    comm.recv(
+                        &mut dist_core::communicator::Comm::<B>::view_mut(&mut scratch),
+                        prev,
+                    )?;
+                    comm.send(&dist_core::communicator::Comm::<B>::view(&input), next)?;
                 }
                 None
             }
