@@ -20,7 +20,9 @@
 //! - [`reference`](mod@reference): the result of every collective computed plainly on the host — the oracle of
 //!   every backend's tests;
 //! - group math ([`layout`]): vLLM's exact rank layouts, `get_pp_indices`, `divide`…
-//! - one [`Error`] type with the variants a caller acts on.
+//! - one [`Error`] type with the variants a caller acts on;
+//! - MoE expert load balancing ([`eplb`]: load recording, vLLM's rebalancing policy, the
+//!   rearrangement of expert weights over the EP group).
 //!
 //! ## Design choices
 //! - **Static dispatch for data, objects for control.** Model code is generic over
@@ -54,6 +56,7 @@ pub mod conformance;
 pub mod coordinator;
 pub mod diag;
 mod dtype;
+pub mod eplb;
 mod error;
 pub mod group;
 pub mod host_comm;
