@@ -214,6 +214,9 @@ pub fn exchange<B: Backend>(
     Ok(())
 }
 
+/// The order every rank agrees on: (expert, source rank, destination rank, weight index).
+type OpKey = (usize, usize, usize, usize);
+
 /// What one layer's rearrangement did on this rank.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LayerStats {
@@ -271,7 +274,7 @@ pub fn rearrange_layer<B: Backend>(
     // One op list in the global order (expert, src, dst, weight).
     {
         let me = ep.rank_in_group();
-        let mut keyed: Vec<((usize, usize, usize, usize), PeerOp<'_, B::Tensor>)> = Vec::new();
+        let mut keyed: Vec<(OpKey, PeerOp<'_, B::Tensor>)> = Vec::new();
         for m in &plan.sends {
             for (w, t) in weights[m.slot].iter().enumerate() {
                 stats.bytes += t.nbytes();
