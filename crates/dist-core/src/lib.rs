@@ -22,7 +22,9 @@
 //! - group math ([`layout`]): vLLM's exact rank layouts, `get_pp_indices`, `divide`…
 //! - one [`Error`] type with the variants a caller acts on;
 //! - MoE expert load balancing ([`eplb`]: load recording, vLLM's rebalancing policy, the
-//!   rearrangement of expert weights over the EP group).
+//!   rearrangement of expert weights over the EP group);
+//! - weight transfer from a trainer into inference ranks ([`weights`]: a typed, checksummed
+//!   manifest, packed buckets, deadlines).
 //!
 //! ## Design choices
 //! - **Static dispatch for data, objects for control.** Model code is generic over
@@ -66,6 +68,7 @@ pub mod parallel_state;
 pub mod reference;
 mod store;
 pub mod tensor;
+pub mod weights;
 
 pub use communicator::{
     Backend, Broadcaster, CommunicatorContext, DeviceCommunicator, LocalBackend, LocalCommunicator,
