@@ -10,7 +10,8 @@
 //!    it does not have, another dtype or shape, a bucket larger than it accepts. Then one
 //!    all-gather of every rank's verdict: if any rank refused, **every** rank (the sender too)
 //!    returns the same error naming that rank and its reason, and no weight has moved.
-//! 3. **Buckets.** Each bucket is packed into one `u8` tensor and broadcast; each receiver
+//! 3. **Buckets.** Each bucket is packed into one `u8` tensor and broadcast (over the group's
+//!    device communicator, or its host group when it has none); each receiver
 //!    checks the checksums of its tensors and hands them to its sink (the model's loader) in
 //!    manifest order.
 //! 4. **Verdict.** A last all-gather of every rank's outcome, so a receiver's checksum failure is
@@ -459,9 +460,15 @@ pub fn send_weights<B: Backend>(
             payload.as_bytes_mut()[at..at + h.nbytes()].copy_from_slice(h.as_bytes());
             at += h.nbytes();
         }
-        let mut t = B::from_host(&payload, group.device())?;
         guard.arm(&format!("bucket {i}"), start)?;
-        group.broadcast(&mut t, src)?;
+        if group.device_communicator().is_some() {
+            let mut t = B::from_host(&payload, group.device())?;
+            group.broadcast(&mut t, src)?;
+        } else {
+            group
+                .host_group()
+                .broadcast_bytes(Some(payload.as_bytes()), src)?;
+        }
     }
     guard.arm("verdict", start)?;
     agree(group, "update", &Ok(()))?;
@@ -504,7 +511,7 @@ pub fn receive_weights<B: Backend>(
     for (i, b) in m.buckets.iter().enumerate() {
         let payload = if b.bytes == 0 {
             HostTensor::zeros(DType::U8, &[0])
-        } else {
+        } else if group.device_communicator().is_some() {
             let mut t = B::from_host(&HostTensor::zeros(DType::U8, &[b.bytes]), group.device())?;
             guard.arm(&format!("bucket {i}"), start)?;
             group.broadcast(&mut t, src)?;
@@ -512,6 +519,13 @@ pub fn receive_weights<B: Backend>(
                 continue; // keep the group in step; the verdict reports the first failure
             }
             B::to_host(&t)?
+        } else {
+            guard.arm(&format!("bucket {i}"), start)?;
+            let got = group.host_group().broadcast_bytes(None, src)?;
+            if outcome.is_err() {
+                continue;
+            }
+            HostTensor::from_bytes(DType::U8, &[b.bytes], &got)?
         };
         if outcome.is_err() {
             continue;

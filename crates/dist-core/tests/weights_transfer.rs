@@ -23,7 +23,7 @@ fn group(
         local_rank: rank,
         device: Device::CPU,
         host: host.clone(),
-        comm: Some(HostCommunicator::new(host, t)),
+        comm: device.then(|| HostCommunicator::new(host, t)),
         mq: None,
         diag: None,
         check_collectives: false,
@@ -78,8 +78,13 @@ fn opts() -> TransferOptions {
 
 #[test]
 fn receivers_get_every_tensor() {
+    receive_all(true);
+    receive_all(false); // a group without a device communicator: buckets over its host group
+}
+
+fn receive_all(device: bool) {
     let out = run_threads(3, Duration::from_secs(20), |rank, g| {
-        let grp = group(rank, 3, Arc::new(g), Duration::from_secs(20));
+        let grp = group_with(rank, 3, Arc::new(g), Duration::from_secs(20), device);
         let m = model();
         if rank == 0 {
             let w: Vec<(&str, &HostTensor)> = m.iter().map(|(n, t)| (n.as_str(), t)).collect();
