@@ -16,6 +16,16 @@ fn group(
     host: Arc<dyn HostGroup>,
     t: Duration,
 ) -> GroupCoordinator<HostBackend> {
+    group_with(rank, n, host, t, true)
+}
+
+fn group_with(
+    rank: usize,
+    n: usize,
+    host: Arc<dyn HostGroup>,
+    t: Duration,
+    device: bool,
+) -> GroupCoordinator<HostBackend> {
     GroupCoordinator::new(CoordinatorParts {
         unique_name: "weights:0".into(),
         ranks: (0..n).collect(),
