@@ -20,7 +20,11 @@
 //! - [`reference`](mod@reference): the result of every collective computed plainly on the host — the oracle of
 //!   every backend's tests;
 //! - group math ([`layout`]): vLLM's exact rank layouts, `get_pp_indices`, `divide`…
-//! - one [`Error`] type with the variants a caller acts on.
+//! - one [`Error`] type with the variants a caller acts on;
+//! - MoE expert load balancing ([`eplb`]: load recording, vLLM's rebalancing policy, the
+//!   rearrangement of expert weights over the EP group);
+//! - weight transfer from a trainer into inference ranks ([`weights`]: a typed, checksummed
+//!   manifest, packed buckets, deadlines).
 //!
 //! ## Design choices
 //! - **Static dispatch for data, objects for control.** Model code is generic over
@@ -54,6 +58,7 @@ pub mod conformance;
 pub mod coordinator;
 pub mod diag;
 mod dtype;
+pub mod eplb;
 mod error;
 pub mod group;
 pub mod host_comm;
@@ -65,6 +70,7 @@ pub mod reference;
 mod store;
 pub mod tensor;
 pub mod view;
+pub mod weights;
 
 pub use communicator::{
     Backend, Broadcaster, CommunicatorContext, DeviceCommunicator, LocalBackend, LocalCommunicator,

@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 
+mod eplb;
 mod layout;
 
 /// dist: vLLM's distributed communication layer, in Rust.
@@ -28,6 +29,9 @@ enum Cmd {
     /// KV-cache events: vLLM's msgpack stream over ZMQ.
     #[command(subcommand)]
     KvEvents(KvEventsCmd),
+    /// Expert-parallel load balancing: `plan` runs vLLM's rebalancing policy on a load file.
+    #[command(subcommand)]
+    Eplb(eplb::EplbCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,6 +96,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             Some(BenchSub::Store(o)) => Ok(code(dist_store::bench::run(&o)?)),
             Some(BenchSub::Mq(a)) => mq_bench(a),
         },
+        Cmd::Eplb(c) => eplb::run(c),
         Cmd::KvEvents(KvEventsCmd::Publish(a)) => {
             dist_kv::cli::run_publish(a)?;
             Ok(0)
