@@ -1,35 +1,52 @@
-//! All-reduce benchmark of dist-cuda at world size 1 (NCCL), CUDA-event timed, in the format of
-//! `ci/device/cuda_bench_torch.py` so the two tables sit side by side (see [`dist_cuda::bench`]).
+//! All-reduce benchmark of dist-cuda (NCCL at world 1, the custom all-reduce beside NCCL with
+//! one GPU per rank), event-timed on the communicator's stream, in the table format of
+//! `ci/device/cuda_bench_torch.py`. The sweep is the GPU backends' shared one
+//! (`dist-nccl/examples/common/bench.rs`); `engine` and `engine-tracked` time the in-place
+//! all-reduce of an engine's cudarc `CudaSlice` on the engine's own `CudaStream` (the
+//! communicator enqueues there), with cudarc's event tracking off (as candle, one stream) and on
+//! (cudarc's default once a second stream exists): the view is made in every call.
 //!
-//! Usage: `cuda_bench [--max-bytes N] [--mode in-place|out-of-place|graph]`.
+//! Usage: `cuda_bench [--max-bytes N] [--mode in-place|out-of-place|graph|engine|engine-tracked]...`
+
+#[path = "../../dist-nccl/examples/common/bench.rs"]
+mod bench;
 
 use std::time::Duration;
 
-use dist_cuda::bench::{all_reduce_sweep, format_row, header, sizes, Mode};
-use dist_cuda::{Communicator, Options};
+use cudarc::driver::CudaContext;
+use dist_core::{DeviceCommunicator, ReduceOp, Result};
+use dist_cuda::{engine, Communicator, Options};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("--worlds") {
+fn engine_sweep(comm: &Communicator, sizes: &[usize], tracking: bool) -> Result<Vec<bench::Row>> {
+    let drv = |e| dist_cuda::driver::cuda_err("cudarc", e);
+    let ctx = CudaContext::new(comm.context().ordinal()).map_err(drv)?;
+    if !tracking {
+        // SAFETY: the engine uses one stream and orders it itself.
+        unsafe { ctx.disable_event_tracking() };
+    }
+    let stream = ctx.new_stream().map_err(drv)?;
+    engine::use_stream(comm, &stream)?;
+    let mut rows = Vec::new();
+    for &bytes in sizes {
+        let mut x = stream.alloc_zeros::<f32>(bytes / 4).map_err(drv)?;
+        rows.push(bench::time(
+            comm,
+            bytes,
+            bench::iters_for(bytes),
+            1,
+            || comm.all_reduce_in_place(&mut engine::view_mut(&mut x, &stream)?, ReduceOp::Sum),
+        )?);
+    }
+    comm.reset_stream()?;
+    Ok(rows)
+}
+
+fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+    if std::env::args().nth(1).as_deref() == Some("--worlds") {
         println!("1");
         return Ok(());
     }
-    let arg = |k: &str| {
-        args.iter()
-            .position(|a| a == k)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let max_bytes: usize = arg("--max-bytes")
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(512 << 20);
-    let mode = match arg("--mode").as_deref() {
-        None | Some("in-place") => Mode::InPlace,
-        Some("out-of-place") => Mode::OutOfPlace,
-        Some("graph") => Mode::Graph,
-        Some(m) => return Err(format!("unknown --mode {m}").into()),
-    };
+    let (max_bytes, modes) = bench::args(512 << 20)?;
     let e = dist_store::RankEnv::from_env()?;
     let ctx = e.job_context("bench", Duration::from_secs(60))?;
     let comm = Communicator::new(
@@ -41,18 +58,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             custom_ar_max_size: None,
         },
     )?;
-    let rows = all_reduce_sweep(&comm, &sizes(max_bytes), mode)?;
-    if e.rank == 0 {
-        println!(
-            "# dist-cuda all_reduce ({mode:?}), world {}, fp32, custom AR {}",
-            e.world,
-            comm.has_custom_ar()
-        );
-        println!("{}", header());
-        for r in &rows {
-            println!("{}", format_row(r));
+    let sizes = bench::sizes(max_bytes);
+    for m in &modes {
+        let rows = match m.as_str() {
+            "engine" => engine_sweep(&comm, &sizes, false)?,
+            "engine-tracked" => engine_sweep(&comm, &sizes, true)?,
+            other => bench::sweep(&comm, &sizes, other.parse()?)?,
+        };
+        if e.rank == 0 {
+            let title = format!(
+                "dist-cuda all_reduce ({m}), world {}, fp32, custom AR {}",
+                e.world,
+                comm.has_custom_ar()
+            );
+            bench::print_table(&title, &rows);
         }
     }
-    dist_core::DeviceCommunicator::destroy(&comm)?;
+    comm.destroy()?;
     Ok(())
 }

@@ -1,410 +1,34 @@
 //! Device test of dist-cuda, one process per rank (torchrun's environment).
 //!
-//! - World 1: NCCL for every op and every dtype against `dist_core::reference`; the device-side
-//!   re-layout (rank-major ↔ cat) against `concat_along`; capture + replay of all_reduce.
-//! - World 2, 4, 8 (processes sharing one GPU through CUDA IPC; NCCL is off since it refuses two
-//!   ranks on one GPU): `create_shared_buffer`-style buffer sharing, then the custom all-reduce
-//!   eager and graph paths, one-shot and two-shot, fp32/fp16/bf16, 16 B to 8 MiB, against the
-//!   oracle; inputs that do not qualify are refused.
+//! - One GPU per rank (world 1 on the device machine): the checks every GPU backend shares
+//!   (`dist-nccl/examples/common/checks.rs`: dist-core's conformance suite, graph replay), then an
+//!   engine's cudarc memory on the engine's stream — with the communicator on its own stream
+//!   (fenced by events) and on the engine's (`engine::use_stream`), in place and through the
+//!   re-layout, a CUDA graph captured on the engine's stream and replayed on new inputs, and a
+//!   slice of a non-primary context refused.
+//! - World 2, 4, 6, 8 on one GPU (processes sharing it through CUDA IPC; NCCL is off since it
+//!   refuses two ranks on one GPU): `create_shared_buffer`-style buffer sharing, then the
+//!   custom all-reduce eager and graph paths, one-shot and two-shot, fp32/fp16/bf16, 16 B to
+//!   8 MiB, against the oracle; inputs that do not qualify are refused; the same on an
+//!   engine's cudarc memory, in place and not, and captured in a graph on the engine's stream.
+//! - `--dead-peer`: the last rank exits after set-up; the others must get a `Timeout` naming it.
 //!
-//! Exits 0 when every check passed. `--worlds` prints the supported world sizes.
+//! Exits 0 when every check passed, 77 without a CUDA device. `--worlds` prints the world sizes.
 
-use std::time::Duration;
+#[path = "../../dist-nccl/examples/common/checks.rs"]
+mod checks;
 
-use dist_core::half::{bf16, f16};
-use dist_core::tensor::concat_along;
-use dist_core::{reference, DType, DeviceCommunicator, HostTensor, ReduceOp, Result};
-use dist_cuda::communicator::{cat_to_rank_major, rank_major_to_cat};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use checks::{inputs, Checks};
+use cudarc::driver::{sys::CUstreamCaptureMode, CudaContext, CudaSlice, CudaStream};
+use dist_core::half::bf16;
+use dist_core::{
+    reference, DType, DeviceCommunicator, Element, Error, HostTensor, ReduceOp, Result, Tensor,
+};
 use dist_cuda::custom_ar::Algo;
-use dist_cuda::driver::{copy_d2h, copy_h2d};
-use dist_cuda::{Communicator, CudaGraph, CudaTensor, DeviceContext, Options, P2pOp};
-
-#[derive(Default)]
-struct Checks {
-    ok: usize,
-    bad: Vec<String>,
-    exact: usize,
-}
-
-impl Checks {
-    fn fail(&mut self, what: String) {
-        self.bad.push(what);
-    }
-    fn eq(&mut self, what: impl FnOnce() -> String, got: Result<HostTensor>, want: &HostTensor) {
-        match got {
-            Ok(g)
-                if g.dtype() == want.dtype()
-                    && g.shape() == want.shape()
-                    && g.as_bytes() == want.as_bytes() =>
-            {
-                self.ok += 1
-            }
-            Ok(g) => self.fail(format!(
-                "{}: got {} {:?}, want {} {:?} (bytes differ: {})",
-                what(),
-                g.dtype(),
-                g.shape(),
-                want.dtype(),
-                want.shape(),
-                g.shape() == want.shape()
-            )),
-            Err(e) => self.fail(format!("{}: error {e}", what())),
-        }
-    }
-    fn err(&mut self, what: &str, r: Result<impl std::fmt::Debug>) {
-        match r {
-            Err(_) => self.ok += 1,
-            Ok(v) => self.fail(format!("{what}: expected an error, got {v:?}")),
-        }
-    }
-    /// Float comparison with a tolerance scaled by the world size; counts bit-exact matches.
-    fn close(
-        &mut self,
-        what: impl FnOnce() -> String,
-        got: Result<HostTensor>,
-        want: &HostTensor,
-        world: usize,
-    ) {
-        let g = match got {
-            Ok(g) => g,
-            Err(e) => return self.fail(format!("{}: error {e}", what())),
-        };
-        if g.dtype() != want.dtype() || g.shape() != want.shape() {
-            return self.fail(format!(
-                "{}: got {:?}, want {:?}",
-                what(),
-                g.shape(),
-                want.shape()
-            ));
-        }
-        if g.as_bytes() == want.as_bytes() {
-            self.ok += 1;
-            self.exact += 1;
-            return;
-        }
-        let (a, b, rtol): (Vec<f32>, Vec<f32>, f32) = match g.dtype() {
-            DType::F32 => (
-                g.to_vec::<f32>().unwrap(),
-                want.to_vec::<f32>().unwrap(),
-                1e-5,
-            ),
-            DType::F16 => (
-                g.to_vec::<f16>()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.to_f32())
-                    .collect(),
-                want.to_vec::<f16>()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.to_f32())
-                    .collect(),
-                2e-3,
-            ),
-            DType::BF16 => (
-                g.to_vec::<bf16>()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.to_f32())
-                    .collect(),
-                want.to_vec::<bf16>()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.to_f32())
-                    .collect(),
-                1.6e-2,
-            ),
-            d => return self.fail(format!("{}: {d} differs bytewise", what())),
-        };
-        let atol = rtol * 2.0 * world as f32;
-        let mut worst = (0usize, 0f32);
-        let mut nbad = 0;
-        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            let d = (x - y).abs();
-            if d.is_nan() || d > atol + rtol * y.abs() {
-                nbad += 1;
-                if d > worst.1 || d.is_nan() {
-                    worst = (i, d);
-                }
-            }
-        }
-        if nbad == 0 {
-            self.ok += 1;
-        } else {
-            self.fail(format!(
-                "{}: {nbad} of {} elements off, worst at {}: got {} want {}",
-                what(),
-                a.len(),
-                worst.0,
-                a[worst.0],
-                b[worst.0]
-            ));
-        }
-    }
-}
-
-/// Every rank's input for case `seed`: the same on every rank, so each computes the oracle.
-fn rank_inputs(
-    dtype: DType,
-    shape_of: impl Fn(usize) -> Vec<usize>,
-    seed: u64,
-    world: usize,
-) -> Vec<HostTensor> {
-    (0..world)
-        .map(|r| HostTensor::random(dtype, &shape_of(r), seed * 1000 + r as u64))
-        .collect()
-}
-
-/// NCCL: every op and every dtype against the oracles, at any world size (one GPU per rank).
-fn nccl_suite(e: &dist_store::RankEnv, comm: &Communicator, ck: &mut Checks) -> Result<()> {
-    let (w, me) = (e.world, e.rank);
-    let lib = dist_nccl::library(dist_nccl::Flavor::Nccl)?;
-    if me == 0 {
-        println!("NCCL {} loaded from {}", lib.version(), lib.path);
-    }
-    let dev = comm.context().clone();
-    let ord = dev.ordinal();
-    let shape = [2 * w, 2 * w, 3];
-    let up = |t: &HostTensor| CudaTensor::from_host(t, ord);
-    let mut seed = 1u64;
-    for dtype in DType::ALL {
-        seed += 1;
-        let xs = rank_inputs(dtype, |_| shape.to_vec(), seed, w);
-        let x = &xs[me];
-        let dx = up(x)?;
-        if dtype.is_reducible() {
-            for op in ReduceOp::ALL {
-                let want = reference::all_reduce(&xs, op)?;
-                let tol = |g: Result<HostTensor>, ck: &mut Checks, what: String| {
-                    if dtype.is_float() && w > 1 {
-                        ck.close(|| what, g, &want, w)
-                    } else {
-                        ck.eq(|| what, g, &want)
-                    }
-                };
-                tol(
-                    comm.all_reduce(&dx, op).and_then(|t| t.to_host()),
-                    ck,
-                    format!("all_reduce {dtype} {op}"),
-                );
-                let mut t = up(x)?;
-                tol(
-                    comm.all_reduce_in_place(&mut &mut t, op)
-                        .and_then(|_| t.to_host()),
-                    ck,
-                    format!("all_reduce_in_place {dtype} {op}"),
-                );
-            }
-            ck.eq(
-                || format!("all_reduce input unchanged {dtype}"),
-                dx.to_host(),
-                x,
-            );
-        } else {
-            ck.err(
-                &format!("all_reduce of {dtype} refused"),
-                comm.all_reduce(&dx, ReduceOp::Sum),
-            );
-        }
-        for dim in [0isize, 1, 2, -1, -3] {
-            let d = if dim < 0 {
-                (dim + 3) as usize
-            } else {
-                dim as usize
-            };
-            ck.eq(
-                || format!("all_gather {dtype} dim {dim}"),
-                comm.all_gather(&dx, dim).and_then(|t| t.to_host()),
-                &reference::all_gather(&xs, dim)?,
-            );
-            let dst = w - 1;
-            let g = comm.gather(&dx, dst, dim);
-            match (me == dst, g) {
-                (true, Ok(Some(t))) => ck.eq(
-                    || format!("gather {dtype} dim {dim}"),
-                    t.to_host(),
-                    reference::gather(&xs, dst, dim)?[dst].as_ref().unwrap(),
-                ),
-                (false, Ok(None)) => ck.ok += 1,
-                (_, other) => ck.fail(format!("gather {dtype} dim {dim} to {dst}: {other:?}")),
-            }
-            // Unequal lengths along dim: rank r has (r % 3) + 1.
-            let sizes: Vec<usize> = (0..w).map(|r| r % 3 + 1).collect();
-            let vs = rank_inputs(
-                dtype,
-                |r| {
-                    let mut s = shape.to_vec();
-                    s[d] = sizes[r];
-                    s
-                },
-                seed + 50,
-                w,
-            );
-            ck.eq(
-                || format!("all_gatherv {dtype} dim {dim}"),
-                comm.all_gatherv(&up(&vs[me])?, dim, &sizes)
-                    .and_then(|t| t.to_host()),
-                &reference::all_gatherv(&vs, dim, &sizes)?,
-            );
-            if dtype.is_reducible() {
-                for op in [ReduceOp::Sum, ReduceOp::Max] {
-                    let cmp = |g: Result<HostTensor>,
-                               want: &HostTensor,
-                               ck: &mut Checks,
-                               what: String| {
-                        if dtype.is_float() && w > 1 && op == ReduceOp::Sum {
-                            ck.close(|| what, g, want, w)
-                        } else {
-                            ck.eq(|| what, g, want)
-                        }
-                    };
-                    if shape[d] % w == 0 {
-                        cmp(
-                            comm.reduce_scatter(&dx, dim, op).and_then(|t| t.to_host()),
-                            &reference::reduce_scatter(&xs, dim, op)?[me],
-                            ck,
-                            format!("reduce_scatter {dtype} {op} dim {dim}"),
-                        );
-                    }
-                    let total: usize = sizes.iter().sum();
-                    let rs = rank_inputs(
-                        dtype,
-                        |_| {
-                            let mut s = shape.to_vec();
-                            s[d] = total;
-                            s
-                        },
-                        seed + 70,
-                        w,
-                    );
-                    cmp(
-                        comm.reduce_scatterv(&up(&rs[me])?, dim, &sizes, op)
-                            .and_then(|t| t.to_host()),
-                        &reference::reduce_scatterv(&rs, dim, &sizes, op)?[me],
-                        ck,
-                        format!("reduce_scatterv {dtype} {op} dim {dim}"),
-                    );
-                }
-            }
-        }
-        let src = w - 1;
-        let mut b = up(x)?;
-        ck.eq(
-            || format!("broadcast {dtype}"),
-            comm.broadcast(&mut &mut b, src).and_then(|_| b.to_host()),
-            &reference::broadcast(&xs, src)?,
-        );
-        // Ring exchange in one group: send to the next rank, receive from the previous.
-        let mut r = comm.empty(dtype, &shape)?;
-        let res = comm
-            .batch_send_recv_owned(&mut [
-                P2pOp::Send(&dx, (me + 1) % w),
-                P2pOp::Recv(&mut r, (me + w - 1) % w),
-            ])
-            .and_then(|_| r.to_host());
-        ck.eq(
-            || format!("grouped send/recv ring {dtype}"),
-            res,
-            &xs[(me + w - 1) % w],
-        );
-        if w > 1 {
-            // Plain send/recv: rank 0 -> rank 1.
-            if me == 0 {
-                if let Err(err) = comm.send(&dx, 1) {
-                    ck.fail(format!("send {dtype}: {err}"))
-                } else {
-                    ck.ok += 1
-                }
-            } else if me == 1 {
-                let mut r = comm.empty(dtype, &shape)?;
-                ck.eq(
-                    || format!("recv {dtype}"),
-                    comm.recv(&mut &mut r, 0).and_then(|_| r.to_host()),
-                    &xs[0],
-                );
-            }
-        }
-    }
-    ck.err(
-        "send to rank w (out of range)",
-        comm.send(&up(&HostTensor::zeros(DType::F32, &[4]))?, w),
-    );
-    ck.err(
-        "all_gatherv with wrong sizes",
-        comm.all_gatherv(&up(&HostTensor::zeros(DType::F32, &[4]))?, 0, &vec![3; w]),
-    );
-
-    // Device-side re-layout with three parts of unequal lengths, as all_gatherv(dim=1) does.
-    for dtype in [DType::U8, DType::BF16, DType::F32, DType::F64] {
-        let lens = [1usize, 2, 3];
-        let parts: Vec<HostTensor> = lens
-            .iter()
-            .enumerate()
-            .map(|(i, l)| HostTensor::random(dtype, &[2, *l, 3], 100 + i as u64))
-            .collect();
-        let rank_major: Vec<u8> = parts.iter().flat_map(|p| p.as_bytes().to_vec()).collect();
-        let want = concat_along(
-            &parts.iter().map(|p| p.as_bytes()).collect::<Vec<_>>(),
-            &[2, 6, 3],
-            1,
-            &lens,
-            dtype.size(),
-        )?;
-        let src = CudaTensor::uninit(&dev, DType::U8, &[rank_major.len()])?;
-        copy_h2d(&dev, src.ptr(), &rank_major)?;
-        let dst = CudaTensor::zeros(&dev, DType::U8, &[rank_major.len()])?;
-        // SAFETY: both buffers hold 2*6*3 elements of dtype.
-        unsafe { rank_major_to_cat(&dev, dst.ptr(), src.ptr(), 2, 3, &lens, dtype.size())? };
-        let mut got = vec![0u8; want.len()];
-        copy_d2h(&dev, &mut got, dst.ptr())?;
-        if got == want {
-            ck.ok += 1
-        } else {
-            ck.fail(format!("rank_major_to_cat {dtype}"))
-        }
-        let back = CudaTensor::zeros(&dev, DType::U8, &[rank_major.len()])?;
-        // SAFETY: as above.
-        unsafe { cat_to_rank_major(&dev, back.ptr(), dst.ptr(), 2, 3, &lens, dtype.size())? };
-        copy_d2h(&dev, &mut got, back.ptr())?;
-        if got == rank_major {
-            ck.ok += 1
-        } else {
-            ck.fail(format!("cat_to_rank_major {dtype}"))
-        }
-    }
-
-    // CUDA graph: capture an all_reduce (NCCL; custom AR where active) and an all_gather(dim 1), replay on new inputs.
-    for dtype in [DType::F32, DType::BF16] {
-        let inp = CudaTensor::zeros(&dev, dtype, &[64, 32])?;
-        comm.begin_capture()?;
-        let (g, (out, ag)) = CudaGraph::capture(&dev, || {
-            Ok((
-                comm.all_reduce(&inp, ReduceOp::Sum)?,
-                comm.all_gather(&inp, 1)?,
-            ))
-        })?;
-        comm.end_capture()?;
-        for rep in 0..3u64 {
-            let ys = rank_inputs(dtype, |_| vec![64, 32], 500 + rep, w);
-            let mut inp2 = inp.clone();
-            inp2.copy_from_host(&ys[me])?;
-            g.replay()?;
-            comm.synchronize()?;
-            ck.close(
-                || format!("graph replay {rep} all_reduce {dtype}"),
-                out.to_host(),
-                &reference::all_reduce(&ys, ReduceOp::Sum)?,
-                w,
-            );
-            ck.eq(
-                || format!("graph replay {rep} all_gather {dtype}"),
-                ag.to_host(),
-                &reference::all_gather(&ys, 1)?,
-            );
-        }
-    }
-    Ok(())
-}
+use dist_cuda::{engine, Communicator, CudaGraph, CudaTensor, DeviceContext, GpuRuntime, Options};
 
 const SIZES: [usize; 7] = [
     16,
@@ -417,40 +41,207 @@ const SIZES: [usize; 7] = [
 ];
 const GRAPH_SIZES: [usize; 3] = [16, 64 << 10, 2 << 20];
 
-fn inputs(dtype: DType, n: usize, seed: u64, world: usize) -> Vec<HostTensor> {
-    (0..world)
-        .map(|r| HostTensor::random(dtype, &[n], seed * 1000 + r as u64))
-        .collect()
+fn drv(e: cudarc::driver::DriverError) -> Error {
+    dist_cuda::driver::cuda_err("cudarc", e)
 }
 
-fn custom_ar(e: &dist_store::RankEnv, comm: &Communicator, ck: &mut Checks) -> Result<()> {
+/// The engine's side: a cudarc context (the device's primary one) and a stream of its own.
+struct Engine {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+}
+
+impl Engine {
+    fn new(ordinal: usize, tracking: bool) -> Result<Engine> {
+        let ctx = CudaContext::new(ordinal).map_err(drv)?;
+        if !tracking {
+            // SAFETY: this engine orders its one stream itself (and captures graphs on it).
+            unsafe { ctx.disable_event_tracking() };
+        }
+        let stream = ctx.new_stream().map_err(drv)?;
+        Ok(Engine { ctx, stream })
+    }
+    fn upload<T: Element + cudarc::driver::DeviceRepr>(
+        &self,
+        t: &HostTensor,
+    ) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(t.as_slice::<T>()?).map_err(drv)
+    }
+    fn write<T: Element + cudarc::driver::DeviceRepr>(
+        &self,
+        t: &HostTensor,
+        s: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        self.stream.memcpy_htod(t.as_slice::<T>()?, s).map_err(drv)
+    }
+    fn download<T: Element + cudarc::driver::DeviceRepr>(
+        &self,
+        s: &CudaSlice<T>,
+        shape: &[usize],
+    ) -> Result<HostTensor> {
+        let v = self.stream.clone_dtoh(s).map_err(drv)?;
+        HostTensor::from_vec(shape, v)
+    }
+}
+
+/// An engine's cudarc memory through the collectives at world 1 (one GPU per rank, NCCL).
+fn engine_nccl(comm: &Communicator, ck: &mut Checks) -> Result<()> {
+    let (w, me) = (comm.world_size(), comm.rank());
+    let ord = comm.context().ordinal();
+    let eng = Engine::new(ord, true)?;
+    // The communicator on its own stream, the engine's views on the engine's: fenced by events.
+    for round in 0..2 {
+        if round == 1 {
+            engine::use_stream(comm, &eng.stream)?;
+        }
+        let how = if round == 0 {
+            "fenced"
+        } else {
+            "on the engine's stream"
+        };
+        let xs = checks::rank_inputs(DType::F32, |_| vec![4, 6, 5], 70 + round, w);
+        let mut x = eng.upload::<f32>(&xs[me])?;
+        let r = comm.all_reduce_in_place(
+            &mut engine::view_mut(&mut x, &eng.stream)?.reshape(&[4, 6, 5])?,
+            ReduceOp::Sum,
+        );
+        ck.pass(&format!("engine in-place all_reduce ({how})"), r);
+        let want = reference::all_reduce(&xs, ReduceOp::Sum)?;
+        ck.close(
+            || format!("engine in-place all_reduce ({how})"),
+            eng.download(&x, &[4, 6, 5]),
+            &want,
+            w,
+        );
+        // all_gather(dim 1): NCCL into a temporary on the op's stream, re-laid out into the
+        // engine's output, the temporary parked until the engine's stream has run.
+        let mut y = eng.stream.alloc_zeros::<f32>(4 * 6 * w * 5).map_err(drv)?;
+        let shape = [4, 6 * w, 5];
+        let r = comm.all_gather_into(
+            &engine::view(&x, &eng.stream)?.reshape(&[4, 6, 5])?,
+            &mut engine::view_mut(&mut y, &eng.stream)?.reshape(&shape)?,
+            1,
+        );
+        ck.pass(&format!("engine all_gather_into dim 1 ({how})"), r);
+        let got = eng.download(&x, &[4, 6, 5]);
+        ck.eq(|| format!("engine input unchanged ({how})"), got, &want);
+        let want_ag = reference::all_gather(&vec![want.clone(); w], 1)?;
+        ck.eq(
+            || format!("engine all_gather_into dim 1 ({how})"),
+            eng.download(&y, &shape),
+            &want_ag,
+        );
+    }
+    comm.reset_stream()?;
+    // A slice of another context of the same device is refused, not used.
+    let other = CudaContext::new_non_primary(ord, 0).map_err(drv)?;
+    let os = other.new_stream().map_err(drv)?;
+    let z = os.alloc_zeros::<f32>(16).map_err(drv)?;
+    ck.err(
+        "a slice of a non-primary context",
+        engine::view(&z, &os).map(|v| v.nbytes()),
+    );
+    ck.err(
+        "the engine's stream with another context's slice",
+        engine::view(&z, &eng.stream).map(|v| v.nbytes()),
+    );
+    drop((z, os, other));
+    eng.ctx.bind_to_thread().map_err(drv)?;
+    engine_graph(comm, ck, 90)
+}
+
+/// A CUDA graph captured on the engine's stream around an in-place all-reduce of the engine's
+/// memory (the custom all-reduce's copy-in path on several ranks, NCCL at world 1), replayed on
+/// new inputs.
+fn engine_graph(comm: &Communicator, ck: &mut Checks, seed: u64) -> Result<()> {
+    let (w, me) = (comm.world_size(), comm.rank());
+    let eng = Engine::new(comm.context().ordinal(), false)?;
+    engine::use_stream(comm, &eng.stream)?;
+    for dtype in [DType::F32, DType::BF16] {
+        let n = 8192;
+        let mut xf = eng.upload::<f32>(&HostTensor::zeros(DType::F32, &[n]))?;
+        let mut xb = eng.upload::<bf16>(&HostTensor::zeros(DType::BF16, &[n]))?;
+        eng.stream.synchronize().map_err(drv)?;
+        comm.begin_capture()?;
+        eng.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(drv)?;
+        let r = match dtype {
+            DType::F32 => comm
+                .all_reduce_in_place(&mut engine::view_mut(&mut xf, &eng.stream)?, ReduceOp::Sum),
+            _ => comm
+                .all_reduce_in_place(&mut engine::view_mut(&mut xb, &eng.stream)?, ReduceOp::Sum),
+        };
+        let g = eng
+            .stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+            .map_err(drv);
+        comm.end_capture()?;
+        r?;
+        let Some(g) = g? else {
+            ck.fail(format!("engine graph {dtype}: nothing was captured"));
+            continue;
+        };
+        for rep in 0..3 {
+            let xs = inputs(dtype, n, seed + rep, w);
+            match dtype {
+                DType::F32 => eng.write(&xs[me], &mut xf)?,
+                _ => eng.write(&xs[me], &mut xb)?,
+            }
+            g.launch().map_err(drv)?;
+            let got = match dtype {
+                DType::F32 => eng.download(&xf, &[n]),
+                _ => eng.download(&xb, &[n]),
+            };
+            let want = reference::all_reduce(&xs, ReduceOp::Sum)?;
+            ck.close(
+                || format!("engine-stream graph replay {rep} {dtype}"),
+                got,
+                &want,
+                w,
+            );
+        }
+    }
+    comm.reset_stream()
+}
+
+/// The custom all-reduce (several processes on one GPU): buffer sharing, every algorithm, dtype
+/// and size, eager and graph, against the oracle.
+fn custom_ar(comm: &Communicator, ck: &mut Checks) -> Result<()> {
     if !comm.has_custom_ar() {
         ck.fail("custom all-reduce not created".into());
         return Ok(());
     }
+    let (w, me) = (comm.world_size(), comm.rank());
     let dev = comm.context().clone();
     let hg = comm.host_group().clone();
-    let reg0 = comm.with_custom_ar(|ca| ca.registered()).unwrap();
-    let w = e.world;
+    let reg0 = comm.with_custom_ar(|ca| ca.registered()).unwrap_or(0);
 
-    // create_shared_buffer: each rank writes its pattern into its own buffer, every rank reads every peer's.
-    let ptrs = comm
+    // create_shared_buffer: each rank writes its pattern into its own buffer, every rank reads
+    // every peer's through its mapping.
+    let (local, ptrs) = comm
         .with_custom_ar(|ca| {
             (
                 ca.shared_buffers().1.local(),
                 ca.shared_buffers().1.ptrs().to_vec(),
             )
         })
-        .unwrap();
-    copy_h2d(&dev, ptrs.0, &vec![e.rank as u8 + 1; 4096])?;
+        .unwrap_or_default();
+    dev.bind()?;
+    // SAFETY: the registered buffer holds max_size >= 4096 bytes; waited for below.
+    unsafe { dev.copy_h2d(local, &vec![me as u8 + 1; 4096], dev.stream()) }?;
+    dev.synchronize()?;
     hg.barrier()?;
-    for (r, p) in ptrs.1.iter().enumerate() {
+    for (r, p) in ptrs.iter().enumerate() {
         let mut got = vec![0u8; 4096];
-        copy_d2h(&dev, &mut got, *p)?;
+        dev.bind()?;
+        // SAFETY: rank r's buffer, mapped here, holds max_size >= 4096 bytes; waited for below.
+        unsafe { dev.copy_d2h(&mut got, *p, dev.stream()) }?;
+        dev.synchronize()?;
         if got.iter().all(|b| *b == r as u8 + 1) {
             ck.ok += 1
         } else {
-            ck.fail(format!("shared buffer of rank {r} read by rank {}", e.rank))
+            ck.fail(format!("shared buffer of rank {r} read by rank {me}"))
         }
     }
     hg.barrier()?;
@@ -461,10 +252,9 @@ fn custom_ar(e: &dist_store::RankEnv, comm: &Communicator, ck: &mut Checks) -> R
             comm.with_custom_ar(|ca| ca.force_algo(Some(algo)));
             for bytes in SIZES {
                 case += 1;
-                let n = bytes / dtype.size();
-                let xs = inputs(dtype, n, case, w);
+                let xs = inputs(dtype, bytes / dtype.size(), case, w);
                 let want = reference::all_reduce(&xs, ReduceOp::Sum)?;
-                let dx = CudaTensor::from_host(&xs[e.rank], dev.ordinal())?;
+                let dx = CudaTensor::from_host(&xs[me], dev.ordinal())?;
                 let got = comm
                     .all_reduce(&dx, ReduceOp::Sum)
                     .and_then(|t| t.to_host());
@@ -474,24 +264,43 @@ fn custom_ar(e: &dist_store::RankEnv, comm: &Communicator, ck: &mut Checks) -> R
                     &want,
                     w,
                 );
+                let mut t = dx.clone();
+                let r = comm.all_reduce_in_place(&mut t.view_mut(), ReduceOp::Sum);
+                ck.pass(&format!("eager in place {algo:?} {dtype} {bytes} B"), r);
+                ck.close(
+                    || format!("eager in place {algo:?} {dtype} {bytes} B"),
+                    t.to_host(),
+                    &want,
+                    w,
+                );
             }
             for bytes in GRAPH_SIZES {
                 let n = bytes / dtype.size();
                 let inp = CudaTensor::zeros(&dev, dtype, &[n])?;
+                let mut inplace = CudaTensor::zeros(&dev, dtype, &[n])?;
                 comm.begin_capture()?;
-                let (g, out) = CudaGraph::capture(&dev, || comm.all_reduce(&inp, ReduceOp::Sum))?;
+                let (g, out) = CudaGraph::capture(&dev, || {
+                    comm.all_reduce_in_place(&mut inplace.view_mut(), ReduceOp::Sum)?;
+                    comm.all_reduce(&inp, ReduceOp::Sum)
+                })?;
                 comm.end_capture()?;
                 for rep in 0..2 {
                     case += 1;
                     let xs = inputs(dtype, n, case, w);
                     let want = reference::all_reduce(&xs, ReduceOp::Sum)?;
-                    let mut i2 = inp.clone();
-                    i2.copy_from_host(&xs[e.rank])?;
+                    inp.clone().copy_from_host(&xs[me])?;
+                    inplace.copy_from_host(&xs[me])?;
                     g.replay()?;
                     comm.synchronize()?;
                     ck.close(
                         || format!("graph {algo:?} {dtype} {bytes} B replay {rep}"),
                         out.to_host(),
+                        &want,
+                        w,
+                    );
+                    ck.close(
+                        || format!("graph in place {algo:?} {dtype} {bytes} B replay {rep}"),
+                        inplace.to_host(),
                         &want,
                         w,
                     );
@@ -509,42 +318,97 @@ fn custom_ar(e: &dist_store::RankEnv, comm: &Communicator, ck: &mut Checks) -> R
         case += 1;
         let xs = inputs(dtype, n, case, w);
         let r = comm.all_reduce(
-            &CudaTensor::from_host(&xs[e.rank], dev.ordinal())?,
+            &CudaTensor::from_host(&xs[me], dev.ordinal())?,
             ReduceOp::Sum,
         );
         if comm.has_nccl() {
+            let want = reference::all_reduce(&xs, ReduceOp::Sum)?;
             ck.close(
                 || format!("{what} by NCCL"),
                 r.and_then(|t| t.to_host()),
-                &reference::all_reduce(&xs, ReduceOp::Sum)?,
+                &want,
                 w,
             );
         } else {
             ck.err(&format!("{what} without NCCL"), r);
         }
     }
-    let reg = comm.with_custom_ar(|ca| ca.registered()).unwrap();
-    if reg == reg0 + 3 * 2 * GRAPH_SIZES.len() {
+    // Two registrations per graph (in place and not) for every dtype, algorithm and size.
+    let reg = comm.with_custom_ar(|ca| ca.registered()).unwrap_or(0);
+    if reg == reg0 + 3 * 2 * 2 * GRAPH_SIZES.len() {
         ck.ok += 1
     } else {
         ck.fail(format!("{reg} rank-data entries registered"))
     }
-    Ok(())
+    custom_ar_engine(comm, ck)
+}
+
+/// The custom all-reduce on an engine's cudarc memory (the copy-in path: the engine's
+/// allocations are not shareable over CUDA IPC), in place and not, fenced and on the engine's
+/// stream, then captured in a graph on the engine's stream.
+fn custom_ar_engine(comm: &Communicator, ck: &mut Checks) -> Result<()> {
+    let (w, me) = (comm.world_size(), comm.rank());
+    let eng = Engine::new(comm.context().ordinal(), true)?;
+    let mut case = 300u64;
+    for round in 0..2 {
+        if round == 1 {
+            engine::use_stream(comm, &eng.stream)?;
+        }
+        for bytes in [16usize, 64 << 10, 1 << 20, (8 << 20) - 16] {
+            case += 1;
+            let n = bytes / 4;
+            let xs = inputs(DType::F32, n, case, w);
+            let want = reference::all_reduce(&xs, ReduceOp::Sum)?;
+            let x = eng.upload::<f32>(&xs[me])?;
+            let mut y = eng.stream.alloc_zeros::<f32>(n).map_err(drv)?;
+            let r = comm.all_reduce_into(
+                &engine::view(&x, &eng.stream)?,
+                &mut engine::view_mut(&mut y, &eng.stream)?,
+                ReduceOp::Sum,
+            );
+            ck.pass(
+                &format!("custom AR into engine memory, {bytes} B, round {round}"),
+                r,
+            );
+            ck.close(
+                || format!("custom AR into engine memory, {bytes} B, round {round}"),
+                eng.download(&y, &[n]),
+                &want,
+                w,
+            );
+            let mut x = x;
+            let r = comm
+                .all_reduce_in_place(&mut engine::view_mut(&mut x, &eng.stream)?, ReduceOp::Sum);
+            ck.pass(
+                &format!("custom AR in place on engine memory, {bytes} B, round {round}"),
+                r,
+            );
+            ck.close(
+                || format!("custom AR in place on engine memory, {bytes} B, round {round}"),
+                eng.download(&x, &[n]),
+                &want,
+                w,
+            );
+        }
+    }
+    comm.reset_stream()?;
+    engine_graph(comm, ck, 400)
 }
 
 /// `--dead-peer`: the last rank exits after set-up; the others' custom all-reduce must end in a
 /// `Timeout` naming it within the deadline (the kernels' barrier deadline), not hang.
-fn dead_peer(e: &dist_store::RankEnv, comm: &Communicator, ck: &mut Checks) -> Result<()> {
-    let last = e.world - 1;
+fn dead_peer(comm: &Communicator, ck: &mut Checks) -> Result<()> {
+    let (w, me) = (comm.world_size(), comm.rank());
+    let last = w - 1;
     comm.host_group().barrier()?;
-    if e.rank == last {
+    if me == last {
         println!("rank {last}: exiting without a word");
         std::process::exit(0);
     }
     std::thread::sleep(Duration::from_millis(500));
     let deadline = Duration::from_secs(3);
     comm.set_timeout(deadline);
-    let t0 = std::time::Instant::now();
+    let t0 = Instant::now();
     let x = CudaTensor::from_host(
         &HostTensor::random(DType::F32, &[1024], 7),
         comm.context().ordinal(),
@@ -554,16 +418,18 @@ fn dead_peer(e: &dist_store::RankEnv, comm: &Communicator, ck: &mut Checks) -> R
         .and_then(|_| comm.synchronize());
     let took = t0.elapsed();
     match &r {
-        Err(dist_core::Error::Timeout { missing_ranks, .. }) if missing_ranks == &vec![last] && took < deadline * 3 => ck.ok += 1,
-        other => ck.fail(format!("dead peer: expected a Timeout naming rank {last} within {:?}, got {other:?} after {took:?}", deadline * 3)),
+        Err(Error::Timeout { missing_ranks, .. }) if missing_ranks == &vec![last] && took < deadline * 3 => ck.ok += 1,
+        other => ck.fail(format!(
+            "dead peer: expected a Timeout naming rank {last} within {:?}, got {other:?} after {took:?}",
+            deadline * 3
+        )),
     }
-    if e.rank == 0 {
+    if me == 0 {
         println!(
             "dead peer: rank 0 got after {took:.2?}: {}",
             r.err().map(|e| e.to_string()).unwrap_or_default()
         );
     }
-    // Refused from now on.
     ck.err(
         "custom all-reduce after a fault",
         comm.all_reduce(&x, ReduceOp::Sum).and_then(|t| t.to_host()),
@@ -571,8 +437,8 @@ fn dead_peer(e: &dist_store::RankEnv, comm: &Communicator, ck: &mut Checks) -> R
     Ok(())
 }
 
-/// World 1: NCCL suite. Several ranks: one GPU each when there are enough (NCCL suite, then the
-/// custom all-reduce with NCCL beside it), else all on GPU 0 with NCCL off (custom all-reduce only).
+/// World 1 or one GPU per rank: the shared NCCL suite and the engine checks; several ranks on
+/// one GPU: the custom all-reduce with NCCL off.
 fn run(e: &dist_store::RankEnv, ck: &mut Checks) -> Result<()> {
     let per_gpu = e.world == 1 || dist_cuda::device_count() >= e.world;
     let opts = Options {
@@ -582,7 +448,7 @@ fn run(e: &dist_store::RankEnv, ck: &mut Checks) -> Result<()> {
         custom_ar_max_size: None,
     };
     let ctx = e.job_context("tp:0", Duration::from_secs(120))?;
-    let t0 = std::time::Instant::now();
+    let t0 = Instant::now();
     let comm = Communicator::new(&ctx, &opts)?;
     if e.rank == 0 {
         println!(
@@ -595,32 +461,16 @@ fn run(e: &dist_store::RankEnv, ck: &mut Checks) -> Result<()> {
         );
     }
     if std::env::args().any(|a| a == "--dead-peer") {
-        return dead_peer(e, &comm, ck);
+        return dead_peer(&comm, ck);
     }
     if comm.has_nccl() {
-        nccl_suite(e, &comm, ck)?;
-        // dist-core's conformance suite through the Backend trait (from_host/to_host included).
-        let n = dist_core::conformance::check_all::<dist_cuda::CudaBackend>(
-            &comm,
-            &dist_core::conformance::Suite::quick(false),
-        )?;
-        if e.rank == 0 {
-            println!("dist-core conformance suite: {n} checks passed");
-        }
-        ck.ok += n;
+        checks::nccl_suite(&comm, ck)?;
+        engine_nccl(&comm, ck)?;
     }
     if e.world > 1 {
-        custom_ar(e, &comm, ck)?;
+        custom_ar(&comm, ck)?;
     }
-    comm.destroy()?;
-    ck.err(
-        "all_reduce after destroy",
-        comm.all_reduce(
-            &CudaTensor::zeros(comm.context(), DType::F32, &[4])?,
-            ReduceOp::Sum,
-        ),
-    );
-    Ok(())
+    checks::destroy_then_refused(&comm, ck)
 }
 
 fn main() {
@@ -630,33 +480,12 @@ fn main() {
         return;
     }
     let e = dist_store::RankEnv::from_env().expect("torchrun environment");
-    if DeviceContext::get(0).is_err() {
-        eprintln!(
-            "rank {}: SKIPPED: no CUDA device ({})",
-            e.rank,
-            DeviceContext::get(0).unwrap_err()
-        );
+    if let Err(err) = DeviceContext::get(0) {
+        eprintln!("rank {}: SKIPPED: no CUDA device ({err})", e.rank);
         std::process::exit(77); // xtask test-multiproc: skipped, never passed
     }
     let mut ck = Checks::default();
-    let t0 = std::time::Instant::now();
+    let t0 = Instant::now();
     let r = run(&e, &mut ck);
-    if let Err(err) = r {
-        ck.fail(format!("aborted: {err}"));
-    }
-    for b in ck.bad.iter().take(25) {
-        println!("rank {}/{} FAIL {b}", e.rank, e.world);
-    }
-    if e.rank == 0 || !ck.bad.is_empty() {
-        println!(
-            "rank {}/{}: {} passed, {} failed ({} bit-exact float results) in {:.1?}",
-            e.rank,
-            e.world,
-            ck.ok,
-            ck.bad.len(),
-            ck.exact,
-            t0.elapsed()
-        );
-    }
-    std::process::exit(if ck.bad.is_empty() { 0 } else { 1 });
+    checks::finish(e.rank, e.world, ck, r, t0)
 }

@@ -18,10 +18,9 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use dist_core::{DType, Error, HostTensor, Result, Tensor};
-use dist_cuda::driver::copy_d2d;
+use dist_core::{DType, DeviceCommunicator, Error, HostTensor, Result, Tensor};
 use dist_cuda::paged::{gather_slots, scatter_slots, PagedShape};
-use dist_cuda::{device_count, CudaTensor, DeviceContext};
+use dist_cuda::{device_count, Communicator, CudaTensor, DeviceContext, GpuRuntime};
 
 /// xorshift64* (the workspace's `rand` is not a dev-dependency of this crate).
 struct Rng(u64);
@@ -369,10 +368,9 @@ fn bench(rng: &mut Rng) -> Result<()> {
                     secs * 1e6,
                     2.0 * bytes as f64 / secs / 1e9
                 );
-                let dst = CudaTensor::zeros(&dev, DType::BF16, &rows_shape(&s, slots.len()))?;
+                let mut dst = CudaTensor::zeros(&dev, DType::BF16, &rows_shape(&s, slots.len()))?;
                 let secs = time(|| {
-                    // SAFETY: both tensors hold `bytes` bytes and outlive the wait below.
-                    unsafe { copy_d2d(dst.ptr(), out.ptr(), bytes, dev.stream()) }?;
+                    Communicator::copy(&out.view(), &mut dst.view_mut())?;
                     dev.synchronize()
                 })?;
                 println!(

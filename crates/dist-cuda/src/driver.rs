@@ -1,5 +1,6 @@
-//! The CUDA driver through cudarc: presence check, per-device context and stream, owned device
-//! memory, 2-D copies, and the conversion of driver errors.
+//! The CUDA driver through cudarc: presence check, per-device context and stream, NVRTC, and
+//! [`GpuRuntime`] for [`DeviceContext`] (allocation, copies, events, graphs, device faults:
+//! the surface `dist_nccl`'s generic communicator, tensors and cache run on).
 //!
 //! cudarc panics when `libcuda` is missing, so [`ensure_driver`] checks `is_culib_present()`
 //! first and every entry point of this crate calls it.
@@ -9,7 +10,10 @@ use std::ffi::{c_void, CString};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result as cu, sys, CudaContext, DriverError};
-use dist_core::{Error, Result};
+use dist_core::{CommunicatorContext, DeviceKind, Error, Result};
+use dist_nccl::{wait_stream, Flavor, GpuRuntime, Pool, RawStream};
+
+use crate::custom_ar::CustomAllreduce;
 
 /// Turns a driver error into [`Error::Backend`] with the driver's name and message.
 pub fn cuda_err(call: &str, e: DriverError) -> Error {
@@ -176,13 +180,22 @@ pub fn device_count() -> usize {
         .unwrap_or(0)
 }
 
-/// One device's primary context and the stream every op of this crate is enqueued on
-/// (the "current stream" of torch): tensors, copies and collectives are ordered on it.
+/// Most devices a process can address (ordinals at or past it are refused).
+pub const MAX_DEVICES: usize = 64;
+
+/// One device's primary context and the stream this crate's own tensors are ordered on (the
+/// "current stream" of torch), its allocation cache and the bookkeeping of its allocations.
+///
+/// The context is the device's **primary** context (`cuDevicePrimaryCtxRetain`, as cudarc's
+/// `CudaContext::new` and torch use): an engine's cudarc context made with `CudaContext::new`
+/// on the same device is the same device context, so its memory and streams are usable here;
+/// one made otherwise (`new_non_primary`, a wrapped raw context) is refused by the adapters of
+/// [`crate::engine`].
 pub struct DeviceContext {
     ctx: Arc<CudaContext>,
-    stream: Stream,
+    stream: RawStream,
     ordinal: usize,
-    pool: Mutex<Pool>,
+    pool: Pool<DeviceContext>,
     faults: Mutex<Vec<std::sync::Weak<FaultFlags>>>,
     /// Serial (and IPC handle, once exported) of each live `cuMemAlloc` allocation of this
     /// crate (cached ones included), by base address; see [`DeviceContext::allocation_serial`].
@@ -209,8 +222,8 @@ fn next_serial() -> u64 {
 
 /// Per-peer fault words in host-mapped pinned memory that device code sets when a peer never
 /// arrived at a barrier before the deadline (the custom all-reduce's kernels). Registered with
-/// the [`DeviceContext`], whose `synchronize` turns a set word into [`Error::Timeout`] naming
-/// the ranks, so `to_host` cannot return the garbage such a kernel leaves.
+/// the [`DeviceContext`], whose waits turn a set word into [`Error::Timeout`] naming the ranks,
+/// so `to_host` cannot return the garbage such a kernel leaves.
 pub struct FaultFlags {
     host: *mut u32,
     dev: sys::CUdeviceptr,
@@ -316,50 +329,39 @@ impl Drop for FaultFlags {
     }
 }
 
-/// Freed allocations kept for reuse, by rounded size (a minimal caching allocator: `cuMemFree`
-/// waits for the whole device, which out-of-place collectives would otherwise pay every call).
-/// Reuse is safe because every op of this crate is ordered on the device's one stream.
-#[derive(Default)]
-struct Pool {
-    free: HashMap<usize, Vec<sys::CUdeviceptr>>,
-    cached: usize,
-    cap: usize,
-}
-
-/// Allocation granularity of the pool.
-const POOL_ROUND: usize = 512;
-/// Default cap of cached bytes per device (`DIST_CUDA_CACHE_BYTES` overrides; 0 disables).
-pub const DEFAULT_CACHE_BYTES: usize = 1 << 30;
-
-fn round_up(bytes: usize) -> Option<usize> {
-    bytes
-        .checked_add(POOL_ROUND - 1)
-        .map(|b| b / POOL_ROUND * POOL_ROUND)
-}
-
-#[derive(Clone, Copy)]
-struct Stream(sys::CUstream);
-// SAFETY: a CUstream is a handle the driver lets any thread use.
-unsafe impl Send for Stream {}
-// SAFETY: as above; enqueueing from several threads is allowed by the driver.
-unsafe impl Sync for Stream {}
-
 impl std::fmt::Debug for DeviceContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "DeviceContext(cuda:{})", self.ordinal)
     }
 }
 
+static REGISTRY: [OnceLock<Arc<DeviceContext>>; MAX_DEVICES] =
+    [const { OnceLock::new() }; MAX_DEVICES];
+
 impl DeviceContext {
-    /// The process-wide context of device `ordinal`, created on first use.
+    /// The process-wide context of device `ordinal`, created on first use, bound to the
+    /// calling thread.
     pub fn get(ordinal: usize) -> Result<Arc<DeviceContext>> {
+        let d = Self::get_static(ordinal)?;
+        d.bind()?;
+        Ok(d.clone())
+    }
+
+    /// [`DeviceContext::get`] without binding, as the registry's own reference (contexts live
+    /// for the process).
+    pub fn get_static(ordinal: usize) -> Result<&'static Arc<DeviceContext>> {
         ensure_driver()?;
-        static REG: OnceLock<Mutex<HashMap<usize, Arc<DeviceContext>>>> = OnceLock::new();
-        let reg = REG.get_or_init(|| Mutex::new(HashMap::new()));
-        let mut map = reg.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(d) = map.get(&ordinal) {
-            d.bind()?;
-            return Ok(d.clone());
+        dist_core::ensure_arg!(
+            ordinal < MAX_DEVICES,
+            "cuda:{ordinal}: at most {MAX_DEVICES} devices are addressed"
+        );
+        if let Some(d) = REGISTRY[ordinal].get() {
+            return Ok(d);
+        }
+        static MAKING: Mutex<()> = Mutex::new(());
+        let _g = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = REGISTRY[ordinal].get() {
+            return Ok(d);
         }
         let n = {
             cu::init().map_err(|e| cuda_err("cuInit", e))?;
@@ -373,23 +375,16 @@ impl DeviceContext {
         let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("cuDevicePrimaryCtxRetain", e))?;
         let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking)
             .map_err(|e| cuda_err("cuStreamCreate", e))?;
-        let cap = std::env::var("DIST_CUDA_CACHE_BYTES")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(DEFAULT_CACHE_BYTES);
         let d = Arc::new(DeviceContext {
             ctx,
-            stream: Stream(stream),
+            // SAFETY: a stream of this context, never destroyed (contexts live for the process).
+            stream: unsafe { RawStream::from_raw(stream as *mut c_void) },
             ordinal,
-            pool: Mutex::new(Pool {
-                cap,
-                ..Default::default()
-            }),
+            pool: Pool::from_env("DIST_CUDA_CACHE_BYTES"),
             faults: Mutex::new(Vec::new()),
             serials: Mutex::new(HashMap::new()),
         });
-        map.insert(ordinal, d.clone());
-        Ok(d)
+        Ok(REGISTRY[ordinal].get_or_init(|| d))
     }
 
     /// Makes this device's context current on the calling thread.
@@ -402,81 +397,32 @@ impl DeviceContext {
     pub fn ordinal(&self) -> usize {
         self.ordinal
     }
-    /// The cudarc context.
+    /// The cudarc context (the device's primary context).
     pub fn cudarc(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
-    /// The stream this crate enqueues on.
-    pub fn stream(&self) -> sys::CUstream {
-        self.stream.0
+    /// The stream this crate's own tensors are ordered on, as the driver's handle.
+    pub fn cu_stream(&self) -> sys::CUstream {
+        self.stream.as_raw() as sys::CUstream
     }
-    /// Waits for the stream (at most [`dist_core::DEFAULT_TIMEOUT`]), then reports device-side
-    /// barrier faults ([`FaultFlags`]).
-    pub fn synchronize(&self) -> Result<()> {
-        self.wait(
-            &format!("cuda:{} synchronize", self.ordinal),
-            dist_core::DEFAULT_TIMEOUT,
-            || Ok(()),
-        )
-    }
-
-    /// Waits for the stream with a deadline, calling `poll` between queries (spins briefly, then
-    /// sleeps). Device faults win over the plain deadline: when `timeout` has passed, device
-    /// code (whose own barrier deadline is the same) gets a grace of a quarter of it, at least
-    /// one second, to report which peers it waited for.
+    /// Waits for the device's own stream with a deadline, calling `poll` between queries; see
+    /// [`dist_nccl::wait_stream`].
     pub fn wait(
         &self,
         op: &str,
         timeout: std::time::Duration,
         poll: impl FnMut() -> Result<()>,
     ) -> Result<()> {
-        self.wait_on(self.stream.0, op, timeout, poll)
-    }
-
-    /// [`DeviceContext::wait`] for another stream of this device's context.
-    pub(crate) fn wait_on(
-        &self,
-        stream: sys::CUstream,
-        op: &str,
-        timeout: std::time::Duration,
-        mut poll: impl FnMut() -> Result<()>,
-    ) -> Result<()> {
         self.bind()?;
-        let start = std::time::Instant::now();
-        let grace = (timeout / 4).max(std::time::Duration::from_secs(1));
-        let mut spins = 0u32;
-        loop {
-            // SAFETY: the caller's stream is alive (this context's own lives for the process).
-            match unsafe { sys::cuStreamQuery(stream) } {
-                sys::CUresult::CUDA_SUCCESS => return self.check_faults(),
-                sys::CUresult::CUDA_ERROR_NOT_READY => {}
-                other => return Err(cuda_err(op, DriverError(other))),
-            }
-            poll()?;
-            self.check_faults()?;
-            let waited = start.elapsed();
-            if waited >= timeout + grace {
-                return Err(Error::Timeout {
-                    op: op.to_string(),
-                    waited,
-                    missing_ranks: Vec::new(),
-                    detail: "device work did not finish (a peer may not have joined a collective)"
-                        .into(),
-                });
-            }
-            spins += 1;
-            if spins < 64 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(std::time::Duration::from_micros(if spins < 1024 {
-                    50
-                } else {
-                    500
-                }));
-            }
-        }
+        // SAFETY: the device's own stream lives for the process; bound above.
+        unsafe { wait_stream(self, self.stream, op, timeout, poll) }
     }
-
+    /// True while the device's own stream is capturing a CUDA graph.
+    pub fn is_capturing_own(&self) -> Result<bool> {
+        self.bind()?;
+        // SAFETY: the device's own stream; bound above.
+        unsafe { GpuRuntime::is_capturing(self, self.stream) }
+    }
     /// `Err(Timeout)` when device code registered a fault (see [`FaultFlags`]).
     pub fn check_faults(&self) -> Result<()> {
         let live: Vec<Arc<FaultFlags>> = {
@@ -491,43 +437,13 @@ impl DeviceContext {
             .compute_capability()
             .map_err(|e| cuda_err("cuDeviceGetAttribute", e))
     }
-    /// True while the stream is capturing a CUDA graph.
-    pub fn is_capturing(&self) -> Result<bool> {
-        self.bind()?;
-        let mut st = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
-        // SAFETY: valid stream and out-pointer.
-        check("cuStreamIsCapturing", unsafe {
-            sys::cuStreamIsCapturing(self.stream.0, &mut st)
-        })?;
-        Ok(st == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE)
-    }
-    /// Frees every cached allocation (after waiting for the stream).
-    pub fn empty_cache(&self) -> Result<()> {
-        self.synchronize()?;
-        let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        for (_, v) in p.free.drain() {
-            for ptr in v {
-                self.serial_freed(ptr);
-                // SAFETY: cached pointers came from cuMemAlloc and are owned by the pool only.
-                if let Err(e) = unsafe { cu::free_sync(ptr) } {
-                    tracing::warn!("cuMemFree({ptr:#x}): {}", cuda_err("cuMemFree", e));
-                }
-            }
-        }
-        p.cached = 0;
-        Ok(())
-    }
 
     /// The serial of the allocation of this crate whose base address is `base` (`None` for
     /// memory allocated elsewhere). A serial changes when the address is freed and allocated
     /// again, and stays while the allocation is reused from the cache: an importer of this
     /// memory may keep its IPC mapping for as long as the serial it was given is the same.
     pub fn allocation_serial(&self, base: sys::CUdeviceptr) -> Option<u64> {
-        self.serials
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&base)
-            .map(|a| a.0)
+        self.allocation_ipc(base).map(|a| a.0)
     }
 
     /// The serial and, once exported, the IPC handle of the allocation at `base`.
@@ -547,43 +463,6 @@ impl DeviceContext {
         }
     }
 
-    fn serial_born(&self, ptr: sys::CUdeviceptr) {
-        self.serials
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(ptr, (next_serial(), None));
-    }
-
-    fn serial_freed(&self, ptr: sys::CUdeviceptr) {
-        self.serials
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&ptr);
-    }
-
-    /// Bytes held by the allocation cache.
-    pub fn cached_bytes(&self) -> usize {
-        self.pool.lock().unwrap_or_else(|e| e.into_inner()).cached
-    }
-
-    fn pool_take(&self, size: usize) -> Option<sys::CUdeviceptr> {
-        let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        let ptr = p.free.get_mut(&size)?.pop()?;
-        p.cached -= size;
-        Some(ptr)
-    }
-
-    /// Returns `ptr` to the cache; false when the cache is full (the caller frees it).
-    fn pool_put(&self, ptr: sys::CUdeviceptr, size: usize) -> bool {
-        let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        if p.cached + size > p.cap {
-            return false;
-        }
-        p.cached += size;
-        p.free.entry(size).or_default().push(ptr);
-        true
-    }
-
     /// The device's UUID (16 bytes), to tell devices apart across processes.
     pub fn uuid(&self) -> Result<[u8; 16]> {
         let u = self
@@ -598,202 +477,260 @@ impl DeviceContext {
     }
 }
 
-/// Device memory owned by this process (`cuMemAlloc`, one allocation per buffer, so it can be
-/// shared with CUDA IPC). Dropped: back to the device's cache, or freed when the cache is full;
-/// a failing free is logged, never a panic. Reuse is ordered by the device's stream: work on
-/// other streams must be synchronised by the caller before the buffer is dropped.
-pub struct DeviceBuffer {
-    ptr: sys::CUdeviceptr,
-    bytes: usize,
-    dev: Arc<DeviceContext>,
+/// A CUDA event, destroyed on drop.
+#[derive(Debug)]
+pub struct Event(sys::CUevent);
+// SAFETY: an event handle may be recorded, waited for and destroyed from any thread.
+unsafe impl Send for Event {}
+// SAFETY: as above.
+unsafe impl Sync for Event {}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: the event is ours and destroyed once (pending waits keep what they need).
+        if let Err(e) = unsafe { cu::event::destroy(self.0) } {
+            tracing::warn!("{}", cuda_err("cuEventDestroy", e));
+        }
+    }
 }
 
-impl std::fmt::Debug for DeviceBuffer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "DeviceBuffer({:#x}, {} B, cuda:{})",
-            self.ptr, self.bytes, self.dev.ordinal
+/// An instantiated CUDA graph, destroyed on drop (the owner binds the context first).
+#[derive(Debug)]
+pub struct Graph {
+    graph: sys::CUgraph,
+    exec: sys::CUgraphExec,
+}
+// SAFETY: graph handles may be launched and destroyed from any thread with the context current.
+unsafe impl Send for Graph {}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        // SAFETY: both handles are ours and destroyed once.
+        unsafe {
+            let _ = cu::graph::exec_destroy(self.exec);
+            let _ = cu::graph::destroy(self.graph);
+        }
+    }
+}
+
+fn cu(s: RawStream) -> sys::CUstream {
+    s.as_raw() as sys::CUstream
+}
+
+/// `Ok(true)` for success, `Ok(false)` for "not ready", else the error.
+fn ready(call: &str, r: sys::CUresult) -> Result<bool> {
+    match r {
+        sys::CUresult::CUDA_SUCCESS => Ok(true),
+        sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+        other => Err(cuda_err(call, DriverError(other))),
+    }
+}
+
+impl GpuRuntime for DeviceContext {
+    const KIND: DeviceKind = DeviceKind::Cuda;
+    const FLAVOR: Flavor = Flavor::Nccl;
+    const NAME: &'static str = "cuda";
+    type Options = crate::Options;
+    type Event = Event;
+    type Graph = Graph;
+    type FastPath = CustomAllreduce;
+
+    fn device(ordinal: usize) -> Result<Arc<Self>> {
+        DeviceContext::get(ordinal)
+    }
+    fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+    fn bind(&self) -> Result<()> {
+        DeviceContext::bind(self)
+    }
+    fn stream(&self) -> RawStream {
+        self.stream
+    }
+    fn pool(&self) -> &Pool<Self> {
+        &self.pool
+    }
+    fn fast_path(
+        dev: &Arc<Self>,
+        ctx: &CommunicatorContext,
+        opts: &crate::Options,
+    ) -> Result<Option<CustomAllreduce>> {
+        if !opts.custom_all_reduce {
+            return Ok(None);
+        }
+        CustomAllreduce::new(
+            dev,
+            ctx.host_group.as_ref(),
+            &ctx.group_name,
+            opts.custom_ar_max_size,
+            ctx.timeout,
         )
     }
-}
 
-impl DeviceBuffer {
-    /// Allocates `bytes` (uninitialised), from the device's cache when it holds a block of the
-    /// same rounded size. Zero bytes allocate nothing (null pointer). Out of memory: the cache
-    /// is released and the allocation tried once more.
-    pub fn alloc(dev: &Arc<DeviceContext>, bytes: usize) -> Result<DeviceBuffer> {
-        dev.bind()?;
+    unsafe fn malloc(&self, bytes: usize) -> Result<u64> {
+        // SAFETY: the context is current (caller's contract); the pointer is owned by the caller.
+        let ptr = unsafe { cu::malloc_sync(bytes) }.map_err(|e| {
+            cuda_err(
+                &format!("cuMemAlloc({bytes} B) on cuda:{}", self.ordinal),
+                e,
+            )
+        })?;
+        self.serials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ptr, (next_serial(), None));
+        Ok(ptr)
+    }
+    unsafe fn free(&self, ptr: u64) -> Result<()> {
+        self.serials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ptr);
+        // SAFETY: forwarded contract (cuMemFree waits for pending work).
+        unsafe { cu::free_sync(ptr) }.map_err(|e| cuda_err("cuMemFree", e))
+    }
+    unsafe fn memset_zero(&self, dst: u64, bytes: usize, s: RawStream) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { cu::memset_d8_async(dst, 0, bytes, cu(s)) }
+            .map_err(|e| cuda_err("cuMemsetD8Async", e))
+    }
+    unsafe fn copy_d2d(&self, dst: u64, src: u64, bytes: usize, s: RawStream) -> Result<()> {
         if bytes == 0 {
-            return Ok(DeviceBuffer {
-                ptr: 0,
-                bytes: 0,
-                dev: dev.clone(),
-            });
+            return Ok(());
         }
-        let size =
-            round_up(bytes).ok_or_else(|| Error::invalid(format!("allocation of {bytes} B")))?;
-        if let Some(ptr) = dev.pool_take(size) {
-            return Ok(DeviceBuffer {
-                ptr,
-                bytes: size,
-                dev: dev.clone(),
-            });
+        // SAFETY: forwarded contract.
+        unsafe { cu::memcpy_dtod_async(dst, src, bytes, cu(s)) }
+            .map_err(|e| cuda_err("cuMemcpyDtoDAsync", e))
+    }
+    unsafe fn copy_2d(
+        &self,
+        dst: u64,
+        dst_pitch: usize,
+        src: u64,
+        src_pitch: usize,
+        width: usize,
+        height: usize,
+        s: RawStream,
+    ) -> Result<()> {
+        if width == 0 || height == 0 {
+            return Ok(());
         }
-        // SAFETY: the context is current; the result is owned by the returned buffer.
-        let ptr = match unsafe { cu::malloc_sync(size) } {
-            Ok(p) => p,
-            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY && dev.cached_bytes() > 0 => {
-                dev.empty_cache()?;
-                // SAFETY: as above.
-                unsafe { cu::malloc_sync(size) }.map_err(|e| {
-                    cuda_err(&format!("cuMemAlloc({bytes} B) on cuda:{}", dev.ordinal), e)
-                })?
-            }
-            Err(e) => {
-                return Err(cuda_err(
-                    &format!("cuMemAlloc({bytes} B) on cuda:{}", dev.ordinal),
-                    e,
-                ))
-            }
+        if height == 1 || (width == src_pitch && width == dst_pitch) {
+            // SAFETY: contiguous case of the same contract.
+            return unsafe { self.copy_d2d(dst, src, width * height, s) };
+        }
+        let p = sys::CUDA_MEMCPY2D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            srcHost: std::ptr::null(),
+            srcDevice: src,
+            srcArray: std::ptr::null_mut(),
+            srcPitch: src_pitch,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            dstHost: std::ptr::null_mut(),
+            dstDevice: dst,
+            dstArray: std::ptr::null_mut(),
+            dstPitch: dst_pitch,
+            WidthInBytes: width,
+            Height: height,
         };
-        dev.serial_born(ptr);
-        Ok(DeviceBuffer {
-            ptr,
-            bytes: size,
-            dev: dev.clone(),
+        // SAFETY: forwarded contract; p describes the two ranges.
+        check("cuMemcpy2DAsync", unsafe {
+            sys::cuMemcpy2DAsync_v2(&p, cu(s))
         })
     }
-    /// Allocates `bytes` and zeroes them on the device's stream.
-    pub fn zeroed(dev: &Arc<DeviceContext>, bytes: usize) -> Result<DeviceBuffer> {
-        let b = Self::alloc(dev, bytes)?;
-        if bytes > 0 {
-            // SAFETY: b owns `bytes` bytes at ptr; the stream is the device's.
-            unsafe { cu::memset_d8_async(b.ptr, 0, bytes, dev.stream()) }
-                .map_err(|e| cuda_err("cuMemsetD8Async", e))?;
+    unsafe fn copy_h2d(&self, dst: u64, src: &[u8], s: RawStream) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { cu::memcpy_htod_async(dst, src, cu(s)) }
+            .map_err(|e| cuda_err("cuMemcpyHtoDAsync", e))
+    }
+    unsafe fn copy_d2h(&self, dst: &mut [u8], src: u64, s: RawStream) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { cu::memcpy_dtoh_async(dst, src, cu(s)) }
+            .map_err(|e| cuda_err("cuMemcpyDtoHAsync", e))
+    }
+
+    fn new_event(&self, timing: bool) -> Result<Event> {
+        self.bind()?;
+        let flags = if timing {
+            sys::CUevent_flags::CU_EVENT_DEFAULT
+        } else {
+            sys::CUevent_flags::CU_EVENT_DISABLE_TIMING
+        };
+        cu::event::create(flags)
+            .map(Event)
+            .map_err(|e| cuda_err("cuEventCreate", e))
+    }
+    fn elapsed_ms(&self, start: &Event, end: &Event) -> Result<f32> {
+        // SAFETY: both events are live; the driver reports events not recorded or not done.
+        unsafe { cu::event::elapsed(start.0, end.0) }.map_err(|e| cuda_err("cuEventElapsedTime", e))
+    }
+    unsafe fn record(&self, ev: &Event, s: RawStream) -> Result<()> {
+        // SAFETY: forwarded contract; the event is live.
+        unsafe { cu::event::record(ev.0, cu(s)) }.map_err(|e| cuda_err("cuEventRecord", e))
+    }
+    unsafe fn wait_event(&self, s: RawStream, ev: &Event) -> Result<()> {
+        // SAFETY: forwarded contract; the event is live.
+        unsafe {
+            cu::stream::wait_event(cu(s), ev.0, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
         }
-        Ok(b)
+        .map_err(|e| cuda_err("cuStreamWaitEvent", e))
     }
-    /// Device address.
-    pub fn ptr(&self) -> sys::CUdeviceptr {
-        self.ptr
+    fn event_done(&self, ev: &Event) -> Result<bool> {
+        // SAFETY: the event is live.
+        ready("cuEventQuery", unsafe { sys::cuEventQuery(ev.0) })
     }
-    /// Size in bytes (the request rounded up to 512).
-    pub fn len(&self) -> usize {
-        self.bytes
+    unsafe fn stream_done(&self, s: RawStream) -> Result<bool> {
+        // SAFETY: forwarded contract.
+        ready("cuStreamQuery", unsafe { sys::cuStreamQuery(cu(s)) })
     }
-    /// True for a zero-byte buffer.
-    pub fn is_empty(&self) -> bool {
-        self.bytes == 0
+    unsafe fn is_capturing(&self, s: RawStream) -> Result<bool> {
+        let mut st = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        // SAFETY: forwarded contract; valid out-pointer.
+        check("cuStreamIsCapturing", unsafe {
+            sys::cuStreamIsCapturing(cu(s), &mut st)
+        })?;
+        Ok(st == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE)
     }
-    /// The device.
-    pub fn device(&self) -> &Arc<DeviceContext> {
-        &self.dev
-    }
-}
-
-impl Drop for DeviceBuffer {
-    fn drop(&mut self) {
-        if self.ptr == 0 || self.dev.pool_put(self.ptr, self.bytes) {
-            return;
+    unsafe fn begin_capture(&self, s: RawStream) -> Result<()> {
+        // SAFETY: forwarded contract; relaxed mode.
+        unsafe {
+            cu::stream::begin_capture(
+                cu(s),
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
+            )
         }
-        if let Err(e) = self.dev.bind() {
-            tracing::warn!("freeing {:?}: {e}", self);
-            return;
+        .map_err(|e| cuda_err("cuStreamBeginCapture", e))
+    }
+    unsafe fn end_capture(&self, s: RawStream) -> Result<Graph> {
+        // SAFETY: forwarded contract.
+        let graph = unsafe { cu::stream::end_capture(cu(s)) }
+            .map_err(|e| cuda_err("cuStreamEndCapture", e))?;
+        // SAFETY: graph is a valid captured graph.
+        match unsafe { cu::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) } {
+            Ok(exec) => Ok(Graph { graph, exec }),
+            Err(e) => {
+                // SAFETY: graph is ours and not instantiated.
+                let _ = unsafe { cu::graph::destroy(graph) };
+                Err(cuda_err("cuGraphInstantiate", e))
+            }
         }
-        self.dev.serial_freed(self.ptr);
-        // SAFETY: ptr came from cuMemAlloc and is freed once. cuMemFree waits for pending work.
-        if let Err(e) = unsafe { cu::free_sync(self.ptr) } {
-            tracing::warn!("cuMemFree of {:?}: {}", self, cuda_err("cuMemFree", e));
-        }
     }
-}
-
-/// Device-to-device async copy of `bytes` on `stream`.
-///
-/// # Safety
-/// Both ranges are valid device memory for `bytes` bytes until the copy has run.
-pub unsafe fn copy_d2d(dst: u64, src: u64, bytes: usize, stream: sys::CUstream) -> Result<()> {
-    if bytes == 0 {
-        return Ok(());
+    unsafe fn launch_graph(&self, g: &Graph, s: RawStream) -> Result<()> {
+        // SAFETY: forwarded contract; exec is live.
+        unsafe { cu::graph::launch(g.exec, cu(s)) }.map_err(|e| cuda_err("cuGraphLaunch", e))
     }
-    // SAFETY: forwarded contract.
-    unsafe { cu::memcpy_dtod_async(dst, src, bytes, stream) }
-        .map_err(|e| cuda_err("cuMemcpyDtoDAsync", e))
-}
-
-/// A strided device-to-device copy: `height` rows of `width` bytes, rows `src_pitch` /
-/// `dst_pitch` bytes apart. The re-layout step of all_gather(dim) and reduce_scatter(dim).
-///
-/// # Safety
-/// Both strided ranges are valid device memory until the copy has run.
-pub unsafe fn copy_2d(
-    dst: u64,
-    dst_pitch: usize,
-    src: u64,
-    src_pitch: usize,
-    width: usize,
-    height: usize,
-    stream: sys::CUstream,
-) -> Result<()> {
-    if width == 0 || height == 0 {
-        return Ok(());
+    fn check_faults(&self) -> Result<()> {
+        DeviceContext::check_faults(self)
     }
-    if height == 1 || (width == src_pitch && width == dst_pitch) {
-        // SAFETY: contiguous case of the same contract.
-        return unsafe { copy_d2d(dst, src, width * height, stream) };
+    /// Device code whose barrier deadline is `timeout` gets a quarter of it more (at least one
+    /// second) to report which peers it waited for.
+    fn fault_grace(&self, timeout: std::time::Duration) -> std::time::Duration {
+        (timeout / 4).max(std::time::Duration::from_secs(1))
     }
-    let p = sys::CUDA_MEMCPY2D {
-        srcXInBytes: 0,
-        srcY: 0,
-        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-        srcHost: std::ptr::null(),
-        srcDevice: src,
-        srcArray: std::ptr::null_mut(),
-        srcPitch: src_pitch,
-        dstXInBytes: 0,
-        dstY: 0,
-        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-        dstHost: std::ptr::null_mut(),
-        dstDevice: dst,
-        dstArray: std::ptr::null_mut(),
-        dstPitch: dst_pitch,
-        WidthInBytes: width,
-        Height: height,
-    };
-    // SAFETY: forwarded contract; p describes the two ranges.
-    check("cuMemcpy2DAsync", unsafe {
-        sys::cuMemcpy2DAsync_v2(&p, stream)
-    })
-}
-
-/// Host-to-device copy on the device's stream, waited for (the host slice is borrowed).
-pub fn copy_h2d(dev: &DeviceContext, dst: u64, src: &[u8]) -> Result<()> {
-    if src.is_empty() {
-        return Ok(());
-    }
-    dev.bind()?;
-    // SAFETY: dst holds src.len() bytes (caller's buffer); we synchronise before src is released.
-    unsafe { cu::memcpy_htod_async(dst, src, dev.stream()) }
-        .map_err(|e| cuda_err("cuMemcpyHtoDAsync", e))?;
-    dev.synchronize()
-}
-
-/// Device-to-host copy on the device's stream, waited for.
-pub fn copy_d2h(dev: &DeviceContext, dst: &mut [u8], src: u64) -> Result<()> {
-    if dst.is_empty() {
-        return Ok(());
-    }
-    dev.bind()?;
-    // SAFETY: src holds dst.len() bytes; we synchronise before dst is released.
-    unsafe { cu::memcpy_dtoh_async(dst, src, dev.stream()) }
-        .map_err(|e| cuda_err("cuMemcpyDtoHAsync", e))?;
-    dev.synchronize()
-}
-
-/// Raw pointer helper for the NCCL calls.
-pub(crate) fn vptr(p: u64) -> *mut c_void {
-    p as usize as *mut c_void
 }
 
 #[cfg(test)]

@@ -26,8 +26,10 @@ use std::time::Duration;
 use cudarc::driver::sys;
 use dist_core::{Error, Result, Tensor};
 
-use crate::driver::{check, copy_d2d, cuda_err, per_device, DeviceContext};
-use crate::tensor::CudaTensor;
+use dist_nccl::GpuRuntime;
+
+use crate::driver::{check, cuda_err, per_device, DeviceContext};
+use crate::CudaTensor;
 
 /// Bytes of a `CUipcMemHandle`.
 pub const IPC_HANDLE_BYTES: usize = 64;
@@ -234,7 +236,7 @@ impl IpcImporter {
             // SAFETY: src maps (or, in this process, is) the exporter's allocation at the
             // tensor's offset, holding ex.bytes, kept alive by the exporter until told the copy
             // is done, which is after the wait below; out holds ex.bytes.
-            unsafe { copy_d2d(out.ptr(), src, ex.bytes as usize, dev.stream()) }?;
+            unsafe { dev.copy_d2d(out.ptr(), src, ex.bytes as usize, dev.stream()) }?;
             dev.wait(&op, timeout, || Ok(()))
         };
         if ex.pid == std::process::id() as u64 {

@@ -10,30 +10,32 @@
 //! ```
 //!
 //! ## Pieces
+//! The communicator, the tensors, their views, the allocation cache and graph capture are
+//! `dist_nccl`'s, written once for every GPU runtime; this crate supplies the CUDA runtime and
+//! what only CUDA has:
 //! - [`driver`]: `is_culib_present()` first (cudarc panics without `libcuda`; here that is
-//!   `LibraryNotFound`), one [`DeviceContext`] per device: its primary context and the one stream
-//!   every op of this crate is enqueued on (torch's "current stream"), owned device memory
-//!   (`cuMemAlloc`, so it can be shared with CUDA IPC), strided 2-D copies.
-//! - [`CudaTensor`]: a dense device buffer + dtype + shape; clones alias, as torch tensors do.
-//!   [`CudaBackend`] implements `dist_core::Backend` (`to_host`, `from_host`).
-//! - [`Communicator`]: every `DeviceCommunicator` op over NCCL, asynchronous on the device's
-//!   stream (as vLLM's pynccl), capturable in a CUDA graph ([`CudaGraph`]):
-//!   - `all_reduce` is out of place; the custom all-reduce takes it first where vLLM's
-//!     `should_custom_ar` holds and the op is a sum, else NCCL;
-//!   - `all_gather(dim)`: NCCL gathers rank-major, then a **device-side** re-layout with one
-//!     `cuMemcpy2DAsync` per rank makes `cat(x, dim)` (no copy when the dims before `dim` are 1);
-//!     `reduce_scatter(dim)` mirrors it (re-layout, then `ncclReduceScatter`);
-//!   - `all_gatherv` / `reduce_scatterv` as vLLM: one `ncclBroadcast` / `ncclReduce` per root
-//!     inside an NCCL group (equal sizes fall back to the plain collective); any `dim`;
-//!   - `gather` is grouped send/recv to `dst`; `broadcast` passes a null send buffer off-root;
-//!   - send/recv and [`Communicator::batch_send_recv`] are grouped; fp8 travels as bytes;
-//!   - temporaries of ops captured in a graph are kept alive with the communicator, since the
-//!     graph reuses their addresses on replay.
+//!   `LibraryNotFound`), one [`DeviceContext`] per device — its primary context and its own
+//!   stream — implementing [`dist_nccl::GpuRuntime`]: `cuMemAlloc` (one allocation per buffer,
+//!   so it can be shared with CUDA IPC, each with a serial that survives reuse from the cache),
+//!   async and strided copies, events, graph capture, and device faults of the custom
+//!   all-reduce (a peer that never reached a device barrier is a `Timeout` naming it).
+//! - [`CudaTensor`] (`dist_nccl::GpuTensor`: a dense device buffer + dtype + shape; clones
+//!   alias, as torch tensors do), [`TensorView`] / [`TensorViewMut`] (memory lent to a
+//!   collective), [`CudaBackend`] (`dist_core::Backend`), [`CudaGraph`].
+//! - [`Communicator`]: `dist_nccl::NcclCommunicator` on CUDA — every `DeviceCommunicator` op
+//!   over NCCL, asynchronous on the communicator's stream, outputs written by NCCL or by the
+//!   re-layout copies only, capturable in a CUDA graph; the custom all-reduce first for sums
+//!   where vLLM's `should_custom_ar` holds.
+//! - [`engine`]: an engine's cudarc memory (`CudaSlice<T>`, `CudaView<T>`, `CudaViewMut<T>`)
+//!   and `CudaStream`, lent without a copy; contexts checked; cudarc's event tracking kept.
 //! - [`custom_ar`]: vLLM's custom all-reduce — IPC buffers exchanged over the host group, the
 //!   signal/barrier protocol, one-shot and two-shot kernels in CUDA C compiled with NVRTC at
 //!   first use (once per process and device), vLLM's sizes and algorithm choice as pure functions
 //!   ([`custom_ar::policy`]), the eager copy-in path and the graph path with buffer registration.
 //!   `DIST_DISABLE_CUSTOM_ALL_REDUCE` and `DIST_CUSTOM_ALLREDUCE_ALGO` behave as vLLM's variables.
+//! - KV transfer's device pieces: [`paged`] (gather/scatter of a paged cache's token rows,
+//!   NVRTC), [`ipc`] (export a tensor for another process; an importer that keeps mappings per
+//!   allocation serial) and [`pair`] (a 2-rank NCCL link with its own stream and deadlines).
 //!
 //! ## Waiting
 //! Ops return once enqueued. [`Communicator::synchronize`] waits for the stream with the
@@ -66,16 +68,24 @@
 //! # Ok::<(), dist_core::Error>(())
 //! ```
 
-pub mod bench;
 pub mod communicator;
 pub mod custom_ar;
 pub mod driver;
+pub mod engine;
 pub mod ipc;
 pub mod paged;
 pub mod pair;
-pub mod tensor;
 
-pub use communicator::{Communicator, CudaBackend, CudaGraph, Options, P2pOp};
+pub use communicator::{Communicator, CudaBackend, CudaGraph, Options};
 pub use dist_core::{Error, Result};
+pub use dist_nccl::GpuRuntime;
 pub use driver::{device_count, ensure_driver, DeviceContext};
-pub use tensor::CudaTensor;
+
+/// A dense tensor in CUDA device memory (clones alias).
+pub type CudaTensor = dist_nccl::GpuTensor<DeviceContext>;
+/// One `cuMemAlloc` allocation of this crate, back to the device's cache on drop.
+pub type DeviceBuffer = dist_nccl::DeviceBuffer<DeviceContext>;
+/// CUDA memory a collective reads: a [`CudaTensor`]'s, or an engine's ([`engine::view`]).
+pub type TensorView<'a> = dist_nccl::GpuView<'a, DeviceContext>;
+/// CUDA memory a collective writes: a [`CudaTensor`]'s, or an engine's ([`engine::view_mut`]).
+pub type TensorViewMut<'a> = dist_nccl::GpuViewMut<'a, DeviceContext>;

@@ -26,8 +26,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::result as cu;
 use dist_core::{DType, Error, Result, Tensor};
 
-use crate::driver::{cuda_err, load_kernels, per_device, DeviceBuffer, DeviceContext, KernelFn};
-use crate::tensor::CudaTensor;
+use dist_nccl::GpuRuntime;
+
+use crate::driver::{cuda_err, load_kernels, per_device, DeviceContext, KernelFn};
+use crate::{CudaTensor, DeviceBuffer};
 
 /// The kernels' CUDA C source (no headers; NVRTC compiles it for the device's architecture).
 pub const KERNEL_SOURCE: &str = include_str!("paged_kernels.cu");
@@ -338,7 +340,7 @@ fn run(
         return Ok(());
     };
     let dev = cache.context();
-    if dev.is_capturing()? {
+    if dev.is_capturing_own()? {
         return Err(Error::unsupported(format!(
             "{op} waits for the stream and cannot be captured in a CUDA graph"
         )));
@@ -363,7 +365,7 @@ fn run(
     // SAFETY: dlist holds list.len() bytes and lives until the stream has been waited for
     // below. From pageable memory the driver stages the bytes before returning, so `list` may
     // be dropped at any time after the call (CUDA's "API synchronization behavior").
-    unsafe { cu::memcpy_htod_async(dlist.ptr(), &list, dev.stream()) }
+    unsafe { cu::memcpy_htod_async(dlist.ptr(), &list, dev.cu_stream()) }
         .map_err(|e| cuda_err("cuMemcpyHtoDAsync (paged slot list)", e))?;
 
     let mut a_cache = cache.ptr();
@@ -409,7 +411,7 @@ fn run(
             (blocks as u32, 1, 1),
             (threads as u32, 1, 1),
             0,
-            dev.stream(),
+            dev.cu_stream(),
             &mut params,
         )
     }

@@ -19,10 +19,10 @@ use std::time::Duration;
 
 use cudarc::driver::{result as cu, sys};
 use dist_core::{Error, Result, Tensor};
-use dist_nccl::{Comm, Flavor, UniqueId};
+use dist_nccl::{wait_stream, Comm, Flavor, RawStream, UniqueId};
 
 use crate::driver::{cuda_err, DeviceContext};
-use crate::tensor::CudaTensor;
+use crate::CudaTensor;
 
 /// The pair's own stream, destroyed on drop.
 struct OwnedStream(sys::CUstream);
@@ -157,8 +157,11 @@ impl NcclPair {
         self.dev.bind()?;
         let r = f(comm, self.stream.0 as *mut c_void).and_then(|()| {
             let c: &Comm = comm;
-            self.dev
-                .wait_on(self.stream.0, &what, timeout, || c.check_async_error())
+            // SAFETY: the pair's own stream, alive until drop; bound above.
+            unsafe {
+                let s = RawStream::from_raw(self.stream.0 as *mut c_void);
+                wait_stream(&*self.dev, s, &what, timeout, || c.check_async_error())
+            }
         });
         if r.is_err() {
             // A transfer whose peer is gone never completes: abort, so the stream drains.

@@ -1,6 +1,7 @@
 //! The HIP runtime as this crate uses it: presence check, device discovery ("no ROCm device"
-//! as an error), per-device context and stream, owned device memory with a small cache, 2-D
-//! copies, and [`probe`] for `dist bench --backend rocm`.
+//! as an error), [`probe`] for `dist bench --backend rocm`, and [`GpuRuntime`] for
+//! [`DeviceContext`] (allocation, copies, events, graphs: the surface `dist_nccl`'s generic
+//! communicator, tensors and cache run on).
 //!
 //! [`ensure_driver`] loads the runtime (or reports [`Error::LibraryNotFound`]); every entry
 //! point of this crate calls it, then [`DeviceContext::get`], which turns "no AMD GPU" into
@@ -10,9 +11,12 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use dist_core::{Error, Result};
+use dist_core::{CommunicatorContext, DeviceKind, Error, Result};
+use dist_nccl::{annotate, Flavor, GpuRuntime, NoFastPath, Options, Pool, RawStream};
 
-use crate::hip::{self, result as hr, safe::Stream, sys, Runtime};
+use crate::hip::safe::{Event, Graph, Stream};
+use crate::hip::{self, result as hr, sys, Runtime};
+use crate::DeviceBuffer;
 
 /// Loads the HIP runtime once (see [`crate::hip::runtime`]). Absent: [`Error::LibraryNotFound`]
 /// with every path tried and why, never a panic.
@@ -78,35 +82,14 @@ pub fn probe() -> Result<String> {
     Ok(s)
 }
 
-/// One device's stream (the "current stream" of torch: every op of this crate is enqueued on
-/// it) and its allocation cache. HIP has one implicit context per device; [`Self::bind`] makes
-/// the device current on the calling thread.
+/// One device's stream (the "current stream" of torch for this crate's own tensors) and its
+/// allocation cache, implementing [`GpuRuntime`] over HIP. HIP has one implicit context per
+/// device; [`DeviceContext::bind`] makes the device current on the calling thread.
 pub struct DeviceContext {
     rt: &'static Runtime,
     stream: Stream,
     ordinal: usize,
-    pool: Mutex<Pool>,
-}
-
-/// Freed allocations kept for reuse, by rounded size (`hipFree` waits for the whole device,
-/// which out-of-place collectives would otherwise pay every call). Reuse is safe because every
-/// op of this crate is ordered on the device's one stream.
-#[derive(Default)]
-struct Pool {
-    free: HashMap<usize, Vec<u64>>,
-    cached: usize,
-    cap: usize,
-}
-
-/// Allocation granularity of the pool.
-const POOL_ROUND: usize = 512;
-/// Default cap of cached bytes per device (`DIST_ROCM_CACHE_BYTES` overrides; 0 disables).
-pub const DEFAULT_CACHE_BYTES: usize = 1 << 30;
-
-fn round_up(bytes: usize) -> Option<usize> {
-    bytes
-        .checked_add(POOL_ROUND - 1)
-        .map(|b| b / POOL_ROUND * POOL_ROUND)
+    pool: Pool<DeviceContext>,
 }
 
 impl std::fmt::Debug for DeviceContext {
@@ -134,19 +117,11 @@ impl DeviceContext {
                 "rocm:{ordinal} does not exist ({n} visible devices)"
             )));
         }
-        let stream = Stream::new(rt, ordinal)?;
-        let cap = std::env::var("DIST_ROCM_CACHE_BYTES")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(DEFAULT_CACHE_BYTES);
         let d = Arc::new(DeviceContext {
             rt,
-            stream,
+            stream: Stream::new(rt, ordinal)?,
             ordinal,
-            pool: Mutex::new(Pool {
-                cap,
-                ..Default::default()
-            }),
+            pool: Pool::from_env("DIST_ROCM_CACHE_BYTES"),
         });
         map.insert(ordinal, d.clone());
         Ok(d)
@@ -164,66 +139,9 @@ impl DeviceContext {
     pub fn runtime(&self) -> &'static Runtime {
         self.rt
     }
-    /// The stream this crate enqueues on (RCCL's `hipStream_t`).
-    pub fn stream(&self) -> sys::hipStream_t {
-        self.stream.raw()
-    }
-    /// The owning stream.
+    /// The owning stream this crate's own tensors are ordered on.
     pub fn stream_handle(&self) -> &Stream {
         &self.stream
-    }
-    /// Waits for the stream, at most [`dist_core::DEFAULT_TIMEOUT`].
-    pub fn synchronize(&self) -> Result<()> {
-        self.wait(
-            &format!("rocm:{} synchronize", self.ordinal),
-            dist_core::DEFAULT_TIMEOUT,
-            || Ok(()),
-        )
-    }
-
-    /// Waits for the stream with a deadline, calling `poll` between queries (spins briefly,
-    /// then sleeps, so a descheduled peer on a loaded machine gets the core).
-    pub fn wait(
-        &self,
-        op: &str,
-        timeout: std::time::Duration,
-        mut poll: impl FnMut() -> Result<()>,
-    ) -> Result<()> {
-        self.bind()?;
-        let start = std::time::Instant::now();
-        let mut spins = 0u32;
-        loop {
-            if self.stream.query().map_err(|e| annotate(e, op))? {
-                return Ok(());
-            }
-            poll()?;
-            let waited = start.elapsed();
-            if waited >= timeout {
-                return Err(Error::Timeout {
-                    op: op.to_string(),
-                    waited,
-                    missing_ranks: Vec::new(),
-                    detail: "device work did not finish (a peer may not have joined a collective)"
-                        .into(),
-                });
-            }
-            spins += 1;
-            if spins < 64 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(std::time::Duration::from_micros(if spins < 1024 {
-                    50
-                } else {
-                    500
-                }));
-            }
-        }
-    }
-
-    /// True while the stream is capturing a graph.
-    pub fn is_capturing(&self) -> Result<bool> {
-        self.bind()?;
-        self.stream.is_capturing()
     }
     /// The device's name (`hipDeviceGetName`).
     pub fn name(&self) -> Result<String> {
@@ -233,294 +151,184 @@ impl DeviceContext {
     pub fn pci_bus_id(&self) -> Result<String> {
         hr::device_get_pci_bus_id(self.rt, self.ordinal)
     }
-    /// Frees every cached allocation (after waiting for the stream).
-    pub fn empty_cache(&self) -> Result<()> {
-        self.synchronize()?;
-        let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        for (_, v) in p.free.drain() {
-            for ptr in v {
-                // SAFETY: cached pointers came from hipMalloc and are owned by the pool only.
-                if let Err(e) = unsafe { hr::free(self.rt, vptr(ptr)) } {
-                    tracing::warn!("hipFree({ptr:#x}): {e}");
-                }
-            }
-        }
-        p.cached = 0;
-        Ok(())
-    }
-
-    /// Bytes held by the allocation cache.
-    pub fn cached_bytes(&self) -> usize {
-        self.pool.lock().unwrap_or_else(|e| e.into_inner()).cached
-    }
-
-    fn pool_take(&self, size: usize) -> Option<u64> {
-        let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        let ptr = p.free.get_mut(&size)?.pop()?;
-        p.cached -= size;
-        Some(ptr)
-    }
-
-    /// Returns `ptr` to the cache; false when the cache is full (the caller frees it).
-    fn pool_put(&self, ptr: u64, size: usize) -> bool {
-        let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        if p.cached + size > p.cap {
-            return false;
-        }
-        p.cached += size;
-        p.free.entry(size).or_default().push(ptr);
-        true
-    }
 }
 
-fn annotate(e: Error, op: &str) -> Error {
-    match e {
-        Error::Backend {
-            backend,
-            code,
-            message,
-        } => Error::Backend {
-            backend,
-            code,
-            message: format!("{op}: {message}"),
-        },
-        e => e,
-    }
-}
-
-/// Device memory owned by this process (`hipMalloc`, one allocation per buffer, so it can be
-/// shared with HIP IPC). Dropped: back to the device's cache, or freed when the cache is full;
-/// a failing free is logged, never a panic. Reuse is ordered by the device's stream: work on
-/// other streams must be synchronised by the caller before the buffer is dropped.
-pub struct DeviceBuffer {
-    ptr: u64,
-    bytes: usize,
-    dev: Arc<DeviceContext>,
-}
-
-impl std::fmt::Debug for DeviceBuffer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "DeviceBuffer({:#x}, {} B, rocm:{})",
-            self.ptr, self.bytes, self.dev.ordinal
-        )
-    }
-}
-
-impl DeviceBuffer {
-    /// Allocates `bytes` (uninitialised), from the device's cache when it holds a block of the
-    /// same rounded size. Zero bytes allocate nothing (null pointer). Out of memory: the cache
-    /// is released and the allocation tried once more.
-    pub fn alloc(dev: &Arc<DeviceContext>, bytes: usize) -> Result<DeviceBuffer> {
-        dev.bind()?;
-        if bytes == 0 {
-            return Ok(DeviceBuffer {
-                ptr: 0,
-                bytes: 0,
-                dev: dev.clone(),
-            });
-        }
-        let size =
-            round_up(bytes).ok_or_else(|| Error::invalid(format!("allocation of {bytes} B")))?;
-        if let Some(ptr) = dev.pool_take(size) {
-            return Ok(DeviceBuffer {
-                ptr,
-                bytes: size,
-                dev: dev.clone(),
-            });
-        }
-        let what = format!("hipMalloc({bytes} B) on rocm:{}", dev.ordinal);
-        let ptr = match hr::malloc(dev.rt, size) {
-            Ok(p) => p,
-            Err(Error::Backend { code: Some(c), .. })
-                if c == sys::hipErrorOutOfMemory as i64 && dev.cached_bytes() > 0 =>
-            {
-                dev.empty_cache()?;
-                hr::malloc(dev.rt, size).map_err(|e| annotate(e, &what))?
-            }
-            Err(e) => return Err(annotate(e, &what)),
-        };
-        Ok(DeviceBuffer {
-            ptr: ptr as usize as u64,
-            bytes: size,
-            dev: dev.clone(),
-        })
-    }
-    /// Allocates `bytes` and zeroes them on the device's stream.
-    pub fn zeroed(dev: &Arc<DeviceContext>, bytes: usize) -> Result<DeviceBuffer> {
-        let b = Self::alloc(dev, bytes)?;
-        if bytes > 0 {
-            // SAFETY: b owns `bytes` bytes at ptr; the stream is the device's.
-            unsafe { hr::memset_async(dev.rt, vptr(b.ptr), 0, bytes, dev.stream()) }?;
-        }
-        Ok(b)
-    }
-    /// Device address.
-    pub fn ptr(&self) -> u64 {
-        self.ptr
-    }
-    /// Size in bytes (the request rounded up to 512).
-    pub fn len(&self) -> usize {
-        self.bytes
-    }
-    /// True for a zero-byte buffer.
-    pub fn is_empty(&self) -> bool {
-        self.bytes == 0
-    }
-    /// The device.
-    pub fn device(&self) -> &Arc<DeviceContext> {
-        &self.dev
-    }
-    /// An IPC handle of this allocation for other processes (the custom all-reduce's buffers,
-    /// when it comes to ROCm). Cached blocks are whole `hipMalloc` allocations, so any buffer
-    /// of this crate can be shared.
-    pub fn ipc_handle(&self) -> Result<hip::safe::IpcMemHandle> {
-        dist_core::ensure_arg!(self.ptr != 0, "no IPC handle for a zero-byte buffer");
-        self.dev.bind()?;
-        // SAFETY: ptr is the start of a live hipMalloc allocation owned by self.
-        unsafe { hr::ipc_get_mem_handle(self.dev.rt, vptr(self.ptr)) }.map(hip::safe::IpcMemHandle)
-    }
-}
-
-impl Drop for DeviceBuffer {
-    fn drop(&mut self) {
-        if self.ptr == 0 || self.dev.pool_put(self.ptr, self.bytes) {
-            return;
-        }
-        if let Err(e) = self.dev.bind() {
-            tracing::warn!("freeing {:?}: {e}", self);
-            return;
-        }
-        // SAFETY: ptr came from hipMalloc and is freed once. hipFree waits for pending work.
-        if let Err(e) = unsafe { hr::free(self.dev.rt, vptr(self.ptr)) } {
-            tracing::warn!("hipFree of {:?}: {e}", self);
-        }
-    }
-}
-
-/// Device-to-device async copy of `bytes` on `stream`.
-///
-/// # Safety
-/// Both ranges are valid device memory for `bytes` bytes until the copy has run.
-pub unsafe fn copy_d2d(
-    rt: &Runtime,
-    dst: u64,
-    src: u64,
-    bytes: usize,
-    stream: sys::hipStream_t,
-) -> Result<()> {
-    if bytes == 0 {
-        return Ok(());
-    }
-    // SAFETY: forwarded contract.
-    unsafe {
-        hr::memcpy_async(
-            rt,
-            vptr(dst),
-            vptr(src),
-            bytes,
-            sys::hipMemcpyDeviceToDevice,
-            stream,
-        )
-    }
-}
-
-/// A strided device-to-device copy: `height` rows of `width` bytes, rows `src_pitch` /
-/// `dst_pitch` bytes apart. The re-layout step of all_gather(dim) and reduce_scatter(dim).
-///
-/// # Safety
-/// Both strided ranges are valid device memory until the copy has run.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn copy_2d(
-    rt: &Runtime,
-    dst: u64,
-    dst_pitch: usize,
-    src: u64,
-    src_pitch: usize,
-    width: usize,
-    height: usize,
-    stream: sys::hipStream_t,
-) -> Result<()> {
-    if width == 0 || height == 0 {
-        return Ok(());
-    }
-    if height == 1 || (width == src_pitch && width == dst_pitch) {
-        // SAFETY: contiguous case of the same contract.
-        return unsafe { copy_d2d(rt, dst, src, width * height, stream) };
-    }
-    // SAFETY: forwarded contract.
-    unsafe {
-        hr::memcpy_2d_async(
-            rt,
-            vptr(dst),
-            dst_pitch,
-            vptr(src),
-            src_pitch,
-            width,
-            height,
-            sys::hipMemcpyDeviceToDevice,
-            stream,
-        )
-    }
-}
-
-/// Host-to-device copy on the device's stream, waited for (the host slice is borrowed).
-pub fn copy_h2d(dev: &DeviceContext, dst: u64, src: &[u8]) -> Result<()> {
-    if src.is_empty() {
-        return Ok(());
-    }
+/// An IPC handle of `buf`'s allocation for other processes (the custom all-reduce's buffers,
+/// when it comes to ROCm). Cached blocks are whole `hipMalloc` allocations, so any buffer of
+/// this crate can be shared.
+pub fn ipc_handle(buf: &DeviceBuffer) -> Result<hip::safe::IpcMemHandle> {
+    dist_core::ensure_arg!(buf.ptr() != 0, "no IPC handle for a zero-byte buffer");
+    let dev = buf.device();
     dev.bind()?;
-    // SAFETY: dst holds src.len() bytes (caller's buffer); we synchronise before src is released.
-    unsafe {
-        hr::memcpy_async(
-            dev.rt,
-            vptr(dst),
-            src.as_ptr() as *const c_void,
-            src.len(),
-            sys::hipMemcpyHostToDevice,
-            dev.stream(),
-        )
-    }?;
-    dev.synchronize()
+    // SAFETY: ptr is the start of a live hipMalloc allocation owned by buf.
+    unsafe { hr::ipc_get_mem_handle(dev.rt, vptr(buf.ptr())) }.map(hip::safe::IpcMemHandle)
 }
 
-/// Device-to-host copy on the device's stream, waited for.
-pub fn copy_d2h(dev: &DeviceContext, dst: &mut [u8], src: u64) -> Result<()> {
-    if dst.is_empty() {
-        return Ok(());
-    }
-    dev.bind()?;
-    // SAFETY: src holds dst.len() bytes; we synchronise before dst is released.
-    unsafe {
-        hr::memcpy_async(
-            dev.rt,
-            dst.as_mut_ptr() as *mut c_void,
-            vptr(src),
-            dst.len(),
-            sys::hipMemcpyDeviceToHost,
-            dev.stream(),
-        )
-    }?;
-    dev.synchronize()
-}
-
-/// Raw pointer helper for the HIP and RCCL calls.
-pub(crate) fn vptr(p: u64) -> *mut c_void {
+fn vptr(p: u64) -> *mut c_void {
     p as usize as *mut c_void
+}
+
+fn hs(s: RawStream) -> sys::hipStream_t {
+    s.as_raw()
+}
+
+impl GpuRuntime for DeviceContext {
+    const KIND: DeviceKind = DeviceKind::Rocm;
+    const FLAVOR: Flavor = Flavor::Rccl;
+    const NAME: &'static str = "rocm";
+    type Options = Options;
+    type Event = Event;
+    type Graph = Graph;
+    type FastPath = NoFastPath;
+
+    fn device(ordinal: usize) -> Result<Arc<Self>> {
+        DeviceContext::get(ordinal)
+    }
+    fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+    fn bind(&self) -> Result<()> {
+        DeviceContext::bind(self)
+    }
+    fn stream(&self) -> RawStream {
+        // SAFETY: the device's own stream, alive for the process.
+        unsafe { RawStream::from_raw(self.stream.raw()) }
+    }
+    fn pool(&self) -> &Pool<Self> {
+        &self.pool
+    }
+    /// vLLM's custom and quick all-reduce for ROCm are not built yet.
+    fn fast_path(
+        _: &Arc<Self>,
+        _: &CommunicatorContext,
+        _: &Options,
+    ) -> Result<Option<NoFastPath>> {
+        Ok(None)
+    }
+
+    unsafe fn malloc(&self, bytes: usize) -> Result<u64> {
+        let what = format!("hipMalloc({bytes} B) on rocm:{}", self.ordinal);
+        hr::malloc(self.rt, bytes)
+            .map(|p| p as usize as u64)
+            .map_err(|e| annotate(e, &what))
+    }
+    unsafe fn free(&self, ptr: u64) -> Result<()> {
+        // SAFETY: forwarded contract (hipFree waits for pending work).
+        unsafe { hr::free(self.rt, vptr(ptr)) }
+    }
+    unsafe fn memset_zero(&self, dst: u64, bytes: usize, s: RawStream) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { hr::memset_async(self.rt, vptr(dst), 0, bytes, hs(s)) }
+    }
+    unsafe fn copy_d2d(&self, dst: u64, src: u64, bytes: usize, s: RawStream) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let kind = sys::hipMemcpyDeviceToDevice;
+        // SAFETY: forwarded contract.
+        unsafe { hr::memcpy_async(self.rt, vptr(dst), vptr(src), bytes, kind, hs(s)) }
+    }
+    unsafe fn copy_2d(
+        &self,
+        dst: u64,
+        dst_pitch: usize,
+        src: u64,
+        src_pitch: usize,
+        width: usize,
+        height: usize,
+        s: RawStream,
+    ) -> Result<()> {
+        if width == 0 || height == 0 {
+            return Ok(());
+        }
+        if height == 1 || (width == src_pitch && width == dst_pitch) {
+            // SAFETY: contiguous case of the same contract.
+            return unsafe { self.copy_d2d(dst, src, width * height, s) };
+        }
+        let (d, sp) = (vptr(dst), vptr(src));
+        let kind = sys::hipMemcpyDeviceToDevice;
+        // SAFETY: forwarded contract.
+        unsafe {
+            hr::memcpy_2d_async(
+                self.rt,
+                d,
+                dst_pitch,
+                sp,
+                src_pitch,
+                width,
+                height,
+                kind,
+                hs(s),
+            )
+        }
+    }
+    unsafe fn copy_h2d(&self, dst: u64, src: &[u8], s: RawStream) -> Result<()> {
+        let (d, from) = (vptr(dst), src.as_ptr() as *const c_void);
+        // SAFETY: forwarded contract.
+        unsafe {
+            hr::memcpy_async(
+                self.rt,
+                d,
+                from,
+                src.len(),
+                sys::hipMemcpyHostToDevice,
+                hs(s),
+            )
+        }
+    }
+    unsafe fn copy_d2h(&self, dst: &mut [u8], src: u64, s: RawStream) -> Result<()> {
+        let (to, n) = (dst.as_mut_ptr() as *mut c_void, dst.len());
+        // SAFETY: forwarded contract.
+        unsafe { hr::memcpy_async(self.rt, to, vptr(src), n, sys::hipMemcpyDeviceToHost, hs(s)) }
+    }
+
+    fn new_event(&self, timing: bool) -> Result<Event> {
+        if timing {
+            Event::new(self.rt, self.ordinal)
+        } else {
+            Event::without_timing(self.rt, self.ordinal)
+        }
+    }
+    fn elapsed_ms(&self, start: &Event, end: &Event) -> Result<f32> {
+        start.elapsed_ms(end)
+    }
+    unsafe fn record(&self, ev: &Event, s: RawStream) -> Result<()> {
+        // SAFETY: forwarded contract; the event is live.
+        unsafe { hr::event_record(self.rt, ev.raw(), hs(s)) }
+    }
+    unsafe fn wait_event(&self, s: RawStream, ev: &Event) -> Result<()> {
+        // SAFETY: forwarded contract; the event is live.
+        unsafe { hr::stream_wait_event(self.rt, hs(s), ev.raw()) }
+    }
+    fn event_done(&self, ev: &Event) -> Result<bool> {
+        ev.query()
+    }
+    unsafe fn stream_done(&self, s: RawStream) -> Result<bool> {
+        // SAFETY: forwarded contract.
+        unsafe { hr::stream_query(self.rt, hs(s)) }
+    }
+    unsafe fn is_capturing(&self, s: RawStream) -> Result<bool> {
+        // SAFETY: forwarded contract.
+        let st = unsafe { hr::stream_is_capturing(self.rt, hs(s)) }?;
+        Ok(st == sys::hipStreamCaptureStatusActive)
+    }
+    unsafe fn begin_capture(&self, s: RawStream) -> Result<()> {
+        // SAFETY: forwarded contract; relaxed mode.
+        unsafe { hr::stream_begin_capture(self.rt, hs(s), sys::hipStreamCaptureModeRelaxed) }
+    }
+    unsafe fn end_capture(&self, s: RawStream) -> Result<Graph> {
+        // SAFETY: forwarded contract.
+        unsafe { Graph::end_capture(self.rt, self.ordinal, hs(s)) }
+    }
+    unsafe fn launch_graph(&self, g: &Graph, s: RawStream) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { g.launch(hs(s)) }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rounding() {
-        assert_eq!(round_up(1), Some(512));
-        assert_eq!(round_up(512), Some(512));
-        assert_eq!(round_up(513), Some(1024));
-        assert_eq!(round_up(usize::MAX), None);
-    }
 
     #[test]
     fn no_runtime_or_no_device_is_an_error_not_a_panic() {

@@ -10,12 +10,13 @@
 //!                                └── dist-core (DeviceCommunicator, Backend, Tensor, oracles)
 //! ```
 //!
-//! Its files and item names are those of `dist-cuda`, so `diff -r crates/dist-cuda/src
-//! crates/dist-rocm/src` shows what the hardware makes different: `hip/` in place of cudarc,
+//! Its files and item names are those of `dist-cuda`, and both are thin: the communicator, the
+//! tensors, their views, the allocation cache and graph capture are `dist_nccl`'s, written once
+//! for every GPU runtime. What is here is what HIP makes different: `hip/` in place of cudarc,
 //! no `custom_ar/`, `Rocm*` in place of `Cuda*`.
 //!
 //! ## Pieces
-//! - [`hip`]: the HIP runtime in cudarc's three layers. [`hip::sys`] binds the ~35 calls whose C
+//! - [`hip`]: the HIP runtime in cudarc's three layers. [`hip::sys`] binds the ~36 calls whose C
 //!   signatures are stable from HIP 5 to 7 (no `hipDeviceProp_t`, whose layout changed in 6.0);
 //!   [`hip::result`] is one thin function per call, a failing status becoming
 //!   [`Error::Backend`] with HIP's own name and message; [`hip::safe`] owns streams, events,
@@ -25,24 +26,25 @@
 //! - [`driver`]: [`ensure_driver`] (no runtime: [`Error::LibraryNotFound`] listing every path
 //!   and why), [`visible_devices`] / [`device_count`] (no AMD GPU: the error
 //!   "no ROCm device", see [`is_no_device`]), [`probe`] (the summary `dist bench --backend rocm`
-//!   prints), one [`DeviceContext`] per device: the stream every op of this crate is enqueued
-//!   on, owned device memory (`hipMalloc`, one allocation per buffer so it can be shared with HIP
-//!   IPC) with a small cache, strided 2-D copies.
-//! - [`RocmTensor`]: a dense device buffer + dtype + shape; clones alias, as torch tensors do.
-//!   [`RocmBackend`] implements `dist_core::Backend` (`to_host`, `from_host`; `reshape` re-views
-//!   and `flat_slice` copies on the device, where the defaults go through the host).
-//! - [`Communicator`]: every `DeviceCommunicator` op over RCCL on the device's `hipStream_t`,
-//!   asynchronous (as vLLM's pynccl), capturable in a HIP graph ([`RocmGraph`]); the layouts are
+//!   prints), one [`DeviceContext`] per device implementing [`dist_nccl::GpuRuntime`]: its
+//!   stream, `hipMalloc` (one allocation per buffer so it can be shared with HIP IPC), async and
+//!   strided copies, events, graph capture.
+//! - [`RocmTensor`] (`dist_nccl::GpuTensor`; clones alias, as torch tensors do),
+//!   [`TensorView`] / [`TensorViewMut`], [`RocmBackend`] (`dist_core::Backend`; `reshape`
+//!   re-views and `flat_slice` copies on the device), [`RocmGraph`].
+//! - [`Communicator`]: `dist_nccl::NcclCommunicator` over RCCL on the communicator's
+//!   `hipStream_t`, asynchronous (as vLLM's pynccl), capturable in a HIP graph; the layouts are
 //!   dist-cuda's: `all_gather(dim)` gathers rank-major then re-lays out on the device with one
 //!   `hipMemcpy2DAsync` per rank, `reduce_scatter(dim)` mirrors it, the `v` variants are one
 //!   broadcast / reduce per root inside an RCCL group, `gather` is grouped send/recv, fp8
-//!   travels as bytes.
+//!   travels as bytes. An engine's HIP memory and stream come in through
+//!   `TensorView::from_raw_parts` and `Communicator::set_stream`.
 //!
 //! ## Not built yet
 //! vLLM's **custom all-reduce on ROCm** (IPC buffers and HIP kernels) and its **quick
 //! all-reduce** (`QuickAllReduce`, quantised all-reduce for MI300) come later: every all-reduce
 //! goes to RCCL, and [`Communicator::has_custom_ar`] is false. The IPC pieces they need
-//! ([`DeviceBuffer::ipc_handle`], [`hip::safe::IpcMemHandle::open`]) are here.
+//! ([`driver::ipc_handle`], [`hip::safe::IpcMemHandle::open`]) are here.
 //!
 //! ## Errors and waiting
 //! Nothing in this crate panics for a missing library or a missing GPU: every entry point
@@ -80,16 +82,21 @@
 //! # Ok::<(), dist_core::Error>(())
 //! ```
 
-pub mod bench;
 pub mod communicator;
 pub mod driver;
 pub mod hip;
-pub mod tensor;
 
-pub use communicator::{Communicator, Options, P2pOp, RocmBackend, RocmGraph};
+pub use communicator::{Communicator, Options, RocmBackend, RocmGraph};
 pub use dist_core::{Error, Result};
-pub use driver::{
-    device_count, ensure_driver, probe, visible_devices, DeviceBuffer, DeviceContext,
-};
+pub use dist_nccl::GpuRuntime;
+pub use driver::{device_count, ensure_driver, probe, visible_devices, DeviceContext};
 pub use hip::result::is_no_device;
-pub use tensor::RocmTensor;
+
+/// A dense tensor in ROCm device memory (clones alias).
+pub type RocmTensor = dist_nccl::GpuTensor<DeviceContext>;
+/// One `hipMalloc` allocation of this crate, back to the device's cache on drop.
+pub type DeviceBuffer = dist_nccl::DeviceBuffer<DeviceContext>;
+/// ROCm memory a collective reads.
+pub type TensorView<'a> = dist_nccl::GpuView<'a, DeviceContext>;
+/// ROCm memory a collective writes.
+pub type TensorViewMut<'a> = dist_nccl::GpuViewMut<'a, DeviceContext>;

@@ -1,7 +1,9 @@
-//! The crate's own logic (device registry, allocation cache, host↔device copies, the 2-D
-//! re-layout of all_gather(dim) / reduce_scatter(dim), IPC handles, events, the communicator's
-//! argument checks and life cycle) on a **test double of the HIP runtime that keeps "device"
-//! memory in host memory** and runs every async call synchronously. It is installed with
+//! The crate's own logic and the generic layer it plugs into (device registry, allocation cache
+//! with stream-ordered reuse, host↔device copies, the strided copy the re-layout of
+//! all_gather(dim) / reduce_scatter(dim) is made of, views and their checks, cross-stream
+//! copies and stream switches, IPC handles, events, the communicator's argument checks and life
+//! cycle) on a **test double of the HIP runtime that keeps "device" memory in host memory** and
+//! runs every async call synchronously. It is installed with
 //! `hip::install_runtime`, as a real HIP-compatible runtime would be, so CI exercises these
 //! paths without an AMD GPU. It checks this crate's code, not HIP; collectives need RCCL and
 //! are tested on hardware (`examples/mp_rocm.rs`).
@@ -16,14 +18,16 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use dist_core::local::{MemStore, ThreadGroup};
-use dist_core::tensor::{concat_along, split_along};
 use dist_core::{
     Backend, CommunicatorContext, DType, Device, DeviceCommunicator, DeviceKind, Error, HostTensor,
     ReduceOp, Tensor,
 };
-use dist_rocm::communicator::{cat_to_rank_major, rank_major_to_cat};
+use dist_nccl::RawStream;
 use dist_rocm::hip::{self, safe::Event, sys, Runtime};
-use dist_rocm::{Communicator, DeviceBuffer, DeviceContext, Options, RocmBackend, RocmTensor};
+use dist_rocm::{
+    Communicator, DeviceBuffer, DeviceContext, GpuRuntime, Options, RocmBackend, RocmTensor,
+    TensorView,
+};
 
 const DEVICES: c_int = 2;
 const INVALID: c_int = sys::hipErrorInvalidValue;
@@ -37,9 +41,10 @@ thread_local! {
     static CURRENT: std::cell::Cell<c_int> = const { std::cell::Cell::new(0) };
 }
 
-static TOKEN: u8 = 0;
+/// A distinct fake handle per stream or event (never dereferenced).
 fn token() -> *mut c_void {
-    &TOKEN as *const u8 as *mut c_void
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+    (NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) * 64) as *mut c_void
 }
 
 unsafe extern "C" fn error_string(_: c_int) -> *const c_char {
@@ -161,6 +166,12 @@ unsafe extern "C" fn event_create(e: *mut *mut c_void, _: c_uint) -> c_int {
 unsafe extern "C" fn event_record(_: *mut c_void, _: *mut c_void) -> c_int {
     0
 }
+unsafe extern "C" fn wait_event(_: *mut c_void, _: *mut c_void, flags: c_uint) -> c_int {
+    if flags != 0 {
+        return INVALID;
+    }
+    0
+}
 unsafe extern "C" fn elapsed(ms: *mut f32, _: *mut c_void, _: *mut c_void) -> c_int {
     // SAFETY: valid out-pointer.
     unsafe { *ms = 0.25 };
@@ -228,6 +239,7 @@ fn fake_runtime() -> Runtime {
         ("hipEventDestroy", ok1 as *const c_void),
         ("hipEventRecord", event_record as *const c_void),
         ("hipEventQuery", ok1 as *const c_void),
+        ("hipStreamWaitEvent", wait_event as *const c_void),
         ("hipEventElapsedTime", elapsed as *const c_void),
         ("hipIpcGetMemHandle", ipc_get as *const c_void),
         ("hipIpcOpenMemHandle", ipc_open as *const c_void),
@@ -334,70 +346,85 @@ fn crate_logic_on_a_host_memory_hip_double() {
         "every buffer is freed (no leak, no double free)"
     );
 
-    // The device-side re-layout of all_gather(dim) / reduce_scatter(dim) against the host oracle.
-    for (seed, dtype) in [DType::U8, DType::BF16, DType::F32, DType::F64]
-        .into_iter()
-        .enumerate()
-    {
-        for (shape, dim) in [
-            (vec![2usize, 0, 3], 1usize),
-            (vec![4, 0], 1),
-            (vec![3, 0, 5, 2], 1),
-            (vec![2, 3, 0], 2),
-        ] {
-            let lens = [1usize, 3, 2];
-            let parts: Vec<HostTensor> = lens
-                .iter()
-                .enumerate()
-                .map(|(r, l)| {
-                    let mut s = shape.clone();
-                    s[dim] = *l;
-                    HostTensor::random(dtype, &s, (seed * 10 + r) as u64)
-                })
-                .collect();
-            let mut full = shape.clone();
-            full[dim] = lens.iter().sum();
-            let outer: usize = full[..dim].iter().product();
-            let inner: usize = full[dim + 1..].iter().product();
-            let es = dtype.size();
-            let rank_major: Vec<u8> = parts.iter().flat_map(|p| p.as_bytes().to_vec()).collect();
-            let want = concat_along(
-                &parts.iter().map(|p| p.as_bytes()).collect::<Vec<_>>(),
-                &full,
-                dim,
-                &lens,
-                es,
-            )
-            .unwrap();
-            let src = RocmBackend::from_host(
-                &HostTensor::from_bytes(DType::U8, &[rank_major.len()], &rank_major).unwrap(),
-                Device::new(DeviceKind::Rocm, 1),
-            )
-            .unwrap();
-            let dst = RocmTensor::zeros(&dev, DType::U8, &[want.len()]).unwrap();
-            // SAFETY: both hold outer * sum(lens) * inner elements of dtype.
-            unsafe { rank_major_to_cat(&dev, dst.ptr(), src.ptr(), outer, inner, &lens, es) }
-                .unwrap();
-            assert_eq!(
-                dst.to_host().unwrap().as_bytes(),
-                &want[..],
-                "{dtype} {full:?} dim {dim}"
-            );
-            let back = RocmTensor::zeros(&dev, DType::U8, &[want.len()]).unwrap();
-            // SAFETY: as above.
-            unsafe { cat_to_rank_major(&dev, back.ptr(), dst.ptr(), outer, inner, &lens, es) }
-                .unwrap();
-            let split = split_along(&want, &full, dim, &lens, es).unwrap().concat();
-            assert_eq!(back.to_host().unwrap().as_bytes(), &split[..]);
-            assert_eq!(split, rank_major);
+    // The strided copy the re-layouts of all_gather(dim) / reduce_scatter(dim) are made of
+    // (the layouts themselves are dist-nccl's, tested there): against a host loop.
+    for (width, height, sp, dp) in [
+        (3usize, 4usize, 5usize, 7usize),
+        (8, 1, 8, 8),
+        (4, 3, 4, 4),
+        (1, 5, 9, 2),
+    ] {
+        let src: Vec<u8> = (0..sp * height).map(|i| (i * 7 % 251) as u8).collect();
+        let d = RocmTensor::from_host(
+            &HostTensor::from_bytes(DType::U8, &[src.len()], &src).unwrap(),
+            1,
+        )
+        .unwrap();
+        let out = RocmTensor::zeros(&dev, DType::U8, &[dp * height]).unwrap();
+        dev.bind().unwrap();
+        // SAFETY: both tensors hold `height` rows at their pitches; waited for by to_host.
+        unsafe { dev.copy_2d(out.ptr(), dp, d.ptr(), sp, width, height, dev.stream()) }.unwrap();
+        let mut want = vec![0u8; dp * height];
+        for r in 0..height {
+            want[r * dp..r * dp + width].copy_from_slice(&src[r * sp..r * sp + width]);
         }
+        assert_eq!(
+            out.to_host().unwrap().as_bytes(),
+            &want[..],
+            "{width}x{height} {sp}->{dp}"
+        );
     }
+
+    // Views: checked once when made (bytes against the shape, alignment), narrowed and
+    // reshaped without a copy; a copy between views on two streams is fenced, not refused.
+    let x8 = HostTensor::random(DType::F32, &[24], 3);
+    let t = RocmTensor::from_host(&x8, 1).unwrap();
+    let other = hip::safe::Stream::new(rt, 1).unwrap();
+    // SAFETY: a stream of device 1, alive until the end of this test.
+    let os = unsafe { RawStream::from_raw(other.raw()) };
+    let shape = [4usize, 6];
+    // SAFETY: t holds 24 f32 at t.ptr(), alive and not written while the views live.
+    let v =
+        unsafe { TensorView::from_raw_parts(&dev, t.ptr(), 96, DType::F32, &shape, os) }.unwrap();
+    assert_eq!((v.shape(), v.nbytes(), v.stream()), (&shape[..], 96, os));
+    // SAFETY: as above (the checks refuse before anything could be read).
+    let bad = unsafe { TensorView::from_raw_parts(&dev, t.ptr(), 96, DType::F32, &[5, 6], os) };
+    assert!(bad.unwrap_err().to_string().contains("needs 120 bytes"));
+    // SAFETY: as above.
+    let bad = unsafe { TensorView::from_raw_bytes(&dev, t.ptr() + 2, DType::F32, 8, os) };
+    assert!(bad.unwrap_err().to_string().contains("not aligned"));
+    let part = v.narrow(6, 12).unwrap();
+    assert!(v.narrow(20, 5).is_err());
+    let mut out = RocmTensor::zeros(&dev, DType::F32, &[12]).unwrap();
+    Communicator::copy(&part, &mut out.view_mut()).unwrap();
+    let want = dist_core::LocalBackend::flat_slice(&x8, 6, 12).unwrap();
+    assert_eq!(out.to_host().unwrap(), want);
+    assert!(
+        Communicator::copy(&v, &mut out.view_mut()).is_err(),
+        "24 elements into 12"
+    );
+    drop((v, part));
+
+    // The cache is stream-ordered: a buffer last used on another stream is parked until an
+    // event recorded there completes, then reused.
+    let buf = DeviceBuffer::alloc(&dev, 4096).unwrap();
+    let p = buf.ptr();
+    // SAFETY: a live stream of device 1; bound by alloc.
+    unsafe { dev.pool().defer(buf, os) }.unwrap();
+    assert_eq!(dev.pool().parked(), 1);
+    let again = DeviceBuffer::alloc(&dev, 4096).unwrap();
+    assert_eq!(
+        (again.ptr(), dev.pool().parked()),
+        (p, 0),
+        "reused once its event completed"
+    );
+    drop((again, t, out));
 
     // IPC handle of a buffer, through bytes, opened again: the same memory.
     let x = HostTensor::random(DType::I32, &[64], 5);
     let d = RocmTensor::from_host(&x, 1).unwrap();
     let buf = DeviceBuffer::alloc(&dev, 256).unwrap();
-    let h = buf.ipc_handle().unwrap();
+    let h = dist_rocm::driver::ipc_handle(&buf).unwrap();
     let h2 = hip::safe::IpcMemHandle::from_bytes(&h.to_bytes()).unwrap();
     let m = h2.open(rt, 1).unwrap();
     assert_eq!(m.ptr() as usize as u64, buf.ptr());
@@ -469,7 +496,7 @@ fn crate_logic_on_a_host_memory_hip_double() {
         Err(Error::InvalidArgument(_))
     ));
     assert!(matches!(
-        comm.broadcast(&mut &mut d.clone(), 1),
+        comm.broadcast(&mut d.clone().view_mut(), 1),
         Err(Error::InvalidArgument(_))
     ));
     assert!(matches!(
@@ -481,12 +508,25 @@ fn crate_logic_on_a_host_memory_hip_double() {
         e.to_host().unwrap(),
         HostTensor::zeros(DType::BF16, &[2, 3])
     );
+    // An engine's stream: the communicator enqueues there until reset (ordered by events).
+    let own = comm.stream();
+    // SAFETY: `other` is a stream of device 1 that outlives the communicator's use of it.
+    unsafe { comm.set_stream(os, Arc::new(())) }.unwrap();
+    assert_eq!(comm.stream(), os);
+    let mut dv = d.clone();
+    let e2 = comm
+        .all_reduce_in_place(&mut dv.view_mut(), ReduceOp::Sum)
+        .unwrap_err();
+    assert!(e2.to_string().contains("no RCCL"), "{e2}");
+    comm.synchronize().unwrap();
+    comm.reset_stream().unwrap();
+    assert_eq!(comm.stream(), own);
     comm.destroy().unwrap();
     assert!(matches!(
         comm.all_reduce(&d, ReduceOp::Sum),
         Err(Error::NotInitialized(_))
     ));
-    drop((comm, d, on0, e));
+    drop((comm, d, dv, on0, e, other));
     dev.empty_cache().unwrap();
     DeviceContext::get(0).unwrap().empty_cache().unwrap();
     assert_eq!(

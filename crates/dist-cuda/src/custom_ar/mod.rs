@@ -20,14 +20,14 @@ use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result as cu, sys};
-use dist_core::{decode_obj, encode_obj, DType, Error, HostGroup, Result, Tensor};
+use dist_core::{decode_obj, encode_obj, DType, Error, HostGroup, Result};
+use dist_nccl::{FastAllReduce, GpuRuntime, RawStream};
 
 use crate::driver::{
-    check, copy_d2d, copy_h2d, cuda_err, load_kernels, per_device, DeviceBuffer, DeviceContext,
-    FaultFlags, KernelFn,
+    check, cuda_err, load_kernels, per_device, DeviceContext, FaultFlags, KernelFn,
 };
 use crate::ipc::{ipc_close, ipc_handle, ipc_open};
-use crate::tensor::CudaTensor;
+use crate::DeviceBuffer;
 pub use policy::Algo;
 
 /// The kernels' CUDA C source (no headers; NVRTC compiles it for the device's architecture).
@@ -159,9 +159,26 @@ pub struct CustomAllreduce {
     rank_data_used: usize,
     signals: [u64; 8],
     graph_unreg: Vec<u64>,
+    /// Outputs of in-place calls captured into graphs (the kernel may not write the input its
+    /// peers read): kept for as long as the graphs may be replayed.
+    graph_out: Vec<DeviceBuffer>,
     opened: HashMap<Vec<u8>, u64>,
     cc: (i32, i32),
     faults: Arc<FaultFlags>,
+}
+
+/// Writes `bytes` at offset `at` of `buf` from the host and waits.
+fn write_h2d(buf: &DeviceBuffer, at: usize, bytes: &[u8]) -> Result<()> {
+    dist_core::ensure_arg!(
+        at.checked_add(bytes.len()).is_some_and(|e| e <= buf.len()),
+        "write of {} bytes at {at} into {buf:?}",
+        bytes.len()
+    );
+    let dev = buf.device();
+    dev.bind()?;
+    // SAFETY: the range lies inside the buffer (checked above), which lives past the wait.
+    unsafe { dev.copy_h2d(buf.ptr() + at as u64, bytes, dev.stream()) }?;
+    dev.synchronize()
 }
 
 impl std::fmt::Debug for CustomAllreduce {
@@ -321,13 +338,14 @@ impl CustomAllreduce {
             rank_data_used: 0,
             signals,
             graph_unreg: Vec::new(),
+            graph_out: Vec::new(),
             opened: HashMap::new(),
             cc,
             faults,
         };
         // register_buffer(buffer_ptrs): entry 0.
         let entry = me.entry_bytes(me.buffer.ptrs());
-        copy_h2d(&me.dev, me.rank_data.ptr(), &entry)?;
+        write_h2d(&me.rank_data, 0, &entry)?;
         me.rank_data_used = 1;
         // Every rank has zeroed its signals and registered before anyone launches.
         host.barrier()?;
@@ -380,13 +398,13 @@ impl CustomAllreduce {
         self.faults.faulted()
     }
 
-    /// `should_custom_ar(input)`, and healthy.
-    pub fn should(&self, t: &CudaTensor) -> bool {
+    /// `should_custom_ar` for a dense input of `nbytes` bytes of `dtype`, and healthy.
+    pub fn should(&self, dtype: DType, nbytes: usize) -> bool {
         self.faults.faulted().is_empty()
             && policy::should_custom_ar(
-                t.nbytes(),
-                t.is_contiguous(),
-                policy::supports_dtype(t.dtype(), self.cc),
+                nbytes,
+                true,
+                policy::supports_dtype(dtype, self.cc),
                 self.world,
                 self.fully_connected,
                 self.max_size,
@@ -398,46 +416,28 @@ impl CustomAllreduce {
         policy::choose_algo(self.world, nbytes, self.fully_connected, self.forced)
     }
 
-    /// Sum of `input` over the group into a new tensor, on the device's stream. While the stream
-    /// is capturing a graph, the kernel reads `input` in place and the address is recorded for
-    /// [`CustomAllreduce::register_graph_buffers`]; otherwise `input` is first copied into the
-    /// registered buffer (the eager path).
-    pub fn all_reduce(&mut self, input: &CudaTensor) -> Result<CudaTensor> {
-        dist_core::ensure_arg!(
-            self.should(input),
-            "custom all-reduce cannot take {input:?} (max {} B)",
-            self.max_size
-        );
-        let kind = kind_of(input.dtype())
-            .ok_or_else(|| Error::unsupported(format!("custom all-reduce of {}", input.dtype())))?;
-        let nbytes = input.nbytes();
-        let algo = self
-            .algo_for(nbytes)
-            .ok_or_else(|| Error::unsupported("custom all-reduce: GPUs not fully connected"))?;
-        let out = CudaTensor::uninit(&self.dev, input.dtype(), input.shape())?;
-        if nbytes == 0 {
-            return Ok(out);
-        }
-        let stream = self.dev.stream();
-        let rd = if self.dev.is_capturing()? {
-            let slot = self.rank_data_used + self.graph_unreg.len();
-            if (slot + 1) * policy::RANK_DATA_BYTES > policy::RANK_DATA_CAPACITY_BYTES {
-                return Err(Error::invalid(
-                    "custom all-reduce: rank data overflow (too many graph buffers)",
-                ));
-            }
-            self.graph_unreg.push(input.ptr());
-            self.rank_data.ptr() + (slot * policy::RANK_DATA_BYTES) as u64
-        } else {
-            // SAFETY: the registered buffer holds max_size > nbytes bytes; input holds nbytes.
-            unsafe { copy_d2d(self.buffer.local(), input.ptr(), nbytes, stream) }?;
-            self.rank_data.ptr()
-        };
-        self.launch(algo, kind, rd, out.ptr(), nbytes / 16)?;
-        Ok(out)
+    /// True for memory this crate allocated (a whole `cuMemAlloc` allocation, which CUDA IPC
+    /// can share): what the graph path needs. An engine's memory (cudarc's stream-ordered
+    /// allocations among it) takes the copy-in path, captured as well.
+    fn shareable(&self, p: u64) -> Result<bool> {
+        let (mut base, mut size): (sys::CUdeviceptr, usize) = (0, 0);
+        // SAFETY: valid out-pointers; p is a live device address of this context.
+        check("cuMemGetAddressRange", unsafe {
+            sys::cuMemGetAddressRange_v2(&mut base, &mut size, p)
+        })?;
+        Ok(self.dev.allocation_serial(base).is_some())
     }
 
-    fn launch(&self, algo: Algo, kind: u8, rd: u64, out: u64, packed: usize) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &self,
+        algo: Algo,
+        kind: u8,
+        rd: u64,
+        out: u64,
+        packed: usize,
+        s: RawStream,
+    ) -> Result<()> {
         let f = self
             .kernels
             .funcs
@@ -464,17 +464,17 @@ impl CustomAllreduce {
             &mut a_fault as *mut u64 as *mut c_void,
             &mut a_timeout as *mut u64 as *mut c_void,
         ];
-        self.dev.bind()?;
         // SAFETY: the parameters match the kernel's signature (RankData*, RankSignals by value
-        // (8 pointers), Signal*, uint4*, int, int, unsigned*, u64); every pointer is live device memory of the
-        // sizes the kernel indexes (packed 16-byte units below max_size).
+        // (8 pointers), Signal*, uint4*, int, int, unsigned*, u64); every pointer is live device
+        // memory of the sizes the kernel indexes (packed 16-byte units below max_size); `s` is a
+        // live stream of this context, which the caller made current.
         unsafe {
             cu::launch_kernel(
                 f,
                 (blocks as u32, 1, 1),
                 (threads as u32, 1, 1),
                 0,
-                self.dev.stream(),
+                s.as_raw() as sys::CUstream,
                 &mut params,
             )
         }
@@ -538,11 +538,88 @@ impl CustomAllreduce {
             }
             bytes.extend(self.entry_bytes(&ptrs));
         }
-        let at = self.rank_data.ptr() + (self.rank_data_used * policy::RANK_DATA_BYTES) as u64;
-        copy_h2d(&self.dev, at, &bytes)?;
+        write_h2d(
+            &self.rank_data,
+            self.rank_data_used * policy::RANK_DATA_BYTES,
+            &bytes,
+        )?;
         self.rank_data_used += n;
         self.graph_unreg.clear();
         Ok(n)
+    }
+}
+
+impl FastAllReduce<DeviceContext> for CustomAllreduce {
+    fn accepts(&self, dtype: DType, nbytes: usize) -> bool {
+        self.should(dtype, nbytes)
+    }
+
+    /// The sum on `s`. While `s` is capturing a graph and the input is memory of this crate,
+    /// the kernel reads the input in place and the address is recorded for
+    /// [`CustomAllreduce::register_graph_buffers`] (an in-place call then writes into a kept
+    /// temporary and copies back: peers still read the input while the kernel writes);
+    /// otherwise the input is first copied into the registered buffer (the eager path), and
+    /// the kernel writes the output directly, in place or not.
+    unsafe fn all_reduce(
+        &mut self,
+        dev: &DeviceContext,
+        src: u64,
+        dst: u64,
+        dtype: DType,
+        nbytes: usize,
+        s: RawStream,
+    ) -> Result<()> {
+        dist_core::ensure_arg!(
+            self.should(dtype, nbytes),
+            "custom all-reduce cannot take {nbytes} B of {dtype} (max {} B)",
+            self.max_size
+        );
+        let kind = kind_of(dtype)
+            .ok_or_else(|| Error::unsupported(format!("custom all-reduce of {dtype}")))?;
+        let algo = self
+            .algo_for(nbytes)
+            .ok_or_else(|| Error::unsupported("custom all-reduce: GPUs not fully connected"))?;
+        if nbytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: `s` is a live stream of this context, current (caller's contract).
+        let graph = unsafe { dev.is_capturing(s) }? && self.shareable(src)?;
+        if !graph {
+            // SAFETY: the registered buffer holds max_size > nbytes bytes; src holds nbytes
+            // (caller's contract); both on this device, ordered on `s`.
+            unsafe { dev.copy_d2d(self.buffer.local(), src, nbytes, s) }?;
+            return self.launch(algo, kind, self.rank_data.ptr(), dst, nbytes / 16, s);
+        }
+        let slot = self.rank_data_used + self.graph_unreg.len();
+        if (slot + 1) * policy::RANK_DATA_BYTES > policy::RANK_DATA_CAPACITY_BYTES {
+            return Err(Error::invalid(
+                "custom all-reduce: rank data overflow (too many graph buffers)",
+            ));
+        }
+        let rd = self.rank_data.ptr() + (slot * policy::RANK_DATA_BYTES) as u64;
+        let tmp = if src == dst {
+            // SAFETY: the context is current.
+            Some(unsafe { DeviceBuffer::alloc_bound(&self.dev, nbytes) }?)
+        } else {
+            None
+        };
+        self.graph_unreg.push(src);
+        let out = tmp.as_ref().map_or(dst, |t| t.ptr());
+        self.launch(algo, kind, rd, out, nbytes / 16, s)?;
+        if let Some(t) = tmp {
+            // SAFETY: t and dst hold nbytes each, on this device, ordered on `s`.
+            unsafe { dev.copy_d2d(dst, t.ptr(), nbytes, s) }?;
+            self.graph_out.push(t);
+        }
+        Ok(())
+    }
+
+    fn set_timeout(&self, t: std::time::Duration) {
+        self.faults.set_timeout(t);
+    }
+
+    fn end_capture(&mut self, host: &dyn HostGroup) -> Result<usize> {
+        self.register_graph_buffers(host)
     }
 }
 

@@ -356,6 +356,23 @@ pub unsafe fn event_query(rt: &Runtime, e: sys::hipEvent_t) -> Result<bool> {
     }
 }
 
+/// `hipStreamWaitEvent`: later work on `s` waits for `e`'s last record.
+///
+/// # Safety
+/// `s` and `e` are live and of the same device.
+pub unsafe fn stream_wait_event(
+    rt: &Runtime,
+    s: sys::hipStream_t,
+    e: sys::hipEvent_t,
+) -> Result<()> {
+    // SAFETY: forwarded contract; flags must be 0.
+    check(
+        rt,
+        unsafe { (rt.fns.stream_wait_event)(s, e, 0) },
+        "hipStreamWaitEvent",
+    )
+}
+
 /// `hipEventElapsedTime` in milliseconds between two completed events.
 ///
 /// # Safety

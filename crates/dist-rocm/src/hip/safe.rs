@@ -114,6 +114,10 @@ impl Event {
         // SAFETY: alive while self is.
         unsafe { result::event_query(self.rt, self.raw) }
     }
+    /// The raw handle.
+    pub fn raw(&self) -> sys::hipEvent_t {
+        self.raw
+    }
     /// Milliseconds from `self` to `later`; both must be recorded and complete (query first).
     pub fn elapsed_ms(&self, later: &Event) -> Result<f32> {
         if !self.query()? || !later.query()? {
@@ -323,18 +327,17 @@ impl std::fmt::Debug for Graph {
 }
 
 impl Graph {
-    /// Captures what `f` enqueues on `stream` (relaxed mode, so `f` may allocate), then
-    /// instantiates the graph. The capture is ended even when `f` fails.
-    pub fn capture<R>(stream: &Stream, f: impl FnOnce() -> Result<R>) -> Result<(Graph, R)> {
-        let rt = stream.rt;
-        result::set_device(rt, stream.ordinal)?;
-        // SAFETY: the stream is alive and (the caller's contract with the runtime) not capturing.
-        unsafe { result::stream_begin_capture(rt, stream.raw, sys::hipStreamCaptureModeRelaxed) }?;
-        let r = f();
-        // SAFETY: ends the capture begun above on the same live stream.
-        let g = unsafe { result::stream_end_capture(rt, stream.raw) };
-        let r = r?;
-        let graph = g?;
+    /// Ends the capture of stream `s` of device `ordinal` and instantiates the graph.
+    ///
+    /// # Safety
+    /// `s` is a live stream of device `ordinal` that is capturing; the device is current.
+    pub unsafe fn end_capture(
+        rt: &'static Runtime,
+        ordinal: usize,
+        s: sys::hipStream_t,
+    ) -> Result<Graph> {
+        // SAFETY: forwarded contract.
+        let graph = unsafe { result::stream_end_capture(rt, s) }?;
         // SAFETY: graph is a valid captured graph.
         let exec = match unsafe { result::graph_instantiate(rt, graph) } {
             Ok(e) => e,
@@ -344,21 +347,20 @@ impl Graph {
                 return Err(e);
             }
         };
-        Ok((
-            Graph {
-                rt,
-                graph,
-                exec,
-                ordinal: stream.ordinal,
-            },
-            r,
-        ))
+        Ok(Graph {
+            rt,
+            graph,
+            exec,
+            ordinal,
+        })
     }
-    /// Enqueues one replay on `stream`.
-    pub fn launch(&self, stream: &Stream) -> Result<()> {
-        result::set_device(self.rt, self.ordinal)?;
-        // SAFETY: exec and stream are alive.
-        unsafe { result::graph_launch(self.rt, self.exec, stream.raw) }
+    /// Enqueues one replay on stream `s`.
+    ///
+    /// # Safety
+    /// `s` is a live stream of the graph's device; the device is current.
+    pub unsafe fn launch(&self, s: sys::hipStream_t) -> Result<()> {
+        // SAFETY: exec is alive; `s` by the caller's contract.
+        unsafe { result::graph_launch(self.rt, self.exec, s) }
     }
 }
 

@@ -132,6 +132,8 @@ pub type hipEventCreateWithFlags_t = unsafe extern "C" fn(*mut hipEvent_t, c_uin
 pub type hipEventFn_t = unsafe extern "C" fn(hipEvent_t) -> hipError_t;
 /// `hipEventRecord(hipEvent_t, hipStream_t)`.
 pub type hipEventRecord_t = unsafe extern "C" fn(hipEvent_t, hipStream_t) -> hipError_t;
+/// `hipStreamWaitEvent(hipStream_t, hipEvent_t, unsigned flags)`.
+pub type hipStreamWaitEvent_t = unsafe extern "C" fn(hipStream_t, hipEvent_t, c_uint) -> hipError_t;
 /// `hipEventElapsedTime(float* ms, hipEvent_t start, hipEvent_t stop)`.
 pub type hipEventElapsedTime_t =
     unsafe extern "C" fn(*mut f32, hipEvent_t, hipEvent_t) -> hipError_t;
@@ -209,6 +211,8 @@ pub struct Functions {
     pub event_record: hipEventRecord_t,
     /// `hipEventQuery`.
     pub event_query: hipEventFn_t,
+    /// `hipStreamWaitEvent`.
+    pub stream_wait_event: hipStreamWaitEvent_t,
     /// `hipEventElapsedTime`.
     pub event_elapsed_time: hipEventElapsedTime_t,
     /// `hipIpcGetMemHandle`.
@@ -235,7 +239,7 @@ pub struct Functions {
 
 impl Functions {
     /// The C names of the fields, in order.
-    pub const NAMES: [&'static str; 35] = [
+    pub const NAMES: [&'static str; 36] = [
         "hipGetErrorString",
         "hipGetErrorName",
         "hipRuntimeGetVersion",
@@ -260,6 +264,7 @@ impl Functions {
         "hipEventDestroy",
         "hipEventRecord",
         "hipEventQuery",
+        "hipStreamWaitEvent",
         "hipEventElapsedTime",
         "hipIpcGetMemHandle",
         "hipIpcOpenMemHandle",
@@ -322,6 +327,7 @@ impl Functions {
             event_destroy: f!("hipEventDestroy", hipEventFn_t),
             event_record: f!("hipEventRecord", hipEventRecord_t),
             event_query: f!("hipEventQuery", hipEventFn_t),
+            stream_wait_event: f!("hipStreamWaitEvent", hipStreamWaitEvent_t),
             event_elapsed_time: f!("hipEventElapsedTime", hipEventElapsedTime_t),
             ipc_get_mem_handle: f!("hipIpcGetMemHandle", hipIpcGetMemHandle_t),
             ipc_open_mem_handle: f!("hipIpcOpenMemHandle", hipIpcOpenMemHandle_t),
