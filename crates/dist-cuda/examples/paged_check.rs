@@ -19,7 +19,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use dist_core::{DType, DeviceCommunicator, Error, HostTensor, Result, Tensor};
-use dist_cuda::paged::{gather_slots, scatter_slots, PagedShape};
+use dist_cuda::paged::{gather_slots, host_reference, scatter_slots, PagedShape};
 use dist_cuda::{device_count, Communicator, CudaTensor, DeviceContext, GpuRuntime};
 
 /// xorshift64* (the workspace's `rand` is not a dev-dependency of this crate).
@@ -72,44 +72,6 @@ impl Tally {
     }
     fn total(&self) -> usize {
         self.ok + self.bad.len()
-    }
-}
-
-/// Byte offset of (plane k, block, offset, head, element 0) by the layout's definition.
-fn at(s: &PagedShape, es: usize, k: usize, blk: usize, off: usize, h: usize) -> usize {
-    let idx = if s.hnd {
-        (((k * s.num_blocks + blk) * s.num_kv_heads + h) * s.block_size + off) * s.head_dim
-    } else {
-        (((k * s.num_blocks + blk) * s.block_size + off) * s.num_kv_heads + h) * s.head_dim
-    };
-    idx * es
-}
-
-/// The host oracle: row `i` of plane `k` of a `[kv, r_rows, heads, head_dim]` buffer is the
-/// cache's row at `slots[i]`; `gather` copies cache → buffer, else buffer → cache, in list order.
-fn oracle(
-    s: &PagedShape,
-    es: usize,
-    cache: &mut [u8],
-    buf: &mut [u8],
-    r_rows: usize,
-    slots: &[u64],
-    gather: bool,
-) {
-    let row = s.head_dim * es;
-    for k in 0..s.kv {
-        for (i, &slot) in slots.iter().enumerate() {
-            let (blk, off) = (slot as usize / s.block_size, slot as usize % s.block_size);
-            for h in 0..s.num_kv_heads {
-                let c = at(s, es, k, blk, off, h);
-                let b = ((k * r_rows + i) * s.num_kv_heads + h) * row;
-                if gather {
-                    buf[b..b + row].copy_from_slice(&cache[c..c + row]);
-                } else {
-                    cache[c..c + row].copy_from_slice(&buf[b..b + row]);
-                }
-            }
-        }
     }
 }
 
@@ -170,7 +132,7 @@ fn check_config(
         let got = gather_slots(&cache, s, &slots, &mut out).and_then(|()| out.to_host());
         let mut want = before.as_bytes().to_vec();
         let mut c = host_cache.as_bytes().to_vec();
-        oracle(s, es, &mut c, &mut want, r_rows, &slots, true);
+        host_reference(s, es, &mut c, &mut want, r_rows, &slots, true);
         match got {
             Ok(g) => t.check(g.as_bytes() == want.as_slice(), || what("gather", r_rows)),
             Err(e) => t.check(false, || format!("{}: error {e}", what("gather", r_rows))),
@@ -183,7 +145,7 @@ fn check_config(
         let got = scatter_slots(&mut zc, s, &slots, &src).and_then(|()| zc.to_host());
         let mut want = vec![0u8; host_cache.nbytes()];
         let mut b = src_h.as_bytes().to_vec();
-        oracle(s, es, &mut want, &mut b, r_rows, &slots, false);
+        host_reference(s, es, &mut want, &mut b, r_rows, &slots, false);
         match got {
             Ok(g) => t.check(g.as_bytes() == want.as_slice(), || what("scatter", r_rows)),
             Err(e) => t.check(false, || format!("{}: error {e}", what("scatter", r_rows))),

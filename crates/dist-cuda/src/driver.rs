@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result as cu, sys, CudaContext, DriverError};
 use dist_core::{CommunicatorContext, DeviceKind, Error, Result};
-use dist_nccl::{wait_stream, Flavor, GpuRuntime, Pool, RawStream};
+use dist_nccl::{wait_stream, Flavor, GpuRuntime, Pool, RawStream, Strided};
 
 use crate::custom_ar::CustomAllreduce;
 
@@ -602,42 +602,27 @@ impl GpuRuntime for DeviceContext {
         unsafe { cu::memcpy_dtod_async(dst, src, bytes, cu(s)) }
             .map_err(|e| cuda_err("cuMemcpyDtoDAsync", e))
     }
-    unsafe fn copy_2d(
-        &self,
-        dst: u64,
-        dst_pitch: usize,
-        src: u64,
-        src_pitch: usize,
-        width: usize,
-        height: usize,
-        s: RawStream,
-    ) -> Result<()> {
-        if width == 0 || height == 0 {
-            return Ok(());
-        }
-        if height == 1 || (width == src_pitch && width == dst_pitch) {
-            // SAFETY: contiguous case of the same contract.
-            return unsafe { self.copy_d2d(dst, src, width * height, s) };
-        }
+    unsafe fn copy_2d(&self, c: &Strided, s: RawStream) -> Result<()> {
+        let dev_mem = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
         let p = sys::CUDA_MEMCPY2D {
             srcXInBytes: 0,
             srcY: 0,
-            srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            srcMemoryType: dev_mem,
             srcHost: std::ptr::null(),
-            srcDevice: src,
+            srcDevice: c.src,
             srcArray: std::ptr::null_mut(),
-            srcPitch: src_pitch,
+            srcPitch: c.src_pitch,
             dstXInBytes: 0,
             dstY: 0,
-            dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            dstMemoryType: dev_mem,
             dstHost: std::ptr::null_mut(),
-            dstDevice: dst,
+            dstDevice: c.dst,
             dstArray: std::ptr::null_mut(),
-            dstPitch: dst_pitch,
-            WidthInBytes: width,
-            Height: height,
+            dstPitch: c.dst_pitch,
+            WidthInBytes: c.width,
+            Height: c.height,
         };
-        // SAFETY: forwarded contract; p describes the two ranges.
+        // SAFETY: forwarded contract.
         check("cuMemcpy2DAsync", unsafe {
             sys::cuMemcpy2DAsync_v2(&p, cu(s))
         })

@@ -421,6 +421,44 @@ fn run(
     done
 }
 
+/// The host oracle of [`gather_slots`] / [`scatter_slots`], from the layouts' definitions alone
+/// (it shares nothing with the kernel): row `i` of plane `k` of a `[kv, r_rows, heads,
+/// head_dim]` buffer of `es`-byte elements is the cache's row at `slots[i]`; `gather` copies
+/// cache → buffer, else buffer → cache, in list order. Both slices hold whole tensors.
+pub fn host_reference(
+    s: &PagedShape,
+    es: usize,
+    cache: &mut [u8],
+    buf: &mut [u8],
+    r_rows: usize,
+    slots: &[u64],
+    gather: bool,
+) {
+    let at = |k: usize, blk: usize, off: usize, h: usize| {
+        let idx = if s.hnd {
+            (((k * s.num_blocks + blk) * s.num_kv_heads + h) * s.block_size + off) * s.head_dim
+        } else {
+            (((k * s.num_blocks + blk) * s.block_size + off) * s.num_kv_heads + h) * s.head_dim
+        };
+        idx * es
+    };
+    let row = s.head_dim * es;
+    for k in 0..s.kv {
+        for (i, &sl) in slots.iter().enumerate() {
+            let (blk, off) = (sl as usize / s.block_size, sl as usize % s.block_size);
+            for h in 0..s.num_kv_heads {
+                let a = at(k, blk, off, h);
+                let o = ((k * r_rows + i) * s.num_kv_heads + h) * row;
+                if gather {
+                    buf[o..o + row].copy_from_slice(&cache[a..a + row]);
+                } else {
+                    cache[a..a + row].copy_from_slice(&buf[o..o + row]);
+                }
+            }
+        }
+    }
+}
+
 /// Copies the rows at `slots` of `cache` into rows `0..slots.len()` of each plane of `out`
 /// (`[kv, R >= slots.len(), num_kv_heads, head_dim]`, the cache's dtype, same device). Rows
 /// from `slots.len()` on are left as they were. Enqueued on the device's stream and waited for
@@ -478,44 +516,6 @@ mod tests {
         }
     }
 
-    /// Byte offset of element (k, block, off, head, 0), by the layout's definition.
-    fn at(s: &PagedShape, es: usize, k: usize, blk: usize, off: usize, h: usize) -> usize {
-        let idx = if s.hnd {
-            (((k * s.num_blocks + blk) * s.num_kv_heads + h) * s.block_size + off) * s.head_dim
-        } else {
-            (((k * s.num_blocks + blk) * s.block_size + off) * s.num_kv_heads + h) * s.head_dim
-        };
-        idx * es
-    }
-
-    /// Row `i` of plane `k` of a `[kv, r_rows, heads, head_dim]` buffer is the cache's row at
-    /// `slots[i]`: `gather` copies cache → buffer, else buffer → cache, in list order.
-    fn oracle(
-        s: &PagedShape,
-        es: usize,
-        cache: &mut [u8],
-        buf: &mut [u8],
-        r_rows: usize,
-        slots: &[u64],
-        gather: bool,
-    ) {
-        let row = s.head_dim * es;
-        for k in 0..s.kv {
-            for (i, &sl) in slots.iter().enumerate() {
-                let (blk, off) = (sl as usize / s.block_size, sl as usize % s.block_size);
-                for h in 0..s.num_kv_heads {
-                    let a = at(s, es, k, blk, off, h);
-                    let o = ((k * r_rows + i) * s.num_kv_heads + h) * row;
-                    if gather {
-                        buf[o..o + row].copy_from_slice(&cache[a..a + row]);
-                    } else {
-                        cache[a..a + row].copy_from_slice(&buf[o..o + row]);
-                    }
-                }
-            }
-        }
-    }
-
     fn bytes(n: usize, seed: u64) -> Vec<u8> {
         let mut x = seed | 1;
         (0..n)
@@ -565,7 +565,15 @@ mod tests {
                             let mut c = cache.clone();
                             emulate(&p, &mut c, &mut buf, false);
                             let mut want = vec![0xA5u8; bbytes];
-                            oracle(&s, es, &mut cache.clone(), &mut want, r_rows, &slots, true);
+                            host_reference(
+                                &s,
+                                es,
+                                &mut cache.clone(),
+                                &mut want,
+                                r_rows,
+                                &slots,
+                                true,
+                            );
                             assert_eq!(buf, want, "gather {s:?} es {es}");
                             // Scatter (the repeat: last write wins).
                             let src = bytes(bbytes, seed ^ 99);
@@ -576,7 +584,15 @@ mod tests {
                             let mut sb = src.clone();
                             emulate(&p, &mut got, &mut sb, true);
                             let mut want = vec![0u8; cbytes];
-                            oracle(&s, es, &mut want, &mut src.clone(), r_rows, &slots, false);
+                            host_reference(
+                                &s,
+                                es,
+                                &mut want,
+                                &mut src.clone(),
+                                r_rows,
+                                &slots,
+                                false,
+                            );
                             assert_eq!(got, want, "scatter {s:?} es {es}");
                         }
                     }

@@ -34,7 +34,9 @@ use dist_core::{
 
 use crate::layout::Parts;
 use crate::memory::{DeviceBuffer, GpuTensor};
-use crate::runtime::{annotate, wait_stream, CommOptions, FastAllReduce, GpuRuntime, RawStream};
+use crate::runtime::{
+    annotate, wait_stream, CommOptions, FastAllReduce, GpuRuntime, RawStream, Strided,
+};
 use crate::view::{GpuView, GpuViewMut, Keep};
 use crate::{check_reduction, nccl_dtype, nccl_op, sys, wire_dtype, Comm, UniqueId};
 
@@ -357,14 +359,17 @@ impl<R: GpuRuntime> NcclCommunicator<R> {
         })
     }
 
-    /// A strided device copy on `s` (context current).
-    fn copy_2d(
-        &self,
-        s: RawStream,
-    ) -> impl FnMut(u64, usize, u64, usize, usize, usize) -> Result<()> + '_ {
-        move |dst, dp, src, sp, w, h| {
+    /// A strided device copy on `s` (context current): contiguous ones as one plain copy.
+    fn copy_2d(&self, s: RawStream) -> impl FnMut(Strided) -> Result<()> + '_ {
+        move |c| {
             // SAFETY: the re-layouts address only the two buffers of their op, live on `s`.
-            unsafe { self.dev.copy_2d(dst, dp, src, sp, w, h, s) }
+            unsafe {
+                match (c.width * c.height, c.is_contiguous()) {
+                    (0, _) => Ok(()),
+                    (n, true) => self.dev.copy_d2d(c.dst, c.src, n, s),
+                    (_, false) => self.dev.copy_2d(&c, s),
+                }
+            }
         }
     }
 

@@ -5,6 +5,8 @@
 
 use dist_core::Result;
 
+use crate::runtime::Strided;
+
 /// The parts of a re-layout: `lens[r]` rows of `inner` elements of `es` bytes per rank, in
 /// `outer` blocks (`parts[r]` has shape `(outer, lens[r], inner)`).
 #[derive(Debug, Clone, Copy)]
@@ -37,25 +39,33 @@ impl Parts<'_> {
     }
 
     /// Re-lays out rank-major `src` into `cat(parts, dim)` at `dst` (`to_cat`), or the reverse,
-    /// with `copy(dst, dst_pitch, src, src_pitch, width, height)`.
+    /// with one strided `copy` per rank.
     ///
     /// # Safety
     /// `copy` performs the strided copies it is given; `src` and `dst` are buffers of
     /// [`Parts::bytes`] bytes, live until the copies have run.
     pub(crate) unsafe fn relayout(
         &self,
-        mut copy: impl FnMut(u64, usize, u64, usize, usize, usize) -> Result<()>,
+        mut copy: impl FnMut(Strided) -> Result<()>,
         to_cat: bool,
         dst: u64,
         src: u64,
     ) -> Result<()> {
         let row = self.lens.iter().sum::<usize>() * self.inner * self.es;
-        for (off, col, w) in self.blocks() {
-            if to_cat {
-                copy(dst + col, row, src + off, w, w, self.outer)?;
+        for (off, col, width) in self.blocks() {
+            let (d, dp, sr, sp) = if to_cat {
+                (dst + col, row, src + off, width)
             } else {
-                copy(dst + off, w, src + col, row, w, self.outer)?;
-            }
+                (dst + off, width, src + col, row)
+            };
+            copy(Strided {
+                dst: d,
+                dst_pitch: dp,
+                src: sr,
+                src_pitch: sp,
+                width,
+                height: self.outer,
+            })?;
         }
         Ok(())
     }
@@ -69,15 +79,15 @@ mod tests {
     /// The re-layouts, run with a host-memory copy, equal dist-core's concat/split.
     #[test]
     fn relayouts_match_concat_and_split() {
-        let host_copy_2d = |dst: u64, dp: usize, src: u64, sp: usize, w: usize, h: usize| {
-            assert!(w <= dp && w <= sp, "width {w} over a pitch ({dp}, {sp})");
-            for r in 0..h {
+        let host_copy_2d = |c: Strided| {
+            assert!(c.width <= c.dst_pitch && c.width <= c.src_pitch, "{c:?}");
+            for r in 0..c.height {
                 // SAFETY: the test's buffers hold every row the re-layout addresses.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
-                        (src as usize + r * sp) as *const u8,
-                        (dst as usize + r * dp) as *mut u8,
-                        w,
+                        (c.src as usize + r * c.src_pitch) as *const u8,
+                        (c.dst as usize + r * c.dst_pitch) as *mut u8,
+                        c.width,
                     )
                 };
             }

@@ -82,7 +82,7 @@ pub use dist_core::{Error, Result};
 pub use loader::{candidates, format_version, library, Flavor, Library, SO_PATH_ENV};
 pub use memory::{DeviceBuffer, GpuTensor, Pool};
 pub use runtime::{
-    annotate, wait_stream, CommOptions, FastAllReduce, GpuRuntime, NoFastPath, RawStream,
+    annotate, wait_stream, CommOptions, FastAllReduce, GpuRuntime, NoFastPath, RawStream, Strided,
 };
 pub use safe::{Comm, UniqueId, ABORT_TIMEOUT};
 pub use types::{check_reduction, nccl_dtype, nccl_op, wire_dtype};

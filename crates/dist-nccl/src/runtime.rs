@@ -50,6 +50,32 @@ impl RawStream {
     }
 }
 
+/// A strided device copy: `height` rows of `width` bytes, rows `src_pitch` / `dst_pitch` bytes
+/// apart (`width <= pitch`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Strided {
+    /// Destination address.
+    pub dst: u64,
+    /// Bytes from one destination row to the next.
+    pub dst_pitch: usize,
+    /// Source address.
+    pub src: u64,
+    /// Bytes from one source row to the next.
+    pub src_pitch: usize,
+    /// Bytes per row.
+    pub width: usize,
+    /// Rows.
+    pub height: usize,
+}
+
+impl Strided {
+    /// True when the rows are adjacent on both sides (one contiguous copy of
+    /// `width * height` bytes does it).
+    pub fn is_contiguous(&self) -> bool {
+        self.height == 1 || (self.width == self.src_pitch && self.width == self.dst_pitch)
+    }
+}
+
 /// What every backend's communicator options say: the device and whether to create the
 /// NCCL/RCCL communicator. [`crate::Options`] is the plain form; a backend with more to decide
 /// (the CUDA custom all-reduce) has its own type.
@@ -179,22 +205,12 @@ pub trait GpuRuntime: Send + Sync + std::fmt::Debug + Sized + 'static {
     /// # Safety
     /// As [`GpuRuntime::memset_zero`], for both ranges.
     unsafe fn copy_d2d(&self, dst: u64, src: u64, bytes: usize, stream: RawStream) -> Result<()>;
-    /// A strided device copy: `height` rows of `width` bytes, rows `src_pitch` / `dst_pitch`
-    /// bytes apart (`width <= pitch`).
+    /// A strided device copy (the generic layer sends contiguous ones to
+    /// [`GpuRuntime::copy_d2d`] and skips empty ones).
     ///
     /// # Safety
     /// As [`GpuRuntime::memset_zero`], for both strided ranges.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn copy_2d(
-        &self,
-        dst: u64,
-        dst_pitch: usize,
-        src: u64,
-        src_pitch: usize,
-        width: usize,
-        height: usize,
-        stream: RawStream,
-    ) -> Result<()>;
+    unsafe fn copy_2d(&self, c: &Strided, stream: RawStream) -> Result<()>;
     /// Enqueues a host-to-device copy on `stream`.
     ///
     /// # Safety

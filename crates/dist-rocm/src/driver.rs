@@ -12,7 +12,7 @@ use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use dist_core::{CommunicatorContext, DeviceKind, Error, Result};
-use dist_nccl::{annotate, Flavor, GpuRuntime, NoFastPath, Options, Pool, RawStream};
+use dist_nccl::{annotate, Flavor, GpuRuntime, NoFastPath, Options, Pool, RawStream, Strided};
 
 use crate::hip::safe::{Event, Graph, Stream};
 use crate::hip::{self, result as hr, sys, Runtime};
@@ -228,39 +228,11 @@ impl GpuRuntime for DeviceContext {
         // SAFETY: forwarded contract.
         unsafe { hr::memcpy_async(self.rt, vptr(dst), vptr(src), bytes, kind, hs(s)) }
     }
-    unsafe fn copy_2d(
-        &self,
-        dst: u64,
-        dst_pitch: usize,
-        src: u64,
-        src_pitch: usize,
-        width: usize,
-        height: usize,
-        s: RawStream,
-    ) -> Result<()> {
-        if width == 0 || height == 0 {
-            return Ok(());
-        }
-        if height == 1 || (width == src_pitch && width == dst_pitch) {
-            // SAFETY: contiguous case of the same contract.
-            return unsafe { self.copy_d2d(dst, src, width * height, s) };
-        }
-        let (d, sp) = (vptr(dst), vptr(src));
-        let kind = sys::hipMemcpyDeviceToDevice;
+    unsafe fn copy_2d(&self, c: &Strided, s: RawStream) -> Result<()> {
+        let (d, sp) = (vptr(c.dst), vptr(c.src));
+        let (w, h, kind) = (c.width, c.height, sys::hipMemcpyDeviceToDevice);
         // SAFETY: forwarded contract.
-        unsafe {
-            hr::memcpy_2d_async(
-                self.rt,
-                d,
-                dst_pitch,
-                sp,
-                src_pitch,
-                width,
-                height,
-                kind,
-                hs(s),
-            )
-        }
+        unsafe { hr::memcpy_2d_async(self.rt, d, c.dst_pitch, sp, c.src_pitch, w, h, kind, hs(s)) }
     }
     unsafe fn copy_h2d(&self, dst: u64, src: &[u8], s: RawStream) -> Result<()> {
         let (d, from) = (vptr(dst), src.as_ptr() as *const c_void);

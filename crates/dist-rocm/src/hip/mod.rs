@@ -3,7 +3,7 @@
 //! - [`sys`]: the raw ABI (handle types, `hipIpcMemHandle_t`, enum values, the function table);
 //! - [`result`]: one thin function per C call, a failing status turned into
 //!   [`dist_core::Error::Backend`] carrying `hipGetErrorName` and `hipGetErrorString`;
-//! - [`safe`]: owning [`safe::Stream`], [`safe::Event`], [`safe::DeviceMemory`], IPC handles
+//! - [`safe`]: owning [`safe::Stream`], [`safe::Event`], IPC handles
 //!   and graph capture, whose `Drop` never panics.
 //!
 //! ## Loading

@@ -365,9 +365,9 @@ pub unsafe fn stream_wait_event(
     s: sys::hipStream_t,
     e: sys::hipEvent_t,
 ) -> Result<()> {
-    // SAFETY: forwarded contract; flags must be 0.
     check(
         rt,
+        // SAFETY: forwarded contract; flags must be 0.
         unsafe { (rt.fns.stream_wait_event)(s, e, 0) },
         "hipStreamWaitEvent",
     )

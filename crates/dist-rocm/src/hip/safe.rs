@@ -1,4 +1,4 @@
-//! Owning HIP objects: [`Stream`], [`Event`], [`DeviceMemory`], [`IpcMemHandle`] /
+//! Owning HIP objects: [`Stream`], [`Event`], [`IpcMemHandle`] /
 //! [`IpcMapping`] and [`Graph`]. Each remembers its device and makes it current before
 //! releasing itself; a failing release is logged, `Drop` never panics.
 
@@ -134,101 +134,6 @@ impl Drop for Event {
         // SAFETY: the event is ours and destroyed once.
         release("a HIP event", unsafe {
             result::event_destroy(self.rt, self.raw)
-        });
-    }
-}
-
-/// One `hipMalloc` allocation, freed on drop (`hipFree` waits for the device). Zero bytes
-/// allocate nothing and hold a null pointer.
-pub struct DeviceMemory {
-    rt: &'static Runtime,
-    ptr: *mut c_void,
-    bytes: usize,
-    ordinal: usize,
-}
-
-// SAFETY: device memory is addressed by value; the runtime lets any thread free it.
-unsafe impl Send for DeviceMemory {}
-// SAFETY: &DeviceMemory only reads the address.
-unsafe impl Sync for DeviceMemory {}
-
-impl std::fmt::Debug for DeviceMemory {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "DeviceMemory({:p}, {} B, device {})",
-            self.ptr, self.bytes, self.ordinal
-        )
-    }
-}
-
-impl DeviceMemory {
-    /// Allocates `bytes` (uninitialised) on device `ordinal`.
-    pub fn alloc(rt: &'static Runtime, ordinal: usize, bytes: usize) -> Result<DeviceMemory> {
-        result::set_device(rt, ordinal)?;
-        let ptr = if bytes == 0 {
-            std::ptr::null_mut()
-        } else {
-            result::malloc(rt, bytes).map_err(|e| match e {
-                Error::Backend {
-                    backend,
-                    code,
-                    message,
-                } => Error::Backend {
-                    backend,
-                    code,
-                    message: format!("{message} ({bytes} B on device {ordinal})"),
-                },
-                e => e,
-            })?
-        };
-        Ok(DeviceMemory {
-            rt,
-            ptr,
-            bytes,
-            ordinal,
-        })
-    }
-    /// Device address.
-    pub fn ptr(&self) -> *mut c_void {
-        self.ptr
-    }
-    /// Size in bytes.
-    pub fn len(&self) -> usize {
-        self.bytes
-    }
-    /// True for a zero-byte allocation.
-    pub fn is_empty(&self) -> bool {
-        self.bytes == 0
-    }
-    /// The device.
-    pub fn ordinal(&self) -> usize {
-        self.ordinal
-    }
-    /// An IPC handle other processes can open ([`IpcMemHandle::open`]).
-    pub fn ipc_handle(&self) -> Result<IpcMemHandle> {
-        dist_core::ensure_arg!(!self.ptr.is_null(), "no IPC handle for a zero-byte buffer");
-        result::set_device(self.rt, self.ordinal)?;
-        // SAFETY: ptr is the start of a live hipMalloc allocation.
-        unsafe { result::ipc_get_mem_handle(self.rt, self.ptr) }.map(IpcMemHandle)
-    }
-    /// Gives up ownership: the caller frees the pointer (see [`result::free`]).
-    pub fn into_raw(self) -> *mut c_void {
-        let p = self.ptr;
-        std::mem::forget(self);
-        p
-    }
-}
-
-impl Drop for DeviceMemory {
-    fn drop(&mut self) {
-        if self.ptr.is_null() {
-            return;
-        }
-        let _ = result::set_device(self.rt, self.ordinal);
-        // SAFETY: ptr came from hipMalloc and is freed once.
-        release("HIP device memory", unsafe {
-            result::free(self.rt, self.ptr)
         });
     }
 }

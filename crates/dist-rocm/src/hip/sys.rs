@@ -159,191 +159,88 @@ pub type hipGraphLaunch_t = unsafe extern "C" fn(hipGraphExec_t, hipStream_t) ->
 /// `hipGraphExecDestroy(hipGraphExec_t)` / `hipGraphDestroy(hipGraph_t)`.
 pub type hipGraphFn_t = unsafe extern "C" fn(*mut c_void) -> hipError_t;
 
-/// The bound functions, every one required. Field names are the C names without `hip`, in
-/// snake case; [`Functions::NAMES`] lists the C names in field order.
-#[derive(Clone, Copy, Debug)]
-pub struct Functions {
-    /// `hipGetErrorString`.
-    pub get_error_string: hipGetErrorString_t,
-    /// `hipGetErrorName`.
-    pub get_error_name: hipGetErrorString_t,
-    /// `hipRuntimeGetVersion`.
-    pub runtime_get_version: hipGetInt_t,
-    /// `hipDriverGetVersion`.
-    pub driver_get_version: hipGetInt_t,
-    /// `hipGetDeviceCount`.
-    pub get_device_count: hipGetInt_t,
-    /// `hipGetDevice`.
-    pub get_device: hipGetInt_t,
-    /// `hipSetDevice`.
-    pub set_device: hipSetDevice_t,
-    /// `hipDeviceGetName`.
-    pub device_get_name: hipDeviceGetName_t,
-    /// `hipDeviceGetPCIBusId`.
-    pub device_get_pci_bus_id: hipDeviceGetName_t,
-    /// `hipDeviceTotalMem`.
-    pub device_total_mem: hipDeviceTotalMem_t,
-    /// `hipDeviceSynchronize`.
-    pub device_synchronize: hipVoid_t,
-    /// `hipStreamCreateWithFlags`.
-    pub stream_create_with_flags: hipStreamCreateWithFlags_t,
-    /// `hipStreamDestroy`.
-    pub stream_destroy: hipStreamFn_t,
-    /// `hipStreamQuery`.
-    pub stream_query: hipStreamFn_t,
-    /// `hipStreamSynchronize`.
-    pub stream_synchronize: hipStreamFn_t,
-    /// `hipMalloc`.
-    pub malloc: hipMalloc_t,
-    /// `hipFree`.
-    pub free: hipFree_t,
-    /// `hipMemsetAsync`.
-    pub memset_async: hipMemsetAsync_t,
-    /// `hipMemcpyAsync`.
-    pub memcpy_async: hipMemcpyAsync_t,
-    /// `hipMemcpy2DAsync`.
-    pub memcpy_2d_async: hipMemcpy2DAsync_t,
-    /// `hipEventCreateWithFlags`.
-    pub event_create_with_flags: hipEventCreateWithFlags_t,
-    /// `hipEventDestroy`.
-    pub event_destroy: hipEventFn_t,
-    /// `hipEventRecord`.
-    pub event_record: hipEventRecord_t,
-    /// `hipEventQuery`.
-    pub event_query: hipEventFn_t,
-    /// `hipStreamWaitEvent`.
-    pub stream_wait_event: hipStreamWaitEvent_t,
-    /// `hipEventElapsedTime`.
-    pub event_elapsed_time: hipEventElapsedTime_t,
-    /// `hipIpcGetMemHandle`.
-    pub ipc_get_mem_handle: hipIpcGetMemHandle_t,
-    /// `hipIpcOpenMemHandle`.
-    pub ipc_open_mem_handle: hipIpcOpenMemHandle_t,
-    /// `hipIpcCloseMemHandle`.
-    pub ipc_close_mem_handle: hipFree_t,
-    /// `hipStreamBeginCapture`.
-    pub stream_begin_capture: hipStreamBeginCapture_t,
-    /// `hipStreamEndCapture`.
-    pub stream_end_capture: hipStreamEndCapture_t,
-    /// `hipStreamIsCapturing`.
-    pub stream_is_capturing: hipStreamIsCapturing_t,
-    /// `hipGraphInstantiateWithFlags`.
-    pub graph_instantiate_with_flags: hipGraphInstantiateWithFlags_t,
-    /// `hipGraphLaunch`.
-    pub graph_launch: hipGraphLaunch_t,
-    /// `hipGraphExecDestroy`.
-    pub graph_exec_destroy: hipGraphFn_t,
-    /// `hipGraphDestroy`.
-    pub graph_destroy: hipGraphFn_t,
+/// Declares the table once: each field's name, C signature and C name.
+macro_rules! functions {
+    ($($field:ident: $ty:ty = $name:ident,)*) => {
+        /// The bound functions, every one required. Field names are the C names without `hip`,
+        /// in snake case; [`Functions::NAMES`] lists the C names in field order.
+        #[derive(Clone, Copy, Debug)]
+        pub struct Functions {
+            $(
+                #[doc = concat!("`", stringify!($name), "`.")]
+                pub $field: $ty,
+            )*
+        }
+
+        impl Functions {
+            /// The C names of the fields, in order.
+            pub const NAMES: &'static [&'static str] = &[$(stringify!($name)),*];
+
+            /// Binds every function through `lookup`, which returns the address of a C name
+            /// (or a one-line reason it has none). The first missing name is the error.
+            ///
+            /// # Safety
+            /// Every address `lookup` returns must be a function with the C signature that
+            /// HIP's `hip_runtime_api.h` declares for that name, and must stay valid for the
+            /// life of the table.
+            pub unsafe fn bind(
+                mut lookup: impl FnMut(&'static str) -> std::result::Result<*const c_void, String>,
+            ) -> std::result::Result<Functions, String> {
+                Ok(Functions {
+                    $($field: {
+                        let name = stringify!($name);
+                        let p = lookup(name).map_err(|e| format!("missing symbol {name}: {e}"))?;
+                        if p.is_null() {
+                            return Err(format!("missing symbol {name}: null address"));
+                        }
+                        // SAFETY: the caller guarantees `p` is a function of this C signature;
+                        // a data pointer and a function pointer have the same size on every
+                        // target HIP supports.
+                        unsafe { std::mem::transmute::<*const c_void, $ty>(p) }
+                    },)*
+                })
+            }
+        }
+    };
 }
 
-impl Functions {
-    /// The C names of the fields, in order.
-    pub const NAMES: [&'static str; 36] = [
-        "hipGetErrorString",
-        "hipGetErrorName",
-        "hipRuntimeGetVersion",
-        "hipDriverGetVersion",
-        "hipGetDeviceCount",
-        "hipGetDevice",
-        "hipSetDevice",
-        "hipDeviceGetName",
-        "hipDeviceGetPCIBusId",
-        "hipDeviceTotalMem",
-        "hipDeviceSynchronize",
-        "hipStreamCreateWithFlags",
-        "hipStreamDestroy",
-        "hipStreamQuery",
-        "hipStreamSynchronize",
-        "hipMalloc",
-        "hipFree",
-        "hipMemsetAsync",
-        "hipMemcpyAsync",
-        "hipMemcpy2DAsync",
-        "hipEventCreateWithFlags",
-        "hipEventDestroy",
-        "hipEventRecord",
-        "hipEventQuery",
-        "hipStreamWaitEvent",
-        "hipEventElapsedTime",
-        "hipIpcGetMemHandle",
-        "hipIpcOpenMemHandle",
-        "hipIpcCloseMemHandle",
-        "hipStreamBeginCapture",
-        "hipStreamEndCapture",
-        "hipStreamIsCapturing",
-        "hipGraphInstantiateWithFlags",
-        "hipGraphLaunch",
-        "hipGraphExecDestroy",
-        "hipGraphDestroy",
-    ];
-
-    /// Binds every function through `lookup`, which returns the address of a C name (or a
-    /// one-line reason it has none). The first missing name is the error.
-    ///
-    /// # Safety
-    /// Every address `lookup` returns must be a function with the C signature that HIP's
-    /// `hip_runtime_api.h` declares for that name, and must stay valid for the life of the table.
-    pub unsafe fn bind(
-        mut lookup: impl FnMut(&'static str) -> std::result::Result<*const c_void, String>,
-    ) -> std::result::Result<Functions, String> {
-        let mut get = |name: &'static str| -> std::result::Result<*const c_void, String> {
-            let p = lookup(name).map_err(|e| format!("missing symbol {name}: {e}"))?;
-            if p.is_null() {
-                return Err(format!("missing symbol {name}: null address"));
-            }
-            Ok(p)
-        };
-        macro_rules! f {
-            ($name:literal, $ty:ty) => {{
-                let p = get($name)?;
-                // SAFETY: the caller guarantees `p` is a function of this C signature; a data
-                // pointer and a function pointer have the same size on every target HIP supports.
-                unsafe { std::mem::transmute::<*const c_void, $ty>(p) }
-            }};
-        }
-        Ok(Functions {
-            get_error_string: f!("hipGetErrorString", hipGetErrorString_t),
-            get_error_name: f!("hipGetErrorName", hipGetErrorString_t),
-            runtime_get_version: f!("hipRuntimeGetVersion", hipGetInt_t),
-            driver_get_version: f!("hipDriverGetVersion", hipGetInt_t),
-            get_device_count: f!("hipGetDeviceCount", hipGetInt_t),
-            get_device: f!("hipGetDevice", hipGetInt_t),
-            set_device: f!("hipSetDevice", hipSetDevice_t),
-            device_get_name: f!("hipDeviceGetName", hipDeviceGetName_t),
-            device_get_pci_bus_id: f!("hipDeviceGetPCIBusId", hipDeviceGetName_t),
-            device_total_mem: f!("hipDeviceTotalMem", hipDeviceTotalMem_t),
-            device_synchronize: f!("hipDeviceSynchronize", hipVoid_t),
-            stream_create_with_flags: f!("hipStreamCreateWithFlags", hipStreamCreateWithFlags_t),
-            stream_destroy: f!("hipStreamDestroy", hipStreamFn_t),
-            stream_query: f!("hipStreamQuery", hipStreamFn_t),
-            stream_synchronize: f!("hipStreamSynchronize", hipStreamFn_t),
-            malloc: f!("hipMalloc", hipMalloc_t),
-            free: f!("hipFree", hipFree_t),
-            memset_async: f!("hipMemsetAsync", hipMemsetAsync_t),
-            memcpy_async: f!("hipMemcpyAsync", hipMemcpyAsync_t),
-            memcpy_2d_async: f!("hipMemcpy2DAsync", hipMemcpy2DAsync_t),
-            event_create_with_flags: f!("hipEventCreateWithFlags", hipEventCreateWithFlags_t),
-            event_destroy: f!("hipEventDestroy", hipEventFn_t),
-            event_record: f!("hipEventRecord", hipEventRecord_t),
-            event_query: f!("hipEventQuery", hipEventFn_t),
-            stream_wait_event: f!("hipStreamWaitEvent", hipStreamWaitEvent_t),
-            event_elapsed_time: f!("hipEventElapsedTime", hipEventElapsedTime_t),
-            ipc_get_mem_handle: f!("hipIpcGetMemHandle", hipIpcGetMemHandle_t),
-            ipc_open_mem_handle: f!("hipIpcOpenMemHandle", hipIpcOpenMemHandle_t),
-            ipc_close_mem_handle: f!("hipIpcCloseMemHandle", hipFree_t),
-            stream_begin_capture: f!("hipStreamBeginCapture", hipStreamBeginCapture_t),
-            stream_end_capture: f!("hipStreamEndCapture", hipStreamEndCapture_t),
-            stream_is_capturing: f!("hipStreamIsCapturing", hipStreamIsCapturing_t),
-            graph_instantiate_with_flags: f!(
-                "hipGraphInstantiateWithFlags",
-                hipGraphInstantiateWithFlags_t
-            ),
-            graph_launch: f!("hipGraphLaunch", hipGraphLaunch_t),
-            graph_exec_destroy: f!("hipGraphExecDestroy", hipGraphFn_t),
-            graph_destroy: f!("hipGraphDestroy", hipGraphFn_t),
-        })
-    }
+functions! {
+    get_error_string: hipGetErrorString_t = hipGetErrorString,
+    get_error_name: hipGetErrorString_t = hipGetErrorName,
+    runtime_get_version: hipGetInt_t = hipRuntimeGetVersion,
+    driver_get_version: hipGetInt_t = hipDriverGetVersion,
+    get_device_count: hipGetInt_t = hipGetDeviceCount,
+    get_device: hipGetInt_t = hipGetDevice,
+    set_device: hipSetDevice_t = hipSetDevice,
+    device_get_name: hipDeviceGetName_t = hipDeviceGetName,
+    device_get_pci_bus_id: hipDeviceGetName_t = hipDeviceGetPCIBusId,
+    device_total_mem: hipDeviceTotalMem_t = hipDeviceTotalMem,
+    device_synchronize: hipVoid_t = hipDeviceSynchronize,
+    stream_create_with_flags: hipStreamCreateWithFlags_t = hipStreamCreateWithFlags,
+    stream_destroy: hipStreamFn_t = hipStreamDestroy,
+    stream_query: hipStreamFn_t = hipStreamQuery,
+    stream_synchronize: hipStreamFn_t = hipStreamSynchronize,
+    malloc: hipMalloc_t = hipMalloc,
+    free: hipFree_t = hipFree,
+    memset_async: hipMemsetAsync_t = hipMemsetAsync,
+    memcpy_async: hipMemcpyAsync_t = hipMemcpyAsync,
+    memcpy_2d_async: hipMemcpy2DAsync_t = hipMemcpy2DAsync,
+    event_create_with_flags: hipEventCreateWithFlags_t = hipEventCreateWithFlags,
+    event_destroy: hipEventFn_t = hipEventDestroy,
+    event_record: hipEventRecord_t = hipEventRecord,
+    event_query: hipEventFn_t = hipEventQuery,
+    stream_wait_event: hipStreamWaitEvent_t = hipStreamWaitEvent,
+    event_elapsed_time: hipEventElapsedTime_t = hipEventElapsedTime,
+    ipc_get_mem_handle: hipIpcGetMemHandle_t = hipIpcGetMemHandle,
+    ipc_open_mem_handle: hipIpcOpenMemHandle_t = hipIpcOpenMemHandle,
+    ipc_close_mem_handle: hipFree_t = hipIpcCloseMemHandle,
+    stream_begin_capture: hipStreamBeginCapture_t = hipStreamBeginCapture,
+    stream_end_capture: hipStreamEndCapture_t = hipStreamEndCapture,
+    stream_is_capturing: hipStreamIsCapturing_t = hipStreamIsCapturing,
+    graph_instantiate_with_flags: hipGraphInstantiateWithFlags_t = hipGraphInstantiateWithFlags,
+    graph_launch: hipGraphLaunch_t = hipGraphLaunch,
+    graph_exec_destroy: hipGraphFn_t = hipGraphExecDestroy,
+    graph_destroy: hipGraphFn_t = hipGraphDestroy,
 }
 
 #[cfg(test)]
@@ -362,6 +259,7 @@ mod tests {
         n.sort_unstable();
         n.dedup();
         assert_eq!(n.len(), Functions::NAMES.len());
+        assert_eq!(Functions::NAMES.len(), 36);
         // SAFETY: the lookup returns no address at all, so nothing is ever called.
         let e = unsafe { Functions::bind(|_| Err("absent".into())) }.unwrap_err();
         assert_eq!(e, "missing symbol hipGetErrorString: absent");
