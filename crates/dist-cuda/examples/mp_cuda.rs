@@ -22,7 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use checks::{inputs, Checks};
-use cudarc::driver::{sys::CUstreamCaptureMode, CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use dist_core::half::bf16;
 use dist_core::{
     reference, DType, DeviceCommunicator, Element, Error, HostTensor, ReduceOp, Result, Tensor,
@@ -32,7 +33,7 @@ use dist_cuda::{engine, Communicator, CudaGraph, CudaTensor, DeviceContext, GpuR
 
 const SIZES: [usize; 7] = [
     16,
-    1024,
+    1 << 10,
     64 << 10,
     256 << 10,
     1 << 20,
@@ -61,20 +62,13 @@ impl Engine {
         let stream = ctx.new_stream().map_err(drv)?;
         Ok(Engine { ctx, stream })
     }
-    fn upload<T: Element + cudarc::driver::DeviceRepr>(
-        &self,
-        t: &HostTensor,
-    ) -> Result<CudaSlice<T>> {
+    fn upload<T: Element + DeviceRepr>(&self, t: &HostTensor) -> Result<CudaSlice<T>> {
         self.stream.clone_htod(t.as_slice::<T>()?).map_err(drv)
     }
-    fn write<T: Element + cudarc::driver::DeviceRepr>(
-        &self,
-        t: &HostTensor,
-        s: &mut CudaSlice<T>,
-    ) -> Result<()> {
+    fn write<T: Element + DeviceRepr>(&self, t: &HostTensor, s: &mut CudaSlice<T>) -> Result<()> {
         self.stream.memcpy_htod(t.as_slice::<T>()?, s).map_err(drv)
     }
-    fn download<T: Element + cudarc::driver::DeviceRepr>(
+    fn download<T: Element + DeviceRepr>(
         &self,
         s: &CudaSlice<T>,
         shape: &[usize],
@@ -94,11 +88,7 @@ fn engine_nccl(comm: &Communicator, ck: &mut Checks) -> Result<()> {
         if round == 1 {
             engine::use_stream(comm, &eng.stream)?;
         }
-        let how = if round == 0 {
-            "fenced"
-        } else {
-            "on the engine's stream"
-        };
+        let how = ["fenced", "on the engine's stream"][round as usize];
         let xs = checks::rank_inputs(DType::F32, |_| vec![4, 6, 5], 70 + round, w);
         let mut x = eng.upload::<f32>(&xs[me])?;
         let r = comm.all_reduce_in_place(
@@ -137,13 +127,11 @@ fn engine_nccl(comm: &Communicator, ck: &mut Checks) -> Result<()> {
     let other = CudaContext::new_non_primary(ord, 0).map_err(drv)?;
     let os = other.new_stream().map_err(drv)?;
     let z = os.alloc_zeros::<f32>(16).map_err(drv)?;
+    let refused = |s| engine::view(&z, s).map(|v| v.nbytes());
+    ck.err("a slice of a non-primary context", refused(&os));
     ck.err(
-        "a slice of a non-primary context",
-        engine::view(&z, &os).map(|v| v.nbytes()),
-    );
-    ck.err(
-        "the engine's stream with another context's slice",
-        engine::view(&z, &eng.stream).map(|v| v.nbytes()),
+        "another context's slice on the engine's stream",
+        refused(&eng.stream),
     );
     drop((z, os, other));
     eng.ctx.bind_to_thread().map_err(drv)?;
@@ -152,57 +140,45 @@ fn engine_nccl(comm: &Communicator, ck: &mut Checks) -> Result<()> {
 
 /// A CUDA graph captured on the engine's stream around an in-place all-reduce of the engine's
 /// memory (the custom all-reduce's copy-in path on several ranks, NCCL at world 1), replayed on
-/// new inputs.
+/// new inputs; fp32 and bf16.
 fn engine_graph(comm: &Communicator, ck: &mut Checks, seed: u64) -> Result<()> {
-    let (w, me) = (comm.world_size(), comm.rank());
     let eng = Engine::new(comm.context().ordinal(), false)?;
     engine::use_stream(comm, &eng.stream)?;
-    for dtype in [DType::F32, DType::BF16] {
-        let n = 8192;
-        let mut xf = eng.upload::<f32>(&HostTensor::zeros(DType::F32, &[n]))?;
-        let mut xb = eng.upload::<bf16>(&HostTensor::zeros(DType::BF16, &[n]))?;
-        eng.stream.synchronize().map_err(drv)?;
-        comm.begin_capture()?;
-        eng.stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-            .map_err(drv)?;
-        let r = match dtype {
-            DType::F32 => comm
-                .all_reduce_in_place(&mut engine::view_mut(&mut xf, &eng.stream)?, ReduceOp::Sum),
-            _ => comm
-                .all_reduce_in_place(&mut engine::view_mut(&mut xb, &eng.stream)?, ReduceOp::Sum),
-        };
-        let g = eng
-            .stream
-            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
-            .map_err(drv);
-        comm.end_capture()?;
-        r?;
-        let Some(g) = g? else {
-            ck.fail(format!("engine graph {dtype}: nothing was captured"));
-            continue;
-        };
-        for rep in 0..3 {
-            let xs = inputs(dtype, n, seed + rep, w);
-            match dtype {
-                DType::F32 => eng.write(&xs[me], &mut xf)?,
-                _ => eng.write(&xs[me], &mut xb)?,
-            }
-            g.launch().map_err(drv)?;
-            let got = match dtype {
-                DType::F32 => eng.download(&xf, &[n]),
-                _ => eng.download(&xb, &[n]),
-            };
-            let want = reference::all_reduce(&xs, ReduceOp::Sum)?;
-            ck.close(
-                || format!("engine-stream graph replay {rep} {dtype}"),
-                got,
-                &want,
-                w,
-            );
-        }
-    }
+    graph_on_engine::<f32>(comm, ck, &eng, seed)?;
+    graph_on_engine::<bf16>(comm, ck, &eng, seed + 10)?;
     comm.reset_stream()
+}
+
+fn graph_on_engine<T: Element + DeviceRepr + ValidAsZeroBits>(
+    comm: &Communicator,
+    ck: &mut Checks,
+    eng: &Engine,
+    seed: u64,
+) -> Result<()> {
+    let (w, me, n) = (comm.world_size(), comm.rank(), 8192);
+    let mut x = eng.stream.alloc_zeros::<T>(n).map_err(drv)?;
+    eng.stream.synchronize().map_err(drv)?;
+    comm.begin_capture()?;
+    let mode = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+    eng.stream.begin_capture(mode).map_err(drv)?;
+    let r = engine::view_mut(&mut x, &eng.stream)
+        .and_then(|mut v| comm.all_reduce_in_place(&mut v, ReduceOp::Sum));
+    let g = eng
+        .stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .map_err(drv);
+    comm.end_capture()?;
+    r?;
+    let g = g?.ok_or_else(|| Error::protocol("the engine's capture recorded nothing"))?;
+    for rep in 0..3 {
+        let xs = inputs(T::DTYPE, n, seed + rep, w);
+        eng.write(&xs[me], &mut x)?;
+        g.launch().map_err(drv)?;
+        let want = reference::all_reduce(&xs, ReduceOp::Sum)?;
+        let what = || format!("engine-stream graph replay {rep} {}", T::DTYPE);
+        ck.close(what, eng.download(&x, &[n]), &want, w);
+    }
+    Ok(())
 }
 
 /// The custom all-reduce (several processes on one GPU): buffer sharing, every algorithm, dtype

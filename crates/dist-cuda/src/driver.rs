@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result as cu, sys, CudaContext, DriverError};
 use dist_core::{CommunicatorContext, DeviceKind, Error, Result};
-use dist_nccl::{wait_stream, Flavor, GpuRuntime, Pool, RawStream, Strided};
+use dist_nccl::{wait_stream, Devices, Flavor, GpuRuntime, Pool, RawStream, Strided};
 
 use crate::custom_ar::CustomAllreduce;
 
@@ -29,6 +29,18 @@ pub fn cuda_err(call: &str, e: DriverError) -> Error {
         backend: "cuda",
         code: Some(e.0 as i64),
         message: format!("{call}: {name}: {msg}"),
+    }
+}
+
+/// Driver results with the call named in the error.
+pub(crate) trait Cu<T> {
+    /// [`cuda_err`] of the error, naming `call`.
+    fn cu(self, call: &str) -> Result<T>;
+}
+
+impl<T> Cu<T> for std::result::Result<T, DriverError> {
+    fn cu(self, call: &str) -> Result<T> {
+        self.map_err(|e| cuda_err(call, e))
     }
 }
 
@@ -128,7 +140,7 @@ pub(crate) fn load_kernels(
     dev.bind()?;
     // SAFETY: src is NUL-terminated PTX text; the module lives for the process (never unloaded).
     let module = unsafe { cu::module::load_data(src.as_ptr() as *const c_void) }
-        .map_err(|e| cuda_err(&format!("cuModuleLoadData ({what})"), e))?;
+        .cu(&format!("cuModuleLoadData ({what})"))?;
     let funcs = names
         .iter()
         .map(|n| {
@@ -137,7 +149,7 @@ pub(crate) fn load_kernels(
             // SAFETY: module is loaded; name is NUL-terminated.
             unsafe { cu::module::get_function(module, name) }
                 .map(KernelFn)
-                .map_err(|e| cuda_err(&format!("cuModuleGetFunction {n} ({what})"), e))
+                .cu(&format!("cuModuleGetFunction {n} ({what})"))
         })
         .collect::<Result<Vec<_>>>()?;
     tracing::debug!(
@@ -179,9 +191,6 @@ pub fn device_count() -> usize {
         .map(|c| c.max(0) as usize)
         .unwrap_or(0)
 }
-
-/// Most devices a process can address (ordinals at or past it are refused).
-pub const MAX_DEVICES: usize = 64;
 
 /// One device's primary context and the stream this crate's own tensors are ordered on (the
 /// "current stream" of torch), its allocation cache and the bookkeeping of its allocations.
@@ -261,7 +270,7 @@ impl FaultFlags {
                 sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE,
             )
         }
-        .map_err(|e| cuda_err("cuMemHostAlloc", e))? as *mut u32;
+        .cu("cuMemHostAlloc")? as *mut u32;
         for i in 0..words {
             // SAFETY: i < words, inside the allocation.
             unsafe { std::ptr::write_volatile(host.add(i), 0) };
@@ -335,8 +344,7 @@ impl std::fmt::Debug for DeviceContext {
     }
 }
 
-static REGISTRY: [OnceLock<Arc<DeviceContext>>; MAX_DEVICES] =
-    [const { OnceLock::new() }; MAX_DEVICES];
+static DEVICES: Devices<DeviceContext> = Devices::new();
 
 impl DeviceContext {
     /// The process-wide context of device `ordinal`, created on first use, bound to the
@@ -351,47 +359,32 @@ impl DeviceContext {
     /// for the process).
     pub fn get_static(ordinal: usize) -> Result<&'static Arc<DeviceContext>> {
         ensure_driver()?;
-        dist_core::ensure_arg!(
-            ordinal < MAX_DEVICES,
-            "cuda:{ordinal}: at most {MAX_DEVICES} devices are addressed"
-        );
-        if let Some(d) = REGISTRY[ordinal].get() {
-            return Ok(d);
-        }
-        static MAKING: Mutex<()> = Mutex::new(());
-        let _g = MAKING.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(d) = REGISTRY[ordinal].get() {
-            return Ok(d);
-        }
-        let n = {
-            cu::init().map_err(|e| cuda_err("cuInit", e))?;
-            cu::device::get_count().map_err(|e| cuda_err("cuDeviceGetCount", e))?
-        };
-        if ordinal >= n.max(0) as usize {
-            return Err(Error::invalid(format!(
-                "cuda:{ordinal} does not exist ({n} visible devices)"
-            )));
-        }
-        let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("cuDevicePrimaryCtxRetain", e))?;
-        let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking)
-            .map_err(|e| cuda_err("cuStreamCreate", e))?;
-        let d = Arc::new(DeviceContext {
-            ctx,
-            // SAFETY: a stream of this context, never destroyed (contexts live for the process).
-            stream: unsafe { RawStream::from_raw(stream as *mut c_void) },
-            ordinal,
-            pool: Pool::from_env("DIST_CUDA_CACHE_BYTES"),
-            faults: Mutex::new(Vec::new()),
-            serials: Mutex::new(HashMap::new()),
-        });
-        Ok(REGISTRY[ordinal].get_or_init(|| d))
+        DEVICES.get_or_make("cuda", ordinal, || {
+            cu::init().cu("cuInit")?;
+            let n = cu::device::get_count().cu("cuDeviceGetCount")?;
+            if ordinal >= n.max(0) as usize {
+                return Err(Error::invalid(format!(
+                    "cuda:{ordinal} does not exist ({n} visible devices)"
+                )));
+            }
+            let ctx = CudaContext::new(ordinal).cu("cuDevicePrimaryCtxRetain")?;
+            let stream =
+                cu::stream::create(cu::stream::StreamKind::NonBlocking).cu("cuStreamCreate")?;
+            Ok(DeviceContext {
+                ctx,
+                // SAFETY: a stream of this context, never destroyed (contexts live for the process).
+                stream: unsafe { RawStream::from_raw(stream as *mut c_void) },
+                ordinal,
+                pool: Pool::from_env("DIST_CUDA_CACHE_BYTES"),
+                faults: Mutex::new(Vec::new()),
+                serials: Mutex::new(HashMap::new()),
+            })
+        })
     }
 
     /// Makes this device's context current on the calling thread.
     pub fn bind(&self) -> Result<()> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| cuda_err("cuCtxSetCurrent", e))
+        self.ctx.bind_to_thread().cu("cuCtxSetCurrent")
     }
     /// Device index.
     pub fn ordinal(&self) -> usize {
@@ -433,9 +426,7 @@ impl DeviceContext {
     }
     /// `(major, minor)` compute capability.
     pub fn compute_capability(&self) -> Result<(i32, i32)> {
-        self.ctx
-            .compute_capability()
-            .map_err(|e| cuda_err("cuDeviceGetAttribute", e))
+        self.ctx.compute_capability().cu("cuDeviceGetAttribute")
     }
 
     /// The serial of the allocation of this crate whose base address is `base` (`None` for
@@ -465,10 +456,7 @@ impl DeviceContext {
 
     /// The device's UUID (16 bytes), to tell devices apart across processes.
     pub fn uuid(&self) -> Result<[u8; 16]> {
-        let u = self
-            .ctx
-            .uuid()
-            .map_err(|e| cuda_err("cuDeviceGetUuid", e))?;
+        let u = self.ctx.uuid().cu("cuDeviceGetUuid")?;
         let mut out = [0u8; 16];
         for (o, b) in out.iter_mut().zip(u.bytes.iter()) {
             *o = *b as u8;
@@ -587,20 +575,18 @@ impl GpuRuntime for DeviceContext {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&ptr);
         // SAFETY: forwarded contract (cuMemFree waits for pending work).
-        unsafe { cu::free_sync(ptr) }.map_err(|e| cuda_err("cuMemFree", e))
+        unsafe { cu::free_sync(ptr) }.cu("cuMemFree")
     }
     unsafe fn memset_zero(&self, dst: u64, bytes: usize, s: RawStream) -> Result<()> {
         // SAFETY: forwarded contract.
-        unsafe { cu::memset_d8_async(dst, 0, bytes, cu(s)) }
-            .map_err(|e| cuda_err("cuMemsetD8Async", e))
+        unsafe { cu::memset_d8_async(dst, 0, bytes, cu(s)) }.cu("cuMemsetD8Async")
     }
     unsafe fn copy_d2d(&self, dst: u64, src: u64, bytes: usize, s: RawStream) -> Result<()> {
         if bytes == 0 {
             return Ok(());
         }
         // SAFETY: forwarded contract.
-        unsafe { cu::memcpy_dtod_async(dst, src, bytes, cu(s)) }
-            .map_err(|e| cuda_err("cuMemcpyDtoDAsync", e))
+        unsafe { cu::memcpy_dtod_async(dst, src, bytes, cu(s)) }.cu("cuMemcpyDtoDAsync")
     }
     unsafe fn copy_2d(&self, c: &Strided, s: RawStream) -> Result<()> {
         let dev_mem = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
@@ -629,15 +615,23 @@ impl GpuRuntime for DeviceContext {
     }
     unsafe fn copy_h2d(&self, dst: u64, src: &[u8], s: RawStream) -> Result<()> {
         // SAFETY: forwarded contract.
-        unsafe { cu::memcpy_htod_async(dst, src, cu(s)) }
-            .map_err(|e| cuda_err("cuMemcpyHtoDAsync", e))
+        unsafe { cu::memcpy_htod_async(dst, src, cu(s)) }.cu("cuMemcpyHtoDAsync")
     }
     unsafe fn copy_d2h(&self, dst: &mut [u8], src: u64, s: RawStream) -> Result<()> {
         // SAFETY: forwarded contract.
-        unsafe { cu::memcpy_dtoh_async(dst, src, cu(s)) }
-            .map_err(|e| cuda_err("cuMemcpyDtoHAsync", e))
+        unsafe { cu::memcpy_dtoh_async(dst, src, cu(s)) }.cu("cuMemcpyDtoHAsync")
     }
 
+    fn create_stream(&self) -> Result<RawStream> {
+        self.bind()?;
+        let s = cu::stream::create(cu::stream::StreamKind::NonBlocking).cu("cuStreamCreate")?;
+        // SAFETY: a new stream of this context, destroyed by its owner.
+        Ok(unsafe { RawStream::from_raw(s as *mut c_void) })
+    }
+    unsafe fn destroy_stream(&self, s: RawStream) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { cu::stream::destroy(cu(s)) }.cu("cuStreamDestroy")
+    }
     fn new_event(&self, timing: bool) -> Result<Event> {
         self.bind()?;
         let flags = if timing {
@@ -645,24 +639,22 @@ impl GpuRuntime for DeviceContext {
         } else {
             sys::CUevent_flags::CU_EVENT_DISABLE_TIMING
         };
-        cu::event::create(flags)
-            .map(Event)
-            .map_err(|e| cuda_err("cuEventCreate", e))
+        cu::event::create(flags).map(Event).cu("cuEventCreate")
     }
     fn elapsed_ms(&self, start: &Event, end: &Event) -> Result<f32> {
         // SAFETY: both events are live; the driver reports events not recorded or not done.
-        unsafe { cu::event::elapsed(start.0, end.0) }.map_err(|e| cuda_err("cuEventElapsedTime", e))
+        unsafe { cu::event::elapsed(start.0, end.0) }.cu("cuEventElapsedTime")
     }
     unsafe fn record(&self, ev: &Event, s: RawStream) -> Result<()> {
         // SAFETY: forwarded contract; the event is live.
-        unsafe { cu::event::record(ev.0, cu(s)) }.map_err(|e| cuda_err("cuEventRecord", e))
+        unsafe { cu::event::record(ev.0, cu(s)) }.cu("cuEventRecord")
     }
     unsafe fn wait_event(&self, s: RawStream, ev: &Event) -> Result<()> {
         // SAFETY: forwarded contract; the event is live.
         unsafe {
             cu::stream::wait_event(cu(s), ev.0, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
         }
-        .map_err(|e| cuda_err("cuStreamWaitEvent", e))
+        .cu("cuStreamWaitEvent")
     }
     fn event_done(&self, ev: &Event) -> Result<bool> {
         // SAFETY: the event is live.
@@ -688,12 +680,11 @@ impl GpuRuntime for DeviceContext {
                 sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
             )
         }
-        .map_err(|e| cuda_err("cuStreamBeginCapture", e))
+        .cu("cuStreamBeginCapture")
     }
     unsafe fn end_capture(&self, s: RawStream) -> Result<Graph> {
         // SAFETY: forwarded contract.
-        let graph = unsafe { cu::stream::end_capture(cu(s)) }
-            .map_err(|e| cuda_err("cuStreamEndCapture", e))?;
+        let graph = unsafe { cu::stream::end_capture(cu(s)) }.cu("cuStreamEndCapture")?;
         // SAFETY: graph is a valid captured graph.
         match unsafe { cu::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) } {
             Ok(exec) => Ok(Graph { graph, exec }),
@@ -706,7 +697,7 @@ impl GpuRuntime for DeviceContext {
     }
     unsafe fn launch_graph(&self, g: &Graph, s: RawStream) -> Result<()> {
         // SAFETY: forwarded contract; exec is live.
-        unsafe { cu::graph::launch(g.exec, cu(s)) }.map_err(|e| cuda_err("cuGraphLaunch", e))
+        unsafe { cu::graph::launch(g.exec, cu(s)) }.cu("cuGraphLaunch")
     }
     fn check_faults(&self) -> Result<()> {
         DeviceContext::check_faults(self)

@@ -28,7 +28,7 @@ use dist_core::{DType, Error, Result, Tensor};
 
 use dist_nccl::GpuRuntime;
 
-use crate::driver::{cuda_err, load_kernels, per_device, DeviceContext, KernelFn};
+use crate::driver::{load_kernels, per_device, Cu, DeviceContext, KernelFn};
 use crate::{CudaTensor, DeviceBuffer};
 
 /// The kernels' CUDA C source (no headers; NVRTC compiles it for the device's architecture).
@@ -366,7 +366,7 @@ fn run(
     // below. From pageable memory the driver stages the bytes before returning, so `list` may
     // be dropped at any time after the call (CUDA's "API synchronization behavior").
     unsafe { cu::memcpy_htod_async(dlist.ptr(), &list, dev.cu_stream()) }
-        .map_err(|e| cuda_err("cuMemcpyHtoDAsync (paged slot list)", e))?;
+        .cu("cuMemcpyHtoDAsync (paged slot list)")?;
 
     let mut a_cache = cache.ptr();
     let mut a_buf = buf.ptr();
@@ -415,7 +415,7 @@ fn run(
             &mut params,
         )
     }
-    .map_err(|e| cuda_err("cuLaunchKernel (paged gather/scatter)", e))?;
+    .cu("cuLaunchKernel (paged gather/scatter)")?;
     let done = dev.synchronize();
     drop(dlist);
     done

@@ -34,7 +34,8 @@
 //!   strided copy per rank makes `cat(x, dim)` (none when the dims before `dim` are 1);
 //!   `reduce_scatter(dim)` mirrors it; the `v` variants are one broadcast / reduce per root
 //!   inside a group (as vLLM's pynccl); fp8 moves as bytes.
-//! - [`GpuGraph`]: capture and replay on a device's stream; [`GpuBackend`]: `dist_core::Backend`.
+//! - [`GpuGraph`]: capture and replay on a device's stream; [`GpuBackend`]: `dist_core::Backend`;
+//!   [`pair::NcclPair`]: a two-rank link with its own stream and deadlines (KV transfer).
 //!
 //! ## Layers of the ABI (as cudarc's `nccl` module)
 //! - [`sys`]: the raw ABI: `ncclUniqueId` (128 bytes), the enums with NCCL's values, the
@@ -69,6 +70,7 @@ pub mod communicator;
 mod layout;
 pub mod loader;
 pub mod memory;
+pub mod pair;
 pub mod result;
 pub mod runtime;
 pub mod safe;
@@ -82,7 +84,8 @@ pub use dist_core::{Error, Result};
 pub use loader::{candidates, format_version, library, Flavor, Library, SO_PATH_ENV};
 pub use memory::{DeviceBuffer, GpuTensor, Pool};
 pub use runtime::{
-    annotate, wait_stream, CommOptions, FastAllReduce, GpuRuntime, NoFastPath, RawStream, Strided,
+    annotate, wait_stream, CommOptions, Devices, FastAllReduce, GpuRuntime, NoFastPath, RawStream,
+    Strided, MAX_DEVICES,
 };
 pub use safe::{Comm, UniqueId, ABORT_TIMEOUT};
 pub use types::{check_reduction, nccl_dtype, nccl_op, wire_dtype};

@@ -10,7 +10,7 @@
 //! many primitives as it needs.
 
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use dist_core::{CommunicatorContext, DType, DeviceKind, Error, HostGroup, Result};
@@ -85,7 +85,7 @@ pub trait CommOptions: Clone + std::fmt::Debug + Send + Sync + 'static {
     /// Create the NCCL/RCCL communicator (off: only memory and copies work; collectives are
     /// [`Error::Unsupported`]).
     fn nccl(&self) -> bool;
-    /// What [`crate::GpuBackend::create_communicator`] uses: defaults, with the environment.
+    /// What [`crate::GpuBackend`]'s `create_communicator` uses: defaults, with the environment.
     fn from_env() -> Self;
 }
 
@@ -223,6 +223,13 @@ pub trait GpuRuntime: Send + Sync + std::fmt::Debug + Sized + 'static {
     /// else until the copy has run.
     unsafe fn copy_d2h(&self, dst: &mut [u8], src: u64, stream: RawStream) -> Result<()>;
 
+    /// A new non-blocking stream of this device (destroy it with [`GpuRuntime::destroy_stream`]).
+    fn create_stream(&self) -> Result<RawStream>;
+    /// Destroys a stream of [`GpuRuntime::create_stream`].
+    ///
+    /// # Safety
+    /// `stream` came from `create_stream` on this device and is not used afterwards.
+    unsafe fn destroy_stream(&self, stream: RawStream) -> Result<()>;
     /// A new event; `timing`: one [`GpuRuntime::elapsed_ms`] can measure (ordering-only events
     /// are cheaper).
     fn new_event(&self, timing: bool) -> Result<Self::Event>;
@@ -298,6 +305,55 @@ pub trait GpuRuntime: Send + Sync + std::fmt::Debug + Sized + 'static {
     /// Bytes held by the allocation cache.
     fn cached_bytes(&self) -> usize {
         self.pool().cached_bytes()
+    }
+}
+
+/// Most devices a process addresses per runtime (ordinals at or past it are refused).
+pub const MAX_DEVICES: usize = 64;
+
+/// A runtime's per-process table of device contexts, made at first use and kept for the
+/// process (so views may borrow them for `'static`).
+#[derive(Debug)]
+pub struct Devices<R> {
+    slots: [OnceLock<Arc<R>>; MAX_DEVICES],
+    making: Mutex<()>,
+}
+
+impl<R> Default for Devices<R> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<R> Devices<R> {
+    /// An empty table (for a `static`).
+    pub const fn new() -> Self {
+        Devices {
+            slots: [const { OnceLock::new() }; MAX_DEVICES],
+            making: Mutex::new(()),
+        }
+    }
+    /// Device `ordinal`'s context, made by `make` the first time (one maker at a time).
+    pub fn get_or_make(
+        &'static self,
+        name: &str,
+        ordinal: usize,
+        make: impl FnOnce() -> Result<R>,
+    ) -> Result<&'static Arc<R>> {
+        let slot = self.slots.get(ordinal).ok_or_else(|| {
+            Error::invalid(format!(
+                "{name}:{ordinal}: at most {MAX_DEVICES} devices are addressed"
+            ))
+        })?;
+        if let Some(d) = slot.get() {
+            return Ok(d);
+        }
+        let _g = self.making.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = slot.get() {
+            return Ok(d);
+        }
+        let d = Arc::new(make()?);
+        Ok(slot.get_or_init(|| d))
     }
 }
 

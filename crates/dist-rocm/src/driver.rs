@@ -7,12 +7,13 @@
 //! point of this crate calls it, then [`DeviceContext::get`], which turns "no AMD GPU" into
 //! the error of [`crate::hip::result::no_device`].
 
-use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
 use dist_core::{CommunicatorContext, DeviceKind, Error, Result};
-use dist_nccl::{annotate, Flavor, GpuRuntime, NoFastPath, Options, Pool, RawStream, Strided};
+use dist_nccl::{
+    annotate, Devices, Flavor, GpuRuntime, NoFastPath, Options, Pool, RawStream, Strided,
+};
 
 use crate::hip::safe::{Event, Graph, Stream};
 use crate::hip::{self, result as hr, sys, Runtime};
@@ -104,27 +105,23 @@ impl DeviceContext {
     /// device: [`Error::InvalidArgument`].
     pub fn get(ordinal: usize) -> Result<Arc<DeviceContext>> {
         let rt = ensure_driver()?;
-        static REG: OnceLock<Mutex<HashMap<usize, Arc<DeviceContext>>>> = OnceLock::new();
-        let reg = REG.get_or_init(|| Mutex::new(HashMap::new()));
-        let mut map = reg.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(d) = map.get(&ordinal) {
-            d.bind()?;
-            return Ok(d.clone());
-        }
-        let n = visible_devices()?;
-        if ordinal >= n {
-            return Err(Error::invalid(format!(
-                "rocm:{ordinal} does not exist ({n} visible devices)"
-            )));
-        }
-        let d = Arc::new(DeviceContext {
-            rt,
-            stream: Stream::new(rt, ordinal)?,
-            ordinal,
-            pool: Pool::from_env("DIST_ROCM_CACHE_BYTES"),
-        });
-        map.insert(ordinal, d.clone());
-        Ok(d)
+        static DEVICES: Devices<DeviceContext> = Devices::new();
+        let d = DEVICES.get_or_make("rocm", ordinal, || {
+            let n = visible_devices()?;
+            if ordinal >= n {
+                return Err(Error::invalid(format!(
+                    "rocm:{ordinal} does not exist ({n} visible devices)"
+                )));
+            }
+            Ok(DeviceContext {
+                rt,
+                stream: Stream::new(rt, ordinal)?,
+                ordinal,
+                pool: Pool::from_env("DIST_ROCM_CACHE_BYTES"),
+            })
+        })?;
+        d.bind()?;
+        Ok(d.clone())
     }
 
     /// Makes this device current on the calling thread.
@@ -254,6 +251,16 @@ impl GpuRuntime for DeviceContext {
         unsafe { hr::memcpy_async(self.rt, to, vptr(src), n, sys::hipMemcpyDeviceToHost, hs(s)) }
     }
 
+    fn create_stream(&self) -> Result<RawStream> {
+        self.bind()?;
+        let s = hr::stream_create_with_flags(self.rt, sys::hipStreamNonBlocking)?;
+        // SAFETY: a new stream of this device, destroyed by its owner.
+        Ok(unsafe { RawStream::from_raw(s) })
+    }
+    unsafe fn destroy_stream(&self, s: RawStream) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { hr::stream_destroy(self.rt, hs(s)) }
+    }
     fn new_event(&self, timing: bool) -> Result<Event> {
         if timing {
             Event::new(self.rt, self.ordinal)

@@ -23,9 +23,7 @@ use cudarc::driver::{result as cu, sys};
 use dist_core::{decode_obj, encode_obj, DType, Error, HostGroup, Result};
 use dist_nccl::{FastAllReduce, GpuRuntime, RawStream};
 
-use crate::driver::{
-    check, cuda_err, load_kernels, per_device, DeviceContext, FaultFlags, KernelFn,
-};
+use crate::driver::{check, load_kernels, per_device, Cu, DeviceContext, FaultFlags, KernelFn};
 use crate::ipc::{ipc_close, ipc_handle, ipc_open};
 use crate::DeviceBuffer;
 pub use policy::Algo;
@@ -197,13 +195,11 @@ impl std::fmt::Debug for CustomAllreduce {
 /// with native atomics (the NVLink stand-in, since PCIe peers usually lack them). Devices of other
 /// ranks that this process cannot see count as not connected.
 fn topology(mine: &[u8], all: &[Vec<u8>]) -> Result<(bool, bool)> {
-    let n = cu::device::get_count()
-        .map_err(|e| cuda_err("cuDeviceGetCount", e))?
-        .max(0);
+    let n = cu::device::get_count().cu("cuDeviceGetCount")?.max(0);
     let mut by_uuid: HashMap<Vec<u8>, sys::CUdevice> = HashMap::new();
     for i in 0..n {
-        let d = cu::device::get(i).map_err(|e| cuda_err("cuDeviceGet", e))?;
-        let u = cu::device::get_uuid(d).map_err(|e| cuda_err("cuDeviceGetUuid", e))?;
+        let d = cu::device::get(i).cu("cuDeviceGet")?;
+        let u = cu::device::get_uuid(d).cu("cuDeviceGetUuid")?;
         by_uuid.insert(u.bytes.iter().map(|b| *b as u8).collect(), d);
     }
     let me = by_uuid.get(mine).copied();
@@ -478,7 +474,7 @@ impl CustomAllreduce {
                 &mut params,
             )
         }
-        .map_err(|e| cuda_err("cuLaunchKernel (custom all-reduce)", e))
+        .cu("cuLaunchKernel (custom all-reduce)")
     }
 
     /// Addresses recorded during capture and not yet registered.

@@ -219,7 +219,7 @@ pub unsafe fn stream_query(rt: &Runtime, s: sys::hipStream_t) -> Result<bool> {
     }
 }
 
-/// `hipStreamSynchronize` (unbounded; [`crate::DeviceContext::wait`] is the bounded wait).
+/// `hipStreamSynchronize` (unbounded; [`dist_nccl::wait_stream`] is the bounded wait).
 ///
 /// # Safety
 /// `s` is a live stream.
