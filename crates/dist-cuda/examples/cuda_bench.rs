@@ -11,8 +11,6 @@
 #[path = "../../dist-nccl/examples/common/bench.rs"]
 mod bench;
 
-use std::time::Duration;
-
 use cudarc::driver::CudaContext;
 use dist_core::{DeviceCommunicator, ReduceOp, Result};
 use dist_cuda::{engine, Communicator, Options};
@@ -42,13 +40,12 @@ fn engine_sweep(comm: &Communicator, sizes: &[usize], tracking: bool) -> Result<
 }
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
-    if std::env::args().nth(1).as_deref() == Some("--worlds") {
-        println!("1");
-        return Ok(());
-    }
-    let (max_bytes, modes) = bench::args(512 << 20)?;
-    let e = dist_store::RankEnv::from_env()?;
-    let ctx = e.job_context("bench", Duration::from_secs(60))?;
+    let bench::Start {
+        max_bytes,
+        modes,
+        env: e,
+        ctx,
+    } = bench::start()?;
     let comm = Communicator::new(
         &ctx,
         &Options {
@@ -66,10 +63,10 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
             other => bench::sweep(&comm, &sizes, other.parse()?)?,
         };
         if e.rank == 0 {
+            let ar = comm.has_custom_ar();
             let title = format!(
-                "dist-cuda all_reduce ({m}), world {}, fp32, custom AR {}",
-                e.world,
-                comm.has_custom_ar()
+                "dist-cuda all_reduce ({m}), world {}, fp32, custom AR {ar}",
+                e.world
             );
             bench::print_table(&title, &rows);
         }

@@ -15,9 +15,13 @@
 //! Prints one line per group and `paged_check: N checks, M wrong`; exits 1 on any mismatch,
 //! 77 when there is no CUDA device.
 
+#[path = "../../dist-nccl/examples/common/checks.rs"]
+mod checks;
+
 use std::process::ExitCode;
 use std::time::Instant;
 
+use checks::Checks as Tally;
 use dist_core::{DType, DeviceCommunicator, Error, HostTensor, Result, Tensor};
 use dist_cuda::paged::{gather_slots, host_reference, scatter_slots, PagedShape};
 use dist_cuda::{device_count, Communicator, CudaTensor, DeviceContext, GpuRuntime};
@@ -53,25 +57,6 @@ impl Rng {
         }
         all.truncate(k);
         all
-    }
-}
-
-#[derive(Default)]
-struct Tally {
-    ok: usize,
-    bad: Vec<String>,
-}
-
-impl Tally {
-    fn check(&mut self, cond: bool, what: impl FnOnce() -> String) {
-        if cond {
-            self.ok += 1;
-        } else {
-            self.bad.push(what());
-        }
-    }
-    fn total(&self) -> usize {
-        self.ok + self.bad.len()
     }
 }
 

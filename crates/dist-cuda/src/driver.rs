@@ -49,6 +49,19 @@ pub(crate) fn check(call: &str, r: sys::CUresult) -> Result<()> {
     r.result().map_err(|e| cuda_err(call, e))
 }
 
+/// The base address of the allocation holding device address `p` (`cuMemGetAddressRange`).
+///
+/// # Safety
+/// `p` is a live device address of the current context.
+pub(crate) unsafe fn allocation_base(p: u64) -> Result<u64> {
+    let (mut base, mut size): (sys::CUdeviceptr, usize) = (0, 0);
+    // SAFETY: valid out-pointers; `p` by the caller's contract.
+    check("cuMemGetAddressRange", unsafe {
+        sys::cuMemGetAddressRange_v2(&mut base, &mut size, p)
+    })?;
+    Ok(base)
+}
+
 /// Checks once that `libcuda` and `libnvrtc` can be loaded. Absent: [`Error::LibraryNotFound`]
 /// with the names tried, never a panic.
 pub fn ensure_driver() -> Result<()> {

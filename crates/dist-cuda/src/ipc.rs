@@ -28,7 +28,7 @@ use dist_core::{Error, Result, Tensor};
 
 use dist_nccl::GpuRuntime;
 
-use crate::driver::{check, cuda_err, per_device, DeviceContext};
+use crate::driver::{allocation_base, check, cuda_err, per_device, DeviceContext};
 use crate::CudaTensor;
 
 /// Bytes of a `CUipcMemHandle`.
@@ -140,11 +140,8 @@ pub fn export(t: &CudaTensor) -> Result<IpcExport> {
             serial,
         });
     }
-    let (mut base, mut size): (sys::CUdeviceptr, usize) = (0, 0);
-    // SAFETY: valid out-pointers; t.ptr() is a live device address of this context.
-    check("cuMemGetAddressRange", unsafe {
-        sys::cuMemGetAddressRange_v2(&mut base, &mut size, t.ptr())
-    })?;
+    // SAFETY: t.ptr() is a live device address of this context, bound above.
+    let base = unsafe { allocation_base(t.ptr()) }?;
     Ok(IpcExport {
         handle: ipc_handle(base)?,
         offset: t.ptr() - base,

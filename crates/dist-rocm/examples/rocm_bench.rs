@@ -10,28 +10,24 @@ mod bench;
 #[path = "common/cudart_shim.rs"]
 mod cudart_shim;
 
-use std::time::Duration;
-
 use dist_core::DeviceCommunicator;
 use dist_rocm::{Communicator, Options};
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("--worlds") {
-        println!("1");
-        return Ok(());
-    }
-    if args.iter().any(|a| a == "--hip-from-cudart") {
+    if std::env::args().any(|a| a == "--hip-from-cudart") {
         let rt = cudart_shim::install()?;
         println!(
             "# ABI check, not a ROCm measurement: HIP runtime = {}",
             rt.path
         );
     }
+    let bench::Start {
+        max_bytes,
+        modes,
+        env: e,
+        ctx,
+    } = bench::start()?;
     println!("# {}", dist_rocm::probe()?);
-    let (max_bytes, modes) = bench::args(512 << 20)?;
-    let e = dist_store::RankEnv::from_env()?;
-    let ctx = e.job_context("bench", Duration::from_secs(60))?;
     let comm = Communicator::new(
         &ctx,
         &Options {
@@ -42,10 +38,8 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     for m in &modes {
         let rows = bench::sweep(&comm, &bench::sizes(max_bytes), m.parse()?)?;
         if e.rank == 0 {
-            bench::print_table(
-                &format!("dist-rocm all_reduce ({m}), world {}, fp32, RCCL", e.world),
-                &rows,
-            );
+            let title = format!("dist-rocm all_reduce ({m}), world {}, fp32, RCCL", e.world);
+            bench::print_table(&title, &rows);
         }
     }
     comm.destroy()?;

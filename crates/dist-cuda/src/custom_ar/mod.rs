@@ -23,7 +23,9 @@ use cudarc::driver::{result as cu, sys};
 use dist_core::{decode_obj, encode_obj, DType, Error, HostGroup, Result};
 use dist_nccl::{FastAllReduce, GpuRuntime, RawStream};
 
-use crate::driver::{check, load_kernels, per_device, Cu, DeviceContext, FaultFlags, KernelFn};
+use crate::driver::{
+    allocation_base, check, load_kernels, per_device, Cu, DeviceContext, FaultFlags, KernelFn,
+};
 use crate::ipc::{ipc_close, ipc_handle, ipc_open};
 use crate::DeviceBuffer;
 pub use policy::Algo;
@@ -416,11 +418,8 @@ impl CustomAllreduce {
     /// can share): what the graph path needs. An engine's memory (cudarc's stream-ordered
     /// allocations among it) takes the copy-in path, captured as well.
     fn shareable(&self, p: u64) -> Result<bool> {
-        let (mut base, mut size): (sys::CUdeviceptr, usize) = (0, 0);
-        // SAFETY: valid out-pointers; p is a live device address of this context.
-        check("cuMemGetAddressRange", unsafe {
-            sys::cuMemGetAddressRange_v2(&mut base, &mut size, p)
-        })?;
+        // SAFETY: p is a live device address of this context, which is current.
+        let base = unsafe { allocation_base(p) }?;
         Ok(self.dev.allocation_serial(base).is_some())
     }
 
@@ -490,12 +489,8 @@ impl CustomAllreduce {
         self.dev.bind()?;
         let mut mine: Vec<(Vec<u8>, u64)> = Vec::with_capacity(self.graph_unreg.len());
         for &p in &self.graph_unreg {
-            let mut base: sys::CUdeviceptr = 0;
-            let mut size: usize = 0;
-            // SAFETY: valid out-pointers; p is a device address this process allocated.
-            check("cuMemGetAddressRange", unsafe {
-                sys::cuMemGetAddressRange_v2(&mut base, &mut size, p)
-            })?;
+            // SAFETY: p is a device address this process allocated (the graph keeps it).
+            let base = unsafe { allocation_base(p) }?;
             mine.push((ipc_handle(base)?.to_vec(), p - base));
         }
         let all = host.all_gather_bytes(&encode_obj(&mine)?)?;

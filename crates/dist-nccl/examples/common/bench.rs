@@ -65,17 +65,28 @@ pub fn iters_for(bytes: usize) -> usize {
     (2_000_000_000 / bytes.max(1)).clamp(20, 200)
 }
 
-/// `--max-bytes N` and `--mode M` (any number of times) from the command line.
-pub fn args(
-    default_max: usize,
-) -> std::result::Result<(usize, Vec<String>), Box<dyn std::error::Error>> {
+/// What a benchmark program starts from: the sizes and modes asked for, the rank's
+/// environment and the job's context.
+pub struct Start {
+    pub max_bytes: usize,
+    pub modes: Vec<String>,
+    pub env: dist_store::RankEnv,
+    pub ctx: dist_core::CommunicatorContext,
+}
+
+/// `--worlds` prints the world sizes and exits; else `--max-bytes N` (default 512 MiB) and
+/// `--mode M` (any number of times; default `in-place`), under torchrun's environment.
+pub fn start() -> std::result::Result<Start, Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut max = default_max;
-    let mut modes = Vec::new();
+    if args.first().map(String::as_str) == Some("--worlds") {
+        println!("1");
+        std::process::exit(0);
+    }
+    let (mut max_bytes, mut modes) = (512 << 20, Vec::new());
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--max-bytes" => max = it.next().ok_or("--max-bytes needs a value")?.parse()?,
+            "--max-bytes" => max_bytes = it.next().ok_or("--max-bytes needs a value")?.parse()?,
             "--mode" => modes.push(it.next().ok_or("--mode needs a value")?.clone()),
             _ => {}
         }
@@ -83,7 +94,14 @@ pub fn args(
     if modes.is_empty() {
         modes.push("in-place".into());
     }
-    Ok((max, modes))
+    let env = dist_store::RankEnv::from_env()?;
+    let ctx = env.job_context("bench", std::time::Duration::from_secs(60))?;
+    Ok(Start {
+        max_bytes,
+        modes,
+        env,
+        ctx,
+    })
 }
 
 /// Times `iters` rounds of `call` (each `calls` collectives) between two events on the

@@ -23,6 +23,18 @@ impl Checks {
     pub fn fail(&mut self, what: String) {
         self.bad.push(what);
     }
+    /// `ok` when `cond` holds, else a failure `what()`.
+    pub fn check(&mut self, cond: bool, what: impl FnOnce() -> String) {
+        if cond {
+            self.ok += 1
+        } else {
+            self.fail(what())
+        }
+    }
+    /// Checks made so far.
+    pub fn total(&self) -> usize {
+        self.ok + self.bad.len()
+    }
     /// `ok` when `r` is `Ok(())`, else a failure naming `what`.
     pub fn pass(&mut self, what: &str, r: Result<()>) {
         match r {
