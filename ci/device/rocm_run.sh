@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # dist-rocm's ABI TEST on the NVIDIA device machine. This is NOT a ROCm test: there is no AMD GPU
-# and no HIP library there. What runs is the ROCm crate's own code (its HIP layers, RocmTensor,
-# the RCCL communicator, HIP graphs, the bench) with
+# and no HIP library there. What runs is the ROCm crate's own code (its HIP layers and runtime)
+# under the GPU layer written once in dist-nccl (tensors, the RCCL communicator, HIP graphs),
+# through the GPU backends' shared checks (dist-core's conformance suite at world 1, graph
+# replay) and the shared bench, with
 #   - the HIP runtime replaced by libcudart through `--hip-from-cudart` (HIP's NVIDIA platform is
 #     exactly that mapping: each hipX is cudaX with the same signature and status values), and
 #   - the crate's RCCL entry point (`dist_nccl::library(Flavor::Rccl)`) pointed at libnccl.so.2
@@ -40,12 +42,10 @@ say "== mp_rocm --hip-from-cudart world 1: exit $rc, $(( (t1 - t0) / 1000000 )) 
 rm -rf /tmp/dist-rocm-fg-29811-*
 
 if [ "${BENCH:-1}" = 1 ]; then
-  for m in in-place out-of-place graph; do
-    RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_PORT=29812 timeout 120 "$BIN/rocm_bench" --hip-from-cudart \
-      --max-bytes "${MAX_BYTES:-67108864}" --mode $m 2>&1 | tee -a "$LOG"
-    [ "${PIPESTATUS[0]}" = 0 ] || status=1
-    rm -rf /tmp/dist-rocm-fg-29812-*
-  done
+  RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_PORT=29812 timeout -k 5 120 "$BIN/rocm_bench" --hip-from-cudart \
+    --max-bytes "${MAX_BYTES:-67108864}" --mode in-place --mode out-of-place --mode graph 2>&1 | tee -a "$LOG"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  rm -rf /tmp/dist-rocm-fg-29812-*
 fi
 say "== status $status"
 exit $status
