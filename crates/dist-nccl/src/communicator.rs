@@ -386,6 +386,9 @@ impl<R: GpuRuntime> NcclCommunicator<R> {
         numel: usize,
         op: ReduceOp,
     ) -> Result<()> {
+        if st.nccl.is_some() {
+            check_reduction(dtype, op, self.version)?;
+        }
         if numel == 0 {
             return Ok(());
         }
@@ -397,7 +400,6 @@ impl<R: GpuRuntime> NcclCommunicator<R> {
                 return unsafe { fast.all_reduce(&self.dev, src, dst, dtype, nbytes, s) };
             }
         }
-        check_reduction(dtype, op, self.version)?;
         let dt = nccl_dtype(dtype)?;
         let c = self.nccl(st, "all_reduce")?;
         // SAFETY: as above; NCCL reads and writes numel elements of each.
@@ -700,10 +702,10 @@ impl<R: GpuRuntime> DeviceCommunicator for NcclCommunicator<R> {
         let chunk = len / self.world;
         let (src, dst) = (input.raw.ptr, output.raw.ptr);
         self.run(name, &[input.stream(), output.stream()], |st, s| {
+            check_reduction(input.dtype(), op, self.version)?;
             if input.numel() == 0 {
                 return Ok(());
             }
-            check_reduction(input.dtype(), op, self.version)?;
             let dt = nccl_dtype(input.dtype())?;
             let tmp = (outer > 1).then(|| self.temp(input.nbytes())).transpose()?;
             if let Some(t) = &tmp {

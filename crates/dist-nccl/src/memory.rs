@@ -135,7 +135,13 @@ impl<R: GpuRuntime> Pool<R> {
     /// `stream` is a live stream of `buf`'s device and the context is current.
     pub unsafe fn defer(&self, buf: DeviceBuffer<R>, stream: RawStream) -> Result<()> {
         let dev = buf.dev.clone();
-        if buf.ptr == 0 || stream == dev.stream() {
+        let full = {
+            let g = self.lock();
+            g.cached + buf.bytes > g.cap
+        };
+        if buf.ptr == 0 || stream == dev.stream() || full {
+            // Own stream: reuse is ordered; a full cache frees, and a real free waits for the
+            // device.
             drop(buf);
             return Ok(());
         }
