@@ -12,8 +12,8 @@
 mod bench;
 
 use cudarc::driver::CudaContext;
-use dist_core::{DeviceCommunicator, ReduceOp, Result};
-use dist_cuda::{engine, Communicator, Options};
+use dist_core::{Backend, DeviceCommunicator, ReduceOp, Result};
+use dist_cuda::{engine, Communicator, CudaBackend};
 
 fn engine_sweep(comm: &Communicator, sizes: &[usize], tracking: bool) -> Result<Vec<bench::Row>> {
     let drv = |e| dist_cuda::driver::cuda_err("cudarc", e);
@@ -40,23 +40,10 @@ fn engine_sweep(comm: &Communicator, sizes: &[usize], tracking: bool) -> Result<
 }
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
-    let bench::Start {
-        max_bytes,
-        modes,
-        env: e,
-        ctx,
-    } = bench::start()?;
-    let comm = Communicator::new(
-        &ctx,
-        &Options {
-            device: Some(e.local_rank),
-            nccl: true,
-            custom_all_reduce: e.world > 1,
-            custom_ar_max_size: None,
-        },
-    )?;
-    let sizes = bench::sizes(max_bytes);
-    for m in &modes {
+    let start = bench::start()?;
+    let (e, sizes) = (&start.env, bench::sizes(start.max_bytes));
+    let comm = CudaBackend::create_communicator(&start.ctx)?;
+    for m in &start.modes {
         let rows = match m.as_str() {
             "engine" => engine_sweep(&comm, &sizes, false)?,
             "engine-tracked" => engine_sweep(&comm, &sizes, true)?,

@@ -35,11 +35,11 @@ impl Options {
 }
 
 impl CommOptions for Options {
-    fn device(&self) -> Option<usize> {
-        self.device
-    }
-    fn nccl(&self) -> bool {
-        self.nccl
+    fn common(&self) -> dist_nccl::Options {
+        dist_nccl::Options {
+            device: self.device,
+            nccl: self.nccl,
+        }
     }
     fn from_env() -> Self {
         Options::from_env()

@@ -51,11 +51,8 @@ pub struct Options {
 }
 
 impl CommOptions for Options {
-    fn device(&self) -> Option<usize> {
-        self.device
-    }
-    fn nccl(&self) -> bool {
-        self.nccl
+    fn common(&self) -> Options {
+        self.clone()
     }
     fn from_env() -> Self {
         Options {
@@ -134,8 +131,9 @@ impl<R: GpuRuntime> NcclCommunicator<R> {
             ctx.rank_in_group,
             ctx.ranks.len()
         );
-        let dev = R::device(opts.device().unwrap_or(ctx.local_rank))?;
-        let (nccl, version) = if opts.nccl() {
+        let common = opts.common();
+        let dev = R::device(common.device.unwrap_or(ctx.local_rank))?;
+        let (nccl, version) = if common.nccl {
             let (c, v) = init_nccl(&dev, ctx, world, rank)?;
             (Some(c), v)
         } else {
@@ -359,6 +357,47 @@ impl<R: GpuRuntime> NcclCommunicator<R> {
         })
     }
 
+    /// Runs `f` on the buffer an op's NCCL step fills in rank-major order — the output itself
+    /// when the dims before the op's dim are all 1, else a temporary then re-laid out into the
+    /// output (`cat` along the dim) and retired.
+    fn with_rank_major_output(
+        &self,
+        st: &mut State<R>,
+        s: RawStream,
+        p: &Parts<'_>,
+        out: u64,
+        f: impl FnOnce(&mut State<R>, u64) -> Result<()>,
+    ) -> Result<()> {
+        if p.outer == 1 {
+            return f(st, out);
+        }
+        let tmp = self.temp(p.bytes())?;
+        f(st, tmp.ptr())?;
+        // SAFETY: tmp and the output hold p.bytes(); copies on `s`.
+        unsafe { p.relayout(self.copy_2d(s), true, out, tmp.ptr()) }?;
+        self.retire(st, tmp, s)
+    }
+
+    /// Runs `f` on `input` in rank-major order: the input itself when the dims before the op's
+    /// dim are all 1, else a temporary it is re-laid out into first.
+    fn with_rank_major_input(
+        &self,
+        st: &mut State<R>,
+        s: RawStream,
+        p: &Parts<'_>,
+        input: u64,
+        f: impl FnOnce(&mut State<R>, u64) -> Result<()>,
+    ) -> Result<()> {
+        if p.outer == 1 {
+            return f(st, input);
+        }
+        let tmp = self.temp(p.bytes())?;
+        // SAFETY: the input and tmp hold p.bytes(); copies on `s`.
+        unsafe { p.relayout(self.copy_2d(s), false, tmp.ptr(), input) }?;
+        f(st, tmp.ptr())?;
+        self.retire(st, tmp, s)
+    }
+
     /// A strided device copy on `s` (context current): contiguous ones as one plain copy.
     fn copy_2d(&self, s: RawStream) -> impl FnMut(Strided) -> Result<()> + '_ {
         move |c| {
@@ -434,6 +473,23 @@ impl<R: GpuRuntime> NcclCommunicator<R> {
             Ok(())
         })
     }
+}
+
+/// `(outer, len, inner)` of `t` around `dim`.
+fn split(t: &impl Tensor, dim: isize, op: &str) -> Result<(usize, usize, usize)> {
+    let d = check_collective_dim(t.shape(), dim, op)?;
+    Ok(split_dims(t.shape(), d))
+}
+
+/// The re-layout of ranks' parts of `lens[r]` rows along `dim` of tensors shaped like `t`.
+fn parts<'l>(t: &impl Tensor, dim: isize, lens: &'l [usize], op: &str) -> Result<Parts<'l>> {
+    let (outer, _, inner) = split(t, dim, op)?;
+    Ok(Parts {
+        outer,
+        inner,
+        lens,
+        es: t.dtype().size(),
+    })
 }
 
 /// NCCL init for one rank: the unique id over the host group, init with the deadline, a warm-up
@@ -592,34 +648,19 @@ impl<R: GpuRuntime> DeviceCommunicator for NcclCommunicator<R> {
         self.check(output, name)?;
         let shape = all_gather_shape(input.shape(), dim, self.world, name)?;
         check_output(name, output, input.dtype(), &shape)?;
-        let dd = check_collective_dim(input.shape(), dim, name)?;
-        let (outer, len, inner) = split_dims(input.shape(), dd);
         let (dt, n) = wire_dtype(input.dtype(), input.numel())?;
+        let lens = vec![split(input, dim, name)?.1; self.world];
+        let p = parts(input, dim, &lens, name)?;
         let (src, dst) = (input.raw.ptr, output.raw.ptr);
         self.run(name, &[input.stream(), output.stream()], |st, s| {
             if n == 0 {
                 return Ok(());
             }
-            let tmp = (outer > 1)
-                .then(|| self.temp(self.world * input.nbytes()))
-                .transpose()?;
-            let target = tmp.as_ref().map_or(dst, |t| t.ptr());
-            let c = self.nccl(st, name)?;
-            // SAFETY: input holds n elements, target world * n; both alive and ordered on `s`.
-            unsafe { c.all_gather(vptr(src), vptr(target), n, dt, s.as_raw()) }?;
-            if let Some(tmp) = tmp {
-                let lens = vec![len; self.world];
-                let p = Parts {
-                    outer,
-                    inner,
-                    lens: &lens,
-                    es: input.dtype().size(),
-                };
-                // SAFETY: tmp and the output hold p.bytes(); copies on `s`.
-                unsafe { p.relayout(self.copy_2d(s), true, dst, tmp.ptr()) }?;
-                self.retire(st, tmp, s)?;
-            }
-            Ok(())
+            self.with_rank_major_output(st, s, &p, dst, |st, target| {
+                let c = self.nccl(st, name)?;
+                // SAFETY: the input holds n elements, target world * n; alive on `s`.
+                unsafe { c.all_gather(vptr(src), vptr(target), n, dt, s.as_raw()) }
+            })
         })
     }
 
@@ -640,45 +681,26 @@ impl<R: GpuRuntime> DeviceCommunicator for NcclCommunicator<R> {
         if sizes.iter().all(|s| *s == sizes[0]) {
             return self.all_gather_into(input, output, dim);
         }
-        let dd = check_collective_dim(input.shape(), dim, name)?;
-        let (outer, _, inner) = split_dims(input.shape(), dd);
-        let es = input.dtype().size();
-        let p = Parts {
-            outer,
-            inner,
-            lens: sizes,
-            es,
-        };
+        let p = parts(input, dim, sizes, name)?;
         let (dt, _) = wire_dtype(input.dtype(), 0)?;
         let (src, dst, me) = (input.raw.ptr, output.raw.ptr, self.rank);
         self.run(name, &[input.stream(), output.stream()], |st, s| {
-            let tmp = (outer > 1).then(|| self.temp(p.bytes())).transpose()?;
-            let target = tmp.as_ref().map_or(dst, |t| t.ptr());
-            self.nccl(st, name)?.group(|c| {
-                let mut off = 0usize;
-                for (root, &l) in sizes.iter().enumerate() {
-                    let count = outer * l * inner;
-                    if count > 0 {
+            self.with_rank_major_output(st, s, &p, dst, |st, target| {
+                self.nccl(st, name)?.group(|c| {
+                    for (root, off, count) in p.blocks_by_rank() {
                         let send = if root == me {
-                            vptr(src) as *const c_void
+                            vptr(src)
                         } else {
-                            std::ptr::null()
+                            std::ptr::null_mut()
                         };
-                        let recv = vptr(target + (off * es) as u64);
+                        let recv = vptr(target + off);
                         // SAFETY: block `root` of target holds `count` elements; the input
                         // holds `count` on the root; all alive and ordered on `s`.
                         unsafe { c.broadcast(send, recv, count, dt, root, s.as_raw()) }?;
                     }
-                    off += count;
-                }
-                Ok(())
-            })?;
-            if let Some(tmp) = tmp {
-                // SAFETY: tmp and the output hold p.bytes(); copies on `s`.
-                unsafe { p.relayout(self.copy_2d(s), true, dst, tmp.ptr()) }?;
-                self.retire(st, tmp, s)?;
-            }
-            Ok(())
+                    Ok(())
+                })
+            })
         })
     }
 
@@ -697,37 +719,21 @@ impl<R: GpuRuntime> DeviceCommunicator for NcclCommunicator<R> {
         ensure_reducible(input.dtype(), name)?;
         let shape = reduce_scatter_shape(input.shape(), dim, self.world)?;
         check_output(name, output, input.dtype(), &shape)?;
-        let dd = check_collective_dim(input.shape(), dim, name)?;
-        let (outer, len, inner) = split_dims(input.shape(), dd);
-        let chunk = len / self.world;
-        let (src, dst) = (input.raw.ptr, output.raw.ptr);
+        let lens = vec![split(input, dim, name)?.1 / self.world; self.world];
+        let p = parts(input, dim, &lens, name)?;
+        let (src, dst, count) = (input.raw.ptr, output.raw.ptr, output.numel());
         self.run(name, &[input.stream(), output.stream()], |st, s| {
             check_reduction(input.dtype(), op, self.version)?;
-            if input.numel() == 0 {
+            if count == 0 {
                 return Ok(());
             }
             let dt = nccl_dtype(input.dtype())?;
-            let tmp = (outer > 1).then(|| self.temp(input.nbytes())).transpose()?;
-            if let Some(t) = &tmp {
-                let lens = vec![chunk; self.world];
-                let p = Parts {
-                    outer,
-                    inner,
-                    lens: &lens,
-                    es: input.dtype().size(),
-                };
-                // SAFETY: the input and tmp hold p.bytes(); copies on `s`.
-                unsafe { p.relayout(self.copy_2d(s), false, t.ptr(), src) }?;
-            }
-            let from = tmp.as_ref().map_or(src, |t| t.ptr());
-            let c = self.nccl(st, name)?;
-            let count = outer * chunk * inner;
-            // SAFETY: `from` holds world * count elements, the output count; alive on `s`.
-            unsafe { c.reduce_scatter(vptr(from), vptr(dst), count, dt, nccl_op(op), s.as_raw()) }?;
-            match tmp {
-                Some(t) => self.retire(st, t, s),
-                None => Ok(()),
-            }
+            self.with_rank_major_input(st, s, &p, src, |st, from| {
+                let c = self.nccl(st, name)?;
+                let o = nccl_op(op);
+                // SAFETY: `from` holds world * count elements, the output count; alive on `s`.
+                unsafe { c.reduce_scatter(vptr(from), vptr(dst), count, dt, o, s.as_raw()) }
+            })
         })
     }
 
@@ -750,44 +756,24 @@ impl<R: GpuRuntime> DeviceCommunicator for NcclCommunicator<R> {
         if sizes.iter().all(|s| *s == sizes[0]) {
             return self.reduce_scatter_into(input, output, dim, op);
         }
-        let (outer, _, inner) = split_dims(input.shape(), dd);
-        let es = input.dtype().size();
-        let p = Parts {
-            outer,
-            inner,
-            lens: sizes,
-            es,
-        };
+        let p = parts(input, dim, sizes, name)?;
         let (src, dst) = (input.raw.ptr, output.raw.ptr);
         self.run(name, &[input.stream(), output.stream()], |st, s| {
             check_reduction(input.dtype(), op, self.version)?;
             let dt = nccl_dtype(input.dtype())?;
-            let tmp = (outer > 1).then(|| self.temp(p.bytes())).transpose()?;
-            if let Some(t) = &tmp {
-                // SAFETY: the input and tmp hold p.bytes(); copies on `s`.
-                unsafe { p.relayout(self.copy_2d(s), false, t.ptr(), src) }?;
-            }
-            let from = tmp.as_ref().map_or(src, |t| t.ptr());
-            self.nccl(st, name)?.group(|c| {
-                let mut off = 0usize;
-                for (root, &l) in sizes.iter().enumerate() {
-                    let count = outer * l * inner;
-                    if count > 0 {
-                        let send = vptr(from + (off * es) as u64);
+            self.with_rank_major_input(st, s, &p, src, |st, from| {
+                self.nccl(st, name)?.group(|c| {
+                    for (root, off, count) in p.blocks_by_rank() {
+                        let o = nccl_op(op);
                         // SAFETY: block `root` of `from` holds `count` elements; the output
                         // holds sizes[rank] rows (written on the root only); alive on `s`.
                         unsafe {
-                            c.reduce(send, vptr(dst), count, dt, nccl_op(op), root, s.as_raw())
+                            c.reduce(vptr(from + off), vptr(dst), count, dt, o, root, s.as_raw())
                         }?;
                     }
-                    off += count;
-                }
-                Ok(())
-            })?;
-            match tmp {
-                Some(t) => self.retire(st, t, s),
-                None => Ok(()),
-            }
+                    Ok(())
+                })
+            })
         })
     }
 
@@ -813,8 +799,6 @@ impl<R: GpuRuntime> DeviceCommunicator for NcclCommunicator<R> {
             self.name
         );
         let shape = all_gather_shape(input.shape(), dim, self.world, name)?;
-        let dd = check_collective_dim(input.shape(), dim, name)?;
-        let (outer, len, inner) = split_dims(input.shape(), dd);
         let (dt, n) = wire_dtype(input.dtype(), input.numel())?;
         let (src, nbytes, world) = (input.raw.ptr, input.nbytes(), self.world);
         let Some(out) = output else {
@@ -829,19 +813,22 @@ impl<R: GpuRuntime> DeviceCommunicator for NcclCommunicator<R> {
         };
         self.check(&*out, name)?;
         check_output(name, &*out, input.dtype(), &shape)?;
+        let lens = vec![split(input, dim, name)?.1; world];
+        let p = parts(input, dim, &lens, name)?;
         let optr = out.raw.ptr;
         self.run(name, &[input.stream(), out.stream()], |st, s| {
             if n == 0 {
                 return Ok(());
             }
-            let tmp = (outer > 1).then(|| self.temp(world * nbytes)).transpose()?;
-            let target = tmp.as_ref().map_or(optr, |t| t.ptr());
-            // SAFETY: block `dst` of target holds nbytes; the input holds nbytes; on `s`.
-            unsafe {
-                self.dev
-                    .copy_d2d(target + (dst * nbytes) as u64, src, nbytes, s)
-            }?;
-            if world > 1 {
+            self.with_rank_major_output(st, s, &p, optr, |st, target| {
+                // SAFETY: block `dst` of target holds nbytes; the input holds nbytes; on `s`.
+                unsafe {
+                    self.dev
+                        .copy_d2d(target + (dst * nbytes) as u64, src, nbytes, s)
+                }?;
+                if world == 1 {
+                    return Ok(());
+                }
                 self.nccl(st, name)?.group(|c| {
                     for r in (0..world).filter(|r| *r != dst) {
                         let at = vptr(target + (r * nbytes) as u64);
@@ -849,21 +836,8 @@ impl<R: GpuRuntime> DeviceCommunicator for NcclCommunicator<R> {
                         unsafe { c.recv(at, n, dt, r, s.as_raw()) }?;
                     }
                     Ok(())
-                })?;
-            }
-            if let Some(tmp) = tmp {
-                let lens = vec![len; world];
-                let p = Parts {
-                    outer,
-                    inner,
-                    lens: &lens,
-                    es: input.dtype().size(),
-                };
-                // SAFETY: tmp and the output hold p.bytes(); copies on `s`.
-                unsafe { p.relayout(self.copy_2d(s), true, optr, tmp.ptr()) }?;
-                self.retire(st, tmp, s)?;
-            }
-            Ok(())
+                })
+            })
         })
     }
 

@@ -23,6 +23,23 @@ impl Parts<'_> {
         self.outer * self.lens.iter().sum::<usize>() * self.inner * self.es
     }
 
+    /// For each rank with elements: its rank, the byte offset of its block in the rank-major
+    /// buffer and its element count (`outer * lens[r] * inner`).
+    pub(crate) fn blocks_by_rank(&self) -> impl Iterator<Item = (usize, u64, usize)> + '_ {
+        let per = self.outer * self.inner;
+        let es = self.es as u64;
+        self.lens
+            .iter()
+            .scan(0u64, move |off, &l| {
+                let at = *off;
+                *off += (per * l) as u64 * es;
+                Some((at, per * l))
+            })
+            .enumerate()
+            .filter(|(_, (_, n))| *n > 0)
+            .map(|(r, (at, n))| (r, at, n))
+    }
+
     /// For each rank: its offset in the rank-major buffer, its column offset in a `cat` row,
     /// and its width, all in bytes.
     fn blocks(&self) -> impl Iterator<Item = (u64, u64, usize)> + '_ {
@@ -130,6 +147,16 @@ mod tests {
             assert_eq!(back, rank_major);
             let split = split_along(&cat, &[outer, total, inner], 1, &lens, es).unwrap();
             assert_eq!(split.concat(), rank_major);
+            // Per-rank blocks of the rank-major buffer: the parts, in order, empty ones left out.
+            let mut at = 0u64;
+            let mut want = Vec::new();
+            for (r, part) in parts.iter().enumerate() {
+                if !part.is_empty() {
+                    want.push((r, at, part.len() / es));
+                }
+                at += part.len() as u64;
+            }
+            assert_eq!(p.blocks_by_rank().collect::<Vec<_>>(), want);
         }
     }
 }

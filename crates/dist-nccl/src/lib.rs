@@ -81,7 +81,9 @@ pub mod view;
 pub use backend::{GpuBackend, GpuGraph};
 pub use communicator::{NcclCommunicator, Options};
 pub use dist_core::{Error, Result};
-pub use loader::{candidates, format_version, library, Flavor, Library, SO_PATH_ENV};
+pub use loader::{
+    candidates, format_version, install_library, library, Flavor, Library, SO_PATH_ENV,
+};
 pub use memory::{DeviceBuffer, GpuTensor, Pool};
 pub use runtime::{
     annotate, wait_stream, CommOptions, Devices, FastAllReduce, GpuRuntime, NoFastPath, RawStream,

@@ -72,9 +72,10 @@ pub fn format_version(code: i32) -> String {
 
 /// A loaded NCCL or RCCL: its function table, path and version. Lives for the whole process.
 pub struct Library {
-    // Kept loaded for the process's lifetime: the function pointers below point into it.
-    _lib: libloading::Library,
-    /// Path or file name the library was loaded from.
+    // Kept loaded for the process's lifetime: the function pointers below point into it (none
+    // for a table given to `from_functions`).
+    _lib: Option<libloading::Library>,
+    /// Path or file name the library was loaded from (or the description of a given table).
     pub path: String,
     /// Which library.
     pub flavor: Flavor,
@@ -115,6 +116,34 @@ impl Library {
         }
         // SAFETY: non-null, NUL-terminated, static storage per NCCL's API.
         unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+
+    /// A library over a function table bound by the caller (a test double of NCCL, say);
+    /// `description` stands where a path would.
+    ///
+    /// # Safety
+    /// Every function of `fns` behaves as the NCCL function of its field (C signature, status
+    /// values, semantics) and stays valid for the rest of the process.
+    pub unsafe fn from_functions(
+        flavor: Flavor,
+        fns: sys::Functions,
+        description: &str,
+    ) -> Result<Library> {
+        let mut v: c_int = 0;
+        // SAFETY: the caller vouches for the table; one int written through a valid pointer.
+        let st = unsafe { (fns.get_version)(&mut v) };
+        if st != sys::ncclSuccess {
+            return Err(Error::invalid(format!(
+                "ncclGetVersion of {description} failed with status {st}"
+            )));
+        }
+        Ok(Library {
+            _lib: None,
+            path: description.to_string(),
+            flavor,
+            version_code: v,
+            fns,
+        })
     }
 
     /// Loads the first library that opens and has every required symbol. `Err` lists each
@@ -209,7 +238,7 @@ impl Library {
             );
         }
         Ok(Library {
-            _lib: lib,
+            _lib: Some(lib),
             path: path.display().to_string(),
             flavor,
             version_code: v,
@@ -240,6 +269,27 @@ pub fn library(flavor: Flavor) -> Result<&'static Library> {
             library: flavor.library().to_string(),
             tried: tried.clone(),
         }),
+    }
+}
+
+/// Makes `lib` the process's library of its flavour instead of loading one (a test double, or
+/// a library bound by hand). [`Error::InvalidArgument`] when that flavour was already chosen
+/// (loaded, or its load failed): call it first.
+pub fn install_library(lib: Library) -> Result<&'static Library> {
+    let (cell, desc) = match lib.flavor {
+        Flavor::Nccl => (&NCCL, lib.path.clone()),
+        Flavor::Rccl => (&RCCL, lib.path.clone()),
+    };
+    let mut fresh = false;
+    let r = cell.get_or_init(|| {
+        fresh = true;
+        Ok(lib)
+    });
+    match (fresh, r) {
+        (true, Ok(l)) => Ok(l),
+        _ => Err(Error::invalid(format!(
+            "install_library({desc}): the library was already chosen in this process"
+        ))),
     }
 }
 

@@ -80,11 +80,8 @@ impl Strided {
 /// NCCL/RCCL communicator. [`crate::Options`] is the plain form; a backend with more to decide
 /// (the CUDA custom all-reduce) has its own type.
 pub trait CommOptions: Clone + std::fmt::Debug + Send + Sync + 'static {
-    /// Device index; `None`: the context's `local_rank` (vLLM's `cuda:{local_rank}`).
-    fn device(&self) -> Option<usize>;
-    /// Create the NCCL/RCCL communicator (off: only memory and copies work; collectives are
-    /// [`Error::Unsupported`]).
-    fn nccl(&self) -> bool;
+    /// The device and whether to create the NCCL/RCCL communicator.
+    fn common(&self) -> crate::Options;
     /// What [`crate::GpuBackend`]'s `create_communicator` uses: defaults, with the environment.
     fn from_env() -> Self;
 }

@@ -19,8 +19,9 @@ mod cudart_shim;
 
 use std::time::{Duration, Instant};
 
+use dist_core::Backend;
 use dist_core::Result;
-use dist_rocm::{Communicator, DeviceContext, Options};
+use dist_rocm::{DeviceContext, GpuRuntime, RocmBackend};
 
 /// The exit status `cargo xtask test-multiproc` counts as skipped.
 const SKIP: i32 = 77;
@@ -28,13 +29,7 @@ const SKIP: i32 = 77;
 fn run(e: &dist_store::RankEnv, ck: &mut checks::Checks) -> Result<()> {
     let ctx = e.job_context("tp:0", Duration::from_secs(120))?;
     let t0 = Instant::now();
-    let comm = Communicator::new(
-        &ctx,
-        &Options {
-            device: Some(e.local_rank),
-            nccl: true,
-        },
-    )?;
+    let comm = RocmBackend::create_communicator(&ctx)?;
     let lib = dist_nccl::library(dist_nccl::Flavor::Rccl)?;
     if e.rank == 0 {
         let dev = comm.context();

@@ -10,8 +10,8 @@ mod bench;
 #[path = "common/cudart_shim.rs"]
 mod cudart_shim;
 
-use dist_core::DeviceCommunicator;
-use dist_rocm::{Communicator, Options};
+use dist_core::{Backend, DeviceCommunicator};
+use dist_rocm::RocmBackend;
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     if std::env::args().any(|a| a == "--hip-from-cudart") {
@@ -21,22 +21,12 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
             rt.path
         );
     }
-    let bench::Start {
-        max_bytes,
-        modes,
-        env: e,
-        ctx,
-    } = bench::start()?;
+    let start = bench::start()?;
+    let (e, sizes) = (&start.env, bench::sizes(start.max_bytes));
     println!("# {}", dist_rocm::probe()?);
-    let comm = Communicator::new(
-        &ctx,
-        &Options {
-            device: Some(e.local_rank),
-            nccl: true,
-        },
-    )?;
-    for m in &modes {
-        let rows = bench::sweep(&comm, &bench::sizes(max_bytes), m.parse()?)?;
+    let comm = RocmBackend::create_communicator(&start.ctx)?;
+    for m in &start.modes {
+        let rows = bench::sweep(&comm, &sizes, m.parse()?)?;
         if e.rank == 0 {
             let title = format!("dist-rocm all_reduce ({m}), world {}, fp32, RCCL", e.world);
             bench::print_table(&title, &rows);

@@ -124,14 +124,6 @@ impl DeviceContext {
         Ok(d.clone())
     }
 
-    /// Makes this device current on the calling thread.
-    pub fn bind(&self) -> Result<()> {
-        hr::set_device(self.rt, self.ordinal)
-    }
-    /// Device index.
-    pub fn ordinal(&self) -> usize {
-        self.ordinal
-    }
     /// The HIP runtime.
     pub fn runtime(&self) -> &'static Runtime {
         self.rt
@@ -184,8 +176,9 @@ impl GpuRuntime for DeviceContext {
     fn ordinal(&self) -> usize {
         self.ordinal
     }
+    /// HIP has one implicit context per device: makes the device current.
     fn bind(&self) -> Result<()> {
-        DeviceContext::bind(self)
+        hr::set_device(self.rt, self.ordinal)
     }
     fn stream(&self) -> RawStream {
         // SAFETY: the device's own stream, alive for the process.
