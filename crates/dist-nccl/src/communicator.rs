@@ -581,23 +581,24 @@ impl<R: GpuRuntime> DeviceCommunicator for NcclCommunicator<R> {
     fn narrow<'a>(v: &Self::View<'a>, start: usize, len: usize) -> Result<Self::View<'a>> {
         v.narrow(start, len)
     }
+    fn device(&self) -> Device {
+        Device::new(R::KIND, self.dev.ordinal())
+    }
     fn rank(&self) -> usize {
         self.rank
-    }
-    fn world_size(&self) -> usize {
-        self.world
     }
     fn timeout(&self) -> Duration {
         *lock(&self.timeout)
     }
+    /// Also the deadline of the fast all-reduce's device-side waits.
     fn set_timeout(&self, timeout: Duration) {
         *lock(&self.timeout) = timeout;
         if let Some(f) = lock(&self.state).fast.as_ref() {
             f.set_timeout(timeout);
         }
     }
-    fn device(&self) -> Device {
-        Device::new(R::KIND, self.dev.ordinal())
+    fn world_size(&self) -> usize {
+        self.world
     }
     fn empty(&self, dtype: DType, shape: &[usize]) -> Result<GpuTensor<R>> {
         GpuTensor::zeros(&self.dev, dtype, shape)

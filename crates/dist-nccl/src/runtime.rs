@@ -398,17 +398,9 @@ pub unsafe fn wait_stream<R: GpuRuntime>(
 }
 
 /// Prefixes a backend error's message with the op it failed in.
-pub fn annotate(e: Error, op: &str) -> Error {
-    match e {
-        Error::Backend {
-            backend,
-            code,
-            message,
-        } => Error::Backend {
-            backend,
-            code,
-            message: format!("{op}: {message}"),
-        },
-        e => e,
+pub fn annotate(mut e: Error, op: &str) -> Error {
+    if let Error::Backend { message, .. } = &mut e {
+        *message = format!("{op}: {message}");
     }
+    e
 }

@@ -20,19 +20,29 @@ use dist_core::{DType, Device, Result, Tensor};
 
 use crate::runtime::{GpuRuntime, RawStream};
 
-/// The shape a view carries: borrowed from its owner or the caller, or one inline length.
+/// A view's shape: borrowed (from its owner or the caller), or a flat length kept inline (a
+/// narrowed or adapted view has no shape to borrow).
 #[derive(Clone, Copy)]
-enum Dims<'a> {
-    Slice(&'a [usize]),
-    D1([usize; 1]),
+struct Dims<'a> {
+    borrowed: Option<&'a [usize]>,
+    flat: [usize; 1],
 }
 
-impl Dims<'_> {
-    fn as_slice(&self) -> &[usize] {
-        match self {
-            Dims::Slice(s) => s,
-            Dims::D1(a) => a,
+impl<'a> Dims<'a> {
+    fn of(shape: &'a [usize]) -> Self {
+        Dims {
+            borrowed: Some(shape),
+            flat: [0],
         }
+    }
+    fn flat(n: usize) -> Self {
+        Dims {
+            borrowed: None,
+            flat: [n],
+        }
+    }
+    fn as_slice(&self) -> &[usize] {
+        self.borrowed.unwrap_or(&self.flat)
     }
 }
 
@@ -100,7 +110,7 @@ impl<'a, R: GpuRuntime> Raw<'a, R> {
         Ok(Raw {
             ptr: self.ptr + (start * es) as u64,
             bytes: len * es,
-            shape: Dims::D1([len]),
+            shape: Dims::flat(len),
             ..self.clone()
         })
     }
@@ -113,7 +123,7 @@ impl<'a, R: GpuRuntime> Raw<'a, R> {
             self.ptr,
             self.bytes,
             self.dtype,
-            Dims::Slice(shape),
+            Dims::of(shape),
             self.stream,
         )?;
         r.keep = self.keep;
@@ -164,7 +174,7 @@ impl<'a, R: GpuRuntime> GpuView<'a, R> {
         shape: &'a [usize],
         stream: RawStream,
     ) -> Result<Self> {
-        Raw::checked(dev, ptr, bytes, dtype, Dims::Slice(shape), stream).map(|raw| GpuView { raw })
+        Raw::checked(dev, ptr, bytes, dtype, Dims::of(shape), stream).map(|raw| GpuView { raw })
     }
     /// A 1-D view of `bytes / dtype.size()` elements (the typed-handle adapters' form).
     ///
@@ -178,7 +188,7 @@ impl<'a, R: GpuRuntime> GpuView<'a, R> {
         stream: RawStream,
     ) -> Result<Self> {
         let n = bytes / dtype.size().max(1);
-        Raw::checked(dev, ptr, bytes, dtype, Dims::D1([n]), stream).map(|raw| GpuView { raw })
+        Raw::checked(dev, ptr, bytes, dtype, Dims::flat(n), stream).map(|raw| GpuView { raw })
     }
     /// A view of memory the caller owns with a shape that fits it (no checks).
     ///
@@ -198,7 +208,7 @@ impl<'a, R: GpuRuntime> GpuView<'a, R> {
                 ptr,
                 bytes,
                 dtype,
-                shape: Dims::Slice(shape),
+                shape: Dims::of(shape),
                 stream,
                 keep: None,
             },
@@ -244,7 +254,9 @@ impl<'a, R: GpuRuntime> GpuViewMut<'a, R> {
         shape: &'a [usize],
         stream: RawStream,
     ) -> Result<Self> {
-        Raw::checked(dev, ptr, bytes, dtype, Dims::Slice(shape), stream).map(Self::wrap)
+        // SAFETY: forwarded contract (exclusive).
+        unsafe { GpuView::from_raw_parts(dev, ptr, bytes, dtype, shape, stream) }
+            .map(|v| Self::wrap(v.raw))
     }
     /// A 1-D mutable view; see [`GpuView::from_raw_bytes`].
     ///
@@ -257,8 +269,9 @@ impl<'a, R: GpuRuntime> GpuViewMut<'a, R> {
         bytes: usize,
         stream: RawStream,
     ) -> Result<Self> {
-        let n = bytes / dtype.size().max(1);
-        Raw::checked(dev, ptr, bytes, dtype, Dims::D1([n]), stream).map(Self::wrap)
+        // SAFETY: forwarded contract (exclusive).
+        unsafe { GpuView::from_raw_bytes(dev, ptr, dtype, bytes, stream) }
+            .map(|v| Self::wrap(v.raw))
     }
     /// # Safety
     /// As [`GpuView::new_unchecked`], exclusive.

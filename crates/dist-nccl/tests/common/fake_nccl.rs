@@ -179,7 +179,7 @@ unsafe fn put(dst: *mut c_void, src: &[u8]) {
 /// Reduces the deposits' byte ranges `[at, at + len)` into `dst`.
 ///
 /// # Safety
-/// `dst` holds `len` bytes aligned for `dt`.
+/// `dst` holds `len` bytes.
 unsafe fn reduce_into(
     dst: *mut c_void,
     all: &[Bytes],
@@ -187,15 +187,13 @@ unsafe fn reduce_into(
     len: usize,
     dt: DType,
     o: ReduceOp,
-) -> ncclResult_t {
+) -> Result<(), ncclResult_t> {
     let mut out = Bytes::zeroed(len);
     let ins: Vec<&[u8]> = all.iter().map(|b| &b.bytes()[at..at + len]).collect();
-    if dist_core::reduce_bytes(dt, out.bytes_mut(), &ins, o).is_err() {
-        return INVALID_ARGUMENT;
-    }
+    dist_core::reduce_bytes(dt, out.bytes_mut(), &ins, o).map_err(|_| INVALID_ARGUMENT)?;
     // SAFETY: forwarded contract.
     unsafe { put(dst, out.bytes()) };
-    sys::ncclSuccess
+    Ok(())
 }
 
 unsafe extern "C" fn get_error_string(_: ncclResult_t) -> *const c_char {
@@ -255,6 +253,28 @@ unsafe extern "C" fn comm_free(c: ncclComm_t) -> ncclResult_t {
     drop(unsafe { Box::from_raw(c as *mut FakeComm) });
     sys::ncclSuccess
 }
+/// Queues or runs `f` on the communicator `c` with element type `dt` (an unknown type, or an
+/// unknown `op` where there is one, is `ncclInvalidArgument` at once).
+fn call(
+    kind: fn(Box<dyn FnOnce() -> ncclResult_t>) -> Op,
+    dt: ncclDataType_t,
+    c: ncclComm_t,
+    f: impl FnOnce(&mut FakeComm, DType) -> Result<(), ncclResult_t> + 'static,
+) -> ncclResult_t {
+    let Some(d) = dtype(dt) else {
+        return INVALID_ARGUMENT;
+    };
+    let c = c as usize;
+    submit(kind(Box::new(move || {
+        // SAFETY: NCCL's contract: the handle is live and used by this thread only.
+        let fc = unsafe { comm(c as ncclComm_t) };
+        f(fc, d).err().unwrap_or(sys::ncclSuccess)
+    })))
+}
+
+// The calls below run under NCCL's contract: every buffer holds the elements the call names,
+// alive until the call has run (at once here, or at the group's end).
+
 unsafe extern "C" fn all_reduce(
     s: *const c_void,
     r: *mut c_void,
@@ -264,20 +284,15 @@ unsafe extern "C" fn all_reduce(
     c: ncclComm_t,
     _: sys::cudaStream_t,
 ) -> ncclResult_t {
-    let (Some(d), Some(o)) = (dtype(dt), op(o)) else {
+    let Some(o) = op(o) else {
         return INVALID_ARGUMENT;
     };
-    let (s, r, c) = (s as usize, r as usize, c as usize);
-    submit(Op::Coll(Box::new(move || {
-        // SAFETY: NCCL's contract: both buffers hold n elements, the handle is live.
-        unsafe {
-            let mine = Bytes::copy(s as *const c_void, n * d.size());
-            match round(comm(c as ncclComm_t), mine) {
-                Ok(all) => reduce_into(r as *mut c_void, &all, 0, n * d.size(), d, o),
-                Err(e) => e,
-            }
-        }
-    })))
+    call(Op::Coll, dt, c, move |fc, d| {
+        // SAFETY: both buffers hold n elements.
+        let all = round(fc, unsafe { Bytes::copy(s, n * d.size()) })?;
+        // SAFETY: as above.
+        unsafe { reduce_into(r, &all, 0, n * d.size(), d, o) }
+    })
 }
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C" fn reduce(
@@ -290,24 +305,19 @@ unsafe extern "C" fn reduce(
     c: ncclComm_t,
     _: sys::cudaStream_t,
 ) -> ncclResult_t {
-    let (Some(d), Some(o)) = (dtype(dt), op(o)) else {
+    let Some(o) = op(o) else {
         return INVALID_ARGUMENT;
     };
-    let (s, r, c) = (s as usize, r as usize, c as usize);
-    submit(Op::Coll(Box::new(move || {
-        // SAFETY: as in all_reduce; the receive buffer matters on the root only.
-        unsafe {
-            let fc = comm(c as ncclComm_t);
-            let me = fc.rank;
-            match round(fc, Bytes::copy(s as *const c_void, n * d.size())) {
-                Ok(all) if me == root as usize => {
-                    reduce_into(r as *mut c_void, &all, 0, n * d.size(), d, o)
-                }
-                Ok(_) => sys::ncclSuccess,
-                Err(e) => e,
-            }
+    call(Op::Coll, dt, c, move |fc, d| {
+        let me = fc.rank;
+        // SAFETY: the send buffer holds n elements.
+        let all = round(fc, unsafe { Bytes::copy(s, n * d.size()) })?;
+        if me != root as usize {
+            return Ok(());
         }
-    })))
+        // SAFETY: the root's receive buffer holds n elements.
+        unsafe { reduce_into(r, &all, 0, n * d.size(), d, o) }
+    })
 }
 unsafe extern "C" fn all_gather(
     s: *const c_void,
@@ -317,51 +327,36 @@ unsafe extern "C" fn all_gather(
     c: ncclComm_t,
     _: sys::cudaStream_t,
 ) -> ncclResult_t {
-    let Some(d) = dtype(dt) else {
-        return INVALID_ARGUMENT;
-    };
-    let (s, r, c) = (s as usize, r as usize, c as usize);
-    submit(Op::Coll(Box::new(move || {
+    call(Op::Coll, dt, c, move |fc, d| {
         let len = n * d.size();
-        // SAFETY: the send buffer holds n elements, the receive world * n.
-        unsafe {
-            match round(comm(c as ncclComm_t), Bytes::copy(s as *const c_void, len)) {
-                Ok(all) => {
-                    for (i, b) in all.iter().enumerate() {
-                        put((r + i * len) as *mut c_void, b.bytes());
-                    }
-                    sys::ncclSuccess
-                }
-                Err(e) => e,
-            }
+        // SAFETY: the send buffer holds n elements.
+        let all = round(fc, unsafe { Bytes::copy(s, len) })?;
+        for (i, b) in all.iter().enumerate() {
+            // SAFETY: the receive buffer holds world * n elements.
+            unsafe { put((r as usize + i * len) as *mut c_void, b.bytes()) };
         }
-    })))
+        Ok(())
+    })
 }
 unsafe extern "C" fn reduce_scatter(
-    s: *const c_void,
-    r: *mut c_void,
-    n: usize,
+    send: *const c_void,
+    recv: *mut c_void,
+    per_rank: usize,
     dt: ncclDataType_t,
     o: ncclRedOp_t,
     c: ncclComm_t,
     _: sys::cudaStream_t,
 ) -> ncclResult_t {
-    let (Some(d), Some(o)) = (dtype(dt), op(o)) else {
+    let Some(o) = op(o) else {
         return INVALID_ARGUMENT;
     };
-    let (s, r, c) = (s as usize, r as usize, c as usize);
-    submit(Op::Coll(Box::new(move || {
-        let len = n * d.size();
-        // SAFETY: the send buffer holds world * n elements, the receive n.
-        unsafe {
-            let fc = comm(c as ncclComm_t);
-            let (me, world) = (fc.rank, fc.shared.world);
-            match round(fc, Bytes::copy(s as *const c_void, world * len)) {
-                Ok(all) => reduce_into(r as *mut c_void, &all, me * len, len, d, o),
-                Err(e) => e,
-            }
-        }
-    })))
+    call(Op::Coll, dt, c, move |fc, d| {
+        let (len, me, world) = (per_rank * d.size(), fc.rank, fc.shared.world);
+        // SAFETY: the send buffer holds world * n elements.
+        let all = round(fc, unsafe { Bytes::copy(send, world * len) })?;
+        // SAFETY: the receive buffer holds n elements.
+        unsafe { reduce_into(recv, &all, me * len, len, d, o) }
+    })
 }
 unsafe extern "C" fn broadcast(
     s: *const c_void,
@@ -372,28 +367,18 @@ unsafe extern "C" fn broadcast(
     c: ncclComm_t,
     _: sys::cudaStream_t,
 ) -> ncclResult_t {
-    let Some(d) = dtype(dt) else {
-        return INVALID_ARGUMENT;
-    };
-    let (s, r, c) = (s as usize, r as usize, c as usize);
-    submit(Op::Coll(Box::new(move || {
-        // SAFETY: the root's send buffer and every receive buffer hold n elements.
-        unsafe {
-            let fc = comm(c as ncclComm_t);
-            let mine = if fc.rank == root as usize {
-                Bytes::copy(s as *const c_void, n * d.size())
-            } else {
-                Bytes::default()
-            };
-            match round(fc, mine) {
-                Ok(all) => {
-                    put(r as *mut c_void, all[root as usize].bytes());
-                    sys::ncclSuccess
-                }
-                Err(e) => e,
-            }
-        }
-    })))
+    call(Op::Coll, dt, c, move |fc, d| {
+        let mine = if fc.rank == root as usize {
+            // SAFETY: the root's send buffer holds n elements.
+            unsafe { Bytes::copy(s, n * d.size()) }
+        } else {
+            Bytes::default()
+        };
+        let all = round(fc, mine)?;
+        // SAFETY: every receive buffer holds n elements.
+        unsafe { put(r, all[root as usize].bytes()) };
+        Ok(())
+    })
 }
 unsafe extern "C" fn send(
     b: *const c_void,
@@ -403,24 +388,17 @@ unsafe extern "C" fn send(
     c: ncclComm_t,
     _: sys::cudaStream_t,
 ) -> ncclResult_t {
-    let Some(d) = dtype(dt) else {
-        return INVALID_ARGUMENT;
-    };
-    let (b, c) = (b as usize, c as usize);
-    submit(Op::Send(Box::new(move || {
-        // SAFETY: the buffer holds n elements; the handle is live.
-        unsafe {
-            let fc = comm(c as ncclComm_t);
-            let msg = Bytes::copy(b as *const c_void, n * d.size());
-            let mut g = fc.shared.state.lock().unwrap();
-            g.mail
-                .entry((fc.rank, peer as usize))
-                .or_default()
-                .push_back(msg);
-            fc.shared.cv.notify_all();
-        }
-        sys::ncclSuccess
-    })))
+    call(Op::Send, dt, c, move |fc, d| {
+        // SAFETY: the buffer holds n elements.
+        let msg = unsafe { Bytes::copy(b, n * d.size()) };
+        let mut g = fc.shared.state.lock().unwrap();
+        g.mail
+            .entry((fc.rank, peer as usize))
+            .or_default()
+            .push_back(msg);
+        fc.shared.cv.notify_all();
+        Ok(())
+    })
 }
 unsafe extern "C" fn recv(
     b: *mut c_void,
@@ -430,33 +408,26 @@ unsafe extern "C" fn recv(
     c: ncclComm_t,
     _: sys::cudaStream_t,
 ) -> ncclResult_t {
-    let Some(d) = dtype(dt) else {
-        return INVALID_ARGUMENT;
-    };
-    let (b, c) = (b as usize, c as usize);
-    submit(Op::Recv(Box::new(move || {
-        // SAFETY: the buffer holds n elements; the handle is live.
-        unsafe {
-            let fc = comm(c as ncclComm_t);
-            let sh = fc.shared.clone();
-            let key = (peer as usize, fc.rank);
-            let mut g = sh.state.lock().unwrap();
-            let start = Instant::now();
-            loop {
-                if let Some(m) = g.mail.get_mut(&key).and_then(|q| q.pop_front()) {
-                    if m.len != n * d.size() {
-                        return INVALID_USAGE;
-                    }
-                    put(b as *mut c_void, m.bytes());
-                    return sys::ncclSuccess;
+    call(Op::Recv, dt, c, move |fc, d| {
+        let sh = fc.shared.clone();
+        let key = (peer as usize, fc.rank);
+        let mut g = sh.state.lock().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(m) = g.mail.get_mut(&key).and_then(|q| q.pop_front()) {
+                if m.len != n * d.size() {
+                    return Err(INVALID_USAGE);
                 }
-                if start.elapsed() > WAIT {
-                    return REMOTE;
-                }
-                g = sh.cv.wait_timeout(g, Duration::from_millis(50)).unwrap().0;
+                // SAFETY: the buffer holds n elements.
+                unsafe { put(b, m.bytes()) };
+                return Ok(());
             }
+            if start.elapsed() > WAIT {
+                return Err(REMOTE);
+            }
+            g = sh.cv.wait_timeout(g, Duration::from_millis(50)).unwrap().0;
         }
-    })))
+    })
 }
 unsafe extern "C" fn group_start() -> ncclResult_t {
     GROUP.with(|g| {
