@@ -417,10 +417,11 @@ impl CustomAllreduce {
     /// True for memory this crate allocated (a whole `cuMemAlloc` allocation, which CUDA IPC
     /// can share): what the graph path needs. An engine's memory (cudarc's stream-ordered
     /// allocations among it) takes the copy-in path, captured as well.
-    fn shareable(&self, p: u64) -> Result<bool> {
-        // SAFETY: p is a live device address of this context, which is current.
-        let base = unsafe { allocation_base(p) }?;
-        Ok(self.dev.allocation_serial(base).is_some())
+    fn shareable(&self, p: u64) -> bool {
+        // SAFETY: p is a live device address of this context, which is current. A range the
+        // driver does not answer for is not one of this crate's allocations (those it does).
+        let base = unsafe { allocation_base(p) };
+        base.is_ok_and(|b| self.dev.allocation_serial(b).is_some())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -574,7 +575,7 @@ impl FastAllReduce<DeviceContext> for CustomAllreduce {
             return Ok(());
         }
         // SAFETY: `s` is a live stream of this context, current (caller's contract).
-        let graph = unsafe { dev.is_capturing(s) }? && self.shareable(src)?;
+        let graph = unsafe { dev.is_capturing(s) }? && self.shareable(src);
         if !graph {
             // SAFETY: the registered buffer holds max_size > nbytes bytes; src holds nbytes
             // (caller's contract); both on this device, ordered on `s`.
