@@ -4,11 +4,10 @@
 use std::time::Duration;
 
 use dist_core::{
-    Backend, CommunicatorContext, DType, Device, DeviceCommunicator, Error, HostGroupExt,
-    HostTensor, ReduceOp, Result, DEFAULT_TIMEOUT,
+    Backend, CommunicatorContext, DType, Device, DeviceCommunicator, Error, HostTensor, ReduceOp,
+    Result, DEFAULT_TIMEOUT,
 };
 
-use crate::coll::node_id;
 #[cfg(feature = "gloo")]
 use crate::gloo::GlooCommunicator;
 use crate::ShmCommunicator;
@@ -148,7 +147,7 @@ impl Backend for CpuBackend {
             Ok("shm") => false,
             Ok("gloo") => true,
             Err(_) | Ok("") => {
-                let nodes: Vec<String> = hg.all_gather_obj(&node_id())?;
+                let nodes = crate::shm::node_keys(hg.as_ref())?;
                 nodes.iter().any(|n| *n != nodes[0])
             }
             Ok(other) => {
