@@ -471,12 +471,18 @@ fn threads(a: &MqBenchArgs, n: usize, sizes: &[usize]) -> anyhow::Result<Vec<Row
     Ok(rows)
 }
 
-/// `x / y` with one decimal, or `-`.
+/// `x / y` to two significant digits or more, or `-`.
 fn ratio(x: f64, y: f64) -> String {
-    if y > 0.0 {
-        format!("{:.2}", x / y)
+    if y <= 0.0 {
+        return "-".into();
+    }
+    let r = x / y;
+    if r >= 10.0 {
+        format!("{r:.0}")
+    } else if r >= 0.1 {
+        format!("{r:.2}")
     } else {
-        "-".into()
+        format!("{r:.4}")
     }
 }
 
@@ -632,6 +638,14 @@ mod tests {
         assert_eq!((back.readers, back.bytes, back.p99_ns), (3, 1024, 9000));
         assert!(Row::parse("# a comment").is_none());
         assert!(Row::parse("ROW 1 2").is_none());
+    }
+
+    #[test]
+    fn ratios_keep_two_digits() {
+        assert_eq!(ratio(10.2, 4375.6), "0.0023");
+        assert_eq!(ratio(1.0, 4.0), "0.25");
+        assert_eq!(ratio(3888.0, 0.35), "11109");
+        assert_eq!(ratio(1.0, 0.0), "-");
     }
 
     #[test]
