@@ -25,7 +25,7 @@ enum Cmd {
     #[command(subcommand)]
     Store(StoreCmd),
     /// Benchmarks: collectives (default), `store`, `mq`.
-    Bench(BenchCmd),
+    Bench(Box<BenchCmd>),
     /// KV-cache events: vLLM's msgpack stream over ZMQ.
     #[command(subcommand)]
     KvEvents(KvEventsCmd),
