@@ -39,7 +39,12 @@ impl Frame {
         } else {
             (xmin, xmax)
         };
-        let ymax = rows.iter().map(|r| r.best_busbw()).fold(0.0, f64::max).max(1e-9) * 1.1;
+        let ymax = rows
+            .iter()
+            .map(|r| r.best_busbw())
+            .fold(0.0, f64::max)
+            .max(1e-9)
+            * 1.1;
         Frame { xmin, xmax, ymax }
     }
     fn x(&self, bytes: usize) -> f64 {
