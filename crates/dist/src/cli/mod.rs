@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 
+mod eplb;
 mod layout;
 mod mq;
 
@@ -25,10 +26,13 @@ enum Cmd {
     #[command(subcommand)]
     Store(StoreCmd),
     /// Benchmarks: collectives (default), `store`, `mq`.
-    Bench(BenchCmd),
+    Bench(Box<BenchCmd>),
     /// KV-cache events: vLLM's msgpack stream over ZMQ.
     #[command(subcommand)]
     KvEvents(KvEventsCmd),
+    /// Expert-parallel load balancing: `plan` runs vLLM's rebalancing policy on a load file.
+    #[command(subcommand)]
+    Eplb(eplb::EplbCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -74,6 +78,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             Some(BenchSub::Store(o)) => Ok(code(dist_store::bench::run(&o)?)),
             Some(BenchSub::Mq(a)) => mq::run(*a),
         },
+        Cmd::Eplb(c) => eplb::run(c),
         Cmd::KvEvents(KvEventsCmd::Publish(a)) => {
             dist_kv::cli::run_publish(a)?;
             Ok(0)
