@@ -57,7 +57,7 @@
 //! ## Liveness
 //! Each local reader records its [`ProcessId`](crate::shm::ProcessId) (pid, start time, pid
 //! namespace) in its slot when it attaches; the writer watches it through a pidfd (one `poll`
-//! per reader at most every 10 ms on enqueue, and on every slice of a wait), so a reader killed
+//! for all readers at most every 10 ms on enqueue, and on every slice of a wait), so a reader killed
 //! mid-stream makes the writer's next enqueue fail with [`Error::PeerLost`] naming its rank, well
 //! within the deadline, and a reused pid cannot pass for it. Readers watch the writer, the
 //! creator named in the segment, the same way while they sleep. Remote readers are watched
@@ -82,14 +82,15 @@
 //! a trusted cluster network (docs/SECURITY.md).
 //!
 //! ## Building one
-//! [`MessageQueue::create_from_group`] is collective over a [`HostGroup`](dist_core::HostGroup): ranks exchange their
-//! [`NodeKey`](crate::shm::NodeKey) ([`crate::shm::same_node`], the workspace's one definition
-//! of "same node"); the writer creates the ring for the readers on its node and a listener for
-//! the others and broadcasts the [`Handle`]; every reader opens its side and they all report
-//! success or failure, so a reader that cannot open its side fails every rank at once, naming it.
-//! Then [`MessageQueue::wait_until_ready`] (collective) releases the readers.
-//! [`Options::force_remote`] (or `DIST_MQ_FORCE_REMOTE=1`) sends every reader over TCP, for
-//! tests. Without a group: [`MessageQueue::create_writer`] + [`MessageQueue::handle`] +
+//! [`MessageQueue::create_from_group`] is collective over a
+//! [`HostGroup`](dist_core::HostGroup): ranks exchange their [`NodeKey`](crate::shm::NodeKey)s
+//! (the workspace's one definition of "same node", as in [`crate::shm::same_node`]); the writer
+//! creates the ring for the readers on its node and a listener for the others and broadcasts the
+//! [`Handle`]; every reader opens its side and they all report success or failure, so a reader
+//! that cannot open its side fails every rank at once, naming it. Then
+//! [`MessageQueue::wait_until_ready`] (collective) releases the readers.
+//! [`Options::force_remote`] (or `DIST_MQ_FORCE_REMOTE=1`) sends a rank over TCP even on the
+//! writer's node (on the writer: every reader), for tests. Without a group: [`MessageQueue::create_writer`] + [`MessageQueue::handle`] +
 //! [`MessageQueue::open_reader`].
 //!
 //! ## Shutdown
@@ -176,8 +177,8 @@ pub struct Options {
     /// by the same rule. Longer lowers the latency of messages that come further apart and
     /// keeps a core busy for longer after each.
     pub busy_wait: Option<Duration>,
-    /// Every reader goes over TCP, even on the writer's node (tests). `DIST_MQ_FORCE_REMOTE=1`
-    /// does the same.
+    /// This rank reads over TCP even on the writer's node; set on the writer, every reader does
+    /// (tests). `DIST_MQ_FORCE_REMOTE=1` does the same.
     pub force_remote: bool,
     /// Address the writer listens on for remote readers. Default: `DIST_HOST_IP` or
     /// `VLLM_HOST_IP`, else the address of the interface that routes to `MASTER_ADDR`, else
