@@ -18,8 +18,8 @@ SIZES=${SIZES:-4K,64K,1M,4M,16M,64M}
 for w in ${WORLDS:-4 8}; do
   say "== dist bench --world $w"
   (set -o pipefail
-   timeout "${BENCH_TIMEOUT:-240}" "$BIN/dist" bench --world "$w" --ops "$OPS" --sizes "$SIZES" \
-     --peer torch --job-timeout 230 2>&1 | tee -a "$LOG") || status=1
+   timeout "${BENCH_TIMEOUT:-330}" "$BIN/dist" bench --world "$w" --ops "$OPS" --sizes "$SIZES" \
+     --peer torch --peer-timeout 150 --job-timeout 150 2>&1 | tee -a "$LOG") || status=1
 done
 say "== status $status"
 exit $status

@@ -91,6 +91,9 @@ pub struct BenchArgs {
     /// interpreter in DIST_BENCH_PYTHON).
     #[arg(long, value_name = "PEER")]
     pub peer: Option<String>,
+    /// Seconds the peer may run before it is stopped.
+    #[arg(long, default_value_t = 600.0)]
+    pub peer_timeout: f64,
     /// Seconds the launched job may run before it is killed.
     #[arg(long, default_value_t = 600.0)]
     pub job_timeout: f64,
@@ -115,12 +118,12 @@ pub struct Row {
     pub redop: String,
     /// Root rank, or -1.
     pub root: i64,
-    /// Out of place: time per call, µs (the slowest rank's mean); NaN for ops without that form.
-    pub time_us: f64,
+    /// Out of place: time per call, µs (the slowest rank's mean), for the ops that have the form.
+    pub time_us: Option<f64>,
     /// Out of place: algorithm bandwidth, GB/s.
-    pub algbw: f64,
+    pub algbw: Option<f64>,
     /// Out of place: bus bandwidth, GB/s.
-    pub busbw: f64,
+    pub busbw: Option<f64>,
     /// In place: time per call, µs, for the ops that have the form.
     pub ip_time_us: Option<f64>,
     /// In place: bus bandwidth, GB/s.
@@ -134,12 +137,7 @@ pub struct Row {
 impl Row {
     /// The best bus bandwidth of the row (in place or out of place).
     pub fn best_busbw(&self) -> f64 {
-        let oop = if self.busbw.is_finite() {
-            self.busbw
-        } else {
-            0.0
-        };
-        oop.max(self.ip_busbw.unwrap_or(0.0))
+        self.busbw.unwrap_or(0.0).max(self.ip_busbw.unwrap_or(0.0))
     }
 }
 
@@ -239,20 +237,49 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<u8> {
     }
     env.world_group().barrier()?;
     if rank0 && args.peer.is_some() {
-        peer_torch(kind, &rows)?;
+        match std::env::var_os(ROWS_ENV) {
+            // Launched by `dist bench` itself: the launcher runs the peer once the ranks are done.
+            Some(path) => std::fs::write(path, serde_json::to_vec(&rows)?)?,
+            None => peer_torch(kind, &rows, args.peer_timeout)?,
+        }
     }
     Ok(if wrong > 0 { 1 } else { 0 })
 }
 
+/// Where rank 0 leaves its rows for the launcher's peer run.
+const ROWS_ENV: &str = "DIST_BENCH_ROWS";
+
 fn launch(args: &BenchArgs) -> anyhow::Result<u8> {
     anyhow::ensure!(args.world >= 1, "--world must be at least 1");
+    if let Some(p) = &args.peer {
+        anyhow::ensure!(p == "torch", "--peer {p}: the peer known is torch");
+    }
     let exe = std::env::current_exe()?;
     let mut program: Vec<std::ffi::OsString> = vec![exe.into_os_string()];
     program.extend(std::env::args_os().skip(1));
     let mut opts = dist_store::launch::LaunchOptions::new(args.world, program);
     opts.no_prefix = true;
     opts.timeout = Some(args.job_timeout);
+    let rows_file =
+        std::env::temp_dir().join(format!("dist_bench_rows_{}.json", std::process::id()));
+    if args.peer.is_some() {
+        std::env::set_var(ROWS_ENV, &rows_file);
+    }
     let code = dist_store::launch::run(&opts)?;
+    if args.peer.is_some() {
+        let rows = std::fs::read(&rows_file).ok();
+        let _ = std::fs::remove_file(&rows_file);
+        match rows.and_then(|b| serde_json::from_slice::<Vec<Row>>(&b).ok()) {
+            Some(rows) => {
+                let kind = match &args.backend {
+                    Some(b) => BackendKind::parse(b)?,
+                    None => BackendKind::from_env()?,
+                };
+                peer_torch(kind, &rows, args.peer_timeout)?;
+            }
+            None => println!("# peer torch: not run (the sweep left no rows)"),
+        }
+    }
     Ok(code.clamp(0, 255) as u8)
 }
 
@@ -401,24 +428,22 @@ fn copy_probe(host: &dyn HostGroup, bytes: usize, threads: usize) -> Result<f64>
     let src = vec![1u8; bytes];
     let mut dst = vec![0u8; bytes];
     let reps = ((64usize << 20) / bytes.max(1)).clamp(1, 2000);
-    let t = threads.clamp(1, 64);
+    let per = bytes.div_ceil(threads.clamp(1, 64)).max(1);
     let mut trials = vec![];
     for _ in 0..5 {
         host.barrier()?;
         let start = Instant::now();
-        for _ in 0..reps {
-            let per = bytes.div_ceil(t).max(1);
-            std::thread::scope(|s| {
-                for (d, c) in dst.chunks_mut(per).zip(src.chunks(per)) {
-                    if t == 1 {
+        // Each thread copies its part `reps` times (threads started once per trial).
+        std::thread::scope(|s| {
+            for (d, c) in dst.chunks_mut(per).zip(src.chunks(per)) {
+                s.spawn(move || {
+                    for _ in 0..reps {
                         d.copy_from_slice(c);
-                    } else {
-                        s.spawn(move || d.copy_from_slice(c));
+                        std::hint::black_box(&mut *d);
                     }
-                }
-            });
-            std::hint::black_box(&mut dst);
-        }
+                });
+            }
+        });
         trials.push(start.elapsed().as_secs_f64() / reps as f64);
     }
     trials.sort_by(f64::total_cmp);
@@ -448,9 +473,9 @@ fn print_row(r: &Row, json: bool) {
         r.dtype,
         r.redop,
         r.root,
-        f(Some(r.time_us), 2),
-        f(Some(r.algbw), 3),
-        f(Some(r.busbw), 3),
+        f(r.time_us, 2),
+        f(r.algbw, 3),
+        f(r.busbw, 3),
         f(r.ip_time_us, 2),
         f(r.ip_busbw, 3),
         if r.wrong < 0 {
@@ -465,7 +490,8 @@ fn print_row(r: &Row, json: bool) {
 
 /// Runs the torch peer (gloo on the host, NCCL on GPUs) on the same ops, sizes, ranks and dtype,
 /// and prints its figures beside ours with the ratios.
-fn peer_torch(kind: BackendKind, ours: &[Row]) -> anyhow::Result<()> {
+fn peer_torch(kind: BackendKind, ours: &[Row], timeout_s: f64) -> anyhow::Result<()> {
+    use std::io::BufRead;
     let backend = match kind {
         BackendKind::Cpu | BackendKind::Host => "gloo",
         #[allow(unreachable_patterns)]
@@ -497,7 +523,7 @@ fn peer_torch(kind: BackendKind, ours: &[Row]) -> anyhow::Result<()> {
     std::fs::write(&script, include_str!("bench_torch.py"))?;
     println!("#");
     println!("# peer: torch.distributed {backend}, same ops, sizes, ranks ({world}) and dtype, run after the sweep");
-    let out = std::process::Command::new(&py)
+    let child = std::process::Command::new(&py)
         .arg(&script)
         .args(["--backend", backend, "--world", &world.to_string()])
         .args(["--dtype", tdtype, "--ops", &ops.join(",")])
@@ -509,57 +535,88 @@ fn peer_torch(kind: BackendKind, ours: &[Row]) -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
                 .join(","),
         )
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .output();
-    let _ = std::fs::remove_file(&script);
-    let out = match out {
-        Ok(o) => o,
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
         Err(e) => {
+            let _ = std::fs::remove_file(&script);
             println!("# peer torch: not run ({py}: {e})");
             return Ok(());
         }
     };
-    if !out.status.success() && out.stdout.is_empty() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let last = err
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("");
-        println!("# peer torch: not run ({py} exited {}: {last})", out.status);
-        return Ok(());
-    }
+    // The peer is stopped at its deadline, whatever it is doing.
+    let pid = child.id();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let killer = std::thread::spawn(move || {
+        let limit = std::time::Duration::from_secs_f64(timeout_s.max(1.0));
+        if done_rx.recv_timeout(limit).is_err() {
+            // SAFETY: kill(2) on our own child's pid; a stale pid is at worst an ESRCH.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            return true;
+        }
+        false
+    });
+    let stderr = child.stderr.take();
+    let err_tail = std::thread::spawn(move || {
+        let mut last = String::new();
+        if let Some(e) = stderr {
+            for l in std::io::BufReader::new(e).lines().map_while(|l| l.ok()) {
+                if !l.trim().is_empty() {
+                    last = l;
+                }
+            }
+        }
+        last
+    });
     println!(
         "# {:>16} {:>12} {:>12} {:>12} {:>9} {:>7}   op",
         "size(B)", "dist busbw", "torch busbw", "torch time", "ratio", "#wrong"
     );
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let op = v["op"].as_str().unwrap_or("?");
-        if let Some(why) = v["unsupported"].as_str() {
-            println!("# {op}: torch {backend} lacks it ({why})");
-            continue;
+    let mut any = false;
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines().map_while(|l| l.ok()) {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            any = true;
+            let op = v["op"].as_str().unwrap_or("?");
+            if let Some(why) = v["unsupported"].as_str() {
+                println!("# {op}: torch {backend} lacks it ({why})");
+                continue;
+            }
+            let bytes = v["bytes"].as_u64().unwrap_or(0) as usize;
+            let theirs = v["busbw"].as_f64().unwrap_or(f64::NAN);
+            let mine = ours
+                .iter()
+                .find(|r| r.op == op && r.bytes == bytes)
+                .map(Row::best_busbw);
+            println!(
+                "  {:>16} {:>12} {:>12.3} {:>12.2} {:>9} {:>7}   {op}",
+                bytes,
+                mine.map_or("-".into(), |m| format!("{m:.3}")),
+                theirs,
+                v["time_us"].as_f64().unwrap_or(f64::NAN),
+                mine.map_or("-".into(), |m| format!("{:.2}x", m / theirs)),
+                v["wrong"].as_i64().unwrap_or(-1)
+            );
+            let _ = std::io::stdout().flush();
         }
-        let bytes = v["bytes"].as_u64().unwrap_or(0) as usize;
-        let theirs = v["busbw"].as_f64().unwrap_or(f64::NAN);
-        let mine = ours
-            .iter()
-            .find(|r| r.op == op && r.bytes == bytes)
-            .map(Row::best_busbw);
-        println!(
-            "  {:>16} {:>12} {:>12.3} {:>12.2} {:>9} {:>7}   {op}",
-            bytes,
-            mine.map_or("-".into(), |m| format!("{m:.3}")),
-            theirs,
-            v["time_us"].as_f64().unwrap_or(f64::NAN),
-            mine.map_or("-".into(), |m| format!("{:.2}x", m / theirs)),
-            v["wrong"].as_i64().unwrap_or(-1)
-        );
     }
-    if !out.status.success() {
-        println!("# peer torch exited {}", out.status);
+    let status = child.wait();
+    let _ = done_tx.send(());
+    let killed = killer.join().unwrap_or(false);
+    let last = err_tail.join().unwrap_or_default();
+    let _ = std::fs::remove_file(&script);
+    match status {
+        _ if killed => println!("# peer torch: stopped after {timeout_s} s"),
+        Ok(s) if s.success() => {}
+        Ok(s) => println!(
+            "# peer torch: {} ({py} exited {s}: {last})",
+            if any { "incomplete" } else { "not run" }
+        ),
+        Err(e) => println!("# peer torch: {e}"),
     }
     Ok(())
 }
@@ -789,7 +846,7 @@ fn bench_one<B: Backend>(
     };
     let nbytes = (count * es) as f64;
     let bw = |t: f64| nbytes / t / 1e9;
-    let algbw = t_oop.map_or(f64::NAN, bw);
+    let algbw = t_oop.map(bw);
     Ok(Row {
         op: op.to_string(),
         backend: kind.name().to_string(),
@@ -807,9 +864,9 @@ fn bench_one<B: Backend>(
         } else {
             -1
         },
-        time_us: t_oop.map_or(f64::NAN, |t| t * 1e6),
+        time_us: t_oop.map(|t| t * 1e6),
         algbw,
-        busbw: algbw * bus_factor(op, n),
+        busbw: algbw.map(|a| a * bus_factor(op, n)),
         ip_time_us: t_ip.map(|t| t * 1e6),
         ip_busbw: t_ip.map(|t| bw(t) * bus_factor(op, n)),
         wrong,

@@ -137,6 +137,16 @@ def one_op(op, rank, n, size, dtype, dev, iters, warmup):
             wrong = int(((d > tol * (1 + want.abs())) | d.isnan()).sum())
         else:
             wrong = int((got.to(want.dtype) != want).sum())
+    # As many timed calls as fit in about half a second (from the check call's time), 3 to `iters`.
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    call()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    one = torch.tensor([time.perf_counter() - t1], dtype=torch.float64, device=dev)
+    dist.all_reduce(one, op=dist.ReduceOp.MAX)
+    iters = int(max(3, min(iters, 0.5 / max(one.item(), 1e-7))))
     for _ in range(warmup):
         call()
     if dev.type == "cuda":
@@ -158,6 +168,8 @@ def one_op(op, rank, n, size, dtype, dev, iters, warmup):
 
 
 def rank_main(rank, a, port):
+    # gloo reduces on one thread; torch's intra-op pool would only oversubscribe the cores.
+    torch.set_num_threads(1)
     backend = a.backend
     dev = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if backend == "nccl":
