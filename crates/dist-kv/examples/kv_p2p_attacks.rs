@@ -1,5 +1,5 @@
 //! Hostile peers against the P2P connector's listener, on loopback, with figures: each attack
-//! runs while a real producer sends 8 rounds (one 4 KiB layer each) to the attacked consumer,
+//! runs while a real producer sends 8 rounds (one 4 KiB layer each, 20 ms apart) to the attacked consumer,
 //! and the program prints how many rounds got through, their median and worst time, and what
 //! the attack held on the consumer.
 //!
@@ -18,6 +18,7 @@ use dist_kv::transfer::p2p::{EngineConfig, P2pEngine, SendType, TcpDataPath};
 
 const ROUNDS: usize = 8;
 const LIARS: usize = 4;
+const GAP: Duration = Duration::from_millis(20);
 
 fn engine(send_type: SendType, timeout: Duration) -> P2pEngine {
     P2pEngine::new(
@@ -38,6 +39,8 @@ fn hello(listen_addr: &str) -> Frame {
         listen_addr: listen_addr.into(),
         data_path: "tcp".into(),
         link_init: vec![],
+        nonce: vec![0; 32],
+        auth: false,
     }
 }
 
@@ -80,6 +83,8 @@ fn rounds(prod: &P2pEngine, cons: &P2pEngine, tag: &str) -> Rounds {
         errors: vec![],
     };
     for i in 0..ROUNDS {
+        // Rounds are paced as decode steps are (the attackers act in the gaps).
+        std::thread::sleep(GAP);
         let id = format!("{tag}-{i}");
         let tid = format!("{id}#layer");
         let t = HostTensor::random(DType::U8, &[4096], i as u64);
@@ -201,9 +206,10 @@ fn lying_put() {
     let addr = cons.listen_addr().to_string();
     // Four liars, so one always waits to take the room another's expiry frees.
     let liars: Vec<_> = (0..LIARS)
-        .map(|_| {
+        .map(|k| {
             let (stop, readies, addr) = (stop.clone(), readies.clone(), addr.clone());
             std::thread::spawn(move || {
+                let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let Ok(mut s) = TcpStream::connect(&addr) else {
                         std::thread::sleep(Duration::from_millis(10));
@@ -214,9 +220,11 @@ fn lying_put() {
                     // Offer again after each refusal, so one offer always waits for room.
                     let mut ready = false;
                     for seq in 1..1000 {
+                        // A fresh request each time, as a liar that knows the rules would.
+                        n += 1;
                         let put = Frame::Put {
                             seq,
-                            tensor_id: "liar#layer".into(),
+                            tensor_id: format!("liar-{k}-{n}#layer"),
                             header: TensorHeader {
                                 dtype: DType::F32,
                                 shape: vec![1 << 28],

@@ -97,6 +97,7 @@ fn cfg(role: P2pRole, send_type: SendType, recv_cap: usize) -> P2pConfig {
             recv_buffer_bytes: recv_cap,
             timeout: Duration::from_secs(10),
             done_timeout: Duration::from_secs(20),
+            ..Default::default()
         },
     }
 }

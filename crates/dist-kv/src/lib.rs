@@ -72,6 +72,7 @@
 pub mod cli;
 mod error;
 pub mod events;
+mod ratelog;
 pub mod transfer;
 
 pub use error::{Error, Result};

@@ -33,8 +33,11 @@
 //!   is freed only by the receiver's acknowledgement or the loss of the connection, never
 //!   under a copy, even when its request fails.
 
+mod admission;
+pub mod auth;
 mod datapath;
 mod engine;
+mod ledger;
 pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -42,8 +45,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-pub use datapath::{DataLink, DataPath, TcpDataPath, TcpLink};
-pub use engine::{request_of, EngineConfig, P2pEngine, SendType};
+pub use auth::Secret;
+pub use datapath::{DataLink, DataPath, RecvProgress, TcpDataPath, TcpLink};
+pub use engine::{
+    request_of, ConnectionCounts, EngineConfig, P2pEngine, SendType, FRAME_TIMEOUT,
+    HANDSHAKE_TIMEOUT,
+};
 
 use super::connector::{
     FailureLog, FinishedRequests, KvConnectorMetadata, KvConnectorScheduler, KvConnectorWorker,
@@ -463,11 +470,12 @@ impl<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>> KvConnectorWorker for P2p
                 }
                 Err(e) => {
                     let e = e.for_request(&r.request_id);
-                    self.engine.discard_request(&r.request_id);
+                    // Told on the connection the request's tensors came over, then forgotten.
                     if let Ok(peer) = peer_address(&r.request_id, false, self.cfg.rank) {
                         self.engine
                             .notify_abort(&r.request_id, &peer, &e.to_string());
                     }
+                    self.engine.discard_request(&r.request_id);
                     self.failures.record(&r.request_id, &r.block_ids, &e);
                 }
             }
