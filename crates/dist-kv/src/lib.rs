@@ -9,8 +9,8 @@
 //! ## Where it sits
 //!
 //! `dist-kv` depends on `dist-core` for the workspace's vocabulary and on libzmq (Debian's
-//! `libzmq3-dev`, through the `zmq` crate) for sockets. It has no `unsafe` code of its own. The
-//! `dist` binary mounts its command line ([`cli`]) as `dist kv-events publish|subscribe`.
+//! `libzmq3-dev`, through the `zmq` crate) for sockets. It has no `unsafe` code of its own, and no
+//! command line: the `dist` binary's `dist kv-events publish|subscribe` is built on it.
 //!
 //! ## Design choices
 //!
@@ -69,7 +69,6 @@
 
 #![forbid(unsafe_code)]
 
-pub mod cli;
 mod error;
 pub mod events;
 mod ratelog;

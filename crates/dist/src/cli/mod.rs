@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 
+mod kv;
 mod layout;
 
 /// dist: vLLM's distributed communication layer, in Rust.
@@ -27,15 +28,7 @@ enum Cmd {
     Bench(BenchCmd),
     /// KV-cache events: vLLM's msgpack stream over ZMQ.
     #[command(subcommand)]
-    KvEvents(KvEventsCmd),
-}
-
-#[derive(Debug, Subcommand)]
-enum KvEventsCmd {
-    /// Publish sample batches that use every event type and field.
-    Publish(dist_kv::cli::PublishArgs),
-    /// Print received batches as JSON lines.
-    Subscribe(dist_kv::cli::SubscribeArgs),
+    KvEvents(kv::KvEventsCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,14 +85,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             Some(BenchSub::Store(o)) => Ok(code(dist_store::bench::run(&o)?)),
             Some(BenchSub::Mq(a)) => mq_bench(a),
         },
-        Cmd::KvEvents(KvEventsCmd::Publish(a)) => {
-            dist_kv::cli::run_publish(a)?;
-            Ok(0)
-        }
-        Cmd::KvEvents(KvEventsCmd::Subscribe(a)) => {
-            dist_kv::cli::run_subscribe(a)?;
-            Ok(0)
-        }
+        Cmd::KvEvents(c) => kv::run(c),
     }
 }
 
