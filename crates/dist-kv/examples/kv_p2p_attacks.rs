@@ -4,7 +4,8 @@
 //! the attack held on the consumer.
 //!
 //! `cargo run --release -p dist-kv --example kv_p2p_attacks [-- ATTACK...]`
-//! (attacks: idle-hellos, impostor, lying-put; default all).
+//! (attacks: idle-hellos, impostor, lying-put; default all, after a baseline: the same rounds
+//! with no attacker, in the same run).
 
 use std::io::Read;
 use std::net::TcpStream;
@@ -108,6 +109,13 @@ fn rounds(prod: &P2pEngine, cons: &P2pEngine, tag: &str) -> Rounds {
 
 fn threads() -> usize {
     std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+/// The rounds with no attacker.
+fn baseline() {
+    let cons = engine(SendType::Put, Duration::from_secs(5));
+    let prod = engine(SendType::Put, Duration::from_secs(5));
+    rounds(&prod, &cons, "base").print("baseline (no attacker)", "nothing held");
 }
 
 /// 1,100 connections that send a Hello and then nothing.
@@ -289,6 +297,7 @@ fn lying_put() {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let want = |a: &str| args.is_empty() || args.iter().any(|x| x == a);
+    baseline();
     if want("idle-hellos") {
         idle_hellos();
     }
