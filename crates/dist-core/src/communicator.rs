@@ -4,21 +4,71 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::tensor::{normalize_dim, with_dim};
-use crate::{DType, Device, Error, HostGroup, HostTensor, ReduceOp, Result, Store, Tensor};
+use crate::{
+    DType, Device, Error, HostGroup, HostTensor, HostView, HostViewMut, ReduceOp, Result, Store,
+    Tensor,
+};
 
 /// Default deadline of collective calls (`DIST_TIMEOUT` overrides it where the facade reads the environment).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Collectives on a backend's tensors among the ranks of one group.
+/// One operation of a grouped point-to-point call ([`DeviceCommunicator::batch_send_recv`],
+/// vLLM's `batch_isend_irecv`): send a view to a peer, or receive from a peer into a view.
+#[derive(Debug)]
+pub enum P2pOp<'v, V, M> {
+    /// Send the tensor to the group rank.
+    Send(&'v V, usize),
+    /// Receive into the tensor from the group rank.
+    Recv(&'v mut M, usize),
+}
+
+impl<V, M> P2pOp<'_, V, M> {
+    /// The peer of the operation.
+    pub fn peer(&self) -> usize {
+        match self {
+            P2pOp::Send(_, p) | P2pOp::Recv(_, p) => *p,
+        }
+    }
+}
+
+/// Collectives among the ranks of one group, on a backend's tensors.
+///
+/// Every op works on *views* — [`Self::View`] to read, [`Self::ViewMut`] to write — that borrow
+/// memory somebody else owns: an engine's buffers (a host slice, a device allocation on the
+/// engine's stream) or the backend's own tensors ([`Self::view`], [`Self::view_mut`]). The
+/// outputs are the caller's too (`*_into`), so no op allocates its result; the owned forms
+/// (`all_reduce`, `all_gather`, …) are provided on top, taking their outputs from
+/// [`Self::alloc`] (a pool of touched buffers where the backend has one).
 ///
 /// Ranks (`src`, `dst`) are ranks within the group. Every call is bounded by [`Self::timeout`]:
 /// a peer that does not arrive in time is an [`Error::Timeout`] naming it, a peer that died is
-/// [`Error::PeerLost`]. Results have vLLM's layouts (see [`crate::reference`], which is the
-/// oracle for every implementation). Methods take `&self`: implementations keep their mutable
-/// state behind their own lock so that a coordinator can be shared process-wide.
-pub trait DeviceCommunicator: Send + Sync + std::fmt::Debug {
-    /// The backend's tensor type.
+/// [`Error::PeerLost`]. Results have vLLM's layouts (see [`crate::reference`], the oracle of
+/// every implementation). A wrong output shape or dtype is [`Error::InvalidArgument`], checked
+/// before any data moves. Methods take `&self`: implementations keep their mutable state behind
+/// their own lock so a coordinator can be shared process-wide.
+pub trait DeviceCommunicator: Send + Sync + std::fmt::Debug + 'static {
+    /// The backend's owned tensor type.
     type Tensor: Tensor;
+    /// A borrowed tensor the ops read.
+    type View<'a>: Tensor;
+    /// A borrowed tensor the ops write.
+    type ViewMut<'a>: Tensor;
+
+    /// The read view of an owned tensor.
+    fn view(t: &Self::Tensor) -> Self::View<'_>;
+    /// The write view of an owned tensor.
+    fn view_mut(t: &mut Self::Tensor) -> Self::ViewMut<'_>;
+    /// Copies `src` into `dst` (same dtype and element count), on the device for device views
+    /// (ordered on the views' stream). What a one-rank group's out-of-place ops do.
+    fn copy(src: &Self::View<'_>, dst: &mut Self::ViewMut<'_>) -> Result<()>;
+    /// Elements `[start, start + len)` of a dense view, as a 1-D view of the same memory (the PP
+    /// tensor-dict protocol sends such slices). Backends whose views cannot be narrowed say so.
+    fn narrow<'a>(v: &Self::View<'a>, start: usize, len: usize) -> Result<Self::View<'a>> {
+        let _ = (v, start, len);
+        Err(Error::unsupported(
+            "this backend's views cannot be narrowed; send owned tensors",
+        ))
+    }
 
     /// This rank within the group.
     fn rank(&self) -> usize;
@@ -33,43 +83,171 @@ pub trait DeviceCommunicator: Send + Sync + std::fmt::Debug {
 
     /// A new zero-filled tensor on this communicator's device.
     fn empty(&self, dtype: DType, shape: &[usize]) -> Result<Self::Tensor>;
+    /// A new tensor whose contents are unspecified (outputs every element of which an op
+    /// writes). Host backends serve it from a pool of touched buffers; the default is [`Self::empty`].
+    fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<Self::Tensor> {
+        self.empty(dtype, shape)
+    }
+
+    /// Reduces `input` over all ranks into `output` (same dtype and shape).
+    fn all_reduce_into(
+        &self,
+        input: &Self::View<'_>,
+        output: &mut Self::ViewMut<'_>,
+        op: ReduceOp,
+    ) -> Result<()>;
+    /// Reduces `tensor` over all ranks in place.
+    fn all_reduce_in_place(&self, tensor: &mut Self::ViewMut<'_>, op: ReduceOp) -> Result<()>;
+    /// `output = cat([x_0 … x_{n-1}], dim)`.
+    fn all_gather_into(
+        &self,
+        input: &Self::View<'_>,
+        output: &mut Self::ViewMut<'_>,
+        dim: isize,
+    ) -> Result<()>;
+    /// `cat` along `dim` of inputs whose lengths there are `sizes[r]`.
+    fn all_gatherv_into(
+        &self,
+        input: &Self::View<'_>,
+        output: &mut Self::ViewMut<'_>,
+        dim: isize,
+        sizes: &[usize],
+    ) -> Result<()>;
+    /// This rank's chunk along `dim` of the reduction (`shape[dim]` divisible by the world size).
+    fn reduce_scatter_into(
+        &self,
+        input: &Self::View<'_>,
+        output: &mut Self::ViewMut<'_>,
+        dim: isize,
+        op: ReduceOp,
+    ) -> Result<()>;
+    /// This rank's chunk of `sizes[rank]` along `dim` of the reduction.
+    fn reduce_scatterv_into(
+        &self,
+        input: &Self::View<'_>,
+        output: &mut Self::ViewMut<'_>,
+        dim: isize,
+        sizes: &[usize],
+        op: ReduceOp,
+    ) -> Result<()>;
+    /// `dst` receives `cat(inputs, dim)` into its `output` (which it must pass); the others pass `None`.
+    fn gather_into(
+        &self,
+        input: &Self::View<'_>,
+        output: Option<&mut Self::ViewMut<'_>>,
+        dst: usize,
+        dim: isize,
+    ) -> Result<()>;
+    /// Overwrites `tensor` with `src`'s, in place.
+    fn broadcast(&self, tensor: &mut Self::ViewMut<'_>, src: usize) -> Result<()>;
+    /// Sends `tensor` to `dst`.
+    fn send(&self, tensor: &Self::View<'_>, dst: usize) -> Result<()>;
+    /// Receives from `src` into `tensor`, whose dtype and size must match the sender's.
+    fn recv(&self, tensor: &mut Self::ViewMut<'_>, src: usize) -> Result<()>;
+    /// Sends and receives as one grouped operation (vLLM's `batch_isend_irecv`): every rank passes
+    /// its list; the call completes once all of them have, in any order, without deadlock
+    /// whatever the pattern. At most one send and one receive per peer and direction pair is
+    /// matched in list order.
+    fn batch_send_recv(
+        &self,
+        ops: &mut [P2pOp<'_, Self::View<'_>, Self::ViewMut<'_>>],
+    ) -> Result<()>;
+    /// All-to-all with per-peer counts along dim 0: rows `[off_p, off_p + send_counts[p])` of
+    /// `input` go to rank `p`; `output` receives `recv_counts[p]` rows from each `p`, in rank
+    /// order. Every rank's `send_counts[q]` toward rank `q` must equal `q`'s `recv_counts` entry
+    /// for it (exchange counts first, as [`crate::GroupCoordinator::all_to_all_v`] does).
+    fn all_to_all_v_into(
+        &self,
+        input: &Self::View<'_>,
+        send_counts: &[usize],
+        output: &mut Self::ViewMut<'_>,
+        recv_counts: &[usize],
+    ) -> Result<()>;
 
     /// Reduces `input` over all ranks into a new tensor (the input is unchanged).
-    fn all_reduce(&self, input: &Self::Tensor, op: ReduceOp) -> Result<Self::Tensor>;
-    /// Reduces `tensor` over all ranks in place.
-    fn all_reduce_in_place(&self, tensor: &mut Self::Tensor, op: ReduceOp) -> Result<()>;
-    /// `cat([x_0 … x_{n-1}], dim)`.
-    fn all_gather(&self, input: &Self::Tensor, dim: isize) -> Result<Self::Tensor>;
-    /// `cat` along `dim` of inputs whose lengths there are `sizes[r]`.
+    fn all_reduce(&self, input: &Self::Tensor, op: ReduceOp) -> Result<Self::Tensor> {
+        let mut out = self.alloc(input.dtype(), input.shape())?;
+        self.all_reduce_into(&Self::view(input), &mut Self::view_mut(&mut out), op)?;
+        Ok(out)
+    }
+    /// `cat([x_0 … x_{n-1}], dim)` into a new tensor.
+    fn all_gather(&self, input: &Self::Tensor, dim: isize) -> Result<Self::Tensor> {
+        let shape = all_gather_shape(input.shape(), dim, self.world_size(), "all_gather")?;
+        let mut out = self.alloc(input.dtype(), &shape)?;
+        self.all_gather_into(&Self::view(input), &mut Self::view_mut(&mut out), dim)?;
+        Ok(out)
+    }
+    /// `cat` along `dim` of inputs whose lengths there are `sizes[r]`, into a new tensor.
     fn all_gatherv(
         &self,
         input: &Self::Tensor,
         dim: isize,
         sizes: &[usize],
-    ) -> Result<Self::Tensor>;
-    /// This rank's chunk along `dim` of the reduction (`shape[dim]` divisible by the world size).
+    ) -> Result<Self::Tensor> {
+        let shape = all_gatherv_shape(input.shape(), dim, sizes, self.world_size(), self.rank())?;
+        let mut out = self.alloc(input.dtype(), &shape)?;
+        self.all_gatherv_into(
+            &Self::view(input),
+            &mut Self::view_mut(&mut out),
+            dim,
+            sizes,
+        )?;
+        Ok(out)
+    }
+    /// This rank's chunk along `dim` of the reduction, in a new tensor.
     fn reduce_scatter(
         &self,
         input: &Self::Tensor,
         dim: isize,
         op: ReduceOp,
-    ) -> Result<Self::Tensor>;
-    /// This rank's chunk of `sizes[rank]` along `dim` of the reduction.
+    ) -> Result<Self::Tensor> {
+        let shape = reduce_scatter_shape(input.shape(), dim, self.world_size())?;
+        let mut out = self.alloc(input.dtype(), &shape)?;
+        self.reduce_scatter_into(&Self::view(input), &mut Self::view_mut(&mut out), dim, op)?;
+        Ok(out)
+    }
+    /// This rank's chunk of `sizes[rank]` along `dim` of the reduction, in a new tensor.
     fn reduce_scatterv(
         &self,
         input: &Self::Tensor,
         dim: isize,
         sizes: &[usize],
         op: ReduceOp,
-    ) -> Result<Self::Tensor>;
+    ) -> Result<Self::Tensor> {
+        let d = check_collective_dim(input.shape(), dim, "reduce_scatterv")?;
+        let shape = reduce_scatterv_shape(input.shape(), d, sizes, self.world_size(), self.rank())?;
+        let mut out = self.alloc(input.dtype(), &shape)?;
+        self.reduce_scatterv_into(
+            &Self::view(input),
+            &mut Self::view_mut(&mut out),
+            dim,
+            sizes,
+            op,
+        )?;
+        Ok(out)
+    }
     /// `dst` gets `Some(cat(inputs, dim))`, the others `None`.
-    fn gather(&self, input: &Self::Tensor, dst: usize, dim: isize) -> Result<Option<Self::Tensor>>;
-    /// Overwrites `tensor` with `src`'s, in place.
-    fn broadcast(&self, tensor: &mut Self::Tensor, src: usize) -> Result<()>;
-    /// Sends `tensor` to `dst`.
-    fn send(&self, tensor: &Self::Tensor, dst: usize) -> Result<()>;
-    /// Receives from `src` into `tensor`, whose dtype and shape must match the sender's.
-    fn recv(&self, tensor: &mut Self::Tensor, src: usize) -> Result<()>;
+    fn gather(&self, input: &Self::Tensor, dst: usize, dim: isize) -> Result<Option<Self::Tensor>> {
+        crate::ensure_arg!(
+            dst < self.world_size(),
+            "gather: dst {dst} out of range for world size {}",
+            self.world_size()
+        );
+        let shape = all_gather_shape(input.shape(), dim, self.world_size(), "gather")?;
+        if self.rank() == dst {
+            let mut out = self.alloc(input.dtype(), &shape)?;
+            self.gather_into(
+                &Self::view(input),
+                Some(&mut Self::view_mut(&mut out)),
+                dst,
+                dim,
+            )?;
+            Ok(Some(out))
+        } else {
+            self.gather_into(&Self::view(input), None, dst, dim)?;
+            Ok(None)
+        }
+    }
 
     /// Waits until every operation this communicator enqueued has finished on the device
     /// (benchmarks time with it). A no-op for host backends, whose calls return when done.
@@ -88,6 +266,13 @@ pub trait DeviceCommunicator: Send + Sync + std::fmt::Debug {
     /// Releases the communicator's resources; later calls fail with [`Error::NotInitialized`].
     fn destroy(&self) -> Result<()>;
 }
+
+/// The communicator type of backend `B`.
+pub type Comm<B> = <B as Backend>::Communicator;
+/// The read view of backend `B` (what its collectives take as input).
+pub type View<'a, B> = <Comm<B> as DeviceCommunicator>::View<'a>;
+/// The write view of backend `B` (what its collectives write).
+pub type ViewMut<'a, B> = <Comm<B> as DeviceCommunicator>::ViewMut<'a>;
 
 /// Everything a backend needs to build the communicator of one group.
 #[derive(Debug, Clone)]
@@ -168,6 +353,105 @@ pub fn check_collective_dim(shape: &[usize], dim: isize, op: &str) -> Result<usi
     normalize_dim(dim, shape.len())
 }
 
+/// The output shape of `all_gather(dim)` over `world` ranks.
+pub fn all_gather_shape(shape: &[usize], dim: isize, world: usize, op: &str) -> Result<Vec<usize>> {
+    let d = check_collective_dim(shape, dim, op)?;
+    let len = shape[d].checked_mul(world).ok_or_else(|| {
+        Error::invalid(format!(
+            "{op}: dim {d} of {shape:?} times {world} overflows"
+        ))
+    })?;
+    Ok(with_dim(shape, d, len))
+}
+
+/// The output shape of `all_gatherv(dim, sizes)`, after checking `sizes` against the input.
+pub fn all_gatherv_shape(
+    shape: &[usize],
+    dim: isize,
+    sizes: &[usize],
+    world: usize,
+    rank: usize,
+) -> Result<Vec<usize>> {
+    let d = check_collective_dim(shape, dim, "all_gatherv")?;
+    crate::ensure_arg!(
+        sizes.len() == world,
+        "all_gatherv: {} sizes for world size {world}",
+        sizes.len()
+    );
+    crate::ensure_arg!(
+        sizes[rank] == shape[d],
+        "all_gatherv: this rank's input has {} along dim {d}, sizes say {}",
+        shape[d],
+        sizes[rank]
+    );
+    let total = sizes
+        .iter()
+        .try_fold(0usize, |a, &s| a.checked_add(s))
+        .ok_or_else(|| Error::invalid(format!("all_gatherv: sizes {sizes:?} overflow")))?;
+    Ok(with_dim(shape, d, total))
+}
+
+/// The output shape of `reduce_scatter(dim)` over `world` ranks (`shape[dim]` must divide).
+pub fn reduce_scatter_shape(shape: &[usize], dim: isize, world: usize) -> Result<Vec<usize>> {
+    let d = check_collective_dim(shape, dim, "reduce_scatter")?;
+    crate::ensure_arg!(
+        shape[d] % world == 0,
+        "reduce_scatter: dim {d} of shape {shape:?} is not divisible by world size {world}"
+    );
+    Ok(with_dim(shape, d, shape[d] / world))
+}
+
+/// Checks an output view against the dtype and shape an op writes.
+pub fn check_output(op: &str, out: &impl Tensor, dtype: DType, shape: &[usize]) -> Result<()> {
+    crate::ensure_arg!(
+        out.dtype() == dtype && out.shape() == shape,
+        "{op}: the output is {} {:?}, the op writes {dtype} {shape:?}",
+        out.dtype(),
+        out.shape()
+    );
+    Ok(())
+}
+
+/// Checks `send_counts` / `recv_counts` of an all-to-all-v against the input and output
+/// (dim-0 rows, the other dims equal) and returns the bytes of one row.
+pub fn check_all_to_all_v(
+    input: &impl Tensor,
+    send_counts: &[usize],
+    output: &impl Tensor,
+    recv_counts: &[usize],
+    world: usize,
+) -> Result<usize> {
+    let (i, o) = (input.shape(), output.shape());
+    crate::ensure_arg!(
+        !i.is_empty() && !o.is_empty(),
+        "all_to_all_v: the input and output need a dim 0 (got {i:?} and {o:?})"
+    );
+    crate::ensure_arg!(
+        input.dtype() == output.dtype() && i[1..] == o[1..],
+        "all_to_all_v: input {} {i:?} and output {} {o:?} differ beyond dim 0",
+        input.dtype(),
+        output.dtype()
+    );
+    crate::ensure_arg!(
+        send_counts.len() == world && recv_counts.len() == world,
+        "all_to_all_v: {} send and {} receive counts for world size {world}",
+        send_counts.len(),
+        recv_counts.len()
+    );
+    let sum = |c: &[usize]| c.iter().try_fold(0usize, |a, &x| a.checked_add(x));
+    crate::ensure_arg!(
+        sum(send_counts) == Some(i[0]),
+        "all_to_all_v: send counts {send_counts:?} do not sum to the input's {} rows",
+        i[0]
+    );
+    crate::ensure_arg!(
+        sum(recv_counts) == Some(o[0]),
+        "all_to_all_v: receive counts {recv_counts:?} do not sum to the output's {} rows",
+        o[0]
+    );
+    Ok(i[1..].iter().product::<usize>() * input.dtype().size())
+}
+
 /// The output shape of `reduce_scatterv`, after checking `sizes` against the input.
 pub fn reduce_scatterv_shape(
     shape: &[usize],
@@ -237,8 +521,43 @@ fn only_rank_zero(r: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The result of a one-rank collective: `output` gets `input`'s elements.
+fn copy_whole(op: &str, input: &HostView<'_>, output: &mut HostViewMut<'_>) -> Result<()> {
+    check_output(op, output, input.dtype(), input.shape())?;
+    output.as_bytes_mut().copy_from_slice(input.as_bytes());
+    Ok(())
+}
+
+/// [`DeviceCommunicator::copy`] of host views.
+pub fn host_copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
+    crate::ensure_arg!(
+        src.dtype() == dst.dtype() && src.numel() == dst.numel(),
+        "copy of {} {:?} into {} {:?}",
+        src.dtype(),
+        src.shape(),
+        dst.dtype(),
+        dst.shape()
+    );
+    dst.as_bytes_mut().copy_from_slice(src.as_bytes());
+    Ok(())
+}
+
 impl DeviceCommunicator for LocalCommunicator {
     type Tensor = HostTensor;
+    type View<'a> = HostView<'a>;
+    type ViewMut<'a> = HostViewMut<'a>;
+    fn view(t: &HostTensor) -> HostView<'_> {
+        t.view()
+    }
+    fn view_mut(t: &mut HostTensor) -> HostViewMut<'_> {
+        t.view_mut()
+    }
+    fn copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
+        host_copy(src, dst)
+    }
+    fn narrow<'a>(v: &Self::View<'a>, start: usize, len: usize) -> Result<Self::View<'a>> {
+        v.narrow(start, len)
+    }
     fn rank(&self) -> usize {
         0
     }
@@ -257,69 +576,118 @@ impl DeviceCommunicator for LocalCommunicator {
     fn empty(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
         Ok(HostTensor::zeros(dtype, shape))
     }
-    fn all_reduce(&self, input: &HostTensor, op: ReduceOp) -> Result<HostTensor> {
-        crate::ensure_arg!(
-            input.dtype().is_reducible(),
-            "cannot reduce {}",
-            input.dtype()
-        );
-        let _ = op;
-        Ok(input.clone())
-    }
-    fn all_reduce_in_place(&self, tensor: &mut HostTensor, _op: ReduceOp) -> Result<()> {
-        crate::ensure_arg!(
-            tensor.dtype().is_reducible(),
-            "cannot reduce {}",
-            tensor.dtype()
-        );
-        Ok(())
-    }
-    fn all_gather(&self, input: &HostTensor, dim: isize) -> Result<HostTensor> {
-        check_collective_dim(input.shape(), dim, "all_gather")?;
-        Ok(input.clone())
-    }
-    fn all_gatherv(&self, input: &HostTensor, dim: isize, sizes: &[usize]) -> Result<HostTensor> {
-        let d = check_collective_dim(input.shape(), dim, "all_gatherv")?;
-        crate::ensure_arg!(
-            sizes == [input.shape()[d]],
-            "all_gatherv: sizes {sizes:?} do not match the input"
-        );
-        Ok(input.clone())
-    }
-    fn reduce_scatter(&self, input: &HostTensor, dim: isize, _op: ReduceOp) -> Result<HostTensor> {
-        check_collective_dim(input.shape(), dim, "reduce_scatter")?;
-        Ok(input.clone())
-    }
-    fn reduce_scatterv(
+    fn all_reduce_into(
         &self,
-        input: &HostTensor,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        _op: ReduceOp,
+    ) -> Result<()> {
+        ensure_reducible(input.dtype(), "all_reduce")?;
+        copy_whole("all_reduce", input, output)
+    }
+    fn all_reduce_in_place(&self, tensor: &mut HostViewMut<'_>, _op: ReduceOp) -> Result<()> {
+        ensure_reducible(tensor.dtype(), "all_reduce")
+    }
+    fn all_gather_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        dim: isize,
+    ) -> Result<()> {
+        check_collective_dim(input.shape(), dim, "all_gather")?;
+        copy_whole("all_gather", input, output)
+    }
+    fn all_gatherv_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        dim: isize,
+        sizes: &[usize],
+    ) -> Result<()> {
+        all_gatherv_shape(input.shape(), dim, sizes, 1, 0)?;
+        copy_whole("all_gatherv", input, output)
+    }
+    fn reduce_scatter_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        dim: isize,
+        _op: ReduceOp,
+    ) -> Result<()> {
+        ensure_reducible(input.dtype(), "reduce_scatter")?;
+        check_collective_dim(input.shape(), dim, "reduce_scatter")?;
+        copy_whole("reduce_scatter", input, output)
+    }
+    fn reduce_scatterv_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
         dim: isize,
         sizes: &[usize],
         _op: ReduceOp,
-    ) -> Result<HostTensor> {
+    ) -> Result<()> {
+        ensure_reducible(input.dtype(), "reduce_scatterv")?;
         let d = check_collective_dim(input.shape(), dim, "reduce_scatterv")?;
         reduce_scatterv_shape(input.shape(), d, sizes, 1, 0)?;
-        Ok(input.clone())
+        copy_whole("reduce_scatterv", input, output)
     }
-    fn gather(&self, input: &HostTensor, dst: usize, dim: isize) -> Result<Option<HostTensor>> {
+    fn gather_into(
+        &self,
+        input: &HostView<'_>,
+        output: Option<&mut HostViewMut<'_>>,
+        dst: usize,
+        dim: isize,
+    ) -> Result<()> {
         only_rank_zero(dst, "gather dst")?;
         check_collective_dim(input.shape(), dim, "gather")?;
-        Ok(Some(input.clone()))
+        let out =
+            output.ok_or_else(|| Error::invalid("gather: the destination must pass an output"))?;
+        copy_whole("gather", input, out)
     }
-    fn broadcast(&self, _tensor: &mut HostTensor, src: usize) -> Result<()> {
+    fn broadcast(&self, _tensor: &mut HostViewMut<'_>, src: usize) -> Result<()> {
         only_rank_zero(src, "broadcast src")
     }
-    fn send(&self, _tensor: &HostTensor, dst: usize) -> Result<()> {
+    fn send(&self, _tensor: &HostView<'_>, dst: usize) -> Result<()> {
         Err(Error::invalid(format!(
             "send to {dst}: a world-size-1 group has no peer"
         )))
     }
-    fn recv(&self, _tensor: &mut HostTensor, src: usize) -> Result<()> {
+    fn recv(&self, _tensor: &mut HostViewMut<'_>, src: usize) -> Result<()> {
         Err(Error::invalid(format!(
             "recv from {src}: a world-size-1 group has no peer"
         )))
     }
+    fn batch_send_recv(&self, ops: &mut [P2pOp<'_, HostView<'_>, HostViewMut<'_>>]) -> Result<()> {
+        match ops.first() {
+            None => Ok(()),
+            Some(o) => Err(Error::invalid(format!(
+                "batch_send_recv with peer {}: a world-size-1 group has no peer",
+                o.peer()
+            ))),
+        }
+    }
+    fn all_to_all_v_into(
+        &self,
+        input: &HostView<'_>,
+        send_counts: &[usize],
+        output: &mut HostViewMut<'_>,
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        check_all_to_all_v(input, send_counts, output, recv_counts, 1)?;
+        output.as_bytes_mut().copy_from_slice(input.as_bytes());
+        Ok(())
+    }
     fn destroy(&self) -> Result<()> {
         Ok(())
     }
+}
+
+/// Refuses a reduction of a dtype that cannot be reduced (fp8 moves as bytes only).
+pub fn ensure_reducible(dtype: DType, op: &str) -> Result<()> {
+    if dtype.is_reducible() {
+        return Ok(());
+    }
+    Err(Error::unsupported(format!(
+        "{op}: {dtype} cannot be reduced (fp8 is moved as bytes only; convert to f16/bf16/f32 first)"
+    )))
 }

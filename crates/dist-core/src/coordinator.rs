@@ -13,8 +13,12 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::communicator::check_collective_dim;
+use crate::communicator::{
+    all_gather_shape, check_collective_dim, reduce_scatter_shape, reduce_scatterv_shape, Comm,
+    P2pOp, View, ViewMut,
+};
 use crate::diag::{find_mismatch, CallDescriptor, Diagnostics};
+use crate::tensor::with_dim;
 use crate::{
     decode_obj, encode_obj, Backend, Broadcaster, DType, Device, DeviceCommunicator, Error,
     HostGroup, HostGroupExt, ReduceOp, Result, Tensor, TensorMeta,
@@ -50,8 +54,11 @@ pub enum DictValue<T> {
     Value(Value),
 }
 
+/// One entry of a tensor dict: its key and value.
+pub type DictEntry<T> = (String, DictValue<T>);
+
 /// vLLM's `dict[str, Tensor | Any]`, in insertion order.
-pub type TensorDict<T> = Vec<(String, DictValue<T>)>;
+pub type TensorDict<T> = Vec<DictEntry<T>>;
 
 /// The metadata of one entry, as sent over the host group (vLLM's `TensorMetadata` or the value).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -266,7 +273,7 @@ impl<B: Backend> GroupCoordinator<B> {
         &self,
         op: &str,
         input: Option<(DType, &[usize])>,
-        args: String,
+        args: impl FnOnce() -> String,
         collective: bool,
         f: impl FnOnce() -> Result<R>,
     ) -> Result<R> {
@@ -283,7 +290,7 @@ impl<B: Backend> GroupCoordinator<B> {
                 op: op.to_string(),
                 dtype: input.map(|(d, _)| d.name().to_string()).unwrap_or_default(),
                 shape: input.map(|(_, s)| s.to_vec()).unwrap_or_default(),
-                args,
+                args: args(),
             };
             r = self.host.all_gather_obj(&desc).and_then(|all| {
                 match find_mismatch(&self.unique_name, &all) {
@@ -356,99 +363,256 @@ impl<B: Backend> GroupCoordinator<B> {
         }
     }
 
-    /// Sum over the group. **Use the return value**: it is the result (the input is consumed).
+    /// Sum over the group. **Use the return value**: it is the result, computed in the input's
+    /// own memory (the input is consumed, so no output is allocated).
     pub fn all_reduce(&self, x: B::Tensor) -> Result<B::Tensor> {
         self.all_reduce_op(x, ReduceOp::Sum)
     }
 
     /// [`Self::all_reduce`] with another operator.
-    pub fn all_reduce_op(&self, x: B::Tensor, op: ReduceOp) -> Result<B::Tensor> {
+    pub fn all_reduce_op(&self, mut x: B::Tensor, op: ReduceOp) -> Result<B::Tensor> {
+        self.all_reduce_in_place_op(&mut Comm::<B>::view_mut(&mut x), op)?;
+        Ok(x)
+    }
+
+    /// Sum over the group, in place, on memory the caller owns.
+    pub fn all_reduce_in_place(&self, t: &mut ViewMut<'_, B>) -> Result<()> {
+        self.all_reduce_in_place_op(t, ReduceOp::Sum)
+    }
+
+    /// [`Self::all_reduce_in_place`] with another operator.
+    pub fn all_reduce_in_place_op(&self, t: &mut ViewMut<'_, B>, op: ReduceOp) -> Result<()> {
         self.live()?;
         if self.world_size() == 1 {
-            return Ok(x);
+            return crate::communicator::ensure_reducible(t.dtype(), "all_reduce");
         }
+        let (dtype, shape) = (t.dtype(), t.shape().to_vec());
         self.run_op(
             "all_reduce",
-            Some((x.dtype(), x.shape())),
-            op.name().into(),
+            Some((dtype, &shape)),
+            || op.name().into(),
             true,
-            || self.comm("all_reduce")?.all_reduce(&x, op),
+            || self.comm("all_reduce")?.all_reduce_in_place(t, op),
         )
     }
 
-    /// `cat` over the group along `dim` (negative dims count from the end).
+    /// Sum over the group of `input` into `output` (same dtype and shape), both the caller's.
+    pub fn all_reduce_into(&self, input: &View<'_, B>, output: &mut ViewMut<'_, B>) -> Result<()> {
+        self.all_reduce_into_op(input, output, ReduceOp::Sum)
+    }
+
+    /// [`Self::all_reduce_into`] with another operator.
+    pub fn all_reduce_into_op(
+        &self,
+        input: &View<'_, B>,
+        output: &mut ViewMut<'_, B>,
+        op: ReduceOp,
+    ) -> Result<()> {
+        self.live()?;
+        self.run_op(
+            "all_reduce",
+            Some((input.dtype(), input.shape())),
+            || op.name().into(),
+            true,
+            || match self.single()? {
+                true => {
+                    crate::communicator::ensure_reducible(input.dtype(), "all_reduce")?;
+                    self.local_copy("all_reduce", input, output)
+                }
+                false => self.comm("all_reduce")?.all_reduce_into(input, output, op),
+            },
+        )
+    }
+
+    /// `cat` over the group along `dim` (negative dims count from the end); the output comes from
+    /// the communicator's pool and the input goes back to it.
     pub fn all_gather(&self, x: B::Tensor, dim: isize) -> Result<B::Tensor> {
-        check_collective_dim(x.shape(), dim, "all_gather")?;
+        let shape = all_gather_shape(x.shape(), dim, self.world_size(), "all_gather")?;
         self.live()?;
         if self.world_size() == 1 {
             return Ok(x);
         }
+        let mut out = self.alloc_out(x.dtype(), &shape)?;
+        self.all_gather_into(
+            &Comm::<B>::view(&x),
+            &mut Comm::<B>::view_mut(&mut out),
+            dim,
+        )?;
+        Ok(out)
+    }
+
+    /// `output = cat` over the group of `input` along `dim`, both the caller's.
+    pub fn all_gather_into(
+        &self,
+        input: &View<'_, B>,
+        output: &mut ViewMut<'_, B>,
+        dim: isize,
+    ) -> Result<()> {
+        check_collective_dim(input.shape(), dim, "all_gather")?;
+        self.live()?;
         self.run_op(
             "all_gather",
-            Some((x.dtype(), x.shape())),
-            format!("dim {dim}"),
+            Some((input.dtype(), input.shape())),
+            || format!("dim {dim}"),
             true,
-            || self.comm("all_gather")?.all_gather(&x, dim),
+            || match self.single()? {
+                true => self.local_copy("all_gather", input, output),
+                false => self.comm("all_gather")?.all_gather_into(input, output, dim),
+            },
         )
     }
 
     /// `cat` along `dim` of per-rank tensors whose lengths there are `sizes`.
     pub fn all_gatherv(&self, x: B::Tensor, dim: isize, sizes: &[usize]) -> Result<B::Tensor> {
-        let d = check_collective_dim(x.shape(), dim, "all_gatherv")?;
-        crate::ensure_arg!(
-            sizes.len() == self.world_size() && sizes[self.rank_in_group] == x.shape()[d],
-            "all_gatherv: sizes {sizes:?} do not match this rank's {} rows for group size {}",
-            x.shape()[d],
-            self.world_size()
-        );
+        let shape = self.gatherv_shape(x.shape(), dim, sizes)?;
         self.live()?;
         if self.world_size() == 1 {
             return Ok(x);
         }
-        let shape = with_dim0(x.shape(), d);
+        let mut out = self.alloc_out(x.dtype(), &shape)?;
+        self.all_gatherv_into(
+            &Comm::<B>::view(&x),
+            &mut Comm::<B>::view_mut(&mut out),
+            dim,
+            sizes,
+        )?;
+        Ok(out)
+    }
+
+    /// [`Self::all_gatherv`] into the caller's `output`.
+    pub fn all_gatherv_into(
+        &self,
+        input: &View<'_, B>,
+        output: &mut ViewMut<'_, B>,
+        dim: isize,
+        sizes: &[usize],
+    ) -> Result<()> {
+        self.gatherv_shape(input.shape(), dim, sizes)?;
+        let d = check_collective_dim(input.shape(), dim, "all_gatherv")?;
+        self.live()?;
+        let shape = with_dim0(input.shape(), d);
         self.run_op(
             "all_gatherv",
-            Some((x.dtype(), &shape)),
-            format!("dim {dim} sizes {sizes:?}"),
+            Some((input.dtype(), &shape)),
+            || format!("dim {dim} sizes {sizes:?}"),
             true,
-            || self.comm("all_gatherv")?.all_gatherv(&x, dim, sizes),
+            || match self.single()? {
+                true => self.local_copy("all_gatherv", input, output),
+                false => self
+                    .comm("all_gatherv")?
+                    .all_gatherv_into(input, output, dim, sizes),
+            },
+        )
+    }
+
+    fn gatherv_shape(&self, shape: &[usize], dim: isize, sizes: &[usize]) -> Result<Vec<usize>> {
+        crate::communicator::all_gatherv_shape(
+            shape,
+            dim,
+            sizes,
+            self.world_size(),
+            self.rank_in_group,
         )
     }
 
     /// This rank's chunk along `dim` of the sum over the group.
     pub fn reduce_scatter(&self, x: B::Tensor, dim: isize) -> Result<B::Tensor> {
-        check_collective_dim(x.shape(), dim, "reduce_scatter")?;
+        let shape = reduce_scatter_shape(x.shape(), dim, self.world_size())?;
         self.live()?;
         if self.world_size() == 1 {
             return Ok(x);
         }
+        let mut out = self.alloc_out(x.dtype(), &shape)?;
+        self.reduce_scatter_into(
+            &Comm::<B>::view(&x),
+            &mut Comm::<B>::view_mut(&mut out),
+            dim,
+        )?;
+        Ok(out)
+    }
+
+    /// [`Self::reduce_scatter`] into the caller's `output`.
+    pub fn reduce_scatter_into(
+        &self,
+        input: &View<'_, B>,
+        output: &mut ViewMut<'_, B>,
+        dim: isize,
+    ) -> Result<()> {
+        reduce_scatter_shape(input.shape(), dim, self.world_size())?;
+        self.live()?;
         self.run_op(
             "reduce_scatter",
-            Some((x.dtype(), x.shape())),
-            format!("dim {dim}"),
+            Some((input.dtype(), input.shape())),
+            || format!("dim {dim}"),
             true,
-            || {
-                self.comm("reduce_scatter")?
-                    .reduce_scatter(&x, dim, ReduceOp::Sum)
+            || match self.single()? {
+                true => {
+                    crate::communicator::ensure_reducible(input.dtype(), "reduce_scatter")?;
+                    self.local_copy("reduce_scatter", input, output)
+                }
+                false => self.comm("reduce_scatter")?.reduce_scatter_into(
+                    input,
+                    output,
+                    dim,
+                    ReduceOp::Sum,
+                ),
             },
         )
     }
 
     /// This rank's `sizes[rank]`-long chunk along `dim` of the sum over the group.
     pub fn reduce_scatterv(&self, x: B::Tensor, dim: isize, sizes: &[usize]) -> Result<B::Tensor> {
-        check_collective_dim(x.shape(), dim, "reduce_scatterv")?;
+        let d = check_collective_dim(x.shape(), dim, "reduce_scatterv")?;
+        let shape =
+            reduce_scatterv_shape(x.shape(), d, sizes, self.world_size(), self.rank_in_group)?;
         self.live()?;
         if self.world_size() == 1 {
             return Ok(x);
         }
+        let mut out = self.alloc_out(x.dtype(), &shape)?;
+        self.reduce_scatterv_into(
+            &Comm::<B>::view(&x),
+            &mut Comm::<B>::view_mut(&mut out),
+            dim,
+            sizes,
+        )?;
+        Ok(out)
+    }
+
+    /// [`Self::reduce_scatterv`] into the caller's `output`.
+    pub fn reduce_scatterv_into(
+        &self,
+        input: &View<'_, B>,
+        output: &mut ViewMut<'_, B>,
+        dim: isize,
+        sizes: &[usize],
+    ) -> Result<()> {
+        let d = check_collective_dim(input.shape(), dim, "reduce_scatterv")?;
+        reduce_scatterv_shape(
+            input.shape(),
+            d,
+            sizes,
+            self.world_size(),
+            self.rank_in_group,
+        )?;
+        self.live()?;
         self.run_op(
             "reduce_scatterv",
-            Some((x.dtype(), x.shape())),
-            format!("dim {dim} sizes {sizes:?}"),
+            Some((input.dtype(), input.shape())),
+            || format!("dim {dim} sizes {sizes:?}"),
             true,
-            || {
-                self.comm("reduce_scatterv")?
-                    .reduce_scatterv(&x, dim, sizes, ReduceOp::Sum)
+            || match self.single()? {
+                true => {
+                    crate::communicator::ensure_reducible(input.dtype(), "reduce_scatterv")?;
+                    self.local_copy("reduce_scatterv", input, output)
+                }
+                false => self.comm("reduce_scatterv")?.reduce_scatterv_into(
+                    input,
+                    output,
+                    dim,
+                    sizes,
+                    ReduceOp::Sum,
+                ),
             },
         )
     }
@@ -456,34 +620,202 @@ impl<B: Backend> GroupCoordinator<B> {
     /// `dst` (group rank) gets `Some(cat(x over ranks, dim))`; the others `None`.
     pub fn gather(&self, x: B::Tensor, dst: usize, dim: isize) -> Result<Option<B::Tensor>> {
         self.check_group_rank(dst, "gather dst")?;
-        check_collective_dim(x.shape(), dim, "gather")?;
+        let shape = all_gather_shape(x.shape(), dim, self.world_size(), "gather")?;
         self.live()?;
         if self.world_size() == 1 {
             return Ok(Some(x));
         }
+        let mut out = match self.rank_in_group == dst {
+            true => Some(self.alloc_out(x.dtype(), &shape)?),
+            false => None,
+        };
+        let mut ov = out.as_mut().map(Comm::<B>::view_mut);
+        self.gather_into(&Comm::<B>::view(&x), ov.as_mut(), dst, dim)?;
+        drop(ov);
+        Ok(out)
+    }
+
+    /// [`Self::gather`] into the caller's `output`, which `dst` passes and the others do not.
+    pub fn gather_into(
+        &self,
+        input: &View<'_, B>,
+        output: Option<&mut ViewMut<'_, B>>,
+        dst: usize,
+        dim: isize,
+    ) -> Result<()> {
+        self.check_group_rank(dst, "gather dst")?;
+        check_collective_dim(input.shape(), dim, "gather")?;
+        crate::ensure_arg!(
+            output.is_some() == (self.rank_in_group == dst),
+            "gather to {dst}: rank {} {} an output (the destination passes one, the others none)",
+            self.rank_in_group,
+            if output.is_some() {
+                "passed"
+            } else {
+                "did not pass"
+            }
+        );
+        self.live()?;
         self.run_op(
             "gather",
-            Some((x.dtype(), x.shape())),
-            format!("dst {dst} dim {dim}"),
+            Some((input.dtype(), input.shape())),
+            || format!("dst {dst} dim {dim}"),
             true,
-            || self.comm("gather")?.gather(&x, dst, dim),
+            || match (self.single()?, output) {
+                (true, Some(o)) => self.local_copy("gather", input, o),
+                (true, None) => Ok(()),
+                (false, o) => self.comm("gather")?.gather_into(input, o, dst, dim),
+            },
         )
     }
 
     /// Overwrites `x` with group rank `src`'s tensor.
     pub fn broadcast(&self, x: &mut B::Tensor, src: usize) -> Result<()> {
+        self.broadcast_in_place(&mut Comm::<B>::view_mut(x), src)
+    }
+
+    /// Overwrites the caller's `t` with group rank `src`'s, in place.
+    pub fn broadcast_in_place(&self, t: &mut ViewMut<'_, B>, src: usize) -> Result<()> {
         self.check_group_rank(src, "broadcast src")?;
         self.live()?;
         if self.world_size() == 1 {
             return Ok(());
         }
-        let (dtype, shape) = (x.dtype(), x.shape().to_vec());
+        let (dtype, shape) = (t.dtype(), t.shape().to_vec());
         self.run_op(
             "broadcast",
             Some((dtype, &shape)),
-            format!("src {src}"),
+            || format!("src {src}"),
             true,
-            || self.comm("broadcast")?.broadcast(x, src),
+            || self.comm("broadcast")?.broadcast(t, src),
+        )
+    }
+
+    /// All-to-all with per-rank row counts along dim 0: rows `[off_p, off_p + send_counts[p])` of
+    /// `x` go to group rank `p`. The counts are exchanged first over the host group; returns the
+    /// rows received from every rank in rank order (from the pool) and how many came from each.
+    pub fn all_to_all_v(
+        &self,
+        x: &View<'_, B>,
+        send_counts: &[usize],
+    ) -> Result<(B::Tensor, Vec<usize>)> {
+        let recv_counts = self.exchange_counts(send_counts)?;
+        crate::ensure_arg!(
+            !x.shape().is_empty(),
+            "all_to_all_v: a 0-d tensor has no rows"
+        );
+        let total = recv_counts.iter().sum::<usize>();
+        let mut out = self.alloc_out(x.dtype(), &with_dim(x.shape(), 0, total))?;
+        self.all_to_all_v_into(
+            x,
+            send_counts,
+            &mut Comm::<B>::view_mut(&mut out),
+            &recv_counts,
+        )?;
+        Ok((out, recv_counts))
+    }
+
+    /// Each rank's row counts toward every rank, exchanged over the host group: returns how many
+    /// rows this rank receives from each.
+    pub fn exchange_counts(&self, send_counts: &[usize]) -> Result<Vec<usize>> {
+        crate::ensure_arg!(
+            send_counts.len() == self.world_size(),
+            "all_to_all_v: {} send counts for group size {}",
+            send_counts.len(),
+            self.world_size()
+        );
+        self.live()?;
+        if self.world_size() == 1 {
+            return Ok(send_counts.to_vec());
+        }
+        let counts: Vec<u64> = send_counts.iter().map(|&c| c as u64).collect();
+        let all: Vec<Vec<u64>> =
+            self.run_op("all_to_all_v counts", None, String::new, true, || {
+                self.host.all_gather_obj(&counts)
+            })?;
+        all.iter()
+            .enumerate()
+            .map(|(r, c)| {
+                let n = c.get(self.rank_in_group).copied().ok_or_else(|| {
+                    Error::protocol(format!(
+                        "all_to_all_v: rank {r} sent {} counts, group size {}",
+                        c.len(),
+                        self.world_size()
+                    ))
+                })?;
+                usize::try_from(n).map_err(|_| {
+                    Error::protocol(format!("all_to_all_v: rank {r} announced {n} rows"))
+                })
+            })
+            .collect()
+    }
+
+    /// All-to-all with known counts into the caller's `output` (see
+    /// [`DeviceCommunicator::all_to_all_v_into`]).
+    pub fn all_to_all_v_into(
+        &self,
+        input: &View<'_, B>,
+        send_counts: &[usize],
+        output: &mut ViewMut<'_, B>,
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        crate::communicator::check_all_to_all_v(
+            input,
+            send_counts,
+            output,
+            recv_counts,
+            self.world_size(),
+        )?;
+        self.live()?;
+        let shape = with_dim0(input.shape(), 0);
+        self.run_op(
+            "all_to_all_v",
+            Some((input.dtype(), &shape)),
+            || format!("send {send_counts:?} recv {recv_counts:?}"),
+            false,
+            || match self.single()? {
+                true => self.local_copy("all_to_all_v", input, output),
+                false => self.comm("all_to_all_v")?.all_to_all_v_into(
+                    input,
+                    send_counts,
+                    output,
+                    recv_counts,
+                ),
+            },
+        )
+    }
+
+    /// Grouped sends and receives (vLLM's `batch_isend_irecv`) among the group's ranks: completes
+    /// once every operation of the list has, whatever the pattern. Only the ranks involved call it.
+    pub fn batch_send_recv(
+        &self,
+        ops: &mut [P2pOp<'_, View<'_, B>, ViewMut<'_, B>>],
+    ) -> Result<()> {
+        for o in ops.iter() {
+            self.check_group_rank(o.peer(), "batch_send_recv peer")?;
+            crate::ensure_arg!(
+                o.peer() != self.rank_in_group,
+                "batch_send_recv: peer {} is this rank",
+                o.peer()
+            );
+        }
+        self.live()?;
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let bytes: usize = ops
+            .iter()
+            .map(|o| match o {
+                P2pOp::Send(t, _) => t.nbytes(),
+                P2pOp::Recv(t, _) => t.nbytes(),
+            })
+            .sum();
+        self.run_op(
+            "batch_send_recv",
+            Some((DType::U8, &[bytes])),
+            String::new,
+            false,
+            || self.comm("batch_send_recv")?.batch_send_recv(ops),
         )
     }
 
@@ -542,18 +874,23 @@ impl<B: Backend> GroupCoordinator<B> {
 
     /// Waits for every rank of the group (over the host group, never the device).
     pub fn barrier(&self) -> Result<()> {
-        self.run_op("barrier", None, String::new(), true, || self.host.barrier())
+        self.run_op("barrier", None, String::new, true, || self.host.barrier())
     }
 
     /// Sends a tensor to group rank `dst` (default: the next rank).
     pub fn send(&self, t: &B::Tensor, dst: Option<usize>) -> Result<()> {
+        self.send_view(&Comm::<B>::view(t), dst)
+    }
+
+    /// Sends the caller's `t` to group rank `dst` (default: the next rank).
+    pub fn send_view(&self, t: &View<'_, B>, dst: Option<usize>) -> Result<()> {
         let dst = dst.unwrap_or((self.rank_in_group + 1) % self.world_size());
         self.check_group_rank(dst, "send dst")?;
         crate::ensure_arg!(dst != self.rank_in_group, "send: dst {dst} is this rank");
         self.run_op(
             "send",
             Some((t.dtype(), t.shape())),
-            format!("dst {dst}"),
+            || format!("dst {dst}"),
             false,
             || self.comm("send")?.send(t, dst),
         )
@@ -561,30 +898,51 @@ impl<B: Backend> GroupCoordinator<B> {
 
     /// Receives a tensor of `dtype` and `shape` from group rank `src` (default: the previous rank).
     pub fn recv(&self, dtype: DType, shape: &[usize], src: Option<usize>) -> Result<B::Tensor> {
+        let mut t = self.comm("recv")?.alloc(dtype, shape)?;
+        self.recv_into(&mut Comm::<B>::view_mut(&mut t), src)?;
+        Ok(t)
+    }
+
+    /// Receives from group rank `src` (default: the previous rank) into the caller's `t`, whose
+    /// dtype and size must match what the sender sends.
+    pub fn recv_into(&self, t: &mut ViewMut<'_, B>, src: Option<usize>) -> Result<()> {
         let ws = self.world_size();
         let src = src.unwrap_or((self.rank_in_group + ws - 1) % ws);
         self.check_group_rank(src, "recv src")?;
         crate::ensure_arg!(src != self.rank_in_group, "recv: src {src} is this rank");
         let comm = self.comm("recv")?;
-        let mut t = comm.empty(dtype, shape)?;
+        let (dtype, shape) = (t.dtype(), t.shape().to_vec());
         self.run_op(
             "recv",
-            Some((dtype, shape)),
-            format!("src {src}"),
+            Some((dtype, &shape)),
+            || format!("src {src}"),
             false,
-            || comm.recv(&mut t, src),
-        )?;
-        Ok(t)
+            || comm.recv(t, src),
+        )
     }
 
-    fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<B::Tensor> {
+    /// An output of `dtype` and `shape`: from the communicator's pool, or zeros on the host
+    /// backend's device when the group has no communicator.
+    fn alloc_out(&self, dtype: DType, shape: &[usize]) -> Result<B::Tensor> {
         match &self.comm {
-            Some(c) => c.empty(dtype, shape),
+            Some(c) => c.alloc(dtype, shape),
             None => B::from_host(&crate::HostTensor::zeros(dtype, shape), self.device),
         }
     }
 
-    fn split_dict(dict: &TensorDict<B::Tensor>) -> Vec<(String, MetaItem)> {
+    /// True for a one-rank group (its collectives are copies), an error for a larger group without
+    /// a communicator.
+    fn single(&self) -> Result<bool> {
+        Ok(self.world_size() == 1)
+    }
+
+    /// A one-rank collective: the output gets the input's elements (a device copy for device views).
+    fn local_copy(&self, op: &str, input: &View<'_, B>, output: &mut ViewMut<'_, B>) -> Result<()> {
+        crate::communicator::check_output(op, output, input.dtype(), input.shape())?;
+        Comm::<B>::copy(input, output)
+    }
+
+    fn split_dict<T: Tensor>(dict: &[(String, DictValue<T>)]) -> Vec<(String, MetaItem)> {
         dict.iter()
             .map(|(k, v)| {
                 let m = match v {
@@ -604,6 +962,7 @@ impl<B: Backend> GroupCoordinator<B> {
     /// vLLM's protocol: the metadata (keys, dtypes, shapes, non-tensor values) goes with
     /// [`Self::broadcast_object`]; then each non-empty tensor, in dict order, over the device
     /// communicator (over the host group when the group has none). Empty tensors are not sent.
+    /// The receivers' tensors come from the communicator's pool.
     pub fn broadcast_tensor_dict(
         &self,
         dict: Option<TensorDict<B::Tensor>>,
@@ -635,27 +994,67 @@ impl<B: Backend> GroupCoordinator<B> {
             }
             Ok(dict)
         } else {
-            let meta: DictMeta = self.broadcast_object(None, src)?;
-            let mut out = Vec::with_capacity(meta.items.len());
-            for (k, m) in meta.items {
-                match m {
-                    MetaItem::Value(v) => out.push((k, DictValue::Value(v))),
-                    MetaItem::Tensor { dtype, shape } => {
-                        let mut t = self.alloc(dtype, &shape)?;
-                        if t.numel() > 0 {
-                            self.broadcast_one(&mut t, src)?;
+            self.broadcast_dict_receive(src)
+        }
+    }
+
+    /// [`Self::broadcast_tensor_dict`] whose source lends its tensors as views (nothing of them
+    /// is copied on the source); the source gets `None`, the others the received dict.
+    pub fn broadcast_tensor_dict_views(
+        &self,
+        dict: Option<&mut [DictEntry<ViewMut<'_, B>>]>,
+        src: usize,
+    ) -> Result<Option<TensorDict<B::Tensor>>> {
+        self.check_group_rank(src, "broadcast_tensor_dict src")?;
+        self.live()?;
+        let is_src = self.rank_in_group == src;
+        crate::ensure_arg!(
+            dict.is_some() == is_src,
+            "broadcast_tensor_dict: the source (rank {src}) and only it passes a dict"
+        );
+        match dict {
+            Some(dict) => {
+                if self.world_size() > 1 {
+                    let meta = DictMeta {
+                        items: Self::split_dict(dict),
+                        all_gathered: vec![],
+                    };
+                    self.broadcast_object(Some(&meta), src)?;
+                    for (_, v) in dict.iter_mut() {
+                        if let DictValue::Tensor(t) = v {
+                            if t.numel() > 0 {
+                                self.broadcast_in_place(t, src)?;
+                            }
                         }
-                        out.push((k, DictValue::Tensor(t)));
                     }
                 }
+                Ok(None)
             }
-            Ok(out)
+            None => self.broadcast_dict_receive(src).map(Some),
         }
+    }
+
+    fn broadcast_dict_receive(&self, src: usize) -> Result<TensorDict<B::Tensor>> {
+        let meta: DictMeta = self.broadcast_object(None, src)?;
+        let mut out = Vec::with_capacity(meta.items.len());
+        for (k, m) in meta.items {
+            match m {
+                MetaItem::Value(v) => out.push((k, DictValue::Value(v))),
+                MetaItem::Tensor { dtype, shape } => {
+                    let mut t = self.alloc_out(dtype, &shape)?;
+                    if t.numel() > 0 {
+                        self.broadcast_one(&mut t, src)?;
+                    }
+                    out.push((k, DictValue::Tensor(t)));
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn broadcast_one(&self, t: &mut B::Tensor, src: usize) -> Result<()> {
         match &self.comm {
-            Some(c) => c.broadcast(t, src),
+            Some(c) => c.broadcast(&mut Comm::<B>::view_mut(t), src),
             None => {
                 let is_src = self.rank_in_group == src;
                 let bytes = if is_src {
@@ -686,6 +1085,35 @@ impl<B: Backend> GroupCoordinator<B> {
         numel % ag.world_size() == 0
     }
 
+    /// The destination of a point-to-point dict call and its metadata (with which tensors go as
+    /// all-gather slices).
+    fn dict_plan<T: Tensor>(
+        &self,
+        op: &str,
+        dict: &[(String, DictValue<T>)],
+        dst: Option<usize>,
+        ag: Option<&GroupCoordinator<B>>,
+        overrides: Option<&BTreeMap<String, bool>>,
+    ) -> Result<(usize, DictMeta)> {
+        let dst = dst.unwrap_or((self.rank_in_group + 1) % self.world_size());
+        self.check_group_rank(dst, &format!("{op} dst"))?;
+        crate::ensure_arg!(dst != self.rank_in_group, "{op}: dst {dst} is this rank");
+        let all_gathered = dict
+            .iter()
+            .map(|(k, v)| match v {
+                DictValue::Tensor(t) => Self::use_all_gather(k, t.numel(), ag, overrides),
+                DictValue::Value(_) => false,
+            })
+            .collect();
+        Ok((
+            dst,
+            DictMeta {
+                items: Self::split_dict(dict),
+                all_gathered,
+            },
+        ))
+    }
+
     /// Sends a dict to group rank `dst` (default: next). With `all_gather_group` (usually the TP
     /// group), a tensor whose element count divides by that group's size is sent as this rank's
     /// slice `t.reshape(ag_ws, -1)[ag_rank]` only (`all_gather_tensors` overrides per key), and the
@@ -701,49 +1129,88 @@ impl<B: Backend> GroupCoordinator<B> {
         if self.world_size() == 1 {
             return Ok(());
         }
-        let dst = dst.unwrap_or((self.rank_in_group + 1) % self.world_size());
-        self.check_group_rank(dst, "send_tensor_dict dst")?;
-        crate::ensure_arg!(
-            dst != self.rank_in_group,
-            "send_tensor_dict: dst {dst} is this rank"
-        );
+        if self.comm.is_some() {
+            let views: Vec<(String, DictValue<View<'_, B>>)> = dict
+                .iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        DictValue::Tensor(t) => DictValue::Tensor(Comm::<B>::view(t)),
+                        DictValue::Value(v) => DictValue::Value(v.clone()),
+                    };
+                    (k.clone(), v)
+                })
+                .collect();
+            return self.send_tensor_dict_views(&views, dst, all_gather_group, all_gather_tensors);
+        }
+        // No device communicator: the tensors go as host bytes over the host group.
         let ag = all_gather_group.filter(|g| g.world_size() > 1);
-        let all_gathered: Vec<bool> = dict
-            .iter()
-            .map(|(k, v)| match v {
-                DictValue::Tensor(t) => Self::use_all_gather(k, t.numel(), ag, all_gather_tensors),
-                DictValue::Value(_) => false,
-            })
-            .collect();
-        let meta = DictMeta {
-            items: Self::split_dict(dict),
-            all_gathered: all_gathered.clone(),
-        };
+        let (dst, meta) = self.dict_plan("send_tensor_dict", dict, dst, ag, all_gather_tensors)?;
         self.send_object(&meta, dst)?;
-        for ((_, v), agd) in dict.iter().zip(all_gathered) {
+        for ((_, v), agd) in dict.iter().zip(&meta.all_gathered) {
             let DictValue::Tensor(t) = v else { continue };
             if t.numel() == 0 {
                 continue;
             }
-            if agd {
-                let ag = ag.expect("all_gathered implies a group");
-                let n = t.numel() / ag.world_size();
-                let slice = B::flat_slice(t, ag.rank_in_group() * n, n)?;
-                self.send_tensor_any(&slice, dst)?;
-            } else {
-                self.send_tensor_any(t, dst)?;
+            let h = B::to_host(t)?;
+            let bytes = h.as_bytes();
+            let part = match (agd, ag) {
+                (true, Some(ag)) => {
+                    let n = bytes.len() / ag.world_size();
+                    &bytes[ag.rank_in_group() * n..(ag.rank_in_group() + 1) * n]
+                }
+                _ => bytes,
+            };
+            self.host.send_bytes(part, dst)?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::send_tensor_dict`] of tensors the caller lends as views: nothing is copied beyond
+    /// what the transport moves (an all-gather slice is a narrowed view of the caller's memory).
+    pub fn send_tensor_dict_views(
+        &self,
+        dict: &[DictEntry<View<'_, B>>],
+        dst: Option<usize>,
+        all_gather_group: Option<&GroupCoordinator<B>>,
+        all_gather_tensors: Option<&BTreeMap<String, bool>>,
+    ) -> Result<()> {
+        self.live()?;
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        let ag = all_gather_group.filter(|g| g.world_size() > 1);
+        let (dst, meta) = self.dict_plan("send_tensor_dict", dict, dst, ag, all_gather_tensors)?;
+        let comm = self.comm("send_tensor_dict")?;
+        self.send_object(&meta, dst)?;
+        for ((k, v), agd) in dict.iter().zip(&meta.all_gathered) {
+            let DictValue::Tensor(t) = v else { continue };
+            if t.numel() == 0 {
+                continue;
+            }
+            let op = || format!("send_tensor_dict '{k}' to {dst}");
+            match (agd, ag) {
+                (true, Some(ag)) => {
+                    let n = t.numel() / ag.world_size();
+                    let slice = Comm::<B>::narrow(t, ag.rank_in_group() * n, n)?;
+                    self.run_op("send", Some((t.dtype(), &[n])), op, false, || {
+                        comm.send(&slice, dst)
+                    })?;
+                }
+                _ => self.run_op("send", Some((t.dtype(), t.shape())), op, false, || {
+                    comm.send(t, dst)
+                })?,
             }
         }
         Ok(())
     }
 
-    /// Receives a dict from group rank `src` (default: previous); see [`Self::send_tensor_dict`].
-    pub fn recv_tensor_dict(
+    /// The metadata of a dict from `src`, checked: `src` resolved, the all-gather group present
+    /// where the sender sliced.
+    fn recv_dict_meta(
         &self,
         src: Option<usize>,
         all_gather_group: Option<&GroupCoordinator<B>>,
-    ) -> Result<TensorDict<B::Tensor>> {
-        self.live()?;
+    ) -> Result<(usize, DictMeta)> {
         crate::ensure_arg!(
             self.world_size() > 1,
             "recv_tensor_dict in a one-rank group"
@@ -757,52 +1224,135 @@ impl<B: Backend> GroupCoordinator<B> {
         );
         let meta: DictMeta = self.recv_object(src)?;
         let ag = all_gather_group.filter(|g| g.world_size() > 1);
+        for (i, (k, m)) in meta.items.iter().enumerate() {
+            if let MetaItem::Tensor { shape, .. } = m {
+                if meta.all_gathered.get(i).copied().unwrap_or(false) {
+                    let ag = ag.ok_or_else(|| {
+                        Error::invalid(format!(
+                            "recv_tensor_dict: the sender all-gather-sliced '{k}' but no all_gather_group was given"
+                        ))
+                    })?;
+                    let numel: usize = shape.iter().product();
+                    crate::ensure_arg!(
+                        numel % ag.world_size() == 0,
+                        "recv_tensor_dict: '{k}' has {numel} elements, not divisible by the all-gather group size {}",
+                        ag.world_size()
+                    );
+                }
+            }
+        }
+        Ok((src, meta))
+    }
+
+    /// Receives a dict from group rank `src` (default: previous); see [`Self::send_tensor_dict`].
+    /// Tensors come from the communicator's pool.
+    pub fn recv_tensor_dict(
+        &self,
+        src: Option<usize>,
+        all_gather_group: Option<&GroupCoordinator<B>>,
+    ) -> Result<TensorDict<B::Tensor>> {
+        self.live()?;
+        let (src, meta) = self.recv_dict_meta(src, all_gather_group)?;
+        let ag = all_gather_group.filter(|g| g.world_size() > 1);
         let mut out = Vec::with_capacity(meta.items.len());
         for (i, (k, m)) in meta.items.into_iter().enumerate() {
             match m {
                 MetaItem::Value(v) => out.push((k, DictValue::Value(v))),
                 MetaItem::Tensor { dtype, shape } => {
                     let numel: usize = shape.iter().product();
-                    if numel == 0 {
-                        out.push((k, DictValue::Tensor(self.alloc(dtype, &shape)?)));
-                        continue;
-                    }
-                    if meta.all_gathered.get(i).copied().unwrap_or(false) {
-                        let ag = ag.ok_or_else(|| {
-                            Error::invalid(format!(
-                                "recv_tensor_dict: the sender all-gather-sliced '{k}' but no all_gather_group was given"
-                            ))
-                        })?;
-                        crate::ensure_arg!(
-                            numel % ag.world_size() == 0,
-                            "recv_tensor_dict: '{k}' has {numel} elements, not divisible by the all-gather group size {}",
-                            ag.world_size()
-                        );
-                        let mut slice = self.alloc(dtype, &[numel / ag.world_size()])?;
-                        self.recv_tensor_any(&mut slice, src)?;
-                        let full = ag.all_gather(slice, 0)?;
-                        out.push((k, DictValue::Tensor(B::reshape(full, &shape)?)));
-                    } else {
-                        let mut t = self.alloc(dtype, &shape)?;
-                        self.recv_tensor_any(&mut t, src)?;
-                        out.push((k, DictValue::Tensor(t)));
-                    }
+                    let agd = meta.all_gathered.get(i).copied().unwrap_or(false);
+                    let t = match (numel, agd, ag) {
+                        (0, _, _) => self.alloc_out(dtype, &shape)?,
+                        (_, true, Some(ag)) => {
+                            let mut slice = self.alloc_out(dtype, &[numel / ag.world_size()])?;
+                            self.recv_tensor_any(&mut slice, src)?;
+                            let full = ag.all_gather(slice, 0)?;
+                            B::reshape(full, &shape)?
+                        }
+                        _ => {
+                            let mut t = self.alloc_out(dtype, &shape)?;
+                            self.recv_tensor_any(&mut t, src)?;
+                            t
+                        }
+                    };
+                    out.push((k, DictValue::Tensor(t)));
                 }
             }
         }
         Ok(out)
     }
 
-    fn send_tensor_any(&self, t: &B::Tensor, dst: usize) -> Result<()> {
-        match &self.comm {
-            Some(c) => c.send(t, dst),
-            None => self.host.send_bytes(B::to_host(t)?.as_bytes(), dst),
+    /// Receives a dict from `src` into tensors the caller owns: every tensor entry the sender
+    /// sends must have an output of the same key, dtype and shape in `outputs` (a missing or
+    /// mismatched one is an error naming the key, and no output is left half-written by it);
+    /// returns the non-tensor entries. Entries that went as all-gather slices are received into a
+    /// pool temporary, all-gathered, and copied into the output.
+    pub fn recv_tensor_dict_into(
+        &self,
+        src: Option<usize>,
+        all_gather_group: Option<&GroupCoordinator<B>>,
+        outputs: &mut [(&str, ViewMut<'_, B>)],
+    ) -> Result<Vec<(String, Value)>> {
+        self.live()?;
+        let (src, meta) = self.recv_dict_meta(src, all_gather_group)?;
+        let ag = all_gather_group.filter(|g| g.world_size() > 1);
+        let comm = self.comm("recv_tensor_dict")?;
+        // Check every tensor against its output before anything is received.
+        let mut slots = Vec::with_capacity(meta.items.len());
+        for (k, m) in &meta.items {
+            if let MetaItem::Tensor { dtype, shape } = m {
+                let j = outputs.iter().position(|(name, _)| name == k).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "recv_tensor_dict: the sender sent tensor '{k}' ({dtype} {shape:?}) and no output of that name was given"
+                    ))
+                })?;
+                crate::communicator::check_output(
+                    &format!("recv_tensor_dict '{k}'"),
+                    &outputs[j].1,
+                    *dtype,
+                    shape,
+                )?;
+                slots.push(Some(j));
+            } else {
+                slots.push(None);
+            }
         }
+        let mut values = Vec::new();
+        for (i, ((k, m), slot)) in meta.items.into_iter().zip(slots).enumerate() {
+            let (dtype, shape) = match m {
+                MetaItem::Value(v) => {
+                    values.push((k, v));
+                    continue;
+                }
+                MetaItem::Tensor { dtype, shape } => (dtype, shape),
+            };
+            let out = &mut outputs[slot.expect("tensor entries have slots")].1;
+            let numel: usize = shape.iter().product();
+            if numel == 0 {
+                continue;
+            }
+            let op = || format!("recv_tensor_dict '{k}' from {src}");
+            match (meta.all_gathered.get(i).copied().unwrap_or(false), ag) {
+                (true, Some(ag)) => {
+                    let n = numel / ag.world_size();
+                    let mut slice = comm.alloc(dtype, &[n])?;
+                    self.run_op("recv", Some((dtype, &[n])), op, false, || {
+                        comm.recv(&mut Comm::<B>::view_mut(&mut slice), src)
+                    })?;
+                    let full = ag.all_gather(slice, 0)?;
+                    Comm::<B>::copy(&Comm::<B>::view(&full), out)?;
+                }
+                _ => self.run_op("recv", Some((dtype, &shape)), op, false, || {
+                    comm.recv(out, src)
+                })?,
+            }
+        }
+        Ok(values)
     }
 
     fn recv_tensor_any(&self, t: &mut B::Tensor, src: usize) -> Result<()> {
         match &self.comm {
-            Some(c) => c.recv(t, src),
+            Some(c) => c.recv(&mut Comm::<B>::view_mut(t), src),
             None => {
                 let got = self.host.recv_bytes(src)?;
                 let h = crate::HostTensor::from_bytes(t.dtype(), t.shape(), &got)?;

@@ -1,5 +1,6 @@
 //! A device communicator over any [`HostGroup`]: every collective moves host-tensor bytes through
-//! the host group and computes its result with the [`reference`](mod@crate::reference) functions.
+//! the host group and computes its result on the host with the workspace's layout and reduction
+//! kernels ([`crate::tensor::concat_along_into`], [`crate::reduce_bytes`]).
 //!
 //! It is what vLLM's base communicator over a gloo group is: correct for every op, dtype and world
 //! size, and as fast as the host group (the store, for a `StatelessProcessGroup`). It lets every
@@ -11,10 +12,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::communicator::{check_collective_dim, reduce_scatterv_shape};
+use crate::communicator::{
+    all_gather_shape, all_gatherv_shape, check_all_to_all_v, check_collective_dim, check_output,
+    ensure_reducible, reduce_scatter_shape, reduce_scatterv_shape, P2pOp,
+};
+use crate::tensor::{concat_along_into, split_along};
 use crate::{
-    reference, Backend, CommunicatorContext, DType, Device, DeviceCommunicator, Error, HostGroup,
-    HostTensor, ReduceOp, Result,
+    reduce_bytes, Backend, CommunicatorContext, DType, Device, DeviceCommunicator, Error,
+    HostGroup, HostTensor, HostView, HostViewMut, ReduceOp, Result, Tensor,
 };
 
 /// [`Backend`] of host tensors whose communicator is a [`HostCommunicator`].
@@ -27,6 +32,8 @@ pub struct HostCommunicator {
     host: Arc<dyn HostGroup>,
     timeout: Mutex<Duration>,
     destroyed: std::sync::atomic::AtomicBool,
+    /// Outputs of the owned calls, kept touched.
+    buffers: Arc<crate::HostPool>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -43,6 +50,7 @@ impl HostCommunicator {
             host,
             timeout: Mutex::new(timeout),
             destroyed: std::sync::atomic::AtomicBool::new(false),
+            buffers: crate::HostPool::new(crate::HostPool::DEFAULT_LIMIT),
         }
     }
 
@@ -53,7 +61,9 @@ impl HostCommunicator {
         Ok(())
     }
 
-    fn gather_all(&self, t: &HostTensor) -> Result<Vec<HostTensor>> {
+    /// Every rank's elements, checked to be `dtype` with `shape` outside dim `free_dim`
+    /// (`None`: the whole shape must agree).
+    fn gather_all(&self, t: &HostView<'_>, free_dim: Option<usize>) -> Result<Vec<HostTensor>> {
         self.live()?;
         let w = Wire {
             dtype: t.dtype(),
@@ -61,12 +71,38 @@ impl HostCommunicator {
             data: t.as_bytes().to_vec(),
         };
         let all = self.host.all_gather_bytes(&crate::encode_obj(&w)?)?;
+        let mine = |s: &[usize]| match free_dim {
+            Some(d) => crate::tensor::with_dim(s, d, 0),
+            None => s.to_vec(),
+        };
         all.iter()
-            .map(|b| {
+            .enumerate()
+            .map(|(r, b)| {
                 let w: Wire = crate::decode_obj(b, usize::MAX)?;
+                crate::ensure_arg!(
+                    w.dtype == t.dtype()
+                        && w.shape.len() == t.shape().len()
+                        && mine(&w.shape) == mine(t.shape())
+                        && crate::tensor::checked_nbytes(w.dtype, &w.shape)? == w.data.len(),
+                    "rank {r} passed {} {:?}, this rank {} {:?}",
+                    w.dtype,
+                    w.shape,
+                    t.dtype(),
+                    t.shape()
+                );
+                // Aligned storage for the element type (the wire bytes are not).
                 HostTensor::from_bytes(w.dtype, &w.shape, &w.data)
             })
             .collect()
+    }
+
+    /// The element-wise reduction of every rank's `input`, as bytes.
+    fn reduce_all(&self, input: &HostView<'_>, op: ReduceOp) -> Result<HostTensor> {
+        let all = self.gather_all(input, None)?;
+        let ins: Vec<&[u8]> = all.iter().map(HostTensor::as_bytes).collect();
+        let mut out = HostTensor::zeros(input.dtype(), input.shape());
+        reduce_bytes(input.dtype(), out.as_bytes_mut(), &ins, op)?;
+        Ok(out)
     }
 }
 
@@ -90,6 +126,20 @@ impl Backend for HostBackend {
 
 impl DeviceCommunicator for HostCommunicator {
     type Tensor = HostTensor;
+    type View<'a> = HostView<'a>;
+    type ViewMut<'a> = HostViewMut<'a>;
+    fn view(t: &HostTensor) -> HostView<'_> {
+        t.view()
+    }
+    fn view_mut(t: &mut HostTensor) -> HostViewMut<'_> {
+        t.view_mut()
+    }
+    fn copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
+        crate::communicator::host_copy(src, dst)
+    }
+    fn narrow<'a>(v: &Self::View<'a>, start: usize, len: usize) -> Result<Self::View<'a>> {
+        v.narrow(start, len)
+    }
     fn rank(&self) -> usize {
         self.host.rank()
     }
@@ -108,60 +158,128 @@ impl DeviceCommunicator for HostCommunicator {
     fn empty(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
         Ok(HostTensor::zeros(dtype, shape))
     }
-    fn all_reduce(&self, input: &HostTensor, op: ReduceOp) -> Result<HostTensor> {
-        crate::ensure_arg!(
-            input.dtype().is_reducible(),
-            "all_reduce: cannot reduce {}",
-            input.dtype()
-        );
-        reference::all_reduce(&self.gather_all(input)?, op)
+    fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
+        self.buffers.tensor(dtype, shape)
     }
-    fn all_reduce_in_place(&self, tensor: &mut HostTensor, op: ReduceOp) -> Result<()> {
-        *tensor = self.all_reduce(tensor, op)?;
+    fn all_reduce_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        op: ReduceOp,
+    ) -> Result<()> {
+        ensure_reducible(input.dtype(), "all_reduce")?;
+        check_output("all_reduce", output, input.dtype(), input.shape())?;
+        let r = self.reduce_all(input, op)?;
+        output.as_bytes_mut().copy_from_slice(r.as_bytes());
         Ok(())
     }
-    fn all_gather(&self, input: &HostTensor, dim: isize) -> Result<HostTensor> {
-        check_collective_dim(input.shape(), dim, "all_gather")?;
-        reference::all_gather(&self.gather_all(input)?, dim)
+    fn all_reduce_in_place(&self, tensor: &mut HostViewMut<'_>, op: ReduceOp) -> Result<()> {
+        ensure_reducible(tensor.dtype(), "all_reduce")?;
+        let r = self.reduce_all(&tensor.as_view(), op)?;
+        tensor.as_bytes_mut().copy_from_slice(r.as_bytes());
+        Ok(())
     }
-    fn all_gatherv(&self, input: &HostTensor, dim: isize, sizes: &[usize]) -> Result<HostTensor> {
-        check_collective_dim(input.shape(), dim, "all_gatherv")?;
-        reference::all_gatherv(&self.gather_all(input)?, dim, sizes)
+    fn all_gather_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        dim: isize,
+    ) -> Result<()> {
+        let d = check_collective_dim(input.shape(), dim, "all_gather")?;
+        let sizes = vec![input.shape()[d]; self.world_size()];
+        self.all_gatherv_into(input, output, dim, &sizes)
     }
-    fn reduce_scatter(&self, input: &HostTensor, dim: isize, op: ReduceOp) -> Result<HostTensor> {
+    fn all_gatherv_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        dim: isize,
+        sizes: &[usize],
+    ) -> Result<()> {
+        let shape = all_gatherv_shape(input.shape(), dim, sizes, self.world_size(), self.rank())?;
+        check_output("all_gatherv", output, input.dtype(), &shape)?;
+        let d = check_collective_dim(input.shape(), dim, "all_gatherv")?;
+        let all = self.gather_all(input, Some(d))?;
+        let parts: Vec<&[u8]> = all.iter().map(HostTensor::as_bytes).collect();
+        concat_along_into(
+            output.as_bytes_mut(),
+            &parts,
+            &shape,
+            d,
+            sizes,
+            input.dtype().size(),
+        )
+    }
+    fn reduce_scatter_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        dim: isize,
+        op: ReduceOp,
+    ) -> Result<()> {
+        reduce_scatter_shape(input.shape(), dim, self.world_size())?;
         let d = check_collective_dim(input.shape(), dim, "reduce_scatter")?;
         let n = self.world_size();
-        crate::ensure_arg!(
-            input.shape()[d] % n == 0,
-            "reduce_scatter: dim {d} of {:?} is not divisible by world size {n}",
-            input.shape()
-        );
-        let mut r = reference::reduce_scatter(&self.gather_all(input)?, dim, op)?;
-        Ok(r.swap_remove(self.rank()))
+        let sizes = vec![input.shape()[d] / n; n];
+        self.reduce_scatterv_into(input, output, dim, &sizes, op)
     }
-    fn reduce_scatterv(
+    fn reduce_scatterv_into(
         &self,
-        input: &HostTensor,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
         dim: isize,
         sizes: &[usize],
         op: ReduceOp,
-    ) -> Result<HostTensor> {
+    ) -> Result<()> {
+        ensure_reducible(input.dtype(), "reduce_scatter")?;
         let d = check_collective_dim(input.shape(), dim, "reduce_scatterv")?;
-        reduce_scatterv_shape(input.shape(), d, sizes, self.world_size(), self.rank())?;
-        let mut r = reference::reduce_scatterv(&self.gather_all(input)?, dim, sizes, op)?;
-        Ok(r.swap_remove(self.rank()))
+        let shape = reduce_scatterv_shape(input.shape(), d, sizes, self.world_size(), self.rank())?;
+        check_output("reduce_scatterv", output, input.dtype(), &shape)?;
+        let r = self.reduce_all(input, op)?;
+        let mut pieces = split_along(r.as_bytes(), input.shape(), d, sizes, input.dtype().size())?;
+        output
+            .as_bytes_mut()
+            .copy_from_slice(&pieces.swap_remove(self.rank()));
+        Ok(())
     }
-    fn gather(&self, input: &HostTensor, dst: usize, dim: isize) -> Result<Option<HostTensor>> {
-        check_collective_dim(input.shape(), dim, "gather")?;
+    fn gather_into(
+        &self,
+        input: &HostView<'_>,
+        output: Option<&mut HostViewMut<'_>>,
+        dst: usize,
+        dim: isize,
+    ) -> Result<()> {
         crate::ensure_arg!(dst < self.world_size(), "gather: dst {dst} out of range");
-        let all = self.gather_all(input)?;
-        if self.rank() == dst {
-            Ok(Some(reference::all_gather(&all, dim)?))
-        } else {
-            Ok(None)
+        let shape = all_gather_shape(input.shape(), dim, self.world_size(), "gather")?;
+        let d = check_collective_dim(input.shape(), dim, "gather")?;
+        let out = match (self.rank() == dst, output) {
+            (true, Some(o)) => {
+                check_output("gather", o, input.dtype(), &shape)?;
+                Some(o)
+            }
+            (true, None) => {
+                return Err(Error::invalid(
+                    "gather: the destination must pass an output",
+                ))
+            }
+            (false, _) => None,
+        };
+        let all = self.gather_all(input, None)?;
+        if let Some(o) = out {
+            let parts: Vec<&[u8]> = all.iter().map(HostTensor::as_bytes).collect();
+            let sizes = vec![input.shape()[d]; self.world_size()];
+            concat_along_into(
+                o.as_bytes_mut(),
+                &parts,
+                &shape,
+                d,
+                &sizes,
+                input.dtype().size(),
+            )?;
         }
+        Ok(())
     }
-    fn broadcast(&self, tensor: &mut HostTensor, src: usize) -> Result<()> {
+    fn broadcast(&self, tensor: &mut HostViewMut<'_>, src: usize) -> Result<()> {
         self.live()?;
         let me = self.rank() == src;
         let got = self
@@ -178,11 +296,11 @@ impl DeviceCommunicator for HostCommunicator {
         }
         Ok(())
     }
-    fn send(&self, tensor: &HostTensor, dst: usize) -> Result<()> {
+    fn send(&self, tensor: &HostView<'_>, dst: usize) -> Result<()> {
         self.live()?;
         self.host.send_bytes(tensor.as_bytes(), dst)
     }
-    fn recv(&self, tensor: &mut HostTensor, src: usize) -> Result<()> {
+    fn recv(&self, tensor: &mut HostViewMut<'_>, src: usize) -> Result<()> {
         self.live()?;
         let got = self.host.recv_bytes(src)?;
         crate::ensure_arg!(
@@ -196,9 +314,74 @@ impl DeviceCommunicator for HostCommunicator {
         tensor.as_bytes_mut().copy_from_slice(&got);
         Ok(())
     }
+    /// Sends first, then receives: the host groups' sends are buffered (store keys, channels,
+    /// shared-memory slots up to two chunks), so any pattern completes; a pattern of large
+    /// messages in a cycle over a group whose sends block ends at the deadline, not in a hang.
+    fn batch_send_recv(&self, ops: &mut [P2pOp<'_, HostView<'_>, HostViewMut<'_>>]) -> Result<()> {
+        for o in ops.iter() {
+            crate::ensure_arg!(
+                o.peer() < self.world_size() && o.peer() != self.rank(),
+                "batch_send_recv: peer {} is out of range or this rank (world size {})",
+                o.peer(),
+                self.world_size()
+            );
+        }
+        for o in ops.iter() {
+            if let P2pOp::Send(t, p) = o {
+                self.send(t, *p)?;
+            }
+        }
+        for o in ops.iter_mut() {
+            if let P2pOp::Recv(t, p) = o {
+                self.recv(t, *p)?;
+            }
+        }
+        Ok(())
+    }
+    fn all_to_all_v_into(
+        &self,
+        input: &HostView<'_>,
+        send_counts: &[usize],
+        output: &mut HostViewMut<'_>,
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        let n = self.world_size();
+        let row = check_all_to_all_v(input, send_counts, output, recv_counts, n)?;
+        self.live()?;
+        let me = self.rank();
+        let offsets = |c: &[usize]| {
+            c.iter()
+                .scan(0usize, |o, &x| {
+                    let r = *o;
+                    *o += x * row;
+                    Some(r)
+                })
+                .collect::<Vec<_>>()
+        };
+        let (so, ro) = (offsets(send_counts), offsets(recv_counts));
+        for p in (0..n).filter(|&p| p != me) {
+            self.host
+                .send_bytes(&input.as_bytes()[so[p]..so[p] + send_counts[p] * row], p)?;
+        }
+        let out = output.as_bytes_mut();
+        out[ro[me]..ro[me] + recv_counts[me] * row]
+            .copy_from_slice(&input.as_bytes()[so[me]..so[me] + send_counts[me] * row]);
+        for p in (0..n).filter(|&p| p != me) {
+            let got = self.host.recv_bytes(p)?;
+            crate::ensure_arg!(
+                got.len() == recv_counts[p] * row,
+                "all_to_all_v: rank {p} sent {} bytes, {} rows of {row} bytes were expected",
+                got.len(),
+                recv_counts[p]
+            );
+            out[ro[p]..ro[p] + got.len()].copy_from_slice(&got);
+        }
+        Ok(())
+    }
     fn destroy(&self) -> Result<()> {
         self.destroyed
             .store(true, std::sync::atomic::Ordering::Release);
+        self.buffers.close();
         Ok(())
     }
 }

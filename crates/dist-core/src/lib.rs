@@ -20,7 +20,11 @@
 //! - [`reference`](mod@reference): the result of every collective computed plainly on the host — the oracle of
 //!   every backend's tests;
 //! - group math ([`layout`]): vLLM's exact rank layouts, `get_pp_indices`, `divide`…
-//! - one [`Error`] type with the variants a caller acts on.
+//! - one [`Error`] type with the variants a caller acts on;
+//! - MoE expert load balancing ([`eplb`]: load recording, vLLM's rebalancing policy, the
+//!   rearrangement of expert weights over the EP group);
+//! - weight transfer from a trainer into inference ranks ([`weights`]: a typed, checksummed
+//!   manifest, packed buckets, deadlines).
 //!
 //! ## Design choices
 //! - **Static dispatch for data, objects for control.** Model code is generic over
@@ -54,21 +58,27 @@ pub mod conformance;
 pub mod coordinator;
 pub mod diag;
 mod dtype;
+pub mod eplb;
 mod error;
 pub mod group;
 pub mod host_comm;
 pub mod layout;
 pub mod local;
 pub mod parallel_state;
+pub mod pool;
 pub mod reference;
 mod store;
 pub mod tensor;
+pub mod view;
+pub mod weights;
 
 pub use communicator::{
     Backend, Broadcaster, CommunicatorContext, DeviceCommunicator, LocalBackend, LocalCommunicator,
     DEFAULT_TIMEOUT,
 };
-pub use coordinator::{CoordinatorParts, DictValue, GroupCoordinator, TensorDict, Value};
+pub use coordinator::{
+    CoordinatorParts, DictEntry, DictValue, GroupCoordinator, TensorDict, Value,
+};
 pub use dtype::{reduce_bytes, reduce_slices, DType, Element, ReduceOp};
 pub use error::{Error, Result};
 pub use group::{decode_obj, encode_obj, HostGroup, HostGroupExt, DEFAULT_MAX_OBJECT_BYTES};
@@ -77,8 +87,10 @@ pub use layout::{
     split_tensor_along_last_dim, tcp_uri, GroupLayout, ParallelConfig,
 };
 pub use parallel_state::{GroupFactory, GroupGenerations, ParallelState, WorldInfo};
+pub use pool::{HostPool, PoolStats};
 pub use store::Store;
 pub use tensor::{Device, DeviceKind, HostTensor, Tensor, TensorMeta};
+pub use view::{HostView, HostViewMut};
 
 /// Re-exported so [`dispatch_dtype!`] works in dependent crates.
 pub use half;

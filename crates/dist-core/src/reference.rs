@@ -144,6 +144,52 @@ pub fn broadcast(inputs: &[HostTensor], src: usize) -> Result<HostTensor> {
     Ok(inputs[src].clone())
 }
 
+/// The all-to-all-v: `counts[s][d]` dim-0 rows of rank `s`'s input go to rank `d`, taken in
+/// order from `s`'s rows; element `d` of the result is rank `d`'s output, the rows it received
+/// from every rank in rank order. Computed row by row, independently of any backend.
+pub fn all_to_all_v(inputs: &[HostTensor], counts: &[Vec<usize>]) -> Result<Vec<HostTensor>> {
+    let n = inputs.len();
+    let first = inputs
+        .first()
+        .ok_or_else(|| Error::invalid("all_to_all_v needs at least one rank's input"))?;
+    crate::ensure_arg!(
+        !first.shape().is_empty(),
+        "all_to_all_v: a 0-d tensor has no rows"
+    );
+    crate::ensure_arg!(
+        counts.len() == n && counts.iter().all(|c| c.len() == n),
+        "all_to_all_v: counts must be {n} x {n}"
+    );
+    let rest = &first.shape()[1..];
+    let row = rest.iter().product::<usize>() * first.dtype().size();
+    for (s, t) in inputs.iter().enumerate() {
+        crate::ensure_arg!(
+            t.dtype() == first.dtype()
+                && &t.shape()[1..] == rest
+                && t.shape()[0] == counts[s].iter().sum::<usize>(),
+            "all_to_all_v: rank {s}'s input {} {:?} does not match its counts {:?}",
+            t.dtype(),
+            t.shape(),
+            counts[s]
+        );
+    }
+    (0..n)
+        .map(|d| {
+            let mut bytes = Vec::new();
+            for s in 0..n {
+                let start: usize = counts[s][..d].iter().sum();
+                for r in start..start + counts[s][d] {
+                    bytes.extend_from_slice(&inputs[s].as_bytes()[r * row..(r + 1) * row]);
+                }
+            }
+            let rows: usize = (0..n).map(|s| counts[s][d]).sum();
+            let mut shape = vec![rows];
+            shape.extend_from_slice(rest);
+            HostTensor::from_bytes(first.dtype(), &shape, &bytes)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,8 +1,12 @@
 //! Devices, tensor metadata, the [`Tensor`] trait backends implement, typed host tensors and
 //! the byte-level layout helpers (concatenate and split along a dimension) used by every backend.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
+use crate::pool::HostPool;
+use crate::view::{HostView, HostViewMut};
 use crate::{DType, Element, Result};
 
 /// The kind of device memory lives on.
@@ -142,16 +146,77 @@ pub trait Tensor: std::fmt::Debug + Send + Sync {
     }
 }
 
+impl<T: Tensor + ?Sized> Tensor for &T {
+    fn dtype(&self) -> DType {
+        (**self).dtype()
+    }
+    fn shape(&self) -> &[usize] {
+        (**self).shape()
+    }
+    fn device(&self) -> Device {
+        (**self).device()
+    }
+    fn is_contiguous(&self) -> bool {
+        (**self).is_contiguous()
+    }
+}
+
+impl<T: Tensor + ?Sized> Tensor for &mut T {
+    fn dtype(&self) -> DType {
+        (**self).dtype()
+    }
+    fn shape(&self) -> &[usize] {
+        (**self).shape()
+    }
+    fn device(&self) -> Device {
+        (**self).device()
+    }
+    fn is_contiguous(&self) -> bool {
+        (**self).is_contiguous()
+    }
+}
+
 /// A dense tensor in host memory, any [`DType`].
 ///
 /// Storage is 8-byte aligned words, so the bytes can be viewed as any element type without
-/// copying (`as_slice::<f32>()`), which is what the host collectives and the oracles do.
-#[derive(Clone, PartialEq)]
+/// copying (`as_slice::<f32>()`), which is what the host collectives and the oracles do. A
+/// tensor made by a communicator's [`HostPool`] gives its buffer back to the pool when it drops;
+/// clones are plain tensors.
 pub struct HostTensor {
     dtype: DType,
     shape: Vec<usize>,
+    /// At least `nbytes` bytes (a pooled buffer may be longer: its size class).
     words: Vec<u64>,
     nbytes: usize,
+    home: Option<Arc<HostPool>>,
+}
+
+impl Clone for HostTensor {
+    fn clone(&self) -> Self {
+        HostTensor {
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            words: self.words[..self.nbytes.div_ceil(8)].to_vec(),
+            nbytes: self.nbytes,
+            home: None,
+        }
+    }
+}
+
+impl PartialEq for HostTensor {
+    fn eq(&self, other: &Self) -> bool {
+        self.dtype == other.dtype
+            && self.shape == other.shape
+            && self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Drop for HostTensor {
+    fn drop(&mut self) {
+        if let Some(p) = self.home.take() {
+            p.give_back(std::mem::take(&mut self.words));
+        }
+    }
 }
 
 impl std::fmt::Debug for HostTensor {
@@ -173,7 +238,40 @@ impl HostTensor {
             shape: shape.to_vec(),
             words: vec![0u64; nbytes.div_ceil(8)],
             nbytes,
+            home: None,
         }
+    }
+
+    /// A tensor over a pool's buffer (`words` holds at least `nbytes`), returned to `pool` on drop.
+    pub(crate) fn from_pool_words(
+        dtype: DType,
+        shape: &[usize],
+        words: Vec<u64>,
+        nbytes: usize,
+        pool: Arc<HostPool>,
+    ) -> Self {
+        debug_assert!(words.len() * 8 >= nbytes);
+        HostTensor {
+            dtype,
+            shape: shape.to_vec(),
+            words,
+            nbytes,
+            home: Some(pool),
+        }
+    }
+
+    /// A read view of the elements (what the collectives take).
+    pub fn view(&self) -> HostView<'_> {
+        HostView::borrowed(self.dtype, &self.shape, self.as_bytes())
+            .expect("a host tensor's bytes match its shape and are 8-byte aligned")
+    }
+
+    /// A mutable view of the elements.
+    pub fn view_mut(&mut self) -> HostViewMut<'_> {
+        let n = self.nbytes;
+        let bytes = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut self.words)[..n];
+        HostViewMut::borrowed(self.dtype, &self.shape, bytes)
+            .expect("a host tensor's bytes match its shape and are 8-byte aligned")
     }
 
     /// A tensor holding `data` with `shape`; the lengths must agree.

@@ -120,7 +120,8 @@ fn rank_main(a: &Args) -> Result<(), String> {
             .map(|i| ((i * 7 + r * 13) % 1000) as f32)
             .collect();
         let mut t = HostTensor::from_vec(&[count], v).map_err(e)?;
-        c.all_reduce_in_place(&mut t, ReduceOp::Sum).map_err(e)?;
+        c.all_reduce_in_place(&mut t.view_mut(), ReduceOp::Sum)
+            .map_err(e)?;
         let got = t.as_slice::<f32>().map_err(e)?;
         let wrong = (0..count)
             .filter(|&i| got[i] != (0..n).map(|q| (i * 7 + q * 13) % 1000).sum::<usize>() as f32)
@@ -129,16 +130,17 @@ fn rank_main(a: &Args) -> Result<(), String> {
         let mut t = HostTensor::zeros(DType::F32, &[count]);
         let iters = ((256usize << 20) / size).clamp(5, 2000);
         for _ in 0..(iters / 10).max(2) {
-            c.all_reduce_in_place(&mut t, a.op).map_err(e)?;
+            c.all_reduce_in_place(&mut t.view_mut(), a.op).map_err(e)?;
         }
         g.barrier().map_err(e)?;
         let start = Instant::now();
         for _ in 0..iters {
-            c.all_reduce_in_place(&mut t, a.op).map_err(e)?;
+            c.all_reduce_in_place(&mut t.view_mut(), a.op).map_err(e)?;
         }
         let mine = start.elapsed().as_secs_f64() / iters as f64;
         let mut slow = HostTensor::from_vec(&[2], vec![mine, wrong as f64]).map_err(e)?;
-        c.all_reduce_in_place(&mut slow, ReduceOp::Max).map_err(e)?;
+        c.all_reduce_in_place(&mut slow.view_mut(), ReduceOp::Max)
+            .map_err(e)?;
         let s = slow.as_slice::<f64>().map_err(e)?;
         let (secs, wrong) = (s[0], s[1] as usize);
         let algbw = size as f64 / secs / 1e9;

@@ -137,17 +137,17 @@ fn per_dtype(c: &CpuCommunicator, dtype: DType, len: usize, seed: u64) -> R<()> 
     }
     let src = (seed as usize) % n;
     let mut t = x[r].clone();
-    c.broadcast(&mut t, src).map_err(e)?;
+    c.broadcast(&mut t.view_mut(), src).map_err(e)?;
     check(t == x[src], || what("broadcast"))?;
     if n > 1 {
         let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
         let mut got = HostTensor::zeros(dtype, &[len]);
         if r % 2 == 0 {
-            c.send(&x[r], next).map_err(e)?;
-            c.recv(&mut got, prev).map_err(e)?;
+            c.send(&x[r].view(), next).map_err(e)?;
+            c.recv(&mut got.view_mut(), prev).map_err(e)?;
         } else {
-            c.recv(&mut got, prev).map_err(e)?;
-            c.send(&x[r], next).map_err(e)?;
+            c.recv(&mut got.view_mut(), prev).map_err(e)?;
+            c.send(&x[r].view(), next).map_err(e)?;
         }
         check(got == x[prev], || what("send/recv"))?;
     }
@@ -164,7 +164,7 @@ fn big(c: &CpuCommunicator) -> R<()> {
     let len = 16 << 20; // 64 MiB of f32
     let mut t = HostTensor::from_vec(&[len], pattern(len, r)).map_err(|e| e.to_string())?;
     let start = Instant::now();
-    c.all_reduce_in_place(&mut t, ReduceOp::Sum)
+    c.all_reduce_in_place(&mut t.view_mut(), ReduceOp::Sum)
         .map_err(|e| e.to_string())?;
     let took = start.elapsed();
     let got = t.as_slice::<f32>().map_err(|e| e.to_string())?;

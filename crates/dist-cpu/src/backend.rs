@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
+use dist_core::communicator::{host_copy, P2pOp};
 use dist_core::{
     Backend, CommunicatorContext, DType, Device, DeviceCommunicator, Error, HostGroupExt,
-    HostTensor, ReduceOp, Result, DEFAULT_TIMEOUT,
+    HostTensor, HostView, HostViewMut, ReduceOp, Result, DEFAULT_TIMEOUT,
 };
 
 use crate::coll::node_id;
@@ -64,6 +65,20 @@ impl CpuCommunicator {
 
 impl DeviceCommunicator for CpuCommunicator {
     type Tensor = HostTensor;
+    type View<'a> = HostView<'a>;
+    type ViewMut<'a> = HostViewMut<'a>;
+    fn view(t: &HostTensor) -> HostView<'_> {
+        t.view()
+    }
+    fn view_mut(t: &mut HostTensor) -> HostViewMut<'_> {
+        t.view_mut()
+    }
+    fn copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
+        host_copy(src, dst)
+    }
+    fn narrow<'a>(v: &Self::View<'a>, start: usize, len: usize) -> Result<Self::View<'a>> {
+        v.narrow(start, len)
+    }
     fn rank(&self) -> usize {
         each!(self, c => c.rank())
     }
@@ -82,41 +97,85 @@ impl DeviceCommunicator for CpuCommunicator {
     fn empty(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
         Ok(HostTensor::zeros(dtype, shape))
     }
-    fn all_reduce(&self, input: &HostTensor, op: ReduceOp) -> Result<HostTensor> {
-        each!(self, c => c.all_reduce(input, op))
+    fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
+        each!(self, c => c.alloc(dtype, shape))
     }
-    fn all_reduce_in_place(&self, tensor: &mut HostTensor, op: ReduceOp) -> Result<()> {
+    fn all_reduce_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        op: ReduceOp,
+    ) -> Result<()> {
+        each!(self, c => c.all_reduce_into(input, output, op))
+    }
+    fn all_reduce_in_place(&self, tensor: &mut HostViewMut<'_>, op: ReduceOp) -> Result<()> {
         each!(self, c => c.all_reduce_in_place(tensor, op))
     }
-    fn all_gather(&self, input: &HostTensor, dim: isize) -> Result<HostTensor> {
-        each!(self, c => c.all_gather(input, dim))
-    }
-    fn all_gatherv(&self, input: &HostTensor, dim: isize, sizes: &[usize]) -> Result<HostTensor> {
-        each!(self, c => c.all_gatherv(input, dim, sizes))
-    }
-    fn reduce_scatter(&self, input: &HostTensor, dim: isize, op: ReduceOp) -> Result<HostTensor> {
-        each!(self, c => c.reduce_scatter(input, dim, op))
-    }
-    fn reduce_scatterv(
+    fn all_gather_into(
         &self,
-        input: &HostTensor,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        dim: isize,
+    ) -> Result<()> {
+        each!(self, c => c.all_gather_into(input, output, dim))
+    }
+    fn all_gatherv_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        dim: isize,
+        sizes: &[usize],
+    ) -> Result<()> {
+        each!(self, c => c.all_gatherv_into(input, output, dim, sizes))
+    }
+    fn reduce_scatter_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        dim: isize,
+        op: ReduceOp,
+    ) -> Result<()> {
+        each!(self, c => c.reduce_scatter_into(input, output, dim, op))
+    }
+    fn reduce_scatterv_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
         dim: isize,
         sizes: &[usize],
         op: ReduceOp,
-    ) -> Result<HostTensor> {
-        each!(self, c => c.reduce_scatterv(input, dim, sizes, op))
+    ) -> Result<()> {
+        each!(self, c => c.reduce_scatterv_into(input, output, dim, sizes, op))
     }
-    fn gather(&self, input: &HostTensor, dst: usize, dim: isize) -> Result<Option<HostTensor>> {
-        each!(self, c => c.gather(input, dst, dim))
+    fn gather_into(
+        &self,
+        input: &HostView<'_>,
+        output: Option<&mut HostViewMut<'_>>,
+        dst: usize,
+        dim: isize,
+    ) -> Result<()> {
+        each!(self, c => c.gather_into(input, output, dst, dim))
     }
-    fn broadcast(&self, tensor: &mut HostTensor, src: usize) -> Result<()> {
+    fn broadcast(&self, tensor: &mut HostViewMut<'_>, src: usize) -> Result<()> {
         each!(self, c => c.broadcast(tensor, src))
     }
-    fn send(&self, tensor: &HostTensor, dst: usize) -> Result<()> {
+    fn send(&self, tensor: &HostView<'_>, dst: usize) -> Result<()> {
         each!(self, c => c.send(tensor, dst))
     }
-    fn recv(&self, tensor: &mut HostTensor, src: usize) -> Result<()> {
+    fn recv(&self, tensor: &mut HostViewMut<'_>, src: usize) -> Result<()> {
         each!(self, c => c.recv(tensor, src))
+    }
+    fn batch_send_recv(&self, ops: &mut [P2pOp<'_, HostView<'_>, HostViewMut<'_>>]) -> Result<()> {
+        each!(self, c => c.batch_send_recv(ops))
+    }
+    fn all_to_all_v_into(
+        &self,
+        input: &HostView<'_>,
+        send_counts: &[usize],
+        output: &mut HostViewMut<'_>,
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        each!(self, c => c.all_to_all_v_into(input, send_counts, output, recv_counts))
     }
     fn destroy(&self) -> Result<()> {
         each!(self, c => c.destroy())
@@ -188,5 +247,14 @@ impl Backend for CpuBackend {
             "the cpu backend holds host tensors, asked for {device}"
         );
         Ok(t.clone())
+    }
+
+    fn reshape(t: HostTensor, shape: &[usize]) -> Result<HostTensor> {
+        t.reshape(shape)
+    }
+
+    fn flat_slice(t: &HostTensor, start: usize, len: usize) -> Result<HostTensor> {
+        let v = t.view().narrow(start, len)?;
+        HostTensor::from_bytes(v.dtype(), &[len], v.as_bytes())
     }
 }

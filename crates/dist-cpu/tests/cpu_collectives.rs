@@ -64,7 +64,7 @@ fn all_reduce_every_dtype_op_and_world() {
                             c.all_reduce(&ins[r], op).unwrap()
                         } else {
                             let mut t = ins[r].clone();
-                            c.all_reduce_in_place(&mut t, op).unwrap();
+                            c.all_reduce_in_place(&mut t.view_mut(), op).unwrap();
                             t
                         };
                         assert!(got == want, "world {world} rank {r} {dtype} len {len} {op}");
@@ -221,7 +221,7 @@ fn large_gathers_and_scatters() {
                 } else {
                     HostTensor::zeros(DType::F32, &[n])
                 };
-                c.broadcast(&mut t, world - 1).unwrap();
+                c.broadcast(&mut t.view_mut(), world - 1).unwrap();
                 assert!(t == bc, "broadcast world {world}");
             },
         );
@@ -238,7 +238,7 @@ fn broadcast_every_dtype_and_src() {
                     let src = (i + len) % world;
                     let want = reference::broadcast(&ins, src).unwrap();
                     let mut t = ins[r].clone();
-                    c.broadcast(&mut t, src).unwrap();
+                    c.broadcast(&mut t.view_mut(), src).unwrap();
                     assert!(
                         t == want,
                         "broadcast world {world} {dtype} len {len} src {src}"
@@ -262,11 +262,11 @@ fn send_recv_tensors_and_lists() {
                     let mut got = HostTensor::zeros(dtype, &[len]);
                     // Even ranks send first; a ring of large sends would wait on each other.
                     if r % 2 == 0 {
-                        c.send(&mine, next).unwrap();
-                        c.recv(&mut got, prev).unwrap();
+                        c.send(&mine.view(), next).unwrap();
+                        c.recv(&mut got.view_mut(), prev).unwrap();
                     } else {
-                        c.recv(&mut got, prev).unwrap();
-                        c.send(&mine, next).unwrap();
+                        c.recv(&mut got.view_mut(), prev).unwrap();
+                        c.send(&mine.view(), next).unwrap();
                     }
                     assert!(got == theirs, "p2p world {world} {dtype} len {len}");
                 }
@@ -288,9 +288,9 @@ fn send_recv_tensors_and_lists() {
             }
             // Small messages are eager: a ring of sends then receives does not wait.
             let x = HostTensor::random(DType::F32, &[16], r as u64);
-            c.send(&x, next).unwrap();
+            c.send(&x.view(), next).unwrap();
             let mut y = HostTensor::zeros(DType::F32, &[16]);
-            c.recv(&mut y, prev).unwrap();
+            c.recv(&mut y.view_mut(), prev).unwrap();
             assert_eq!(y, HostTensor::random(DType::F32, &[16], prev as u64));
         });
     }
@@ -300,15 +300,16 @@ fn send_recv_tensors_and_lists() {
 fn recv_mismatch_is_an_error_and_the_stream_stays_in_step() {
     with_comms(2, small_cfg(), |r, c| {
         if r == 0 {
-            c.send(&HostTensor::random(DType::F32, &[3000], 1), 1)
+            c.send(&HostTensor::random(DType::F32, &[3000], 1).view(), 1)
                 .unwrap();
-            c.send(&HostTensor::random(DType::F32, &[5], 2), 1).unwrap();
+            c.send(&HostTensor::random(DType::F32, &[5], 2).view(), 1)
+                .unwrap();
         } else {
             let mut wrong = HostTensor::zeros(DType::I32, &[3000]);
-            let e = c.recv(&mut wrong, 0).unwrap_err();
+            let e = c.recv(&mut wrong.view_mut(), 0).unwrap_err();
             assert!(e.to_string().contains("f32"), "{e}");
             let mut ok = HostTensor::zeros(DType::F32, &[5]);
-            c.recv(&mut ok, 0).unwrap();
+            c.recv(&mut ok.view_mut(), 0).unwrap();
             assert_eq!(ok, HostTensor::random(DType::F32, &[5], 2));
         }
     });
@@ -331,7 +332,10 @@ fn bad_arguments_are_clear_errors() {
             Err(Error::InvalidArgument(_))
         ));
         assert!(matches!(c.gather(&t, 2, 0), Err(Error::InvalidArgument(_))));
-        assert!(matches!(c.send(&t, r), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            c.send(&t.view(), r),
+            Err(Error::InvalidArgument(_))
+        ));
         let s = HostTensor::zeros(DType::F32, &[]);
         assert!(matches!(
             c.all_gather(&s, 0),
@@ -389,7 +393,7 @@ fn absent_peer_times_out_naming_it_and_closed_peer_is_lost() {
             ));
         } else {
             let mut t = HostTensor::zeros(DType::F32, &[1]);
-            let e = c.recv(&mut t, 1).unwrap_err();
+            let e = c.recv(&mut t.view_mut(), 1).unwrap_err();
             assert!(matches!(e, Error::PeerLost { rank: 1, .. }), "{e}");
         }
     });

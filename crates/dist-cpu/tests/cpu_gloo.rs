@@ -104,17 +104,17 @@ fn gloo_collectives_match_the_oracles() {
                     );
                     let src = len % world;
                     let mut t = ins[r].clone();
-                    c.broadcast(&mut t, src).unwrap();
+                    c.broadcast(&mut t.view_mut(), src).unwrap();
                     assert!(t == ins[src], "broadcast {d} {len}");
                     if world > 1 {
                         let (next, prev) = ((r + 1) % world, (r + world - 1) % world);
                         let mut got = HostTensor::zeros(d, &[len]);
                         if r % 2 == 0 {
-                            c.send(&ins[r], next).unwrap();
-                            c.recv(&mut got, prev).unwrap();
+                            c.send(&ins[r].view(), next).unwrap();
+                            c.recv(&mut got.view_mut(), prev).unwrap();
                         } else {
-                            c.recv(&mut got, prev).unwrap();
-                            c.send(&ins[r], next).unwrap();
+                            c.recv(&mut got.view_mut(), prev).unwrap();
+                            c.send(&ins[r].view(), next).unwrap();
                         }
                         assert!(got == ins[prev], "send/recv {d} {len}");
                     }

@@ -64,7 +64,7 @@ fn child() -> ! {
                 }
             }
             let mut b = x[r].clone();
-            c.broadcast(&mut b, 3).map_err(e)?;
+            c.broadcast(&mut b.view_mut(), 3).map_err(e)?;
             if b != x[3] {
                 return Err(format!("broadcast {d}"));
             }
@@ -72,11 +72,11 @@ fn child() -> ! {
             let peer = (r + 2) % n;
             let mut got = HostTensor::zeros(d, &[3, 1000 + i]);
             if r < 2 {
-                c.send(&x[r], peer).map_err(e)?;
-                c.recv(&mut got, peer).map_err(e)?;
+                c.send(&x[r].view(), peer).map_err(e)?;
+                c.recv(&mut got.view_mut(), peer).map_err(e)?;
             } else {
-                c.recv(&mut got, peer).map_err(e)?;
-                c.send(&x[r], peer).map_err(e)?;
+                c.recv(&mut got.view_mut(), peer).map_err(e)?;
+                c.send(&x[r].view(), peer).map_err(e)?;
             }
             if got != x[peer] {
                 return Err(format!("send/recv {d}"));

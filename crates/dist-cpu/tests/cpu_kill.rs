@@ -47,7 +47,7 @@ fn child() -> ! {
     let until = Instant::now() + Duration::from_secs(60);
     while Instant::now() < until {
         let start = Instant::now();
-        match c.all_reduce_in_place(&mut t, ReduceOp::Max) {
+        match c.all_reduce_in_place(&mut t.view_mut(), ReduceOp::Max) {
             Ok(()) => {}
             Err(e) => {
                 let took = start.elapsed().as_millis();

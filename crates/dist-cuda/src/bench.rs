@@ -101,7 +101,7 @@ pub fn all_reduce_sweep(comm: &Communicator, sizes: &[usize], mode: Mode) -> Res
         let call = |t: &mut crate::CudaTensor| -> Result<()> {
             match (&graph, mode) {
                 (Some((g, _)), _) => g.replay(),
-                (None, Mode::InPlace) => comm.all_reduce_in_place(t, ReduceOp::Sum),
+                (None, Mode::InPlace) => comm.all_reduce_in_place(&mut &mut *t, ReduceOp::Sum),
                 (None, _) => comm.all_reduce(t, ReduceOp::Sum).map(drop),
             }
         };

@@ -88,7 +88,7 @@ impl Options {
     }
 }
 
-/// One grouped point-to-point operation of [`Communicator::batch_send_recv`].
+/// One grouped point-to-point operation of [`Communicator::batch_send_recv_owned`].
 pub type P2pOp<'a> = ops::P2pOp<'a, CudaTensor>;
 
 /// The CUDA device communicator of one group.
@@ -268,7 +268,7 @@ impl Communicator {
     }
 
     /// Grouped sends and receives (vLLM's `batch_isend_irecv`), in one group; fp8 travels as bytes.
-    pub fn batch_send_recv(&self, p2p: &mut [P2pOp<'_>]) -> Result<()> {
+    pub fn batch_send_recv_owned(&self, p2p: &mut [P2pOp<'_>]) -> Result<()> {
         for o in p2p.iter() {
             let t = match o {
                 ops::P2pOp::Send(t, _) => &**t,
@@ -394,12 +394,63 @@ impl NcclDevice for Communicator {
     }
 }
 
+/// Copies `src` into `dst` (same byte count) on the device's stream.
+fn copy_into(dev: &DeviceContext, dst: &CudaTensor, src: &CudaTensor) -> Result<()> {
+    dist_core::ensure_arg!(
+        src.dtype() == dst.dtype() && src.numel() == dst.numel(),
+        "copy of {} {:?} into {} {:?}",
+        src.dtype(),
+        src.shape(),
+        dst.dtype(),
+        dst.shape()
+    );
+    if src.nbytes() == 0 {
+        return Ok(());
+    }
+    // SAFETY: both tensors are live device buffers of nbytes on this device; the copy is ordered
+    // on the device's stream, which every later use of either follows.
+    unsafe { copy_d2d(dst.ptr(), src.ptr(), src.nbytes(), dev.stream()) }
+}
+
+impl Communicator {
+    /// Runs an out-of-place op that makes its result, then moves the result into the caller's
+    /// output on the device (the shared NCCL ops allocate their outputs; one device copy).
+    fn write_output(
+        &self,
+        op: &str,
+        output: &mut CudaTensor,
+        f: impl FnOnce() -> Result<CudaTensor>,
+    ) -> Result<()> {
+        self.check_tensor(output, op)?;
+        let r = f()?;
+        dist_core::communicator::check_output(op, &*output, r.dtype(), r.shape())?;
+        copy_into(&self.dev, output, &r)?;
+        self.retire(Some(r))
+    }
+}
+
 impl DeviceCommunicator for Communicator {
+    type Tensor = CudaTensor;
+    type View<'a> = CudaTensor;
+    type ViewMut<'a> = &'a mut CudaTensor;
+
+    fn view(t: &CudaTensor) -> CudaTensor {
+        t.clone()
+    }
+    fn view_mut(t: &mut CudaTensor) -> &mut CudaTensor {
+        t
+    }
+    fn copy(src: &CudaTensor, dst: &mut &mut CudaTensor) -> Result<()> {
+        let dev = src.context().clone();
+        dev.bind()?;
+        copy_into(&dev, dst, src)
+    }
+    fn narrow<'a>(v: &Self::View<'a>, start: usize, len: usize) -> Result<Self::View<'a>> {
+        v.narrow(start, len)
+    }
     fn synchronize(&self) -> Result<()> {
         Communicator::synchronize(self)
     }
-    type Tensor = CudaTensor;
-
     fn rank(&self) -> usize {
         self.rank
     }
@@ -421,23 +472,53 @@ impl DeviceCommunicator for Communicator {
     fn empty(&self, dtype: DType, shape: &[usize]) -> Result<CudaTensor> {
         CudaTensor::zeros(&self.dev, dtype, shape)
     }
+    fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<CudaTensor> {
+        CudaTensor::uninit(&self.dev, dtype, shape)
+    }
 
     fn all_reduce(&self, input: &CudaTensor, op: ReduceOp) -> Result<CudaTensor> {
         self.all_reduce_impl(input, op)
     }
+    fn all_reduce_into(
+        &self,
+        input: &CudaTensor,
+        output: &mut &mut CudaTensor,
+        op: ReduceOp,
+    ) -> Result<()> {
+        self.live("all_reduce")?;
+        self.check_tensor(input, "all_reduce")?;
+        self.check_tensor(output, "all_reduce")?;
+        dist_core::communicator::ensure_reducible(input.dtype(), "all_reduce")?;
+        dist_core::communicator::check_output(
+            "all_reduce",
+            &**output,
+            input.dtype(),
+            input.shape(),
+        )?;
+        if op == ReduceOp::Sum {
+            let mut ca = lock(&self.custom_ar);
+            if let Some(ca) = ca.as_mut() {
+                if ca.should(input) {
+                    let r = ca.all_reduce(input)?;
+                    copy_into(&self.dev, output, &r)?;
+                    return self.retire(Some(r));
+                }
+            }
+        }
+        self.nccl_all_reduce(input.ptr(), output.ptr(), input.dtype(), input.numel(), op)
+    }
 
-    fn all_reduce_in_place(&self, tensor: &mut CudaTensor, op: ReduceOp) -> Result<()> {
+    fn all_reduce_in_place(&self, tensor: &mut &mut CudaTensor, op: ReduceOp) -> Result<()> {
         self.live("all_reduce_in_place")?;
         self.check_tensor(tensor, "all_reduce_in_place")?;
+        dist_core::communicator::ensure_reducible(tensor.dtype(), "all_reduce")?;
         let use_ca = op == ReduceOp::Sum
             && lock(&self.custom_ar)
                 .as_ref()
                 .is_some_and(|c| c.should(tensor));
         if use_ca {
             let out = self.all_reduce_impl(tensor, op)?;
-            // SAFETY: both hold nbytes; `out` is retired below (kept while capturing; otherwise
-            // its cuMemFree waits for the copy).
-            unsafe { copy_d2d(tensor.ptr(), out.ptr(), tensor.nbytes(), self.dev.stream()) }?;
+            copy_into(&self.dev, tensor, &out)?;
             return self.retire(Some(out));
         }
         self.nccl_all_reduce(
@@ -454,19 +535,46 @@ impl DeviceCommunicator for Communicator {
         self.check_tensor(input, "all_gather")?;
         ops::all_gather(self, input, dim)
     }
-
+    fn all_gather_into(
+        &self,
+        input: &CudaTensor,
+        output: &mut &mut CudaTensor,
+        dim: isize,
+    ) -> Result<()> {
+        self.write_output("all_gather", output, || self.all_gather(input, dim))
+    }
     fn all_gatherv(&self, input: &CudaTensor, dim: isize, sizes: &[usize]) -> Result<CudaTensor> {
         self.live("all_gatherv")?;
         self.check_tensor(input, "all_gatherv")?;
         ops::all_gatherv(self, input, dim, sizes)
     }
-
+    fn all_gatherv_into(
+        &self,
+        input: &CudaTensor,
+        output: &mut &mut CudaTensor,
+        dim: isize,
+        sizes: &[usize],
+    ) -> Result<()> {
+        self.write_output("all_gatherv", output, || {
+            self.all_gatherv(input, dim, sizes)
+        })
+    }
     fn reduce_scatter(&self, input: &CudaTensor, dim: isize, op: ReduceOp) -> Result<CudaTensor> {
         self.live("reduce_scatter")?;
         self.check_tensor(input, "reduce_scatter")?;
         ops::reduce_scatter(self, input, dim, op)
     }
-
+    fn reduce_scatter_into(
+        &self,
+        input: &CudaTensor,
+        output: &mut &mut CudaTensor,
+        dim: isize,
+        op: ReduceOp,
+    ) -> Result<()> {
+        self.write_output("reduce_scatter", output, || {
+            self.reduce_scatter(input, dim, op)
+        })
+    }
     fn reduce_scatterv(
         &self,
         input: &CudaTensor,
@@ -478,27 +586,117 @@ impl DeviceCommunicator for Communicator {
         self.check_tensor(input, "reduce_scatterv")?;
         ops::reduce_scatterv(self, input, dim, sizes, op)
     }
-
+    fn reduce_scatterv_into(
+        &self,
+        input: &CudaTensor,
+        output: &mut &mut CudaTensor,
+        dim: isize,
+        sizes: &[usize],
+        op: ReduceOp,
+    ) -> Result<()> {
+        self.write_output("reduce_scatterv", output, || {
+            self.reduce_scatterv(input, dim, sizes, op)
+        })
+    }
     fn gather(&self, input: &CudaTensor, dst: usize, dim: isize) -> Result<Option<CudaTensor>> {
         self.live("gather")?;
         self.check_tensor(input, "gather")?;
         ops::gather(self, input, dst, dim)
     }
-
-    fn broadcast(&self, tensor: &mut CudaTensor, src: usize) -> Result<()> {
+    fn gather_into(
+        &self,
+        input: &CudaTensor,
+        output: Option<&mut &mut CudaTensor>,
+        dst: usize,
+        dim: isize,
+    ) -> Result<()> {
+        dist_core::ensure_arg!(
+            output.is_some() == (self.rank == dst),
+            "{} gather to {dst}: only the destination passes an output",
+            self.name
+        );
+        match output {
+            Some(o) => self.write_output("gather", o, || {
+                self.gather(input, dst, dim)?
+                    .ok_or_else(|| Error::invalid("gather: the destination got no result"))
+            }),
+            None => self.gather(input, dst, dim).map(|_| ()),
+        }
+    }
+    fn broadcast(&self, tensor: &mut &mut CudaTensor, src: usize) -> Result<()> {
         self.live("broadcast")?;
         self.check_tensor(tensor, "broadcast")?;
         ops::broadcast(self, tensor, src)
     }
-
     fn send(&self, tensor: &CudaTensor, dst: usize) -> Result<()> {
         self.check_tensor(tensor, "send")?;
-        self.batch_send_recv(&mut [ops::P2pOp::Send(tensor, dst)])
+        self.batch_send_recv_owned(&mut [ops::P2pOp::Send(tensor, dst)])
     }
-
-    fn recv(&self, tensor: &mut CudaTensor, src: usize) -> Result<()> {
+    fn recv(&self, tensor: &mut &mut CudaTensor, src: usize) -> Result<()> {
         self.check_tensor(tensor, "recv")?;
-        self.batch_send_recv(&mut [ops::P2pOp::Recv(tensor, src)])
+        self.batch_send_recv_owned(&mut [ops::P2pOp::Recv(tensor, src)])
+    }
+    fn batch_send_recv(
+        &self,
+        p2p: &mut [dist_core::communicator::P2pOp<'_, CudaTensor, &mut CudaTensor>],
+    ) -> Result<()> {
+        let mut list: Vec<P2pOp<'_>> = p2p
+            .iter_mut()
+            .map(|o| match o {
+                dist_core::communicator::P2pOp::Send(t, p) => ops::P2pOp::Send(&**t, *p),
+                dist_core::communicator::P2pOp::Recv(t, p) => ops::P2pOp::Recv(&mut ***t, *p),
+            })
+            .collect();
+        self.batch_send_recv_owned(&mut list)
+    }
+    /// Grouped sends and receives of each peer's rows (narrowed views of the input and output,
+    /// no copies), the own rows by a device copy.
+    fn all_to_all_v_into(
+        &self,
+        input: &CudaTensor,
+        send_counts: &[usize],
+        output: &mut &mut CudaTensor,
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        self.live("all_to_all_v")?;
+        self.check_tensor(input, "all_to_all_v")?;
+        self.check_tensor(output, "all_to_all_v")?;
+        let row = dist_core::communicator::check_all_to_all_v(
+            input,
+            send_counts,
+            &**output,
+            recv_counts,
+            self.world,
+        )?;
+        let es = input.dtype().size();
+        let per = row / es.max(1);
+        let cut = |t: &CudaTensor, counts: &[usize]| -> Result<Vec<CudaTensor>> {
+            let mut off = 0;
+            counts
+                .iter()
+                .map(|&c| {
+                    let v = t.narrow(off * per, c * per);
+                    off += c;
+                    v
+                })
+                .collect()
+        };
+        let ins = cut(input, send_counts)?;
+        let mut outs = cut(output, recv_counts)?;
+        let me = self.rank;
+        copy_into(&self.dev, &outs[me], &ins[me])?;
+        let mut list: Vec<P2pOp<'_>> = Vec::new();
+        for (p, t) in ins.iter().enumerate() {
+            if p != me && t.numel() > 0 {
+                list.push(ops::P2pOp::Send(t, p));
+            }
+        }
+        for (p, t) in outs.iter_mut().enumerate() {
+            if p != me && t.numel() > 0 {
+                list.push(ops::P2pOp::Recv(t, p));
+            }
+        }
+        self.batch_send_recv_owned(&mut list)
     }
 
     fn begin_capture(&self) -> Result<()> {

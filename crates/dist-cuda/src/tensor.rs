@@ -13,6 +13,8 @@ use crate::driver::{copy_d2h, copy_h2d, DeviceBuffer, DeviceContext};
 #[derive(Clone)]
 pub struct CudaTensor {
     buf: Arc<DeviceBuffer>,
+    /// Bytes from the start of the buffer to the first element (a narrowed tensor's).
+    offset: usize,
     dtype: DType,
     shape: Vec<usize>,
 }
@@ -36,6 +38,7 @@ impl CudaTensor {
         let n = checked_nbytes(dtype, shape)?;
         Ok(CudaTensor {
             buf: Arc::new(DeviceBuffer::zeroed(dev, n)?),
+            offset: 0,
             dtype,
             shape: shape.to_vec(),
         })
@@ -45,6 +48,7 @@ impl CudaTensor {
         let n = checked_nbytes(dtype, shape)?;
         Ok(CudaTensor {
             buf: Arc::new(DeviceBuffer::alloc(dev, n)?),
+            offset: 0,
             dtype,
             shape: shape.to_vec(),
         })
@@ -76,7 +80,7 @@ impl CudaTensor {
     }
     /// Device address of the first element.
     pub fn ptr(&self) -> u64 {
-        self.buf.ptr()
+        self.buf.ptr() + self.offset as u64
     }
     /// The device context.
     pub fn context(&self) -> &Arc<DeviceContext> {
@@ -91,8 +95,24 @@ impl CudaTensor {
         );
         Ok(CudaTensor {
             buf: self.buf.clone(),
+            offset: self.offset,
             dtype: self.dtype,
             shape: shape.to_vec(),
+        })
+    }
+
+    /// Elements `[start, start + len)` as a 1-D tensor sharing this storage (no copy).
+    pub fn narrow(&self, start: usize, len: usize) -> Result<CudaTensor> {
+        dist_core::ensure_arg!(
+            start.checked_add(len).is_some_and(|e| e <= self.numel()),
+            "narrow [{start}, {start}+{len}) out of range for {} elements",
+            self.numel()
+        );
+        Ok(CudaTensor {
+            buf: self.buf.clone(),
+            offset: self.offset + start * self.dtype.size(),
+            dtype: self.dtype,
+            shape: vec![len],
         })
     }
 }

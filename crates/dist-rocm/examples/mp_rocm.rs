@@ -198,7 +198,7 @@ fn nccl_suite(e: &dist_store::RankEnv, comm: &Communicator, ck: &mut Checks) -> 
                 );
                 let mut t = up(x)?;
                 tol(
-                    comm.all_reduce_in_place(&mut t, op)
+                    comm.all_reduce_in_place(&mut &mut t, op)
                         .and_then(|_| t.to_host()),
                     ck,
                     format!("all_reduce_in_place {dtype} {op}"),
@@ -300,13 +300,13 @@ fn nccl_suite(e: &dist_store::RankEnv, comm: &Communicator, ck: &mut Checks) -> 
         let mut b = up(x)?;
         ck.eq(
             || format!("broadcast {dtype}"),
-            comm.broadcast(&mut b, src).and_then(|_| b.to_host()),
+            comm.broadcast(&mut &mut b, src).and_then(|_| b.to_host()),
             &reference::broadcast(&xs, src)?,
         );
         // Ring exchange in one group: send to the next rank, receive from the previous.
         let mut r = comm.empty(dtype, &shape)?;
         let res = comm
-            .batch_send_recv(&mut [
+            .batch_send_recv_owned(&mut [
                 P2pOp::Send(&dx, (me + 1) % w),
                 P2pOp::Recv(&mut r, (me + w - 1) % w),
             ])
@@ -328,7 +328,7 @@ fn nccl_suite(e: &dist_store::RankEnv, comm: &Communicator, ck: &mut Checks) -> 
                 let mut r = comm.empty(dtype, &shape)?;
                 ck.eq(
                     || format!("recv {dtype}"),
-                    comm.recv(&mut r, 0).and_then(|_| r.to_host()),
+                    comm.recv(&mut &mut r, 0).and_then(|_| r.to_host()),
                     &xs[0],
                 );
             }

@@ -81,7 +81,7 @@ impl Options {
     }
 }
 
-/// One grouped point-to-point operation of [`Communicator::batch_send_recv`].
+/// One grouped point-to-point operation of [`Communicator::batch_send_recv_owned`].
 pub type P2pOp<'a> = ops::P2pOp<'a, RocmTensor>;
 
 /// The ROCm device communicator of one group.
@@ -243,7 +243,7 @@ impl Communicator {
     }
 
     /// Grouped sends and receives (vLLM's `batch_isend_irecv`), in one group; fp8 travels as bytes.
-    pub fn batch_send_recv(&self, p2p: &mut [P2pOp<'_>]) -> Result<()> {
+    pub fn batch_send_recv_owned(&self, p2p: &mut [P2pOp<'_>]) -> Result<()> {
         for o in p2p.iter() {
             let t = match o {
                 ops::P2pOp::Send(t, _) => &**t,
@@ -362,12 +362,71 @@ impl NcclDevice for Communicator {
     }
 }
 
+/// Copies `src` into `dst` (same byte count) on the device's stream.
+fn copy_into(dev: &DeviceContext, dst: &RocmTensor, src: &RocmTensor) -> Result<()> {
+    dist_core::ensure_arg!(
+        src.dtype() == dst.dtype() && src.numel() == dst.numel(),
+        "copy of {} {:?} into {} {:?}",
+        src.dtype(),
+        src.shape(),
+        dst.dtype(),
+        dst.shape()
+    );
+    if src.nbytes() == 0 {
+        return Ok(());
+    }
+    // SAFETY: both tensors are live device buffers of nbytes on this device; the copy is ordered
+    // on the device's stream, which every later use of either follows.
+    unsafe {
+        copy_d2d(
+            dev.runtime(),
+            dst.ptr(),
+            src.ptr(),
+            src.nbytes(),
+            dev.stream(),
+        )
+    }
+}
+
+impl Communicator {
+    /// Runs an out-of-place op that makes its result, then moves the result into the caller's
+    /// output on the device (the shared NCCL ops allocate their outputs; one device copy).
+    fn write_output(
+        &self,
+        op: &str,
+        output: &mut RocmTensor,
+        f: impl FnOnce() -> Result<RocmTensor>,
+    ) -> Result<()> {
+        self.check_tensor(output, op)?;
+        let r = f()?;
+        dist_core::communicator::check_output(op, &*output, r.dtype(), r.shape())?;
+        copy_into(&self.dev, output, &r)?;
+        self.retire(Some(r))
+    }
+}
+
 impl DeviceCommunicator for Communicator {
+    type Tensor = RocmTensor;
+    type View<'a> = RocmTensor;
+    type ViewMut<'a> = &'a mut RocmTensor;
+
+    fn view(t: &RocmTensor) -> RocmTensor {
+        t.clone()
+    }
+    fn view_mut(t: &mut RocmTensor) -> &mut RocmTensor {
+        t
+    }
+    fn copy(src: &RocmTensor, dst: &mut &mut RocmTensor) -> Result<()> {
+        let dev = src.context().clone();
+        dev.bind()?;
+        copy_into(&dev, dst, src)
+    }
+    fn narrow<'a>(v: &Self::View<'a>, start: usize, len: usize) -> Result<Self::View<'a>> {
+        v.narrow(start, len)
+    }
     fn synchronize(&self) -> Result<()> {
         Communicator::synchronize(self)
     }
-    type Tensor = RocmTensor;
-
     fn rank(&self) -> usize {
         self.rank
     }
@@ -386,20 +445,36 @@ impl DeviceCommunicator for Communicator {
     fn empty(&self, dtype: DType, shape: &[usize]) -> Result<RocmTensor> {
         RocmTensor::zeros(&self.dev, dtype, shape)
     }
+    fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<RocmTensor> {
+        RocmTensor::uninit(&self.dev, dtype, shape)
+    }
 
     fn all_reduce(&self, input: &RocmTensor, op: ReduceOp) -> Result<RocmTensor> {
         self.all_reduce_impl(input, op)
     }
+    fn all_reduce_into(
+        &self,
+        input: &RocmTensor,
+        output: &mut &mut RocmTensor,
+        op: ReduceOp,
+    ) -> Result<()> {
+        self.live("all_reduce")?;
+        self.check_tensor(input, "all_reduce")?;
+        self.check_tensor(output, "all_reduce")?;
+        dist_core::communicator::ensure_reducible(input.dtype(), "all_reduce")?;
+        dist_core::communicator::check_output(
+            "all_reduce",
+            &**output,
+            input.dtype(),
+            input.shape(),
+        )?;
+        self.nccl_all_reduce(input.ptr(), output.ptr(), input.dtype(), input.numel(), op)
+    }
 
-    fn all_reduce_in_place(&self, tensor: &mut RocmTensor, op: ReduceOp) -> Result<()> {
+    fn all_reduce_in_place(&self, tensor: &mut &mut RocmTensor, op: ReduceOp) -> Result<()> {
         self.live("all_reduce_in_place")?;
         self.check_tensor(tensor, "all_reduce_in_place")?;
-        dist_core::ensure_arg!(
-            tensor.dtype().is_reducible(),
-            "{} all_reduce_in_place: cannot reduce {}",
-            self.name,
-            tensor.dtype()
-        );
+        dist_core::communicator::ensure_reducible(tensor.dtype(), "all_reduce")?;
         self.nccl_all_reduce(
             tensor.ptr(),
             tensor.ptr(),
@@ -414,19 +489,46 @@ impl DeviceCommunicator for Communicator {
         self.check_tensor(input, "all_gather")?;
         ops::all_gather(self, input, dim)
     }
-
+    fn all_gather_into(
+        &self,
+        input: &RocmTensor,
+        output: &mut &mut RocmTensor,
+        dim: isize,
+    ) -> Result<()> {
+        self.write_output("all_gather", output, || self.all_gather(input, dim))
+    }
     fn all_gatherv(&self, input: &RocmTensor, dim: isize, sizes: &[usize]) -> Result<RocmTensor> {
         self.live("all_gatherv")?;
         self.check_tensor(input, "all_gatherv")?;
         ops::all_gatherv(self, input, dim, sizes)
     }
-
+    fn all_gatherv_into(
+        &self,
+        input: &RocmTensor,
+        output: &mut &mut RocmTensor,
+        dim: isize,
+        sizes: &[usize],
+    ) -> Result<()> {
+        self.write_output("all_gatherv", output, || {
+            self.all_gatherv(input, dim, sizes)
+        })
+    }
     fn reduce_scatter(&self, input: &RocmTensor, dim: isize, op: ReduceOp) -> Result<RocmTensor> {
         self.live("reduce_scatter")?;
         self.check_tensor(input, "reduce_scatter")?;
         ops::reduce_scatter(self, input, dim, op)
     }
-
+    fn reduce_scatter_into(
+        &self,
+        input: &RocmTensor,
+        output: &mut &mut RocmTensor,
+        dim: isize,
+        op: ReduceOp,
+    ) -> Result<()> {
+        self.write_output("reduce_scatter", output, || {
+            self.reduce_scatter(input, dim, op)
+        })
+    }
     fn reduce_scatterv(
         &self,
         input: &RocmTensor,
@@ -438,27 +540,117 @@ impl DeviceCommunicator for Communicator {
         self.check_tensor(input, "reduce_scatterv")?;
         ops::reduce_scatterv(self, input, dim, sizes, op)
     }
-
+    fn reduce_scatterv_into(
+        &self,
+        input: &RocmTensor,
+        output: &mut &mut RocmTensor,
+        dim: isize,
+        sizes: &[usize],
+        op: ReduceOp,
+    ) -> Result<()> {
+        self.write_output("reduce_scatterv", output, || {
+            self.reduce_scatterv(input, dim, sizes, op)
+        })
+    }
     fn gather(&self, input: &RocmTensor, dst: usize, dim: isize) -> Result<Option<RocmTensor>> {
         self.live("gather")?;
         self.check_tensor(input, "gather")?;
         ops::gather(self, input, dst, dim)
     }
-
-    fn broadcast(&self, tensor: &mut RocmTensor, src: usize) -> Result<()> {
+    fn gather_into(
+        &self,
+        input: &RocmTensor,
+        output: Option<&mut &mut RocmTensor>,
+        dst: usize,
+        dim: isize,
+    ) -> Result<()> {
+        dist_core::ensure_arg!(
+            output.is_some() == (self.rank == dst),
+            "{} gather to {dst}: only the destination passes an output",
+            self.name
+        );
+        match output {
+            Some(o) => self.write_output("gather", o, || {
+                self.gather(input, dst, dim)?
+                    .ok_or_else(|| Error::invalid("gather: the destination got no result"))
+            }),
+            None => self.gather(input, dst, dim).map(|_| ()),
+        }
+    }
+    fn broadcast(&self, tensor: &mut &mut RocmTensor, src: usize) -> Result<()> {
         self.live("broadcast")?;
         self.check_tensor(tensor, "broadcast")?;
         ops::broadcast(self, tensor, src)
     }
-
     fn send(&self, tensor: &RocmTensor, dst: usize) -> Result<()> {
         self.check_tensor(tensor, "send")?;
-        self.batch_send_recv(&mut [ops::P2pOp::Send(tensor, dst)])
+        self.batch_send_recv_owned(&mut [ops::P2pOp::Send(tensor, dst)])
     }
-
-    fn recv(&self, tensor: &mut RocmTensor, src: usize) -> Result<()> {
+    fn recv(&self, tensor: &mut &mut RocmTensor, src: usize) -> Result<()> {
         self.check_tensor(tensor, "recv")?;
-        self.batch_send_recv(&mut [ops::P2pOp::Recv(tensor, src)])
+        self.batch_send_recv_owned(&mut [ops::P2pOp::Recv(tensor, src)])
+    }
+    fn batch_send_recv(
+        &self,
+        p2p: &mut [dist_core::communicator::P2pOp<'_, RocmTensor, &mut RocmTensor>],
+    ) -> Result<()> {
+        let mut list: Vec<P2pOp<'_>> = p2p
+            .iter_mut()
+            .map(|o| match o {
+                dist_core::communicator::P2pOp::Send(t, p) => ops::P2pOp::Send(&**t, *p),
+                dist_core::communicator::P2pOp::Recv(t, p) => ops::P2pOp::Recv(&mut ***t, *p),
+            })
+            .collect();
+        self.batch_send_recv_owned(&mut list)
+    }
+    /// Grouped sends and receives of each peer's rows (narrowed views of the input and output,
+    /// no copies), the own rows by a device copy.
+    fn all_to_all_v_into(
+        &self,
+        input: &RocmTensor,
+        send_counts: &[usize],
+        output: &mut &mut RocmTensor,
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        self.live("all_to_all_v")?;
+        self.check_tensor(input, "all_to_all_v")?;
+        self.check_tensor(output, "all_to_all_v")?;
+        let row = dist_core::communicator::check_all_to_all_v(
+            input,
+            send_counts,
+            &**output,
+            recv_counts,
+            self.world,
+        )?;
+        let es = input.dtype().size();
+        let per = row / es.max(1);
+        let cut = |t: &RocmTensor, counts: &[usize]| -> Result<Vec<RocmTensor>> {
+            let mut off = 0;
+            counts
+                .iter()
+                .map(|&c| {
+                    let v = t.narrow(off * per, c * per);
+                    off += c;
+                    v
+                })
+                .collect()
+        };
+        let ins = cut(input, send_counts)?;
+        let mut outs = cut(output, recv_counts)?;
+        let me = self.rank;
+        copy_into(&self.dev, &outs[me], &ins[me])?;
+        let mut list: Vec<P2pOp<'_>> = Vec::new();
+        for (p, t) in ins.iter().enumerate() {
+            if p != me && t.numel() > 0 {
+                list.push(ops::P2pOp::Send(t, p));
+            }
+        }
+        for (p, t) in outs.iter_mut().enumerate() {
+            if p != me && t.numel() > 0 {
+                list.push(ops::P2pOp::Recv(t, p));
+            }
+        }
+        self.batch_send_recv_owned(&mut list)
     }
 
     fn begin_capture(&self) -> Result<()> {

@@ -469,7 +469,7 @@ fn crate_logic_on_a_host_memory_hip_double() {
         Err(Error::InvalidArgument(_))
     ));
     assert!(matches!(
-        comm.broadcast(&mut d.clone(), 1),
+        comm.broadcast(&mut &mut d.clone(), 1),
         Err(Error::InvalidArgument(_))
     ));
     assert!(matches!(

@@ -6,7 +6,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dist_core::communicator::{check_collective_dim, reduce_scatterv_shape};
+use dist_core::communicator::{
+    all_gather_shape, all_gatherv_shape, check_all_to_all_v, check_collective_dim, check_output,
+    reduce_scatter_shape, reduce_scatterv_shape, P2pOp,
+};
 use dist_core::{
     Backend, CommunicatorContext, DType, Device, DeviceCommunicator, DeviceKind, Error,
     HostGroupExt, HostTensor, ReduceOp, Result, Tensor,
@@ -281,6 +284,34 @@ impl Communicator {
 
 impl DeviceCommunicator for Communicator {
     type Tensor = TpuTensor;
+    /// PJRT buffers cannot be lent: views are references to the backend's own tensors, and an
+    /// op that writes a view replaces its buffer (PJRT buffers are immutable).
+    type View<'a> = &'a TpuTensor;
+    type ViewMut<'a> = &'a mut TpuTensor;
+
+    fn view(t: &TpuTensor) -> &TpuTensor {
+        t
+    }
+    fn view_mut(t: &mut TpuTensor) -> &mut TpuTensor {
+        t
+    }
+    fn copy(src: &&TpuTensor, dst: &mut &mut TpuTensor) -> Result<()> {
+        dist_core::ensure_arg!(
+            src.dtype() == dst.dtype() && src.numel() == dst.numel(),
+            "copy of {} {:?} into {} {:?}",
+            src.dtype(),
+            src.shape(),
+            dst.dtype(),
+            dst.shape()
+        );
+        let shape = dst.shape().to_vec();
+        **dst = if src.shape() == shape.as_slice() {
+            (*src).clone()
+        } else {
+            <TpuBackend as dist_core::Backend>::reshape((*src).clone(), &shape)?
+        };
+        Ok(())
+    }
 
     fn rank(&self) -> usize {
         self.rank
@@ -315,8 +346,8 @@ impl DeviceCommunicator for Communicator {
         )
     }
 
-    fn all_reduce_in_place(&self, tensor: &mut TpuTensor, op: ReduceOp) -> Result<()> {
-        *tensor = self.all_reduce(tensor, op)?;
+    fn all_reduce_in_place(&self, tensor: &mut &mut TpuTensor, op: ReduceOp) -> Result<()> {
+        **tensor = self.all_reduce(tensor, op)?;
         Ok(())
     }
 
@@ -433,13 +464,13 @@ impl DeviceCommunicator for Communicator {
         Ok((self.rank == dst).then_some(g))
     }
 
-    fn broadcast(&self, tensor: &mut TpuTensor, src: usize) -> Result<()> {
+    fn broadcast(&self, tensor: &mut &mut TpuTensor, src: usize) -> Result<()> {
         self.check_tensor(tensor, "broadcast")?;
         self.check_peer(src, "broadcast src")?;
         if tensor.numel() == 0 {
             return Ok(());
         }
-        *tensor = self.run(
+        **tensor = self.run(
             self.group_key(OpKind::Broadcast { src }, tensor),
             tensor,
             "broadcast",
@@ -447,7 +478,7 @@ impl DeviceCommunicator for Communicator {
         Ok(())
     }
 
-    fn send(&self, tensor: &TpuTensor, dst: usize) -> Result<()> {
+    fn send(&self, tensor: &&TpuTensor, dst: usize) -> Result<()> {
         self.check_tensor(tensor, "send")?;
         self.check_peer(dst, "send dst")?;
         if self.world == 1 {
@@ -462,7 +493,7 @@ impl DeviceCommunicator for Communicator {
         Ok(())
     }
 
-    fn recv(&self, tensor: &mut TpuTensor, src: usize) -> Result<()> {
+    fn recv(&self, tensor: &mut &mut TpuTensor, src: usize) -> Result<()> {
         self.check_tensor(tensor, "recv")?;
         self.check_peer(src, "recv src")?;
         if self.world == 1 {
@@ -473,10 +504,125 @@ impl DeviceCommunicator for Communicator {
         if tensor.numel() == 0 {
             return Ok(());
         }
-        *tensor = self.permute(tensor, src, self.rank, &format!("recv from {src}"))?;
+        **tensor = self.permute(tensor, src, self.rank, &format!("recv from {src}"))?;
         Ok(())
     }
 
+    fn all_reduce_into(
+        &self,
+        input: &&TpuTensor,
+        output: &mut &mut TpuTensor,
+        op: ReduceOp,
+    ) -> Result<()> {
+        check_output("all_reduce", &**output, input.dtype(), input.shape())?;
+        **output = self.all_reduce(input, op)?;
+        Ok(())
+    }
+    fn all_gather_into(
+        &self,
+        input: &&TpuTensor,
+        output: &mut &mut TpuTensor,
+        dim: isize,
+    ) -> Result<()> {
+        let shape = all_gather_shape(input.shape(), dim, self.world, "all_gather")?;
+        check_output("all_gather", &**output, input.dtype(), &shape)?;
+        **output = self.all_gather(input, dim)?;
+        Ok(())
+    }
+    fn all_gatherv_into(
+        &self,
+        input: &&TpuTensor,
+        output: &mut &mut TpuTensor,
+        dim: isize,
+        sizes: &[usize],
+    ) -> Result<()> {
+        let shape = all_gatherv_shape(input.shape(), dim, sizes, self.world, self.rank)?;
+        check_output("all_gatherv", &**output, input.dtype(), &shape)?;
+        **output = self.all_gatherv(input, dim, sizes)?;
+        Ok(())
+    }
+    fn reduce_scatter_into(
+        &self,
+        input: &&TpuTensor,
+        output: &mut &mut TpuTensor,
+        dim: isize,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let shape = reduce_scatter_shape(input.shape(), dim, self.world)?;
+        check_output("reduce_scatter", &**output, input.dtype(), &shape)?;
+        **output = self.reduce_scatter(input, dim, op)?;
+        Ok(())
+    }
+    fn reduce_scatterv_into(
+        &self,
+        input: &&TpuTensor,
+        output: &mut &mut TpuTensor,
+        dim: isize,
+        sizes: &[usize],
+        op: ReduceOp,
+    ) -> Result<()> {
+        let d = check_collective_dim(input.shape(), dim, "reduce_scatterv")?;
+        let shape = reduce_scatterv_shape(input.shape(), d, sizes, self.world, self.rank)?;
+        check_output("reduce_scatterv", &**output, input.dtype(), &shape)?;
+        **output = self.reduce_scatterv(input, dim, sizes, op)?;
+        Ok(())
+    }
+    fn gather_into(
+        &self,
+        input: &&TpuTensor,
+        output: Option<&mut &mut TpuTensor>,
+        dst: usize,
+        dim: isize,
+    ) -> Result<()> {
+        dist_core::ensure_arg!(
+            output.is_some() == (self.rank == dst),
+            "gather to {dst}: only the destination passes an output"
+        );
+        if let Some(o) = &output {
+            let shape = all_gather_shape(input.shape(), dim, self.world, "gather")?;
+            check_output("gather", &***o, input.dtype(), &shape)?;
+        }
+        let g = self.gather(input, dst, dim)?;
+        if let (Some(o), Some(g)) = (output, g) {
+            **o = g;
+        }
+        Ok(())
+    }
+    /// Each pair in one global order (peers ascending; the lower rank sends first), since a
+    /// send and its receive run one collective-permute program together.
+    fn batch_send_recv(&self, ops: &mut [P2pOp<'_, &TpuTensor, &mut TpuTensor>]) -> Result<()> {
+        let mut peers: Vec<usize> = ops.iter().map(|o| o.peer()).collect();
+        peers.sort_unstable();
+        peers.dedup();
+        for p in peers {
+            for phase in 0..2 {
+                let sending = (phase == 0) == (self.rank < p);
+                for o in ops.iter_mut().filter(|o| o.peer() == p) {
+                    match o {
+                        P2pOp::Send(t, _) if sending => self.send(t, p)?,
+                        P2pOp::Recv(t, _) if !sending => self.recv(t, p)?,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    fn all_to_all_v_into(
+        &self,
+        input: &&TpuTensor,
+        send_counts: &[usize],
+        output: &mut &mut TpuTensor,
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        check_all_to_all_v(*input, send_counts, &**output, recv_counts, self.world)?;
+        if self.world == 1 {
+            return Self::copy(input, output);
+        }
+        Err(Error::unsupported(
+            "all_to_all_v on PJRT: StableHLO's all_to_all needs equal splits; use the all-gather / reduce-scatter MoE path",
+        ))
+    }
     fn destroy(&self) -> Result<()> {
         self.destroyed.store(true, Ordering::Release);
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();

@@ -82,7 +82,8 @@ impl HostGroup for ShmHostGroup {
     fn barrier(&self) -> Result<()> {
         // Every rank publishes its data and waits for everyone's: a barrier.
         let mut t = HostTensor::zeros(DType::U8, &[1]);
-        self.comm.all_reduce_in_place(&mut t, ReduceOp::Max)
+        self.comm
+            .all_reduce_in_place(&mut t.view_mut(), ReduceOp::Max)
     }
 
     fn broadcast_bytes(&self, data: Option<&[u8]>, src: usize) -> Result<Vec<u8>> {
@@ -97,14 +98,14 @@ impl HostGroup for ShmHostGroup {
             self.check_len(mine.len() as u64, src, "broadcast")?;
         }
         let mut len = u64_tensor(mine.len() as u64)?;
-        self.comm.broadcast(&mut len, src)?;
+        self.comm.broadcast(&mut len.view_mut(), src)?;
         let n = self.check_len(len.as_slice::<u64>()?[0], src, "broadcast")?;
         let mut t = if me {
             HostTensor::from_slice(&[n], mine)?
         } else {
             HostTensor::zeros(DType::U8, &[n])
         };
-        self.comm.broadcast(&mut t, src)?;
+        self.comm.broadcast(&mut t.view_mut(), src)?;
         Ok(t.as_bytes().to_vec())
     }
 

@@ -37,11 +37,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use dist_core::communicator::{check_collective_dim, reduce_scatterv_shape};
-use dist_core::tensor::with_dim;
+use std::sync::Arc;
+
+use dist_core::communicator::{
+    all_gatherv_shape, check_all_to_all_v, check_collective_dim, check_output, ensure_reducible,
+    host_copy, reduce_scatter_shape, reduce_scatterv_shape, P2pOp,
+};
 use dist_core::{
-    reduce_bytes, DType, Device, DeviceCommunicator, Error, HostGroup, HostGroupExt, HostTensor,
-    ReduceOp, Result,
+    reduce_bytes, DType, Device, DeviceCommunicator, Error, HostGroup, HostGroupExt, HostPool,
+    HostTensor, HostView, HostViewMut, ReduceOp, Result, Tensor,
 };
 
 use crate::shm::{remove_stale_segments, WaitOutcome};
@@ -174,6 +178,8 @@ pub struct ShmCommunicator {
     segs: Vec<RankSeg>,
     pid: u32,
     pool: Pool,
+    /// Outputs of the owned (allocating) calls, kept touched between calls.
+    buffers: Arc<HostPool>,
     timeout_ns: AtomicU64,
     state: Mutex<OpState>,
 }
@@ -256,16 +262,6 @@ fn dtype_code(d: DType) -> u64 {
         .unwrap_or(usize::MAX) as u64
 }
 
-fn ensure_reducible(dtype: DType, what: &str) -> Result<()> {
-    if dtype.is_reducible() {
-        Ok(())
-    } else {
-        Err(Error::unsupported(format!(
-            "{what}: {dtype} cannot be reduced on the host (fp8 is moved as bytes only; convert to f16/bf16/f32 first)"
-        )))
-    }
-}
-
 /// `buf` cut as [`share`] cuts it into `t` pieces, each behind its own (uncontended) lock so
 /// pool members can take theirs.
 fn split_mut(buf: &mut [u8], t: usize) -> Vec<Mutex<&mut [u8]>> {
@@ -285,6 +281,65 @@ fn split_mut(buf: &mut [u8], t: usize) -> Vec<Mutex<&mut [u8]>> {
 fn slice_of(len: usize, n: usize, p: usize) -> (usize, usize) {
     let per = len.div_ceil(n).div_ceil(64) * 64;
     ((p * per).min(len), ((p + 1) * per).min(len))
+}
+
+/// A message on its way out: its chunks go through our slots for `dst`.
+struct Outgoing<'d> {
+    dst: usize,
+    data: &'d [u8],
+    dtype: DType,
+    /// Next chunk to publish.
+    next: usize,
+    chunks: usize,
+}
+
+impl<'d> Outgoing<'d> {
+    fn new(dst: usize, data: &'d [u8], dtype: DType, slot: usize) -> Self {
+        Outgoing {
+            dst,
+            data,
+            dtype,
+            next: 0,
+            chunks: data.len().div_ceil(slot).max(1),
+        }
+    }
+    fn done(&self) -> bool {
+        self.next >= self.chunks
+    }
+}
+
+/// Where an incoming message goes: the caller's buffer of the exact size, or a new vector of at
+/// most the given bytes.
+enum Target<'d> {
+    Into(&'d mut [u8]),
+    Owned(Option<Vec<u8>>, usize),
+}
+
+/// A message on its way in from `src`.
+struct Incoming<'d> {
+    src: usize,
+    target: Target<'d>,
+    dtype: DType,
+    /// Next chunk to take, and the message's size (from its first chunk).
+    next: u64,
+    total: u64,
+    done: bool,
+    /// Why the message does not fit the receiver (it is drained all the same).
+    mismatch: Option<String>,
+}
+
+impl<'d> Incoming<'d> {
+    fn new(src: usize, target: Target<'d>, dtype: DType) -> Self {
+        Incoming {
+            src,
+            target,
+            dtype,
+            next: 0,
+            total: 0,
+            done: false,
+            mismatch: None,
+        }
+    }
 }
 
 impl ShmCommunicator {
@@ -396,6 +451,7 @@ impl ShmCommunicator {
             segs,
             pid: std::process::id(),
             pool: Pool::new(cfg.threads),
+            buffers: HostPool::new(HostPool::DEFAULT_LIMIT),
             timeout_ns: AtomicU64::new(timeout.as_nanos().min(u64::MAX as u128) as u64),
             state: Mutex::new(OpState {
                 round: 0,
@@ -553,17 +609,23 @@ impl ShmCommunicator {
         Ok((g % 2) as usize)
     }
 
-    /// All-reduce of `buf` (bytes of `dtype` elements) in place.
+    /// All-reduce into `buf` (bytes of `dtype` elements): of `input` when given (same length;
+    /// it is only read, in the first phase of each chunk), else of `buf` itself, in place.
     fn all_reduce_bytes(
         &self,
         st: &mut OpState,
         o: &Op,
+        input: Option<&[u8]>,
         buf: &mut [u8],
         dtype: DType,
         op: ReduceOp,
     ) -> Result<()> {
+        debug_assert!(input.map_or(true, |i| i.len() == buf.len()));
         if self.world == 1 {
             // A one-rank reduction is the identity for every op (avg divides by one exactly).
+            if let Some(i) = input {
+                buf.copy_from_slice(i);
+            }
             return Ok(());
         }
         let n = self.world;
@@ -582,7 +644,10 @@ impl ShmCommunicator {
                 1
             };
             {
-                let src = &buf[a..b];
+                let src = match input {
+                    Some(i) => &i[a..b],
+                    None => &buf[a..b],
+                };
                 self.pool_run(t, &|i| {
                     let (x, y) = share(len, t, i);
                     // SAFETY: every peer finished round g-2, the last reader of half h
@@ -827,42 +892,12 @@ impl ShmCommunicator {
         dtype: DType,
         dst: usize,
     ) -> Result<()> {
-        let slot = self.cfg.slot_bytes;
-        let chunks = data.len().div_ceil(slot).max(1);
-        let me = &self.segs[self.rank];
-        for i in 0..chunks {
-            let m = st.sent[dst];
-            let h = (m % 2) as usize;
-            if m >= 2 {
-                let me_r = self.rank;
-                self.wait_peer(
-                    o,
-                    dst,
-                    |hd| hd.acked[me_r].load(Ordering::Acquire) >= m - 1,
-                    || {
-                        format!(
-                            "waiting for rank {dst} to receive chunk {} of a {}-byte message",
-                            i,
-                            data.len()
-                        )
-                    },
-                )?;
-            }
-            let s = i * slot;
-            let e = (s + slot).min(data.len());
-            let hdr = SlotHeader {
-                total: data.len() as u64,
-                len: (e - s) as u64,
-                dtype: dtype_code(dtype),
-                index: i as u64,
-            };
-            // SAFETY: dst acknowledged chunk m-2, the last user of this slot half.
-            unsafe { me.write_slot(dst, h, hdr, &data[s..e]) };
-            st.sent[dst] = m + 1;
-            me.hdr().sent[dst].store(m + 1, Ordering::Release);
-            me.hdr().bell.ring();
-        }
-        Ok(())
+        self.p2p(
+            st,
+            o,
+            &mut [Outgoing::new(dst, data, dtype, self.cfg.slot_bytes)],
+            &mut [],
+        )
     }
 
     /// Receives one message from `src`. With `Some(buf)` the message must be `dtype` and exactly
@@ -872,87 +907,217 @@ impl ShmCommunicator {
         &self,
         st: &mut OpState,
         o: &Op,
-        mut buf: Option<&mut [u8]>,
+        buf: Option<&mut [u8]>,
         dtype: DType,
         src: usize,
         max: usize,
     ) -> Result<Option<Vec<u8>>> {
-        let slot = self.cfg.slot_bytes as u64;
-        let peer = &self.segs[src];
-        let mut owned: Option<Vec<u8>> = None;
-        let mut mismatch: Option<String> = None;
-        let mut total = 0u64;
-        let mut i = 0u64;
+        let target = match buf {
+            Some(b) => Target::Into(b),
+            None => Target::Owned(None, max),
+        };
+        let mut r = [Incoming::new(src, target, dtype)];
+        self.p2p(st, o, &mut [], &mut r)?;
+        let [r] = r;
+        if let Some(why) = r.mismatch {
+            return Err(Error::invalid(format!("{}: {why}", o.name)));
+        }
+        Ok(match r.target {
+            Target::Owned(v, _) => Some(v.unwrap_or_default()),
+            Target::Into(_) => None,
+        })
+    }
+
+    /// Moves every message of `sends` and `recvs` through the point-to-point slots, making
+    /// progress on whichever can move (so any pattern completes: a cycle of large messages
+    /// too). Messages to one peer go in list order, as do messages from one peer. Waits sleep on
+    /// this rank's doorbell, which peers ring when they publish a chunk or an acknowledgement for
+    /// it; a mismatched incoming message is drained and reported in its `mismatch`.
+    fn p2p(
+        &self,
+        st: &mut OpState,
+        o: &Op,
+        sends: &mut [Outgoing<'_>],
+        recvs: &mut [Incoming<'_>],
+    ) -> Result<()> {
         loop {
-            let m = st.recvd[src];
-            let h = (m % 2) as usize;
-            let me_r = self.rank;
-            self.wait_peer(
-                o,
-                src,
-                |hd| hd.sent[me_r].load(Ordering::Acquire) > m,
-                || format!("waiting for chunk {i} of a message from rank {src}"),
-            )?;
-            // SAFETY: src published chunk m in this slot half (sent > m, read with Acquire).
-            let sh = unsafe { peer.read_slot_header(self.rank, h) };
-            if i == 0 {
-                total = sh.total;
+            let mut moved = false;
+            let mut busy = vec![false; self.world];
+            for s in sends.iter_mut().filter(|s| !s.done()) {
+                if std::mem::replace(&mut busy[s.dst], true) {
+                    continue;
+                }
+                while !s.done() && self.try_send_chunk(st, s) {
+                    moved = true;
+                }
             }
-            let expect_len = total.saturating_sub(i * slot).min(slot);
-            if sh.index != i || sh.total != total || sh.len != expect_len {
-                return Err(Error::protocol(format!(
-                    "{}: bad chunk from rank {src}: {sh:?}, expected index {i} of a {total}-byte message",
-                    o.name
-                )));
+            busy.fill(false);
+            for r in recvs.iter_mut().filter(|r| !r.done) {
+                if std::mem::replace(&mut busy[r.src], true) {
+                    continue;
+                }
+                while !r.done && self.try_recv_chunk(st, o, r)? {
+                    moved = true;
+                }
             }
-            if i == 0 {
-                if sh.dtype != dtype_code(dtype) {
-                    let got = DType::ALL
-                        .get(sh.dtype as usize)
-                        .map(|d| d.to_string())
-                        .unwrap_or("?".into());
-                    mismatch = Some(format!(
-                        "rank {src} sent {got}, the receiver expects {dtype}"
+            let pending: Vec<usize> = sends
+                .iter()
+                .filter(|s| !s.done())
+                .map(|s| s.dst)
+                .chain(recvs.iter().filter(|r| !r.done).map(|r| r.src))
+                .collect();
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if moved {
+                continue;
+            }
+            let me = self.rank;
+            let ready = || {
+                let send_ready = sends.iter().filter(|s| !s.done()).any(|s| {
+                    let m = st.sent[s.dst];
+                    m < 2 || self.segs[s.dst].hdr().acked[me].load(Ordering::Acquire) >= m - 1
+                });
+                send_ready
+                    || recvs.iter().filter(|r| !r.done).any(|r| {
+                        self.segs[r.src].hdr().sent[me].load(Ordering::Acquire) > st.recvd[r.src]
+                    })
+            };
+            let outcome = self
+                .me()
+                .bell
+                .wait_until(o.deadline, POLL_EVERY, ready, || {
+                    pending.iter().try_for_each(|&p| self.check_peer(o, p))
+                })?;
+            if outcome == WaitOutcome::TimedOut {
+                let mut missing = pending.clone();
+                missing.sort_unstable();
+                missing.dedup();
+                let what: Vec<String> = sends
+                    .iter()
+                    .filter(|s| !s.done())
+                    .map(|s| {
+                        format!(
+                            "rank {} to receive chunk {} of {} of a {}-byte message",
+                            s.dst,
+                            s.next,
+                            s.chunks,
+                            s.data.len()
+                        )
+                    })
+                    .chain(
+                        recvs
+                            .iter()
+                            .filter(|r| !r.done)
+                            .map(|r| format!("chunk {} of a message from rank {}", r.next, r.src)),
+                    )
+                    .collect();
+                return Err(Error::Timeout {
+                    op: o.name.clone(),
+                    waited: o.start.elapsed(),
+                    missing_ranks: missing,
+                    detail: format!("waiting for {}", what.join(", ")),
+                });
+            }
+        }
+    }
+
+    /// Publishes the next chunk of `s` if the slot half it needs is free; true if it did.
+    fn try_send_chunk(&self, st: &mut OpState, s: &mut Outgoing<'_>) -> bool {
+        let slot = self.cfg.slot_bytes;
+        let (dst, m) = (s.dst, st.sent[s.dst]);
+        let peer = self.segs[dst].hdr();
+        if m >= 2 && peer.acked[self.rank].load(Ordering::Acquire) < m - 1 {
+            return false;
+        }
+        let i = s.next;
+        let start = i * slot;
+        let end = (start + slot).min(s.data.len());
+        let hdr = SlotHeader {
+            total: s.data.len() as u64,
+            len: (end - start) as u64,
+            dtype: dtype_code(s.dtype),
+            index: i as u64,
+        };
+        let me = &self.segs[self.rank];
+        // SAFETY: dst acknowledged chunk m-2, the last user of this slot half (checked above).
+        unsafe { me.write_slot(dst, (m % 2) as usize, hdr, &s.data[start..end]) };
+        st.sent[dst] = m + 1;
+        me.hdr().sent[dst].store(m + 1, Ordering::Release);
+        me.hdr().bell.ring();
+        peer.bell.ring();
+        s.next += 1;
+        true
+    }
+
+    /// Takes the next chunk of `r` if its sender published it; true if it did.
+    fn try_recv_chunk(&self, st: &mut OpState, o: &Op, r: &mut Incoming<'_>) -> Result<bool> {
+        let slot = self.cfg.slot_bytes as u64;
+        let (src, m) = (r.src, st.recvd[r.src]);
+        let peer = &self.segs[src];
+        if peer.hdr().sent[self.rank].load(Ordering::Acquire) <= m {
+            return Ok(false);
+        }
+        let h = (m % 2) as usize;
+        let i = r.next;
+        // SAFETY: src published chunk m in this slot half (sent > m, read with Acquire).
+        let sh = unsafe { peer.read_slot_header(self.rank, h) };
+        if i == 0 {
+            r.total = sh.total;
+        }
+        let expect_len = r.total.saturating_sub(i * slot).min(slot);
+        if sh.index != i || sh.total != r.total || sh.len != expect_len {
+            return Err(Error::protocol(format!(
+                "{}: bad chunk from rank {src}: {sh:?}, expected index {i} of a {}-byte message",
+                o.name, r.total
+            )));
+        }
+        if i == 0 {
+            if sh.dtype != dtype_code(r.dtype) {
+                let got = DType::ALL
+                    .get(sh.dtype as usize)
+                    .map(|d| d.to_string())
+                    .unwrap_or("?".into());
+                r.mismatch = Some(format!(
+                    "rank {src} sent {got}, the receiver expects {}",
+                    r.dtype
+                ));
+            }
+            match &mut r.target {
+                Target::Into(b) if b.len() as u64 != r.total => {
+                    r.mismatch.get_or_insert(format!(
+                        "rank {src} sent {} bytes, the receiving tensor holds {}",
+                        r.total,
+                        b.len()
                     ));
                 }
-                match buf.as_deref() {
-                    Some(b) if b.len() as u64 != total => {
-                        mismatch.get_or_insert(format!(
-                            "rank {src} sent {total} bytes, the receiving tensor holds {}",
-                            b.len()
-                        ));
-                    }
-                    None if total > max as u64 => {
-                        mismatch.get_or_insert(format!(
-                            "rank {src} sent {total} bytes, more than the cap of {max}"
-                        ));
-                    }
-                    None => owned = Some(Vec::with_capacity(total as usize)),
-                    _ => {}
+                Target::Owned(_, max) if r.total > *max as u64 => {
+                    r.mismatch.get_or_insert(format!(
+                        "rank {src} sent {} bytes, more than the cap of {max}",
+                        r.total
+                    ));
                 }
-            }
-            if mismatch.is_none() {
-                // SAFETY: published as above; the slice is dropped before we acknowledge.
-                let data = unsafe { peer.read_slot(self.rank, h, sh.len as usize) };
-                let off = (i * slot) as usize;
-                match (buf.as_deref_mut(), owned.as_mut()) {
-                    (Some(b), _) => b[off..off + data.len()].copy_from_slice(data),
-                    (None, Some(v)) => v.extend_from_slice(data),
-                    (None, None) => {}
-                }
-            }
-            st.recvd[src] = m + 1;
-            self.me().acked[src].store(m + 1, Ordering::Release);
-            self.me().bell.ring();
-            i += 1;
-            if i * slot >= total {
-                break;
+                Target::Owned(v, _) => *v = Some(Vec::with_capacity(r.total as usize)),
+                Target::Into(_) => {}
             }
         }
-        match mismatch {
-            Some(why) => Err(Error::invalid(format!("{}: {why}", o.name))),
-            None => Ok(owned),
+        if r.mismatch.is_none() {
+            // SAFETY: published as above; the slice is dropped before we acknowledge.
+            let data = unsafe { peer.read_slot(self.rank, h, sh.len as usize) };
+            let off = (i * slot) as usize;
+            match &mut r.target {
+                Target::Into(b) => b[off..off + data.len()].copy_from_slice(data),
+                Target::Owned(Some(v), _) => v.extend_from_slice(data),
+                Target::Owned(None, _) => {}
+            }
         }
+        st.recvd[src] = m + 1;
+        self.me().acked[src].store(m + 1, Ordering::Release);
+        self.me().bell.ring();
+        peer.hdr().bell.ring();
+        r.next += 1;
+        r.done = r.next * slot >= r.total;
+        Ok(true)
     }
 
     fn check_rank(&self, r: usize, what: &str) -> Result<()> {
@@ -1030,31 +1195,33 @@ impl ShmCommunicator {
         })
     }
 
-    /// The [`DeviceCommunicator::all_gatherv`] that also serves `all_gather` and `gather`.
-    fn gather_impl(
+    /// All-gather (`out` for every rank) or gather (`out` for `dst` only) of `input` along `dim`
+    /// with per-rank lengths `sizes`, into the caller's output.
+    #[allow(clippy::too_many_arguments)]
+    fn gather_into_impl(
         &self,
         opname: &str,
-        input: &HostTensor,
+        input: &HostView<'_>,
+        out: Option<&mut HostViewMut<'_>>,
         dim: isize,
         sizes: &[usize],
         dst: Option<usize>,
-    ) -> Result<Option<HostTensor>> {
+    ) -> Result<()> {
+        let out_shape = all_gatherv_shape(input.shape(), dim, sizes, self.world, self.rank)?;
         let d = check_collective_dim(input.shape(), dim, opname)?;
-        crate::ensure_arg!(
-            sizes.len() == self.world,
-            "{opname}: {} sizes for world size {}",
-            sizes.len(),
-            self.world
-        );
-        crate::ensure_arg!(
-            input.shape()[d] == sizes[self.rank],
-            "{opname}: this rank's input has {} along dim {d}, sizes say {}",
-            input.shape()[d],
-            sizes[self.rank]
-        );
-        let out_shape = with_dim(input.shape(), d, sizes.iter().sum());
         let want = dst.map_or(true, |x| x == self.rank);
-        let mut out = want.then(|| HostTensor::zeros(input.dtype(), &out_shape));
+        let out = match (want, out) {
+            (true, Some(o)) => {
+                check_output(opname, o, input.dtype(), &out_shape)?;
+                Some(o)
+            }
+            (true, None) => {
+                return Err(Error::invalid(format!(
+                    "{opname}: this rank receives the result and passed no output"
+                )))
+            }
+            (false, _) => None,
+        };
         self.run(opname, |st, o| {
             self.gather_bytes(
                 st,
@@ -1064,16 +1231,29 @@ impl ShmCommunicator {
                 d,
                 sizes,
                 input.dtype().size(),
-                out.as_mut().map(|t| t.as_bytes_mut()),
+                out.map(|t| t.as_bytes_mut()),
             )
-        })?;
-        Ok(out)
+        })
     }
 }
 
 impl DeviceCommunicator for ShmCommunicator {
     type Tensor = HostTensor;
+    type View<'a> = HostView<'a>;
+    type ViewMut<'a> = HostViewMut<'a>;
 
+    fn view(t: &HostTensor) -> HostView<'_> {
+        t.view()
+    }
+    fn view_mut(t: &mut HostTensor) -> HostViewMut<'_> {
+        t.view_mut()
+    }
+    fn copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
+        host_copy(src, dst)
+    }
+    fn narrow<'a>(v: &Self::View<'a>, start: usize, len: usize) -> Result<Self::View<'a>> {
+        v.narrow(start, len)
+    }
     fn rank(&self) -> usize {
         self.rank
     }
@@ -1095,58 +1275,85 @@ impl DeviceCommunicator for ShmCommunicator {
     fn empty(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
         Ok(HostTensor::zeros(dtype, shape))
     }
-
-    fn all_reduce(&self, input: &HostTensor, op: ReduceOp) -> Result<HostTensor> {
-        ensure_reducible(input.dtype(), "all_reduce")?;
-        let mut out = input.clone();
-        self.all_reduce_in_place(&mut out, op)?;
-        Ok(out)
+    fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
+        self.buffers.tensor(dtype, shape)
     }
 
-    fn all_reduce_in_place(&self, tensor: &mut HostTensor, op: ReduceOp) -> Result<()> {
-        ensure_reducible(tensor.dtype(), "all_reduce")?;
-        let dtype = tensor.dtype();
+    fn all_reduce_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        op: ReduceOp,
+    ) -> Result<()> {
+        ensure_reducible(input.dtype(), "all_reduce")?;
+        check_output("all_reduce", output, input.dtype(), input.shape())?;
+        let dtype = input.dtype();
         self.run("all_reduce", |st, o| {
-            self.all_reduce_bytes(st, o, tensor.as_bytes_mut(), dtype, op)
+            self.all_reduce_bytes(
+                st,
+                o,
+                Some(input.as_bytes()),
+                output.as_bytes_mut(),
+                dtype,
+                op,
+            )
         })
     }
 
-    fn all_gather(&self, input: &HostTensor, dim: isize) -> Result<HostTensor> {
+    fn all_reduce_in_place(&self, tensor: &mut HostViewMut<'_>, op: ReduceOp) -> Result<()> {
+        ensure_reducible(tensor.dtype(), "all_reduce")?;
+        let dtype = tensor.dtype();
+        self.run("all_reduce", |st, o| {
+            self.all_reduce_bytes(st, o, None, tensor.as_bytes_mut(), dtype, op)
+        })
+    }
+
+    fn all_gather_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        dim: isize,
+    ) -> Result<()> {
         let d = check_collective_dim(input.shape(), dim, "all_gather")?;
         let sizes = vec![input.shape()[d]; self.world];
-        let out = self.gather_impl("all_gather", input, dim, &sizes, None)?;
-        out.ok_or_else(|| Error::invalid("all_gather produced no output"))
+        self.gather_into_impl("all_gather", input, Some(output), dim, &sizes, None)
     }
 
-    fn all_gatherv(&self, input: &HostTensor, dim: isize, sizes: &[usize]) -> Result<HostTensor> {
-        let out = self.gather_impl("all_gatherv", input, dim, sizes, None)?;
-        out.ok_or_else(|| Error::invalid("all_gatherv produced no output"))
-    }
-
-    fn reduce_scatter(&self, input: &HostTensor, dim: isize, op: ReduceOp) -> Result<HostTensor> {
-        let d = check_collective_dim(input.shape(), dim, "reduce_scatter")?;
-        let len = input.shape()[d];
-        crate::ensure_arg!(
-            len % self.world == 0,
-            "reduce_scatter: dim {d} of shape {:?} is not divisible by world size {}",
-            input.shape(),
-            self.world
-        );
-        let sizes = vec![len / self.world; self.world];
-        self.reduce_scatterv(input, dim, &sizes, op)
-    }
-
-    fn reduce_scatterv(
+    fn all_gatherv_into(
         &self,
-        input: &HostTensor,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        dim: isize,
+        sizes: &[usize],
+    ) -> Result<()> {
+        self.gather_into_impl("all_gatherv", input, Some(output), dim, sizes, None)
+    }
+
+    fn reduce_scatter_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        dim: isize,
+        op: ReduceOp,
+    ) -> Result<()> {
+        reduce_scatter_shape(input.shape(), dim, self.world)?;
+        let d = check_collective_dim(input.shape(), dim, "reduce_scatter")?;
+        let sizes = vec![input.shape()[d] / self.world; self.world];
+        self.reduce_scatterv_into(input, output, dim, &sizes, op)
+    }
+
+    fn reduce_scatterv_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
         dim: isize,
         sizes: &[usize],
         op: ReduceOp,
-    ) -> Result<HostTensor> {
+    ) -> Result<()> {
         ensure_reducible(input.dtype(), "reduce_scatter")?;
         let d = check_collective_dim(input.shape(), dim, "reduce_scatterv")?;
         let out_shape = reduce_scatterv_shape(input.shape(), d, sizes, self.world, self.rank)?;
-        let mut out = HostTensor::zeros(input.dtype(), &out_shape);
+        check_output("reduce_scatter", output, input.dtype(), &out_shape)?;
         self.run("reduce_scatter", |st, o| {
             self.reduce_scatter_bytes(
                 st,
@@ -1157,39 +1364,124 @@ impl DeviceCommunicator for ShmCommunicator {
                 sizes,
                 input.dtype(),
                 op,
-                out.as_bytes_mut(),
+                output.as_bytes_mut(),
             )
-        })?;
-        Ok(out)
+        })
     }
 
-    fn gather(&self, input: &HostTensor, dst: usize, dim: isize) -> Result<Option<HostTensor>> {
+    fn gather_into(
+        &self,
+        input: &HostView<'_>,
+        output: Option<&mut HostViewMut<'_>>,
+        dst: usize,
+        dim: isize,
+    ) -> Result<()> {
         self.check_rank(dst, "gather dst")?;
         let d = check_collective_dim(input.shape(), dim, "gather")?;
         let sizes = vec![input.shape()[d]; self.world];
-        self.gather_impl("gather", input, dim, &sizes, Some(dst))
+        self.gather_into_impl("gather", input, output, dim, &sizes, Some(dst))
     }
 
-    fn broadcast(&self, tensor: &mut HostTensor, src: usize) -> Result<()> {
+    fn broadcast(&self, tensor: &mut HostViewMut<'_>, src: usize) -> Result<()> {
         self.check_rank(src, "broadcast src")?;
         self.run("broadcast", |st, o| {
             self.broadcast_bytes(st, o, tensor.as_bytes_mut(), src)
         })
     }
 
-    fn send(&self, tensor: &HostTensor, dst: usize) -> Result<()> {
+    fn send(&self, tensor: &HostView<'_>, dst: usize) -> Result<()> {
         self.check_peer_rank(dst, "send dst")?;
         self.run("send", |st, o| {
             self.send_message(st, o, tensor.as_bytes(), tensor.dtype(), dst)
         })
     }
 
-    fn recv(&self, tensor: &mut HostTensor, src: usize) -> Result<()> {
+    fn recv(&self, tensor: &mut HostViewMut<'_>, src: usize) -> Result<()> {
         self.check_peer_rank(src, "recv src")?;
         let dtype = tensor.dtype();
         self.run("recv", |st, o| {
             self.recv_message(st, o, Some(tensor.as_bytes_mut()), dtype, src, 0)
                 .map(|_| ())
+        })
+    }
+
+    fn batch_send_recv(&self, ops: &mut [P2pOp<'_, HostView<'_>, HostViewMut<'_>>]) -> Result<()> {
+        for op in ops.iter() {
+            self.check_peer_rank(op.peer(), "batch_send_recv peer")?;
+        }
+        let slot = self.cfg.slot_bytes;
+        let mut sends = Vec::new();
+        let mut recvs = Vec::new();
+        for op in ops.iter_mut() {
+            match op {
+                P2pOp::Send(t, p) => sends.push(Outgoing::new(*p, t.as_bytes(), t.dtype(), slot)),
+                P2pOp::Recv(t, p) => {
+                    let dtype = t.dtype();
+                    recvs.push(Incoming::new(*p, Target::Into(t.as_bytes_mut()), dtype))
+                }
+            }
+        }
+        self.run("batch_send_recv", |st, o| {
+            self.p2p(st, o, &mut sends, &mut recvs)?;
+            match recvs.iter().find_map(|r| r.mismatch.as_ref()) {
+                Some(why) => Err(Error::invalid(format!("{}: {why}", o.name))),
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn all_to_all_v_into(
+        &self,
+        input: &HostView<'_>,
+        send_counts: &[usize],
+        output: &mut HostViewMut<'_>,
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        let row = check_all_to_all_v(input, send_counts, output, recv_counts, self.world)?;
+        let (me, slot, dtype) = (self.rank, self.cfg.slot_bytes, input.dtype());
+        // Every pair exchanges a message, empty ones too, so counts that disagree between two
+        // ranks are a size mismatch, not a hang.
+        let mut sends = Vec::with_capacity(self.world);
+        let mut off = 0;
+        let src = input.as_bytes();
+        let mut own_in = 0..0;
+        for (p, &c) in send_counts.iter().enumerate() {
+            let part = off..off + c * row;
+            off += c * row;
+            if p == me {
+                own_in = part;
+            } else {
+                sends.push(Outgoing::new(p, &src[part], dtype, slot));
+            }
+        }
+        let mut recvs = Vec::with_capacity(self.world);
+        let mut rest = output.as_bytes_mut();
+        let mut own_out: &mut [u8] = &mut [];
+        for (p, &c) in recv_counts.iter().enumerate() {
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut(c * row);
+            rest = tail;
+            if p == me {
+                own_out = part;
+            } else {
+                recvs.push(Incoming::new(p, Target::Into(part), dtype));
+            }
+        }
+        crate::ensure_arg!(
+            own_in.len() == own_out.len(),
+            "all_to_all_v: this rank sends itself {} rows and expects {}",
+            send_counts[me],
+            recv_counts[me]
+        );
+        own_out.copy_from_slice(&src[own_in]);
+        if self.world == 1 {
+            return Ok(());
+        }
+        self.run("all_to_all_v", |st, o| {
+            self.p2p(st, o, &mut sends, &mut recvs)?;
+            match recvs.iter().find_map(|r| r.mismatch.as_ref()) {
+                Some(why) => Err(Error::invalid(format!("{}: {why}", o.name))),
+                None => Ok(()),
+            }
         })
     }
 
@@ -1203,6 +1495,7 @@ impl DeviceCommunicator for ShmCommunicator {
             h.state.0.store(STATE_CLOSED, Ordering::Release);
         }
         h.bell.ring();
+        self.buffers.close();
         Ok(())
     }
 }
@@ -1260,10 +1553,10 @@ mod tests {
                 None
             } else {
                 let mut x = HostTensor::zeros(DType::F32, &[4]);
-                let e1 = c.recv(&mut x, 0).unwrap_err();
+                let e1 = c.recv(&mut x.view_mut(), 0).unwrap_err();
                 g.barrier().unwrap();
                 // The communicator is now unusable rather than out of step.
-                let e2 = c.recv(&mut x, 0).unwrap_err();
+                let e2 = c.recv(&mut x.view_mut(), 0).unwrap_err();
                 Some((e1, e2))
             }
         });

@@ -14,10 +14,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use dist_core::communicator::{check_collective_dim, reduce_scatterv_shape};
-use dist_core::tensor::{concat_along, split_along, split_dims, with_dim};
+use dist_core::communicator::{
+    all_gatherv_shape, check_all_to_all_v, check_collective_dim, check_output, ensure_reducible,
+    host_copy, reduce_scatter_shape, reduce_scatterv_shape, P2pOp,
+};
+use dist_core::tensor::{concat_along_into, split_along, split_dims};
 use dist_core::{
-    DType, Device, DeviceCommunicator, Element, Error, HostTensor, ReduceOp, Result, Store,
+    DType, Device, DeviceCommunicator, Element, Error, HostPool, HostTensor, HostView, HostViewMut,
+    ReduceOp, Result, Store,
 };
 
 type SinkFn = unsafe extern "C" fn(*mut c_void, *const c_char, usize);
@@ -213,6 +217,8 @@ pub struct GlooCommunicator {
     world: usize,
     timeout_ns: AtomicU64,
     inner: Mutex<Inner>,
+    /// Outputs of the owned calls and the reduce-scatter's temporaries, kept touched.
+    buffers: Arc<HostPool>,
 }
 
 impl std::fmt::Debug for GlooCommunicator {
@@ -296,6 +302,7 @@ impl GlooCommunicator {
             rank,
             world,
             timeout_ns: AtomicU64::new(timeout.as_nanos().min(u64::MAX as u128) as u64),
+            buffers: HostPool::new(HostPool::DEFAULT_LIMIT),
             inner: Mutex::new(Inner {
                 ctx,
                 sent: vec![0; world],
@@ -344,7 +351,7 @@ impl GlooCommunicator {
         }
     }
 
-    fn all_reduce_raw(&self, t: &mut HostTensor, op: ReduceOp) -> Result<()> {
+    fn all_reduce_raw(&self, t: &mut HostViewMut<'_>, op: ReduceOp) -> Result<()> {
         crate::ensure_arg!(
             t.dtype().is_reducible(),
             "all_reduce: {} cannot be reduced (fp8 is moved as bytes only)",
@@ -358,7 +365,7 @@ impl GlooCommunicator {
                 _ => t.as_slice::<bf16>()?.iter().map(|x| x.to_f32()).collect(),
             };
             let mut w = HostTensor::from_vec(t.shape(), wide)?;
-            self.all_reduce_raw(&mut w, op)?;
+            self.all_reduce_raw(&mut w.view_mut(), op)?;
             let ws = w.as_slice::<f32>()?;
             match t.dtype() {
                 DType::F16 => {
@@ -435,162 +442,43 @@ impl GlooCommunicator {
         Ok(out)
     }
 
-    fn gatherv(
+    /// All-gather of `input` along `dim` with per-rank lengths `sizes` into `output` (any rank
+    /// may pass `None`: it takes part and keeps nothing, as a gather's non-destination does).
+    fn gatherv_into(
         &self,
-        input: &HostTensor,
+        input: &HostView<'_>,
+        output: Option<&mut HostViewMut<'_>>,
         dim: isize,
         sizes: &[usize],
         op: &str,
-    ) -> Result<HostTensor> {
+    ) -> Result<()> {
+        let out_shape = all_gatherv_shape(input.shape(), dim, sizes, self.world, self.rank)?;
         let d = check_collective_dim(input.shape(), dim, op)?;
-        crate::ensure_arg!(
-            sizes.len() == self.world,
-            "{op}: {} sizes for world {}",
-            sizes.len(),
-            self.world
-        );
-        crate::ensure_arg!(
-            input.shape()[d] == sizes[self.rank],
-            "{op}: this rank has {} along dim {d}, sizes say {}",
-            input.shape()[d],
-            sizes[self.rank]
-        );
+        if let Some(o) = &output {
+            check_output(op, *o, input.dtype(), &out_shape)?;
+        }
         let el = input.dtype().size();
         let (outer, _, inner) = split_dims(input.shape(), d);
         let counts: Vec<usize> = sizes.iter().map(|s| outer * s * inner * el).collect();
         let flat = self.gather_raw(input.as_bytes(), &counts)?;
-        let mut parts = Vec::with_capacity(self.world);
-        let mut off = 0;
-        for c in &counts {
-            parts.push(&flat[off..off + c]);
-            off += c;
+        if let Some(o) = output {
+            let mut parts = Vec::with_capacity(self.world);
+            let mut off = 0;
+            for c in &counts {
+                parts.push(&flat[off..off + c]);
+                off += c;
+            }
+            concat_along_into(o.as_bytes_mut(), &parts, &out_shape, d, sizes, el)?;
         }
-        let bytes = concat_along(&parts, input.shape(), d, sizes, el)?;
-        HostTensor::from_bytes(
-            input.dtype(),
-            &with_dim(input.shape(), d, sizes.iter().sum()),
-            &bytes,
-        )
+        Ok(())
     }
 
-    fn slot(&self, src: usize, dst: usize, seq: u64) -> u64 {
-        (1u64 << 56) | ((seq & 0xff_ffff_ffff) << 16) ^ ((src as u64) << 8 | dst as u64)
-    }
-}
-
-fn msg(err: &[c_char]) -> String {
-    let bytes: Vec<u8> = err
-        .iter()
-        .take_while(|c| **c != 0)
-        .map(|c| *c as u8)
-        .collect();
-    String::from_utf8_lossy(&bytes).into_owned()
-}
-
-impl DeviceCommunicator for GlooCommunicator {
-    type Tensor = HostTensor;
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn world_size(&self) -> usize {
-        self.world
-    }
-    fn timeout(&self) -> Duration {
-        Duration::from_nanos(self.timeout_ns.load(Ordering::Relaxed))
-    }
-    fn set_timeout(&self, timeout: Duration) {
-        self.timeout_ns.store(
-            timeout.as_nanos().min(u64::MAX as u128) as u64,
-            Ordering::Relaxed,
-        );
-    }
-    fn device(&self) -> Device {
-        Device::CPU
-    }
-    fn empty(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
-        Ok(HostTensor::zeros(dtype, shape))
-    }
-    fn all_reduce(&self, input: &HostTensor, op: ReduceOp) -> Result<HostTensor> {
-        let mut t = input.clone();
-        self.all_reduce_raw(&mut t, op)?;
-        Ok(t)
-    }
-    fn all_reduce_in_place(&self, tensor: &mut HostTensor, op: ReduceOp) -> Result<()> {
-        self.all_reduce_raw(tensor, op)
-    }
-    fn all_gather(&self, input: &HostTensor, dim: isize) -> Result<HostTensor> {
-        let d = check_collective_dim(input.shape(), dim, "all_gather")?;
-        self.gatherv(
-            input,
-            dim,
-            &vec![input.shape()[d]; self.world],
-            "all_gather",
-        )
-    }
-    fn all_gatherv(&self, input: &HostTensor, dim: isize, sizes: &[usize]) -> Result<HostTensor> {
-        self.gatherv(input, dim, sizes, "all_gatherv")
-    }
-    fn reduce_scatter(&self, input: &HostTensor, dim: isize, op: ReduceOp) -> Result<HostTensor> {
-        let d = check_collective_dim(input.shape(), dim, "reduce_scatter")?;
-        let len = input.shape()[d];
-        crate::ensure_arg!(
-            len % self.world == 0,
-            "reduce_scatter: dim {d} of shape {:?} is not divisible by world size {}",
-            input.shape(),
-            self.world
-        );
-        self.reduce_scatterv(input, dim, &vec![len / self.world; self.world], op)
-    }
-    fn reduce_scatterv(
-        &self,
-        input: &HostTensor,
-        dim: isize,
-        sizes: &[usize],
-        op: ReduceOp,
-    ) -> Result<HostTensor> {
-        let d = check_collective_dim(input.shape(), dim, "reduce_scatterv")?;
-        let shape = reduce_scatterv_shape(input.shape(), d, sizes, self.world, self.rank)?;
-        let mut t = input.clone();
-        self.all_reduce_raw(&mut t, op)?;
-        let mut parts = split_along(t.as_bytes(), input.shape(), d, sizes, input.dtype().size())?;
-        HostTensor::from_bytes(input.dtype(), &shape, &parts.swap_remove(self.rank))
-    }
-    fn gather(&self, input: &HostTensor, dst: usize, dim: isize) -> Result<Option<HostTensor>> {
-        crate::ensure_arg!(
-            dst < self.world,
-            "gather dst {dst} out of range for world {}",
-            self.world
-        );
-        let all = self.all_gather(input, dim)?;
-        Ok((self.rank == dst).then_some(all))
-    }
-    fn broadcast(&self, tensor: &mut HostTensor, src: usize) -> Result<()> {
-        crate::ensure_arg!(
-            src < self.world,
-            "broadcast src {src} out of range for world {}",
-            self.world
-        );
-        if tensor.nbytes() == 0 || self.world == 1 {
-            return Ok(());
-        }
-        let g = self.lock("broadcast")?;
-        let ms = self.ms();
-        let n = tensor.nbytes();
-        let ptr = tensor.as_bytes_mut().as_mut_ptr() as *mut c_void;
-        // SAFETY: ptr holds n bytes; the context is locked.
-        self.call("broadcast", |e, el| unsafe {
-            dg_broadcast(g.ctx, ptr, n, src as c_int, ms, e, el)
-        })
-    }
-    fn send(&self, tensor: &HostTensor, dst: usize) -> Result<()> {
-        crate::ensure_arg!(
-            dst < self.world && dst != self.rank,
-            "send dst {dst}: not a peer"
-        );
+    /// One message to `dst`: a 16-byte header (size, dtype), then the bytes.
+    fn send_raw(&self, data: &[u8], dtype: DType, dst: usize) -> Result<()> {
         let mut g = self.lock("send")?;
         let seq = g.sent[dst];
         g.sent[dst] += 2;
-        let header = [tensor.nbytes() as u64, dtype_index(tensor.dtype())];
+        let header = [data.len() as u64, dtype_index(dtype)];
         let ms = self.ms();
         let (s0, s1) = (
             self.slot(self.rank, dst, seq),
@@ -610,13 +498,13 @@ impl DeviceCommunicator for GlooCommunicator {
                 el,
             )
         })?;
-        if tensor.nbytes() > 0 {
-            // SAFETY: the tensor's bytes; the context is locked.
+        if !data.is_empty() {
+            // SAFETY: the message's bytes; the context is locked.
             self.call("send", |e, el| unsafe {
                 dg_send(
                     ctx,
-                    tensor.as_bytes().as_ptr() as *const c_void,
-                    tensor.nbytes(),
+                    data.as_ptr() as *const c_void,
+                    data.len(),
                     dst as c_int,
                     s1,
                     ms,
@@ -627,11 +515,9 @@ impl DeviceCommunicator for GlooCommunicator {
         }
         Ok(())
     }
-    fn recv(&self, tensor: &mut HostTensor, src: usize) -> Result<()> {
-        crate::ensure_arg!(
-            src < self.world && src != self.rank,
-            "recv src {src}: not a peer"
-        );
+
+    /// One message from `src` into `buf`, whose size and dtype must be the sender's.
+    fn recv_raw(&self, buf: &mut [u8], dtype: DType, src: usize) -> Result<()> {
         let mut g = self.lock("recv")?;
         let seq = g.recvd[src];
         g.recvd[src] += 2;
@@ -655,21 +541,293 @@ impl DeviceCommunicator for GlooCommunicator {
                 el,
             )
         })?;
-        if header != [tensor.nbytes() as u64, dtype_index(tensor.dtype())] {
+        if header != [buf.len() as u64, dtype_index(dtype)] {
             return Err(Error::protocol(format!(
-                "{} recv from {src}: got {} bytes of dtype #{}, expected {} bytes of {}; the pair is out of step",
-                self.group, header[0], header[1], tensor.nbytes(), tensor.dtype()
+                "{} recv from {src}: got {} bytes of dtype #{}, expected {} bytes of {dtype}; the pair is out of step",
+                self.group, header[0], header[1], buf.len()
             )));
         }
-        if tensor.nbytes() > 0 {
-            let n = tensor.nbytes();
-            let ptr = tensor.as_bytes_mut().as_mut_ptr() as *mut c_void;
+        if !buf.is_empty() {
+            let n = buf.len();
+            let ptr = buf.as_mut_ptr() as *mut c_void;
             // SAFETY: ptr holds n bytes; the context is locked.
             self.call("recv", |e, el| unsafe {
                 dg_recv(ctx, ptr, n, src as c_int, s1, ms, e, el)
             })?;
         }
         Ok(())
+    }
+
+    /// Runs point-to-point messages in an order no pattern can deadlock on, although gloo's
+    /// sends wait for the matching receive: peers in ascending order, and with each peer the
+    /// lower rank sends first. Every rank's sequence is then consistent with one global order of
+    /// the pairs (by lower, then higher rank).
+    fn pairwise(
+        &self,
+        sends: &mut [(usize, &[u8], DType)],
+        recvs: &mut [(usize, &mut [u8], DType)],
+    ) -> Result<()> {
+        let mut peers: Vec<usize> = sends
+            .iter()
+            .map(|s| s.0)
+            .chain(recvs.iter().map(|r| r.0))
+            .collect();
+        peers.sort_unstable();
+        peers.dedup();
+        for p in peers {
+            for phase in 0..2 {
+                let send_now = (phase == 0) == (self.rank < p);
+                if send_now {
+                    for (_, d, t) in sends.iter().filter(|s| s.0 == p) {
+                        self.send_raw(d, *t, p)?;
+                    }
+                } else {
+                    for (_, b, t) in recvs.iter_mut().filter(|r| r.0 == p) {
+                        self.recv_raw(b, *t, p)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn slot(&self, src: usize, dst: usize, seq: u64) -> u64 {
+        (1u64 << 56) | ((seq & 0xff_ffff_ffff) << 16) ^ ((src as u64) << 8 | dst as u64)
+    }
+}
+
+fn msg(err: &[c_char]) -> String {
+    let bytes: Vec<u8> = err
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+impl DeviceCommunicator for GlooCommunicator {
+    type Tensor = HostTensor;
+    type View<'a> = HostView<'a>;
+    type ViewMut<'a> = HostViewMut<'a>;
+    fn view(t: &HostTensor) -> HostView<'_> {
+        t.view()
+    }
+    fn view_mut(t: &mut HostTensor) -> HostViewMut<'_> {
+        t.view_mut()
+    }
+    fn copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
+        host_copy(src, dst)
+    }
+    fn narrow<'a>(v: &Self::View<'a>, start: usize, len: usize) -> Result<Self::View<'a>> {
+        v.narrow(start, len)
+    }
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn timeout(&self) -> Duration {
+        Duration::from_nanos(self.timeout_ns.load(Ordering::Relaxed))
+    }
+    fn set_timeout(&self, timeout: Duration) {
+        self.timeout_ns.store(
+            timeout.as_nanos().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
+    }
+    fn device(&self) -> Device {
+        Device::CPU
+    }
+    fn empty(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
+        Ok(HostTensor::zeros(dtype, shape))
+    }
+    fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
+        self.buffers.tensor(dtype, shape)
+    }
+    fn all_reduce_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        op: ReduceOp,
+    ) -> Result<()> {
+        ensure_reducible(input.dtype(), "all_reduce")?;
+        check_output("all_reduce", output, input.dtype(), input.shape())?;
+        output.as_bytes_mut().copy_from_slice(input.as_bytes());
+        self.all_reduce_raw(output, op)
+    }
+    fn all_reduce_in_place(&self, tensor: &mut HostViewMut<'_>, op: ReduceOp) -> Result<()> {
+        self.all_reduce_raw(tensor, op)
+    }
+    fn all_gather_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        dim: isize,
+    ) -> Result<()> {
+        let d = check_collective_dim(input.shape(), dim, "all_gather")?;
+        let sizes = vec![input.shape()[d]; self.world];
+        self.gatherv_into(input, Some(output), dim, &sizes, "all_gather")
+    }
+    fn all_gatherv_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        dim: isize,
+        sizes: &[usize],
+    ) -> Result<()> {
+        self.gatherv_into(input, Some(output), dim, sizes, "all_gatherv")
+    }
+    fn reduce_scatter_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        dim: isize,
+        op: ReduceOp,
+    ) -> Result<()> {
+        reduce_scatter_shape(input.shape(), dim, self.world)?;
+        let d = check_collective_dim(input.shape(), dim, "reduce_scatter")?;
+        let sizes = vec![input.shape()[d] / self.world; self.world];
+        self.reduce_scatterv_into(input, output, dim, &sizes, op)
+    }
+    /// gloo's options API has no reduce-scatter: an all-reduce of the whole input (in a pooled
+    /// temporary), then this rank's part.
+    fn reduce_scatterv_into(
+        &self,
+        input: &HostView<'_>,
+        output: &mut HostViewMut<'_>,
+        dim: isize,
+        sizes: &[usize],
+        op: ReduceOp,
+    ) -> Result<()> {
+        ensure_reducible(input.dtype(), "reduce_scatterv")?;
+        let d = check_collective_dim(input.shape(), dim, "reduce_scatterv")?;
+        let shape = reduce_scatterv_shape(input.shape(), d, sizes, self.world, self.rank)?;
+        check_output("reduce_scatterv", output, input.dtype(), &shape)?;
+        let mut t = self.buffers.tensor(input.dtype(), input.shape())?;
+        t.as_bytes_mut().copy_from_slice(input.as_bytes());
+        self.all_reduce_raw(&mut t.view_mut(), op)?;
+        let mut parts = split_along(t.as_bytes(), input.shape(), d, sizes, input.dtype().size())?;
+        output
+            .as_bytes_mut()
+            .copy_from_slice(&parts.swap_remove(self.rank));
+        Ok(())
+    }
+    fn gather_into(
+        &self,
+        input: &HostView<'_>,
+        output: Option<&mut HostViewMut<'_>>,
+        dst: usize,
+        dim: isize,
+    ) -> Result<()> {
+        crate::ensure_arg!(
+            dst < self.world,
+            "gather dst {dst} out of range for world {}",
+            self.world
+        );
+        crate::ensure_arg!(
+            output.is_some() == (self.rank == dst),
+            "gather to {dst}: only the destination passes an output"
+        );
+        let d = check_collective_dim(input.shape(), dim, "gather")?;
+        let sizes = vec![input.shape()[d]; self.world];
+        self.gatherv_into(input, output, dim, &sizes, "gather")
+    }
+    fn broadcast(&self, tensor: &mut HostViewMut<'_>, src: usize) -> Result<()> {
+        crate::ensure_arg!(
+            src < self.world,
+            "broadcast src {src} out of range for world {}",
+            self.world
+        );
+        if tensor.nbytes() == 0 || self.world == 1 {
+            return Ok(());
+        }
+        let g = self.lock("broadcast")?;
+        let ms = self.ms();
+        let n = tensor.nbytes();
+        let ptr = tensor.as_bytes_mut().as_mut_ptr() as *mut c_void;
+        // SAFETY: ptr holds n bytes; the context is locked.
+        self.call("broadcast", |e, el| unsafe {
+            dg_broadcast(g.ctx, ptr, n, src as c_int, ms, e, el)
+        })
+    }
+    fn send(&self, tensor: &HostView<'_>, dst: usize) -> Result<()> {
+        crate::ensure_arg!(
+            dst < self.world && dst != self.rank,
+            "send dst {dst}: not a peer"
+        );
+        self.send_raw(tensor.as_bytes(), tensor.dtype(), dst)
+    }
+    fn recv(&self, tensor: &mut HostViewMut<'_>, src: usize) -> Result<()> {
+        crate::ensure_arg!(
+            src < self.world && src != self.rank,
+            "recv src {src}: not a peer"
+        );
+        let dtype = tensor.dtype();
+        self.recv_raw(tensor.as_bytes_mut(), dtype, src)
+    }
+    fn batch_send_recv(&self, ops: &mut [P2pOp<'_, HostView<'_>, HostViewMut<'_>>]) -> Result<()> {
+        let mut sends = Vec::new();
+        let mut recvs = Vec::new();
+        for op in ops.iter_mut() {
+            let p = op.peer();
+            crate::ensure_arg!(
+                p < self.world && p != self.rank,
+                "batch_send_recv peer {p}: not a peer"
+            );
+            match op {
+                P2pOp::Send(t, _) => sends.push((p, t.as_bytes(), t.dtype())),
+                P2pOp::Recv(t, _) => {
+                    let dtype = t.dtype();
+                    recvs.push((p, t.as_bytes_mut(), dtype))
+                }
+            }
+        }
+        self.pairwise(&mut sends, &mut recvs)
+    }
+    fn all_to_all_v_into(
+        &self,
+        input: &HostView<'_>,
+        send_counts: &[usize],
+        output: &mut HostViewMut<'_>,
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        let row = check_all_to_all_v(input, send_counts, output, recv_counts, self.world)?;
+        let me = self.rank;
+        let dtype = input.dtype();
+        let src = input.as_bytes();
+        let mut sends = Vec::new();
+        let mut own_in: &[u8] = &[];
+        let mut off = 0;
+        for (p, &c) in send_counts.iter().enumerate() {
+            let part = &src[off..off + c * row];
+            off += c * row;
+            if p == me {
+                own_in = part;
+            } else {
+                sends.push((p, part, dtype));
+            }
+        }
+        let mut recvs = Vec::new();
+        let mut rest = output.as_bytes_mut();
+        let mut own_out: &mut [u8] = &mut [];
+        for (p, &c) in recv_counts.iter().enumerate() {
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut(c * row);
+            rest = tail;
+            if p == me {
+                own_out = part;
+            } else {
+                recvs.push((p, part, dtype));
+            }
+        }
+        crate::ensure_arg!(
+            own_in.len() == own_out.len(),
+            "all_to_all_v: this rank sends itself {} rows and expects {}",
+            send_counts[me],
+            recv_counts[me]
+        );
+        own_out.copy_from_slice(own_in);
+        self.pairwise(&mut sends, &mut recvs)
     }
     fn destroy(&self) -> Result<()> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -678,6 +836,7 @@ impl DeviceCommunicator for GlooCommunicator {
             unsafe { dg_free(g.ctx) };
             g.ctx = std::ptr::null_mut();
         }
+        self.buffers.close();
         Ok(())
     }
 }

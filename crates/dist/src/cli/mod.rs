@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 
+mod eplb;
 mod kv;
 mod layout;
 
@@ -25,10 +26,13 @@ enum Cmd {
     #[command(subcommand)]
     Store(StoreCmd),
     /// Benchmarks: collectives (default), `store`, `mq`.
-    Bench(BenchCmd),
+    Bench(Box<BenchCmd>),
     /// KV-cache events: vLLM's msgpack stream over ZMQ.
     #[command(subcommand)]
     KvEvents(kv::KvEventsCmd),
+    /// Expert-parallel load balancing: `plan` runs vLLM's rebalancing policy on a load file.
+    #[command(subcommand)]
+    Eplb(eplb::EplbCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,6 +89,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             Some(BenchSub::Store(o)) => Ok(code(dist_store::bench::run(&o)?)),
             Some(BenchSub::Mq(a)) => mq_bench(a),
         },
+        Cmd::Eplb(c) => eplb::run(c),
         Cmd::KvEvents(c) => kv::run(c),
     }
 }

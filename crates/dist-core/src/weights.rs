@@ -1,0 +1,659 @@
+//! Weight transfer: a trainer pushes new weights into running inference ranks (vLLM's
+//! `vllm/distributed/weight_transfer`, its packed broadcast).
+//!
+//! A transfer over a group whose rank `src` is the trainer and whose other ranks receive:
+//! 1. **Manifest.** The sender broadcasts a typed [`Manifest`]: every tensor's name, dtype,
+//!    shape and [`checksum64`], and how the tensors are packed into *buckets* — runs of whole
+//!    tensors of at most [`TransferOptions::bucket_bytes`] (a larger tensor is a bucket of its
+//!    own), as vLLM's `pack_tensors` does.
+//! 2. **Check.** Every receiver checks the manifest against its model ([`WeightSpec`]s): a name
+//!    it does not have, another dtype or shape, a bucket larger than it accepts. Then one
+//!    all-gather of every rank's verdict: if any rank refused, **every** rank (the sender too)
+//!    returns the same error naming that rank and its reason, and no weight has moved.
+//! 3. **Buckets.** Each bucket is packed into one `u8` tensor and broadcast (over the group's
+//!    device communicator, or its host group when it has none); each receiver
+//!    checks the checksums of its tensors and hands them to its sink (the model's loader) in
+//!    manifest order.
+//! 4. **Verdict.** A last all-gather of every rank's outcome, so a receiver's checksum failure is
+//!    an error on every rank, not only on the one that saw it.
+//!
+//! Every collective of the transfer is bounded by the remaining part of
+//! [`TransferOptions::deadline`] (the communicator's deadline is lowered to it while the transfer
+//! runs), so a dead or stopped peer fails the transfer in time with a [`Error::Timeout`] that
+//! names it.
+//!
+//! Unlike vLLM: the receiver learns the bucket boundaries from the manifest instead of
+//! recomputing them from its own view of the metadata (a disagreement there hangs vLLM's NCCL
+//! broadcast or loads shifted bytes); a name or shape the model lacks is refused before any data
+//! moves, on every rank; bytes are checksummed; and every wait has a deadline.
+//!
+//! **Where the bytes go.** [`Backend`] offers no device-side concatenation or sub-range
+//! writes, so buckets are packed and unpacked on the host (`to_host` / `from_host` per tensor):
+//! free for host backends, one staging copy each way for device ones. A device path with CUDA
+//! IPC on one host is described in `docs/ARCHITECTURE.md`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::tensor::checked_nbytes;
+use crate::{
+    Backend, DType, DeviceCommunicator, Error, GroupCoordinator, HostGroupExt, HostTensor, Result,
+};
+
+/// Default bucket size: 256 MiB (vLLM's default is 1 GiB, which it allocates per bucket twice).
+pub const DEFAULT_BUCKET_BYTES: usize = 256 << 20;
+/// Most tensors one manifest may list.
+pub const MAX_TENSORS: usize = 1 << 20;
+/// Longest tensor name.
+pub const MAX_NAME_BYTES: usize = 1024;
+
+/// One tensor of a [`Manifest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    /// The parameter's name (`model.layers.0.mlp.experts.w13`).
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// [`checksum64`] of its bytes.
+    pub checksum: u64,
+}
+
+impl ManifestEntry {
+    fn nbytes(&self) -> Result<usize> {
+        checked_nbytes(self.dtype, &self.shape)
+    }
+}
+
+/// A run of whole tensors sent as one packed `u8` tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bucket {
+    /// Index of its first tensor in [`Manifest::entries`].
+    pub first: usize,
+    /// Number of tensors.
+    pub count: usize,
+    /// Bytes: the sum of its tensors' bytes.
+    pub bytes: usize,
+}
+
+/// What a transfer carries; see the module docs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The sender's label of this version of the weights (a training step).
+    pub version: u64,
+    /// Every tensor, in sending order.
+    pub entries: Vec<ManifestEntry>,
+    /// The packing: consecutive runs covering `entries` in order.
+    pub buckets: Vec<Bucket>,
+}
+
+impl Manifest {
+    /// The manifest of `tensors` (name, dtype, shape, bytes) packed into buckets of at most
+    /// `bucket_bytes` (a larger tensor gets a bucket of its own).
+    pub fn build(
+        version: u64,
+        tensors: &[(&str, DType, &[usize], &[u8])],
+        bucket_bytes: usize,
+    ) -> Result<Manifest> {
+        crate::ensure_arg!(bucket_bytes > 0, "weights: bucket size must be positive");
+        let mut entries = Vec::with_capacity(tensors.len());
+        for (name, dtype, shape, bytes) in tensors {
+            let e = ManifestEntry {
+                name: name.to_string(),
+                dtype: *dtype,
+                shape: shape.to_vec(),
+                checksum: checksum64(bytes),
+            };
+            crate::ensure_arg!(
+                e.nbytes()? == bytes.len(),
+                "weights: '{name}' is {dtype} {shape:?} but has {} bytes",
+                bytes.len()
+            );
+            entries.push(e);
+        }
+        let sizes: Vec<usize> = entries
+            .iter()
+            .map(ManifestEntry::nbytes)
+            .collect::<Result<_>>()?;
+        let m = Manifest {
+            version,
+            buckets: pack(&sizes, bucket_bytes),
+            entries,
+        };
+        m.check(usize::MAX)?;
+        Ok(m)
+    }
+
+    /// Checks the manifest's own consistency (as a receiver must: it came from a peer): caps on
+    /// counts and names, unique names, buckets covering the entries in order with the right byte
+    /// counts, none of several tensors larger than `max_bucket_bytes` (a tensor larger than
+    /// that travels alone, as the sender packs it).
+    pub fn check(&self, max_bucket_bytes: usize) -> Result<()> {
+        crate::ensure_arg!(
+            self.entries.len() <= MAX_TENSORS,
+            "weights manifest: {} tensors, at most {MAX_TENSORS}",
+            self.entries.len()
+        );
+        let mut names = std::collections::BTreeSet::new();
+        for e in &self.entries {
+            crate::ensure_arg!(
+                e.name.len() <= MAX_NAME_BYTES && !e.name.is_empty(),
+                "weights manifest: a name of {} bytes (1..={MAX_NAME_BYTES})",
+                e.name.len()
+            );
+            crate::ensure_arg!(
+                names.insert(e.name.as_str()),
+                "weights manifest: '{}' listed twice",
+                e.name
+            );
+        }
+        let mut next = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            crate::ensure_arg!(
+                b.first == next && b.count > 0 && b.first + b.count <= self.entries.len(),
+                "weights manifest: bucket {i} covers [{}, +{}), expected to start at {next}",
+                b.first,
+                b.count
+            );
+            let mut bytes = 0usize;
+            for e in &self.entries[b.first..b.first + b.count] {
+                bytes = bytes
+                    .checked_add(e.nbytes()?)
+                    .ok_or_else(|| Error::invalid("weights manifest: bucket size overflows"))?;
+            }
+            crate::ensure_arg!(
+                bytes == b.bytes,
+                "weights manifest: bucket {i} says {} bytes, its tensors have {bytes}",
+                b.bytes
+            );
+            crate::ensure_arg!(
+                b.bytes <= max_bucket_bytes || b.count == 1,
+                "weights manifest: bucket {i} of {} bytes, this receiver takes at most {max_bucket_bytes}",
+                b.bytes
+            );
+            next += b.count;
+        }
+        crate::ensure_arg!(
+            next == self.entries.len(),
+            "weights manifest: buckets cover {next} of {} tensors",
+            self.entries.len()
+        );
+        Ok(())
+    }
+
+    /// Total bytes of the tensors.
+    pub fn total_bytes(&self) -> usize {
+        self.buckets.iter().map(|b| b.bytes).sum()
+    }
+}
+
+/// Runs of consecutive sizes of at most `limit` bytes each; a size above `limit` alone.
+pub fn pack(sizes: &[usize], limit: usize) -> Vec<Bucket> {
+    let mut out: Vec<Bucket> = Vec::new();
+    for (i, &s) in sizes.iter().enumerate() {
+        match out.last_mut() {
+            Some(b) if b.bytes.checked_add(s).is_some_and(|t| t <= limit) => {
+                b.count += 1;
+                b.bytes += s;
+            }
+            _ => out.push(Bucket {
+                first: i,
+                count: 1,
+                bytes: s,
+            }),
+        }
+    }
+    out
+}
+
+/// A fast 64-bit checksum of bytes (four independent multiply-xor lanes over 8-byte words,
+/// then the length and the tail). Not cryptographic: it catches corruption and misaligned
+/// layouts, not an adversary.
+pub fn checksum64(b: &[u8]) -> u64 {
+    const K: [u64; 4] = [
+        0x9E37_79B9_7F4A_7C15,
+        0xC2B2_AE3D_27D4_EB4F,
+        0x1656_67B1_9E37_79F9,
+        0x85EB_CA77_C2B2_AE63,
+    ];
+    let mut h = K;
+    let mut chunks = b.chunks_exact(32);
+    for c in &mut chunks {
+        for j in 0..4 {
+            let w = u64::from_le_bytes(c[8 * j..8 * j + 8].try_into().expect("8 bytes"));
+            h[j] = (h[j] ^ w).wrapping_mul(K[j]);
+            h[j] ^= h[j] >> 29;
+        }
+    }
+    let mut acc = (b.len() as u64).wrapping_mul(K[0]);
+    for (j, x) in h.iter().enumerate() {
+        acc = (acc ^ x.rotate_left(17 * j as u32)).wrapping_mul(K[1]);
+    }
+    for (i, &x) in chunks.remainder().iter().enumerate() {
+        acc = (acc ^ ((x as u64) << (8 * (i % 8)))).wrapping_mul(K[2]);
+    }
+    acc ^ (acc >> 31)
+}
+
+/// One tensor of the receiving model: what the transfer may write.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightSpec {
+    /// Name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+/// Checks a manifest against a receiver's model; the error says the first name the model does
+/// not have or whose dtype or shape differ. With `require_all`, every model tensor must come.
+pub fn check_against_model(m: &Manifest, model: &[WeightSpec], require_all: bool) -> Result<()> {
+    let by_name: BTreeMap<&str, &WeightSpec> = model.iter().map(|s| (s.name.as_str(), s)).collect();
+    for e in &m.entries {
+        let Some(s) = by_name.get(e.name.as_str()) else {
+            return Err(Error::invalid(format!(
+                "weights: the model has no tensor '{}' ({} {:?})",
+                e.name, e.dtype, e.shape
+            )));
+        };
+        crate::ensure_arg!(
+            s.dtype == e.dtype && s.shape == e.shape,
+            "weights: '{}' is {} {:?} in the model, {} {:?} in the update",
+            e.name,
+            s.dtype,
+            s.shape,
+            e.dtype,
+            e.shape
+        );
+    }
+    if require_all && m.entries.len() != model.len() {
+        let sent: std::collections::BTreeSet<&str> =
+            m.entries.iter().map(|e| e.name.as_str()).collect();
+        let missing: Vec<&str> = model
+            .iter()
+            .map(|s| s.name.as_str())
+            .filter(|n| !sent.contains(n))
+            .take(5)
+            .collect();
+        return Err(Error::invalid(format!(
+            "weights: the update lacks model tensors {missing:?}{}",
+            if model.len() - sent.len() > 5 {
+                " …"
+            } else {
+                ""
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// The bytes of `tensors` concatenated (a bucket's payload).
+pub fn pack_bucket(tensors: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(tensors.iter().map(|t| t.len()).sum());
+    for t in tensors {
+        out.extend_from_slice(t);
+    }
+    out
+}
+
+/// The tensors of bucket `index` of `m` cut from its payload, each checked against its checksum.
+pub fn unpack_bucket(m: &Manifest, index: usize, payload: &[u8]) -> Result<Vec<HostTensor>> {
+    let b = m
+        .buckets
+        .get(index)
+        .ok_or_else(|| Error::invalid(format!("weights: no bucket {index}")))?;
+    crate::ensure_arg!(
+        payload.len() == b.bytes,
+        "weights: bucket {index} arrived with {} bytes, the manifest says {}",
+        payload.len(),
+        b.bytes
+    );
+    let mut at = 0;
+    let mut out = Vec::with_capacity(b.count);
+    for e in &m.entries[b.first..b.first + b.count] {
+        let n = e.nbytes()?;
+        let bytes = &payload[at..at + n];
+        at += n;
+        let got = checksum64(bytes);
+        if got != e.checksum {
+            return Err(Error::protocol(format!(
+                "weights: '{}' failed its checksum ({got:#018x}, the manifest says {:#018x})",
+                e.name, e.checksum
+            )));
+        }
+        out.push(HostTensor::from_bytes(e.dtype, &e.shape, bytes)?);
+    }
+    Ok(out)
+}
+
+/// How a transfer runs.
+#[derive(Clone, Debug)]
+pub struct TransferOptions {
+    /// Largest bucket the sender packs (and a receiver accepts).
+    pub bucket_bytes: usize,
+    /// The whole transfer's deadline, from its start.
+    pub deadline: Duration,
+    /// Receivers refuse an update that does not bring every model tensor.
+    pub require_all: bool,
+}
+
+impl Default for TransferOptions {
+    fn default() -> Self {
+        TransferOptions {
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
+            deadline: crate::DEFAULT_TIMEOUT,
+            require_all: false,
+        }
+    }
+}
+
+/// What a transfer moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TransferStats {
+    /// Tensors.
+    pub tensors: usize,
+    /// Buckets.
+    pub buckets: usize,
+    /// Bytes of the tensors.
+    pub bytes: usize,
+    /// Time from the manifest to the verdict.
+    pub elapsed: Duration,
+}
+
+/// The communicator's deadline lowered to the transfer's for as long as it lives.
+struct DeadlineGuard<'a, C: DeviceCommunicator> {
+    comm: Option<&'a C>,
+    saved: Duration,
+    end: Instant,
+}
+
+impl<'a, C: DeviceCommunicator> DeadlineGuard<'a, C> {
+    fn new(comm: Option<&'a C>, deadline: Duration) -> Self {
+        DeadlineGuard {
+            saved: comm.map_or(deadline, |c| c.timeout()),
+            comm,
+            end: Instant::now() + deadline,
+        }
+    }
+    /// Lowers the communicator's deadline to what is left; an error once nothing is.
+    fn arm(&self, op: &str, waited_since: Instant) -> Result<()> {
+        let left = self.end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::timeout(
+                format!("weight transfer {op}"),
+                waited_since.elapsed(),
+                "the transfer's deadline passed",
+            ));
+        }
+        if let Some(c) = self.comm {
+            c.set_timeout(left.min(self.saved));
+        }
+        Ok(())
+    }
+}
+
+impl<C: DeviceCommunicator> Drop for DeadlineGuard<'_, C> {
+    fn drop(&mut self) {
+        if let Some(c) = self.comm {
+            c.set_timeout(self.saved);
+        }
+    }
+}
+
+/// Every rank's verdict in one all-gather: `Ok` when all are `Ok`, else the first refusal,
+/// with the rank that gave it, on every rank.
+fn agree<B: Backend>(group: &GroupCoordinator<B>, stage: &str, mine: &Result<()>) -> Result<()> {
+    let v: Option<String> = mine.as_ref().err().map(|e| e.to_string());
+    let all: Vec<Option<String>> = group.host_group().all_gather_obj(&v)?;
+    for (r, v) in all.iter().enumerate() {
+        if let Some(why) = v {
+            return Err(Error::invalid(format!(
+                "weight transfer on {}: rank {r} refused the {stage}: {why}",
+                group.unique_name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The trainer's side: sends `weights` (name, tensor) as version `version` to every other rank
+/// of `group`, from this rank. Collective with [`receive_weights`] on the others.
+pub fn send_weights<B: Backend>(
+    group: &GroupCoordinator<B>,
+    version: u64,
+    weights: &[(&str, &B::Tensor)],
+    opts: &TransferOptions,
+) -> Result<TransferStats> {
+    let start = Instant::now();
+    let src = group.rank_in_group();
+    let guard = DeadlineGuard::new(group.device_communicator(), opts.deadline);
+    let host: Vec<HostTensor> = weights
+        .iter()
+        .map(|(_, t)| B::to_host(t))
+        .collect::<Result<_>>()?;
+    let listed: Vec<(&str, DType, &[usize], &[u8])> = weights
+        .iter()
+        .zip(&host)
+        .map(|((n, _), h)| (*n, h.dtype(), h.shape(), h.as_bytes()))
+        .collect();
+    // A manifest this rank cannot build is its refusal at the check: every rank stops there.
+    let (m, mine) = match Manifest::build(version, &listed, opts.bucket_bytes) {
+        Ok(m) => (Some(m), Ok(())),
+        Err(e) => (None, Err(e)),
+    };
+    guard.arm("manifest", start)?;
+    group.broadcast_object(Some(&m), src)?;
+    guard.arm("check", start)?;
+    agree(group, "manifest", &mine)?;
+    let m = m.expect("the check passed, so the manifest was built");
+    for (i, b) in m.buckets.iter().enumerate() {
+        if b.bytes == 0 {
+            continue; // nothing to send; the receivers skip it too
+        }
+        let mut payload = HostTensor::zeros(DType::U8, &[b.bytes]);
+        let mut at = 0;
+        for h in &host[b.first..b.first + b.count] {
+            payload.as_bytes_mut()[at..at + h.nbytes()].copy_from_slice(h.as_bytes());
+            at += h.nbytes();
+        }
+        guard.arm(&format!("bucket {i}"), start)?;
+        if group.device_communicator().is_some() {
+            let mut t = B::from_host(&payload, group.device())?;
+            group.broadcast(&mut t, src)?;
+        } else {
+            group
+                .host_group()
+                .broadcast_bytes(Some(payload.as_bytes()), src)?;
+        }
+    }
+    guard.arm("verdict", start)?;
+    agree(group, "update", &Ok(()))?;
+    Ok(TransferStats {
+        tensors: m.entries.len(),
+        buckets: m.buckets.len(),
+        bytes: m.total_bytes(),
+        elapsed: start.elapsed(),
+    })
+}
+
+/// An inference rank's side: receives the weights group rank `src` sends, checks them against
+/// `model`, and hands each tensor, checked, to `sink(name, tensor)` in manifest order. Returns
+/// the manifest's version and what moved.
+pub fn receive_weights<B: Backend>(
+    group: &GroupCoordinator<B>,
+    src: usize,
+    model: &[WeightSpec],
+    opts: &TransferOptions,
+    mut sink: impl FnMut(&str, B::Tensor) -> Result<()>,
+) -> Result<(u64, TransferStats)> {
+    let start = Instant::now();
+    crate::ensure_arg!(
+        src != group.rank_in_group() && src < group.world_size(),
+        "receive_weights: src {src} must be another rank of the group"
+    );
+    let guard = DeadlineGuard::new(group.device_communicator(), opts.deadline);
+    guard.arm("manifest", start)?;
+    let m: Option<Manifest> = group.broadcast_object(None, src)?;
+    let checked = match &m {
+        None => Err(Error::invalid("the sender could not build a manifest")),
+        Some(m) => m
+            .check(opts.bucket_bytes)
+            .and_then(|()| check_against_model(m, model, opts.require_all)),
+    };
+    guard.arm("check", start)?;
+    agree(group, "manifest", &checked)?;
+    let m = m.expect("every rank accepted a manifest");
+    let mut outcome = Ok(());
+    for (i, b) in m.buckets.iter().enumerate() {
+        let payload = if b.bytes == 0 {
+            HostTensor::zeros(DType::U8, &[0])
+        } else if group.device_communicator().is_some() {
+            let mut t = B::from_host(&HostTensor::zeros(DType::U8, &[b.bytes]), group.device())?;
+            guard.arm(&format!("bucket {i}"), start)?;
+            group.broadcast(&mut t, src)?;
+            if outcome.is_err() {
+                continue; // keep the group in step; the verdict reports the first failure
+            }
+            B::to_host(&t)?
+        } else {
+            guard.arm(&format!("bucket {i}"), start)?;
+            let got = group.host_group().broadcast_bytes(None, src)?;
+            if outcome.is_err() {
+                continue;
+            }
+            HostTensor::from_bytes(DType::U8, &[b.bytes], &got)?
+        };
+        if outcome.is_err() {
+            continue;
+        }
+        outcome = (|| {
+            let tensors = unpack_bucket(&m, i, payload.as_bytes())?;
+            for (e, h) in m.entries[b.first..b.first + b.count].iter().zip(tensors) {
+                sink(&e.name, B::from_host(&h, group.device())?)?;
+            }
+            Ok(())
+        })();
+    }
+    guard.arm("verdict", start)?;
+    agree(group, "update", &outcome)?;
+    Ok((
+        m.version,
+        TransferStats {
+            tensors: m.entries.len(),
+            buckets: m.buckets.len(),
+            bytes: m.total_bytes(),
+            elapsed: start.elapsed(),
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(sizes: &[usize], limit: usize) -> (Manifest, Vec<HostTensor>) {
+        let ts: Vec<HostTensor> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| HostTensor::random(DType::U8, &[n], i as u64))
+            .collect();
+        let names: Vec<String> = (0..sizes.len()).map(|i| format!("w{i}")).collect();
+        let listed: Vec<(&str, DType, &[usize], &[u8])> = names
+            .iter()
+            .zip(&ts)
+            .map(|(n, t)| (n.as_str(), t.dtype(), t.shape(), t.as_bytes()))
+            .collect();
+        (Manifest::build(7, &listed, limit).unwrap(), ts)
+    }
+
+    #[test]
+    fn packing_keeps_whole_tensors_under_the_limit() {
+        let b = pack(&[3, 3, 3, 10, 1, 0, 2], 6);
+        let runs: Vec<(usize, usize, usize)> =
+            b.iter().map(|b| (b.first, b.count, b.bytes)).collect();
+        assert_eq!(runs, vec![(0, 2, 6), (2, 1, 3), (3, 1, 10), (4, 3, 3)]);
+        assert!(pack(&[], 6).is_empty());
+    }
+
+    #[test]
+    fn buckets_round_trip_and_checksums_catch_flips() {
+        let (m, ts) = manifest(&[100, 7, 300, 0, 64], 128);
+        assert_eq!(m.total_bytes(), 471);
+        m.check(128).unwrap(); // the 300-byte tensor travels alone
+        assert!(m.check(106).is_err()); // the first bucket holds 100 + 7 bytes
+        for (i, b) in m.buckets.iter().enumerate() {
+            let parts: Vec<&[u8]> = ts[b.first..b.first + b.count]
+                .iter()
+                .map(|t| t.as_bytes())
+                .collect();
+            let mut payload = pack_bucket(&parts);
+            let got = unpack_bucket(&m, i, &payload).unwrap();
+            assert_eq!(got, ts[b.first..b.first + b.count].to_vec());
+            if let Some(x) = payload.last_mut() {
+                *x ^= 1;
+                let e = unpack_bucket(&m, i, &payload).unwrap_err().to_string();
+                assert!(e.contains("checksum"), "{e}");
+            }
+            assert!(
+                unpack_bucket(&m, i, &payload[..payload.len().saturating_sub(1)]).is_err()
+                    || payload.is_empty()
+            );
+        }
+    }
+
+    #[test]
+    fn hostile_manifests_are_refused() {
+        let (m, _) = manifest(&[10, 20, 30], 25);
+        let mut bad = m.clone();
+        bad.buckets[1].bytes += 1;
+        assert!(bad.check(usize::MAX).is_err());
+        let mut bad = m.clone();
+        bad.buckets.pop();
+        assert!(bad.check(usize::MAX).is_err());
+        let mut bad = m.clone();
+        bad.entries[1].name = "w0".into();
+        assert!(bad
+            .check(usize::MAX)
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
+        let mut bad = m.clone();
+        bad.entries[2].shape = vec![usize::MAX, 4];
+        assert!(bad.check(usize::MAX).is_err());
+    }
+
+    #[test]
+    fn the_model_decides_what_may_come() {
+        let (m, _) = manifest(&[10, 20], 100);
+        let spec = |n: &str, len: usize| WeightSpec {
+            name: n.into(),
+            dtype: DType::U8,
+            shape: vec![len],
+        };
+        check_against_model(&m, &[spec("w0", 10), spec("w1", 20), spec("w2", 5)], false).unwrap();
+        let e = check_against_model(&m, &[spec("w0", 10), spec("w1", 20), spec("w2", 5)], true)
+            .unwrap_err();
+        assert!(e.to_string().contains("w2"), "{e}");
+        let e = check_against_model(&m, &[spec("w0", 10)], false).unwrap_err();
+        assert!(e.to_string().contains("no tensor 'w1'"), "{e}");
+        let e = check_against_model(&m, &[spec("w0", 10), spec("w1", 21)], false).unwrap_err();
+        assert!(e.to_string().contains("[21]"), "{e}");
+    }
+
+    #[test]
+    fn checksum_sees_every_byte_and_the_length() {
+        let a: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let base = checksum64(&a);
+        for i in [0, 1, 31, 32, 500, 995, 999] {
+            let mut b = a.clone();
+            b[i] ^= 0x80;
+            assert_ne!(checksum64(&b), base, "byte {i}");
+        }
+        assert_ne!(checksum64(&a[..999]), base);
+        assert_ne!(checksum64(&[0u8; 8]), checksum64(&[0u8; 9]));
+    }
+}
