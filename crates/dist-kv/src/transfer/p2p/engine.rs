@@ -1233,7 +1233,9 @@ impl<D: DataPath> Inner<D> {
                     }
                     Offer::Wait { recheck, .. } => {
                         if self.shutdown.load(Ordering::Acquire) || now >= deadline {
+                            // Others may have been waiting behind it.
                             b.withdraw(conn.id);
+                            self.cv.notify_all();
                             let why = format!(
                                 "{tensor_id}: receive buffer full ({} of {cap} bytes) for {:?}",
                                 b.recv_bytes(),
