@@ -3,6 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 
 mod eplb;
+mod kv;
 mod layout;
 mod mq;
 
@@ -29,18 +30,10 @@ enum Cmd {
     Bench(Box<BenchCmd>),
     /// KV-cache events: vLLM's msgpack stream over ZMQ.
     #[command(subcommand)]
-    KvEvents(KvEventsCmd),
+    KvEvents(kv::KvEventsCmd),
     /// Expert-parallel load balancing: `plan` runs vLLM's rebalancing policy on a load file.
     #[command(subcommand)]
     Eplb(eplb::EplbCmd),
-}
-
-#[derive(Debug, Subcommand)]
-enum KvEventsCmd {
-    /// Publish sample batches that use every event type and field.
-    Publish(dist_kv::cli::PublishArgs),
-    /// Print received batches as JSON lines.
-    Subscribe(dist_kv::cli::SubscribeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,14 +72,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             Some(BenchSub::Mq(a)) => mq::run(*a),
         },
         Cmd::Eplb(c) => eplb::run(c),
-        Cmd::KvEvents(KvEventsCmd::Publish(a)) => {
-            dist_kv::cli::run_publish(a)?;
-            Ok(0)
-        }
-        Cmd::KvEvents(KvEventsCmd::Subscribe(a)) => {
-            dist_kv::cli::run_subscribe(a)?;
-            Ok(0)
-        }
+        Cmd::KvEvents(c) => kv::run(c),
     }
 }
 
