@@ -17,5 +17,5 @@ pub mod rearrange;
 pub use load::{EplbSchedule, ExpertLoadWindow};
 pub use policy::{logical_to_physical, rebalance_experts, PolicyParams};
 pub use rearrange::{
-    exchange, rearrange_experts, rearrange_layer, ExpertMove, LayerStats, LayerTransfer, PeerOp,
+    rearrange_experts, rearrange_layer, ExpertMove, LayerStats, LayerTransfer,
 };
