@@ -148,7 +148,11 @@ fn cycles_swaps_and_duplicates_stay_in_place() {
             let mut w = slots_of(&old, rank, per);
             let before = addresses(&w);
             rearrange_experts(&ep, &old, &new, &mut w).unwrap();
-            assert_eq!(w, slots_of(&new, rank, per), "rank {rank}: {old:?} -> {new:?}");
+            assert_eq!(
+                w,
+                slots_of(&new, rank, per),
+                "rank {rank}: {old:?} -> {new:?}"
+            );
             assert_eq!(addresses(&w), before, "rank {rank}: a slot's memory moved");
         });
         for o in out {

@@ -61,10 +61,7 @@ impl RowSums {
     /// The source rows of output row `t` and their weights.
     pub fn segment(&self, t: usize) -> (&[u32], Option<&[f32]>) {
         let r = self.offsets[t]..self.offsets[t + 1];
-        (
-            &self.rows[r.clone()],
-            self.weights.as_ref().map(|w| &w[r]),
-        )
+        (&self.rows[r.clone()], self.weights.as_ref().map(|w| &w[r]))
     }
     /// Every source row index, in order.
     pub fn rows(&self) -> &[u32] {
@@ -226,10 +223,14 @@ mod tests {
             out.to_vec::<f32>().unwrap(),
             [5.0, 6.0, 1.0, 2.0, 1.0, 2.0, 3.0, 4.0]
         );
-        assert!(out.view_mut().gather_rows(&src.view(), &[3, 0, 0, 0]).is_err());
+        assert!(out
+            .view_mut()
+            .gather_rows(&src.view(), &[3, 0, 0, 0])
+            .is_err());
         assert!(out.view_mut().gather_rows(&src.view(), &[0]).is_err());
 
-        let sums = RowSums::new(vec![0, 2, 2, 3], vec![0, 2, 1], Some(vec![0.5, 2.0, -1.0])).unwrap();
+        let sums =
+            RowSums::new(vec![0, 2, 2, 3], vec![0, 2, 1], Some(vec![0.5, 2.0, -1.0])).unwrap();
         let mut out = HostTensor::random(DType::F32, &[3, 2], 1);
         out.view_mut().sum_rows(&src.view(), &sums).unwrap();
         assert_eq!(
@@ -246,7 +247,13 @@ mod tests {
         assert!(one.view_mut().sum_rows(&src.view(), &far).is_err());
         let ints = HostTensor::zeros(DType::I32, &[1, 2]);
         let mut io = HostTensor::zeros(DType::I32, &[1, 2]);
-        assert!(io.view_mut().sum_rows(&ints.view(), &RowSums::new(vec![0, 1], vec![0], None).unwrap()).is_err());
+        assert!(io
+            .view_mut()
+            .sum_rows(
+                &ints.view(),
+                &RowSums::new(vec![0, 1], vec![0], None).unwrap()
+            )
+            .is_err());
         assert!(RowSums::new(vec![0, 2, 1], vec![0, 1], None).is_err());
         assert!(RowSums::new(vec![0, 1], vec![0], Some(vec![])).is_err());
     }
@@ -255,7 +262,8 @@ mod tests {
     fn half_sums_round_once() {
         // 1 + 2^-8 + 2^-8 is 1 + 2^-7 in f32, which bf16 holds; summing in bf16 would lose both.
         let v = [1.0f32, 1.0 / 256.0, 1.0 / 256.0];
-        let src = HostTensor::from_vec(&[3, 1], v.iter().map(|&x| bf16::from_f32(x)).collect()).unwrap();
+        let src =
+            HostTensor::from_vec(&[3, 1], v.iter().map(|&x| bf16::from_f32(x)).collect()).unwrap();
         let mut out = HostTensor::zeros(DType::BF16, &[1, 1]);
         let sums = RowSums::new(vec![0, 3], vec![0, 1, 2], None).unwrap();
         out.view_mut().sum_rows(&src.view(), &sums).unwrap();
