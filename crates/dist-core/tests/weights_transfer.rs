@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use dist_core::host_comm::{HostBackend, HostCommunicator};
 use dist_core::local::run_threads;
-use dist_core::weights::{receive_weights, send_weights, TransferOptions, WeightSpec};
+use dist_core::weights::{
+    receive_weights, receive_weights_into, send_weights, TransferOptions, WeightSpec,
+};
 use dist_core::{CoordinatorParts, DType, Device, Error, GroupCoordinator, HostGroup, HostTensor};
 
 fn group(
@@ -115,6 +117,56 @@ fn receive_all(device: bool) {
     });
     for o in out.into_iter().skip(1) {
         assert_eq!(o.unwrap().unwrap(), model());
+    }
+}
+
+#[test]
+fn receivers_load_into_their_models_memory() {
+    for device in [true, false] {
+        let out = run_threads(3, Duration::from_secs(20), |rank, g| {
+            let grp = group_with(rank, 3, Arc::new(g), Duration::from_secs(20), device);
+            let m = model();
+            if rank == 0 {
+                let w: Vec<(&str, &HostTensor)> = m.iter().map(|(n, t)| (n.as_str(), t)).collect();
+                send_weights(&grp, 9, &w, &opts()).unwrap();
+                return None;
+            }
+            // The receiver's model: same names and shapes, other contents, its own memory.
+            let mut mine: Vec<(String, HostTensor)> = m
+                .iter()
+                .enumerate()
+                .map(|(i, (n, t))| {
+                    (
+                        n.clone(),
+                        HostTensor::random(t.dtype(), t.shape(), 77 + i as u64),
+                    )
+                })
+                .collect();
+            let before: Vec<usize> = mine
+                .iter()
+                .map(|(_, t)| t.as_bytes().as_ptr() as usize)
+                .collect();
+            let mut views: Vec<(&str, _)> = mine
+                .iter_mut()
+                .map(|(n, t)| (n.as_str(), t.view_mut()))
+                .collect();
+            let (v, s) = receive_weights_into(&grp, 0, &mut views, &opts()).unwrap();
+            drop(views);
+            assert_eq!((v, s.tensors), (9, m.len()));
+            let after: Vec<usize> = mine
+                .iter()
+                .map(|(_, t)| t.as_bytes().as_ptr() as usize)
+                .collect();
+            assert_eq!(before, after, "rank {rank}: the model's tensors moved");
+            Some(mine)
+        });
+        for o in out.into_iter().skip(1) {
+            assert_eq!(
+                o.unwrap().unwrap(),
+                model(),
+                "device communicator: {device}"
+            );
+        }
     }
 }
 
