@@ -52,6 +52,9 @@ use crate::{
 
 /// Default bucket size: 256 MiB (vLLM's default is 1 GiB, which it allocates per bucket twice).
 pub const DEFAULT_BUCKET_BYTES: usize = 256 << 20;
+/// Default size from which a tensor travels alone, straight between the two models' memory: 1 MiB
+/// (above it, packing costs more copy time than the per-call latency it saves).
+pub const DEFAULT_ALONE_FROM: usize = 1 << 20;
 /// Most tensors one manifest may list.
 pub const MAX_TENSORS: usize = 1 << 20;
 /// Longest tensor name.
@@ -100,11 +103,13 @@ pub struct Manifest {
 
 impl Manifest {
     /// The manifest of `tensors` (name, dtype, shape, bytes) packed into buckets of at most
-    /// `bucket_bytes` (a larger tensor gets a bucket of its own).
+    /// `bucket_bytes` (a larger tensor, or one of at least `alone_from` bytes, gets a bucket of
+    /// its own; see [`pack`]).
     pub fn build(
         version: u64,
         tensors: &[(&str, DType, &[usize], &[u8])],
         bucket_bytes: usize,
+        alone_from: usize,
     ) -> Result<Manifest> {
         for (name, dtype, shape, bytes) in tensors {
             crate::ensure_arg!(
@@ -117,7 +122,7 @@ impl Manifest {
             .iter()
             .map(|(n, d, s, b)| (*n, *d, *s, checksum64(b)))
             .collect();
-        Self::from_checksums(version, &listed, bucket_bytes)
+        Self::from_checksums(version, &listed, bucket_bytes, alone_from)
     }
 
     /// [`Self::build`] from each tensor's [`checksum64`], computed where the tensor lives.
@@ -125,6 +130,7 @@ impl Manifest {
         version: u64,
         tensors: &[(&str, DType, &[usize], u64)],
         bucket_bytes: usize,
+        alone_from: usize,
     ) -> Result<Manifest> {
         crate::ensure_arg!(bucket_bytes > 0, "weights: bucket size must be positive");
         let mut entries = Vec::with_capacity(tensors.len());
@@ -144,7 +150,7 @@ impl Manifest {
             .collect::<Result<_>>()?;
         let m = Manifest {
             version,
-            buckets: pack(&sizes, bucket_bytes),
+            buckets: pack(&sizes, bucket_bytes, alone_from),
             entries,
         };
         m.check(usize::MAX)?;
@@ -214,12 +220,19 @@ impl Manifest {
     }
 }
 
-/// Runs of consecutive sizes of at most `limit` bytes each; a size above `limit` alone.
-pub fn pack(sizes: &[usize], limit: usize) -> Vec<Bucket> {
+/// Runs of consecutive sizes of at most `limit` bytes each; a size above `limit`, or of at
+/// least `alone_from`, alone (such a tensor travels straight from the sender's memory into the
+/// receiver's, with no packing).
+pub fn pack(sizes: &[usize], limit: usize, alone_from: usize) -> Vec<Bucket> {
     let mut out: Vec<Bucket> = Vec::new();
     for (i, &s) in sizes.iter().enumerate() {
+        let alone = |b: &Bucket| b.count == 1 && b.bytes >= alone_from;
         match out.last_mut() {
-            Some(b) if b.bytes.checked_add(s).is_some_and(|t| t <= limit) => {
+            Some(b)
+                if s < alone_from
+                    && !alone(b)
+                    && b.bytes.checked_add(s).is_some_and(|t| t <= limit) =>
+            {
                 b.count += 1;
                 b.bytes += s;
             }
@@ -233,33 +246,10 @@ pub fn pack(sizes: &[usize], limit: usize) -> Vec<Bucket> {
     out
 }
 
-/// A fast 64-bit checksum of bytes (four independent multiply-xor lanes over 8-byte words,
-/// then the length and the tail). Not cryptographic: it catches corruption and misaligned
-/// layouts, not an adversary.
+/// The 64-bit checksum of a tensor's bytes: XXH3-64 (memory speed on one core; not
+/// cryptographic: it catches corruption and misaligned layouts, not an adversary).
 pub fn checksum64(b: &[u8]) -> u64 {
-    const K: [u64; 4] = [
-        0x9E37_79B9_7F4A_7C15,
-        0xC2B2_AE3D_27D4_EB4F,
-        0x1656_67B1_9E37_79F9,
-        0x85EB_CA77_C2B2_AE63,
-    ];
-    let mut h = K;
-    let mut chunks = b.chunks_exact(32);
-    for c in &mut chunks {
-        for j in 0..4 {
-            let w = u64::from_le_bytes(c[8 * j..8 * j + 8].try_into().expect("8 bytes"));
-            h[j] = (h[j] ^ w).wrapping_mul(K[j]);
-            h[j] ^= h[j] >> 29;
-        }
-    }
-    let mut acc = (b.len() as u64).wrapping_mul(K[0]);
-    for (j, x) in h.iter().enumerate() {
-        acc = (acc ^ x.rotate_left(17 * j as u32)).wrapping_mul(K[1]);
-    }
-    for (i, &x) in chunks.remainder().iter().enumerate() {
-        acc = (acc ^ ((x as u64) << (8 * (i % 8)))).wrapping_mul(K[2]);
-    }
-    acc ^ (acc >> 31)
+    xxhash_rust::xxh3::xxh3_64(b)
 }
 
 /// One tensor of the receiving model: what the transfer may write.
@@ -373,6 +363,8 @@ impl Checksum for HostViewMut<'_> {
 pub struct TransferOptions {
     /// Largest bucket the sender packs (and a receiver accepts).
     pub bucket_bytes: usize,
+    /// Tensors of at least this many bytes travel alone, unpacked.
+    pub alone_from: usize,
     /// The whole transfer's deadline, from its start.
     pub deadline: Duration,
     /// Receivers refuse an update that does not bring every model tensor.
@@ -383,6 +375,7 @@ impl Default for TransferOptions {
     fn default() -> Self {
         TransferOptions {
             bucket_bytes: DEFAULT_BUCKET_BYTES,
+            alone_from: DEFAULT_ALONE_FROM,
             deadline: crate::DEFAULT_TIMEOUT,
             require_all: false,
         }
@@ -499,12 +492,13 @@ fn broadcast_tensor<B: Backend>(
 ///
 /// Each bucket of several tensors is packed into one buffer from the communicator's pool
 /// (byte-range copies on the device for device views) and broadcast; a tensor alone in its
-/// bucket is copied into a buffer of its own dtype and shape, which the receivers receive
-/// straight into their model's tensor.
+/// bucket is broadcast straight from its own memory into the receivers' model tensors. The
+/// tensors are lent mutably because a broadcast takes a writable view on every rank, the source
+/// too; the source's bytes are only read.
 pub fn send_weights<B: Backend>(
     group: &GroupCoordinator<B>,
     version: u64,
-    weights: &[(&str, &B::Tensor)],
+    weights: &mut [(&str, &mut B::Tensor)],
     opts: &TransferOptions,
 ) -> Result<TransferStats>
 where
@@ -523,7 +517,7 @@ where
                 Ok((*n, t.dtype(), t.shape(), sum))
             })
             .collect::<Result<Vec<_>>>()?;
-        Manifest::from_checksums(version, &listed, opts.bucket_bytes)
+        Manifest::from_checksums(version, &listed, opts.bucket_bytes, opts.alone_from)
     })();
     let (m, mine) = match built {
         Ok(m) => (Some(m), Ok(())),
@@ -538,23 +532,21 @@ where
         if b.bytes == 0 {
             continue; // nothing to send; the receivers skip it too
         }
-        let tensors = &weights[b.first..b.first + b.count];
-        let mut buf = if b.count == 1 {
-            let t = tensors[0].1;
-            let mut buf = alloc(group, t.dtype(), t.shape())?;
-            Comm::<B>::copy(&Comm::<B>::view(t), &mut Comm::<B>::view_mut(&mut buf))?;
-            buf
-        } else {
-            let mut buf = alloc(group, DType::U8, &[b.bytes])?;
+        let tensors = &mut weights[b.first..b.first + b.count];
+        if let [(_, t)] = tensors {
+            guard.arm(&format!("bucket {i}"), start)?;
+            broadcast_tensor(group, t, src)?;
+            continue;
+        }
+        let mut buf = alloc(group, DType::U8, &[b.bytes])?;
+        {
             let mut v = Comm::<B>::view_mut(&mut buf);
             let mut at = 0;
-            for (_, t) in tensors {
+            for (_, t) in tensors.iter() {
                 v.write_at(at, &Comm::<B>::view(t))?;
                 at += t.nbytes();
             }
-            drop(v);
-            buf
-        };
+        }
         guard.arm(&format!("bucket {i}"), start)?;
         broadcast_tensor(group, &mut buf, src)?;
     }
@@ -852,16 +844,23 @@ mod tests {
             .zip(&ts)
             .map(|(n, t)| (n.as_str(), t.dtype(), t.shape(), t.as_bytes()))
             .collect();
-        (Manifest::build(7, &listed, limit).unwrap(), ts)
+        (Manifest::build(7, &listed, limit, usize::MAX).unwrap(), ts)
     }
 
     #[test]
     fn packing_keeps_whole_tensors_under_the_limit() {
-        let b = pack(&[3, 3, 3, 10, 1, 0, 2], 6);
-        let runs: Vec<(usize, usize, usize)> =
-            b.iter().map(|b| (b.first, b.count, b.bytes)).collect();
-        assert_eq!(runs, vec![(0, 2, 6), (2, 1, 3), (3, 1, 10), (4, 3, 3)]);
-        assert!(pack(&[], 6).is_empty());
+        let runs = |b: Vec<Bucket>| -> Vec<(usize, usize, usize)> {
+            b.iter().map(|b| (b.first, b.count, b.bytes)).collect()
+        };
+        let b = pack(&[3, 3, 3, 10, 1, 0, 2], 6, usize::MAX);
+        assert_eq!(runs(b), vec![(0, 2, 6), (2, 1, 3), (3, 1, 10), (4, 3, 3)]);
+        assert!(pack(&[], 6, usize::MAX).is_empty());
+        // From 3 bytes a tensor travels alone, and nothing joins it.
+        let b = pack(&[1, 3, 1, 1, 4, 2], 6, 3);
+        assert_eq!(
+            runs(b),
+            vec![(0, 1, 1), (1, 1, 3), (2, 2, 2), (4, 1, 4), (5, 1, 2)]
+        );
     }
 
     #[test]

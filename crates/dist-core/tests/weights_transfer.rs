@@ -83,6 +83,7 @@ fn opts() -> TransferOptions {
     // Small buckets: several tensors per bucket and a tensor larger than a bucket.
     TransferOptions {
         bucket_bytes: 1200,
+        alone_from: 1500,
         deadline: Duration::from_secs(20),
         require_all: true,
     }
@@ -99,8 +100,10 @@ fn receive_all(device: bool) {
         let grp = group_with(rank, 3, Arc::new(g), Duration::from_secs(20), device);
         let m = model();
         if rank == 0 {
-            let w: Vec<(&str, &HostTensor)> = m.iter().map(|(n, t)| (n.as_str(), t)).collect();
-            let s = send_weights(&grp, 42, &w, &opts()).unwrap();
+            let mut m = m;
+            let mut w: Vec<(&str, &mut HostTensor)> =
+                m.iter_mut().map(|(n, t)| (n.as_str(), t)).collect();
+            let s = send_weights(&grp, 42, &mut w, &opts()).unwrap();
             assert!(s.buckets >= 3, "{s:?}");
             None
         } else {
@@ -127,8 +130,10 @@ fn receivers_load_into_their_models_memory() {
             let grp = group_with(rank, 3, Arc::new(g), Duration::from_secs(20), device);
             let m = model();
             if rank == 0 {
-                let w: Vec<(&str, &HostTensor)> = m.iter().map(|(n, t)| (n.as_str(), t)).collect();
-                send_weights(&grp, 9, &w, &opts()).unwrap();
+                let mut m = m;
+                let mut w: Vec<(&str, &mut HostTensor)> =
+                    m.iter_mut().map(|(n, t)| (n.as_str(), t)).collect();
+                send_weights(&grp, 9, &mut w, &opts()).unwrap();
                 return None;
             }
             // The receiver's model: same names and shapes, other contents, its own memory.
@@ -184,8 +189,10 @@ fn a_missing_name_or_shape_stops_every_rank_first() {
                 }
             }
             let r = if rank == 0 {
-                let w: Vec<(&str, &HostTensor)> = m.iter().map(|(n, t)| (n.as_str(), t)).collect();
-                send_weights(&grp, 1, &w, &opts()).map(|_| ())
+                let mut m = m;
+                let mut w: Vec<(&str, &mut HostTensor)> =
+                    m.iter_mut().map(|(n, t)| (n.as_str(), t)).collect();
+                send_weights(&grp, 1, &mut w, &opts()).map(|_| ())
             } else {
                 let mut loaded = 0;
                 let r = receive_weights(&grp, 0, &spec, &opts(), |_, _| {
@@ -223,8 +230,10 @@ fn a_rank_that_never_joins_fails_the_others_in_time() {
         };
         match rank {
             0 => {
-                let w: Vec<(&str, &HostTensor)> = m.iter().map(|(n, t)| (n.as_str(), t)).collect();
-                Some(send_weights(&grp, 1, &w, &o).map(|_| ()))
+                let mut m = m;
+                let mut w: Vec<(&str, &mut HostTensor)> =
+                    m.iter_mut().map(|(n, t)| (n.as_str(), t)).collect();
+                Some(send_weights(&grp, 1, &mut w, &o).map(|_| ()))
             }
             1 => Some(receive_weights(&grp, 0, &specs(&m), &o, |_, _| Ok(())).map(|_| ())),
             _ => None, // never joins

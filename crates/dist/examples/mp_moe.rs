@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use dist::moe::{
     self, combine, dispatch, expert_input, All2AllBackend, ExpertPlacement, MoeConfig, Routing,
 };
-use dist::{DType, DeviceCommunicator, DistEnv, HostGroupExt, HostTensor, InitOptions, ParallelConfig};
+use dist::{
+    DType, DeviceCommunicator, DistEnv, HostGroupExt, HostTensor, InitOptions, ParallelConfig,
+};
 
 type B = dist::DefaultBackend;
 type Comm = <B as dist::Backend>::Communicator;
@@ -120,7 +122,8 @@ fn bench(env: &DistEnv, tokens: usize) -> Result<String, Box<dyn std::error::Err
                 traffic.combine_rows,
                 traffic.combine_bytes,
             ))?;
-            let sum = |f: fn(&(usize, usize, usize, usize)) -> usize| all.iter().map(f).sum::<usize>();
+            let sum =
+                |f: fn(&(usize, usize, usize, usize)) -> usize| all.iter().map(f).sum::<usize>();
             let (dr, db, cr, cb) = (sum(|t| t.0), sum(|t| t.1), sum(|t| t.2), sum(|t| t.3));
             let (d, c) = (median(disp), median(comb));
             out.push(format!(
@@ -137,7 +140,9 @@ fn bench(env: &DistEnv, tokens: usize) -> Result<String, Box<dyn std::error::Err
             results.push(last.ok_or("no iteration ran")?);
         }
         if results[0] != results[1] {
-            return Err(format!("rank {rank}: the two backends combined to different tokens").into());
+            return Err(
+                format!("rank {rank}: the two backends combined to different tokens").into(),
+            );
         }
     }
     state.destroy()?;
