@@ -4,10 +4,11 @@
 //! tensors (whose memory must not move). Then an update that one receiver's model cannot
 //! take (a shape differs): every rank must fail naming that rank, and no tensor is loaded.
 //!
-//! `mp_weights --bench [MiB]` (under `dist run`) times the transfer of MiB (default 256) of
-//! 4 MiB tensors into the receivers' model, median of 5, each tensor alone and all packed into
-//! 64 MiB buckets, beside a plain broadcast of one tensor of the same bytes over the same group,
-//! a plain memory copy and a checksum of the same bytes on rank 0, in the same run.
+//! `mp_weights --bench [MiB]` (under `dist run`) times the transfer of MiB (default 256) into the
+//! receivers' model, median of 5: as tensors of 4 MiB, 64 KiB and 8 KiB, each alone or packed
+//! into 64 MiB buckets; beside a plain broadcast of one tensor of the same bytes over the same
+//! group, plain broadcasts of the 4 MiB tensors one by one, a plain memory copy and a checksum of
+//! the same bytes on rank 0, in the same run.
 
 use std::time::{Duration, Instant};
 
@@ -78,58 +79,87 @@ fn run(env: &DistEnv, bench: Option<usize>) -> Result<String, Box<dyn std::error
     };
     if let Some(mib) = bench {
         let n = (mib / 4).max(1);
-        let mut m: Vec<(String, HostTensor)> = (0..n)
-            .map(|i| {
-                (
-                    format!("t{i}"),
-                    HostTensor::random(DType::BF16, &[2 << 20], i as u64),
-                )
+        let bytes = n * (4 << 20);
+        // The same bytes as tensors of 4 MiB, 64 KiB and 8 KiB.
+        let tensors = |count: usize, elems: usize| -> Vec<(String, HostTensor)> {
+            (0..count)
+                .map(|i| {
+                    let t = HostTensor::random(DType::BF16, &[elems], i as u64);
+                    (format!("t{i}"), t)
+                })
+                .collect()
+        };
+        let mut models = [
+            tensors(n, 2 << 20),
+            tensors(64 * n, 32 << 10),
+            tensors(512 * n, 4 << 10),
+        ];
+        // The receivers' models: their own tensors, written in place by every transfer.
+        let mut mine: Vec<Vec<(String, HostTensor)>> = models
+            .iter()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, t)| (k.clone(), HostTensor::zeros(t.dtype(), t.shape())))
+                    .collect()
             })
             .collect();
-        let bytes = n * (4 << 20);
-        let direct = TransferOptions {
+        let with = |alone_from: usize| TransferOptions {
             bucket_bytes: 64 << 20,
-            alone_from: 1 << 20,
+            alone_from,
             ..opts.clone()
         };
-        let packed = TransferOptions {
-            alone_from: usize::MAX,
-            ..direct.clone()
-        };
-        let (mut alone, mut pack, mut plain, mut copy, mut hash) =
-            (vec![], vec![], vec![], vec![], vec![]);
+        let (alone, packed) = (with(0), with(usize::MAX));
+        let variants = [
+            ("4 MiB tensors, each alone (the default):", 0, &alone),
+            ("4 MiB tensors, packed into 64 MiB buckets:", 0, &packed),
+            ("64 KiB tensors, each alone (the default):", 1, &alone),
+            ("64 KiB tensors, packed into 64 MiB buckets:", 1, &packed),
+            (
+                "8 KiB tensors, packed into 64 MiB buckets (the default):",
+                2,
+                &packed,
+            ),
+            ("8 KiB tensors, each alone:", 2, &alone),
+        ];
+        let mut times: Vec<Vec<Duration>> = vec![vec![]; variants.len()];
+        let (mut plain, mut plain_each, mut copy, mut hash) = (vec![], vec![], vec![], vec![]);
         let mut raw = HostTensor::random(DType::U8, &[bytes], 9);
         let mut dst = vec![0u8; bytes];
-        // The receivers' model: its own tensors, written in place by every transfer.
-        let mut mine: Vec<(String, HostTensor)> = m
-            .iter()
-            .map(|(k, t)| (k.clone(), HostTensor::zeros(t.dtype(), t.shape())))
-            .collect();
         for i in 0..5 {
-            for (o, times) in [(&direct, &mut alone), (&packed, &mut pack)] {
+            for (v, (_, which, o)) in variants.iter().enumerate() {
                 g.barrier()?;
                 let t = Instant::now();
                 if rank == 0 {
-                    let mut w: Vec<(&str, &mut HostTensor)> =
-                        m.iter_mut().map(|(k, t)| (k.as_str(), t)).collect();
+                    let mut w: Vec<(&str, &mut HostTensor)> = models[*which]
+                        .iter_mut()
+                        .map(|(k, t)| (k.as_str(), t))
+                        .collect();
                     send_weights(&g, i, &mut w, o)?;
                 } else {
-                    let mut views: Vec<(&str, _)> = mine
+                    let mut views: Vec<(&str, _)> = mine[*which]
                         .iter_mut()
                         .map(|(k, t)| (k.as_str(), t.view_mut()))
                         .collect();
                     receive_weights_into(&g, 0, &mut views, o)?;
                 }
-                times.push(t.elapsed());
-                if rank != 0 && mine != m {
+                times[v].push(t.elapsed());
+                if rank != 0 && mine[*which] != models[*which] {
                     return Err(format!("rank {rank}: a benchmark transfer arrived wrong").into());
                 }
-                mine.iter_mut().for_each(|(_, t)| t.as_bytes_mut().fill(0));
+                mine[*which]
+                    .iter_mut()
+                    .for_each(|(_, t)| t.as_bytes_mut().fill(0));
             }
             g.barrier()?;
             let t = Instant::now();
             g.broadcast(&mut raw, 0)?;
             plain.push(t.elapsed());
+            g.barrier()?;
+            let t = Instant::now();
+            for (_, x) in models[0].iter_mut() {
+                g.broadcast(x, 0)?;
+            }
+            plain_each.push(t.elapsed());
             // The copy and the checksum on rank 0 alone, the others waiting.
             if rank == 0 {
                 let t = Instant::now();
@@ -146,13 +176,7 @@ fn run(env: &DistEnv, bench: Option<usize>) -> Result<String, Box<dyn std::error
             return Ok(String::new());
         }
         let gbs = |d: Duration| bytes as f64 / d.as_secs_f64() / 1e9;
-        let (a, k, p, c, h) = (
-            median(alone),
-            median(pack),
-            median(plain),
-            median(copy),
-            median(hash),
-        );
+        let p = median(plain);
         let row = |what: &str, d: Duration| {
             format!(
                 "  {what:<62} {:7.1} ms = {:5.2} GB/s ({:.2}x the plain broadcast's time)",
@@ -161,21 +185,30 @@ fn run(env: &DistEnv, bench: Option<usize>) -> Result<String, Box<dyn std::error
                 d.as_secs_f64() / p.as_secs_f64()
             )
         };
-        return Ok([
-            format!(
-                "weights bench: world {world}, {n} bf16 tensors of 4 MiB ({} MiB), median of 5",
-                bytes >> 20
-            ),
-            row("transfer into the model, tensors alone (from 1 MiB):", a),
-            row("transfer into the model, packed into 64 MiB buckets:", k),
-            row(
-                "plain broadcast of one tensor of the same bytes, same group:",
-                p,
-            ),
-            row("plain memory copy of the same bytes on rank 0:", c),
-            row("checksum64 (XXH3) of the same bytes on rank 0:", h),
-        ]
-        .join("\n"));
+        let mut out = vec![format!(
+            "weights bench: world {world}, {} MiB of bf16 tensors into the receivers' model, median of 5",
+            bytes >> 20
+        )];
+        for ((what, _, _), t) in variants.iter().zip(times) {
+            out.push(row(what, median(t)));
+        }
+        out.push(row(
+            "plain broadcast of one tensor of the same bytes, same group:",
+            p,
+        ));
+        out.push(row(
+            "plain broadcasts of the 4 MiB tensors, one by one:",
+            median(plain_each),
+        ));
+        out.push(row(
+            "plain memory copy of the same bytes on rank 0:",
+            median(copy),
+        ));
+        out.push(row(
+            "checksum64 (XXH3) of the same bytes on rank 0:",
+            median(hash),
+        ));
+        return Ok(out.join("\n"));
     }
     if world == 1 {
         return Ok("one rank: nothing to transfer".into());

@@ -182,6 +182,9 @@ impl LayerTransfer {
 /// The order every rank agrees on: (expert, source rank, destination rank, weight index).
 type OpKey = (usize, usize, usize, usize);
 
+/// One send or receive of a layer's exchange, on views of the slots or their staging buffers.
+type LayerOp<'o, 'v, B> = P2pOp<'o, View<'v, B>, ViewMut<'v, B>>;
+
 /// What one layer's rearrangement did on this rank.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LayerStats {
@@ -321,7 +324,7 @@ pub fn rearrange_layer<B: Backend>(
                 recv_views.push((m, bufs.iter_mut().map(Comm::<B>::view_mut).collect()));
             }
         }
-        let mut keyed: Vec<(OpKey, P2pOp<'_, View<'_, B>, ViewMut<'_, B>>)> = Vec::new();
+        let mut keyed: Vec<(OpKey, LayerOp<'_, '_, B>)> = Vec::new();
         for (s, views) in &read_views {
             for m in sends_of(*s) {
                 for (w, v) in views.iter().enumerate() {

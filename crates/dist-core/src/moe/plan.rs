@@ -26,7 +26,7 @@ impl ExpertPlacement {
         crate::ensure_arg!(world > 0, "expert placement: world size 0");
         let (base, rem) = (num_experts / world, num_experts % world);
         let rank: Vec<usize> = (0..world)
-            .flat_map(|r| std::iter::repeat_n(r, base + usize::from(r < rem)))
+            .flat_map(|r| std::iter::repeat(r).take(base + usize::from(r < rem)))
             .collect();
         Self::from_ranks(&rank, world)
     }
