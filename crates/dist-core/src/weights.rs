@@ -721,7 +721,9 @@ where
     // Refused at the check, with every rank, rather than alone before it.
     let model_ok = match by_name.len() == specs.len() {
         true => Ok(()),
-        false => Err(Error::invalid("weights: the model lends two tensors of one name")),
+        false => Err(Error::invalid(
+            "weights: the model lends two tensors of one name",
+        )),
     };
     let mut target = Views::<B> {
         views: model,

@@ -98,6 +98,7 @@ fn bench(env: &DistEnv, tokens: usize) -> Result<String, Box<dyn std::error::Err
             let (mut disp, mut comb) = (vec![], vec![]);
             let mut traffic = Default::default();
             let mut last = None;
+            let mut d_counts = (vec![], vec![]);
             for i in 0..23 {
                 ep.barrier()?;
                 let t = Instant::now();
@@ -114,6 +115,7 @@ fn bench(env: &DistEnv, tokens: usize) -> Result<String, Box<dyn std::error::Err
                     comb.push(tc);
                 }
                 traffic = d.traffic();
+                d_counts = (d.send_counts().to_vec(), d.recv_counts.clone());
                 last = Some(o);
             }
             let all: Vec<(usize, usize, usize, usize)> = ep.host_group().all_gather_obj(&(
@@ -137,7 +139,46 @@ fn bench(env: &DistEnv, tokens: usize) -> Result<String, Box<dyn std::error::Err
                 db as f64 / (1 << 20) as f64,
                 cb as f64 / (1 << 20) as f64
             ));
-            results.push(last.ok_or("no iteration ran")?);
+            // The transport alone, same rows: the backend's collective on ready buffers.
+            let o = last.as_ref().ok_or("no iteration ran")?;
+            let (sc, rc) = match backend {
+                All2AllBackend::AllToAllV => (d_counts.0.clone(), d_counts.1.clone()),
+                All2AllBackend::AllGatherReduceScatter => {
+                    (vec![tokens; world], vec![tokens; world])
+                }
+            };
+            let send = HostTensor::random(DType::BF16, &[sc.iter().sum(), hidden], 3);
+            let mut recv = HostTensor::zeros(DType::BF16, &[rc.iter().sum(), hidden]);
+            let mut back = HostTensor::zeros(DType::BF16, &[tokens, hidden]);
+            let mut returned = HostTensor::zeros(DType::BF16, &[sc.iter().sum(), hidden]);
+            let mut raw = vec![];
+            for i in 0..23 {
+                ep.barrier()?;
+                let t = Instant::now();
+                match backend {
+                    All2AllBackend::AllToAllV => {
+                        ep.all_to_all_v_into(&send.view(), &sc, &mut recv.view_mut(), &rc)?;
+                        ep.all_to_all_v_into(&recv.view(), &rc, &mut returned.view_mut(), &sc)?;
+                    }
+                    All2AllBackend::AllGatherReduceScatter => {
+                        ep.all_gatherv_into(&x.view(), &mut recv.view_mut(), 0, &rc)?;
+                        ep.reduce_scatterv_into(&recv.view(), &mut back.view_mut(), 0, &rc)?;
+                    }
+                }
+                if i >= 3 {
+                    raw.push(t.elapsed());
+                }
+            }
+            out.push(format!(
+                "    {:<24} the same rows through the bare collectives ({}): {:7.2} ms",
+                "",
+                match backend {
+                    All2AllBackend::AllToAllV => "all_to_all_v there and back",
+                    All2AllBackend::AllGatherReduceScatter => "all_gatherv + reduce_scatterv",
+                },
+                median(raw).as_secs_f64() * 1e3
+            ));
+            results.push(o.clone());
         }
         if results[0] != results[1] {
             return Err(

@@ -184,6 +184,12 @@ fn sum_typed<T: Weighted>(out: &mut [T], src: &[T], width: usize, sums: &RowSums
                 .for_each(|y| *y = T::from_acc(T::Acc::default()));
             continue;
         }
+        if let ([r], None) = (rows, weights) {
+            // One row, unweighted: widening and rounding back gives its value; copy it.
+            let r = *r as usize;
+            o.copy_from_slice(&src[r * width..(r + 1) * width]);
+            continue;
+        }
         for (j, &r) in rows.iter().enumerate() {
             let x = &src[r as usize * width..(r as usize + 1) * width];
             match (j, weights) {

@@ -175,6 +175,10 @@ impl<B: Backend> Dispatched<B> {
     pub fn num_tokens(&self) -> usize {
         self.tokens
     }
+    /// Rows this rank sent to each rank (all-gather: its tokens to every rank).
+    pub fn send_counts(&self) -> &[usize] {
+        &self.send_counts
+    }
     /// The backend that moved them.
     pub fn backend(&self) -> All2AllBackend {
         self.backend
