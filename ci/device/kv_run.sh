@@ -3,8 +3,9 @@
 # caches, two processes sharing the machine's GPUs (GPU `LOCAL_RANK % count`).
 #   - mp_kv_p2p --path cuda-ipc: PUT, PUT_ASYNC, GET, every block checked; a consumer dying
 #     mid-transfer fails the producer's request, naming it, buffers freed;
-#   - mp_kv_p2p --path nccl: the same over NCCL with two GPUs; with one GPU NCCL refuses two
-#     ranks, the example checks the refusal is a clean, bounded error and exits 77 (skipped);
+#   - mp_kv_p2p --path nccl: the same over NCCL with two GPUs; with one GPU the example requires
+#     NCCL's own refusal (ncclInvalidUsage from ncclCommInitRank on both ranks) and a clean,
+#     bounded connector error, and exits 77 (skipped) printing NCCL's reason; anything else fails;
 #   - mp_kv_storage --device: the shared-storage connector from and into device caches;
 #   - the bench: the same bytes through the connector on cuda-ipc and on tcp (host caches), and
 #     a plain TCP stream, in this run. MPS=1 runs it all under the CUDA MPS daemon.

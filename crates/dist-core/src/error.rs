@@ -131,6 +131,69 @@ impl Error {
     pub fn is_timeout(&self) -> bool {
         matches!(self, Error::Timeout { .. })
     }
+
+    /// The same error with `op` (`"tp:0 all_reduce"`) named first, unless its message already
+    /// starts with it: how a layer says which call a lower layer's failure belongs to. The variant
+    /// is kept, so callers still match on it.
+    pub fn context(self, op: impl std::fmt::Display) -> Error {
+        let op = op.to_string();
+        let pre = |m: String| {
+            if m.starts_with(&op) {
+                m
+            } else {
+                format!("{op}: {m}")
+            }
+        };
+        match self {
+            Error::Timeout {
+                op: o,
+                waited,
+                missing_ranks,
+                detail,
+            } => Error::Timeout {
+                op: if o.starts_with(&op) {
+                    o
+                } else {
+                    format!("{op} {o}")
+                },
+                waited,
+                missing_ranks,
+                detail,
+            },
+            Error::PeerLost {
+                rank,
+                op: o,
+                detail,
+            } => Error::PeerLost {
+                rank,
+                op: if o.starts_with(&op) {
+                    o
+                } else {
+                    format!("{op} {o}")
+                },
+                detail,
+            },
+            Error::InvalidArgument(m) => Error::InvalidArgument(pre(m)),
+            Error::Unsupported(m) => Error::Unsupported(pre(m)),
+            Error::Backend {
+                backend,
+                code,
+                message,
+            } => Error::Backend {
+                backend,
+                code,
+                message: pre(message),
+            },
+            Error::Protocol(m) => Error::Protocol(pre(m)),
+            Error::NotInitialized(m) => Error::NotInitialized(pre(m)),
+            Error::Shutdown(m) => Error::Shutdown(pre(m)),
+            Error::Io { context, source } => Error::Io {
+                context: pre(context),
+                source,
+            },
+            other @ Error::LibraryNotFound { .. } => other,
+        }
+    }
 }
 
 /// Checks a condition, returning [`Error::InvalidArgument`] with a formatted message when it fails.
@@ -146,6 +209,35 @@ macro_rules! ensure_arg {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn context_names_the_op_once_and_keeps_the_variant() {
+        let e = Error::Backend {
+            backend: "nccl",
+            code: Some(3),
+            message: "unhandled system error".into(),
+        }
+        .context("tp:0 all_reduce");
+        assert!(matches!(e, Error::Backend { code: Some(3), .. }));
+        assert_eq!(
+            e.to_string(),
+            "nccl error 3: tp:0 all_reduce: unhandled system error"
+        );
+        let again = e.context("tp:0 all_reduce");
+        assert_eq!(
+            again.to_string(),
+            "nccl error 3: tp:0 all_reduce: unhandled system error"
+        );
+        let t = Error::timeout("all_gather", Duration::from_secs(1), "").context("tp:1");
+        assert!(
+            t.to_string().starts_with("tp:1 all_gather: timed out"),
+            "{t}"
+        );
+        assert!(matches!(
+            Error::invalid("bad dim").context("pp:0 send"),
+            Error::InvalidArgument(m) if m == "pp:0 send: bad dim"
+        ));
+    }
 
     #[test]
     fn timeout_message_names_op_ranks_and_time() {

@@ -32,6 +32,8 @@ pub struct HostCommunicator {
     host: Arc<dyn HostGroup>,
     timeout: Mutex<Duration>,
     destroyed: std::sync::atomic::AtomicBool,
+    /// Outputs of the owned calls, kept touched.
+    buffers: Arc<crate::HostPool>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -48,6 +50,7 @@ impl HostCommunicator {
             host,
             timeout: Mutex::new(timeout),
             destroyed: std::sync::atomic::AtomicBool::new(false),
+            buffers: crate::HostPool::new(crate::HostPool::DEFAULT_LIMIT),
         }
     }
 
@@ -154,6 +157,9 @@ impl DeviceCommunicator for HostCommunicator {
     }
     fn empty(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
         Ok(HostTensor::zeros(dtype, shape))
+    }
+    fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
+        self.buffers.tensor(dtype, shape)
     }
     fn all_reduce_into(
         &self,
@@ -375,6 +381,7 @@ impl DeviceCommunicator for HostCommunicator {
     fn destroy(&self) -> Result<()> {
         self.destroyed
             .store(true, std::sync::atomic::Ordering::Release);
+        self.buffers.close();
         Ok(())
     }
 }

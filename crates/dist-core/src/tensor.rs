@@ -262,7 +262,7 @@ impl HostTensor {
 
     /// A read view of the elements (what the collectives take).
     pub fn view(&self) -> HostView<'_> {
-        HostView::from_bytes(self.dtype, &self.shape, self.as_bytes())
+        HostView::borrowed(self.dtype, &self.shape, self.as_bytes())
             .expect("a host tensor's bytes match its shape and are 8-byte aligned")
     }
 
@@ -270,7 +270,7 @@ impl HostTensor {
     pub fn view_mut(&mut self) -> HostViewMut<'_> {
         let n = self.nbytes;
         let bytes = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut self.words)[..n];
-        HostViewMut::from_bytes(self.dtype, &self.shape, bytes)
+        HostViewMut::borrowed(self.dtype, &self.shape, bytes)
             .expect("a host tensor's bytes match its shape and are 8-byte aligned")
     }
 

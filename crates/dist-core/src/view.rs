@@ -21,19 +21,37 @@
 
 use crate::{DType, Device, Element, Result, Tensor};
 
-/// The shape a view carries: borrowed from its owner or the caller, or one inline length.
+/// Most dimensions of a shape given to a view's constructor (a view of a [`HostTensor`](crate::HostTensor)
+/// borrows the tensor's shape and has no limit).
+pub const MAX_DIMS: usize = 8;
+
+/// The shape a view carries: borrowed from its owner, or copied inline from the caller's.
 #[derive(Clone, Copy)]
 enum Dims<'a> {
     Slice(&'a [usize]),
-    D1([usize; 1]),
+    Inline([usize; MAX_DIMS], u8),
 }
 
 impl Dims<'_> {
     fn as_slice(&self) -> &[usize] {
         match self {
             Dims::Slice(s) => s,
-            Dims::D1(a) => a,
+            Dims::Inline(a, n) => &a[..*n as usize],
         }
+    }
+    fn d1(len: usize) -> Self {
+        let mut a = [0; MAX_DIMS];
+        a[0] = len;
+        Dims::Inline(a, 1)
+    }
+    fn copy(shape: &[usize]) -> Result<Self> {
+        crate::ensure_arg!(
+            shape.len() <= MAX_DIMS,
+            "a view's shape has at most {MAX_DIMS} dimensions, got {shape:?}"
+        );
+        let mut a = [0; MAX_DIMS];
+        a[..shape.len()].copy_from_slice(shape);
+        Ok(Dims::Inline(a, shape.len() as u8))
     }
 }
 
@@ -63,20 +81,30 @@ pub struct HostView<'a> {
 
 impl<'a> HostView<'a> {
     /// `data` seen as a tensor of `shape` (whose element count must be `data.len()`).
-    pub fn new<T: Element>(data: &'a [T], shape: &'a [usize]) -> Result<Self> {
+    pub fn new<T: Element>(data: &'a [T], shape: &[usize]) -> Result<Self> {
         Self::from_bytes(T::DTYPE, shape, bytemuck::cast_slice(data))
     }
     /// `data` as a 1-D tensor.
     pub fn from_slice<T: Element>(data: &'a [T]) -> Self {
         HostView {
             dtype: T::DTYPE,
-            shape: Dims::D1([data.len()]),
+            shape: Dims::d1(data.len()),
             bytes: bytemuck::cast_slice(data),
         }
     }
     /// Raw bytes seen as a `dtype` tensor of `shape`: the length must match and the address be
     /// aligned for the dtype (fp8 and other types without a Rust element type come this way).
-    pub fn from_bytes(dtype: DType, shape: &'a [usize], bytes: &'a [u8]) -> Result<Self> {
+    pub fn from_bytes(dtype: DType, shape: &[usize], bytes: &'a [u8]) -> Result<Self> {
+        check_bytes(dtype, shape, bytes.as_ptr() as usize, bytes.len())?;
+        Ok(HostView {
+            dtype,
+            shape: Dims::copy(shape)?,
+            bytes,
+        })
+    }
+
+    /// A view whose shape borrows its owner's (no dimension limit).
+    pub(crate) fn borrowed(dtype: DType, shape: &'a [usize], bytes: &'a [u8]) -> Result<Self> {
         check_bytes(dtype, shape, bytes.as_ptr() as usize, bytes.len())?;
         Ok(HostView {
             dtype,
@@ -110,15 +138,12 @@ impl<'a> HostView<'a> {
         );
         Ok(HostView {
             dtype: self.dtype,
-            shape: Dims::D1([len]),
+            shape: Dims::d1(len),
             bytes: &self.bytes[start * es..(start + len) * es],
         })
     }
     /// The same elements with another shape of the same element count.
-    pub fn reshape<'b>(self, shape: &'b [usize]) -> Result<HostView<'b>>
-    where
-        'a: 'b,
-    {
+    pub fn reshape(self, shape: &[usize]) -> Result<HostView<'a>> {
         HostView::from_bytes(self.dtype, shape, self.bytes)
     }
 }
@@ -132,19 +157,29 @@ pub struct HostViewMut<'a> {
 
 impl<'a> HostViewMut<'a> {
     /// `data` seen as a tensor of `shape` (whose element count must be `data.len()`).
-    pub fn new<T: Element>(data: &'a mut [T], shape: &'a [usize]) -> Result<Self> {
+    pub fn new<T: Element>(data: &'a mut [T], shape: &[usize]) -> Result<Self> {
         Self::from_bytes(T::DTYPE, shape, bytemuck::cast_slice_mut(data))
     }
     /// `data` as a 1-D tensor.
     pub fn from_slice<T: Element>(data: &'a mut [T]) -> Self {
         HostViewMut {
             dtype: T::DTYPE,
-            shape: Dims::D1([data.len()]),
+            shape: Dims::d1(data.len()),
             bytes: bytemuck::cast_slice_mut(data),
         }
     }
     /// Raw bytes seen as a `dtype` tensor of `shape` (length and alignment checked).
-    pub fn from_bytes(dtype: DType, shape: &'a [usize], bytes: &'a mut [u8]) -> Result<Self> {
+    pub fn from_bytes(dtype: DType, shape: &[usize], bytes: &'a mut [u8]) -> Result<Self> {
+        check_bytes(dtype, shape, bytes.as_ptr() as usize, bytes.len())?;
+        Ok(HostViewMut {
+            dtype,
+            shape: Dims::copy(shape)?,
+            bytes,
+        })
+    }
+
+    /// A view whose shape borrows its owner's (no dimension limit).
+    pub(crate) fn borrowed(dtype: DType, shape: &'a [usize], bytes: &'a mut [u8]) -> Result<Self> {
         check_bytes(dtype, shape, bytes.as_ptr() as usize, bytes.len())?;
         Ok(HostViewMut {
             dtype,
@@ -197,10 +232,7 @@ impl<'a> HostViewMut<'a> {
         }
     }
     /// The same elements with another shape of the same element count.
-    pub fn reshape<'b>(self, shape: &'b [usize]) -> Result<HostViewMut<'b>>
-    where
-        'a: 'b,
-    {
+    pub fn reshape(self, shape: &[usize]) -> Result<HostViewMut<'a>> {
         HostViewMut::from_bytes(self.dtype, shape, self.bytes)
     }
 }

@@ -5,11 +5,10 @@ use std::time::Duration;
 
 use dist_core::communicator::{host_copy, P2pOp};
 use dist_core::{
-    Backend, CommunicatorContext, DType, Device, DeviceCommunicator, Error, HostGroupExt,
-    HostTensor, HostView, HostViewMut, ReduceOp, Result, DEFAULT_TIMEOUT,
+    Backend, CommunicatorContext, DType, Device, DeviceCommunicator, Error, HostTensor, HostView,
+    HostViewMut, ReduceOp, Result, DEFAULT_TIMEOUT,
 };
 
-use crate::coll::node_id;
 #[cfg(feature = "gloo")]
 use crate::gloo::GlooCommunicator;
 use crate::ShmCommunicator;
@@ -17,7 +16,7 @@ use crate::ShmCommunicator;
 /// The CPU backend: host tensors; shared memory among ranks of one node, gloo across nodes.
 ///
 /// `DIST_CPU_BACKEND=shm|gloo` forces a path (tests use `gloo` to run the gloo path on one
-/// machine); unset, the ranks compare their node ids (boot id and host name) and use shared
+/// machine); unset, the ranks compare their node keys ([`crate::shm::NodeKey`]) and use shared
 /// memory when all agree. Without the `gloo` feature, a group across nodes is
 /// [`Error::Unsupported`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -207,7 +206,7 @@ impl Backend for CpuBackend {
             Ok("shm") => false,
             Ok("gloo") => true,
             Err(_) | Ok("") => {
-                let nodes: Vec<String> = hg.all_gather_obj(&node_id())?;
+                let nodes = crate::shm::node_keys(hg.as_ref())?;
                 nodes.iter().any(|n| *n != nodes[0])
             }
             Ok(other) => {

@@ -69,13 +69,12 @@ pub mod mq;
 pub mod shm;
 
 pub use backend::{CpuBackend, CpuCommunicator};
+/// The communicator [`CpuBackend`] builds (the same item name in every backend crate).
+pub type Communicator = CpuCommunicator;
 pub use coll::{
     ShmCommunicator, ShmConfig, ShmHostGroup, MAX_LIST_BYTES, MAX_LIST_TENSORS, MAX_WORLD,
 };
 pub use dist_core::{Error, Result};
-
-/// This backend's communicator under the name every backend crate exports.
-pub type Communicator = ShmCommunicator;
 
 /// Checks a condition, returning [`dist_core::Error::InvalidArgument`] when it fails.
 macro_rules! ensure_arg {

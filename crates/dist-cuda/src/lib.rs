@@ -26,7 +26,7 @@
 //!   - `all_gatherv` / `reduce_scatterv` as vLLM: one `ncclBroadcast` / `ncclReduce` per root
 //!     inside an NCCL group (equal sizes fall back to the plain collective); any `dim`;
 //!   - `gather` is grouped send/recv to `dst`; `broadcast` passes a null send buffer off-root;
-//!   - send/recv and [`Communicator::batch_send_recv`] are grouped; fp8 travels as bytes;
+//!   - send/recv and [`Communicator::batch_send_recv_owned`] are grouped; fp8 travels as bytes;
 //!   - temporaries of ops captured in a graph are kept alive with the communicator, since the
 //!     graph reuses their addresses on replay.
 //! - [`custom_ar`]: vLLM's custom all-reduce — IPC buffers exchanged over the host group, the

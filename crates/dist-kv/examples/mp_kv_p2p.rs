@@ -13,16 +13,20 @@
 //! feature, `--path cuda-ipc` and `--path nccl` run the same checks with the caches in device
 //! memory (device `LOCAL_RANK % device count`) and the tensors on a device data path; the
 //! oracle compares host copies of the rows. NCCL refuses two ranks on one GPU: with fewer than
-//! two GPUs, `--path nccl` checks that the refusal is a clean error on both sides within the
-//! deadline (no hang) and exits 77 (skipped), unless NCCL accepts, when the checks run.
+//! two GPUs, `--path nccl` first joins a bare NCCL pair on both ranks and requires exactly that
+//! refusal (`ncclInvalidUsage` from `ncclCommInitRank` on both), then checks that the connector
+//! over it fails cleanly on both sides within the deadline (no hang), and exits 77 (skipped)
+//! printing NCCL's reason. Any other outcome of the pair is a failure, except NCCL accepting
+//! (`NCCL_HOSTID` set apart, say), when the checks run.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use dist_core::{DType, HostGroup, HostGroupExt};
 use dist_kv::transfer::p2p::{
     wait_finished, DataPath, EngineConfig, P2pConfig, P2pConnectorMetadata, P2pRole, P2pScheduler,
-    P2pWorker, SendType, TcpDataPath,
+    P2pWorker, Secret, SendType, TcpDataPath,
 };
 use dist_kv::transfer::{
     slot_mapping, BlockId, KvCacheLayer, KvCacheSpec, KvCaches, KvConnectorScheduler,
@@ -97,8 +101,27 @@ fn cfg(role: P2pRole, send_type: SendType, recv_cap: usize) -> P2pConfig {
             recv_buffer_bytes: recv_cap,
             timeout: Duration::from_secs(10),
             done_timeout: Duration::from_secs(20),
+            // KV_P2P_AUTH=1: the ranks' shared secret (else the job's, from the environment).
+            secret: SECRET.get().cloned().flatten(),
+            ..Default::default()
         },
     }
+}
+
+/// With `KV_P2P_AUTH=1`, a random secret rank 0 makes and shares through the job's store (in a
+/// deployment the secret comes from a file both instances read; see `Secret::from_env`).
+static SECRET: OnceLock<Option<Secret>> = OnceLock::new();
+
+fn share_secret(g: &StatelessProcessGroup) -> Res<()> {
+    if std::env::var("KV_P2P_AUTH").as_deref() != Ok("1") {
+        return Ok(());
+    }
+    let mine: Option<Vec<u8>> = (g.rank() == 0).then(|| rand::random::<[u8; 32]>().to_vec());
+    let bytes: Vec<u8> = g.broadcast_obj(mine.as_ref(), 0)?;
+    SECRET
+        .set(Some(Secret::new(bytes)?))
+        .map_err(|_| "the secret was set twice")?;
+    Ok(())
 }
 
 fn ids(tag: &str, n: usize, pa: &str, ca: &str) -> Vec<String> {
@@ -476,30 +499,83 @@ mod device {
         }
     }
 
-    /// `--path nccl` with fewer than two GPUs: both ranks on one GPU, which NCCL refuses.
-    /// Returns Ok(true) when the refusal was a clean error on this rank within the deadline.
-    pub fn nccl_one_gpu(g: &StatelessProcessGroup) -> Res<bool> {
-        let start = Instant::now();
-        match run_mode(g, &nccl(), SendType::Put, "nccl1gpu") {
-            Ok(()) => Ok(false),
+    /// `ncclInvalidUsage`: what `ncclCommInitRank` returns on every rank when two ranks of a
+    /// communicator share a GPU ("Duplicate GPU detected").
+    const NCCL_INVALID_USAGE: i64 = 5;
+
+    /// `--path nccl` with fewer than two GPUs: both ranks on one GPU. `Ok(Some(reason))` when
+    /// NCCL refused them as expected and the connector failed cleanly in time; `Ok(None)` when
+    /// NCCL accepted (run the checks); an error for anything else.
+    pub fn nccl_one_gpu(g: &StatelessProcessGroup) -> Res<Option<String>> {
+        use dist_cuda::pair::NcclPair;
+        let rank = g.rank();
+        let dev = dist_cuda::DeviceContext::get(ordinal()?)?;
+        NcclPair::load_library()?;
+        // 1. A bare pair: the refusal must be NCCL's invalid usage from ncclCommInitRank.
+        let id: Vec<u8> = if rank == 0 {
+            let id = NcclPair::unique_id()?;
+            g.send_obj(&id, 1)?;
+            id
+        } else {
+            g.recv_obj(0)?
+        };
+        let refusal = match NcclPair::connect(&dev, &id, rank, Duration::from_secs(20)) {
+            Ok(_pair) => None,
+            Err(dist_core::Error::Backend {
+                backend: "nccl",
+                code: Some(NCCL_INVALID_USAGE),
+                message,
+            }) if message.contains("ncclCommInitRank") => Some(message),
             Err(e) => {
-                let waited = start.elapsed();
-                println!(
-                    "mp_kv_p2p: nccl on one GPU, rank {}: refused after {waited:.1?}: {e}",
-                    g.rank()
-                );
-                if waited > Duration::from_secs(40) {
-                    return Err(format!("the refusal took {waited:?}").into());
-                }
-                Ok(true)
+                return Err(format!(
+                    "nccl on one GPU, rank {rank}: expected NCCL's invalid-usage refusal from \
+                     ncclCommInitRank (two ranks on one GPU), got: {e}"
+                )
+                .into())
             }
+        };
+        let all: Vec<bool> = g.all_gather_obj(&refusal.is_some())?;
+        if all.iter().any(|&r| r != refusal.is_some()) {
+            return Err(format!("nccl on one GPU: the ranks disagree (refused: {all:?})").into());
         }
+        let Some(reason) = refusal else {
+            return Ok(None);
+        };
+        // 2. The connector over the refused path: a clean error on both sides, in time. The
+        // producer's names NCCL's refusal; the consumer's loads fail (timed out or lost).
+        let start = Instant::now();
+        let e = match run_mode(g, &nccl(), SendType::Put, "nccl1gpu") {
+            Ok(()) => {
+                return Err(
+                    "nccl on one GPU: the connector worked where the pair was refused".into(),
+                )
+            }
+            Err(e) => e.to_string(),
+        };
+        let waited = start.elapsed();
+        println!(
+            "mp_kv_p2p: nccl on one GPU, rank {rank}: the connector failed after {waited:.1?}: {e}"
+        );
+        if waited > Duration::from_secs(40) {
+            return Err(format!("the refusal took {waited:?}").into());
+        }
+        let expected = if rank == 0 {
+            e.contains("ncclCommInitRank")
+        } else {
+            e.contains("timed out") || e.contains("lost")
+        };
+        if !expected {
+            return Err(format!("nccl on one GPU, rank {rank}: unexpected failure: {e}").into());
+        }
+        Ok(Some(reason))
     }
 }
 
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("--worlds") {
         println!("2");
+        // Once more with the engines authenticating each other.
+        println!("KV_P2P_AUTH=1");
         return;
     }
     let args: Vec<String> = std::env::args().collect();
@@ -517,14 +593,18 @@ fn main() {
         if g.world_size() != 2 {
             return Err(format!("mp_kv_p2p runs with 2 ranks, got {}", g.world_size()).into());
         }
+        share_secret(&g)?;
         match path.as_str() {
             "tcp" => run_all(&g, &host_flavor(), bench_mib),
             #[cfg(feature = "cuda")]
             "cuda-ipc" => run_all(&g, &device::ipc(), bench_mib),
             #[cfg(feature = "cuda")]
             "nccl" if dist_cuda::device_count() < 2 && bench_mib.is_none() => {
-                if device::nccl_one_gpu(&g)? {
-                    println!("mp_kv_p2p: SKIPPED: the nccl path needs two GPUs (NCCL refuses two ranks on one GPU)");
+                if let Some(reason) = device::nccl_one_gpu(&g)? {
+                    println!(
+                        "mp_kv_p2p: SKIPPED: the nccl path needs two GPUs; NCCL refused two \
+                         ranks on one GPU: {reason}"
+                    );
                     std::process::exit(77);
                 }
                 run_all(&g, &device::nccl(), None)

@@ -34,6 +34,20 @@ pub enum Error {
         /// Anything else that helps (queue length, endpoint).
         detail: String,
     },
+    /// libzmq dropped a subscriber's connection and would not have reconnected: the publisher
+    /// sent a message over the subscriber's size limit (or malformed framing). The subscriber
+    /// has connected again; the messages sent in between are lost.
+    #[error(
+        "{endpoint}: libzmq dropped the connection after a message over the {limit}-byte limit \
+         (ZMQ_MAXMSGSIZE) or malformed framing, and would not reconnect; reconnected (messages \
+         sent meanwhile are lost: replay recovers those that fit)"
+    )]
+    Dropped {
+        /// The publisher's endpoint.
+        endpoint: String,
+        /// The size limit in bytes (-1: none).
+        limit: i64,
+    },
     /// The publisher was shut down, or its thread is gone.
     #[error("closed: {0}")]
     Closed(String),

@@ -9,8 +9,8 @@
 //! ## Where it sits
 //!
 //! `dist-kv` depends on `dist-core` for the workspace's vocabulary and on libzmq (Debian's
-//! `libzmq3-dev`, through the `zmq` crate) for sockets. It has no `unsafe` code of its own. The
-//! `dist` binary mounts its command line ([`cli`]) as `dist kv-events publish|subscribe`.
+//! `libzmq3-dev`, through the `zmq` crate) for sockets. It has no `unsafe` code of its own, and no
+//! command line: the `dist` binary's `dist kv-events publish|subscribe` is built on it.
 //!
 //! ## Design choices
 //!
@@ -41,9 +41,12 @@
 //! anything is written, so a damaged file fails its request and never loads wrong data) and the
 //! P2P connector ([`transfer::p2p`]: the peer's address in the request id as vLLM does, a typed
 //! control channel, PUT / PUT_ASYNC / GET, bounded buffers with back-pressure, and the
-//! finished-request tracking vLLM leaves as a TODO). The P2P data path is TCP on the CPU, behind
-//! a small trait ([`transfer::p2p::DataPath`]) where an NCCL path can plug in; that path is not
-//! written yet. Every wait has a deadline; a failed transfer is an error naming its request.
+//! finished-request tracking vLLM leaves as a TODO). The P2P data path is TCP on the CPU behind a
+//! small trait ([`transfer::p2p::DataPath`]), with NCCL and CUDA IPC paths for device caches
+//! (feature `cuda`). The engine's bookkeeping is a state machine without I/O under a thin socket
+//! shell, and its port is built for hostile peers (a shared-secret challenge-response, replies
+//! bound to connections, bounded connections, frames and buffers; docs/SECURITY.md). Every wait
+//! has a deadline; a failed transfer is an error naming its request.
 //!
 //! ## Example
 //!
@@ -69,9 +72,9 @@
 
 #![forbid(unsafe_code)]
 
-pub mod cli;
 mod error;
 pub mod events;
+mod ratelog;
 pub mod transfer;
 
 pub use error::{Error, Result};

@@ -64,6 +64,7 @@ fn cfg(role: P2pRole, send_type: SendType, send_cap: usize, recv_cap: usize) -> 
             recv_buffer_bytes: recv_cap,
             timeout: Duration::from_secs(5),
             done_timeout: Duration::from_secs(5),
+            ..Default::default()
         },
     }
 }
@@ -393,6 +394,8 @@ fn hostile_bytes_do_not_hurt_the_engine() {
             listen_addr: "x:1".into(),
             data_path: "tcp".into(),
             link_init: vec![],
+            nonce: vec![0; 32],
+            auth: false,
         },
     )
     .unwrap();
@@ -404,6 +407,8 @@ fn hostile_bytes_do_not_hurt_the_engine() {
             listen_addr: "127.0.0.1:1".into(),
             data_path: "tcp".into(),
             link_init: vec![],
+            nonce: vec![0; 32],
+            auth: false,
         },
     )
     .unwrap();

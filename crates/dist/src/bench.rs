@@ -1,24 +1,32 @@
-//! `dist bench`: every collective over a size sweep, checked against the oracles, timed, and
-//! printed with nccl-tests' columns (size, count, type, redop, root, time, algbw, busbw, #wrong).
+//! `dist bench`: every collective over a size sweep **through `GroupCoordinator`** (the path an
+//! engine calls), checked against the oracles, timed, and printed with nccl-tests' columns: the
+//! out-of-place form (`*_into` a caller's output buffer) and, for the ops that have one, the
+//! in-place form (`all_reduce_in_place`, `broadcast_in_place`).
 //!
 //! Outside a launcher it starts its own ranks (`--world`, default 4) under `dist run` and runs as
 //! one of them; rank 0 prints. Bus bandwidth follows nccl-tests: all-reduce `algbw·2(n−1)/n`,
-//! all-gather / reduce-scatter / gather and their v-variants `algbw·(n−1)/n`, broadcast and
-//! send/recv `algbw`. Sizes are nccl-tests' too: the larger of the input and output buffers.
+//! all-gather / reduce-scatter / gather / all-to-all and their v-variants `algbw·(n−1)/n`, broadcast
+//! and send/recv `algbw`. Sizes are nccl-tests' too: the larger of the input and output buffers.
+//!
+//! On the host backends a copy probe runs in the same sweep: every rank copies a buffer of the
+//! size with the helper threads its communicator uses, all at once; its rate is the memory bound
+//! printed as `%bound` (the best busbw of the row over it). `--peer torch` runs torch's gloo (host)
+//! or NCCL (GPU) on the same ops, sizes and ranks after the sweep and prints the ratios.
 
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
+use dist_core::communicator::{Comm, View, ViewMut};
 use dist_core::{
-    reference, Backend, DType, DeviceCommunicator, Error, HostGroup, HostGroupExt, HostTensor,
-    ParallelConfig, ReduceOp, Result,
+    reference, Backend, DType, DeviceCommunicator, Error, GroupCoordinator, HostGroup,
+    HostGroupExt, HostTensor, ParallelConfig, ReduceOp, Result,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{BackendKind, DistEnv, InitOptions};
 
 /// The collectives `dist bench` knows.
-pub const ALL_OPS: [&str; 8] = [
+pub const ALL_OPS: [&str; 9] = [
     "all_reduce",
     "all_gather",
     "reduce_scatter",
@@ -26,6 +34,7 @@ pub const ALL_OPS: [&str; 8] = [
     "gather",
     "all_gatherv",
     "reduce_scatterv",
+    "all_to_all_v",
     "sendrecv",
 ];
 
@@ -57,13 +66,13 @@ pub struct BenchArgs {
     /// Element type.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Reduction of all_reduce / reduce_scatter(v).
+    /// Reduction of all_reduce (the coordinator's reduce-scatters sum, as vLLM's do).
     #[arg(long, default_value = "sum")]
     pub redop: String,
     /// Timed iterations per size (default: from 1,000 at small sizes down to 5 at 64 MiB).
     #[arg(long)]
     pub iters: Option<usize>,
-    /// Untimed iterations before timing (the first one is checked).
+    /// Untimed iterations before timing (the first call of each form is checked).
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
     /// One JSON object per row instead of the table.
@@ -72,11 +81,19 @@ pub struct BenchArgs {
     /// Draw busbw against size per op into FILE (.svg, or .png).
     #[arg(long, value_name = "FILE")]
     pub plot: Option<std::path::PathBuf>,
-    /// Skip the oracle check (timings only). The check counts, in `#wrong`, elements that differ
-    /// from the oracle: exactly for data movement, within 1e-5 relative (2e-2 for f16/bf16) for
-    /// floating-point reductions.
+    /// Skip the oracle check (timings only; the table then says nothing about correctness). The
+    /// check counts, in `#wrong`, elements that differ from the oracle: exactly for data
+    /// movement, within 1e-5 relative (2e-2 for f16/bf16) for floating-point reductions.
     #[arg(long)]
     pub no_check: bool,
+    /// Also run torch.distributed (gloo for host tensors, NCCL for CUDA) on the same ops, sizes
+    /// and ranks after the sweep, and print the ratios (`torch`; needs python3 with torch, or the
+    /// interpreter in DIST_BENCH_PYTHON).
+    #[arg(long, value_name = "PEER")]
+    pub peer: Option<String>,
+    /// Seconds the peer may run before it is stopped.
+    #[arg(long, default_value_t = 600.0)]
+    pub peer_timeout: f64,
     /// Seconds the launched job may run before it is killed.
     #[arg(long, default_value_t = 600.0)]
     pub job_timeout: f64,
@@ -101,14 +118,27 @@ pub struct Row {
     pub redop: String,
     /// Root rank, or -1.
     pub root: i64,
-    /// Time per call, µs (the slowest rank's mean).
-    pub time_us: f64,
-    /// Algorithm bandwidth, GB/s.
-    pub algbw: f64,
-    /// Bus bandwidth, GB/s.
-    pub busbw: f64,
-    /// Elements that differ from the oracle, over all ranks (-1: not checked).
+    /// Out of place: time per call, µs (the slowest rank's mean), for the ops that have the form.
+    pub time_us: Option<f64>,
+    /// Out of place: algorithm bandwidth, GB/s.
+    pub algbw: Option<f64>,
+    /// Out of place: bus bandwidth, GB/s.
+    pub busbw: Option<f64>,
+    /// In place: time per call, µs, for the ops that have the form.
+    pub ip_time_us: Option<f64>,
+    /// In place: bus bandwidth, GB/s.
+    pub ip_busbw: Option<f64>,
+    /// Elements that differ from the oracle, over all ranks and both forms (-1: not checked).
     pub wrong: i64,
+    /// The copy probe's rate at this size, GB/s (host backends; the memory bound).
+    pub bound_gbps: Option<f64>,
+}
+
+impl Row {
+    /// The best bus bandwidth of the row (in place or out of place).
+    pub fn best_busbw(&self) -> f64 {
+        self.busbw.unwrap_or(0.0).max(self.ip_busbw.unwrap_or(0.0))
+    }
 }
 
 /// Parses `4K`, `1M`, `64M`, `1G`, `123`.
@@ -162,6 +192,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<u8> {
     if std::env::var_os("RANK").is_none() {
         return launch(args);
     }
+    if let Some(p) = &args.peer {
+        anyhow::ensure!(p == "torch", "--peer {p}: the peer known is torch");
+    }
     let kind = match &args.backend {
         Some(b) => BackendKind::parse(b)?,
         None => BackendKind::from_env()?,
@@ -189,7 +222,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<u8> {
         BackendKind::Tpu => run_rank::<dist_tpu::TpuBackend>(&env, args, kind)?,
     };
     let wrong: i64 = rows.iter().map(|r| r.wrong.max(0)).sum();
-    if env.world().rank == 0 {
+    let rank0 = env.world().rank == 0;
+    if rank0 {
         if let Some(p) = &args.plot {
             let png = p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
             let bytes = if png {
@@ -202,18 +236,50 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<u8> {
         }
     }
     env.world_group().barrier()?;
+    if rank0 && args.peer.is_some() {
+        match std::env::var_os(ROWS_ENV) {
+            // Launched by `dist bench` itself: the launcher runs the peer once the ranks are done.
+            Some(path) => std::fs::write(path, serde_json::to_vec(&rows)?)?,
+            None => peer_torch(kind, &rows, args.peer_timeout)?,
+        }
+    }
     Ok(if wrong > 0 { 1 } else { 0 })
 }
 
+/// Where rank 0 leaves its rows for the launcher's peer run.
+const ROWS_ENV: &str = "DIST_BENCH_ROWS";
+
 fn launch(args: &BenchArgs) -> anyhow::Result<u8> {
     anyhow::ensure!(args.world >= 1, "--world must be at least 1");
+    if let Some(p) = &args.peer {
+        anyhow::ensure!(p == "torch", "--peer {p}: the peer known is torch");
+    }
     let exe = std::env::current_exe()?;
     let mut program: Vec<std::ffi::OsString> = vec![exe.into_os_string()];
     program.extend(std::env::args_os().skip(1));
     let mut opts = dist_store::launch::LaunchOptions::new(args.world, program);
     opts.no_prefix = true;
     opts.timeout = Some(args.job_timeout);
+    let rows_file =
+        std::env::temp_dir().join(format!("dist_bench_rows_{}.json", std::process::id()));
+    if args.peer.is_some() {
+        std::env::set_var(ROWS_ENV, &rows_file);
+    }
     let code = dist_store::launch::run(&opts)?;
+    if args.peer.is_some() {
+        let rows = std::fs::read(&rows_file).ok();
+        let _ = std::fs::remove_file(&rows_file);
+        match rows.and_then(|b| serde_json::from_slice::<Vec<Row>>(&b).ok()) {
+            Some(rows) => {
+                let kind = match &args.backend {
+                    Some(b) => BackendKind::parse(b)?,
+                    None => BackendKind::from_env()?,
+                };
+                peer_torch(kind, &rows, args.peer_timeout)?;
+            }
+            None => println!("# peer torch: not run (the sweep left no rows)"),
+        }
+    }
     Ok(code.clamp(0, 255) as u8)
 }
 
@@ -256,52 +322,50 @@ pub fn run_rank<B: Backend>(
     let me = env.world().rank;
     let printer = me == 0;
     let host = tpg.host_group().clone();
-    // A one-rank group has no communicator (as in vLLM); the bench makes one anyway so the
-    // backend's own path is measured (at world 1 that is per-call overhead).
-    let own;
-    let comm = match tpg.device_communicator() {
-        Some(c) => Some(c),
-        None => {
-            own = B::create_communicator(&dist_core::CommunicatorContext {
-                group_name: format!("{}/bench", tpg.unique_name()),
-                ranks: tpg.ranks().to_vec(),
-                rank_in_group: tpg.rank_in_group(),
-                local_rank: env.world().local_rank,
-                host_group: host.clone(),
-                store: env.store().clone(),
-                timeout: env.world().timeout,
-            })?;
-            Some(&own)
-        }
+    let threads = match kind {
+        BackendKind::Cpu => Some(dist_cpu::ShmConfig::for_world(n).resolved_threads(n)),
+        BackendKind::Host => Some(1),
+        #[allow(unreachable_patterns)]
+        _ => None,
     };
     let total = ops.len() * sizes.len();
     let tty = printer && !args.json && std::io::stderr().is_terminal();
     if printer && !args.json {
         println!(
-            "# dist bench: backend {} | world {world} | tp {tp} pp {} | dtype {dtype} | {} ranks per group",
+            "# dist bench: backend {} | world {world} | tp {tp} pp {} | dtype {dtype} | {} ranks per group | through GroupCoordinator",
             kind.name(),
             args.pp,
             n
         );
         println!("#");
         println!(
-            "# {:>16} {:>12} {:>6} {:>6} {:>5} {:>11} {:>9} {:>9} {:>7}   op",
-            "size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong"
+            "# {:>12} {:>10} {:>5} {:>5} {:>4}  {:>10} {:>8} {:>8}  {:>10} {:>8}  {:>6} {:>6}   op",
+            "", "", "", "", "", "out-of-place", "", "", "in-place", "", "", ""
         );
         println!(
-            "# {:>16} {:>12} {:>6} {:>6} {:>5} {:>11} {:>9} {:>9} {:>7}",
-            "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", ""
+            "# {:>12} {:>10} {:>5} {:>5} {:>4}  {:>10} {:>8} {:>8}  {:>10} {:>8}  {:>6} {:>6}",
+            "size",
+            "count",
+            "type",
+            "redop",
+            "root",
+            "time",
+            "algbw",
+            "busbw",
+            "time",
+            "busbw",
+            "#wrong",
+            "%bound"
+        );
+        println!(
+            "# {:>12} {:>10} {:>5} {:>5} {:>4}  {:>10} {:>8} {:>8}  {:>10} {:>8}  {:>6} {:>6}",
+            "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "(us)", "(GB/s)", "", ""
         );
     }
     let mut rows = vec![];
     let mut done = 0;
+    let mut probes: Vec<(usize, f64)> = vec![];
     for op in &ops {
-        let Some(comm) = comm else {
-            if printer {
-                println!("# {op}: skipped, the TP group has one rank");
-            }
-            continue;
-        };
         if op == "sendrecv" && n == 1 {
             continue;
         }
@@ -316,7 +380,18 @@ pub fn run_rank<B: Backend>(
                 );
                 let _ = std::io::stderr().flush();
             }
-            let row = bench_one::<B>(comm, host.as_ref(), op, bytes, dtype, redop, args, kind)?;
+            let mut row = bench_one::<B>(&tpg, host.as_ref(), op, bytes, dtype, redop, args, kind)?;
+            if let Some(t) = threads {
+                let b = match probes.iter().find(|(s, _)| *s == row.bytes) {
+                    Some((_, b)) => *b,
+                    None => {
+                        let b = copy_probe(host.as_ref(), row.bytes, t)?;
+                        probes.push((row.bytes, b));
+                        b
+                    }
+                };
+                row.bound_gbps = Some(b);
+            }
             if printer {
                 if tty {
                     eprint!("\r{}\r", " ".repeat(60));
@@ -327,56 +402,223 @@ pub fn run_rank<B: Backend>(
         }
     }
     if printer && !args.json {
-        let wrong: i64 = rows.iter().map(|r| r.wrong.max(0)).sum();
-        println!(
-            "# Out of bounds values : {wrong} {}",
-            if wrong == 0 { "OK" } else { "FAILED" }
-        );
+        if args.no_check {
+            println!("# results not checked (--no-check): timings only");
+        } else {
+            let wrong: i64 = rows.iter().map(|r| r.wrong.max(0)).sum();
+            println!(
+                "# Out of bounds values : {wrong} {}",
+                if wrong == 0 { "OK" } else { "FAILED" }
+            );
+        }
+        if threads.is_some() {
+            println!(
+                "# %bound: best busbw over a copy of the same bytes by every rank at once with {} thread(s) each",
+                threads.unwrap_or(1)
+            );
+        }
     }
     state.destroy()?;
     Ok(rows)
 }
 
+/// The memory bound at `bytes`: every rank copies a buffer of that size with `threads` threads,
+/// all at once (after a barrier); the median rate of five trials, slowest rank, GB/s.
+fn copy_probe(host: &dyn HostGroup, bytes: usize, threads: usize) -> Result<f64> {
+    let src = vec![1u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    let reps = ((64usize << 20) / bytes.max(1)).clamp(1, 2000);
+    let per = bytes.div_ceil(threads.clamp(1, 64)).max(1);
+    let mut trials = vec![];
+    for _ in 0..5 {
+        host.barrier()?;
+        let start = Instant::now();
+        // Each thread copies its part `reps` times (threads started once per trial).
+        std::thread::scope(|s| {
+            for (d, c) in dst.chunks_mut(per).zip(src.chunks(per)) {
+                s.spawn(move || {
+                    for _ in 0..reps {
+                        d.copy_from_slice(c);
+                        std::hint::black_box(&mut *d);
+                    }
+                });
+            }
+        });
+        trials.push(start.elapsed().as_secs_f64() / reps as f64);
+    }
+    trials.sort_by(f64::total_cmp);
+    let mine = trials[trials.len() / 2];
+    let all: Vec<f64> = host.all_gather_obj(&mine)?;
+    let slowest = all.iter().cloned().fold(0.0, f64::max);
+    Ok(bytes as f64 / slowest.max(1e-12) / 1e9)
+}
+
 fn print_row(r: &Row, json: bool) {
     if json {
         println!("{}", serde_json::to_string(r).unwrap_or_default());
-    } else {
-        println!(
-            "  {:>16} {:>12} {:>6} {:>6} {:>5} {:>11.2} {:>9.3} {:>9.3} {:>7}   {}",
-            r.bytes,
-            r.count,
-            r.dtype,
-            r.redop,
-            r.root,
-            r.time_us,
-            r.algbw,
-            r.busbw,
-            if r.wrong < 0 {
-                "N/A".to_string()
-            } else {
-                r.wrong.to_string()
-            },
-            r.op
-        );
+        return;
     }
+    let f = |x: Option<f64>, prec: usize| match x {
+        Some(v) if v.is_finite() => format!("{v:.prec$}"),
+        _ => "-".to_string(),
+    };
+    let bound = r
+        .bound_gbps
+        .filter(|b| *b > 0.0 && r.bytes >= 1 << 20)
+        .map(|b| 100.0 * r.best_busbw() / b);
+    println!(
+        "  {:>12} {:>10} {:>5} {:>5} {:>4}  {:>10} {:>8} {:>8}  {:>10} {:>8}  {:>6} {:>6}   {}",
+        r.bytes,
+        r.count,
+        r.dtype,
+        r.redop,
+        r.root,
+        f(r.time_us, 2),
+        f(r.algbw, 3),
+        f(r.busbw, 3),
+        f(r.ip_time_us, 2),
+        f(r.ip_busbw, 3),
+        if r.wrong < 0 {
+            "N/A".to_string()
+        } else {
+            r.wrong.to_string()
+        },
+        f(bound, 0),
+        r.op
+    );
 }
 
-/// Uneven per-rank lengths summing to `total` (rank r gets a share ∝ r+1), for the v-variants.
-fn uneven(total: usize, n: usize) -> Vec<usize> {
-    let weight: usize = (1..=n).sum();
-    let mut v: Vec<usize> = (0..n).map(|r| total * (r + 1) / weight).collect();
-    let s: usize = v.iter().sum();
-    v[n - 1] += total - s;
-    v
-}
-
-fn seed(op: &str, bytes: usize, rank: usize) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for b in op.bytes() {
-        h = (h ^ b as u64).wrapping_mul(0x1000_0000_01b3);
+/// Runs the torch peer (gloo on the host, NCCL on GPUs) on the same ops, sizes, ranks and dtype,
+/// and prints its figures beside ours with the ratios.
+fn peer_torch(kind: BackendKind, ours: &[Row], timeout_s: f64) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let backend = match kind {
+        BackendKind::Cpu | BackendKind::Host => "gloo",
+        #[allow(unreachable_patterns)]
+        _ => "nccl",
+    };
+    let py = std::env::var("DIST_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let tdtype = match ours.first().map(|r| r.dtype.as_str()).unwrap_or("f32") {
+        "f16" => "float16",
+        "bf16" => "bfloat16",
+        "f64" => "float64",
+        "i32" => "int32",
+        "i64" => "int64",
+        "u8" => "uint8",
+        "i8" => "int8",
+        _ => "float32",
+    };
+    let mut ops: Vec<&str> = vec![];
+    let mut sizes: Vec<usize> = vec![];
+    for r in ours {
+        if !ops.contains(&r.op.as_str()) && r.op != "all_gatherv" && r.op != "reduce_scatterv" {
+            ops.push(&r.op);
+        }
+        if !sizes.contains(&r.bytes) {
+            sizes.push(r.bytes);
+        }
     }
-    h ^ (bytes as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ (rank as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)
+    let world = ours.first().map_or(1, |r| r.world);
+    let script = std::env::temp_dir().join(format!("dist_bench_torch_{}.py", std::process::id()));
+    std::fs::write(&script, include_str!("bench_torch.py"))?;
+    println!("#");
+    println!("# peer: torch.distributed {backend}, same ops, sizes, ranks ({world}) and dtype, run after the sweep");
+    let child = std::process::Command::new(&py)
+        .arg(&script)
+        .args(["--backend", backend, "--world", &world.to_string()])
+        .args(["--dtype", tdtype, "--ops", &ops.join(",")])
+        .arg("--sizes")
+        .arg(
+            sizes
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_file(&script);
+            println!("# peer torch: not run ({py}: {e})");
+            return Ok(());
+        }
+    };
+    // The peer is stopped at its deadline, whatever it is doing.
+    let pid = child.id();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let killer = std::thread::spawn(move || {
+        let limit = std::time::Duration::from_secs_f64(timeout_s.max(1.0));
+        if done_rx.recv_timeout(limit).is_err() {
+            // SAFETY: kill(2) on our own child's pid; a stale pid is at worst an ESRCH.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            return true;
+        }
+        false
+    });
+    let stderr = child.stderr.take();
+    let err_tail = std::thread::spawn(move || {
+        let mut last = String::new();
+        if let Some(e) = stderr {
+            for l in std::io::BufReader::new(e).lines().map_while(|l| l.ok()) {
+                if !l.trim().is_empty() {
+                    last = l;
+                }
+            }
+        }
+        last
+    });
+    println!(
+        "# {:>16} {:>12} {:>12} {:>12} {:>9} {:>7}   op",
+        "size(B)", "dist busbw", "torch busbw", "torch time", "ratio", "#wrong"
+    );
+    let mut any = false;
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines().map_while(|l| l.ok()) {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            any = true;
+            let op = v["op"].as_str().unwrap_or("?");
+            if let Some(why) = v["unsupported"].as_str() {
+                println!("# {op}: torch {backend} lacks it ({why})");
+                continue;
+            }
+            let bytes = v["bytes"].as_u64().unwrap_or(0) as usize;
+            let theirs = v["busbw"].as_f64().unwrap_or(f64::NAN);
+            let mine = ours
+                .iter()
+                .find(|r| r.op == op && r.bytes == bytes)
+                .map(Row::best_busbw);
+            println!(
+                "  {:>16} {:>12} {:>12.3} {:>12.2} {:>9} {:>7}   {op}",
+                bytes,
+                mine.map_or("-".into(), |m| format!("{m:.3}")),
+                theirs,
+                v["time_us"].as_f64().unwrap_or(f64::NAN),
+                mine.map_or("-".into(), |m| format!("{:.2}x", m / theirs)),
+                v["wrong"].as_i64().unwrap_or(-1)
+            );
+            let _ = std::io::stdout().flush();
+        }
+    }
+    let status = child.wait();
+    let _ = done_tx.send(());
+    let killed = killer.join().unwrap_or(false);
+    let last = err_tail.join().unwrap_or_default();
+    let _ = std::fs::remove_file(&script);
+    match status {
+        _ if killed => println!("# peer torch: stopped after {timeout_s} s"),
+        Ok(s) if s.success() => {}
+        Ok(s) => println!(
+            "# peer torch: {} ({py} exited {s}: {last})",
+            if any { "incomplete" } else { "not run" }
+        ),
+        Err(e) => println!("# peer torch: {e}"),
+    }
+    Ok(())
 }
 
 /// Elements of `got` that differ from the oracle `want`: bit-exact for data movement and integer
@@ -414,9 +656,36 @@ fn count_wrong(want: &HostTensor, got: &HostTensor, reduction: bool) -> i64 {
         .count() as i64
 }
 
+/// Uneven per-rank lengths summing to `total` (rank r gets a share ∝ r+1), for the v-variants.
+fn uneven(total: usize, n: usize) -> Vec<usize> {
+    let weight: usize = (1..=n).sum();
+    let mut v: Vec<usize> = (0..n).map(|r| total * (r + 1) / weight).collect();
+    let s: usize = v.iter().sum();
+    v[n - 1] += total - s;
+    v
+}
+
+fn seed(op: &str, bytes: usize, rank: usize) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in op.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x1000_0000_01b3);
+    }
+    h ^ (bytes as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (rank as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)
+}
+
+/// The inputs and outputs of one op at one size, and how to call it both ways.
+struct Case<B: Backend> {
+    input: B::Tensor,
+    /// The out-of-place output (absent for ops without that form, and on gather's non-roots).
+    out: Option<B::Tensor>,
+    /// The in-place buffer of all_reduce / broadcast.
+    inplace: Option<B::Tensor>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn bench_one<B: Backend>(
-    comm: &B::Communicator,
+    g: &GroupCoordinator<B>,
     host: &dyn HostGroup,
     op: &str,
     bytes: usize,
@@ -425,129 +694,159 @@ fn bench_one<B: Backend>(
     args: &BenchArgs,
     kind: BackendKind,
 ) -> Result<Row> {
-    let n = comm.world_size();
-    let r = comm.rank();
+    let n = g.world_size();
+    let r = g.rank_in_group();
     let es = dtype.size();
     // Elements of the larger buffer, rounded down to a multiple of the group size.
     let count = ((bytes / es) / n * n).max(n);
     let per = count / n;
-    let dev = comm.device();
+    let dev = g.device();
     let sizes = uneven(count, n);
-    let input_shape: Vec<usize> = match op {
-        "all_gather" | "gather" => vec![per],
-        "all_gatherv" => vec![sizes[r]],
-        _ => vec![count],
-    };
-    let gen =
-        |rank: usize, shape: &[usize]| HostTensor::random(dtype, shape, seed(op, bytes, rank));
-    let host_in = gen(r, &input_shape);
-    let input = B::from_host(&host_in, dev)?;
-    let root = 0usize;
-    let next = (r + 1) % n;
-    let prev = (r + n - 1) % n;
-    let mut scratch = comm.empty(dtype, &input_shape)?;
-    let mut run_once = |check: bool| -> Result<Option<HostTensor>> {
-        let out: Option<B::Tensor> = match op {
-            "all_reduce" => Some(comm.all_reduce(&input, redop)?),
-            "all_gather" => Some(comm.all_gather(&input, 0)?),
-            "reduce_scatter" => Some(comm.reduce_scatter(&input, 0, redop)?),
-            "broadcast" => {
-                if r == root && check {
-                    scratch = B::from_host(&host_in, dev)?;
-                }
-                comm.broadcast(
-                    &mut dist_core::communicator::Comm::<B>::view_mut(&mut scratch),
-                    root,
-                )?;
-                None
-            }
-            "gather" => comm.gather(&input, root, 0)?,
-            "all_gatherv" => Some(comm.all_gatherv(&input, 0, &sizes)?),
-            "reduce_scatterv" => Some(comm.reduce_scatterv(&input, 0, &sizes, redop)?),
-            "sendrecv" => {
-                if r % 2 == 0 {
-                    comm.send(&dist_core::communicator::Comm::<B>::view(&input), next)?;
-                    comm.recv(
-                        &mut dist_core::communicator::Comm::<B>::view_mut(&mut scratch),
-                        prev,
-                    )?;
-                } else {
-                    comm.recv(
-                        &mut dist_core::communicator::Comm::<B>::view_mut(&mut scratch),
-                        prev,
-                    )?;
-                    comm.send(&dist_core::communicator::Comm::<B>::view(&input), next)?;
-                }
-                None
-            }
-            other => return Err(Error::invalid(format!("unknown op {other}"))),
-        };
-        if !check {
-            return Ok(None);
+    let shape_of = |q: usize| -> Vec<usize> {
+        match op {
+            "all_gather" | "gather" => vec![per],
+            "all_gatherv" => vec![sizes[q]],
+            _ => vec![count],
         }
-        let got = match out {
-            Some(t) => Some(B::to_host(&t)?),
-            None if op == "broadcast" || op == "sendrecv" => Some(B::to_host(&scratch)?),
-            None => None,
-        };
-        Ok(got)
     };
-    // Check (first warm-up call).
+    let out_shape: Option<Vec<usize>> = match op {
+        "all_reduce" | "all_gather" | "all_gatherv" | "all_to_all_v" | "sendrecv" => {
+            Some(vec![count])
+        }
+        "gather" => (r == 0).then(|| vec![count]),
+        "reduce_scatter" => Some(vec![per]),
+        "reduce_scatterv" => Some(vec![sizes[r]]),
+        _ => None,
+    };
+    let reduction = matches!(op, "all_reduce" | "reduce_scatter" | "reduce_scatterv");
+    let gen = |rank: usize| HostTensor::random(dtype, &shape_of(rank), seed(op, bytes, rank));
+    let host_in = gen(r);
+    let up = |h: &HostTensor| B::from_host(h, dev);
+    let zeros = |shape: &[usize]| up(&HostTensor::zeros(dtype, shape));
+    let mut case = Case::<B> {
+        input: up(&host_in)?,
+        out: out_shape.as_deref().map(zeros).transpose()?,
+        inplace: matches!(op, "all_reduce" | "broadcast")
+            .then(|| up(&host_in))
+            .transpose()?,
+    };
+    let counts = vec![per; n];
+    let root = 0usize;
+    let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+    let oop = |c: &mut Case<B>| -> Result<()> {
+        let iv: View<'_, B> = Comm::<B>::view(&c.input);
+        let mut ov: Option<ViewMut<'_, B>> = c.out.as_mut().map(Comm::<B>::view_mut);
+        match (op, ov.as_mut()) {
+            ("all_reduce", Some(o)) => g.all_reduce_into_op(&iv, o, redop),
+            ("all_gather", Some(o)) => g.all_gather_into(&iv, o, 0),
+            ("reduce_scatter", Some(o)) => g.reduce_scatter_into(&iv, o, 0),
+            ("all_gatherv", Some(o)) => g.all_gatherv_into(&iv, o, 0, &sizes),
+            ("reduce_scatterv", Some(o)) => g.reduce_scatterv_into(&iv, o, 0, &sizes),
+            ("all_to_all_v", Some(o)) => g.all_to_all_v_into(&iv, &counts, o, &counts),
+            ("gather", o) => g.gather_into(&iv, o, root, 0),
+            ("sendrecv", Some(o)) => {
+                if r % 2 == 0 {
+                    g.send_view(&iv, Some(next))?;
+                    g.recv_into(o, Some(prev))
+                } else {
+                    g.recv_into(o, Some(prev))?;
+                    g.send_view(&iv, Some(next))
+                }
+            }
+            _ => Ok(()),
+        }
+    };
+    let inplace = |c: &mut Case<B>| -> Result<()> {
+        let Some(t) = c.inplace.as_mut() else {
+            return Ok(());
+        };
+        let mut v = Comm::<B>::view_mut(t);
+        match op {
+            "all_reduce" => g.all_reduce_in_place_op(&mut v, redop),
+            "broadcast" => g.broadcast_in_place(&mut v, root),
+            _ => Ok(()),
+        }
+    };
+    let has_oop = case.out.is_some() || op == "gather";
+    // Check the first call of each form against the oracle.
     let mut wrong: i64 = -1;
-    let first = run_once(!args.no_check)?;
     if !args.no_check {
-        let all: Vec<HostTensor> = (0..n)
-            .map(|q| {
-                let shape = match op {
-                    "all_gather" | "gather" => vec![per],
-                    "all_gatherv" => vec![sizes[q]],
-                    _ => vec![count],
-                };
-                gen(q, &shape)
-            })
-            .collect();
+        let all: Vec<HostTensor> = (0..n).map(gen).collect();
         let want: Option<HostTensor> = match op {
             "all_reduce" => Some(reference::all_reduce(&all, redop)?),
             "all_gather" => Some(reference::all_gather(&all, 0)?),
-            "reduce_scatter" => Some(reference::reduce_scatter(&all, 0, redop)?.swap_remove(r)),
+            "reduce_scatter" => {
+                Some(reference::reduce_scatter(&all, 0, ReduceOp::Sum)?.swap_remove(r))
+            }
             "broadcast" => Some(all[root].clone()),
             "gather" => (r == root)
                 .then(|| reference::all_gather(&all, 0))
                 .transpose()?,
             "all_gatherv" => Some(reference::all_gatherv(&all, 0, &sizes)?),
             "reduce_scatterv" => {
-                Some(reference::reduce_scatterv(&all, 0, &sizes, redop)?.swap_remove(r))
+                Some(reference::reduce_scatterv(&all, 0, &sizes, ReduceOp::Sum)?.swap_remove(r))
+            }
+            "all_to_all_v" => {
+                Some(reference::all_to_all_v(&all, &vec![counts.clone(); n])?.swap_remove(r))
             }
             "sendrecv" => Some(all[prev].clone()),
             _ => None,
         };
-        let mine = match (&want, &first) {
-            (Some(w), Some(g)) => count_wrong(
-                w,
-                g,
-                matches!(op, "all_reduce" | "reduce_scatter" | "reduce_scatterv"),
-            ),
-            (None, None) => 0,
-            (Some(w), None) => w.numel() as i64,
-            (None, Some(_)) => 1,
-        };
+        let mut mine = 0i64;
+        if has_oop {
+            oop(&mut case)?;
+            let got = case.out.as_ref().map(B::to_host).transpose()?;
+            mine += match (&want, &got) {
+                (Some(w), Some(g)) => count_wrong(w, g, reduction),
+                (None, None) => 0,
+                (Some(w), None) => w.numel() as i64,
+                (None, Some(_)) => 1,
+            };
+        }
+        if case.inplace.is_some() {
+            inplace(&mut case)?;
+            let got = case.inplace.as_ref().map(B::to_host).transpose()?;
+            mine += match (&want, &got) {
+                (Some(w), Some(g)) => count_wrong(w, g, reduction),
+                _ => 1,
+            };
+        }
         wrong = host.all_gather_obj(&mine)?.iter().sum();
     }
-    for _ in 1..args.warmup {
-        run_once(false)?;
+    // Time on zeros in place (a buffer reduced again and again would overflow).
+    if op == "all_reduce" {
+        case.inplace = Some(zeros(&[count])?);
     }
     let iters = args.iters.unwrap_or_else(|| default_iters(bytes)).max(1);
-    comm.synchronize()?;
-    host.barrier()?;
-    let t0 = Instant::now();
-    for _ in 0..iters {
-        run_once(false)?;
-    }
-    comm.synchronize()?;
-    let mine = t0.elapsed().as_secs_f64() / iters as f64;
-    let times: Vec<f64> = host.all_gather_obj(&mine)?;
-    let t = times.iter().cloned().fold(0.0, f64::max);
-    let algbw = (count * es) as f64 / t / 1e9;
+    let sync = || g.device_communicator().map_or(Ok(()), |c| c.synchronize());
+    let time = |f: &dyn Fn(&mut Case<B>) -> Result<()>, c: &mut Case<B>| -> Result<f64> {
+        for _ in 0..args.warmup {
+            f(c)?;
+        }
+        sync()?;
+        host.barrier()?;
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            f(c)?;
+        }
+        sync()?;
+        let mine = t0.elapsed().as_secs_f64() / iters as f64;
+        let times: Vec<f64> = host.all_gather_obj(&mine)?;
+        Ok(times.iter().cloned().fold(0.0, f64::max))
+    };
+    let t_oop = if has_oop {
+        Some(time(&oop, &mut case)?)
+    } else {
+        None
+    };
+    let t_ip = if case.inplace.is_some() {
+        Some(time(&inplace, &mut case)?)
+    } else {
+        None
+    };
+    let nbytes = (count * es) as f64;
+    let bw = |t: f64| nbytes / t / 1e9;
+    let algbw = t_oop.map(bw);
     Ok(Row {
         op: op.to_string(),
         backend: kind.name().to_string(),
@@ -555,20 +854,23 @@ fn bench_one<B: Backend>(
         bytes: count * es,
         count,
         dtype: dtype.name().to_string(),
-        redop: if matches!(op, "all_reduce" | "reduce_scatter" | "reduce_scatterv") {
-            redop.name().to_string()
-        } else {
-            "none".into()
+        redop: match op {
+            "all_reduce" => redop.name().to_string(),
+            "reduce_scatter" | "reduce_scatterv" => "sum".into(),
+            _ => "none".into(),
         },
         root: if matches!(op, "broadcast" | "gather") {
             root as i64
         } else {
             -1
         },
-        time_us: t * 1e6,
+        time_us: t_oop.map(|t| t * 1e6),
         algbw,
-        busbw: algbw * bus_factor(op, n),
+        busbw: algbw.map(|a| a * bus_factor(op, n)),
+        ip_time_us: t_ip.map(|t| t * 1e6),
+        ip_busbw: t_ip.map(|t| bw(t) * bus_factor(op, n)),
         wrong,
+        bound_gbps: None,
     })
 }
 

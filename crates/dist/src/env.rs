@@ -6,11 +6,10 @@ use std::time::Duration;
 
 use crate::diagnostics::StoreDiagnostics;
 use dist_core::{
-    Backend, Broadcaster, Device, DeviceKind, Error, GroupFactory, HostGroup, HostGroupExt,
-    ParallelConfig, ParallelState, Result, Store, WorldInfo,
+    Backend, Broadcaster, Device, DeviceKind, Error, GroupFactory, HostGroup, ParallelConfig,
+    ParallelState, Result, Store, WorldInfo,
 };
 use dist_cpu::mq::MessageQueue;
-use dist_cpu::shm::Segment;
 use dist_store::{ClientOptions, StatelessProcessGroup, TcpStoreClient};
 
 /// Environment variable with the default deadline of every blocking call, in seconds.
@@ -398,42 +397,10 @@ fn diagnostics_connection(init_method: &str, timeout: Duration) -> Option<Arc<dy
     Some(Arc::new(c))
 }
 
-const MAGIC: &[u8] = b"magic_message";
-
 /// vLLM's `in_the_same_node_as` (collective): which ranks of `group` share a node with group
-/// rank `source_rank`, probed by opening a shared-memory segment the source created.
+/// rank `source_rank` — [`dist_cpu::shm::same_node`], the workspace's one definition.
 pub fn in_the_same_node_as(group: &dyn HostGroup, source_rank: usize) -> Result<Vec<bool>> {
-    dist_core::ensure_arg!(
-        source_rank < group.world_size(),
-        "source rank {source_rank} out of range for group size {}",
-        group.world_size()
-    );
-    let me = group.rank();
-    let seg = if me == source_rank {
-        let tag = format!("node-probe.{}", rand_tag());
-        let s = Segment::create(&tag, 128)?;
-        // SAFETY: the mapping is 128 bytes and only this process writes it, before the broadcast.
-        unsafe { std::ptr::copy_nonoverlapping(MAGIC.as_ptr(), s.as_ptr(), MAGIC.len()) };
-        Some(s)
-    } else {
-        None
-    };
-    let name: String = group.broadcast_obj(
-        seg.as_ref().map(|s| s.name().to_string()).as_ref(),
-        source_rank,
-    )?;
-    let mut same = me == source_rank;
-    if me != source_rank {
-        if let Ok(s) = Segment::open(&name, 128, Duration::ZERO) {
-            let mut buf = [0u8; 13];
-            // SAFETY: the mapping is 128 bytes; the source wrote the magic before broadcasting.
-            unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), buf.as_mut_ptr(), 13) };
-            same = buf == MAGIC;
-        }
-    }
-    group.barrier()?;
-    drop(seg);
-    group.all_gather_obj(&same)
+    dist_cpu::shm::same_node(group, source_rank)
 }
 
 /// vLLM's `_node_count`: nodes assigned greedily in rank order (collective).
@@ -455,18 +422,6 @@ pub fn node_count(group: &dyn HostGroup) -> Result<usize> {
         }
     }
     Ok(count)
-}
-
-fn rand_tag() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    format!("{:016x}", h.finish())
 }
 
 #[cfg(test)]

@@ -69,10 +69,12 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
-    /// Parses a backend name or alias (`cpu`/`shm`, `host`/`store`); names of backends not built
-    /// in this workspace yet (`cuda`, `rocm`/`hip`, `tpu`) are an [`Error::Unsupported`].
+    /// Parses a backend name or alias (`cpu`/`shm`, `host`/`store`, `cuda`/`nccl`, `rocm`/`hip`/
+    /// `rccl`, `tpu`/`pjrt`), in any case; a backend whose cargo feature is off in this build is
+    /// an [`Error::Unsupported`] naming the feature to build with.
     pub fn parse(s: &str) -> Result<BackendKind> {
-        match s.to_ascii_lowercase().as_str() {
+        let lower = s.to_ascii_lowercase();
+        match lower.as_str() {
             "cpu" | "shm" => Ok(BackendKind::Cpu),
             "host" | "store" => Ok(BackendKind::Host),
             #[cfg(feature = "cuda")]
@@ -86,7 +88,7 @@ impl BackendKind {
             "cuda" | "nccl" | "rocm" | "hip" | "rccl" | "tpu" | "pjrt" => {
                 Err(Error::unsupported(format!(
                     "backend {s}: not compiled into this build of dist (build with --features {})",
-                    match s {
+                    match lower.as_str() {
                         "rocm" | "hip" | "rccl" => "rocm",
                         "tpu" | "pjrt" => "tpu",
                         _ => "cuda",
@@ -128,6 +130,31 @@ impl BackendKind {
             BackendKind::Rocm => DeviceKind::Rocm,
             #[cfg(feature = "tpu")]
             BackendKind::Tpu => DeviceKind::Tpu,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_names_in_any_case() {
+        assert_eq!(BackendKind::parse("SHM").unwrap(), BackendKind::Cpu);
+        assert_eq!(BackendKind::parse("Store").unwrap(), BackendKind::Host);
+        assert!(matches!(
+            BackendKind::parse("gpu"),
+            Err(Error::InvalidArgument(_))
+        ));
+        #[cfg(not(feature = "rocm"))]
+        {
+            let e = BackendKind::parse("ROCm").unwrap_err().to_string();
+            assert!(e.contains("--features rocm"), "{e}");
+        }
+        #[cfg(not(feature = "tpu"))]
+        {
+            let e = BackendKind::parse("PJRT").unwrap_err().to_string();
+            assert!(e.contains("--features tpu"), "{e}");
         }
     }
 }

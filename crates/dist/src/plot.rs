@@ -39,7 +39,12 @@ impl Frame {
         } else {
             (xmin, xmax)
         };
-        let ymax = rows.iter().map(|r| r.busbw).fold(0.0, f64::max).max(1e-9) * 1.1;
+        let ymax = rows
+            .iter()
+            .map(|r| r.best_busbw())
+            .fold(0.0, f64::max)
+            .max(1e-9)
+            * 1.1;
         Frame { xmin, xmax, ymax }
     }
     fn x(&self, bytes: usize) -> f64 {
@@ -126,7 +131,7 @@ pub fn svg(rows: &[Row]) -> String {
         let pts: Vec<String> = rows
             .iter()
             .filter(|r| r.op == *op)
-            .map(|r| format!("{:.1},{:.1}", f.x(r.bytes), f.y(r.busbw)))
+            .map(|r| format!("{:.1},{:.1}", f.x(r.bytes), f.y(r.best_busbw())))
             .collect();
         s += &format!(
             "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>\n",
@@ -222,7 +227,7 @@ pub fn png(rows: &[Row]) -> Vec<u8> {
         let pts: Vec<(f64, f64)> = rows
             .iter()
             .filter(|r| r.op == *op)
-            .map(|r| (f.x(r.bytes), f.y(r.busbw)))
+            .map(|r| (f.x(r.bytes), f.y(r.best_busbw())))
             .collect();
         for p in pts.windows(2) {
             c.line(p[0], p[1], col, 3);
@@ -308,10 +313,13 @@ mod tests {
             dtype: "f32".into(),
             redop: "sum".into(),
             root: -1,
-            time_us: 1.0,
-            algbw: bw,
-            busbw: bw,
+            time_us: Some(1.0),
+            algbw: Some(bw),
+            busbw: Some(bw),
+            ip_time_us: None,
+            ip_busbw: None,
             wrong: 0,
+            bound_gbps: None,
         }
     }
 

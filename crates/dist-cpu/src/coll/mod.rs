@@ -23,7 +23,7 @@
 //!
 //! ## Failure
 //! Every wait has the op's deadline. While sleeping, a waiter polls the peer it waits for: a dead
-//! process (`kill(pid, 0)`), a closed communicator or a peer that failed (it blames a rank in its
+//! process (its pid and start time), a closed communicator or a peer that failed (it blames a rank in its
 //! header) end the wait with [`Error::PeerLost`]; the deadline with [`Error::Timeout`] naming
 //! every peer that had not arrived. A failed communicator marks itself failed (so its peers stop
 //! waiting at once) and refuses later calls: its round counters no longer agree with its peers'.
@@ -217,44 +217,6 @@ fn random_id() -> u64 {
     h.finish()
 }
 
-/// What identifies this node: boot id, host name and network namespace. Ranks that agree
-/// share memory; ranks in other network namespaces count as other nodes (that is how the
-/// cross-node path is tested on one machine).
-pub(crate) fn node_id() -> String {
-    let read = |p: &str| {
-        std::fs::read_to_string(p)
-            .unwrap_or_default()
-            .trim()
-            .to_string()
-    };
-    let netns = std::fs::read_link("/proc/self/ns/net")
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    format!(
-        "{}@{}/{netns}",
-        read("/proc/sys/kernel/random/boot_id"),
-        read("/proc/sys/kernel/hostname")
-    )
-}
-
-/// False once process `pid` is gone or a zombie (dead, not yet reaped by its parent).
-fn pid_alive(pid: u32) -> bool {
-    // SAFETY: kill with signal 0 sends nothing; it only checks that the process exists.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
-    if rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
-        return false;
-    }
-    // "pid (comm) S ...": the state follows the last ')'.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !matches!(
-            s.rsplit_once(')')
-                .and_then(|(_, rest)| rest.trim_start().chars().next()),
-            Some('Z' | 'X')
-        ),
-        Err(_) => true,
-    }
-}
-
 fn dtype_code(d: DType) -> u64 {
     DType::ALL
         .iter()
@@ -385,7 +347,7 @@ impl ShmCommunicator {
                 && cfg.slot_bytes <= 1 << 30,
             "rank 0 proposed bad shared buffer sizes {cfg:?}"
         );
-        let nodes: Vec<String> = host_group.all_gather_obj(&node_id())?;
+        let nodes = crate::shm::node_keys(host_group)?;
         if let Some(r) = nodes.iter().position(|n| *n != nodes[rank]) {
             return Err(Error::unsupported(format!(
                 "group {group_name}: rank {r} is on another node ({}) than rank {rank} ({}); shared memory needs one node (gloo serves several)",
@@ -539,7 +501,10 @@ impl ShmCommunicator {
             _ => {}
         }
         let pid = h.pid.load(Ordering::Relaxed);
-        if pid != self.pid && !pid_alive(pid) {
+        if pid != self.pid
+            && crate::shm::Segment::creator_of(self.segs[p].name())
+                .is_some_and(|c| c.liveness().is_dead())
+        {
             return Err(Error::PeerLost {
                 rank: p,
                 op: o.name.clone(),

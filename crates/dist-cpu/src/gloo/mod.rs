@@ -8,6 +8,11 @@
 //! bf16 and reduces fp16 scalar-wise); `avg` is a sum divided on the host. gloo's ring combines
 //! ranks in its own order, so float results may differ from the rank-order oracle in the last
 //! bits (integers are exact); every rank gets the same bits.
+//!
+//! Connecting keeps the communicator's deadline: the shim connects the full mesh itself (gloo's
+//! keys, gloo's pairs) with one deadline for the whole of it, because gloo alone waits five times
+//! its timeout for each pair, one pair after the other. A peer that never connects fails
+//! [`GlooCommunicator::new`] with `Error::Timeout` naming it, within the timeout.
 
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +48,7 @@ extern "C" {
         hostname: *const c_char,
         iface: *const c_char,
         out: *mut *mut c_void,
+        late_peer: *mut c_int,
         err: *mut c_char,
         errlen: usize,
     ) -> c_int;
@@ -99,10 +105,20 @@ extern "C" {
     ) -> c_int;
 }
 
-/// What the store callbacks see.
+/// What the store callbacks see: the store and the connect's deadline, which bounds every
+/// rendezvous wait.
 struct StoreCtx {
     store: Arc<dyn Store>,
-    timeout: Duration,
+    deadline: Instant,
+}
+
+impl StoreCtx {
+    /// Time left before the deadline (at least 1 ms, so a late call still asks once).
+    fn left(&self) -> Duration {
+        self.deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    }
 }
 
 /// The `n` bytes at `p` (none when `n == 0`, where `p` may be null).
@@ -155,7 +171,7 @@ unsafe extern "C" fn cb_get(
     std::panic::catch_unwind(|| {
         // SAFETY: `user` is the StoreCtx that outlives dg_new.
         let s = unsafe { &*(user as *const StoreCtx) };
-        match s.store.get(&key_of(k, kl), s.timeout) {
+        match s.store.get(&key_of(k, kl), s.left()) {
             Ok(v) => {
                 // SAFETY: `put` copies v into the shim's vector `sink` before returning.
                 unsafe { put(sink, v.as_ptr() as *const c_char, v.len()) };
@@ -186,9 +202,9 @@ unsafe extern "C" fn cb_wait(
             .collect();
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         let t = if ms > 0 {
-            Duration::from_millis(ms as u64).min(s.timeout)
+            Duration::from_millis(ms as u64).min(s.left())
         } else {
-            s.timeout
+            s.left()
         };
         match s.store.wait(&refs, t) {
             Ok(()) => 0,
@@ -262,7 +278,11 @@ impl GlooCommunicator {
             (1..=256).contains(&world) && rank < world,
             "gloo: rank {rank} of {world} (gloo groups here have 1 to 256 ranks)"
         );
-        let sc = StoreCtx { store, timeout };
+        let start = Instant::now();
+        let sc = StoreCtx {
+            store,
+            deadline: start + timeout,
+        };
         let prefix = CString::new(format!("dist-gloo/{group_name}"))
             .map_err(|_| Error::invalid("group name has a NUL byte"))?;
         let host = CString::new(std::env::var("DIST_GLOO_HOSTNAME").unwrap_or_default())
@@ -270,9 +290,10 @@ impl GlooCommunicator {
         let iface = CString::new(std::env::var("GLOO_SOCKET_IFNAME").unwrap_or_default())
             .map_err(|_| Error::invalid("GLOO_SOCKET_IFNAME has a NUL byte"))?;
         let mut ctx: *mut c_void = std::ptr::null_mut();
+        let mut late_peer: c_int = -1;
         let mut err = vec![0 as c_char; ERRLEN];
         // SAFETY: every pointer is valid for the call; `sc` outlives it (the shim keeps no
-        // reference to the store after connectFullMesh returns); callbacks catch panics.
+        // reference to the store after the mesh is connected); callbacks catch panics.
         let rc = unsafe {
             dg_new(
                 rank as c_int,
@@ -286,10 +307,22 @@ impl GlooCommunicator {
                 host.as_ptr(),
                 iface.as_ptr(),
                 &mut ctx,
+                &mut late_peer,
                 err.as_mut_ptr(),
                 ERRLEN,
             )
         };
+        if rc == 2 {
+            return Err(Error::Timeout {
+                op: format!("gloo connect (group {group_name}, rank {rank} of {world})"),
+                waited: start.elapsed(),
+                missing_ranks: usize::try_from(late_peer).into_iter().collect(),
+                detail: format!(
+                    "rank {late_peer} did not connect within the deadline ({}); a peer listening on an address this node cannot reach (GLOO_SOCKET_IFNAME, DIST_GLOO_HOSTNAME) looks the same",
+                    msg(&err)
+                ),
+            });
+        }
         if rc != 0 || ctx.is_null() {
             return Err(Error::Backend {
                 backend: "gloo",

@@ -2,23 +2,37 @@
 // Every entry point catches every C++ exception and turns it into a non-zero return code with
 // the message in the caller's buffer; nothing unwinds into Rust. Rendezvous goes through store
 // callbacks implemented in Rust (set / get / wait), so gloo uses the job's dist-store.
+//
+// The full mesh is connected here rather than by gloo's rendezvous::Context::connectFullMesh,
+// with the same store keys, so that the whole connect keeps one deadline: gloo waits five times
+// a pair's timeout for it to connect, and connects pairs one after the other.
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 #include <gloo/allgatherv.h>
 #include <gloo/allreduce.h>
 #include <gloo/barrier.h>
 #include <gloo/broadcast.h>
 #include <gloo/context.h>
-#include <gloo/rendezvous/context.h>
 #include <gloo/rendezvous/prefix_store.h>
 #include <gloo/rendezvous/store.h>
+#include <gloo/transport/context.h>
+#include <gloo/transport/pair.h>
 #include <gloo/transport/tcp/device.h>
 
 extern "C" {
@@ -77,8 +91,129 @@ class CallbackStore : public gloo::rendezvous::Store {
   int64_t timeout_ms_;
 };
 
+using Clock = std::chrono::steady_clock;
+using Ms = std::chrono::milliseconds;
+
+// What dg_new reports when the deadline passed: the peer it was waiting for.
+struct MeshTimeout : std::runtime_error {
+  MeshTimeout(int peer, const std::string& what) : std::runtime_error(what), peer(peer) {}
+  int peer;
+};
+
+// Closes the pair being connected when the deadline passes: gloo then stops waiting for it
+// (a closed pair counts as settled) and the connect loop reports the timeout. `current` and
+// `expired` are sequentially consistent: either the watchdog sees the pair the loop is about to
+// wait for, or the loop sees `expired` before it waits.
+class Watchdog {
+ public:
+  Watchdog(gloo::transport::Context* tctx, Clock::time_point deadline) {
+    thread_ = std::thread([this, tctx, deadline] {
+      std::unique_lock<std::mutex> l(m_);
+      if (cv_.wait_until(l, deadline, [this] { return done_; })) return;
+      expired.store(true);
+      int c = current.load();
+      if (c >= 0) tctx->getPair(c)->close();
+    });
+  }
+  ~Watchdog() {
+    {
+      std::lock_guard<std::mutex> l(m_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  std::atomic<bool> expired{false};
+  std::atomic<int> current{-1};
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;
+};
+
+// A gloo context whose full mesh is connected under one deadline.
+class MeshContext : public gloo::Context {
+ public:
+  MeshContext(int rank, int size) : gloo::Context(rank, size) {}
+
+  // gloo's connectFullMesh (same keys: "rank_<i>" holds a host name, "<i>" the addresses of
+  // rank i's pairs), every wait bounded by `deadline`.
+  void connectMesh(gloo::rendezvous::Store& store, std::shared_ptr<gloo::transport::Device>& dev,
+                   Clock::time_point deadline) {
+    auto left = [&] {
+      auto d = std::chrono::duration_cast<Ms>(deadline - Clock::now());
+      return d < Ms(1) ? Ms(1) : d;
+    };
+    char host[256] = {0};
+    if (gethostname(host, sizeof(host) - 1) != 0) throw std::runtime_error("gethostname failed");
+    const std::string me(host);
+    store.set("rank_" + std::to_string(rank), std::vector<char>(me.begin(), me.end()));
+    int localRank = 0;
+    for (int i = 0; i < rank; i++) {
+      waitKey(store, "rank_" + std::to_string(i), i, deadline, left);
+      auto v = store.get("rank_" + std::to_string(i));
+      if (std::string(v.begin(), v.end()) == me) localRank++;
+    }
+    auto tctx = dev->createContext(rank, size);
+    // A pair waits five times its timeout to connect: make that end just after the deadline,
+    // which the watchdog enforces.
+    tctx->setTimeout(left() / 5 + Ms(2));
+    std::vector<char> all;
+    for (int i = 0; i < size; i++) {
+      if (i == rank) continue;
+      auto& pair = tctx->createPair(i);
+      pair->setLocalRank(localRank);
+      auto b = pair->address().bytes();
+      all.insert(all.end(), b.begin(), b.end());
+    }
+    store.set(std::to_string(rank), all);
+    Watchdog dog(tctx.get(), deadline);
+    for (int i = 0; i < size; i++) {
+      if (i == rank) continue;
+      waitKey(store, std::to_string(i), i, deadline, left);
+      auto peerAll = store.get(std::to_string(i));
+      if (peerAll.size() % (size - 1) != 0) {
+        throw std::runtime_error("rank " + std::to_string(i) + " published " +
+                                 std::to_string(peerAll.size()) + " address bytes for " +
+                                 std::to_string(size - 1) + " pairs");
+      }
+      const size_t n = peerAll.size() / (size - 1);
+      const size_t at = static_cast<size_t>(rank > i ? rank - 1 : rank) * n;
+      std::vector<char> addr(peerAll.begin() + at, peerAll.begin() + at + n);
+      dog.current.store(i);
+      if (dog.expired.load()) throw MeshTimeout(i, "the deadline passed before connecting");
+      try {
+        tctx->getPair(i)->connect(addr);
+      } catch (const std::exception& e) {
+        if (dog.expired.load() || std::string(e.what()).find("Connect timeout") != std::string::npos) {
+          throw MeshTimeout(i, e.what());
+        }
+        throw std::runtime_error("connecting to rank " + std::to_string(i) + ": " + e.what());
+      }
+      if (dog.expired.load()) throw MeshTimeout(i, "the pair did not connect in time");
+      dog.current.store(-1);
+    }
+    device_ = dev;
+    transportContext_ = std::move(tctx);
+  }
+
+ private:
+  template <typename Left>
+  static void waitKey(gloo::rendezvous::Store& store, const std::string& key, int peer,
+                      Clock::time_point deadline, Left left) {
+    try {
+      store.wait({key}, left());
+    } catch (const std::exception& e) {
+      if (Clock::now() >= deadline) throw MeshTimeout(peer, "no address from it: " + std::string(e.what()));
+      throw;
+    }
+  }
+};
+
 struct Ctx {
-  std::shared_ptr<gloo::rendezvous::Context> ctx;
+  std::shared_ptr<MeshContext> ctx;
 };
 
 void write_err(char* err, size_t errlen, const char* what) {
@@ -177,23 +312,37 @@ void do_allreduce(Ctx* c, void* ptr, size_t count, gloo::AllreduceOptions::Func 
 
 extern "C" {
 
+// Connects the full mesh within `timeout_ms`. Returns 0, 1 (error, message in `err`) or 2 (the
+// deadline passed; `*late_peer` is the rank it was waiting for).
 int dg_new(int rank, int size, void* user, dg_set_fn set, dg_get_fn get, dg_wait_fn wait,
            const char* prefix, int64_t timeout_ms, const char* hostname, const char* iface, void** out,
-           char* err, size_t errlen) {
-  DG_TRY
-  *out = nullptr;
-  gloo::transport::tcp::attr attr;
-  if (hostname != nullptr && hostname[0] != 0) attr.hostname = hostname;
-  if (iface != nullptr && iface[0] != 0) attr.iface = iface;
-  auto dev = gloo::transport::tcp::CreateDevice(attr);
-  CallbackStore store(user, set, get, wait, timeout_ms);
-  gloo::rendezvous::PrefixStore pstore(prefix, store);
-  auto ctx = std::make_shared<gloo::rendezvous::Context>(rank, size);
-  ctx->setTimeout(std::chrono::milliseconds(timeout_ms));
-  ctx->connectFullMesh(pstore, dev);
-  auto* c = new Ctx{ctx};
-  *out = c;
-  DG_CATCH
+           int* late_peer, char* err, size_t errlen) {
+  *late_peer = -1;
+  try {
+    *out = nullptr;
+    const auto deadline = Clock::now() + Ms(timeout_ms);
+    gloo::transport::tcp::attr attr;
+    if (hostname != nullptr && hostname[0] != 0) attr.hostname = hostname;
+    if (iface != nullptr && iface[0] != 0) attr.iface = iface;
+    auto dev = gloo::transport::tcp::CreateDevice(attr);
+    CallbackStore store(user, set, get, wait, timeout_ms);
+    gloo::rendezvous::PrefixStore pstore(prefix, store);
+    auto ctx = std::make_shared<MeshContext>(rank, size);
+    ctx->setTimeout(Ms(timeout_ms));
+    ctx->connectMesh(pstore, dev, deadline);
+    *out = new Ctx{ctx};
+  } catch (const MeshTimeout& e) {
+    *late_peer = e.peer;
+    write_err(err, errlen, e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    write_err(err, errlen, e.what());
+    return 1;
+  } catch (...) {
+    write_err(err, errlen, "unknown C++ exception");
+    return 1;
+  }
+  return 0;
 }
 
 void dg_free(void* ctx) {

@@ -1,30 +1,33 @@
-//! The TCP side of the MessageQueue: readers on other nodes.
+//! The TCP side of the MessageQueue (readers on other nodes): the socket shells around the
+//! sans-IO parts ([`FrameDecoder`] here, the hello and the admission of connections in
+//! `admission.rs`).
 //!
 //! Wire format, writer → reader: frames of `u64 LE length` then `length` bytes, whose first byte
 //! is the kind ([`KIND_MSG`], [`KIND_READY`], [`KIND_SHUTDOWN`]); `length` is checked against the
 //! queue's message cap before anything is allocated. Reader → writer: one hello right after
-//! connecting — magic `DISTMQH1`, the reader's rank (u64 LE), the queue's 16-byte random token
-//! (from the [`Handle`](super::Handle)), then a u16 LE length and the optional store token. The
-//! writer accepts each expected reader once; any other connection, a wrong token or a malformed
-//! hello is dropped with a log line. After the hello the reader sends nothing; the writer treats
-//! bytes or EOF from it as the reader going away.
+//! connecting (`admission.rs`), then nothing; the writer treats bytes or EOF from an admitted
+//! reader as the reader going away.
 //!
-//! The writer keeps one bounded queue and one sender thread per remote reader, so `enqueue` never
-//! blocks on a socket: it waits (with its deadline) for room in every reader's queue and hands each
-//! sender an `Arc` of the encoded frame. The reader keeps a partial frame across calls
-//! ([`FrameDecoder`], a state machine with no I/O), so a `dequeue` that times out halfway through
-//! a frame loses nothing.
+//! The writer's listener runs one thread ([`Acceptor`]) that polls the listener and every
+//! connection still sending its hello, feeds what arrives to an `Admission` (one deadline for
+//! the whole hello, a bounded table from which new connections push out the oldest), and starts
+//! a [`Link`] for each reader admitted. It stops listening once every reader is in. Each link
+//! has a bounded queue and a sender thread, so `enqueue` never blocks on a socket: it waits (with
+//! its deadline) for room in every reader's queue and hands each sender an `Arc` of the encoded
+//! frame. The reader keeps a partial frame across calls ([`FrameDecoder`], no I/O), so a
+//! `dequeue` that times out halfway through a frame loses nothing.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use dist_core::{Error, Result};
 
-use super::proc::ct_eq;
+use super::admission::{encode_hello, Admission, Outcome, RateLimit, Secrets, MAX_HELLO};
 
 /// A message.
 pub(crate) const KIND_MSG: u8 = 0;
@@ -32,12 +35,6 @@ pub(crate) const KIND_MSG: u8 = 0;
 pub(crate) const KIND_READY: u8 = 1;
 /// The writer shut the queue down.
 pub(crate) const KIND_SHUTDOWN: u8 = 2;
-
-pub(crate) const HELLO_MAGIC: [u8; 8] = *b"DISTMQH1";
-/// Longest store token a hello may carry.
-pub(crate) const MAX_STORE_TOKEN: usize = 4096;
-/// How long an accepted connection has to send its hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -50,62 +47,6 @@ pub(crate) fn encode_frame(kind: u8, payload: &[u8]) -> Vec<u8> {
     f.push(kind);
     f.extend_from_slice(payload);
     f
-}
-
-/// Encodes the hello a reader sends after connecting.
-pub(crate) fn encode_hello(rank: usize, token: &[u8; 16], store_token: Option<&[u8]>) -> Vec<u8> {
-    let st = store_token.unwrap_or_default();
-    let mut h = Vec::with_capacity(34 + st.len());
-    h.extend_from_slice(&HELLO_MAGIC);
-    h.extend_from_slice(&(rank as u64).to_le_bytes());
-    h.extend_from_slice(token);
-    h.extend_from_slice(&(st.len().min(u16::MAX as usize) as u16).to_le_bytes());
-    h.extend_from_slice(st);
-    h
-}
-
-/// Reads and checks a hello; returns the reader's rank. `expected` answers whether a rank is an
-/// expected reader not yet connected.
-pub(crate) fn read_hello(
-    s: &mut impl Read,
-    token: &[u8; 16],
-    store_token: Option<&[u8]>,
-    expected: impl Fn(usize) -> bool,
-) -> Result<usize> {
-    let mut fixed = [0u8; 34];
-    s.read_exact(&mut fixed)
-        .map_err(|e| Error::io("mq: reading a remote reader's hello", e))?;
-    if fixed[..8] != HELLO_MAGIC {
-        return Err(Error::protocol("mq hello: bad magic"));
-    }
-    let rank = u64::from_le_bytes(fixed[8..16].try_into().expect("8 bytes"));
-    let tlen = u16::from_le_bytes([fixed[32], fixed[33]]) as usize;
-    if tlen > MAX_STORE_TOKEN {
-        return Err(Error::protocol(format!(
-            "mq hello: store token of {tlen} bytes over the cap of {MAX_STORE_TOKEN}"
-        )));
-    }
-    let mut st = vec![0u8; tlen];
-    s.read_exact(&mut st)
-        .map_err(|e| Error::io("mq: reading a remote reader's store token", e))?;
-    // Check both secrets before saying which one failed, so timing says nothing either.
-    let tok_ok = ct_eq(&fixed[16..32], token);
-    let st_ok = match store_token {
-        Some(want) => ct_eq(&st, want),
-        None => true,
-    };
-    if !(tok_ok && st_ok) {
-        return Err(Error::protocol(format!(
-            "mq hello from claimed rank {rank}: wrong queue token or store token"
-        )));
-    }
-    let rank = usize::try_from(rank).map_err(|_| Error::protocol("mq hello: rank overflows"))?;
-    if !expected(rank) {
-        return Err(Error::protocol(format!(
-            "mq hello: rank {rank} is not a remote reader of this queue, or is already connected"
-        )));
-    }
-    Ok(rank)
 }
 
 /// What a [`FrameDecoder`] produced.
@@ -420,18 +361,13 @@ impl Link {
     }
 }
 
-/// At most this many connections may be sending their hello at once; more are dropped.
-const MAX_PENDING_HELLOS: usize = 64;
-
-/// What checking a hello needs.
-#[derive(Debug)]
-struct HelloParams {
-    ranks: Vec<usize>,
-    token: [u8; 16],
-    store_token: Option<Vec<u8>>,
-    link_cap: usize,
-    tag: String,
-}
+/// New connections taken per turn of the accept loop, so that a flood cannot push a reader
+/// whose hello is on its way out of the table before it is read.
+const ACCEPT_BATCH: usize = 16;
+/// Longest sleep of the accept loop: how soon it notices `stop`.
+const ACCEPT_TICK: Duration = Duration::from_millis(50);
+/// At most one line a second about refused connections.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// The writer's listener state: the links of the readers that have connected so far.
 #[derive(Debug)]
@@ -441,14 +377,26 @@ pub(crate) struct Acceptor {
     stop: AtomicBool,
 }
 
+/// The accept loop's state (its thread owns it).
+struct Door {
+    acc: Arc<Acceptor>,
+    ranks: Vec<usize>,
+    secrets: Secrets,
+    link_cap: usize,
+    tag: String,
+    admission: Admission<u64>,
+    conns: HashMap<u64, (TcpStream, SocketAddr)>,
+    next_id: u64,
+    refusals: RateLimit,
+}
+
 impl Acceptor {
-    /// Starts accepting on `listener` for the readers `ranks`, each proving `token` (and the
-    /// store token when one is set). Stops once all are connected or [`Acceptor::stop`] is called.
+    /// Starts accepting on `listener` for the readers `ranks`, each proving `secrets`. Stops once
+    /// all are connected or [`Acceptor::stop`] is called.
     pub fn start(
         listener: TcpListener,
         ranks: Vec<usize>,
-        token: [u8; 16],
-        store_token: Option<Vec<u8>>,
+        secrets: Secrets,
         link_cap: usize,
         tag: String,
     ) -> Result<Arc<Acceptor>> {
@@ -460,107 +408,230 @@ impl Acceptor {
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
         });
-        let a2 = acc.clone();
-        std::thread::Builder::new()
-            .name("mq-accept".into())
-            .spawn(move || a2.run(listener, ranks, token, store_token, link_cap, tag))
-            .map_err(|e| Error::io("mq: spawning the accept thread", e))?;
-        Ok(acc)
-    }
-
-    fn run(
-        self: Arc<Self>,
-        listener: TcpListener,
-        ranks: Vec<usize>,
-        token: [u8; 16],
-        store_token: Option<Vec<u8>>,
-        link_cap: usize,
-        tag: String,
-    ) {
-        let params = Arc::new(HelloParams {
+        let door = Door {
+            acc: acc.clone(),
             ranks,
-            token,
-            store_token,
+            secrets,
             link_cap,
             tag,
-        });
-        let pending = Arc::new(AtomicUsize::new(0));
-        let mut sleep = Duration::from_micros(100);
-        while !self.stop.load(Ordering::Acquire) {
-            if lock(&self.links).iter().all(Option::is_some) {
-                break;
-            }
-            let (s, peer) = match listener.accept() {
-                Ok(x) => x,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(sleep);
-                    sleep = (sleep * 2).min(Duration::from_millis(10));
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(queue = %params.tag, "mq accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
-            };
-            sleep = Duration::from_micros(100);
-            // Each hello is read on its own short-lived thread, so a silent or slow client
-            // cannot hold the real readers up; at most MAX_PENDING_HELLOS at a time.
-            if pending.load(Ordering::Acquire) >= MAX_PENDING_HELLOS {
-                tracing::warn!(queue = %params.tag, %peer, "mq: too many pending connections; dropped one");
-                continue;
-            }
-            pending.fetch_add(1, Ordering::AcqRel);
-            let (me, p, pend) = (self.clone(), params.clone(), pending.clone());
-            let spawned = std::thread::Builder::new()
-                .name("mq-hello".into())
-                .spawn(move || {
-                    me.hello(s, peer, &p);
-                    pend.fetch_sub(1, Ordering::AcqRel);
-                });
-            if spawned.is_err() {
-                pending.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
-    }
-
-    fn hello(&self, mut s: TcpStream, peer: std::net::SocketAddr, p: &HelloParams) {
-        let _ = s.set_nonblocking(false);
-        let _ = s.set_read_timeout(Some(HELLO_TIMEOUT));
-        let slot = |r: usize| p.ranks.iter().position(|&x| x == r);
-        let expected = |r: usize| slot(r).is_some_and(|i| lock(&self.links)[i].is_none());
-        let rank = match read_hello(&mut s, &p.token, p.store_token.as_deref(), expected) {
-            Ok(rank) => rank,
-            Err(e) => {
-                tracing::warn!(queue = %p.tag, %peer, "mq: dropped a connection: {e}");
-                let _ = s.shutdown(Shutdown::Both);
-                return;
-            }
+            admission: Admission::new(),
+            conns: HashMap::new(),
+            next_id: 0,
+            refusals: RateLimit::new(REFUSAL_LOG_EVERY),
         };
-        let _ = s.set_read_timeout(None);
-        let i = slot(rank).expect("checked by read_hello");
-        let mut links = lock(&self.links);
-        if links[i].is_some() || self.stop.load(Ordering::Acquire) {
-            drop(links);
-            tracing::warn!(queue = %p.tag, %peer, rank, "mq: dropped a second connection for a reader");
-            let _ = s.shutdown(Shutdown::Both);
-            return;
-        }
-        match Link::start(rank, p.link_cap, s) {
-            Ok(link) => {
-                tracing::debug!(queue = %p.tag, rank, %peer, "mq remote reader connected");
-                links[i] = Some(link);
-                drop(links);
-                self.cv.notify_all();
-            }
-            Err(e) => tracing::warn!(queue = %p.tag, rank, "mq: {e}"),
-        }
+        std::thread::Builder::new()
+            .name("mq-accept".into())
+            .spawn(move || door.run(listener))
+            .map_err(|e| Error::io("mq: spawning the accept thread", e))?;
+        Ok(acc)
     }
 
     /// Stops accepting.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
         self.cv.notify_all();
+    }
+}
+
+impl Door {
+    fn run(mut self, listener: TcpListener) {
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(1 + super::admission::MAX_PENDING);
+        loop {
+            if self.acc.stop.load(Ordering::Acquire)
+                || lock(&self.acc.links).iter().all(Option::is_some)
+            {
+                break;
+            }
+            let keys: Vec<u64> = self.admission.keys().collect();
+            fds.clear();
+            fds.push(libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            for k in &keys {
+                fds.push(libc::pollfd {
+                    fd: self.conns[k].0.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            let now = Instant::now();
+            let wait = self
+                .admission
+                .next_deadline()
+                .map_or(ACCEPT_TICK, |d| d.saturating_duration_since(now))
+                .clamp(Duration::from_millis(1), ACCEPT_TICK);
+            // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the duration of the
+            // call; each descriptor is owned by `listener` or a stream in `self.conns`.
+            let n = unsafe {
+                libc::poll(
+                    fds.as_mut_ptr(),
+                    fds.len() as libc::nfds_t,
+                    wait.as_millis() as libc::c_int,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    tracing::warn!(queue = %self.tag, "mq: poll failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                continue;
+            }
+            // Hellos first, then deadlines, then new connections: a reader accepted last turn
+            // is read before anyone new can push it out.
+            for (k, f) in keys.iter().zip(&fds[1..]) {
+                if f.revents != 0 {
+                    self.read_hello(*k);
+                }
+            }
+            for (k, why) in self.admission.expire(Instant::now()) {
+                self.refuse(k, &why);
+            }
+            if fds[0].revents != 0 {
+                self.accept(&listener);
+            }
+        }
+        let left: Vec<u64> = self.conns.keys().copied().collect();
+        for k in left {
+            self.close(k);
+        }
+        let held = self.refusals.held();
+        if held > 0 {
+            tracing::warn!(queue = %self.tag, "mq: {held} more connections dropped since the last report");
+        }
+    }
+
+    fn accept(&mut self, listener: &TcpListener) {
+        for _ in 0..ACCEPT_BATCH {
+            match listener.accept() {
+                Ok((s, peer)) => {
+                    if let Err(e) = s.set_nonblocking(true) {
+                        tracing::debug!(queue = %self.tag, %peer, "mq: set_nonblocking: {e}");
+                        continue;
+                    }
+                    let k = self.next_id;
+                    self.next_id += 1;
+                    self.conns.insert(k, (s, peer));
+                    if let Some(old) = self.admission.arrive(k, Instant::now()) {
+                        self.refuse(
+                            old,
+                            "pushed out by newer connections (too many pending hellos)",
+                        );
+                    }
+                    // The hello often came with the connection: take it now.
+                    self.read_hello(k);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // Out of descriptors and the like: not this reader's fault; try again soon.
+                    if let Some(held) = self.refusals.allow(Instant::now()) {
+                        tracing::warn!(queue = %self.tag, held, "mq: accept failed: {e}");
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads what connection `k` has sent of its hello, without blocking.
+    fn read_hello(&mut self, k: u64) {
+        let mut buf = [0u8; MAX_HELLO];
+        loop {
+            let want = self.admission.want(k);
+            let Some((s, _)) = self.conns.get_mut(&k) else {
+                return;
+            };
+            if want == 0 {
+                return;
+            }
+            let got = s.read(&mut buf[..want]);
+            match got {
+                Ok(0) => {
+                    self.admission.gone(k);
+                    self.refuse(k, "closed before finishing its hello");
+                    return;
+                }
+                Ok(n) => {
+                    let links = &self.acc.links;
+                    let ranks = &self.ranks;
+                    let expected = |r: usize| {
+                        ranks
+                            .iter()
+                            .position(|&x| x == r)
+                            .is_some_and(|i| lock(links)[i].is_none())
+                    };
+                    match self
+                        .admission
+                        .data(k, &buf[..n], Instant::now(), &self.secrets, expected)
+                    {
+                        None => {}
+                        Some(Outcome::Admitted(rank)) => return self.admit(k, rank),
+                        Some(Outcome::Dropped(why)) => return self.refuse(k, &why),
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.admission.gone(k);
+                    self.refuse(k, &format!("connection error: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self, k: u64, rank: usize) {
+        let Some((s, peer)) = self.conns.remove(&k) else {
+            return;
+        };
+        let i = self
+            .ranks
+            .iter()
+            .position(|&x| x == rank)
+            .expect("checked by the admission");
+        let mut links = lock(&self.acc.links);
+        if links[i].is_some() || self.acc.stop.load(Ordering::Acquire) {
+            drop(links);
+            let _ = s.shutdown(Shutdown::Both);
+            return;
+        }
+        let started = s
+            .set_nonblocking(false)
+            .map_err(|e| Error::io("mq: set_nonblocking", e))
+            .and_then(|()| Link::start(rank, self.link_cap, s));
+        match started {
+            Ok(link) => {
+                tracing::debug!(queue = %self.tag, rank, %peer, "mq remote reader connected");
+                links[i] = Some(link);
+                drop(links);
+                self.acc.cv.notify_all();
+            }
+            Err(e) => tracing::warn!(queue = %self.tag, rank, "mq: {e}"),
+        }
+    }
+
+    fn close(&mut self, k: u64) -> Option<SocketAddr> {
+        self.admission.gone(k);
+        let (s, peer) = self.conns.remove(&k)?;
+        let _ = s.shutdown(Shutdown::Both);
+        Some(peer)
+    }
+
+    /// Drops connection `k`, logging why at a bounded rate.
+    fn refuse(&mut self, k: u64, why: &str) {
+        let Some(peer) = self.close(k) else {
+            return;
+        };
+        if let Some(held) = self.refusals.allow(Instant::now()) {
+            if held > 0 {
+                tracing::warn!(queue = %self.tag, %peer, "mq: dropped a connection: {why} ({held} more dropped since the last report)");
+            } else {
+                tracing::warn!(queue = %self.tag, %peer, "mq: dropped a connection: {why}");
+            }
+        }
     }
 }
 
@@ -736,26 +807,5 @@ mod tests {
         assert!(decode_all(&encode_frame(7, b""), 16, 64).is_err());
         assert!(decode_all(&encode_frame(KIND_READY, b"x"), 16, 64).is_err());
         assert!(decode_all(&encode_frame(KIND_MSG, &[0; 17]), 16, 64).is_err());
-    }
-
-    #[test]
-    fn hello_checks_tokens_and_ranks() {
-        let tok = [3u8; 16];
-        let h = encode_hello(5, &tok, Some(b"secret"));
-        let ok = |r: usize| r == 5;
-        assert_eq!(
-            read_hello(&mut &h[..], &tok, Some(b"secret"), ok).unwrap(),
-            5
-        );
-        assert!(read_hello(&mut &h[..], &[4u8; 16], Some(b"secret"), ok).is_err());
-        assert!(read_hello(&mut &h[..], &tok, Some(b"other"), ok).is_err());
-        assert!(read_hello(&mut &h[..], &tok, Some(b"secret"), |_| false).is_err());
-        let no_st = encode_hello(5, &tok, None);
-        assert!(read_hello(&mut &no_st[..], &tok, Some(b"secret"), ok).is_err());
-        assert_eq!(read_hello(&mut &no_st[..], &tok, None, ok).unwrap(), 5);
-        let mut bad = h.clone();
-        bad[0] = b'X';
-        assert!(read_hello(&mut &bad[..], &tok, Some(b"secret"), ok).is_err());
-        assert!(read_hello(&mut &h[..20], &tok, Some(b"secret"), ok).is_err());
     }
 }

@@ -1,45 +1,40 @@
 //! The shared-memory ring: layout of the segment and the raw accesses to it.
 //!
 //! ```text
-//! offset 0     header (read-mostly): magic, token, reader slots, chunk count and size, writer identity
-//! offset 128   write_seq (u64: chunks published so far), data futex word, ready word, shutdown word
-//! offset 256   readers_sleeping (u32: readers inside FUTEX_WAIT on the data word)
-//! offset 384   writer_waiting (u32), space futex word
+//! offset 0     header (read-mostly): magic, token, reader slots, chunk count and size
+//! offset 128   write_seq (u64: chunks published so far), ready word, shutdown word
+//! offset 192   data doorbell: readers sleep on it, the writer rings it after publishing
+//! offset 256   space doorbell: the writer sleeps on it, readers ring it after consuming
 //! offset 512   reader slots, 128 bytes each: read_seq (u64), pid, start ticks, pid namespace, attached
 //! then         chunk headers, 64 bytes each: seq, len, msg_len, flags
 //! then         chunk data, `max_chunk_bytes` each (rounded up to 64)
 //! ```
 //!
-//! Every field sits on its own cache line where two parties write it (the writer's `write_seq`,
-//! each reader's `read_seq`), so a reader advancing never invalidates another reader's line.
-//! All offsets are validated when the ring is built; the accessors below assert them again.
+//! Every field two parties write sits on its own cache line (the writer's `write_seq`, each
+//! reader's `read_seq`), so a reader advancing never invalidates another reader's line, and the
+//! line readers poll holds nothing but what they poll for. The writer's identity is the creator
+//! recorded in the segment's name. Words are reached through [`Segment::word`] (bounds and
+//! alignment checked); the two bulk copies are the only `unsafe` here.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use dist_core::{Error, Result};
 
-use crate::shm::Segment;
+use crate::shm::{Doorbell, ProcessId, Segment};
 
-use super::proc::ProcId;
-
-pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"distmq01");
+pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"distmq02");
 
 const H_MAGIC: usize = 0;
 const H_TOKEN: usize = 8; // 16 bytes
 const H_SLOTS: usize = 24;
 const H_CHUNKS: usize = 32;
 const H_CHUNK_BYTES: usize = 40;
-const H_WRITER_PID: usize = 48;
-const H_WRITER_START: usize = 56;
-const H_WRITER_NS: usize = 64;
 
 const H_WRITE_SEQ: usize = 128;
-const H_DATA_FUTEX: usize = 136;
-const H_READY: usize = 140;
-const H_SHUTDOWN: usize = 144;
-const H_READERS_SLEEPING: usize = 256;
-const H_WRITER_WAITING: usize = 384;
-const H_SPACE_FUTEX: usize = 388;
+const H_READY: usize = 136;
+const H_SHUTDOWN: usize = 140;
+const H_DATA_BELL: usize = 192;
+const H_SPACE_BELL: usize = 256;
 
 const READER_BASE: usize = 512;
 const READER_STRIDE: usize = 128;
@@ -59,6 +54,11 @@ const C_FLAGS: usize = 24;
 pub(crate) const FLAG_FIRST: u64 = 1;
 /// The chunk ends a message.
 pub(crate) const FLAG_LAST: u64 = 2;
+
+// The line readers poll holds nothing they write; each doorbell has a line of its own.
+const _: () = assert!(H_WRITE_SEQ % 64 == 0 && H_SHUTDOWN + 4 <= H_DATA_BELL);
+const _: () = assert!(H_DATA_BELL % 64 == 0 && H_SPACE_BELL - H_DATA_BELL >= 64);
+const _: () = assert!(H_SPACE_BELL + 64 <= READER_BASE);
 
 /// `attached` values of a reader slot.
 pub(crate) const SLOT_EMPTY: u32 = 0;
@@ -132,7 +132,18 @@ fn align(x: usize, a: usize) -> usize {
     x.div_ceil(a) * a
 }
 
-/// A mapped ring. Only plain loads and stores of atomics and bounded copies touch the memory.
+/// A chunk's header as the writer wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ChunkHeader {
+    /// Bytes in this chunk.
+    pub len: usize,
+    /// Bytes of the whole message.
+    pub msg_len: u64,
+    /// [`FLAG_FIRST`] and/or [`FLAG_LAST`].
+    pub flags: u64,
+}
+
+/// A mapped ring. Only atomics in place and bounded copies touch the memory.
 #[derive(Debug)]
 pub(crate) struct Ring {
     seg: Segment,
@@ -141,7 +152,7 @@ pub(crate) struct Ring {
 
 impl Ring {
     /// Creates and initialises a ring (the writer's side).
-    pub fn create(tag: &str, geo: Geometry, token: &[u8; 16], writer: &ProcId) -> Result<Ring> {
+    pub fn create(tag: &str, geo: Geometry, token: &[u8; 16]) -> Result<Ring> {
         let seg = Segment::create(tag, geo.len())?;
         let r = Ring { seg, geo };
         // The segment is zero-filled; write the read-mostly header, magic last.
@@ -156,11 +167,6 @@ impl Ring {
             .store(geo.chunks as u64, Ordering::Relaxed);
         r.u64_at(H_CHUNK_BYTES)
             .store(geo.chunk_bytes as u64, Ordering::Relaxed);
-        r.u64_at(H_WRITER_PID).store(writer.pid, Ordering::Relaxed);
-        r.u64_at(H_WRITER_START)
-            .store(writer.start_ticks, Ordering::Relaxed);
-        r.u64_at(H_WRITER_NS)
-            .store(writer.pid_ns, Ordering::Relaxed);
         r.u64_at(H_MAGIC).store(MAGIC, Ordering::Release);
         Ok(r)
     }
@@ -185,7 +191,7 @@ impl Ring {
             );
         }
         let same = magic == MAGIC
-            && super::proc::ct_eq(&tok, token)
+            && super::secret::ct_eq(&tok, token)
             && r.u64_at(H_SLOTS).load(Ordering::Relaxed) == geo.slots as u64
             && r.u64_at(H_CHUNKS).load(Ordering::Relaxed) == geo.chunks as u64
             && r.u64_at(H_CHUNK_BYTES).load(Ordering::Relaxed) == geo.chunk_bytes as u64;
@@ -201,31 +207,21 @@ impl Ring {
         self.seg.name()
     }
 
+    /// The segment (to unlink its name).
+    pub fn segment(&self) -> &Segment {
+        &self.seg
+    }
+
     fn u64_at(&self, off: usize) -> &AtomicU64 {
-        assert!(
-            off % 8 == 0 && off + 8 <= self.seg.len(),
-            "ring offset {off}"
-        );
-        // SAFETY: the offset is in bounds and 8-aligned (asserted; the mapping is page aligned);
-        // the word lives in a shared mapping that outlives `&self`, and every party accesses it
-        // only through atomics.
-        unsafe { &*(self.seg.as_ptr().add(off) as *const AtomicU64) }
+        self.seg.word(off)
     }
     fn u32_at(&self, off: usize) -> &AtomicU32 {
-        assert!(
-            off % 4 == 0 && off + 4 <= self.seg.len(),
-            "ring offset {off}"
-        );
-        // SAFETY: as in `u64_at`, with 4-byte alignment.
-        unsafe { &*(self.seg.as_ptr().add(off) as *const AtomicU32) }
+        self.seg.word(off)
     }
 
     // --- header words ---
     pub fn write_seq(&self) -> &AtomicU64 {
         self.u64_at(H_WRITE_SEQ)
-    }
-    pub fn data_futex(&self) -> &AtomicU32 {
-        self.u32_at(H_DATA_FUTEX)
     }
     pub fn ready(&self) -> &AtomicU32 {
         self.u32_at(H_READY)
@@ -233,21 +229,17 @@ impl Ring {
     pub fn shutdown(&self) -> &AtomicU32 {
         self.u32_at(H_SHUTDOWN)
     }
-    pub fn readers_sleeping(&self) -> &AtomicU32 {
-        self.u32_at(H_READERS_SLEEPING)
+    /// Readers sleep here; the writer rings it after publishing, shutting down or releasing.
+    pub fn data_bell(&self) -> &Doorbell {
+        self.seg.word(H_DATA_BELL)
     }
-    pub fn writer_waiting(&self) -> &AtomicU32 {
-        self.u32_at(H_WRITER_WAITING)
+    /// The writer sleeps here; readers ring it after consuming, attaching or leaving.
+    pub fn space_bell(&self) -> &Doorbell {
+        self.seg.word(H_SPACE_BELL)
     }
-    pub fn space_futex(&self) -> &AtomicU32 {
-        self.u32_at(H_SPACE_FUTEX)
-    }
-    pub fn writer_id(&self) -> ProcId {
-        ProcId {
-            pid: self.u64_at(H_WRITER_PID).load(Ordering::Relaxed),
-            start_ticks: self.u64_at(H_WRITER_START).load(Ordering::Relaxed),
-            pid_ns: self.u64_at(H_WRITER_NS).load(Ordering::Relaxed),
-        }
+    /// The writer: the segment's creator.
+    pub fn writer_id(&self) -> ProcessId {
+        self.seg.creator().unwrap_or_default()
     }
 
     // --- reader slots ---
@@ -261,17 +253,18 @@ impl Ring {
     pub fn attached(&self, i: usize) -> &AtomicU32 {
         self.u32_at(self.slot(i) + R_ATTACHED)
     }
-    pub fn set_reader_id(&self, i: usize, id: &ProcId) {
+    pub fn set_reader_id(&self, i: usize, id: &ProcessId) {
         let s = self.slot(i);
-        self.u64_at(s + R_PID).store(id.pid, Ordering::Relaxed);
+        self.u64_at(s + R_PID)
+            .store(u64::from(id.pid), Ordering::Relaxed);
         self.u64_at(s + R_START)
             .store(id.start_ticks, Ordering::Relaxed);
         self.u64_at(s + R_NS).store(id.pid_ns, Ordering::Relaxed);
     }
-    pub fn reader_id(&self, i: usize) -> ProcId {
+    pub fn reader_id(&self, i: usize) -> ProcessId {
         let s = self.slot(i);
-        ProcId {
-            pid: self.u64_at(s + R_PID).load(Ordering::Relaxed),
+        ProcessId {
+            pid: u32::try_from(self.u64_at(s + R_PID).load(Ordering::Relaxed)).unwrap_or(0),
             start_ticks: self.u64_at(s + R_START).load(Ordering::Relaxed),
             pid_ns: self.u64_at(s + R_NS).load(Ordering::Relaxed),
         }
@@ -306,9 +299,9 @@ impl Ring {
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.chunk_data(seq), bytes.len()) };
     }
 
-    /// Reads chunk `seq`'s header: `(len, msg_len, flags)`, validated against the geometry.
-    /// The caller has seen `write_seq > seq` with acquire ordering.
-    pub fn chunk_header(&self, seq: u64) -> Result<(usize, u64, u64)> {
+    /// Reads chunk `seq`'s header, validated against the geometry. The caller has seen
+    /// `write_seq > seq` with acquire ordering.
+    pub fn chunk_header(&self, seq: u64) -> Result<ChunkHeader> {
         let h = self.chunk_hdr(seq);
         let got = self.u64_at(h + C_SEQ).load(Ordering::Relaxed);
         let len = self.u64_at(h + C_LEN).load(Ordering::Relaxed);
@@ -322,7 +315,11 @@ impl Ring {
                 self.geo.chunk_bytes
             )));
         }
-        Ok((len as usize, msg_len, flags))
+        Ok(ChunkHeader {
+            len: len as usize,
+            msg_len,
+            flags,
+        })
     }
 
     /// Appends chunk `seq`'s `len` bytes (validated by [`Ring::chunk_header`]) to `out`, which
@@ -362,21 +359,16 @@ mod tests {
     fn chunks_roundtrip_and_corruption_is_an_error() {
         let g = Geometry::new(2, 3, 128).unwrap();
         let tok = [7u8; 16];
-        let w = Ring::create(
-            &format!("mq-ring-test-{}", line!()),
-            g,
-            &tok,
-            &super::super::proc::me(),
-        )
-        .unwrap();
+        let w = Ring::create(&format!("mq-ring-test-{}", line!()), g, &tok).unwrap();
         let r = Ring::open(w.name(), g, &tok, std::time::Duration::ZERO).unwrap();
+        assert_eq!(r.writer_id(), ProcessId::me());
         assert!(Ring::open(w.name(), g, &[8u8; 16], std::time::Duration::ZERO).is_err());
         w.write_chunk(4, b"hello", 5, FLAG_FIRST | FLAG_LAST);
         w.write_seq().store(5, Ordering::Release);
-        let (len, msg_len, flags) = r.chunk_header(4).unwrap();
-        assert_eq!((len, msg_len, flags), (5, 5, FLAG_FIRST | FLAG_LAST));
+        let h = r.chunk_header(4).unwrap();
+        assert_eq!((h.len, h.msg_len, h.flags), (5, 5, FLAG_FIRST | FLAG_LAST));
         let mut out = Vec::with_capacity(5);
-        r.read_chunk_into(4, len, &mut out);
+        r.read_chunk_into(4, h.len, &mut out);
         assert_eq!(out, b"hello");
         // Slot 1 holds chunk 4, so asking for chunk 1 (same slot) is detected.
         assert!(r.chunk_header(1).is_err());
@@ -384,5 +376,7 @@ mod tests {
         w.u64_at(w.chunk_hdr(4) + C_LEN)
             .store(1 << 40, Ordering::Relaxed);
         assert!(r.chunk_header(4).is_err());
+        r.set_reader_id(1, &ProcessId::me());
+        assert_eq!(w.reader_id(1), ProcessId::me());
     }
 }

@@ -13,6 +13,75 @@ pub const SPIN_ITERS: u32 = 200;
 /// `sched_yield` iterations before sleeping on the futex.
 pub const YIELD_ITERS: u32 = 16;
 
+/// How long a waiter stays awake before it sleeps on the futex: it spins (the CPU's pause hint,
+/// no system call: the lowest latency, a core busy) for `spin`, then yields the core in a loop
+/// for `yield_for`, then sleeps. At least [`SPIN_ITERS`] iterations are spun whatever `spin` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spin {
+    /// Time spent spinning first.
+    pub spin: Duration,
+    /// Time spent yielding (`sched_yield`) after spinning.
+    pub yield_for: Duration,
+}
+
+impl Spin {
+    /// Stay awake for `busy` after the wait starts: spinning when this node has at least two
+    /// cores for each of the `parties` processes (or threads) that wait on one another, so a
+    /// spinner never takes a core someone else needs; yielding otherwise.
+    pub fn for_parties(parties: usize, busy: Duration) -> Spin {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::choose(parties, cores, busy)
+    }
+
+    fn choose(parties: usize, cores: usize, busy: Duration) -> Spin {
+        if parties.saturating_mul(2) <= cores {
+            Spin {
+                spin: busy,
+                yield_for: Duration::ZERO,
+            }
+        } else {
+            Spin {
+                spin: Duration::ZERO,
+                yield_for: busy,
+            }
+        }
+    }
+
+    /// Runs the awake phases: true as soon as `ready()` is, false once they are over.
+    fn stay_awake(&self, ready: &mut impl FnMut() -> bool) -> bool {
+        for _ in 0..SPIN_ITERS {
+            if ready() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        if self.spin.is_zero() && self.yield_for.is_zero() {
+            return false;
+        }
+        let start = Instant::now();
+        let mut n = 0u32;
+        while !self.spin.is_zero() {
+            if ready() {
+                return true;
+            }
+            std::hint::spin_loop();
+            n = n.wrapping_add(1);
+            // Reading the clock costs ~20 ns: look every 64 turns.
+            if n % 64 == 0 && start.elapsed() >= self.spin {
+                break;
+            }
+        }
+        let until = self.spin + self.yield_for;
+        while start.elapsed() < until {
+            if ready() {
+                return true;
+            }
+            std::thread::yield_now();
+        }
+        ready()
+    }
+}
+
 /// Sleeps while `*word == expected`, at most `timeout`. Spurious wake-ups are possible.
 pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
     let ts = libc::timespec {
@@ -118,7 +187,7 @@ impl Doorbell {
         deadline: Instant,
         poll_every: Duration,
         mut ready: impl FnMut() -> bool,
-        mut poll: impl FnMut() -> Result<(), E>,
+        poll: impl FnMut() -> Result<(), E>,
     ) -> Result<WaitOutcome, E> {
         for _ in 0..SPIN_ITERS {
             if ready() {
@@ -132,6 +201,54 @@ impl Doorbell {
             }
             std::thread::yield_now();
         }
+        self.sleep_until(deadline, poll_every, ready, poll)
+    }
+
+    /// Like [`Doorbell::wait_until`], awake as `spin` says before it sleeps. `poll` is not
+    /// called while awake (it is for what is too slow to check on every turn).
+    pub fn wait_with<E>(
+        &self,
+        spin: Spin,
+        deadline: Instant,
+        poll_every: Duration,
+        mut ready: impl FnMut() -> bool,
+        poll: impl FnMut() -> Result<(), E>,
+    ) -> Result<WaitOutcome, E> {
+        if spin.stay_awake(&mut ready) {
+            return Ok(WaitOutcome::Ready);
+        }
+        self.sleep_until(deadline, poll_every, ready, poll)
+    }
+
+    /// For a publisher that makes its change with plain atomic stores: a fence, then a system
+    /// call only when someone sleeps. Unlike [`Doorbell::ring`], nothing is written to the
+    /// doorbell while nobody sleeps, so many publishers can call it without their cores
+    /// fighting over its cache line.
+    ///
+    /// The publisher's store, this fence, then the load of the sleeper count; a sleeper's
+    /// increment of that count, then its check of the condition (all sequentially consistent
+    /// or fenced): either the publisher sees the sleeper and wakes it, or the sleeper sees the
+    /// change and does not sleep.
+    pub fn notify(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.sleepers.load(Ordering::SeqCst) != 0 {
+            self.seq.fetch_add(1, Ordering::SeqCst);
+            futex_wake(&self.seq, i32::MAX);
+        }
+    }
+
+    /// True when somebody sleeps on this doorbell now.
+    pub fn has_sleepers(&self) -> bool {
+        self.sleepers.load(Ordering::SeqCst) != 0
+    }
+
+    fn sleep_until<E>(
+        &self,
+        deadline: Instant,
+        poll_every: Duration,
+        mut ready: impl FnMut() -> bool,
+        mut poll: impl FnMut() -> Result<(), E>,
+    ) -> Result<WaitOutcome, E> {
         loop {
             self.sleepers.fetch_add(1, Ordering::SeqCst);
             let s = self.seq.load(Ordering::SeqCst);
@@ -212,6 +329,59 @@ mod tests {
             || Err("peer died"),
         );
         assert_eq!(e, Err("peer died"));
+    }
+
+    #[test]
+    fn spin_only_with_two_cores_per_party() {
+        let busy = Duration::from_micros(500);
+        assert_eq!(Spin::choose(8, 16, busy).spin, busy);
+        assert_eq!(Spin::choose(8, 15, busy).spin, Duration::ZERO);
+        assert_eq!(Spin::choose(8, 2, busy).yield_for, busy);
+        assert_eq!(Spin::choose(1, 2, busy).spin, busy);
+    }
+
+    #[test]
+    fn wait_with_stays_awake_then_sleeps_and_is_woken() {
+        let bell = Arc::new(Doorbell::default());
+        let flag = Arc::new(AtomicBool::new(false));
+        let spin = Spin {
+            spin: Duration::from_millis(2),
+            yield_for: Duration::from_millis(2),
+        };
+        // Nothing comes: awake for ~4 ms, then asleep until the deadline.
+        let t = Instant::now();
+        let r = bell
+            .wait_with::<()>(
+                spin,
+                Instant::now() + Duration::from_millis(30),
+                Duration::from_millis(5),
+                || false,
+                || Ok(()),
+            )
+            .unwrap();
+        assert_eq!(r, WaitOutcome::TimedOut);
+        assert!(t.elapsed() >= Duration::from_millis(30));
+        // Set while the waiter sleeps: the ring wakes it long before its 2 s poll.
+        let (b2, f2) = (bell.clone(), flag.clone());
+        let h = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(60));
+            f2.store(true, Ordering::Release);
+            b2.ring();
+        });
+        let t = Instant::now();
+        let r = bell
+            .wait_with::<()>(
+                spin,
+                Instant::now() + Duration::from_secs(5),
+                Duration::from_secs(2),
+                || flag.load(Ordering::Acquire),
+                || Ok(()),
+            )
+            .unwrap();
+        assert_eq!(r, WaitOutcome::Ready);
+        assert!(t.elapsed() < Duration::from_secs(1));
+        h.join().unwrap();
+        assert!(!bell.has_sleepers());
     }
 
     #[test]

@@ -1,32 +1,64 @@
 //! Named POSIX shared-memory segments.
 //!
-//! Names are `/{SEGMENT_PREFIX}{pid}.{tag}`: the creator's pid is part of the name so that a new
-//! job can tell segments of dead jobs (whose creator no longer exists) from live ones and remove
-//! them ([`remove_stale_segments`]). The creator reserves the pages with `posix_fallocate`, so a
-//! `/dev/shm` too small for the segment is an error at creation, not a `SIGBUS` on first touch.
+//! Names are `/{SEGMENT_PREFIX}{pid}-{start ticks}-{pid namespace}.{tag}`: the creator's identity
+//! ([`ProcessId`]) is part of the name, so that a new job can tell segments of dead processes from
+//! live ones and remove them ([`remove_stale_segments`]) without being fooled by a reused pid,
+//! and so that a peer can check the creator of a segment it mapped ([`Segment::creator`]). The
+//! creator reserves the pages with `posix_fallocate`, so a `/dev/shm` too small for the segment
+//! is an error at creation, not a `SIGBUS` on first touch.
+//!
+//! Words in a segment are reached through [`Segment::word`], which checks bounds and alignment
+//! and hands out only types that are valid in any state and mutated only atomically
+//! ([`ShmWord`]); bulk copies stay `unsafe` in the modules that own the protocol.
 
 use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dist_core::{Error, Result};
 
+use super::process::{Liveness, ProcessId};
+use super::Doorbell;
+
 /// Prefix of every segment this workspace creates.
 pub const SEGMENT_PREFIX: &str = "distrs.";
 
-/// A mapped shared-memory segment. The creator unlinks the name on drop; every handle unmaps.
+/// A mapped shared-memory segment. The creator unlinks the name on drop (or earlier, with
+/// [`Segment::unlink`]); every handle unmaps.
 #[derive(Debug)]
 pub struct Segment {
     name: String,
     ptr: *mut u8,
     len: usize,
-    owner: bool,
+    owner: AtomicBool,
 }
 
 // SAFETY: the mapping is plain shared memory; synchronisation of its contents is the user's job
 // (atomics in the segment), and the pointer itself may move between threads.
 unsafe impl Send for Segment {}
-// SAFETY: as above; `Segment` exposes only a raw pointer and length, no interior references.
+// SAFETY: as above; shared access goes through atomics (`word`) or the owner's unsafe copies.
 unsafe impl Sync for Segment {}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for std::sync::atomic::AtomicU32 {}
+    impl Sealed for std::sync::atomic::AtomicU64 {}
+    impl Sealed for super::Doorbell {}
+}
+
+/// Types that may be used in place in a shared segment through `&T` by several processes.
+///
+/// # Safety
+/// Every bit pattern (zero-filled memory included) is a valid value, and all mutation goes
+/// through atomic operations, so another process writing the same bytes concurrently is not a
+/// data race. Sealed: implemented for `AtomicU32`, `AtomicU64` and [`Doorbell`].
+pub unsafe trait ShmWord: Sync + sealed::Sealed {}
+// SAFETY: an atomic integer: any bits are a valid value; all access is atomic.
+unsafe impl ShmWord for AtomicU32 {}
+// SAFETY: as above.
+unsafe impl ShmWord for AtomicU64 {}
+// SAFETY: `Doorbell` is `repr(C)` of two `AtomicU32`s, valid when zero (its docs).
+unsafe impl ShmWord for Doorbell {}
 
 fn cname(name: &str) -> Result<CString> {
     CString::new(format!("/{name}"))
@@ -40,7 +72,15 @@ fn last_os(context: String) -> Error {
 impl Segment {
     /// The full name of a segment created by this process with `tag`.
     pub fn name_for(tag: &str) -> String {
-        format!("{SEGMENT_PREFIX}{}.{tag}", std::process::id())
+        format!("{SEGMENT_PREFIX}{}.{tag}", ProcessId::me().tag())
+    }
+
+    /// The process that created the segment named `name` (from the name); `None` for a name this
+    /// workspace did not make.
+    pub fn creator_of(name: &str) -> Option<ProcessId> {
+        let rest = name.strip_prefix('/').unwrap_or(name);
+        let rest = rest.strip_prefix(SEGMENT_PREFIX)?;
+        ProcessId::parse_tag(rest.split('.').next()?)
     }
 
     /// Creates a zero-filled segment of `len` bytes named [`Segment::name_for`]`(tag)`.
@@ -49,8 +89,8 @@ impl Segment {
     pub fn create(tag: &str, len: usize) -> Result<Segment> {
         crate::ensure_arg!(len > 0, "a shared segment needs at least one byte");
         crate::ensure_arg!(
-            tag.len() < 200 && !tag.contains('/'),
-            "bad segment tag {tag:?} (no '/', under 200 bytes)"
+            tag.len() < 180 && !tag.contains('/'),
+            "bad segment tag {tag:?} (no '/', under 180 bytes)"
         );
         let name = Self::name_for(tag);
         let c = cname(&name)?;
@@ -97,7 +137,7 @@ impl Segment {
                 name,
                 ptr,
                 len,
-                owner: true,
+                owner: AtomicBool::new(true),
             }),
             Err(e) => fail(e.into_error(&format!("mmap(/{name})"))),
         }
@@ -124,7 +164,7 @@ impl Segment {
                             name: name.to_string(),
                             ptr,
                             len,
-                            owner: false,
+                            owner: AtomicBool::new(false),
                         }),
                         Err(e) => Err(e.into_error(&format!("mmap(/{name})"))),
                     };
@@ -160,15 +200,54 @@ impl Segment {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    /// Removes the name now (mappings stay valid); the creator also does this on drop.
-    pub fn unlink(&mut self) {
-        if self.owner {
-            if let Ok(c) = cname(&self.name) {
-                // SAFETY: valid C string; unlinking a missing name is harmless.
-                unsafe { libc::shm_unlink(c.as_ptr()) };
-            }
-            self.owner = false;
+    /// Removes the name now (mappings stay valid); the creator also does this on drop. Does
+    /// nothing on a handle that did not create the segment, or after the first call.
+    pub fn unlink(&self) {
+        if self.owner.swap(false, Ordering::AcqRel) {
+            unlink_name(&self.name);
         }
+    }
+
+    /// The process that created this segment (from its name).
+    pub fn creator(&self) -> Option<ProcessId> {
+        Self::creator_of(&self.name)
+    }
+
+    /// On a handle that did not create the segment: removes its name if its creator is dead
+    /// (the creator cannot do it any more). True when the name was removed here.
+    pub fn unlink_if_orphaned(&self) -> bool {
+        !self.owner.load(Ordering::Acquire)
+            && self.creator().is_some_and(|c| c.liveness().is_dead())
+            && unlink_name(&self.name)
+    }
+
+    /// The word of type `T` at byte `off`, used in place by every process that maps the segment.
+    ///
+    /// # Panics
+    /// When `off` is not aligned for `T` or the word does not fit in the segment.
+    pub fn word<T: ShmWord>(&self, off: usize) -> &T {
+        assert!(
+            off % std::mem::align_of::<T>() == 0
+                && off
+                    .checked_add(std::mem::size_of::<T>())
+                    .is_some_and(|end| end <= self.len),
+            "word of {} bytes at offset {off} of a {}-byte segment",
+            std::mem::size_of::<T>(),
+            self.len
+        );
+        // SAFETY: in bounds and aligned (asserted; the mapping is page aligned); the mapping
+        // lives as long as `&self`; `T: ShmWord` is valid for any bits and mutated only
+        // atomically, so shared use by other processes is sound.
+        unsafe { &*(self.ptr.add(off) as *const T) }
+    }
+}
+
+/// `shm_unlink(/name)`; true when a name was removed.
+fn unlink_name(name: &str) -> bool {
+    match cname(name) {
+        // SAFETY: valid C string; unlinking a missing name is harmless.
+        Ok(c) => unsafe { libc::shm_unlink(c.as_ptr()) == 0 },
+        Err(_) => false,
     }
 }
 
@@ -221,7 +300,8 @@ pub fn shm_available() -> Option<u64> {
 }
 
 /// Removes segments under `/dev/shm` made by this workspace whose creating process is gone
-/// (left behind by a crash). Returns how many were removed. Segments of live processes stay.
+/// (left behind by a crash). Returns how many were removed. Segments of live processes stay, as
+/// do those whose creator cannot be judged from here (another pid namespace).
 pub fn remove_stale_segments() -> usize {
     let Ok(dir) = std::fs::read_dir("/dev/shm") else {
         return 0;
@@ -229,22 +309,13 @@ pub fn remove_stale_segments() -> usize {
     let mut removed = 0;
     for e in dir.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(SEGMENT_PREFIX) else {
+        let Some(creator) = Segment::creator_of(&name) else {
             continue;
         };
-        let Some(pid) = rest.split('.').next().and_then(|p| p.parse::<i32>().ok()) else {
-            continue;
-        };
-        // SAFETY: kill with signal 0 only checks for existence.
-        let alive = unsafe { libc::kill(pid, 0) } == 0
-            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-        if !alive {
-            if let Ok(c) = cname(&name) {
-                // SAFETY: valid C string.
-                if unsafe { libc::shm_unlink(c.as_ptr()) } == 0 {
-                    tracing::info!(segment = %name, pid, "removed stale shared-memory segment");
-                    removed += 1;
-                }
+        if let Liveness::Dead(why) = creator.liveness() {
+            if unlink_name(&name) {
+                tracing::info!(segment = %name, pid = creator.pid, "removed stale shared-memory segment: its creator's {why}");
+                removed += 1;
             }
         }
     }
@@ -278,18 +349,65 @@ mod tests {
         assert!(e.to_string().contains("/dev/shm cannot hold"), "{e}");
     }
 
-    #[test]
-    fn stale_segments_of_dead_pids_are_removed() {
-        // pid 2^22+7 is above the default pid_max and cannot exist.
-        let name = format!("{SEGMENT_PREFIX}{}.stale-test", (1 << 22) + 7);
-        let c = cname(&name).unwrap();
+    fn make_name(name: &str) {
+        let c = cname(name).unwrap();
         // SAFETY: valid C string; the fd is closed right away.
         unsafe {
             let fd = libc::shm_open(c.as_ptr(), libc::O_CREAT | libc::O_RDWR, 0o600);
             assert!(fd >= 0);
             libc::close(fd);
         }
-        assert!(remove_stale_segments() >= 1);
-        assert!(!std::path::Path::new(&format!("/dev/shm/{name}")).exists());
+    }
+
+    #[test]
+    fn stale_segments_of_dead_or_replaced_creators_are_removed() {
+        let me = ProcessId::me();
+        // pid 2^22+7 is above the default pid_max and cannot exist (an old-style name, too).
+        let gone = format!("{SEGMENT_PREFIX}{}.stale-test", (1 << 22) + 7);
+        // Our own pid with another start time: a process that had our pid before us.
+        let reused = format!(
+            "{SEGMENT_PREFIX}{}-{}-{}.stale-test",
+            me.pid,
+            me.start_ticks + 1,
+            me.pid_ns
+        );
+        // A pid namespace we cannot judge: left alone.
+        let foreign = format!("{SEGMENT_PREFIX}{}-1-1.stale-test", (1 << 22) + 7);
+        let live = Segment::create("stale-test-live", 64).unwrap();
+        for n in [&gone, &reused, &foreign] {
+            make_name(n);
+        }
+        // Other tests sweep in parallel: check what is left, not the count.
+        remove_stale_segments();
+        let exists = |n: &str| std::path::Path::new(&format!("/dev/shm/{n}")).exists();
+        assert!(!exists(&gone) && !exists(&reused));
+        assert!(exists(&foreign) && exists(live.name()));
+        unlink_name(&foreign);
+    }
+
+    #[test]
+    fn names_carry_the_creator_and_orphans_are_unlinked_by_peers() {
+        let a = Segment::create(&format!("test-creator-{}", line!()), 4096).unwrap();
+        assert_eq!(a.creator(), Some(ProcessId::me()));
+        assert_eq!(Segment::creator_of("other.1-2-3.x"), None);
+        let b = Segment::open(a.name(), 4096, Duration::ZERO).unwrap();
+        // The creator lives: a peer does not unlink.
+        assert!(!b.unlink_if_orphaned());
+        a.unlink();
+        a.unlink();
+        assert!(!std::path::Path::new(&format!("/dev/shm/{}", a.name())).exists());
+    }
+
+    #[test]
+    fn words_are_bounds_and_alignment_checked() {
+        let s = Segment::create(&format!("test-words-{}", line!()), 128).unwrap();
+        s.word::<AtomicU64>(120).store(7, Ordering::Relaxed);
+        assert_eq!(s.word::<AtomicU32>(120).load(Ordering::Relaxed), 7);
+        s.word::<Doorbell>(64).ring();
+        for bad in [121usize, 124, 128, usize::MAX - 3] {
+            let r = std::panic::catch_unwind(|| s.word::<AtomicU64>(bad).load(Ordering::Relaxed));
+            assert!(r.is_err(), "offset {bad}");
+        }
+        assert!(std::panic::catch_unwind(|| s.word::<Doorbell>(96).ring()).is_err());
     }
 }

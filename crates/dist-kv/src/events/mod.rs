@@ -46,7 +46,9 @@ pub use publisher::{
     ZmqEventPublisher, ZmqPublisherOptions, END_SEQ, SHUTDOWN_TIMEOUT,
 };
 pub use sample::sample_batch;
-pub use subscriber::{KvEventSubscriber, ReceivedBatch};
+pub use subscriber::{
+    KvEventSubscriber, ReceivedBatch, SubscriberOptions, DEFAULT_MAX_MESSAGE, DROP_GRACE,
+};
 pub use types::{
     BlockHash, BlockRemoved, BlockStored, KvCacheEvent, KvEventBatch, Value, MEDIUM_GPU,
 };

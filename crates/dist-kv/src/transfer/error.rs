@@ -43,6 +43,10 @@ pub enum Error {
     /// Bytes that do not follow the control protocol, or a peer's answer that makes no sense.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A peer did not prove it holds the shared secret, or this side could not prove it (one
+    /// side has a secret and the other none, or they hold different ones).
+    #[error("authentication failed: {0}")]
+    Auth(String),
     /// A stored KV file that is partial, damaged or not the expected tensor; nothing was loaded from it.
     #[error("corrupt KV file {path}: {reason}")]
     Corrupt {
@@ -136,6 +140,7 @@ impl Error {
                 detail: detail.clone(),
             },
             Error::Protocol(s) => Error::Protocol(s.clone()),
+            Error::Auth(s) => Error::Auth(s.clone()),
             Error::Corrupt { path, reason } => Error::Corrupt {
                 path: path.clone(),
                 reason: reason.clone(),

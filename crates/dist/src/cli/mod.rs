@@ -3,7 +3,9 @@
 use clap::{Args, Parser, Subcommand};
 
 mod eplb;
+mod kv;
 mod layout;
+mod mq;
 
 /// dist: vLLM's distributed communication layer, in Rust.
 #[derive(Debug, Parser)]
@@ -25,21 +27,13 @@ enum Cmd {
     #[command(subcommand)]
     Store(StoreCmd),
     /// Benchmarks: collectives (default), `store`, `mq`.
-    Bench(BenchCmd),
+    Bench(Box<BenchCmd>),
     /// KV-cache events: vLLM's msgpack stream over ZMQ.
     #[command(subcommand)]
-    KvEvents(KvEventsCmd),
+    KvEvents(kv::KvEventsCmd),
     /// Expert-parallel load balancing: `plan` runs vLLM's rebalancing policy on a load file.
     #[command(subcommand)]
     Eplb(eplb::EplbCmd),
-}
-
-#[derive(Debug, Subcommand)]
-enum KvEventsCmd {
-    /// Publish sample batches that use every event type and field.
-    Publish(dist_kv::cli::PublishArgs),
-    /// Print received batches as JSON lines.
-    Subscribe(dist_kv::cli::SubscribeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,26 +56,7 @@ enum BenchSub {
     /// The TCP store: set+get ops/s with many clients, and rendezvous times.
     Store(dist_store::bench::StoreBenchOptions),
     /// The MessageQueue: paced latency to the last reader and burst throughput.
-    Mq(MqBenchArgs),
-}
-
-#[derive(Debug, Args)]
-struct MqBenchArgs {
-    /// Reader counts.
-    #[arg(long, value_delimiter = ',', default_value = "1,3,7")]
-    readers: Vec<usize>,
-    /// Message sizes (4K, 1M…).
-    #[arg(long, value_delimiter = ',', default_value = "64,1K,64K,1M")]
-    sizes: Vec<String>,
-    /// Paced messages per point.
-    #[arg(long, default_value_t = 2000)]
-    paced_msgs: usize,
-    /// Messages in a burst.
-    #[arg(long, default_value_t = 20000)]
-    burst_msgs: usize,
-    /// Readers over TCP instead of shared memory.
-    #[arg(long)]
-    remote: bool,
+    Mq(Box<mq::MqBenchArgs>),
 }
 
 /// Runs a parsed command; the value is the process exit code.
@@ -94,51 +69,15 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Bench(b) => match b.sub {
             None => dist::bench::run(&b.coll),
             Some(BenchSub::Store(o)) => Ok(code(dist_store::bench::run(&o)?)),
-            Some(BenchSub::Mq(a)) => mq_bench(a),
+            Some(BenchSub::Mq(a)) => mq::run(*a),
         },
         Cmd::Eplb(c) => eplb::run(c),
-        Cmd::KvEvents(KvEventsCmd::Publish(a)) => {
-            dist_kv::cli::run_publish(a)?;
-            Ok(0)
-        }
-        Cmd::KvEvents(KvEventsCmd::Subscribe(a)) => {
-            dist_kv::cli::run_subscribe(a)?;
-            Ok(0)
-        }
+        Cmd::KvEvents(c) => kv::run(c),
     }
 }
 
 fn code(c: i32) -> u8 {
     c.clamp(0, 255) as u8
-}
-
-fn mq_bench(a: MqBenchArgs) -> anyhow::Result<u8> {
-    use dist_cpu::mq::bench::{bench, BenchOptions};
-    let sizes = a
-        .sizes
-        .iter()
-        .map(|s| dist::bench::parse_size(s))
-        .collect::<Result<Vec<_>, _>>()?;
-    let opts = BenchOptions {
-        readers: a.readers,
-        sizes,
-        paced_msgs: a.paced_msgs,
-        burst_msgs: a.burst_msgs,
-        remote: a.remote,
-        ..Default::default()
-    };
-    println!(
-        "# dist bench mq: 1 writer, N readers as threads; latency = enqueue to the last reader's dequeue ({})",
-        if opts.remote { "TCP loopback" } else { "shared memory" }
-    );
-    println!(
-        "{:>7} {:>9} {:>11} {:>11} {:>13} {:>11}",
-        "readers", "bytes", "p50(us)", "p99(us)", "burst msg/s", "burst MB/s"
-    );
-    for row in bench(&opts)? {
-        println!("{row}");
-    }
-    Ok(0)
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default: warnings).

@@ -16,17 +16,48 @@
 //!   (including one GPU shared by both instances, which NCCL refuses).
 //!
 //! A path whose receiver reads the sender's memory ([`DataPath::lends_memory`]) makes the engine
-//! keep the sent tensor until the receiver's `Received` frame.
+//! keep the sent tensor until the receiver's `PutReply::Stored` or `GetDone` frame.
+//!
+//! A path that can count a receive's bytes as they arrive ([`DataLink::recv_counted`]: the TCP
+//! path) lets the engine tell a stalled sender from a slow one: when another peer's PUT waits
+//! for room, a reservation whose data does not arrive at a minimum rate gives way.
 
 use std::io::Write;
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use dist_core::{DType, HostTensor, Tensor};
 
 use crate::transfer::error::{Error, Result};
 
-use super::wire::read_full;
+use super::wire::read_full_counted;
+
+/// How far one receive has got, for a link that counts its bytes (the engine reads it from
+/// another thread).
+#[derive(Debug, Default)]
+pub struct RecvProgress {
+    counted: AtomicBool,
+    bytes: AtomicU64,
+}
+
+impl RecvProgress {
+    /// Marks the receive as counted (called when it starts, before any byte).
+    pub fn start(&self) {
+        self.counted.store(true, Ordering::Release);
+    }
+    /// Adds `n` bytes that arrived.
+    pub fn add(&self, n: usize) {
+        self.counted.store(true, Ordering::Release);
+        self.bytes.fetch_add(n as u64, Ordering::AcqRel);
+    }
+    /// The bytes arrived so far, or `None` for a link that does not count them.
+    pub fn bytes(&self) -> Option<u64> {
+        self.counted
+            .load(Ordering::Acquire)
+            .then(|| self.bytes.load(Ordering::Acquire))
+    }
+}
 
 /// Makes the per-peer links of one engine.
 pub trait DataPath: Send + Sync + std::fmt::Debug + 'static {
@@ -62,6 +93,19 @@ pub trait DataLink<B>: Send + Sync + std::fmt::Debug {
     fn send(&self, stream: &mut TcpStream, data: &B, deadline: Instant) -> Result<()>;
     /// Receives into `out`, whose dtype and shape the control frame announced.
     fn recv(&self, stream: &mut TcpStream, out: &mut B, deadline: Instant) -> Result<()>;
+    /// [`recv`](Self::recv), counting the bytes in `progress` as they arrive. A link that
+    /// cannot count leaves `progress` untouched (the default): its receives are bounded by
+    /// their deadline only.
+    fn recv_counted(
+        &self,
+        stream: &mut TcpStream,
+        out: &mut B,
+        deadline: Instant,
+        progress: &RecvProgress,
+    ) -> Result<()> {
+        let _ = progress;
+        self.recv(stream, out, deadline)
+    }
 }
 
 /// The CPU data path: tensor bytes on the control TCP stream, right after their frame.
@@ -106,14 +150,25 @@ impl DataLink<HostTensor> for TcpLink {
             .map_err(|e| Error::io(format!("tcp data path: send {} bytes", data.len()), e))
     }
     fn recv(&self, stream: &mut TcpStream, out: &mut HostTensor, deadline: Instant) -> Result<()> {
+        self.recv_counted(stream, out, deadline, &RecvProgress::default())
+    }
+    fn recv_counted(
+        &self,
+        stream: &mut TcpStream,
+        out: &mut HostTensor,
+        deadline: Instant,
+        progress: &RecvProgress,
+    ) -> Result<()> {
         let out = out.as_bytes_mut();
         let n = out.len();
-        read_full(
+        progress.start();
+        read_full_counted(
             stream,
             out,
             false,
             deadline,
             &format!("tcp data path: recv {n} bytes"),
+            Some(progress),
         )?;
         Ok(())
     }

@@ -13,7 +13,14 @@
 //!   address in the request id: producer and consumer are separate jobs with no common group
 //!   to set up segments, usually on separate nodes; TCP works across nodes, and a dead peer
 //!   shows at once as EOF or a reset instead of as a pid to poll.
-//! * **Control channel**: typed frames ([`wire::Frame`], postcard, length-capped), no pickle.
+//! * **Control channel**: typed frames ([`wire::Frame`], postcard, length-capped), no pickle;
+//!   with a shared secret ([`Secret`], `EngineConfig::secret` or the job's token file) both ends
+//!   prove they hold it at connect time ([`auth`]). Replies go back on the connection that
+//!   asked, never to the address a peer claims; connections, handshakes, frames and buffers are
+//!   bounded by count, size and time (the engine module's docs, docs/SECURITY.md).
+//! * **Bookkeeping without I/O**: requests, bytes, lending, request-to-connection bindings and
+//!   deadlines are a state machine (`ledger.rs`), the connections kept another (`admission.rs`),
+//!   each unit-tested without sockets; the engine is the socket shell around them.
 //! * **Modes** ([`SendType`]): PUT sends in `save_kv_layer`; PUT_ASYNC queues to a sender thread
 //!   and `wait_for_save` drains the queue; GET keeps tensors until the consumer asks.
 //! * **Bounded buffers with back-pressure**: the producer's queue/store is capped at
@@ -26,15 +33,19 @@
 //!   request in `finished_sending` and frees what it still holds for it. A consumer that dies or
 //!   closes (EOF), aborts, or does not report within `done_timeout` fails the request on the
 //!   producer with an error naming it, and its buffers are freed. On the consumer, a tensor
-//!   that does not arrive by the timeout, or whose producer's connection broke, fails the
-//!   request (no hang), nothing of it is written to the cache, and the producer is told.
+//!   that does not arrive by the timeout, or whose request's connection (the one its first
+//!   tensor came over) broke, fails the request (no hang), nothing of it is written to the
+//!   cache, and the producer is told.
 //!   Tensors nobody loads expire after `done_timeout`, so they cannot hold the buffer. On a
 //!   data path that lends memory (CUDA IPC) a sent tensor the receiver may still be copying
 //!   is freed only by the receiver's acknowledgement or the loss of the connection, never
 //!   under a copy, even when its request fails.
 
+mod admission;
+pub mod auth;
 mod datapath;
 mod engine;
+mod ledger;
 pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -42,8 +53,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-pub use datapath::{DataLink, DataPath, TcpDataPath, TcpLink};
-pub use engine::{request_of, EngineConfig, P2pEngine, SendType};
+pub use auth::Secret;
+pub use datapath::{DataLink, DataPath, RecvProgress, TcpDataPath, TcpLink};
+pub use engine::{
+    request_of, ConnectionCounts, EngineConfig, P2pEngine, SendType, FRAME_TIMEOUT,
+    HANDSHAKE_TIMEOUT,
+};
 
 use super::connector::{
     FailureLog, FinishedRequests, KvConnectorMetadata, KvConnectorScheduler, KvConnectorWorker,
@@ -463,11 +478,12 @@ impl<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>> KvConnectorWorker for P2p
                 }
                 Err(e) => {
                     let e = e.for_request(&r.request_id);
-                    self.engine.discard_request(&r.request_id);
+                    // Told on the connection the request's tensors came over, then forgotten.
                     if let Ok(peer) = peer_address(&r.request_id, false, self.cfg.rank) {
                         self.engine
                             .notify_abort(&r.request_id, &peer, &e.to_string());
                     }
+                    self.engine.discard_request(&r.request_id);
                     self.failures.record(&r.request_id, &r.block_ids, &e);
                 }
             }

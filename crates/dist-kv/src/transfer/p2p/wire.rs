@@ -3,12 +3,18 @@
 //! vLLM's engine speaks msgpack dicts over ZeroMQ (`{"cmd": "PUT", "tensor_id", "shape", "dtype"}`
 //! and so on). Here each message is a variant of [`Frame`], encoded with postcard behind a
 //! 4-byte little-endian length; a length above [`MAX_FRAME_BYTES`] or bytes that do not decode
-//! as a frame end the connection with an error, before anything is allocated for them. Tensor
+//! as a frame end the connection with an error, before anything is allocated for them. Until a
+//! connection's handshake is done its frames are capped far lower ([`MAX_HELLO_BYTES`]). Tensor
 //! data never goes in a frame: it follows a `PutReply::Ready` or a `GetReply` on the data path.
+//!
+//! A connection starts with `Hello` (initiator), `HelloAck` (acceptor) and, when the engines
+//! share a secret, `Auth` (initiator): the challenge-response of [`super::auth`].
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::Instant;
+
+use super::datapath::RecvProgress;
 
 use dist_core::DType;
 use serde::{Deserialize, Serialize};
@@ -16,11 +22,19 @@ use serde::{Deserialize, Serialize};
 use crate::transfer::error::{Error, Result};
 
 /// Version of the control protocol; peers with another version are refused at the handshake.
-pub const PROTOCOL_VERSION: u16 = 2;
-/// Largest control frame (1 MiB).
-pub const MAX_FRAME_BYTES: usize = 1 << 20;
+pub const PROTOCOL_VERSION: u16 = 3;
+/// Largest control frame (64 KiB): a tensor id, a shape, a reason.
+pub const MAX_FRAME_BYTES: usize = 64 << 10;
+/// Largest frame before the handshake is done (`Hello`, `Auth`).
+pub const MAX_HELLO_BYTES: usize = 8 << 10;
 /// Longest tensor id (`{request_id}#{layer_name}`).
 pub const MAX_TENSOR_ID: usize = 4096;
+/// Longest listening address in a handshake.
+pub const MAX_ADDR: usize = 256;
+/// Longest data-path set-up bytes in a `Hello` (an NCCL unique id is 128).
+pub const MAX_LINK_INIT: usize = 4096;
+/// Longest reason carried in a `Refused` or an `Abort`; longer ones are cut when sent.
+pub const MAX_REASON: usize = 1024;
 
 /// Header of a tensor that follows on the data path.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +79,10 @@ pub enum Frame {
         data_path: String,
         /// Bytes the data path needs to set up its link (an NCCL unique id); empty for TCP.
         link_init: Vec<u8>,
+        /// A fresh nonce ([`super::auth::NONCE_BYTES`]).
+        nonce: Vec<u8>,
+        /// True when the initiator holds a shared secret (and will prove it).
+        auth: bool,
     },
     /// The accepting side's answer.
     HelloAck {
@@ -74,6 +92,17 @@ pub enum Frame {
         listen_addr: String,
         /// Name of its data path.
         data_path: String,
+        /// True when the acceptor holds a shared secret (and requires one).
+        auth: bool,
+        /// The acceptor's fresh nonce.
+        nonce: Vec<u8>,
+        /// With `auth`, the acceptor's proof over the `Hello` and its nonce; empty otherwise.
+        proof: Vec<u8>,
+    },
+    /// The initiator's proof over its `Hello` and the acceptor's nonce (with a shared secret).
+    Auth {
+        /// The proof.
+        proof: Vec<u8>,
     },
     /// A producer offers a tensor (vLLM's `PUT`).
     Put {
@@ -125,8 +154,26 @@ pub enum Frame {
     },
 }
 
-/// Writes one frame.
-pub fn write_frame(w: &mut impl Write, frame: &Frame) -> Result<()> {
+impl Frame {
+    /// The frame's name, for messages (never its contents, which a peer chooses).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "Hello",
+            Frame::HelloAck { .. } => "HelloAck",
+            Frame::Auth { .. } => "Auth",
+            Frame::Put { .. } => "Put",
+            Frame::PutReply { .. } => "PutReply",
+            Frame::Get { .. } => "Get",
+            Frame::GetReply { .. } => "GetReply",
+            Frame::GetDone { .. } => "GetDone",
+            Frame::Loaded { .. } => "Loaded",
+            Frame::Abort { .. } => "Abort",
+        }
+    }
+}
+
+/// The length-prefixed bytes of one frame.
+pub fn encode_frame(frame: &Frame) -> Result<Vec<u8>> {
     let body = dist_core::encode_obj(frame)?;
     if body.len() > MAX_FRAME_BYTES {
         return Err(Error::invalid(format!(
@@ -137,22 +184,54 @@ pub fn write_frame(w: &mut impl Write, frame: &Frame) -> Result<()> {
     let mut buf = Vec::with_capacity(4 + body.len());
     buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
     buf.extend_from_slice(&body);
-    w.write_all(&buf)
+    Ok(buf)
+}
+
+/// Writes bytes from [`encode_frame`].
+pub fn write_encoded(w: &mut impl Write, buf: &[u8]) -> Result<()> {
+    w.write_all(buf)
         .and_then(|_| w.flush())
         .map_err(|e| Error::io("write control frame", e))
+}
+
+/// Writes one frame.
+pub fn write_frame(w: &mut impl Write, frame: &Frame) -> Result<()> {
+    write_encoded(w, &encode_frame(frame)?)
+}
+
+/// `s` cut to at most `max` bytes (at a character boundary), for reasons sent to a peer.
+pub fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
 }
 
 /// Decodes one frame body (bounded, no trailing bytes).
 pub fn decode_frame(body: &[u8]) -> Result<Frame> {
     let f: Frame = dist_core::decode_obj(body, MAX_FRAME_BYTES)?;
+    let too_long = |what: &str, n: usize, max: usize| {
+        Err(Error::Protocol(format!(
+            "{what} of {n} bytes exceeds {max}"
+        )))
+    };
     match &f {
         Frame::Put { tensor_id, .. } | Frame::Get { tensor_id, .. }
             if tensor_id.len() > MAX_TENSOR_ID =>
         {
-            Err(Error::Protocol(format!(
-                "tensor id of {} bytes exceeds {MAX_TENSOR_ID}",
-                tensor_id.len()
-            )))
+            too_long("tensor id", tensor_id.len(), MAX_TENSOR_ID)
+        }
+        Frame::Hello { listen_addr, .. } | Frame::HelloAck { listen_addr, .. }
+            if listen_addr.len() > MAX_ADDR =>
+        {
+            too_long("listening address", listen_addr.len(), MAX_ADDR)
+        }
+        Frame::Hello { link_init, .. } if link_init.len() > MAX_LINK_INIT => {
+            too_long("link set-up", link_init.len(), MAX_LINK_INIT)
         }
         _ => Ok(f),
     }
@@ -178,6 +257,18 @@ pub fn read_full(
     deadline: Instant,
     what: &str,
 ) -> Result<ReadOutcome> {
+    read_full_counted(s, buf, idle_ok, deadline, what, None)
+}
+
+/// [`read_full`] that adds each chunk's bytes to `progress` as it arrives.
+pub fn read_full_counted(
+    s: &mut TcpStream,
+    buf: &mut [u8],
+    idle_ok: bool,
+    deadline: Instant,
+    what: &str,
+    progress: Option<&RecvProgress>,
+) -> Result<ReadOutcome> {
     let mut got = 0;
     let start = Instant::now();
     while got < buf.len() {
@@ -192,7 +283,12 @@ pub fn read_full(
                     ErrorKind::UnexpectedEof.into(),
                 ))
             }
-            Ok(n) => got += n,
+            Ok(n) => {
+                got += n;
+                if let Some(p) = progress {
+                    p.add(n);
+                }
+            }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 if got == 0 && idle_ok {
                     return Ok(ReadOutcome::Idle);
@@ -213,33 +309,36 @@ pub fn read_full(
     Ok(ReadOutcome::Done)
 }
 
-/// Reads one frame. `Ok(None)` when idle (nothing arrived before the read timeout) or closed
-/// cleanly (`closed` set).
-pub(crate) fn read_frame(
-    s: &mut TcpStream,
-    idle_ok: bool,
-    deadline: Instant,
-    closed: &mut bool,
-) -> Result<Option<Frame>> {
+/// One read of a frame.
+#[derive(Debug)]
+pub(crate) enum FrameRead {
+    /// A frame and its body's bytes (the handshake's proofs cover them).
+    Frame(Frame, Vec<u8>),
+    /// Nothing arrived before the socket's read timeout.
+    Idle,
+    /// The peer closed the connection cleanly between frames.
+    Closed,
+}
+
+/// Reads one frame of at most `max` bytes. Once its first byte arrived the whole frame must
+/// arrive by `deadline` (a peer that trickles a frame is cut off there).
+pub(crate) fn read_frame(s: &mut TcpStream, deadline: Instant, max: usize) -> Result<FrameRead> {
     let mut len = [0u8; 4];
-    match read_full(s, &mut len, idle_ok, deadline, "read control frame length")? {
+    match read_full(s, &mut len, true, deadline, "read control frame length")? {
         ReadOutcome::Done => {}
-        ReadOutcome::Idle => return Ok(None),
-        ReadOutcome::Closed => {
-            *closed = true;
-            return Ok(None);
-        }
+        ReadOutcome::Idle => return Ok(FrameRead::Idle),
+        ReadOutcome::Closed => return Ok(FrameRead::Closed),
     }
     let n = u32::from_le_bytes(len) as usize;
-    if n > MAX_FRAME_BYTES {
+    if n > max {
         return Err(Error::Protocol(format!(
-            "control frame length {n} exceeds {MAX_FRAME_BYTES}"
+            "control frame length {n} exceeds {max}"
         )));
     }
     let mut body = vec![0u8; n];
-    // The body of a frame whose length arrived must follow promptly.
     read_full(s, &mut body, false, deadline, "read control frame body")?;
-    decode_frame(&body).map(Some)
+    let f = decode_frame(&body)?;
+    Ok(FrameRead::Frame(f, body))
 }
 
 #[cfg(test)]
@@ -254,7 +353,10 @@ mod tests {
                 listen_addr: "127.0.0.1:14579".into(),
                 data_path: "tcp".into(),
                 link_init: vec![1, 2, 3],
+                nonce: vec![7; 32],
+                auth: true,
             },
+            Frame::Auth { proof: vec![9; 32] },
             Frame::Put {
                 seq: 7,
                 tensor_id: "cmpl-1___decode_addr_10.0.0.2:21001_x#model.layers.0".into(),
@@ -296,5 +398,17 @@ mod tests {
             shape: vec![usize::MAX, 2],
         };
         assert_eq!(huge.nbytes(), None);
+        let long_addr = Frame::HelloAck {
+            version: PROTOCOL_VERSION,
+            listen_addr: "h".repeat(MAX_ADDR + 1),
+            data_path: "tcp".into(),
+            auth: false,
+            nonce: vec![],
+            proof: vec![],
+        };
+        assert!(decode_frame(&encode_frame(&long_addr).unwrap()[4..]).is_err());
+        assert_eq!(cut("abcdef", 3), "abc...");
+        assert_eq!(cut("ééé", 3), "é...");
+        assert_eq!(cut("ab", 3), "ab");
     }
 }
