@@ -790,16 +790,28 @@ fn receive_impl<B: Backend>(
         guard.arm(&format!("bucket {i}"), start)?;
         if b.count == 1 && outcome.is_ok() {
             let e = &entries[0];
+            // A failed broadcast ends the transfer here; a failed check waits for the verdict.
+            let mut lost: Option<Error> = None;
             let mut recv = |v: &mut ViewMut<'_, B>| -> Result<()> {
-                if group.device_communicator().is_some() {
-                    return group.broadcast_in_place(v, src);
-                }
-                let mut t = alloc(group, e.dtype, &e.shape)?;
-                broadcast_tensor(group, &mut t, src)?;
-                let tv = Comm::<B>::view(&t);
-                Comm::<B>::copy(&tv, v)
+                let r = match group.device_communicator() {
+                    Some(_) => group.broadcast_in_place(v, src),
+                    None => (|| {
+                        let mut t = alloc(group, e.dtype, &e.shape)?;
+                        broadcast_tensor(group, &mut t, src)?;
+                        let tv = Comm::<B>::view(&t);
+                        Comm::<B>::copy(&tv, v)
+                    })(),
+                };
+                r.map_err(|err| {
+                    let why = err.to_string();
+                    lost = Some(err);
+                    Error::invalid(why)
+                })
             };
             outcome = target.direct(b.first, e, &mut recv);
+            if let Some(err) = lost {
+                return Err(err);
+            }
             continue;
         }
         // Several tensors (or a failed transfer keeping the group in step): one packed buffer.

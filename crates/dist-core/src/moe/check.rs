@@ -1,4 +1,4 @@
-//! Conformance checks of [`dispatch`](super::dispatch) and [`combine`](super::combine) against a
+//! Conformance checks of [`dispatch`] and [`combine`] against a
 //! plain single-process MoE, for any backend: every rank builds every rank's tokens and routing
 //! from a seed, so each can compute what it must receive and what its tokens' outputs are
 //! (`Σ_k w_k · f_{e_k}(x)` over the token's top-k experts, in f64) without communication.
