@@ -116,4 +116,17 @@ fn the_backend_setting() {
         All2AllBackend::default(),
         All2AllBackend::AllGatherReduceScatter
     );
+    // The environment (only this test touches the variable).
+    std::env::set_var(ALL2ALL_BACKEND_ENV, "all_to_all_v");
+    assert_eq!(
+        All2AllBackend::from_env().unwrap(),
+        All2AllBackend::AllToAllV
+    );
+    std::env::set_var(ALL2ALL_BACKEND_ENV, "pplx");
+    assert!(All2AllBackend::from_env().is_err());
+    std::env::remove_var(ALL2ALL_BACKEND_ENV);
+    assert_eq!(
+        All2AllBackend::from_env().unwrap(),
+        All2AllBackend::AllGatherReduceScatter
+    );
 }
