@@ -1401,6 +1401,34 @@ impl<B: Backend> GroupCoordinator<B> {
         self.reduce_scatterv(hidden_states, 0, sizes)
     }
 
+    /// MoE dispatch of top-k routed tokens over this (EP) group with `cfg`'s all2all backend:
+    /// all-gather, or all-to-all-v to the ranks of each token's experts
+    /// ([`crate::moe::dispatch`]).
+    pub fn moe_dispatch(
+        &self,
+        cfg: &crate::moe::MoeConfig,
+        hidden: &View<'_, B>,
+        routing: &crate::moe::Routing<'_>,
+    ) -> Result<crate::moe::Dispatched<B>>
+    where
+        for<'a, 'b> ViewMut<'a, B>: crate::moe::RowKernels<View<'b, B>>,
+    {
+        crate::moe::dispatch(self, cfg, hidden, routing)
+    }
+
+    /// MoE combine of the experts' outputs (in expert order): router weights applied, each
+    /// token's experts summed back on its rank ([`crate::moe::combine`]).
+    pub fn moe_combine(
+        &self,
+        d: &crate::moe::Dispatched<B>,
+        expert_out: &View<'_, B>,
+    ) -> Result<B::Tensor>
+    where
+        for<'a, 'b> ViewMut<'a, B>: crate::moe::RowKernels<View<'b, B>>,
+    {
+        crate::moe::combine(self, d, expert_out)
+    }
+
     /// Releases the communicator and the broadcaster; later calls fail with `NotInitialized`.
     pub fn destroy(&self) -> Result<()> {
         if self.destroyed.swap(true, Ordering::AcqRel) {

@@ -23,6 +23,8 @@
 //! - one [`Error`] type with the variants a caller acts on;
 //! - MoE expert load balancing ([`eplb`]: load recording, vLLM's rebalancing policy, the
 //!   rearrangement of expert weights over the EP group);
+//! - MoE token dispatch and combine ([`moe`]: all-gather / reduce-scatter or all-to-all-v to the
+//!   ranks of each token's experts, chosen as vLLM's all2all backend);
 //! - weight transfer from a trainer into inference ranks ([`weights`]: a typed, checksummed
 //!   manifest, packed buckets, deadlines).
 //!
@@ -64,6 +66,7 @@ pub mod group;
 pub mod host_comm;
 pub mod layout;
 pub mod local;
+pub mod moe;
 pub mod parallel_state;
 pub mod pool;
 pub mod reference;

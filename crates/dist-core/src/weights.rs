@@ -27,23 +27,36 @@
 //! broadcast or loads shifted bytes); a name or shape the model lacks is refused before any data
 //! moves, on every rank; bytes are checksummed; and every wait has a deadline.
 //!
-//! **Where the bytes go.** [`Backend`] offers no device-side concatenation or sub-range
-//! writes, so buckets are packed and unpacked on the host (`to_host` / `from_host` per tensor):
-//! free for host backends, one staging copy each way for device ones. A device path with CUDA
-//! IPC on one host is described in `docs/ARCHITECTURE.md`.
+//! **Where the bytes go.** Nothing is staged through the host. The sender packs each bucket of
+//! several tensors into one buffer from the communicator's pool with byte-range copies
+//! ([`ByteRanges`] on the backend's views: host slices for host backends, device copies for
+//! device ones) and broadcasts it; a tensor alone in its bucket is copied into a pooled buffer
+//! of its own dtype and shape. A receiver broadcasts into a pooled bucket buffer and copies each
+//! tensor, checked ([`Checksum`]), straight into the model's memory
+//! ([`receive_weights_into`]: the model lends a view of each tensor), or receives a tensor alone
+//! in its bucket directly into the model's view. [`receive_weights`] hands fresh tensors to a
+//! sink instead. A device path with CUDA IPC on one host is described in
+//! `docs/ARCHITECTURE.md`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::communicator::{Comm, View, ViewMut};
 use crate::tensor::checked_nbytes;
 use crate::{
-    Backend, DType, DeviceCommunicator, Error, GroupCoordinator, HostGroupExt, HostTensor, Result,
+    Backend, DType, DeviceCommunicator, Error, GroupCoordinator, HostGroupExt, HostTensor,
+    HostView, HostViewMut, Result, Tensor,
 };
 
 /// Default bucket size: 256 MiB (vLLM's default is 1 GiB, which it allocates per bucket twice).
 pub const DEFAULT_BUCKET_BYTES: usize = 256 << 20;
+/// Default size from which a tensor travels alone, straight between the two models' memory:
+/// 64 KiB. Packing saves a call per tensor and costs a copy on each side; on the CPU backend a
+/// broadcast per 64 KiB tensor is already faster than packing them (`mp_weights --bench`), so only
+/// smaller tensors (norms, biases, scales) are packed.
+pub const DEFAULT_ALONE_FROM: usize = 64 << 10;
 /// Most tensors one manifest may list.
 pub const MAX_TENSORS: usize = 1 << 20;
 /// Longest tensor name.
@@ -92,26 +105,45 @@ pub struct Manifest {
 
 impl Manifest {
     /// The manifest of `tensors` (name, dtype, shape, bytes) packed into buckets of at most
-    /// `bucket_bytes` (a larger tensor gets a bucket of its own).
+    /// `bucket_bytes` (a larger tensor, or one of at least `alone_from` bytes, gets a bucket of
+    /// its own; see [`pack`]).
     pub fn build(
         version: u64,
         tensors: &[(&str, DType, &[usize], &[u8])],
         bucket_bytes: usize,
+        alone_from: usize,
+    ) -> Result<Manifest> {
+        for (name, dtype, shape, bytes) in tensors {
+            crate::ensure_arg!(
+                checked_nbytes(*dtype, shape)? == bytes.len(),
+                "weights: '{name}' is {dtype} {shape:?} but has {} bytes",
+                bytes.len()
+            );
+        }
+        let listed: Vec<(&str, DType, &[usize], u64)> = tensors
+            .iter()
+            .map(|(n, d, s, b)| (*n, *d, *s, checksum64(b)))
+            .collect();
+        Self::from_checksums(version, &listed, bucket_bytes, alone_from)
+    }
+
+    /// [`Self::build`] from each tensor's [`checksum64`], computed where the tensor lives.
+    pub fn from_checksums(
+        version: u64,
+        tensors: &[(&str, DType, &[usize], u64)],
+        bucket_bytes: usize,
+        alone_from: usize,
     ) -> Result<Manifest> {
         crate::ensure_arg!(bucket_bytes > 0, "weights: bucket size must be positive");
         let mut entries = Vec::with_capacity(tensors.len());
-        for (name, dtype, shape, bytes) in tensors {
+        for (name, dtype, shape, checksum) in tensors {
             let e = ManifestEntry {
                 name: name.to_string(),
                 dtype: *dtype,
                 shape: shape.to_vec(),
-                checksum: checksum64(bytes),
+                checksum: *checksum,
             };
-            crate::ensure_arg!(
-                e.nbytes()? == bytes.len(),
-                "weights: '{name}' is {dtype} {shape:?} but has {} bytes",
-                bytes.len()
-            );
+            e.nbytes()?;
             entries.push(e);
         }
         let sizes: Vec<usize> = entries
@@ -120,7 +152,7 @@ impl Manifest {
             .collect::<Result<_>>()?;
         let m = Manifest {
             version,
-            buckets: pack(&sizes, bucket_bytes),
+            buckets: pack(&sizes, bucket_bytes, alone_from),
             entries,
         };
         m.check(usize::MAX)?;
@@ -190,12 +222,19 @@ impl Manifest {
     }
 }
 
-/// Runs of consecutive sizes of at most `limit` bytes each; a size above `limit` alone.
-pub fn pack(sizes: &[usize], limit: usize) -> Vec<Bucket> {
+/// Runs of consecutive sizes of at most `limit` bytes each; a size above `limit`, or of at
+/// least `alone_from`, alone (such a tensor travels straight from the sender's memory into the
+/// receiver's, with no packing).
+pub fn pack(sizes: &[usize], limit: usize, alone_from: usize) -> Vec<Bucket> {
     let mut out: Vec<Bucket> = Vec::new();
     for (i, &s) in sizes.iter().enumerate() {
+        let alone = |b: &Bucket| b.count == 1 && b.bytes >= alone_from;
         match out.last_mut() {
-            Some(b) if b.bytes.checked_add(s).is_some_and(|t| t <= limit) => {
+            Some(b)
+                if s < alone_from
+                    && !alone(b)
+                    && b.bytes.checked_add(s).is_some_and(|t| t <= limit) =>
+            {
                 b.count += 1;
                 b.bytes += s;
             }
@@ -209,33 +248,10 @@ pub fn pack(sizes: &[usize], limit: usize) -> Vec<Bucket> {
     out
 }
 
-/// A fast 64-bit checksum of bytes (four independent multiply-xor lanes over 8-byte words,
-/// then the length and the tail). Not cryptographic: it catches corruption and misaligned
-/// layouts, not an adversary.
+/// The 64-bit checksum of a tensor's bytes: XXH3-64 (memory speed on one core; not
+/// cryptographic: it catches corruption and misaligned layouts, not an adversary).
 pub fn checksum64(b: &[u8]) -> u64 {
-    const K: [u64; 4] = [
-        0x9E37_79B9_7F4A_7C15,
-        0xC2B2_AE3D_27D4_EB4F,
-        0x1656_67B1_9E37_79F9,
-        0x85EB_CA77_C2B2_AE63,
-    ];
-    let mut h = K;
-    let mut chunks = b.chunks_exact(32);
-    for c in &mut chunks {
-        for j in 0..4 {
-            let w = u64::from_le_bytes(c[8 * j..8 * j + 8].try_into().expect("8 bytes"));
-            h[j] = (h[j] ^ w).wrapping_mul(K[j]);
-            h[j] ^= h[j] >> 29;
-        }
-    }
-    let mut acc = (b.len() as u64).wrapping_mul(K[0]);
-    for (j, x) in h.iter().enumerate() {
-        acc = (acc ^ x.rotate_left(17 * j as u32)).wrapping_mul(K[1]);
-    }
-    for (i, &x) in chunks.remainder().iter().enumerate() {
-        acc = (acc ^ ((x as u64) << (8 * (i % 8)))).wrapping_mul(K[2]);
-    }
-    acc ^ (acc >> 31)
+    xxhash_rust::xxh3::xxh3_64(b)
 }
 
 /// One tensor of the receiving model: what the transfer may write.
@@ -291,43 +307,57 @@ pub fn check_against_model(m: &Manifest, model: &[WeightSpec], require_all: bool
     Ok(())
 }
 
-/// The bytes of `tensors` concatenated (a bucket's payload).
-pub fn pack_bucket(tensors: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(tensors.iter().map(|t| t.len()).sum());
-    for t in tensors {
-        out.extend_from_slice(t);
-    }
-    out
+/// Byte-range copies on a backend's views, what packing and unpacking buckets needs: `Self` is
+/// the written view, `Src` the read one. Implemented here for the host views; a device backend
+/// implements it for its views with device-to-device copies of byte ranges.
+pub trait ByteRanges<Src> {
+    /// Copies all of `src`'s bytes into bytes `[at, at + src.nbytes())` of `self`.
+    fn write_at(&mut self, at: usize, src: &Src) -> Result<()>;
+    /// Fills `self` with bytes `[at, at + self.nbytes())` of `src`.
+    fn read_at(&mut self, src: &Src, at: usize) -> Result<()>;
 }
 
-/// The tensors of bucket `index` of `m` cut from its payload, each checked against its checksum.
-pub fn unpack_bucket(m: &Manifest, index: usize, payload: &[u8]) -> Result<Vec<HostTensor>> {
-    let b = m
-        .buckets
-        .get(index)
-        .ok_or_else(|| Error::invalid(format!("weights: no bucket {index}")))?;
-    crate::ensure_arg!(
-        payload.len() == b.bytes,
-        "weights: bucket {index} arrived with {} bytes, the manifest says {}",
-        payload.len(),
-        b.bytes
-    );
-    let mut at = 0;
-    let mut out = Vec::with_capacity(b.count);
-    for e in &m.entries[b.first..b.first + b.count] {
-        let n = e.nbytes()?;
-        let bytes = &payload[at..at + n];
-        at += n;
-        let got = checksum64(bytes);
-        if got != e.checksum {
-            return Err(Error::protocol(format!(
-                "weights: '{}' failed its checksum ({got:#018x}, the manifest says {:#018x})",
-                e.name, e.checksum
-            )));
-        }
-        out.push(HostTensor::from_bytes(e.dtype, &e.shape, bytes)?);
+/// [`checksum64`] of a view's bytes `[at, at + len)`: on the host for host views; a device
+/// backend computes it on the device or reads the range back.
+pub trait Checksum {
+    /// The checksum of bytes `[at, at + len)`.
+    fn checksum_range(&self, at: usize, len: usize) -> Result<u64>;
+}
+
+fn byte_range(what: &str, total: usize, at: usize, len: usize) -> Result<std::ops::Range<usize>> {
+    match at.checked_add(len) {
+        Some(end) if end <= total => Ok(at..end),
+        _ => Err(Error::invalid(format!(
+            "weights: {what} bytes [{at}, {at}+{len}) of a {total}-byte tensor"
+        ))),
     }
-    Ok(out)
+}
+
+impl<'b> ByteRanges<HostView<'b>> for HostViewMut<'_> {
+    fn write_at(&mut self, at: usize, src: &HostView<'b>) -> Result<()> {
+        let r = byte_range("write_at", self.nbytes(), at, src.nbytes())?;
+        self.as_bytes_mut()[r].copy_from_slice(src.as_bytes());
+        Ok(())
+    }
+    fn read_at(&mut self, src: &HostView<'b>, at: usize) -> Result<()> {
+        let r = byte_range("read_at", src.nbytes(), at, self.nbytes())?;
+        self.as_bytes_mut().copy_from_slice(&src.as_bytes()[r]);
+        Ok(())
+    }
+}
+
+impl Checksum for HostView<'_> {
+    fn checksum_range(&self, at: usize, len: usize) -> Result<u64> {
+        let r = byte_range("checksum", self.nbytes(), at, len)?;
+        Ok(checksum64(&self.as_bytes()[r]))
+    }
+}
+
+impl Checksum for HostViewMut<'_> {
+    fn checksum_range(&self, at: usize, len: usize) -> Result<u64> {
+        let r = byte_range("checksum", self.nbytes(), at, len)?;
+        Ok(checksum64(&self.as_bytes()[r]))
+    }
 }
 
 /// How a transfer runs.
@@ -335,6 +365,8 @@ pub fn unpack_bucket(m: &Manifest, index: usize, payload: &[u8]) -> Result<Vec<H
 pub struct TransferOptions {
     /// Largest bucket the sender packs (and a receiver accepts).
     pub bucket_bytes: usize,
+    /// Tensors of at least this many bytes travel alone, unpacked.
+    pub alone_from: usize,
     /// The whole transfer's deadline, from its start.
     pub deadline: Duration,
     /// Receivers refuse an update that does not bring every model tensor.
@@ -345,6 +377,7 @@ impl Default for TransferOptions {
     fn default() -> Self {
         TransferOptions {
             bucket_bytes: DEFAULT_BUCKET_BYTES,
+            alone_from: DEFAULT_ALONE_FROM,
             deadline: crate::DEFAULT_TIMEOUT,
             require_all: false,
         }
@@ -420,28 +453,75 @@ fn agree<B: Backend>(group: &GroupCoordinator<B>, stage: &str, mine: &Result<()>
     Ok(())
 }
 
+fn alloc<B: Backend>(
+    group: &GroupCoordinator<B>,
+    dtype: DType,
+    shape: &[usize],
+) -> Result<B::Tensor> {
+    match group.device_communicator() {
+        Some(c) => c.alloc(dtype, shape),
+        None => B::from_host(&HostTensor::zeros(dtype, shape), group.device()),
+    }
+}
+
+/// Broadcasts `t` from group rank `src`: over the device communicator, or as bytes over the host
+/// group when the group has none (the receivers' `t` is then replaced).
+fn broadcast_tensor<B: Backend>(
+    group: &GroupCoordinator<B>,
+    t: &mut B::Tensor,
+    src: usize,
+) -> Result<()> {
+    if group.device_communicator().is_some() {
+        return group.broadcast(t, src);
+    }
+    if group.rank_in_group() == src {
+        group
+            .host_group()
+            .broadcast_bytes(Some(B::to_host(t)?.as_bytes()), src)?;
+    } else {
+        let got = group.host_group().broadcast_bytes(None, src)?;
+        *t = B::from_host(
+            &HostTensor::from_bytes(t.dtype(), t.shape(), &got)?,
+            group.device(),
+        )?;
+    }
+    Ok(())
+}
+
 /// The trainer's side: sends `weights` (name, tensor) as version `version` to every other rank
-/// of `group`, from this rank. Collective with [`receive_weights`] on the others.
+/// of `group`, from this rank. Collective with [`receive_weights_into`] or [`receive_weights`]
+/// on the others.
+///
+/// Each bucket of several tensors is packed into one buffer from the communicator's pool
+/// (byte-range copies on the device for device views) and broadcast; a tensor alone in its
+/// bucket is broadcast straight from its own memory into the receivers' model tensors. The
+/// tensors are lent mutably because a broadcast takes a writable view on every rank, the source
+/// too; the source's bytes are only read.
 pub fn send_weights<B: Backend>(
     group: &GroupCoordinator<B>,
     version: u64,
-    weights: &[(&str, &B::Tensor)],
+    weights: &mut [(&str, &mut B::Tensor)],
     opts: &TransferOptions,
-) -> Result<TransferStats> {
+) -> Result<TransferStats>
+where
+    for<'a, 'b> ViewMut<'a, B>: ByteRanges<View<'b, B>>,
+    for<'a> View<'a, B>: Checksum,
+{
     let start = Instant::now();
     let src = group.rank_in_group();
     let guard = DeadlineGuard::new(group.device_communicator(), opts.deadline);
-    let host: Vec<HostTensor> = weights
-        .iter()
-        .map(|(_, t)| B::to_host(t))
-        .collect::<Result<_>>()?;
-    let listed: Vec<(&str, DType, &[usize], &[u8])> = weights
-        .iter()
-        .zip(&host)
-        .map(|((n, _), h)| (*n, h.dtype(), h.shape(), h.as_bytes()))
-        .collect();
     // A manifest this rank cannot build is its refusal at the check: every rank stops there.
-    let (m, mine) = match Manifest::build(version, &listed, opts.bucket_bytes) {
+    let built = (|| {
+        let listed = weights
+            .iter()
+            .map(|(n, t)| {
+                let sum = Comm::<B>::view(t).checksum_range(0, t.nbytes())?;
+                Ok((*n, t.dtype(), t.shape(), sum))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Manifest::from_checksums(version, &listed, opts.bucket_bytes, opts.alone_from)
+    })();
+    let (m, mine) = match built {
         Ok(m) => (Some(m), Ok(())),
         Err(e) => (None, Err(e)),
     };
@@ -454,21 +534,23 @@ pub fn send_weights<B: Backend>(
         if b.bytes == 0 {
             continue; // nothing to send; the receivers skip it too
         }
-        let mut payload = HostTensor::zeros(DType::U8, &[b.bytes]);
-        let mut at = 0;
-        for h in &host[b.first..b.first + b.count] {
-            payload.as_bytes_mut()[at..at + h.nbytes()].copy_from_slice(h.as_bytes());
-            at += h.nbytes();
+        let tensors = &mut weights[b.first..b.first + b.count];
+        if let [(_, t)] = tensors {
+            guard.arm(&format!("bucket {i}"), start)?;
+            broadcast_tensor(group, t, src)?;
+            continue;
+        }
+        let mut buf = alloc(group, DType::U8, &[b.bytes])?;
+        {
+            let mut v = Comm::<B>::view_mut(&mut buf);
+            let mut at = 0;
+            for (_, t) in tensors.iter() {
+                v.write_at(at, &Comm::<B>::view(t))?;
+                at += t.nbytes();
+            }
         }
         guard.arm(&format!("bucket {i}"), start)?;
-        if group.device_communicator().is_some() {
-            let mut t = B::from_host(&payload, group.device())?;
-            group.broadcast(&mut t, src)?;
-        } else {
-            group
-                .host_group()
-                .broadcast_bytes(Some(payload.as_bytes()), src)?;
-        }
+        broadcast_tensor(group, &mut buf, src)?;
     }
     guard.arm("verdict", start)?;
     agree(group, "update", &Ok(()))?;
@@ -480,15 +562,199 @@ pub fn send_weights<B: Backend>(
     })
 }
 
-/// An inference rank's side: receives the weights group rank `src` sends, checks them against
-/// `model`, and hands each tensor, checked, to `sink(name, tensor)` in manifest order. Returns
-/// the manifest's version and what moved.
+/// Where a receiver puts what arrives: the model's own tensors, or a sink.
+trait Target<B: Backend> {
+    /// Entry `i` (alone in its bucket) received straight into its home by `recv`, then checked.
+    fn direct(
+        &mut self,
+        i: usize,
+        e: &ManifestEntry,
+        recv: &mut dyn FnMut(&mut ViewMut<'_, B>) -> Result<()>,
+    ) -> Result<()>;
+    /// Entry `i` from bytes `[at, at + its size)` of a bucket: checked, then copied home.
+    fn unpack(
+        &mut self,
+        i: usize,
+        e: &ManifestEntry,
+        bucket: &View<'_, B>,
+        at: usize,
+    ) -> Result<()>;
+}
+
+fn checksum_error(e: &ManifestEntry, got: u64) -> Error {
+    Error::protocol(format!(
+        "weights: '{}' failed its checksum ({got:#018x}, the manifest says {:#018x})",
+        e.name, e.checksum
+    ))
+}
+
+/// The model's tensors, lent as views, by name.
+struct Views<'m, 'n, 'v, B: Backend> {
+    views: &'m mut [(&'n str, ViewMut<'v, B>)],
+    by_name: BTreeMap<String, usize>,
+}
+
+impl<B: Backend> Views<'_, '_, '_, B> {
+    fn home(&mut self, e: &ManifestEntry) -> Result<usize> {
+        self.by_name
+            .get(&e.name)
+            .copied()
+            .ok_or_else(|| Error::invalid(format!("weights: no tensor '{}' to load", e.name)))
+    }
+}
+
+impl<B: Backend> Target<B> for Views<'_, '_, '_, B>
+where
+    for<'a, 'b> ViewMut<'a, B>: ByteRanges<View<'b, B>>,
+    for<'a> ViewMut<'a, B>: Checksum,
+    for<'a> View<'a, B>: Checksum,
+{
+    fn direct(
+        &mut self,
+        _: usize,
+        e: &ManifestEntry,
+        recv: &mut dyn FnMut(&mut ViewMut<'_, B>) -> Result<()>,
+    ) -> Result<()> {
+        let j = self.home(e)?;
+        let v = &mut self.views[j].1;
+        recv(v)?;
+        match v.checksum_range(0, v.nbytes())? {
+            got if got == e.checksum => Ok(()),
+            got => Err(checksum_error(e, got)),
+        }
+    }
+    fn unpack(
+        &mut self,
+        _: usize,
+        e: &ManifestEntry,
+        bucket: &View<'_, B>,
+        at: usize,
+    ) -> Result<()> {
+        let n = e.nbytes()?;
+        match bucket.checksum_range(at, n)? {
+            got if got == e.checksum => {}
+            got => return Err(checksum_error(e, got)),
+        }
+        let j = self.home(e)?;
+        self.views[j].1.read_at(bucket, at)
+    }
+}
+
+/// Fresh tensors from the pool, each handed to a sink.
+struct Sink<'g, B: Backend, F> {
+    group: &'g GroupCoordinator<B>,
+    sink: F,
+}
+
+impl<B: Backend, F: FnMut(&str, B::Tensor) -> Result<()>> Target<B> for Sink<'_, B, F>
+where
+    for<'a, 'b> ViewMut<'a, B>: ByteRanges<View<'b, B>>,
+    for<'a> View<'a, B>: Checksum,
+{
+    fn direct(
+        &mut self,
+        _: usize,
+        e: &ManifestEntry,
+        recv: &mut dyn FnMut(&mut ViewMut<'_, B>) -> Result<()>,
+    ) -> Result<()> {
+        let mut t = alloc(self.group, e.dtype, &e.shape)?;
+        recv(&mut Comm::<B>::view_mut(&mut t))?;
+        let got = {
+            let v = Comm::<B>::view(&t);
+            v.checksum_range(0, t.nbytes())?
+        };
+        match got == e.checksum {
+            true => (self.sink)(&e.name, t),
+            false => Err(checksum_error(e, got)),
+        }
+    }
+    fn unpack(
+        &mut self,
+        _: usize,
+        e: &ManifestEntry,
+        bucket: &View<'_, B>,
+        at: usize,
+    ) -> Result<()> {
+        let n = e.nbytes()?;
+        match bucket.checksum_range(at, n)? {
+            got if got == e.checksum => {}
+            got => return Err(checksum_error(e, got)),
+        }
+        let mut t = alloc(self.group, e.dtype, &e.shape)?;
+        Comm::<B>::view_mut(&mut t).read_at(bucket, at)?;
+        (self.sink)(&e.name, t)
+    }
+}
+
+/// An inference rank's side, into the model's own memory: receives the weights group rank `src`
+/// sends, checks the manifest against `model` (each tensor lent as a view, with its name), and
+/// writes each tensor into its view, checked against its checksum. Returns the manifest's
+/// version and what moved.
+///
+/// A bucket of several tensors is received into one pooled buffer and unpacked into the views;
+/// a tensor alone in its bucket is received straight into its view. A checksum failure is an
+/// error on every rank, after the transfer: the views it covers then hold what arrived.
+pub fn receive_weights_into<B: Backend>(
+    group: &GroupCoordinator<B>,
+    src: usize,
+    model: &mut [(&str, ViewMut<'_, B>)],
+    opts: &TransferOptions,
+) -> Result<(u64, TransferStats)>
+where
+    for<'a, 'b> ViewMut<'a, B>: ByteRanges<View<'b, B>>,
+    for<'a> ViewMut<'a, B>: Checksum,
+    for<'a> View<'a, B>: Checksum,
+{
+    let specs: Vec<WeightSpec> = model
+        .iter()
+        .map(|(n, v)| WeightSpec {
+            name: n.to_string(),
+            dtype: v.dtype(),
+            shape: v.shape().to_vec(),
+        })
+        .collect();
+    let by_name: BTreeMap<String, usize> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.clone(), i))
+        .collect();
+    // Refused at the check, with every rank, rather than alone before it.
+    let model_ok = match by_name.len() == specs.len() {
+        true => Ok(()),
+        false => Err(Error::invalid(
+            "weights: the model lends two tensors of one name",
+        )),
+    };
+    let mut target = Views::<B> {
+        views: model,
+        by_name,
+    };
+    receive_impl(group, src, &specs, model_ok, opts, &mut target)
+}
+
+/// An inference rank's side, to a sink: as [`receive_weights_into`], but each tensor arrives in
+/// a fresh tensor handed to `sink(name, tensor)` in manifest order.
 pub fn receive_weights<B: Backend>(
     group: &GroupCoordinator<B>,
     src: usize,
     model: &[WeightSpec],
     opts: &TransferOptions,
-    mut sink: impl FnMut(&str, B::Tensor) -> Result<()>,
+    sink: impl FnMut(&str, B::Tensor) -> Result<()>,
+) -> Result<(u64, TransferStats)>
+where
+    for<'a, 'b> ViewMut<'a, B>: ByteRanges<View<'b, B>>,
+    for<'a> View<'a, B>: Checksum,
+{
+    receive_impl(group, src, model, Ok(()), opts, &mut Sink { group, sink })
+}
+
+fn receive_impl<B: Backend>(
+    group: &GroupCoordinator<B>,
+    src: usize,
+    model: &[WeightSpec],
+    model_ok: Result<()>,
+    opts: &TransferOptions,
+    target: &mut dyn Target<B>,
 ) -> Result<(u64, TransferStats)> {
     let start = Instant::now();
     crate::ensure_arg!(
@@ -500,43 +766,77 @@ pub fn receive_weights<B: Backend>(
     let m: Option<Manifest> = group.broadcast_object(None, src)?;
     let checked = match &m {
         None => Err(Error::invalid("the sender could not build a manifest")),
-        Some(m) => m
-            .check(opts.bucket_bytes)
-            .and_then(|()| check_against_model(m, model, opts.require_all)),
+        Some(m) => model_ok.and_then(|()| {
+            m.check(opts.bucket_bytes)
+                .and_then(|()| check_against_model(m, model, opts.require_all))
+        }),
     };
     guard.arm("check", start)?;
     agree(group, "manifest", &checked)?;
     let m = m.expect("every rank accepted a manifest");
     let mut outcome = Ok(());
     for (i, b) in m.buckets.iter().enumerate() {
-        let payload = if b.bytes == 0 {
-            HostTensor::zeros(DType::U8, &[0])
-        } else if group.device_communicator().is_some() {
-            let mut t = B::from_host(&HostTensor::zeros(DType::U8, &[b.bytes]), group.device())?;
-            guard.arm(&format!("bucket {i}"), start)?;
-            group.broadcast(&mut t, src)?;
-            if outcome.is_err() {
-                continue; // keep the group in step; the verdict reports the first failure
+        let entries = &m.entries[b.first..b.first + b.count];
+        if b.bytes == 0 {
+            // Nothing travels; empty tensors are still delivered (and checked).
+            let empty = alloc(group, DType::U8, &[0])?;
+            for (j, e) in entries.iter().enumerate() {
+                if outcome.is_ok() {
+                    outcome = target.unpack(b.first + j, e, &Comm::<B>::view(&empty), 0);
+                }
             }
-            B::to_host(&t)?
-        } else {
-            guard.arm(&format!("bucket {i}"), start)?;
-            let got = group.host_group().broadcast_bytes(None, src)?;
-            if outcome.is_err() {
-                continue;
-            }
-            HostTensor::from_bytes(DType::U8, &[b.bytes], &got)?
-        };
-        if outcome.is_err() {
             continue;
         }
-        outcome = (|| {
-            let tensors = unpack_bucket(&m, i, payload.as_bytes())?;
-            for (e, h) in m.entries[b.first..b.first + b.count].iter().zip(tensors) {
-                sink(&e.name, B::from_host(&h, group.device())?)?;
+        guard.arm(&format!("bucket {i}"), start)?;
+        if b.count == 1 && outcome.is_ok() {
+            let e = &entries[0];
+            // A failed broadcast ends the transfer here; a failed check waits for the verdict.
+            let mut lost: Option<Error> = None;
+            let mut recv = |v: &mut ViewMut<'_, B>| -> Result<()> {
+                let r = match group.device_communicator() {
+                    Some(_) => group.broadcast_in_place(v, src),
+                    None => (|| {
+                        let mut t = alloc(group, e.dtype, &e.shape)?;
+                        broadcast_tensor(group, &mut t, src)?;
+                        let tv = Comm::<B>::view(&t);
+                        Comm::<B>::copy(&tv, v)
+                    })(),
+                };
+                r.map_err(|err| {
+                    let why = err.to_string();
+                    lost = Some(err);
+                    Error::invalid(why)
+                })
+            };
+            outcome = target.direct(b.first, e, &mut recv);
+            if let Some(err) = lost {
+                return Err(err);
             }
-            Ok(())
-        })();
+            continue;
+        }
+        // Several tensors (or a failed transfer keeping the group in step): one packed buffer.
+        let shape: Vec<usize> = match b.count {
+            1 => entries[0].shape.clone(),
+            _ => vec![b.bytes],
+        };
+        let dtype = match b.count {
+            1 => entries[0].dtype,
+            _ => DType::U8,
+        };
+        let mut buf = alloc(group, dtype, &shape)?;
+        broadcast_tensor(group, &mut buf, src)?;
+        if outcome.is_err() {
+            continue; // the verdict reports the first failure
+        }
+        let view = Comm::<B>::view(&buf);
+        let mut at = 0;
+        for (j, e) in entries.iter().enumerate() {
+            outcome = target.unpack(b.first + j, e, &view, at);
+            if outcome.is_err() {
+                break;
+            }
+            at += e.nbytes()?;
+        }
     }
     guard.arm("verdict", start)?;
     agree(group, "update", &outcome)?;
@@ -567,41 +867,78 @@ mod tests {
             .zip(&ts)
             .map(|(n, t)| (n.as_str(), t.dtype(), t.shape(), t.as_bytes()))
             .collect();
-        (Manifest::build(7, &listed, limit).unwrap(), ts)
+        (Manifest::build(7, &listed, limit, usize::MAX).unwrap(), ts)
     }
 
     #[test]
     fn packing_keeps_whole_tensors_under_the_limit() {
-        let b = pack(&[3, 3, 3, 10, 1, 0, 2], 6);
-        let runs: Vec<(usize, usize, usize)> =
-            b.iter().map(|b| (b.first, b.count, b.bytes)).collect();
-        assert_eq!(runs, vec![(0, 2, 6), (2, 1, 3), (3, 1, 10), (4, 3, 3)]);
-        assert!(pack(&[], 6).is_empty());
+        let runs = |b: Vec<Bucket>| -> Vec<(usize, usize, usize)> {
+            b.iter().map(|b| (b.first, b.count, b.bytes)).collect()
+        };
+        let b = pack(&[3, 3, 3, 10, 1, 0, 2], 6, usize::MAX);
+        assert_eq!(runs(b), vec![(0, 2, 6), (2, 1, 3), (3, 1, 10), (4, 3, 3)]);
+        assert!(pack(&[], 6, usize::MAX).is_empty());
+        // From 3 bytes a tensor travels alone, and nothing joins it.
+        let b = pack(&[1, 3, 1, 1, 4, 2], 6, 3);
+        assert_eq!(
+            runs(b),
+            vec![(0, 1, 1), (1, 1, 3), (2, 2, 2), (4, 1, 4), (5, 1, 2)]
+        );
     }
 
     #[test]
     fn buckets_round_trip_and_checksums_catch_flips() {
+        use crate::host_comm::HostBackend;
         let (m, ts) = manifest(&[100, 7, 300, 0, 64], 128);
         assert_eq!(m.total_bytes(), 471);
         m.check(128).unwrap(); // the 300-byte tensor travels alone
         assert!(m.check(106).is_err()); // the first bucket holds 100 + 7 bytes
-        for (i, b) in m.buckets.iter().enumerate() {
-            let parts: Vec<&[u8]> = ts[b.first..b.first + b.count]
-                .iter()
-                .map(|t| t.as_bytes())
-                .collect();
-            let mut payload = pack_bucket(&parts);
-            let got = unpack_bucket(&m, i, &payload).unwrap();
-            assert_eq!(got, ts[b.first..b.first + b.count].to_vec());
-            if let Some(x) = payload.last_mut() {
-                *x ^= 1;
-                let e = unpack_bucket(&m, i, &payload).unwrap_err().to_string();
-                assert!(e.contains("checksum"), "{e}");
+        for b in &m.buckets {
+            // Pack as the sender does, unpack into a model's views as a receiver does.
+            let mut bucket = HostTensor::zeros(DType::U8, &[b.bytes]);
+            let mut at = 0;
+            for t in &ts[b.first..b.first + b.count] {
+                bucket.view_mut().write_at(at, &t.view()).unwrap();
+                at += t.nbytes();
             }
-            assert!(
-                unpack_bucket(&m, i, &payload[..payload.len().saturating_sub(1)]).is_err()
-                    || payload.is_empty()
-            );
+            let entries = &m.entries[b.first..b.first + b.count];
+            let mut homes: Vec<HostTensor> = entries
+                .iter()
+                .map(|e| HostTensor::zeros(e.dtype, &e.shape))
+                .collect();
+            let mut views: Vec<(&str, HostViewMut<'_>)> = entries
+                .iter()
+                .zip(homes.iter_mut())
+                .map(|(e, h)| (e.name.as_str(), h.view_mut()))
+                .collect();
+            let by_name = entries
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e.name.clone(), i))
+                .collect();
+            let mut target = Views::<HostBackend> {
+                views: &mut views,
+                by_name,
+            };
+            let mut at = 0;
+            for (j, e) in entries.iter().enumerate() {
+                target.unpack(j, e, &bucket.view(), at).unwrap();
+                at += e.nbytes().unwrap();
+            }
+            if b.bytes > 0 {
+                let last = b.bytes - 1;
+                bucket.as_bytes_mut()[last] ^= 1;
+                let e = entries.last().unwrap();
+                let at = b.bytes - e.nbytes().unwrap();
+                let err = target
+                    .unpack(b.count - 1, e, &bucket.view(), at)
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains("checksum"), "{err}");
+                assert!(target.unpack(0, e, &bucket.view(), b.bytes + 1).is_err());
+            }
+            drop(views);
+            assert_eq!(homes, ts[b.first..b.first + b.count].to_vec());
         }
     }
 

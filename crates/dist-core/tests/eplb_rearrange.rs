@@ -48,6 +48,15 @@ fn slots_of(map: &[Vec<usize>], rank: usize, per: usize) -> Vec<Vec<Vec<HostTens
         .collect()
 }
 
+/// Where every slot's tensors live: the rearrangement must write into this memory.
+fn addresses(w: &[Vec<Vec<HostTensor>>]) -> Vec<usize> {
+    w.iter()
+        .flatten()
+        .flatten()
+        .map(|t| t.as_bytes().as_ptr() as usize)
+        .collect()
+}
+
 #[test]
 fn ranks_hold_the_plans_experts() {
     let (n, per, experts, layers) = (4, 3, 8, 2);
@@ -79,18 +88,23 @@ fn ranks_hold_the_plans_experts() {
     let out = run_threads(n, TIMEOUT, |rank, g| {
         let ep = group(rank, n, Arc::new(g));
         let mut w = slots_of(&initial, rank, per);
+        let before = addresses(&w);
         let s1 = rearrange_experts(&ep, &initial, &plan1, &mut w).unwrap();
         assert_eq!(w, slots_of(&plan1, rank, per), "rank {rank} after plan 1");
         let s2 = rearrange_experts(&ep, &plan1, &plan2, &mut w).unwrap();
         assert_eq!(w, slots_of(&plan2, rank, per), "rank {rank} after plan 2");
+        assert_eq!(addresses(&w), before, "rank {rank}: a slot's memory moved");
         (s1, s2)
     });
-    let mut moved = 0;
+    let (mut moved, mut staged) = (0, 0);
     for o in out {
         let (s1, s2) = o.unwrap();
         moved += s1.iter().chain(&s2).map(|s| s.received).sum::<usize>();
+        staged += s1.iter().chain(&s2).map(|s| s.staged).sum::<usize>();
     }
     assert!(moved > 0, "the plans moved no expert between ranks");
+    // Both paths ran: receives straight into a slot and receives through staging.
+    assert!(staged > 0 && staged < moved, "{staged} of {moved} staged");
 }
 
 #[test]
@@ -110,5 +124,39 @@ fn a_rank_with_other_maps_is_named() {
     for o in out {
         let e = o.unwrap();
         assert!(e.contains("ranks [2]"), "{e}");
+    }
+}
+
+#[test]
+fn cycles_swaps_and_duplicates_stay_in_place() {
+    // Local rotations (every local copy reads a slot that is written), experts swapped across
+    // ranks (every receive lands in a slot whose old expert is sent), duplicates, and a world
+    // of one rank (local copies only, no communicator traffic).
+    let cases: Vec<(usize, Vec<usize>, Vec<usize>)> = vec![
+        (1, vec![0, 1, 2, 3], vec![3, 2, 1, 0]),
+        (1, vec![0, 1, 2], vec![1, 2, 0]),
+        (2, vec![0, 1, 2, 3, 4, 5], vec![2, 0, 1, 5, 3, 4]),
+        (2, vec![0, 1, 2, 3, 4, 5], vec![3, 4, 5, 0, 1, 2]),
+        (2, vec![0, 1, 2, 3, 4, 5], vec![3, 3, 0, 0, 1, 2]),
+        (3, vec![0, 1, 2, 3, 4, 5], vec![5, 5, 3, 0, 1, 0]),
+    ];
+    for (n, old, new) in cases {
+        let per = old.len() / n;
+        let (old, new) = (vec![old], vec![new]);
+        let out = run_threads(n, TIMEOUT, |rank, g| {
+            let ep = group(rank, n, Arc::new(g));
+            let mut w = slots_of(&old, rank, per);
+            let before = addresses(&w);
+            rearrange_experts(&ep, &old, &new, &mut w).unwrap();
+            assert_eq!(
+                w,
+                slots_of(&new, rank, per),
+                "rank {rank}: {old:?} -> {new:?}"
+            );
+            assert_eq!(addresses(&w), before, "rank {rank}: a slot's memory moved");
+        });
+        for o in out {
+            o.unwrap();
+        }
     }
 }

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use dist_core::host_comm::{HostBackend, HostCommunicator};
 use dist_core::local::run_threads;
-use dist_core::weights::{receive_weights, send_weights, TransferOptions, WeightSpec};
+use dist_core::weights::{
+    receive_weights, receive_weights_into, send_weights, TransferOptions, WeightSpec,
+};
 use dist_core::{CoordinatorParts, DType, Device, Error, GroupCoordinator, HostGroup, HostTensor};
 
 fn group(
@@ -81,6 +83,7 @@ fn opts() -> TransferOptions {
     // Small buckets: several tensors per bucket and a tensor larger than a bucket.
     TransferOptions {
         bucket_bytes: 1200,
+        alone_from: 1500,
         deadline: Duration::from_secs(20),
         require_all: true,
     }
@@ -97,8 +100,10 @@ fn receive_all(device: bool) {
         let grp = group_with(rank, 3, Arc::new(g), Duration::from_secs(20), device);
         let m = model();
         if rank == 0 {
-            let w: Vec<(&str, &HostTensor)> = m.iter().map(|(n, t)| (n.as_str(), t)).collect();
-            let s = send_weights(&grp, 42, &w, &opts()).unwrap();
+            let mut m = m;
+            let mut w: Vec<(&str, &mut HostTensor)> =
+                m.iter_mut().map(|(n, t)| (n.as_str(), t)).collect();
+            let s = send_weights(&grp, 42, &mut w, &opts()).unwrap();
             assert!(s.buckets >= 3, "{s:?}");
             None
         } else {
@@ -119,6 +124,58 @@ fn receive_all(device: bool) {
 }
 
 #[test]
+fn receivers_load_into_their_models_memory() {
+    for device in [true, false] {
+        let out = run_threads(3, Duration::from_secs(20), |rank, g| {
+            let grp = group_with(rank, 3, Arc::new(g), Duration::from_secs(20), device);
+            let m = model();
+            if rank == 0 {
+                let mut m = m;
+                let mut w: Vec<(&str, &mut HostTensor)> =
+                    m.iter_mut().map(|(n, t)| (n.as_str(), t)).collect();
+                send_weights(&grp, 9, &mut w, &opts()).unwrap();
+                return None;
+            }
+            // The receiver's model: same names and shapes, other contents, its own memory.
+            let mut mine: Vec<(String, HostTensor)> = m
+                .iter()
+                .enumerate()
+                .map(|(i, (n, t))| {
+                    (
+                        n.clone(),
+                        HostTensor::random(t.dtype(), t.shape(), 77 + i as u64),
+                    )
+                })
+                .collect();
+            let before: Vec<usize> = mine
+                .iter()
+                .map(|(_, t)| t.as_bytes().as_ptr() as usize)
+                .collect();
+            let mut views: Vec<(&str, _)> = mine
+                .iter_mut()
+                .map(|(n, t)| (n.as_str(), t.view_mut()))
+                .collect();
+            let (v, s) = receive_weights_into(&grp, 0, &mut views, &opts()).unwrap();
+            drop(views);
+            assert_eq!((v, s.tensors), (9, m.len()));
+            let after: Vec<usize> = mine
+                .iter()
+                .map(|(_, t)| t.as_bytes().as_ptr() as usize)
+                .collect();
+            assert_eq!(before, after, "rank {rank}: the model's tensors moved");
+            Some(mine)
+        });
+        for o in out.into_iter().skip(1) {
+            assert_eq!(
+                o.unwrap().unwrap(),
+                model(),
+                "device communicator: {device}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_missing_name_or_shape_stops_every_rank_first() {
     for bad in ["name", "shape"] {
         let out = run_threads(3, Duration::from_secs(20), |rank, g| {
@@ -132,8 +189,10 @@ fn a_missing_name_or_shape_stops_every_rank_first() {
                 }
             }
             let r = if rank == 0 {
-                let w: Vec<(&str, &HostTensor)> = m.iter().map(|(n, t)| (n.as_str(), t)).collect();
-                send_weights(&grp, 1, &w, &opts()).map(|_| ())
+                let mut m = m;
+                let mut w: Vec<(&str, &mut HostTensor)> =
+                    m.iter_mut().map(|(n, t)| (n.as_str(), t)).collect();
+                send_weights(&grp, 1, &mut w, &opts()).map(|_| ())
             } else {
                 let mut loaded = 0;
                 let r = receive_weights(&grp, 0, &spec, &opts(), |_, _| {
@@ -171,8 +230,10 @@ fn a_rank_that_never_joins_fails_the_others_in_time() {
         };
         match rank {
             0 => {
-                let w: Vec<(&str, &HostTensor)> = m.iter().map(|(n, t)| (n.as_str(), t)).collect();
-                Some(send_weights(&grp, 1, &w, &o).map(|_| ()))
+                let mut m = m;
+                let mut w: Vec<(&str, &mut HostTensor)> =
+                    m.iter_mut().map(|(n, t)| (n.as_str(), t)).collect();
+                Some(send_weights(&grp, 1, &mut w, &o).map(|_| ()))
             }
             1 => Some(receive_weights(&grp, 0, &specs(&m), &o, |_, _| Ok(())).map(|_| ())),
             _ => None, // never joins

@@ -1,6 +1,7 @@
 //! Multi-process EPLB: every rank records the routing of its own tokens, the load is summed over
 //! the EP group, vLLM's policy plans from it, and the expert weights move between the processes;
-//! then every rank checks that its slots hold exactly the plan's experts, bit for bit. Two
+//! then every rank checks that its slots hold exactly the plan's experts, bit for bit, in the
+//! memory they had before (the rearrangement writes in place). Two
 //! rounds: from the initial map, then to a second plan made with the first as the previous map.
 //!
 //! Run under `dist run --nproc-per-node N` (N in `--worlds`).
@@ -30,6 +31,15 @@ fn slots_of(map: &[Vec<usize>], rank: usize, per: usize) -> Vec<Vec<Vec<HostTens
     map.iter()
         .enumerate()
         .map(|(l, row)| row[r.clone()].iter().map(|&e| expert(l, e)).collect())
+        .collect()
+}
+
+/// Where every slot's tensors live: the rearrangement writes into this memory, in place.
+fn addresses(w: &[Vec<Vec<HostTensor>>]) -> Vec<usize> {
+    w.iter()
+        .flatten()
+        .flatten()
+        .map(|t| t.as_bytes().as_ptr() as usize)
         .collect()
 }
 
@@ -102,9 +112,13 @@ fn run(env: &DistEnv) -> Result<String, Box<dyn std::error::Error>> {
             .map(|r| r.iter().map(|&e| e as i64).collect())
             .collect();
         let plan = rebalance_experts(&load, &params, (round > 0).then_some(old.as_slice()))?;
+        let before = addresses(&weights);
         let stats = rearrange_experts(&ep, &map, &plan, &mut weights)?;
         if weights != slots_of(&plan, rank, per) {
             return Err(format!("round {round}: rank {rank}'s slots differ from the plan").into());
+        }
+        if addresses(&weights) != before {
+            return Err(format!("round {round}: rank {rank}'s slots moved in memory").into());
         }
         let recv: usize = stats.iter().map(|s| s.received).sum();
         report.push(format!("round {round}: received {recv} experts"));

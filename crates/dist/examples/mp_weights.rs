@@ -1,15 +1,20 @@
 //! Multi-process weight transfer: rank 0 is the trainer and pushes a model's named tensors into
 //! every other rank (packed buckets over the default backend's communicator); every receiver
-//! checks that it got each tensor bit for bit. Then an update that one receiver's model cannot
+//! checks that it got each tensor bit for bit, handed to a sink and written into its own model's
+//! tensors (whose memory must not move). Then an update that one receiver's model cannot
 //! take (a shape differs): every rank must fail naming that rank, and no tensor is loaded.
 //!
-//! `mp_weights --bench [MiB]` (under `dist run`) times the transfer of MiB (default 256) of
-//! 4 MiB tensors, median of 5, beside a plain broadcast of one tensor of the same bytes over the
-//! same group and a plain memory copy of the same bytes on rank 0, in the same run.
+//! `mp_weights --bench [MiB]` (under `dist run`) times the transfer of MiB (default 256) into the
+//! receivers' model, median of 5: as tensors of 4 MiB, 64 KiB and 8 KiB, each alone or packed
+//! into 64 MiB buckets; beside a plain broadcast of one tensor of the same bytes over the same
+//! group, plain broadcasts of the 4 MiB tensors one by one, a plain memory copy and a checksum of
+//! the same bytes on rank 0, in the same run.
 
 use std::time::{Duration, Instant};
 
-use dist::core::weights::{receive_weights, send_weights, TransferOptions, WeightSpec};
+use dist::core::weights::{
+    checksum64, receive_weights, receive_weights_into, send_weights, TransferOptions, WeightSpec,
+};
 use dist::{DType, DistEnv, HostTensor, InitOptions, ParallelConfig};
 
 type B = dist::DefaultBackend;
@@ -68,72 +73,153 @@ fn run(env: &DistEnv, bench: Option<usize>) -> Result<String, Box<dyn std::error
     let rank = g.rank_in_group();
     let opts = TransferOptions {
         bucket_bytes: 1 << 20,
+        alone_from: 512 << 10,
         deadline: Duration::from_secs(60),
         require_all: true,
     };
     if let Some(mib) = bench {
         let n = (mib / 4).max(1);
-        let m: Vec<(String, HostTensor)> = (0..n)
-            .map(|i| {
-                (
-                    format!("t{i}"),
-                    HostTensor::random(DType::BF16, &[2 << 20], i as u64),
-                )
+        let bytes = n * (4 << 20);
+        // The same bytes as tensors of 4 MiB, 64 KiB and 8 KiB.
+        let tensors = |count: usize, elems: usize| -> Vec<(String, HostTensor)> {
+            (0..count)
+                .map(|i| {
+                    let t = HostTensor::random(DType::BF16, &[elems], i as u64);
+                    (format!("t{i}"), t)
+                })
+                .collect()
+        };
+        let mut models = [
+            tensors(n, 2 << 20),
+            tensors(64 * n, 32 << 10),
+            tensors(512 * n, 4 << 10),
+        ];
+        // The receivers' models: their own tensors, written in place by every transfer.
+        let mut mine: Vec<Vec<(String, HostTensor)>> = models
+            .iter()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, t)| (k.clone(), HostTensor::zeros(t.dtype(), t.shape())))
+                    .collect()
             })
             .collect();
-        let bytes = n * (4 << 20);
-        let opts = TransferOptions {
+        let with = |alone_from: usize| TransferOptions {
             bucket_bytes: 64 << 20,
-            ..opts
+            alone_from,
+            ..opts.clone()
         };
-        let (mut xfer, mut plain, mut copy) = (vec![], vec![], vec![]);
+        let (alone, packed) = (with(0), with(usize::MAX));
+        let variants = [
+            ("4 MiB tensors, each alone (the default):", 0, &alone),
+            ("4 MiB tensors, packed into 64 MiB buckets:", 0, &packed),
+            ("64 KiB tensors, each alone (the default):", 1, &alone),
+            ("64 KiB tensors, packed into 64 MiB buckets:", 1, &packed),
+            (
+                "8 KiB tensors, packed into 64 MiB buckets (the default):",
+                2,
+                &packed,
+            ),
+            ("8 KiB tensors, each alone:", 2, &alone),
+        ];
+        let mut times: Vec<Vec<Duration>> = vec![vec![]; variants.len()];
+        let (mut plain, mut plain_each, mut copy, mut hash) = (vec![], vec![], vec![], vec![]);
         let mut raw = HostTensor::random(DType::U8, &[bytes], 9);
         let mut dst = vec![0u8; bytes];
-        for _ in 0..5 {
-            g.barrier()?;
-            let t = Instant::now();
-            if rank == 0 {
-                let w: Vec<(&str, &HostTensor)> = m.iter().map(|(k, t)| (k.as_str(), t)).collect();
-                send_weights(&g, 1, &w, &opts)?;
-            } else {
-                receive_weights(&g, 0, &specs(&m), &opts, |_, _| Ok(()))?;
+        for i in 0..5 {
+            for (v, (_, which, o)) in variants.iter().enumerate() {
+                g.barrier()?;
+                let t = Instant::now();
+                if rank == 0 {
+                    let mut w: Vec<(&str, &mut HostTensor)> = models[*which]
+                        .iter_mut()
+                        .map(|(k, t)| (k.as_str(), t))
+                        .collect();
+                    send_weights(&g, i, &mut w, o)?;
+                } else {
+                    let mut views: Vec<(&str, _)> = mine[*which]
+                        .iter_mut()
+                        .map(|(k, t)| (k.as_str(), t.view_mut()))
+                        .collect();
+                    receive_weights_into(&g, 0, &mut views, o)?;
+                }
+                times[v].push(t.elapsed());
+                if rank != 0 && mine[*which] != models[*which] {
+                    return Err(format!("rank {rank}: a benchmark transfer arrived wrong").into());
+                }
+                mine[*which]
+                    .iter_mut()
+                    .for_each(|(_, t)| t.as_bytes_mut().fill(0));
             }
-            xfer.push(t.elapsed());
             g.barrier()?;
             let t = Instant::now();
             g.broadcast(&mut raw, 0)?;
             plain.push(t.elapsed());
+            g.barrier()?;
             let t = Instant::now();
-            dst.copy_from_slice(raw.as_bytes());
-            copy.push(t.elapsed());
-            std::hint::black_box(&dst);
+            for (_, x) in models[0].iter_mut() {
+                g.broadcast(x, 0)?;
+            }
+            plain_each.push(t.elapsed());
+            // The copy and the checksum on rank 0 alone, the others waiting.
+            if rank == 0 {
+                let t = Instant::now();
+                dst.copy_from_slice(raw.as_bytes());
+                copy.push(t.elapsed());
+                std::hint::black_box(&dst);
+                let t = Instant::now();
+                std::hint::black_box(checksum64(raw.as_bytes()));
+                hash.push(t.elapsed());
+            }
+            g.barrier()?;
+        }
+        if rank != 0 {
+            return Ok(String::new());
         }
         let gbs = |d: Duration| bytes as f64 / d.as_secs_f64() / 1e9;
-        let (x, p, c) = (median(xfer), median(plain), median(copy));
-        return Ok(format!(
-            "weights bench: world {world}, {n} bf16 tensors of 4 MiB ({} MiB), 64 MiB buckets, median of 5\n  \
-             transfer (manifest, checks, packed buckets, checksums): {:.1} ms = {:.2} GB/s\n  \
-             plain broadcast of one {} MiB tensor, same group:       {:.1} ms = {:.2} GB/s (transfer/plain {:.2})\n  \
-             plain memory copy of the same bytes on rank 0:          {:.1} ms = {:.2} GB/s",
-            bytes >> 20,
-            x.as_secs_f64() * 1e3,
-            gbs(x),
-            bytes >> 20,
-            p.as_secs_f64() * 1e3,
-            gbs(p),
-            gbs(x) / gbs(p),
-            c.as_secs_f64() * 1e3,
-            gbs(c)
+        let p = median(plain);
+        let row = |what: &str, d: Duration| {
+            format!(
+                "  {what:<62} {:7.1} ms = {:5.2} GB/s ({:.2}x the plain broadcast's time)",
+                d.as_secs_f64() * 1e3,
+                gbs(d),
+                d.as_secs_f64() / p.as_secs_f64()
+            )
+        };
+        let mut out = vec![format!(
+            "weights bench: world {world}, {} MiB of bf16 tensors into the receivers' model, median of 5",
+            bytes >> 20
+        )];
+        for ((what, _, _), t) in variants.iter().zip(times) {
+            out.push(row(what, median(t)));
+        }
+        out.push(row(
+            "plain broadcast of one tensor of the same bytes, same group:",
+            p,
         ));
+        out.push(row(
+            "plain broadcasts of the 4 MiB tensors, one by one:",
+            median(plain_each),
+        ));
+        out.push(row(
+            "plain memory copy of the same bytes on rank 0:",
+            median(copy),
+        ));
+        out.push(row(
+            "checksum64 (XXH3) of the same bytes on rank 0:",
+            median(hash),
+        ));
+        return Ok(out.join("\n"));
     }
     if world == 1 {
         return Ok("one rank: nothing to transfer".into());
     }
     // 1. A full update.
-    let m = model(100);
+    let mut m = model(100);
     if rank == 0 {
-        let w: Vec<(&str, &HostTensor)> = m.iter().map(|(k, t)| (k.as_str(), t)).collect();
-        send_weights(&g, 7, &w, &opts)?;
+        let mut w: Vec<(&str, &mut HostTensor)> =
+            m.iter_mut().map(|(k, t)| (k.as_str(), t)).collect();
+        send_weights(&g, 7, &mut w, &opts)?;
+        send_weights(&g, 6, &mut w, &opts)?;
     } else {
         let mut got = Vec::new();
         let (v, _) = receive_weights(&g, 0, &specs(&m), &opts, |k, t| {
@@ -143,6 +229,27 @@ fn run(env: &DistEnv, bench: Option<usize>) -> Result<String, Box<dyn std::error
         if v != 7 || got != m {
             return Err(format!("rank {rank}: received weights differ from the trainer's").into());
         }
+        // The same update into the model's own tensors, which keep their memory.
+        let mut mine = model(500);
+        let before: Vec<usize> = mine
+            .iter()
+            .map(|(_, t)| t.as_bytes().as_ptr() as usize)
+            .collect();
+        let mut views: Vec<(&str, _)> = mine
+            .iter_mut()
+            .map(|(k, t)| (k.as_str(), t.view_mut()))
+            .collect();
+        let (v, _) = receive_weights_into(&g, 0, &mut views, &opts)?;
+        drop(views);
+        let after: Vec<usize> = mine
+            .iter()
+            .map(|(_, t)| t.as_bytes().as_ptr() as usize)
+            .collect();
+        if v != 6 || mine != m || before != after {
+            return Err(
+                format!("rank {rank}: the update into the model's tensors went wrong").into(),
+            );
+        }
     }
     // 2. The last rank's model has another shape for one tensor: every rank fails, naming it.
     let last = world - 1;
@@ -151,8 +258,9 @@ fn run(env: &DistEnv, bench: Option<usize>) -> Result<String, Box<dyn std::error
         spec[3].shape = vec![8, 256, 64];
     }
     let r = if rank == 0 {
-        let w: Vec<(&str, &HostTensor)> = m.iter().map(|(k, t)| (k.as_str(), t)).collect();
-        send_weights(&g, 8, &w, &opts).map(|_| ())
+        let mut w: Vec<(&str, &mut HostTensor)> =
+            m.iter_mut().map(|(k, t)| (k.as_str(), t)).collect();
+        send_weights(&g, 8, &mut w, &opts).map(|_| ())
     } else {
         let mut loaded = 0;
         let r = receive_weights(&g, 0, &spec, &opts, |_, _| {

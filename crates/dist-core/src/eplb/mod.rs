@@ -16,6 +16,4 @@ pub mod rearrange;
 
 pub use load::{EplbSchedule, ExpertLoadWindow};
 pub use policy::{logical_to_physical, rebalance_experts, PolicyParams};
-pub use rearrange::{
-    exchange, rearrange_experts, rearrange_layer, ExpertMove, LayerStats, LayerTransfer, PeerOp,
-};
+pub use rearrange::{rearrange_experts, rearrange_layer, ExpertMove, LayerStats, LayerTransfer};

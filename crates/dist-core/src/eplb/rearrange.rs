@@ -18,18 +18,20 @@
 //! a fingerprint), since a rank with a different map would wait for sends that never come.
 //!
 //! The weights of a layer are held per slot (`weights[slot][w]`, one tensor per weight of the
-//! expert, e.g. `w13` and `w2`); received tensors and local copies land in buffers and are
-//! swapped into their slots, so a rank's own old weights stay readable until every send of the
-//! layer is done.
+//! expert, e.g. `w13` and `w2`) and are rewritten **in place**: each slot keeps its tensors and
+//! their memory. A received expert goes straight into its slot's memory unless the slot's old
+//! expert is still to be sent or copied from in this layer; only such slots (and local copies
+//! onto them) go through a staging buffer, copied in after the exchange. vLLM stages every moved
+//! expert through its buffer.
 //!
-//! **Transport.** The sends and receives of a layer are one list of [`PeerOp`]s in an order every
-//! rank agrees on (by expert, then source, then destination, then weight). [`exchange`] runs them
-//! with the group's point-to-point calls in that order, which cannot deadlock even when a send
-//! waits for its receiver: the first unfinished op of the list has both its ranks waiting on it.
-//! A grouped send/recv (vLLM's `batch_isend_irecv`) takes the same list unchanged.
+//! **Transport.** The sends and receives of a layer are one grouped call,
+//! [`GroupCoordinator::batch_send_recv`] (vLLM's `batch_isend_irecv`), its list in an order every
+//! rank agrees on (by expert, then source, then destination, then weight), so several messages
+//! between one pair of ranks match in order.
 
 use std::collections::BTreeMap;
 
+use crate::communicator::{Comm, P2pOp, View, ViewMut};
 use crate::{Backend, DeviceCommunicator, Error, GroupCoordinator, HostGroupExt, Result, Tensor};
 
 /// One expert moving between this rank and a peer.
@@ -177,45 +179,11 @@ impl LayerTransfer {
     }
 }
 
-/// One point-to-point operation of a grouped exchange (vLLM's `P2POp`).
-#[derive(Debug)]
-pub enum PeerOp<'a, T> {
-    /// Send `tensor` to group rank `peer`.
-    Send {
-        /// Destination (group rank).
-        peer: usize,
-        /// What to send.
-        tensor: &'a T,
-    },
-    /// Receive from group rank `peer` into `tensor` (its dtype and shape must match the sender's).
-    Recv {
-        /// Source (group rank).
-        peer: usize,
-        /// Where to receive.
-        tensor: &'a mut T,
-    },
-}
-
-/// Runs `ops` over `group` in list order with blocking send/recv; see the module docs for why
-/// an order every rank agrees on cannot deadlock. Each call is bounded by the group's deadline.
-pub fn exchange<B: Backend>(
-    group: &GroupCoordinator<B>,
-    ops: &mut [PeerOp<'_, B::Tensor>],
-) -> Result<()> {
-    for op in ops.iter_mut() {
-        match op {
-            PeerOp::Send { peer, tensor } => group.send(tensor, Some(*peer))?,
-            PeerOp::Recv { peer, tensor } => {
-                let got = group.recv(tensor.dtype(), tensor.shape(), Some(*peer))?;
-                **tensor = got;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// The order every rank agrees on: (expert, source rank, destination rank, weight index).
 type OpKey = (usize, usize, usize, usize);
+
+/// One send or receive of a layer's exchange, on views of the slots or their staging buffers.
+type LayerOp<'o, 'v, B> = P2pOp<'o, View<'v, B>, ViewMut<'v, B>>;
 
 /// What one layer's rearrangement did on this rank.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -226,14 +194,53 @@ pub struct LayerStats {
     pub received: usize,
     /// Slots filled by a local copy.
     pub copied: usize,
+    /// Received experts that went through a staging buffer (their slot was also read).
+    pub staged: usize,
     /// Bytes sent plus bytes received.
     pub bytes: usize,
 }
 
+/// `(&v[a], &mut v[b])` for `a != b`.
+fn split_pair<T>(v: &mut [T], a: usize, b: usize) -> (&T, &mut T) {
+    assert_ne!(a, b, "a slot is never copied onto itself");
+    if a < b {
+        let (lo, hi) = v.split_at_mut(b);
+        (&lo[a], &mut hi[0])
+    } else {
+        let (lo, hi) = v.split_at_mut(a);
+        (&hi[0], &mut lo[b])
+    }
+}
+
+/// Copies every weight tensor of slot `src` into slot `dst`'s memory.
+fn copy_slot<B: Backend>(src: &[B::Tensor], dst: &mut [B::Tensor]) -> Result<()> {
+    for (s, d) in src.iter().zip(dst.iter_mut()) {
+        Comm::<B>::copy(&Comm::<B>::view(s), &mut Comm::<B>::view_mut(d))?;
+    }
+    Ok(())
+}
+
+/// A tensor shaped like `t` whose contents will be overwritten (the communicator's pool, or host
+/// zeros on a group without a communicator).
+fn alloc_like<B: Backend>(ep: &GroupCoordinator<B>, t: &B::Tensor) -> Result<B::Tensor> {
+    match ep.device_communicator() {
+        Some(c) => c.alloc(t.dtype(), t.shape()),
+        None => B::from_host(&crate::HostTensor::zeros(t.dtype(), t.shape()), t.device()),
+    }
+}
+
 /// Moves one layer's expert weights from `old` to `new` (full `phy2log` rows) on this rank of
-/// the EP group `ep`. `weights[slot][w]` are this rank's slots, each with the same number of
-/// weight tensors, and the same shapes and dtypes from slot to slot. Collective over the ranks
-/// that exchange experts in this layer.
+/// the EP group `ep`, **in place**: every slot keeps its tensors and their memory, and only the
+/// bytes behind them change, so a model whose kernels hold the slots' addresses (CUDA graphs)
+/// keeps working. `weights[slot][w]` are this rank's slots, each with the same number of weight
+/// tensors, and the same shapes and dtypes from slot to slot. Collective over the ranks that
+/// exchange experts in this layer: their sends and receives are one
+/// [`GroupCoordinator::batch_send_recv`].
+///
+/// Where the bytes go: a received expert lands straight in its slot's memory unless that slot's
+/// old expert is still to be sent or copied from (then in a staging buffer, copied into the slot
+/// after the exchange); local copies likewise; duplicates are copied from their primary slot
+/// last.
 pub fn rearrange_layer<B: Backend>(
     ep: &GroupCoordinator<B>,
     old: &[usize],
@@ -248,80 +255,105 @@ pub fn rearrange_layer<B: Backend>(
         old.len(),
         ep.world_size()
     );
-    let nw = weights.first().map_or(0, Vec::len);
-    crate::ensure_arg!(
-        weights.iter().all(|s| s.len() == nw),
-        "eplb rearrange: slots hold different numbers of weight tensors"
-    );
-    // Buffers: local copies now, receive targets shaped like the slot they will replace.
-    let mut buffers: BTreeMap<usize, Vec<B::Tensor>> = BTreeMap::new();
-    for &(dst, src) in &plan.local {
-        buffers.insert(dst, weights[src].clone());
+    if let Some(first) = weights.first() {
+        for (s, slot) in weights.iter().enumerate() {
+            crate::ensure_arg!(
+                slot.len() == first.len()
+                    && slot
+                        .iter()
+                        .zip(first)
+                        .all(|(a, b)| a.dtype() == b.dtype() && a.shape() == b.shape()),
+                "eplb rearrange: slot {s}'s weights differ from slot 0's in number, dtype or shape"
+            );
+        }
     }
-    for m in &plan.recvs {
-        let bufs = weights[m.slot]
-            .iter()
-            .map(|t| empty_like::<B>(ep, t))
-            .collect::<Result<Vec<_>>>()?;
-        buffers.insert(m.slot, bufs);
+    // A slot is read when its old expert is sent or copied from.
+    let mut read = vec![false; slots];
+    plan.sends.iter().for_each(|m| read[m.slot] = true);
+    plan.local.iter().for_each(|&(_, src)| read[src] = true);
+    let mut staging: BTreeMap<usize, Vec<B::Tensor>> = BTreeMap::new();
+    for dst in plan
+        .local
+        .iter()
+        .map(|&(d, _)| d)
+        .chain(plan.recvs.iter().map(|m| m.slot))
+    {
+        if read[dst] {
+            let bufs = weights[dst]
+                .iter()
+                .map(|t| alloc_like(ep, t))
+                .collect::<Result<Vec<_>>>()?;
+            staging.insert(dst, bufs);
+        }
     }
     let mut stats = LayerStats {
         sent: plan.sends.len(),
         received: plan.recvs.len(),
         copied: plan.local.len() + plan.duplicates.len(),
+        staged: plan.recvs.iter().filter(|m| read[m.slot]).count(),
         bytes: 0,
     };
-    // One op list in the global order (expert, src, dst, weight).
-    {
-        let me = ep.rank_in_group();
-        let mut keyed: Vec<(OpKey, PeerOp<'_, B::Tensor>)> = Vec::new();
-        for m in &plan.sends {
-            for (w, t) in weights[m.slot].iter().enumerate() {
-                stats.bytes += t.nbytes();
-                keyed.push((
-                    (m.expert, me, m.peer, w),
-                    PeerOp::Send {
-                        peer: m.peer,
-                        tensor: t,
-                    },
-                ));
+    // 1. Local copies of old experts: straight into slots nobody reads, else into staging.
+    for &(dst, src) in &plan.local {
+        match staging.get_mut(&dst) {
+            Some(buf) => copy_slot::<B>(&weights[src], buf)?,
+            None => {
+                let (s, d) = split_pair(weights, src, dst);
+                copy_slot::<B>(s, d)?;
             }
         }
-        let recv_experts: BTreeMap<usize, &ExpertMove> =
+    }
+    // 2. One grouped exchange in the global order (expert, src, dst, weight).
+    {
+        let me = ep.rank_in_group();
+        let recv_of: BTreeMap<usize, &ExpertMove> =
             plan.recvs.iter().map(|m| (m.slot, m)).collect();
-        for (slot, bufs) in buffers.iter_mut() {
-            let Some(m) = recv_experts.get(slot) else {
-                continue;
-            };
-            for (w, t) in bufs.iter_mut().enumerate() {
-                stats.bytes += t.nbytes();
-                keyed.push((
-                    (m.expert, m.peer, me, w),
-                    PeerOp::Recv {
-                        peer: m.peer,
-                        tensor: t,
-                    },
-                ));
+        let sends_of = |slot: usize| plan.sends.iter().filter(move |m| m.slot == slot);
+        // Each slot lends shared views (read) or mutable ones (received into directly).
+        let mut read_views: Vec<(usize, Vec<View<'_, B>>)> = Vec::new();
+        let mut recv_views: Vec<(&ExpertMove, Vec<ViewMut<'_, B>>)> = Vec::new();
+        for (s, slot) in weights.iter_mut().enumerate() {
+            if read[s] {
+                read_views.push((s, slot.iter().map(Comm::<B>::view).collect()));
+            } else if let Some(m) = recv_of.get(&s) {
+                recv_views.push((m, slot.iter_mut().map(Comm::<B>::view_mut).collect()));
+            }
+        }
+        for (s, bufs) in staging.iter_mut() {
+            if let Some(m) = recv_of.get(s) {
+                recv_views.push((m, bufs.iter_mut().map(Comm::<B>::view_mut).collect()));
+            }
+        }
+        let mut keyed: Vec<(OpKey, LayerOp<'_, '_, B>)> = Vec::new();
+        for (s, views) in &read_views {
+            for m in sends_of(*s) {
+                for (w, v) in views.iter().enumerate() {
+                    stats.bytes += v.nbytes();
+                    keyed.push(((m.expert, me, m.peer, w), P2pOp::Send(v, m.peer)));
+                }
+            }
+        }
+        for (m, views) in recv_views.iter_mut() {
+            for (w, v) in views.iter_mut().enumerate() {
+                stats.bytes += v.nbytes();
+                keyed.push(((m.expert, m.peer, me, w), P2pOp::Recv(v, m.peer)));
             }
         }
         keyed.sort_by_key(|(k, _)| *k);
-        let mut ops: Vec<PeerOp<'_, B::Tensor>> = keyed.into_iter().map(|(_, op)| op).collect();
-        exchange(ep, &mut ops)?;
+        let mut ops: Vec<_> = keyed.into_iter().map(|(_, op)| op).collect();
+        if !ops.is_empty() {
+            ep.batch_send_recv(&mut ops)?;
+        }
     }
-    for (slot, bufs) in buffers {
-        weights[slot] = bufs;
+    // 3. Staged experts into their slots, then duplicates from their primary slot.
+    for (slot, bufs) in &staging {
+        copy_slot::<B>(bufs, &mut weights[*slot])?;
     }
     for &(dst, src) in &plan.duplicates {
-        weights[dst] = weights[src].clone();
+        let (s, d) = split_pair(weights, src, dst);
+        copy_slot::<B>(s, d)?;
     }
     Ok(stats)
-}
-
-fn empty_like<B: Backend>(ep: &GroupCoordinator<B>, t: &B::Tensor) -> Result<B::Tensor> {
-    match ep.device_communicator() {
-        Some(c) => c.empty(t.dtype(), t.shape()),
-        None => B::from_host(&crate::HostTensor::zeros(t.dtype(), t.shape()), t.device()),
-    }
 }
 
 /// A 64-bit FNV-1a fingerprint of two maps, to check every rank plans from the same ones.
