@@ -168,6 +168,11 @@ impl StoreServer {
         self.stop_and_join();
     }
 
+    /// Connections open now (accepted and not yet closed).
+    pub fn connections(&self) -> usize {
+        self.shared.live.load(Ordering::Relaxed)
+    }
+
     /// True while every loop thread runs.
     pub fn is_running(&self) -> bool {
         !self.threads.is_empty() && self.threads.iter().all(|t| !t.is_finished())
@@ -266,6 +271,9 @@ struct Conn {
     close_after_flush: bool,
     /// WRITABLE interest is registered only while replies are stuck in `wbuf`.
     want_writable: bool,
+    /// An event said the peer closed its side (or the socket failed): read to the EOF even
+    /// after a short read, since edge-triggered readiness reports data and FIN only once.
+    read_closed: bool,
 }
 
 impl Conn {
@@ -513,7 +521,13 @@ impl EventLoop {
                 } else if t.0 < self.listeners.len() {
                     self.accept(t.0);
                 } else if t.0 >= FIRST_CONN {
-                    self.handle(t.0 - FIRST_CONN);
+                    let slot = t.0 - FIRST_CONN;
+                    if ev.is_read_closed() || ev.is_error() {
+                        if let Some(Some(c)) = self.conns.get_mut(slot) {
+                            c.read_closed = true;
+                        }
+                    }
+                    self.handle(slot);
                 }
             }
             if self.accept_retry {
@@ -651,6 +665,7 @@ impl EventLoop {
             wait: None,
             close_after_flush: false,
             want_writable: false,
+            read_closed: false,
         });
         let deadline = Instant::now() + self.opts().handshake_timeout;
         self.handshakes.push_back((deadline, slot, self.gens[slot]));
@@ -718,7 +733,8 @@ impl EventLoop {
         let max_out = self.opts().max_pending_output;
         let max_req = self.opts().limits.max_request_bytes;
         // A read shorter than asked for emptied the socket: the next bytes will raise a new
-        // readiness edge, so there is no need for a read that only says WouldBlock.
+        // readiness edge, so there is no need for a read that only says WouldBlock — unless the
+        // peer's FIN came with those bytes (one edge for both): then read on to the EOF.
         let mut drained = false;
         loop {
             if let Flow::Close(r) = self.flush(slot) {
@@ -752,7 +768,7 @@ impl EventLoop {
             match c.stream.read(&mut scratch[..want]) {
                 Ok(0) => return Flow::Close(String::new()),
                 Ok(n) => {
-                    drained = n < want;
+                    drained = n < want && !c.read_closed;
                     *budget -= n.min(*budget);
                     if c.rbuf.len() + n > max_req + SCRATCH {
                         return Flow::Close("request larger than the request limit".into());

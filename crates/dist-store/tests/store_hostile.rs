@@ -193,3 +193,57 @@ fn a_client_that_never_reads_is_throttled_not_buffered() {
         assert!(buf[8..].iter().all(|b| *b == 7));
     }
 }
+
+/// The fds this process holds (the server runs in it).
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// A connection whose last request arrives in the same segment as the client's FIN (TCP_CORK
+/// holds the bytes until `shutdown` sends them with the FIN) must be closed by the server:
+/// edge-triggered readiness reports data and EOF once, so a loop that stops after a short read
+/// never sees the EOF and the socket stays in CLOSE-WAIT for ever.
+#[test]
+fn a_fin_that_arrives_with_the_last_bytes_closes_the_connection() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let s = StoreServer::start(ServerOptions {
+        threads: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let fds0 = open_fds();
+    let mut bytes = Vec::new();
+    Request::Validate {
+        magic: VALIDATION_MAGIC,
+    }
+    .encode(&mut bytes);
+    Request::Set {
+        key: b"/k".to_vec(),
+        value: b"v".to_vec(),
+    }
+    .encode(&mut bytes);
+    const N: usize = 200;
+    for _ in 0..N {
+        let c = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        c.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], s.port())).into())
+            .unwrap();
+        c.set_cork(true).unwrap();
+        let mut c = TcpStream::from(c);
+        c.write_all(&bytes).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let t0 = Instant::now();
+    while s.connections() > 0 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let left = s.connections();
+    eprintln!(
+        "{N} corked connections: {left} still open after {:?}; fds {fds0} -> {}",
+        t0.elapsed(),
+        open_fds()
+    );
+    assert_eq!(left, 0, "{left} of {N} connections stay open (CLOSE-WAIT)");
+    // The server answers as before.
+    let c = TcpStoreClient::connect("127.0.0.1", s.port(), ClientOptions::default()).unwrap();
+    assert_eq!(c.get("k", Duration::from_secs(1)).unwrap(), b"v");
+}
