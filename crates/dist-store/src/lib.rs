@@ -62,12 +62,14 @@ pub mod auth;
 pub mod bench;
 pub mod client;
 pub mod group;
+pub mod guard;
 pub mod launch;
 pub mod proto;
 pub mod server;
+pub mod state;
 mod sys;
 
 pub use client::{ClientOptions, TcpStoreClient};
 pub use dist_core::{Error, Result};
 pub use group::{RankEnv, StatelessProcessGroup};
-pub use server::{ServerOptions, StoreServer};
+pub use server::{ServerOptions, ServerStats, StoreServer};

@@ -4,16 +4,17 @@
 use std::sync::atomic::{AtomicI32, Ordering};
 
 /// Raises the soft open-file limit to the hard limit (a server holding thousands of
-/// connections needs more than the common default of 1,024). Failures are ignored: the
-/// server then logs accept errors and keeps serving the connections it has.
-pub fn raise_nofile_limit() {
+/// connections needs more than the common default of 1,024) and returns the soft limit then in
+/// force (`None` when it cannot be read). A failure to raise it is ignored: the server caps its
+/// connections below the limit it has.
+pub fn raise_nofile_limit() -> Option<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return;
+        return None;
     }
     if lim.rlim_cur < lim.rlim_max {
         let want = libc::rlimit {
@@ -21,8 +22,11 @@ pub fn raise_nofile_limit() {
             rlim_max: lim.rlim_max,
         };
         // SAFETY: `want` is a valid rlimit read by the call; no memory is retained.
-        let _ = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            return Some(want.rlim_cur);
+        }
     }
+    Some(lim.rlim_cur)
 }
 
 static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
