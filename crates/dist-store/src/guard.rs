@@ -12,7 +12,9 @@
 //!   reads only while the budget has room, except the connection whose large message started
 //!   first, which always may — so large messages finish one after the other instead of
 //!   starving each other, and a peer must really send bytes (not just claim lengths) to use
-//!   the budget.
+//!   the budget. While connections wait for it, a large message whose sender has gone quiet
+//!   for [`STALL`] (nothing arrives, nothing is waiting in the socket) is dropped: an honest
+//!   client writes its request in one go, and a stalled one must not hold memory others need.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -166,6 +168,10 @@ impl AuthPenalties {
 /// A message up to this size may always be buffered, whatever the budget says.
 pub const SMALL_MESSAGE: usize = 64 * 1024;
 
+/// A large partial message with no new bytes for this long, while others wait for the budget,
+/// is dropped.
+pub const STALL: Duration = Duration::from_secs(2);
+
 /// The memory budget for partially received requests, shared by every connection of a server.
 ///
 /// Memory held in partial requests stays below `limit` + `SMALL_MESSAGE` per connection + one
@@ -177,6 +183,8 @@ pub struct MemoryBudget {
     next_ticket: AtomicU64,
     /// Connections with a large message in progress, by when it started.
     large: Mutex<BTreeSet<u64>>,
+    /// Connections not read from until the budget frees.
+    waiting: AtomicUsize,
 }
 
 impl MemoryBudget {
@@ -187,7 +195,22 @@ impl MemoryBudget {
             used: AtomicUsize::new(0),
             next_ticket: AtomicU64::new(0),
             large: Mutex::new(BTreeSet::new()),
+            waiting: AtomicUsize::new(0),
         }
+    }
+
+    /// A connection starts (`true`) or stops (`false`) waiting for the budget.
+    pub fn set_waiting(&self, waiting: bool) {
+        if waiting {
+            self.waiting.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// True when the budget is spent and connections wait for it.
+    pub fn contended(&self) -> bool {
+        self.used() >= self.limit && self.waiting.load(Ordering::Relaxed) > 0
     }
 
     /// The cap.
@@ -331,5 +354,12 @@ mod tests {
         assert_eq!(b.allowance(500 << 10, 1 << 20, &mut t2), 1 << 20);
         b.settle(500 << 10, 0, &mut t2);
         assert_eq!(b.used(), 0);
+        assert!(!b.contended());
+        b.settle(0, 2 << 20, &mut t1);
+        assert!(!b.contended());
+        b.set_waiting(true);
+        assert!(b.contended());
+        b.set_waiting(false);
+        b.settle(2 << 20, 0, &mut t1);
     }
 }

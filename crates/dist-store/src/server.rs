@@ -41,7 +41,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::{debug, info, warn};
 
-use crate::guard::{AuthPenalties, LogLimiter, MemoryBudget, Verdict};
+use crate::guard::{AuthPenalties, LogLimiter, MemoryBudget, Verdict, STALL};
 use crate::proto::Limits;
 use crate::state::{ConnId, Refusal, Session, SessionConfig, StoreAccess, StoreState, Wake};
 use crate::{Error, Result};
@@ -364,6 +364,12 @@ struct Conn {
     /// Partial-request bytes charged to the memory budget, and the large-message ticket.
     charged: usize,
     ticket: Option<u64>,
+    /// Waiting for the budget (counted in it).
+    parked: bool,
+    /// Listed in the loop's large-message connections.
+    listed_large: bool,
+    /// When bytes last arrived.
+    last_bytes: Instant,
     /// The earliest timer armed for this connection.
     timer: Option<Instant>,
     /// A wrong token's answer is held until then.
@@ -474,6 +480,8 @@ struct EventLoop {
     again: VecDeque<(usize, u64)>,
     /// Connections waiting for the memory budget.
     parked: Vec<(usize, u64)>,
+    /// Connections with a large partial message (candidates for eviction when stalled).
+    large: Vec<(usize, u64)>,
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     scratch: Vec<u8>,
     accept_retry: bool,
@@ -509,6 +517,7 @@ impl EventLoop {
             dirty: Vec::new(),
             again: VecDeque::new(),
             parked: Vec::new(),
+            large: Vec::new(),
             timers: BinaryHeap::new(),
             scratch: vec![0; SCRATCH],
             accept_retry: false,
@@ -590,6 +599,9 @@ impl EventLoop {
             }
             self.serve_dirty();
             self.expire_timers();
+            if !self.large.is_empty() && self.shared.budget.contended() {
+                self.evict_stalled();
+            }
         }
         let slots: Vec<usize> = (0..self.conns.len())
             .filter(|s| self.conns[*s].is_some())
@@ -732,6 +744,9 @@ impl EventLoop {
             input_pending: false,
             charged: 0,
             ticket: None,
+            parked: false,
+            listed_large: false,
+            last_bytes: now,
             timer: None,
             answer_at: None,
             held: false,
@@ -787,6 +802,40 @@ impl EventLoop {
         }
     }
 
+    /// The budget is spent and others wait: drops large partial messages whose sender has
+    /// sent nothing for [`STALL`] and has nothing waiting in the socket.
+    fn evict_stalled(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.large.len() {
+            let (slot, gen) = self.large[i];
+            let Some(c) = self.conns[slot].as_mut().filter(|_| self.gens[slot] == gen) else {
+                self.large.swap_remove(i);
+                continue;
+            };
+            if c.ticket.is_none() {
+                c.listed_large = false;
+                self.large.swap_remove(i);
+                continue;
+            }
+            i += 1;
+            if now.saturating_duration_since(c.last_bytes) < STALL {
+                continue;
+            }
+            let mut b = [0u8; 1];
+            if matches!(c.stream.peek(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+                let why = format!(
+                    "stalled for {:?} with {} bytes of a request received while the memory budget \
+                     for partial requests ({} bytes) is spent and others wait",
+                    now.saturating_duration_since(c.last_bytes),
+                    c.session.buffered(),
+                    self.shared.budget.limit()
+                );
+                self.close(slot, Close::Io(why));
+            }
+        }
+    }
+
     fn close(&mut self, slot: usize, why: Close) {
         let Some(mut c) = self.conns[slot].take() else {
             return;
@@ -816,6 +865,9 @@ impl EventLoop {
         };
         c.session.abandon(&mut access);
         self.shared.budget.settle(c.charged, 0, &mut c.ticket);
+        if c.parked {
+            self.shared.budget.set_waiting(false);
+        }
         if c.held {
             lock(&self.shared.penalties).release(c.peer.ip());
         }
@@ -844,6 +896,10 @@ impl EventLoop {
                     .budget
                     .settle(c.charged, now_buffered, &mut c.ticket);
                 c.charged = now_buffered;
+                if c.ticket.is_some() && !c.listed_large {
+                    c.listed_large = true;
+                    self.large.push((slot, gen));
+                }
                 if budget == 0 {
                     self.again.push_back((slot, gen));
                 }
@@ -925,8 +981,16 @@ impl EventLoop {
             let allowed = self.shared.budget.allowance(have, want, &mut c.ticket);
             if allowed == 0 {
                 c.input_pending = true;
+                if !c.parked {
+                    c.parked = true;
+                    self.shared.budget.set_waiting(true);
+                }
                 self.parked.push((slot, self.gens[slot]));
                 return Ok(());
+            }
+            if c.parked {
+                c.parked = false;
+                self.shared.budget.set_waiting(false);
             }
             match c.stream.read(&mut scratch[..allowed]) {
                 Ok(0) => {
@@ -935,6 +999,7 @@ impl EventLoop {
                     return Err(Close::Quiet);
                 }
                 Ok(n) => {
+                    c.last_bytes = now;
                     *budget -= n.min(*budget);
                     c.session.receive(&scratch[..n], now);
                     // A short read drained the socket; unless the peer's FIN came with these
