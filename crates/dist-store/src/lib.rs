@@ -59,7 +59,6 @@
 //! ```
 
 pub mod auth;
-pub mod bench;
 pub mod client;
 pub mod group;
 pub mod guard;
@@ -73,3 +72,9 @@ pub use client::{ClientOptions, TcpStoreClient};
 pub use dist_core::{Error, Result};
 pub use group::{RankEnv, StatelessProcessGroup};
 pub use server::{ServerOptions, ServerStats, StoreServer};
+
+/// Raises this process's soft open-file limit to its hard limit (a process holding thousands
+/// of store connections needs more than the common 1,024); returns the limit then in force.
+pub fn raise_open_file_limit() -> Option<u64> {
+    sys::raise_nofile_limit()
+}

@@ -1,5 +1,5 @@
-//! The few OS calls `std` does not offer: the open-file limit, signal flags and signalling
-//! process groups. Every `unsafe` block of the crate is here.
+//! The few OS calls `std` does not offer: the open-file limit, signal flags, signalling
+//! process groups and the parent-death signal. Every `unsafe` block of the crate is here.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -85,5 +85,38 @@ pub fn signal_name(sig: i32) -> &'static str {
         libc::SIGFPE => "SIGFPE",
         libc::SIGILL => "SIGILL",
         _ => "signal",
+    }
+}
+
+/// Makes the child that `cmd` starts receive SIGKILL when the thread that spawned it dies (the
+/// launcher killed, even with SIGKILL, takes its ranks along; Linux's parent-death signal),
+/// and exit at once if that parent is already gone by the time the child runs. The signal
+/// survives `exec` (except of set-uid programs).
+pub fn kill_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // async-signal-safe functions (prctl, getppid, _exit) on plain integers; it touches no
+    // memory of the parent's other threads and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl: then we were re-parented already
+            // and no signal will come.
+            if libc::getppid() != parent {
+                libc::_exit(128 + libc::SIGKILL);
+            }
+            Ok(())
+        });
     }
 }
