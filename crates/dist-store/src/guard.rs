@@ -250,9 +250,21 @@ impl MemoryBudget {
         }
     }
 
+    /// True when `ticket` is the oldest large message in progress (it may always read).
+    pub fn is_head(&self, ticket: u64) -> bool {
+        self.large().first() == Some(&ticket)
+    }
+
+    /// True when the budget has room.
+    pub fn has_room(&self) -> bool {
+        self.used() < self.limit
+    }
+
     /// Records that a connection's partial bytes went from `old` to `new`; gives back its
-    /// ticket once it holds no large message.
-    pub fn settle(&self, old: usize, new: usize, ticket: &mut Option<u64>) {
+    /// ticket once it holds no large message. `true` when this freed memory while connections
+    /// wait for it (the caller then wakes whoever serves them).
+    pub fn settle(&self, old: usize, new: usize, ticket: &mut Option<u64>) -> bool {
+        let freed = new < old || (new < SMALL_MESSAGE && ticket.is_some());
         if new > old {
             self.used.fetch_add(new - old, Ordering::Relaxed);
         } else {
@@ -267,6 +279,7 @@ impl MemoryBudget {
             self.large().insert(t);
             *ticket = Some(t);
         }
+        freed && self.waiting.load(Ordering::Relaxed) > 0
     }
 
     /// Gives back a ticket (the connection closed or its large message ended).
@@ -338,9 +351,9 @@ mod tests {
         let (mut t1, mut t2, mut t3) = (None, None, None);
         // Under the budget anything reads.
         assert_eq!(b.allowance(0, 256 << 10, &mut t1), 256 << 10);
-        b.settle(0, 600 << 10, &mut t1);
+        assert!(!b.settle(0, 600 << 10, &mut t1));
         assert!(t1.is_some(), "a large message takes its place in line");
-        b.settle(0, 500 << 10, &mut t2);
+        assert!(!b.settle(0, 500 << 10, &mut t2));
         assert!(b.used() > b.limit());
         // Over it: the oldest large message still reads, the second waits, a small one reads
         // up to the small-message size.
@@ -348,11 +361,14 @@ mod tests {
         assert_eq!(b.allowance(500 << 10, 1 << 20, &mut t2), 0);
         assert_eq!(b.allowance(1000, 256 << 10, &mut t3), SMALL_MESSAGE - 1000);
         assert!(t3.is_none());
-        // The first completes: the second is next in line.
-        b.settle(600 << 10, 0, &mut t1);
+        // The first completes: the second is next in line, and whoever serves it is told
+        // once a connection waits.
+        b.set_waiting(true);
+        assert!(b.settle(600 << 10, 0, &mut t1));
+        b.set_waiting(false);
         assert!(t1.is_none());
         assert_eq!(b.allowance(500 << 10, 1 << 20, &mut t2), 1 << 20);
-        b.settle(500 << 10, 0, &mut t2);
+        assert!(!b.settle(500 << 10, 0, &mut t2));
         assert_eq!(b.used(), 0);
         assert!(!b.contended());
         b.settle(0, 2 << 20, &mut t1);
@@ -360,6 +376,6 @@ mod tests {
         b.set_waiting(true);
         assert!(b.contended());
         b.set_waiting(false);
-        b.settle(2 << 20, 0, &mut t1);
+        assert!(!b.settle(2 << 20, 0, &mut t1));
     }
 }

@@ -637,6 +637,8 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// Event-loop threads (default: the machine's parallelism, at most 4).
     pub threads: Option<usize>,
+    /// Memory budget for partially received requests, bytes.
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for ServeOptions {
@@ -647,6 +649,7 @@ impl Default for ServeOptions {
             token_file: None,
             max_connections: ServerOptions::default().max_connections,
             threads: None,
+            max_buffered_bytes: ServerOptions::default().max_buffered_bytes,
         }
     }
 }
@@ -663,6 +666,7 @@ pub fn serve(opts: &ServeOptions) -> io::Result<i32> {
         port: opts.port,
         token,
         max_connections: opts.max_connections,
+        max_buffered_bytes: opts.max_buffered_bytes,
         threads: opts
             .threads
             .unwrap_or_else(|| ServerOptions::default().threads),

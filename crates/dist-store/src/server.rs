@@ -29,7 +29,7 @@
 //!   the rest are counted in the next line.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -55,6 +55,9 @@ const FIRST_CONN: usize = 64;
 const FD_RESERVE: u64 = 64;
 /// How often connections waiting for the memory budget are retried.
 const PARK_RETRY: Duration = Duration::from_millis(5);
+/// How often large partial messages are checked for stalled senders (while the budget is
+/// contended).
+const STALL_SCAN: Duration = Duration::from_millis(100);
 
 /// How a server is set up.
 #[derive(Debug, Clone)]
@@ -478,8 +481,11 @@ struct EventLoop {
     dirty: Vec<usize>,
     /// Connections with more input to process (their read budget ran out).
     again: VecDeque<(usize, u64)>,
-    /// Connections waiting for the memory budget.
-    parked: Vec<(usize, u64)>,
+    /// Connections waiting for the memory budget, by their large-message ticket (the order in
+    /// which the budget serves them).
+    parked: BTreeMap<u64, (usize, u64)>,
+    /// When `large` was last scanned for stalled senders.
+    last_stall_scan: Instant,
     /// Connections with a large partial message (candidates for eviction when stalled).
     large: Vec<(usize, u64)>,
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
@@ -516,7 +522,8 @@ impl EventLoop {
             free: Vec::new(),
             dirty: Vec::new(),
             again: VecDeque::new(),
-            parked: Vec::new(),
+            parked: BTreeMap::new(),
+            last_stall_scan: Instant::now(),
             large: Vec::new(),
             timers: BinaryHeap::new(),
             scratch: vec![0; SCRATCH],
@@ -590,16 +597,14 @@ impl EventLoop {
                     }
                 }
             }
-            if !self.parked.is_empty() {
-                for (slot, gen) in std::mem::take(&mut self.parked) {
-                    if self.live_conn(slot, gen) {
-                        self.handle(slot, true);
-                    }
-                }
-            }
+            self.resume_parked();
             self.serve_dirty();
             self.expire_timers();
-            if !self.large.is_empty() && self.shared.budget.contended() {
+            if !self.large.is_empty()
+                && self.last_stall_scan.elapsed() >= STALL_SCAN
+                && self.shared.budget.contended()
+            {
+                self.last_stall_scan = Instant::now();
                 self.evict_stalled();
             }
         }
@@ -615,6 +620,40 @@ impl EventLoop {
             connections = n,
             "store server loop stopped"
         );
+    }
+
+    /// Memory was freed while connections wait for it: the other loops retry theirs now
+    /// instead of at their next poll timeout.
+    fn wake_other_loops(&self) {
+        for (i, inbox) in self.shared.inboxes.iter().enumerate() {
+            if i != self.id {
+                let _ = inbox.waker.wake();
+            }
+        }
+    }
+
+    /// Retries connections waiting for the budget, oldest large message first, while the
+    /// budget has room or the next one is the oldest overall; stops at the first refused.
+    fn resume_parked(&mut self) {
+        while let Some((&t, &(slot, gen))) = self.parked.first_key_value() {
+            let current = self.live_conn(slot, gen)
+                && self.conns[slot]
+                    .as_ref()
+                    .is_some_and(|c| c.ticket == Some(t));
+            if !current {
+                // Closed, or its large message ended: not waiting under this ticket any more.
+                self.parked.remove(&t);
+                continue;
+            }
+            if !self.shared.budget.has_room() && !self.shared.budget.is_head(t) {
+                return;
+            }
+            self.parked.remove(&t);
+            self.handle(slot, true);
+            if self.parked.contains_key(&t) {
+                return;
+            }
+        }
     }
 
     fn live_conn(&self, slot: usize, gen: u64) -> bool {
@@ -864,7 +903,9 @@ impl EventLoop {
             local: &mut self.local,
         };
         c.session.abandon(&mut access);
-        self.shared.budget.settle(c.charged, 0, &mut c.ticket);
+        if self.shared.budget.settle(c.charged, 0, &mut c.ticket) {
+            self.wake_other_loops();
+        }
         if c.parked {
             self.shared.budget.set_waiting(false);
         }
@@ -892,13 +933,17 @@ impl EventLoop {
                 let gen = self.gens[slot];
                 let c = self.conns[slot].as_mut().expect("live connection");
                 let now_buffered = c.session.buffered();
-                self.shared
+                let freed = self
+                    .shared
                     .budget
                     .settle(c.charged, now_buffered, &mut c.ticket);
                 c.charged = now_buffered;
                 if c.ticket.is_some() && !c.listed_large {
                     c.listed_large = true;
                     self.large.push((slot, gen));
+                }
+                if freed {
+                    self.wake_other_loops();
                 }
                 if budget == 0 {
                     self.again.push_back((slot, gen));
@@ -976,7 +1021,7 @@ impl EventLoop {
             let want = scratch.len().min(*budget);
             // Charge what was buffered since the last settle before asking the budget.
             let have = c.session.buffered();
-            self.shared.budget.settle(c.charged, have, &mut c.ticket);
+            let _ = self.shared.budget.settle(c.charged, have, &mut c.ticket);
             c.charged = have;
             let allowed = self.shared.budget.allowance(have, want, &mut c.ticket);
             if allowed == 0 {
@@ -985,7 +1030,9 @@ impl EventLoop {
                     c.parked = true;
                     self.shared.budget.set_waiting(true);
                 }
-                self.parked.push((slot, self.gens[slot]));
+                if let Some(t) = c.ticket {
+                    self.parked.insert(t, (slot, self.gens[slot]));
+                }
                 return Ok(());
             }
             if c.parked {

@@ -498,6 +498,8 @@ pub struct Session {
 
 /// Bytes of buffer a session keeps between messages.
 const KEEP: usize = 256 * 1024;
+/// Bytes of buffer a session with nothing buffered keeps.
+const IDLE_KEEP: usize = 16 * 1024;
 
 impl Session {
     /// A new connection `id`, opened at `now`.
@@ -595,7 +597,11 @@ impl Session {
         };
         if consumed > 0 {
             self.rbuf.drain(..consumed);
-            if self.rbuf.capacity() > 4 * KEEP && self.rbuf.len() < KEEP {
+            // An idle connection keeps no large buffer (thousands of them wait in a
+            // rendezvous); a busy one keeps up to KEEP between messages.
+            if self.rbuf.is_empty() && self.rbuf.capacity() > IDLE_KEEP {
+                self.rbuf = Vec::new();
+            } else if self.rbuf.capacity() > 4 * KEEP && self.rbuf.len() < KEEP {
                 self.rbuf.shrink_to(KEEP);
             }
             // What is left started arriving with the latest bytes.
@@ -715,8 +721,8 @@ impl Session {
         if self.out_pos == self.out.len() {
             self.out.clear();
             self.out_pos = 0;
-            if self.out.capacity() > 4 * KEEP {
-                self.out.shrink_to(KEEP);
+            if self.out.capacity() > IDLE_KEEP {
+                self.out = Vec::new();
             }
         }
     }

@@ -80,6 +80,9 @@ pub struct ServeArgs {
     /// Event-loop threads (default: the machine's parallelism, at most 4).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Memory budget for partially received requests across connections, MiB.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub max_buffered_mib: usize,
 }
 
 impl From<ServeArgs> for ServeOptions {
@@ -90,6 +93,7 @@ impl From<ServeArgs> for ServeOptions {
             token_file: a.token_file,
             max_connections: a.max_connections,
             threads: a.threads,
+            max_buffered_bytes: a.max_buffered_mib << 20,
         }
     }
 }
