@@ -1330,6 +1330,90 @@ mod tests {
         assert_eq!(s.sessions[a].buffered(), 0);
     }
 
+    /// Random request streams (valid requests on a few keys, cut at random points, now and then
+    /// noise) over five sessions: no panic, the store's pending waits are exactly the sessions'
+    /// pending waits after every step, every wake is for a pending wait, and nothing is left
+    /// once every session is abandoned. The fuzz target `sessions` does the same on raw bytes.
+    #[test]
+    fn random_streams_keep_the_wait_books_balanced() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        let key = |rng: &mut rand::rngs::SmallRng| k(["a", "b", "c", "d"][rng.gen_range(0..4)]);
+        for round in 0..200 {
+            let mut s = Sim::new(SessionConfig {
+                max_pending_output: 256,
+                ..Default::default()
+            });
+            let n = 5;
+            for _ in 0..n {
+                s.open();
+            }
+            let mut alive = vec![true; n];
+            for _ in 0..60 {
+                let i = rng.gen_range(0..n);
+                if !alive[i] {
+                    continue;
+                }
+                let req = match rng.gen_range(0..9) {
+                    0 | 1 => Request::Set {
+                        key: key(&mut rng),
+                        value: vec![1; rng.gen_range(0..40)],
+                    },
+                    2 => Request::Wait {
+                        keys: (0..rng.gen_range(1..4)).map(|_| key(&mut rng)).collect(),
+                    },
+                    3 => Request::WaitGet {
+                        keys: (0..rng.gen_range(1..3)).map(|_| key(&mut rng)).collect(),
+                    },
+                    4 => Request::CancelWait,
+                    5 => Request::DeleteKey { key: key(&mut rng) },
+                    6 => Request::QueuePush {
+                        key: key(&mut rng),
+                        value: vec![2],
+                    },
+                    7 => Request::Add {
+                        key: k("counter"),
+                        delta: 1,
+                    },
+                    _ => Request::Get { key: key(&mut rng) },
+                };
+                let mut b = req.to_bytes();
+                if rng.gen_bool(0.02) {
+                    b = (0..rng.gen_range(1..20)).map(|_| rng.gen()).collect();
+                }
+                // Cut the frame in two deliveries.
+                let cut = rng.gen_range(0..=b.len());
+                let r = s
+                    .send_bytes(i, &b[..cut])
+                    .and_then(|()| s.send_bytes(i, &b[cut..]));
+                // The peer reads what it is sent (so the output cap does not stop it for good).
+                s.out(i);
+                if r.is_err() || rng.gen_bool(0.03) {
+                    let st = &mut s.store;
+                    s.sessions[i].abandon(st);
+                    alive[i] = false;
+                }
+                let wakes = std::mem::take(&mut s.store.wakes);
+                for w in wakes {
+                    let j = w.conn.0 as usize;
+                    if alive[j] {
+                        assert!(s.sessions[j].on_wake(w.wait, &w.reply), "round {round}");
+                        let _ = s.sessions[j].process(&s.cfg, s.now, &mut s.store);
+                    }
+                }
+                let waiting = (0..n)
+                    .filter(|j| alive[*j] && s.sessions[*j].pending_wait().is_some())
+                    .count();
+                assert_eq!(s.store.state.pending_waits(), waiting, "round {round}");
+            }
+            for i in 0..n {
+                let st = &mut s.store;
+                s.sessions[i].abandon(st);
+            }
+            assert_eq!(s.store.state.pending_waits(), 0);
+        }
+    }
+
     #[test]
     fn parse_i64_accepts_what_add_writes() {
         assert_eq!(parse_i64(b"42"), Some(42));
