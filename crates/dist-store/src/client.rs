@@ -315,7 +315,12 @@ impl TcpStoreClient {
             match c.stream.read(&mut c.rbuf[old..]) {
                 Ok(0) => {
                     c.rbuf.truncate(old);
-                    return Err(self.lost(op, "connection closed by the store"));
+                    return Err(self.lost(
+                        op,
+                        "connection closed by the store (a store drops a connection on a wrong \
+                         token, a malformed or oversized request, or one not complete within its \
+                         deadline; its log says which)",
+                    ));
                 }
                 Ok(n) => c.rbuf.truncate(old + n),
                 Err(e) => {
