@@ -2,17 +2,20 @@
 """`dist bench store` beside PyTorch's TCPStore, in one run, on one machine.
 
 Usage: python3 ci/device/store_bench.py BIN_DIR [--duration S] [--clients 8,64] [--rendezvous 128,1024]
-  BIN_DIR holds a release build of the example `store_tool`.
+                                          [--big-rendezvous 1000,5000,10000]
+  BIN_DIR holds a release build of the `dist` binary.
 
 Four pairings of server and client:
-  ours/ours    `store_tool bench` (our server in-process, our client processes)
+  ours/ours    `dist bench store` (our server a `dist store serve` child, our client processes)
   torch/torch  PyTorch's TCPStore master (libuv) and PyTorch client processes
-  torch/ours   our client processes against PyTorch's master (`store_tool bench --addr`)
-  ours/torch   PyTorch client processes against `store_tool serve`
+  torch/ours   our client processes against PyTorch's master (`dist bench store --addr`)
+  ours/torch   PyTorch client processes against `dist store serve`
 Throughput: set+get pairs per second (one set, one get; PyTorch's get is WAIT then GET) with N
 client processes for `--duration` seconds after a common start. Rendezvous: N clients (threads,
 each its own connection) each set a key, then wait for all N keys; best and median of 3.
-Prints a table last.
+Prints a table, then runs `dist bench store`'s own rendezvous benchmark at `--big-rendezvous`
+sizes (the barrier and the all-keys patterns, with its PyTorch peers: torch's master with our
+client, and torch's master with torch's clients).
 """
 import os
 import re
@@ -103,14 +106,16 @@ def torch_clients_rendezvous(port, n, tag):
 
 def parse_results(out):
     res = {}
-    for m in re.finditer(r"RESULT kind=(\w+) clients=(\d+) (\w+)=([\d.]+)(?: median_ms=([\d.]+))?", out):
+    for m in re.finditer(r"RESULT kind=(\w+) (?:server=\w+ )?(?:pattern=keys )?clients=(\d+) (\w+)=([\d.]+)"
+                         r"(?: median_ms=([\d.]+))?", out):
         kind, n, _, v, med = m.groups()
         res[(kind, int(n))] = (float(v), float(med) if med else None)
     return res
 
 
 def rust_bench(bin_dir, args, timeout=600):
-    p = subprocess.run([os.path.join(bin_dir, "store_tool"), "bench"] + args, capture_output=True, text=True,
+    p = subprocess.run([os.path.join(bin_dir, "dist"), "bench", "store", "--no-torch", "--patterns", "keys"] + args,
+                       capture_output=True, text=True,
                        timeout=timeout)
     print(p.stdout, p.stderr[-2000:], flush=True)
     return parse_results(p.stdout)
@@ -154,8 +159,8 @@ def main():
             print(f"torch/torch rendezvous {n}: {e!r}")
     for (kind, n), (v, med) in rust_bench(bin_dir, common + ["--addr", f"127.0.0.1:{port}"]).items():
         table[("torch/ours", kind, n)] = (v, med)
-    # ours/torch: torch clients against `store_tool serve`
-    srv = subprocess.Popen([os.path.join(bin_dir, "store_tool"), "serve", "--host", "127.0.0.1", "--port", "0"],
+    # ours/torch: torch clients against `dist store serve`
+    srv = subprocess.Popen([os.path.join(bin_dir, "dist"), "store", "serve", "--host", "127.0.0.1", "--port", "0"],
                            stdout=subprocess.PIPE, text=True)
     try:
         oport = int(srv.stdout.readline().strip().rsplit(":", 1)[1])
@@ -192,6 +197,12 @@ def main():
         if a and b:
             print(f"set+get, {n} clients: ours/ours is {a[0] / b[0]:.2f}x torch/torch "
                   f"({2 * a[0]:,.0f} vs {2 * b[0]:,.0f} ops/s counting set and get apart)")
+    big = arg("--big-rendezvous", "1000,5000,10000")
+    if big:
+        p = subprocess.run([os.path.join(bin_dir, "dist"), "bench", "store", "--clients", "0", "--rendezvous", big,
+                            "--patterns", "barrier,keys", "--repeat", "3", "--torch-python", sys.executable],
+                           capture_output=True, text=True, timeout=7200)
+        print(p.stdout, p.stderr[-2000:], flush=True)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 """Interop of dist-store with PyTorch's TCPStore, both directions, on a machine with torch.
 
 Usage: python3 ci/device/store_interop.py BIN_DIR
-  BIN_DIR holds release builds of the examples `store_tool` and `mp_stateless_group`.
+  BIN_DIR holds release builds of the `dist` binary and of the examples `store_tool` and
+  `mp_stateless_group`.
 
-1. PyTorch client -> our server (`store_tool serve`): every TCPStore call, checked.
-2. PyTorch's gloo process group over our launcher's store: `store_tool run --nproc-per-node 2`
+1. PyTorch client -> our server (`dist store serve`): every TCPStore call, checked.
+2. PyTorch's gloo process group over our launcher's store: `dist run --nproc-per-node 2`
    runs this script as two torch ranks that `init_process_group("gloo", init_method="env://")`
    (torch's rank 0 sees TORCHELASTIC_USE_AGENT_STORE and uses our store) and all_reduce.
 3. Our client -> PyTorch master (libuv and legacy backends): `store_tool interop`, then torch
@@ -31,7 +32,7 @@ def record(name, ok, detail=""):
 
 
 def start_our_server(bin_dir):
-    p = subprocess.Popen([os.path.join(bin_dir, "store_tool"), "serve", "--host", "127.0.0.1", "--port", "0"],
+    p = subprocess.Popen([os.path.join(bin_dir, "dist"), "store", "serve", "--host", "127.0.0.1", "--port", "0"],
                          stdout=subprocess.PIPE, text=True)
     line = p.stdout.readline()
     port = int(line.strip().rsplit(":", 1)[1].split(",")[0])
@@ -107,7 +108,7 @@ def gloo_worker():
 
 
 def gloo_over_our_launcher(bin_dir):
-    p = subprocess.run([os.path.join(bin_dir, "store_tool"), "run", "--nproc-per-node", "2", "--timeout", "90",
+    p = subprocess.run([os.path.join(bin_dir, "dist"), "run", "--nproc-per-node", "2", "--timeout", "90",
                         "--", sys.executable, os.path.abspath(__file__), "--gloo-worker"],
                        capture_output=True, text=True, timeout=120)
     ok = p.returncode == 0 and p.stdout.count("gloo all_reduce ok") == 2

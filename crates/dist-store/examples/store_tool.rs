@@ -1,43 +1,14 @@
-//! A stand-alone front end of this crate's library entry points, for use where the `dist` CLI
-//! is not built (the device machine, quick manual tests):
-//! `store_tool run ...` (= `dist run`), `store_tool serve ...` (= `dist store serve`),
-//! `store_tool bench ...` (= `dist bench store`) and `store_tool interop HOST PORT`
-//! (our client against any TCPStore master, e.g. PyTorch's).
+//! Our client against any TCPStore master (e.g. PyTorch's): `store_tool interop HOST PORT
+//! [--prefix P] [--no-queues]` exercises every client call and prints what it answered. The
+//! launcher, the server and the benchmark are the `dist` binary's `run`, `store serve` and
+//! `bench store`.
 
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
 use dist_core::Store;
 use dist_store::{ClientOptions, TcpStoreClient};
 
-#[derive(Parser, Debug)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand, Debug)]
-enum Cmd {
-    /// Launch ranks (`dist run`).
-    Run(dist_store::launch::LaunchOptions),
-    /// Serve a store (`dist store serve`).
-    Serve(dist_store::launch::ServeOptions),
-    /// Benchmark the store (`dist bench store`).
-    Bench(dist_store::bench::StoreBenchOptions),
-    /// Exercise every client call against the master at HOST:PORT and print what it answered.
-    Interop {
-        /// Host of the master.
-        host: String,
-        /// Port of the master.
-        port: u16,
-        /// Key prefix to use.
-        #[arg(long, default_value = "rs/")]
-        prefix: String,
-        /// Skip the queue calls (PyTorch's legacy server has none).
-        #[arg(long)]
-        no_queues: bool,
-    },
-}
+const USAGE: &str = "usage: store_tool interop HOST PORT [--prefix P] [--no-queues]";
 
 fn interop(host: &str, port: u16, p: &str, queues: bool) -> Result<(), String> {
     let e = |x: dist_core::Error| x.to_string();
@@ -141,32 +112,39 @@ fn interop(host: &str, port: u16, p: &str, queues: bool) -> Result<(), String> {
 }
 
 fn main() {
-    let cli = Cli::parse();
-    let code = match cli.cmd {
-        Cmd::Run(o) => dist_store::launch::run(&o).unwrap_or_else(|e| {
-            eprintln!("dist run: {e}");
-            1
-        }),
-        Cmd::Serve(o) => dist_store::launch::serve(&o).unwrap_or_else(|e| {
-            eprintln!("dist store serve: {e}");
-            1
-        }),
-        Cmd::Bench(o) => dist_store::bench::run(&o).unwrap_or_else(|e| {
-            eprintln!("dist bench store: {e}");
-            1
-        }),
-        Cmd::Interop {
-            host,
-            port,
-            prefix,
-            no_queues,
-        } => match interop(&host, port, &prefix, !no_queues) {
-            Ok(()) => 0,
-            Err(m) => {
-                eprintln!("interop: FAILED: {m}");
-                1
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut prefix = "rs/".to_string();
+    let mut queues = true;
+    let mut pos = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--prefix" => match it.next() {
+                Some(p) => prefix = p.clone(),
+                None => fail("--prefix needs a value"),
+            },
+            "--no-queues" => queues = false,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return;
             }
+            _ => pos.push(a.clone()),
+        }
+    }
+    let (host, port) = match pos.as_slice() {
+        [cmd, host, port] if cmd == "interop" => match port.parse::<u16>() {
+            Ok(p) => (host.clone(), p),
+            Err(_) => fail(&format!("bad port {port:?}")),
         },
+        _ => fail("expected: interop HOST PORT"),
     };
-    std::process::exit(code);
+    if let Err(m) = interop(&host, port, &prefix, queues) {
+        eprintln!("interop: FAILED: {m}");
+        std::process::exit(1);
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("store_tool: {msg}\n{USAGE}");
+    std::process::exit(2);
 }

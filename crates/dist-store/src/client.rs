@@ -315,7 +315,12 @@ impl TcpStoreClient {
             match c.stream.read(&mut c.rbuf[old..]) {
                 Ok(0) => {
                     c.rbuf.truncate(old);
-                    return Err(self.lost(op, "connection closed by the store"));
+                    return Err(self.lost(
+                        op,
+                        "connection closed by the store (a store drops a connection on a wrong \
+                         token, a malformed or oversized request, or one not complete within its \
+                         deadline; its log says which)",
+                    ));
                 }
                 Ok(n) => c.rbuf.truncate(old + n),
                 Err(e) => {
@@ -390,6 +395,17 @@ impl TcpStoreClient {
         match self.call("store queue_pop", &req, self.op_deadline())? {
             Reply::QueuePop(v) => Ok(v),
             r => Err(Error::protocol(format!("queue_pop answered {r:?}"))),
+        }
+    }
+
+    /// `MULTI_GET` without waiting: one round trip, a missing key reads as an empty value.
+    pub fn multi_get_now(&self, keys: &[&str]) -> Result<Vec<Vec<u8>>> {
+        let req = Request::MultiGet {
+            keys: keys.iter().map(|k| self.k(k)).collect(),
+        };
+        match self.call("store multi_get", &req, self.op_deadline())? {
+            Reply::Values(v) => Ok(v),
+            r => Err(Error::protocol(format!("MULTI_GET answered {r:?}"))),
         }
     }
 

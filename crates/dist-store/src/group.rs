@@ -10,8 +10,10 @@
 //! - `broadcast_from/{src}/{n}`: the n-th broadcast from `src` (per-source counters, as vLLM).
 //! - `all_gather/{n}/{rank}`: every rank writes its part, then reads all with one `MULTI_GET`
 //!   (vLLM runs `world_size` broadcasts one after the other).
-//! - `barrier/{n}/arrive/{rank}`, `barrier/{n}/depart/{rank}`: rank 0 leaves last and deletes
-//!   both sets of keys (it may host the store, so it must outlive the others' last request).
+//! - `barrier/{n}/…`: a counter and one release key per phase ([`store_barrier`]: O(1)
+//!   requests per rank, O(world) work for the server), and an append-only list of the ranks
+//!   that reported in, so a timeout names the missing ones; rank 0 leaves last and deletes
+//!   the keys (it may host the store, so it must outlive the others' last request).
 //!
 //! Every blocking step waits on the server (`WAIT`) with the time left of the operation's
 //! deadline, so a barrier's deadline holds even while a read blocks, and a timeout names the
@@ -281,25 +283,92 @@ impl StatelessProcessGroup {
             detail: format!("deadline {:?}", self.timeout),
         }
     }
+}
 
-    /// Waits for `keys[i]` (one per rank in `ranks[i]`) until `deadline`; a timeout names
-    /// the ranks whose keys are missing.
-    fn wait_ranks(
-        &self,
-        op: &str,
-        keys: &[String],
-        ranks: &[usize],
-        start: Instant,
-        deadline: Instant,
-    ) -> Result<()> {
-        let refs: Vec<&str> = keys.iter().map(|s| s.as_str()).collect();
+/// A barrier of `world` ranks over `store` in O(1) requests per rank and O(world) work for the
+/// server, under the keys `{prefix}…` (use a fresh prefix per barrier; they are deleted after).
+///
+/// Each rank appends its number to `{prefix}arrived` and adds 1 to `{prefix}count`; the rank
+/// whose add makes it `world` sets `{prefix}open`, on which every rank waits (PyTorch's store
+/// barrier, `torch.distributed.elastic.utils.store.barrier`, works the same way). Then the
+/// same for the departure, and rank 0 — which may host the store — waits until every rank
+/// has left before deleting the keys, so it leaves last. A timeout reads the arrival list and
+/// names the ranks missing from it. Works against any TCPStore server (PyTorch's too): it
+/// uses only `APPEND`, `ADD`, `SET`, `WAIT`, `GET` and `DELETE_KEY`.
+pub fn store_barrier(
+    store: &dyn Store,
+    prefix: &str,
+    rank: usize,
+    world: usize,
+    op: &str,
+    timeout: Duration,
+) -> Result<()> {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let key = |k: &str| format!("{prefix}{k}");
+    // One phase: report in, count, the last one releases; `wait`: wait for the release.
+    let phase = |list: &str, count: &str, release: &str, wait: bool, op: &str| -> Result<()> {
+        store.append(&key(list), &(rank as u32).to_le_bytes())?;
+        if store.add(&key(count), 1)? == world as i64 {
+            store.set(&key(release), b"1")?;
+        }
+        if !wait {
+            return Ok(());
+        }
         let left = deadline.saturating_duration_since(Instant::now());
-        match self.store.wait(&refs, left) {
-            Ok(()) => Ok(()),
-            Err(e) if e.is_timeout() => Err(self.timeout_error(op, &refs, ranks, start)),
-            Err(e) => Err(e),
+        match store.wait(&[key(release).as_str()], left) {
+            Err(e) if e.is_timeout() => {
+                let seen = store
+                    .get(&key(list), Duration::from_secs(1))
+                    .unwrap_or_default();
+                let mut here = vec![false; world];
+                for c in seen.chunks_exact(4) {
+                    let r = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize;
+                    if r < world {
+                        here[r] = true;
+                    }
+                }
+                let missing: Vec<usize> = (0..world).filter(|r| !here[*r]).collect();
+                let detail = if missing.is_empty() {
+                    format!(
+                        "deadline {timeout:?}; every rank reported in but the barrier was not \
+                         released (the last one may have died before releasing it)"
+                    )
+                } else {
+                    format!("deadline {timeout:?}")
+                };
+                Err(Error::Timeout {
+                    op: op.to_string(),
+                    waited: start.elapsed(),
+                    missing_ranks: missing,
+                    detail,
+                })
+            }
+            r => r,
+        }
+    };
+    phase("arrived", "arrived_count", "open", true, op)?;
+    // Only rank 0 waits for the departures: it may host the store and must leave last.
+    phase(
+        "left",
+        "left_count",
+        "closed",
+        rank == 0,
+        &format!("{op} (departure)"),
+    )?;
+    if rank == 0 {
+        for k in [
+            "arrived",
+            "arrived_count",
+            "open",
+            "left",
+            "left_count",
+            "closed",
+        ] {
+            store.delete(&key(k))?;
         }
     }
+    Ok(())
 }
 
 /// Client options with `timeout`, and the token of `DIST_STORE_TOKEN_FILE` when set (the
@@ -350,34 +419,19 @@ impl HostGroup for StatelessProcessGroup {
     }
 
     fn barrier(&self) -> Result<()> {
-        let start = Instant::now();
-        let deadline = start + self.timeout;
         let n = {
             let mut c = self.counters();
             c.barrier += 1;
             c.barrier
         };
-        let p = &self.prefix;
-        let ranks: Vec<usize> = (0..self.world_size).collect();
-        let arrive: Vec<String> = ranks
-            .iter()
-            .map(|r| format!("{p}barrier/{n}/arrive/{r}"))
-            .collect();
-        let depart: Vec<String> = ranks
-            .iter()
-            .map(|r| format!("{p}barrier/{n}/depart/{r}"))
-            .collect();
-        self.store.set(&arrive[self.rank], b"1")?;
-        self.wait_ranks("barrier", &arrive, &ranks, start, deadline)?;
-        self.store.set(&depart[self.rank], b"1")?;
-        if self.rank != 0 {
-            return Ok(());
-        }
-        self.wait_ranks("barrier (departure)", &depart, &ranks, start, deadline)?;
-        for k in arrive.iter().chain(&depart) {
-            self.store.delete(k)?;
-        }
-        Ok(())
+        store_barrier(
+            self.store.as_ref(),
+            &format!("{}barrier/{n}/", self.prefix),
+            self.rank,
+            self.world_size,
+            &self.op("barrier"),
+            self.timeout,
+        )
     }
 
     fn broadcast_bytes(&self, data: Option<&[u8]>, src: usize) -> Result<Vec<u8>> {
@@ -514,6 +568,92 @@ mod tests {
         assert_eq!(keys, 4 + 4, "4 all_gather parts + 4 broadcasts");
     }
 
+    /// Counts the keys each rank names to the store in waits and reads.
+    #[derive(Debug)]
+    struct Spy(Arc<dyn Store>, std::sync::atomic::AtomicUsize);
+    impl Store for Spy {
+        fn set(&self, k: &str, v: &[u8]) -> Result<()> {
+            self.0.set(k, v)
+        }
+        fn get(&self, k: &str, t: Duration) -> Result<Vec<u8>> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.0.get(k, t)
+        }
+        fn add(&self, k: &str, d: i64) -> Result<i64> {
+            self.0.add(k, d)
+        }
+        fn compare_set(&self, k: &str, e: &[u8], d: &[u8]) -> Result<Vec<u8>> {
+            self.0.compare_set(k, e, d)
+        }
+        fn check(&self, ks: &[&str]) -> Result<bool> {
+            self.1
+                .fetch_add(ks.len(), std::sync::atomic::Ordering::Relaxed);
+            self.0.check(ks)
+        }
+        fn wait(&self, ks: &[&str], t: Duration) -> Result<()> {
+            self.1
+                .fetch_add(ks.len(), std::sync::atomic::Ordering::Relaxed);
+            self.0.wait(ks, t)
+        }
+        fn delete(&self, k: &str) -> Result<bool> {
+            self.0.delete(k)
+        }
+        fn num_keys(&self) -> Result<u64> {
+            self.0.num_keys()
+        }
+        fn multi_get(&self, ks: &[&str], t: Duration) -> Result<Vec<Vec<u8>>> {
+            self.1
+                .fetch_add(ks.len(), std::sync::atomic::Ordering::Relaxed);
+            self.0.multi_get(ks, t)
+        }
+        fn multi_set(&self, ks: &[&str], vs: &[&[u8]]) -> Result<()> {
+            self.0.multi_set(ks, vs)
+        }
+        fn append(&self, k: &str, v: &[u8]) -> Result<()> {
+            self.0.append(k, v)
+        }
+    }
+
+    #[test]
+    fn a_barrier_names_o1_keys_per_rank_and_leaves_no_key() {
+        const W: usize = 48;
+        let s = StoreServer::start(ServerOptions::default()).unwrap();
+        let spies: Vec<Arc<Spy>> = (0..W)
+            .map(|_| {
+                let c = TcpStoreClient::connect("127.0.0.1", s.port(), ClientOptions::default())
+                    .unwrap();
+                Arc::new(Spy(Arc::new(c), Default::default()))
+            })
+            .collect();
+        std::thread::scope(|sc| {
+            for (r, spy) in spies.iter().enumerate() {
+                let store: Arc<dyn Store> = spy.clone();
+                sc.spawn(move || {
+                    let g = StatelessProcessGroup::over_store(
+                        store,
+                        "b/",
+                        r,
+                        W,
+                        Duration::from_secs(20),
+                    )
+                    .unwrap();
+                    for _ in 0..3 {
+                        g.barrier().unwrap();
+                    }
+                });
+            }
+        });
+        // Three barriers: rank 0 waits twice per barrier, the others once; one key each.
+        let named: Vec<usize> = spies
+            .iter()
+            .map(|s| s.1.load(std::sync::atomic::Ordering::Relaxed))
+            .collect();
+        assert_eq!(named[0], 6, "{named:?}");
+        assert!(named[1..].iter().all(|n| *n == 3), "{named:?}");
+        assert_eq!(spies[0].num_keys().unwrap(), 0);
+        assert_eq!(s.stats().wait_registrations, 0);
+    }
+
     #[test]
     fn barrier_timeout_names_missing_ranks_and_holds_its_deadline() {
         let (_s, gs) = groups(3, Duration::from_millis(300));
@@ -521,7 +661,35 @@ mod tests {
         let e = gs[1].barrier().unwrap_err();
         assert!(t0.elapsed() < Duration::from_secs(2));
         match e {
-            Error::Timeout { missing_ranks, .. } => assert_eq!(missing_ranks, vec![0, 2]),
+            Error::Timeout {
+                missing_ranks, op, ..
+            } => {
+                assert_eq!(missing_ranks, vec![0, 2]);
+                assert!(op.contains("barrier"), "{op}");
+            }
+            e => panic!("{e}"),
+        }
+        // Rank 1 arrives (by hand) and never leaves: rank 0 passes the arrival, then times out
+        // on the departure naming rank 1.
+        let st = gs[0].store().clone();
+        st.append("g/x/arrived", &1u32.to_le_bytes()).unwrap();
+        st.add("g/x/arrived_count", 1).unwrap();
+        let e = store_barrier(
+            st.as_ref(),
+            "g/x/",
+            0,
+            2,
+            "test",
+            Duration::from_millis(300),
+        )
+        .unwrap_err();
+        match e {
+            Error::Timeout {
+                missing_ranks, op, ..
+            } => {
+                assert_eq!(missing_ranks, vec![1]);
+                assert_eq!(op, "test (departure)");
+            }
             e => panic!("{e}"),
         }
         let e = gs[2].recv_bytes(0).unwrap_err();

@@ -21,8 +21,22 @@
 //! (`OMPI_COMM_WORLD_SIZE`/`OMPI_COMM_WORLD_RANK`, one launcher per node) variables, then
 //! `MASTER_ADDR`/`MASTER_PORT` from the environment.
 //!
-//! Every child is held by a guard whose `Drop` kills its process group and reaps it, so no
-//! rank outlives the launcher, whatever path it leaves by.
+//! Every child is held by a guard whose `Drop` kills its process group and reaps it, and gets
+//! the parent-death signal (SIGKILL when the launcher dies, even by SIGKILL; a rank whose
+//! launcher died before the signal was armed exits at once), so no rank outlives the launcher,
+//! whatever path it leaves by.
+//!
+//! **Exposure.** On one node the store binds `MASTER_ADDR` (loopback by default). With several
+//! nodes it binds `--master-addr` when that is an IP address of this host, otherwise every
+//! interface; without `--token-file`, anyone who can reach that port can read, write and delete
+//! every key of the job (and feed its ranks whatever they read back), and the launcher says so
+//! on stderr at start. It does not make up a token itself: the other nodes' ranks would need it
+//! and the launcher has no channel to give it to them, and PyTorch ranks, which never send one,
+//! would be refused. Give every node the same `--token-file` (see `docs/SECURITY.md`).
+//!
+//! When a rank fails, the launcher reads every rank's last flight-recorder snapshot from the
+//! store and names the call the failed rank was in (`rank 1 failed with signal 9 (SIGKILL)
+//! while in tp:0 all_reduce #12 …`), then what each rank was last doing.
 //!
 //! [`StatelessProcessGroup::from_env`]: crate::StatelessProcessGroup::from_env
 
@@ -37,38 +51,30 @@ use std::time::{Duration, Instant};
 use crate::sys;
 use crate::{ServerOptions, StoreServer};
 
-/// Options of `dist run` (mount with `#[command(flatten)]` or as a subcommand's args).
-#[derive(Debug, Clone, clap::Args)]
+/// Options of `dist run` (the CLI's flags map one to one onto these fields).
+#[derive(Debug, Clone)]
 pub struct LaunchOptions {
     /// Ranks to start on this node.
-    #[arg(long, default_value_t = 1, value_name = "N")]
     pub nproc_per_node: usize,
     /// Number of nodes (default: SLURM_NNODES, OMPI_COMM_WORLD_SIZE, else 1).
-    #[arg(long, value_name = "M")]
     pub nnodes: Option<usize>,
     /// This node's index (default: SLURM_NODEID, OMPI_COMM_WORLD_RANK, else 0).
-    #[arg(long, value_name = "R")]
     pub node_rank: Option<usize>,
-    /// Address of node 0, where the store runs (default: MASTER_ADDR, SLURM's first node, else 127.0.0.1).
-    #[arg(long, value_name = "A")]
+    /// Address of node 0, where the store runs (default: MASTER_ADDR, SLURM's first node,
+    /// else 127.0.0.1).
     pub master_addr: Option<String>,
-    /// Port of the store on node 0 (default: MASTER_PORT; else a free port on one node, 29500 on several).
-    #[arg(long, value_name = "P")]
+    /// Port of the store on node 0 (default: MASTER_PORT; else a free port on one node, 29500
+    /// on several).
     pub master_port: Option<u16>,
-    /// Kill the job if it still runs after SECS seconds (exit status 124).
-    #[arg(long, value_name = "SECS")]
+    /// Kill the job if it still runs after this many seconds (exit status 124).
     pub timeout: Option<f64>,
     /// Seconds between SIGTERM and SIGKILL when stopping ranks.
-    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
     pub kill_grace: f64,
     /// Do not prefix output lines with `[rank N]`.
-    #[arg(long)]
     pub no_prefix: bool,
     /// Require this shared secret on the store (passed to ranks as DIST_STORE_TOKEN_FILE).
-    #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
-    /// The program and its arguments (after `--`).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, num_args = 1.., value_name = "PROGRAM")]
+    /// The program and its arguments.
     pub program: Vec<OsString>,
 }
 
@@ -335,20 +341,18 @@ pub fn run(opts: &LaunchOptions) -> io::Result<i32> {
     };
     // Node 0 hosts the store.
     let server = if layout.node_rank == 0 {
-        let host = if layout.nnodes > 1 {
-            "0.0.0.0".to_string()
-        } else {
-            layout.master_addr.clone()
-        };
-        Some(
-            StoreServer::start(ServerOptions {
-                host,
-                port: layout.master_port.unwrap_or(0),
-                token,
-                ..Default::default()
-            })
-            .map_err(to_io)?,
-        )
+        let host = store_bind_host(&layout);
+        let server = StoreServer::start(ServerOptions {
+            host: host.clone(),
+            port: layout.master_port.unwrap_or(0),
+            token: token.clone(),
+            ..Default::default()
+        })
+        .map_err(to_io)?;
+        if layout.nnodes > 1 && token.is_none() {
+            warn_open_store(&server);
+        }
+        Some(server)
     } else {
         None
     };
@@ -393,6 +397,7 @@ pub fn run(opts: &LaunchOptions) -> io::Result<i32> {
         if let Some(p) = &opts.token_file {
             cmd.env("DIST_STORE_TOKEN_FILE", p);
         }
+        sys::kill_with_parent(&mut cmd);
         if layout.nproc_per_node > 1 && std::env::var_os("OMP_NUM_THREADS").is_none() {
             cmd.env("OMP_NUM_THREADS", "1");
         }
@@ -446,20 +451,26 @@ pub fn run(opts: &LaunchOptions) -> io::Result<i32> {
             .next()
         {
             let live = ranks.live();
-            print_rank_summary(&layout.master_addr, port, token_for_summary(opts), world);
+            let snaps = read_snapshots(&layout.master_addr, port, token_for_summary(opts), world);
+            let doing = snaps
+                .get(failed.0)
+                .and_then(|s| s.as_ref())
+                .map(|s| in_call(s, dist_core::diag::now_ms()))
+                .unwrap_or_default();
             if !live.is_empty() {
                 eprintln!(
-                    "dist run: rank {} failed with {}; stopping ranks {live:?}",
+                    "dist run: rank {} failed with {}{doing}; stopping ranks {live:?}",
                     failed.0,
                     describe(failed.1)
                 );
             } else {
                 eprintln!(
-                    "dist run: rank {} failed with {}",
+                    "dist run: rank {} failed with {}{doing}",
                     failed.0,
                     describe(failed.1)
                 );
             }
+            print_rank_summary(&snaps);
             ranks.stop_all(grace)?;
             break exit_code(failed.1);
         }
@@ -472,7 +483,12 @@ pub fn run(opts: &LaunchOptions) -> io::Result<i32> {
                 start.elapsed().as_secs_f64(),
                 ranks.live()
             );
-            print_rank_summary(&layout.master_addr, port, token_for_summary(opts), world);
+            print_rank_summary(&read_snapshots(
+                &layout.master_addr,
+                port,
+                token_for_summary(opts),
+                world,
+            ));
             ranks.stop_all(grace.min(Duration::from_secs(2)))?;
             break 124;
         }
@@ -499,34 +515,98 @@ fn token_for_summary(opts: &LaunchOptions) -> Option<Vec<u8>> {
         .and_then(|p| crate::auth::read_token_file(p).ok())
 }
 
-/// Prints what each rank was last doing, from the flight-recorder snapshots ranks publish in the
-/// store (`dist_core::diag::snapshot_key`); prints nothing when no rank published one.
-fn print_rank_summary(host: &str, port: u16, token: Option<Vec<u8>>, world: usize) {
-    use dist_core::diag::{now_ms, snapshot_key, Snapshot};
-    use dist_core::Store;
+/// Where the store listens: on one node `MASTER_ADDR`; on several, `MASTER_ADDR` when it is
+/// an IP address (of this host: binding fails otherwise), else every IPv4 interface.
+fn store_bind_host(layout: &JobLayout) -> String {
+    if layout.nnodes == 1 || layout.master_addr.parse::<std::net::IpAddr>().is_ok() {
+        layout.master_addr.clone()
+    } else {
+        "0.0.0.0".to_string()
+    }
+}
+
+/// The warning for a store that other hosts can reach and that takes no token.
+fn warn_open_store(server: &StoreServer) {
+    let addrs: Vec<String> = server.local_addrs().iter().map(|a| a.to_string()).collect();
+    eprintln!(
+        "dist run: WARNING: the job's store listens on {} with no token. Anyone who can reach \
+         this port can read, change and delete every key of the job, and so feed its ranks \
+         whatever they read from it. Give every node the same --token-file (a secret file, \
+         chmod 600), or keep the port behind a firewall; see docs/SECURITY.md.",
+        addrs.join(", ")
+    );
+}
+
+/// The last flight-recorder snapshot of every rank (`dist_core::diag::snapshot_key`), read
+/// with one `MULTI_GET`; `None` for a rank that published none (or when the store is gone).
+fn read_snapshots(
+    host: &str,
+    port: u16,
+    token: Option<Vec<u8>>,
+    world: usize,
+) -> Vec<Option<dist_core::diag::Snapshot>> {
+    use dist_core::diag::{snapshot_key, Snapshot};
     let opts = crate::ClientOptions {
-        timeout: Duration::from_secs(1),
+        timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(1),
         token,
         ..Default::default()
     };
+    let none = || vec![None; world];
     let Ok(client) = crate::TcpStoreClient::connect(host, port, opts) else {
-        return;
+        return none();
     };
-    let now = now_ms();
-    let mut lines = Vec::new();
-    for r in 0..world {
-        let key = snapshot_key(r);
-        if !matches!(client.check(&[key.as_str()]), Ok(true)) {
-            continue;
-        }
-        if let Ok(s) = client
-            .get(&key, Duration::from_secs(1))
-            .and_then(|b| dist_core::decode_obj::<Snapshot>(&b, 1 << 20))
-        {
-            lines.push(s.describe(now));
-        }
+    let keys: Vec<String> = (0..world).map(snapshot_key).collect();
+    let refs: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+    let Ok(values) = client.multi_get_now(&refs) else {
+        return none();
+    };
+    values
+        .into_iter()
+        .map(|b| {
+            (!b.is_empty())
+                .then(|| dist_core::decode_obj::<Snapshot>(&b, 1 << 20).ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// ` while in tp:0 all_reduce #12 (4096 B, started 0.3 s ago)` when the rank's last recorded
+/// call had not returned, else ` after tp:0 all_reduce #12 (done 1.0 s ago)`; empty without one.
+fn in_call(s: &dist_core::diag::Snapshot, now_ms: u64) -> String {
+    use dist_core::diag::OpState;
+    let Some(r) = s.records.last() else {
+        return String::new();
+    };
+    let ago = |t: u64| now_ms.saturating_sub(t) as f64 / 1000.0;
+    match (r.state, r.ended_ms) {
+        (OpState::Running, _) | (_, None) => format!(
+            " while in {} {} #{} ({} B, started {:.1} s ago)",
+            r.group,
+            r.op,
+            r.seq,
+            r.bytes,
+            ago(r.started_ms)
+        ),
+        (_, Some(e)) => format!(
+            " after {} {} #{} ({} {:.1} s ago)",
+            r.group,
+            r.op,
+            r.seq,
+            if r.state == OpState::Done {
+                "done"
+            } else {
+                "failed"
+            },
+            ago(e)
+        ),
     }
+}
+
+/// Prints what each rank was last doing; prints nothing when no rank published a snapshot.
+fn print_rank_summary(snaps: &[Option<dist_core::diag::Snapshot>]) {
+    let now = dist_core::diag::now_ms();
+    let lines: Vec<String> = snaps.iter().flatten().map(|s| s.describe(now)).collect();
     if !lines.is_empty() {
         eprintln!("dist run: what each rank was last doing:");
         for l in lines {
@@ -545,23 +625,33 @@ fn to_io(e: crate::Error) -> io::Error {
 }
 
 /// Options of `dist store serve`.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// Address to bind (`0.0.0.0` or `::` for every interface).
-    #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     /// Port to bind (0: a free one, printed at start).
-    #[arg(long, default_value_t = 29500)]
     pub port: u16,
     /// File holding a shared secret every client must present.
-    #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
-    /// Most concurrent connections.
-    #[arg(long, default_value_t = 65_536)]
+    /// Most concurrent connections (lowered to the open-file limit).
     pub max_connections: usize,
     /// Event-loop threads (default: the machine's parallelism, at most 4).
-    #[arg(long)]
     pub threads: Option<usize>,
+    /// Memory budget for partially received requests, bytes.
+    pub max_buffered_bytes: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            host: "127.0.0.1".into(),
+            port: 29500,
+            token_file: None,
+            max_connections: ServerOptions::default().max_connections,
+            threads: None,
+            max_buffered_bytes: ServerOptions::default().max_buffered_bytes,
+        }
+    }
 }
 
 /// Runs a standalone store server until SIGINT or SIGTERM; returns the exit code.
@@ -576,6 +666,7 @@ pub fn serve(opts: &ServeOptions) -> io::Result<i32> {
         port: opts.port,
         token,
         max_connections: opts.max_connections,
+        max_buffered_bytes: opts.max_buffered_bytes,
         threads: opts
             .threads
             .unwrap_or_else(|| ServerOptions::default().threads),

@@ -5,11 +5,13 @@
 //! [`HostGroup`](dist_core::HostGroup) traits it implements), and needs no accelerator.
 //!
 //! ```text
-//!   launch (dist run)      serve (dist store serve)      bench (dist bench store)
-//!        │                        │                              │
-//!   StatelessProcessGroup ── TcpStoreClient ──── TCP ──── StoreServer (mio loop)
-//!        (HostGroup)            (Store)                        │
-//!                                 └────────── proto (sans-IO codec) ─┘
+//!   launch (dist run)                  serve (dist store serve)
+//!        │                                    │
+//!   StatelessProcessGroup ── TcpStoreClient ── TCP ── StoreServer (mio loops: the socket shell)
+//!        (HostGroup)            (Store)                    │            guard (limits)
+//!                                 │                   state (Session per connection,
+//!                                 │                          StoreState: keys, queues, waits)
+//!                                 └──────── proto (sans-IO codec) ────────┘
 //! ```
 //!
 //! ## Design
@@ -18,15 +20,19 @@
 //!   (`is_master=False`), and [`TcpStoreClient`] works against a PyTorch master. The protocol is
 //!   written down in `docs/STORE_PROTOCOL.md`; golden byte transcripts in `tests/store_golden.rs`
 //!   pin it without PyTorch.
-//! - **Sans-IO codec, thin socket shells.** [`proto`] decodes requests and replies from byte
-//!   buffers that may be partial ([`proto::Decoded::NeedMore`] says how many bytes to wait for),
-//!   checks every length against [`proto::Limits`] before allocating, and is tested without
-//!   sockets and fuzzed (`fuzz/`).
+//! - **Sans-IO codec and state machines, thin socket shell.** [`proto`] decodes requests and
+//!   replies from byte buffers that may be partial, checking every length against
+//!   [`proto::Limits`] before allocating. [`state`] holds what the commands mean: a
+//!   [`state::Session`] per connection (handshake, token, decoding, its wait and cancel, the
+//!   handshake and whole-message deadlines) over one [`state::StoreState`] (keys, queues, waits
+//!   indexed by key), requests in, replies and wake-ups out, time passed in. Both are tested
+//!   without sockets and fuzzed (`fuzz/`).
 //! - **An event-driven server.** [`StoreServer`] runs a few `mio` event loops (one per thread,
-//!   4 at most by default) over one core of keys, queues and waiters behind a mutex held only
-//!   while a request executes: thousands of connections, waiters woken by the writes that
-//!   satisfy them (across loops through per-loop inboxes), back-pressure on clients that do
-//!   not read, and hostile connections dropped with a log line.
+//!   4 at most by default) that only move bytes between sockets and sessions; the shared
+//!   [`state::StoreState`] is locked for one request at a time; wakes cross loops through
+//!   per-loop inboxes. A hostile peer meets the limits of [`guard`]: a memory budget for
+//!   partial requests across connections, a whole-message deadline, a connection cap below the
+//!   open-file limit, delayed answers to wrong tokens, a rate-limited log (`docs/SECURITY.md`).
 //! - **One round trip per `get`** against our server: the client probes with `HELLO` and then
 //!   uses `WAIT_GET` (our extension); against PyTorch's server it falls back by itself.
 //! - **Deadlines everywhere.** Every client call has one; `wait` cancels on the server
@@ -36,8 +42,11 @@
 //! - **Typed objects only.** [`StatelessProcessGroup`] moves serde values encoded with postcard
 //!   and size-capped (never pickles), puts the sender in send/recv keys, and enforces the
 //!   barrier's deadline even while a store read blocks.
-//! - **The launcher is a library** ([`launch`]): `dist run` is a thin CLI over
-//!   [`launch::run`], with torchrun's environment contract.
+//! - **Barriers in O(1) requests per rank.** [`group::store_barrier`] is a counter and one
+//!   release key (as PyTorch's store barrier), not a wait on every rank's key.
+//! - **The launcher is a library** ([`launch`]): `dist run` (in the `dist` binary, which holds
+//!   the command-line flags and the store benchmark) is a thin front over [`launch::run`], with
+//!   torchrun's environment contract; its ranks die with it.
 //!
 //! Errors are `dist_core::Error` (re-exported here): the store and the group surface through
 //! `dist-core`'s traits, and a second error enum would only be converted back.
@@ -59,15 +68,22 @@
 //! ```
 
 pub mod auth;
-pub mod bench;
 pub mod client;
 pub mod group;
+pub mod guard;
 pub mod launch;
 pub mod proto;
 pub mod server;
+pub mod state;
 mod sys;
 
 pub use client::{ClientOptions, TcpStoreClient};
 pub use dist_core::{Error, Result};
 pub use group::{RankEnv, StatelessProcessGroup};
-pub use server::{ServerOptions, StoreServer};
+pub use server::{ServerOptions, ServerStats, StoreServer};
+
+/// Raises this process's soft open-file limit to its hard limit (a process holding thousands
+/// of store connections needs more than the common 1,024); returns the limit then in force.
+pub fn raise_open_file_limit() -> Option<u64> {
+    sys::raise_nofile_limit()
+}

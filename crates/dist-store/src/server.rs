@@ -1,20 +1,35 @@
-//! The store server: a few threads, each a `mio` event loop over its share of the
-//! connections, every connection non-blocking.
+//! The store server's socket shell: a few threads, each a `mio` event loop over its share of
+//! the connections, every connection non-blocking. What the requests *mean* lives in
+//! [`crate::state`] (a [`Session`] per connection, one [`StoreState`] for the server); this
+//! module only moves bytes between sockets and sessions, keeps the sessions' timers, and
+//! applies the limits of [`crate::guard`].
 //!
-//! The keys, queues and waiters live in one `Core` behind a mutex held only while a request
-//! executes (no I/O under it). Loop 0 accepts and deals connections round-robin to the loops.
-//! A write that completes another loop's waiter leaves that waiter's reply in the owner's
-//! inbox (under the core lock, so a later `CANCEL_WAIT` finds it there) and wakes the owner.
-//! Each connection keeps a read buffer (never more than one request plus
-//! one read beyond what it has sent us, and never more than [`Limits::max_request_bytes`]) and
-//! a write buffer; a connection whose unread replies pass [`ServerOptions::max_pending_output`]
-//! is not read from until it drains, so a client that never reads cannot grow our memory.
-//! A connection that sends a malformed frame, breaks the handshake or stays silent past
-//! [`ServerOptions::handshake_timeout`] before validating is dropped with a `warn!` line; the
-//! others never notice. Each event handles at most [`READ_BUDGET`] bytes of one connection
-//! before moving on, so one busy client cannot starve the rest.
+//! The [`StoreState`] sits behind a mutex held only while one request executes (no I/O under
+//! it). Loop 0 accepts and deals connections round-robin to the loops. A write that completes
+//! another loop's wait leaves that wait's [`Wake`] in the owner's inbox (under the state lock, so
+//! a later `CANCEL_WAIT` that finds its wait gone finds the wake there) and wakes the owner.
+//!
+//! What a connection can cost us, and how it is bounded:
+//! - **reading**: each event reads at most [`READ_BUDGET`] bytes of one connection before the
+//!   loop serves others; an edge-triggered read stops early only when the socket is drained and
+//!   the peer has not closed (the FIN comes with the same edge as the bytes before it);
+//! - **partial requests**: at most one incomplete request per connection, capped by
+//!   [`crate::proto::Limits::max_request_bytes`], and across connections by
+//!   [`ServerOptions::max_buffered_bytes`] ([`MemoryBudget`]); before the handshake only
+//!   `VALIDATE`/`AUTH` may arrive, so an unauthenticated peer holds at most a key's worth;
+//! - **time**: the handshake must be done within [`ServerOptions::handshake_timeout`] and each
+//!   request must arrive whole within [`ServerOptions::message_timeout`] of its first byte;
+//! - **replies**: a connection whose unsent replies pass [`ServerOptions::max_pending_output`]
+//!   is not read from until it drains;
+//! - **connections**: at most [`ServerOptions::max_connections`] (and fewer than the open-file
+//!   limit), more are accepted and closed at once;
+//! - **wrong tokens**: answered later and later per address, then closed unanswered
+//!   ([`AuthPenalties`]);
+//! - **the log**: a dropped connection is a `warn!` line, at most a few per second per loop;
+//!   the rest are counted in the next line.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -26,10 +41,9 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::{debug, info, warn};
 
-use crate::proto::{
-    decode_request, put_blob, put_i64, CheckResponse, Decoded, Limits, Request, WaitResponse,
-    FEATURE_WAIT_GET, VALIDATION_MAGIC,
-};
+use crate::guard::{AuthPenalties, LogLimiter, MemoryBudget, Verdict, STALL};
+use crate::proto::Limits;
+use crate::state::{ConnId, Refusal, Session, SessionConfig, StoreAccess, StoreState, Wake};
 use crate::{Error, Result};
 
 /// Bytes read from one connection per event before the loop serves others.
@@ -37,6 +51,13 @@ pub const READ_BUDGET: usize = 1 << 20;
 const SCRATCH: usize = 256 * 1024;
 const WAKER: Token = Token(usize::MAX);
 const FIRST_CONN: usize = 64;
+/// File descriptors kept free of connections (listeners, poll, wakers, the process's own).
+const FD_RESERVE: u64 = 64;
+/// How often connections waiting for the memory budget are retried.
+const PARK_RETRY: Duration = Duration::from_millis(5);
+/// How often large partial messages are checked for stalled senders (while the budget is
+/// contended).
+const STALL_SCAN: Duration = Duration::from_millis(100);
 
 /// How a server is set up.
 #[derive(Debug, Clone)]
@@ -51,16 +72,23 @@ pub struct ServerOptions {
     pub token: Option<Vec<u8>>,
     /// Caps on keys, values, keys per request and request size.
     pub limits: Limits,
-    /// Most live connections; more are accepted and closed at once.
+    /// Most live connections; more are accepted and closed at once. Lowered at start to the
+    /// open-file limit less a reserve.
     pub max_connections: usize,
     /// A connection that has not completed the handshake within this is dropped.
     pub handshake_timeout: Duration,
+    /// A request must arrive complete within this of its first byte, or the connection is
+    /// dropped (a peer trickling bytes cannot hold memory or a connection for ever).
+    pub message_timeout: Duration,
     /// Unread reply bytes at which a connection stops being read from.
     pub max_pending_output: usize,
+    /// Bytes of partially received requests held across every connection; past it only small
+    /// requests and the oldest large one are read (see [`MemoryBudget`]).
+    pub max_buffered_bytes: usize,
     /// Serve our extensions (`HELLO`, `WAIT_GET`). `false` behaves as PyTorch's server does
     /// on them (closes the connection), which tests the clients' fallback.
     pub extensions: bool,
-    /// Event-loop threads (at least 1). The default is the machine's parallelism, at most 4.
+    /// Event-loop threads (1 to 255). The default is the machine's parallelism, at most 4.
     pub threads: usize,
 }
 
@@ -73,7 +101,9 @@ impl Default for ServerOptions {
             limits: Limits::default(),
             max_connections: 65_536,
             handshake_timeout: Duration::from_secs(30),
+            message_timeout: Duration::from_secs(60),
             max_pending_output: 64 << 20,
+            max_buffered_bytes: 256 << 20,
             extensions: true,
             threads: std::thread::available_parallelism()
                 .map_or(1, |n| n.get())
@@ -82,7 +112,7 @@ impl Default for ServerOptions {
     }
 }
 
-/// A running server; dropping it stops the loop and joins its thread.
+/// A running server; dropping it stops the loops and joins their threads.
 #[derive(Debug)]
 pub struct StoreServer {
     addrs: Vec<SocketAddr>,
@@ -90,10 +120,39 @@ pub struct StoreServer {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// What a server holds now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Open connections.
+    pub connections: usize,
+    /// Bytes of partially received requests.
+    pub buffered_bytes: usize,
+    /// Keys held.
+    pub keys: usize,
+    /// Pending waits.
+    pub pending_waits: usize,
+    /// Entries of the waits' key index (live and not yet swept).
+    pub wait_registrations: usize,
+}
+
 impl StoreServer {
     /// Binds and starts the loops on background threads named `dist-store-N`.
     pub fn start(opts: ServerOptions) -> Result<Self> {
-        crate::sys::raise_nofile_limit();
+        let mut opts = opts;
+        if let Some(fds) = crate::sys::raise_nofile_limit() {
+            let cap = fds.saturating_sub(FD_RESERVE).max(1) as usize;
+            if cap < opts.max_connections {
+                if opts.max_connections != ServerOptions::default().max_connections {
+                    warn!(
+                        asked = opts.max_connections,
+                        cap,
+                        open_file_limit = fds,
+                        "store server: fewer connections than asked (open-file limit)"
+                    );
+                }
+                opts.max_connections = cap;
+            }
+        }
         let listeners = bind_all(&opts.host, opts.port)?;
         let mut addrs = Vec::new();
         for l in &listeners {
@@ -102,7 +161,7 @@ impl StoreServer {
                     .map_err(|e| Error::io("store server: local_addr", e))?,
             );
         }
-        let n = opts.threads.max(1);
+        let n = opts.threads.clamp(1, 255);
         let mut polls = Vec::new();
         let mut inboxes = Vec::new();
         for _ in 0..n {
@@ -116,7 +175,17 @@ impl StoreServer {
             polls.push(poll);
         }
         let shared = Arc::new(Shared {
-            core: Mutex::new(Core::default()),
+            state: Mutex::new(StoreState::new()),
+            session: SessionConfig {
+                token: opts.token.clone(),
+                limits: opts.limits,
+                extensions: opts.extensions,
+                handshake_timeout: opts.handshake_timeout,
+                message_timeout: opts.message_timeout,
+                max_pending_output: opts.max_pending_output,
+            },
+            budget: MemoryBudget::new(opts.max_buffered_bytes),
+            penalties: Mutex::new(AuthPenalties::default()),
             opts,
             stop: AtomicBool::new(false),
             inboxes,
@@ -140,7 +209,13 @@ impl StoreServer {
                 .map_err(|e| Error::io("store server: spawn thread", e))?;
             threads.push(t);
         }
-        info!(addrs = ?addrs, threads = n, "store server listening");
+        info!(
+            addrs = ?addrs,
+            threads = n,
+            max_connections = shared.opts.max_connections,
+            token = shared.opts.token.is_some(),
+            "store server listening"
+        );
         Ok(StoreServer {
             addrs,
             shared,
@@ -163,7 +238,29 @@ impl StoreServer {
         self.addrs[0].port()
     }
 
-    /// Stops the loop, closes every connection and joins the thread.
+    /// The options in force (`max_connections` as lowered to the open-file limit).
+    pub fn options(&self) -> &ServerOptions {
+        &self.shared.opts
+    }
+
+    /// Connections open now (accepted and not yet closed).
+    pub fn connections(&self) -> usize {
+        self.shared.live.load(Ordering::Relaxed)
+    }
+
+    /// What the server holds now.
+    pub fn stats(&self) -> ServerStats {
+        let st = lock(&self.shared.state);
+        ServerStats {
+            connections: self.connections(),
+            buffered_bytes: self.shared.budget.used(),
+            keys: st.num_keys(),
+            pending_waits: st.pending_waits(),
+            wait_registrations: st.registrations(),
+        }
+    }
+
+    /// Stops the loops, closes every connection and joins the threads.
     pub fn shutdown(mut self) {
         self.stop_and_join();
     }
@@ -242,127 +339,63 @@ fn bind_one(a: SocketAddr) -> io::Result<TcpListener> {
     Ok(TcpListener::from_std(s.into()))
 }
 
-#[derive(Debug, PartialEq, Eq, Clone, Copy)]
-enum Phase {
-    /// Nothing received: the first request must be `VALIDATE`.
-    New,
-    /// Validated; a token is configured and `AUTH` must come next.
-    NeedAuth,
-    /// Serving.
-    Ready,
+/// Where a connection lives: its loop, its slot there, and the slot's generation.
+fn conn_id(lp: usize, slot: usize, gen: u64) -> ConnId {
+    ConnId(((slot as u64) << 32) | ((lp as u64) << 24) | (gen & 0xff_ffff))
+}
+
+fn conn_place(id: ConnId) -> (usize, usize, u64) {
+    (
+        ((id.0 >> 24) & 0xff) as usize,
+        (id.0 >> 32) as usize,
+        id.0 & 0xff_ffff,
+    )
 }
 
 struct Conn {
     stream: TcpStream,
     peer: SocketAddr,
-    phase: Phase,
-    rbuf: Vec<u8>,
-    /// Do not decode before `rbuf` holds this many bytes.
-    need: usize,
-    wbuf: Vec<u8>,
-    wpos: usize,
-    /// The id of this connection's pending `WAIT`/`WAIT_GET`, if any (state in `Core::waits`).
-    wait: Option<u64>,
-    close_after_flush: bool,
-    /// WRITABLE interest is registered only while replies are stuck in `wbuf`.
+    session: Session,
+    /// WRITABLE interest is registered only while replies are stuck in the session's output.
     want_writable: bool,
+    /// An event said the peer closed its side (or the socket failed): read to the EOF even
+    /// after a short read, since edge-triggered readiness reports data and FIN only once.
+    read_closed: bool,
+    /// The socket may hold bytes no new readiness edge will announce (we stopped reading for
+    /// a reason of ours: output full, budget, a wake awaited): read when resuming.
+    input_pending: bool,
+    /// Partial-request bytes charged to the memory budget, and the large-message ticket.
+    charged: usize,
+    ticket: Option<u64>,
+    /// Waiting for the budget (counted in it).
+    parked: bool,
+    /// Listed in the loop's large-message connections.
+    listed_large: bool,
+    /// When bytes last arrived.
+    last_bytes: Instant,
+    /// The earliest timer armed for this connection.
+    timer: Option<Instant>,
+    /// A wrong token's answer is held until then.
+    answer_at: Option<Instant>,
+    /// This connection is counted among its address's held refusals.
+    held: bool,
+    /// The wrong token was judged already.
+    judged: bool,
 }
 
-impl Conn {
-    fn pending_out(&self) -> usize {
-        self.wbuf.len() - self.wpos
-    }
+/// Why a connection is closed.
+enum Close {
+    /// The peer closed, or we stop: nothing to report.
+    Quiet,
+    /// The peer broke the protocol or a limit.
+    Refused(Refusal),
+    /// A socket error.
+    Io(String),
 }
 
-/// A pending wait, owned by connection `slot` (generation `gen`) of loop `owner`.
-struct WaitState {
-    owner: usize,
-    slot: usize,
-    gen: u64,
-    remaining: usize,
-    /// The missing keys it is registered under.
-    keys: Vec<Vec<u8>>,
-    /// For `WAIT_GET`: the keys whose values follow `STOP_WAITING`, in request order.
-    then_get: Option<Vec<Vec<u8>>>,
-}
-
-/// A completed wait's reply, for the loop that owns the connection.
-struct Done {
-    owner: usize,
-    slot: usize,
-    gen: u64,
-    wait: u64,
-    bytes: Vec<u8>,
-}
-
-/// The keys, queues and waiters, shared by the loops.
-#[derive(Default)]
-struct Core {
-    kv: HashMap<Vec<u8>, Vec<u8>>,
-    queues: HashMap<Vec<u8>, VecDeque<Vec<u8>>>,
-    /// Key -> ids of the waits registered on it.
-    waiters: HashMap<Vec<u8>, Vec<u64>>,
-    waits: HashMap<u64, WaitState>,
-    next_wait: u64,
-}
-
-impl Core {
-    fn present(&self, k: &[u8]) -> bool {
-        self.kv.contains_key(k) || self.queues.get(k).is_some_and(|q| !q.is_empty())
-    }
-
-    fn unregister(&mut self, id: u64, keys: &[Vec<u8>], except: Option<&[u8]>) {
-        for k in keys {
-            if Some(k.as_slice()) == except {
-                continue;
-            }
-            if let Some(v) = self.waiters.get_mut(k) {
-                v.retain(|x| *x != id);
-                if v.is_empty() {
-                    self.waiters.remove(k);
-                }
-            }
-        }
-    }
-
-    /// Counts `key` as arrived for its waiters (only the first live one with `only_one`);
-    /// completed waits are removed and their replies pushed to `out`.
-    fn wake_key(&mut self, key: &[u8], only_one: bool, out: &mut Vec<Done>) {
-        let Some(mut ids) = self.waiters.remove(key) else {
-            return;
-        };
-        let mut i = 0;
-        while i < ids.len() {
-            let id = ids[i];
-            let Some(ws) = self.waits.get_mut(&id) else {
-                ids.swap_remove(i);
-                continue;
-            };
-            ws.remaining -= 1;
-            if ws.remaining == 0 {
-                let ws = self.waits.remove(&id).expect("present");
-                self.unregister(id, &ws.keys, Some(key));
-                let mut bytes = vec![WaitResponse::StopWaiting as u8];
-                if let Some(keys) = &ws.then_get {
-                    put_values(&mut bytes, &self.kv, keys);
-                }
-                out.push(Done {
-                    owner: ws.owner,
-                    slot: ws.slot,
-                    gen: ws.gen,
-                    wait: id,
-                    bytes,
-                });
-            }
-            if only_one {
-                ids.remove(i);
-                if !ids.is_empty() {
-                    self.waiters.insert(key.to_vec(), ids);
-                }
-                return;
-            }
-            i += 1;
-        }
+impl From<Refusal> for Close {
+    fn from(r: Refusal) -> Self {
+        Close::Refused(r)
     }
 }
 
@@ -370,7 +403,7 @@ enum Msg {
     /// A connection dealt to this loop by loop 0.
     Conn(TcpStream, SocketAddr),
     /// A wait of one of this loop's connections completed on another loop.
-    Done(Done),
+    Wake(Wake),
 }
 
 struct Inbox {
@@ -379,7 +412,10 @@ struct Inbox {
 }
 
 struct Shared {
-    core: Mutex<Core>,
+    state: Mutex<StoreState>,
+    session: SessionConfig,
+    budget: MemoryBudget,
+    penalties: Mutex<AuthPenalties>,
     opts: ServerOptions,
     stop: AtomicBool,
     inboxes: Vec<Inbox>,
@@ -399,19 +435,28 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl Shared {
-    /// Hands replies of completed waits to their loops; call with the core lock held, so a
-    /// `CANCEL_WAIT` that finds its wait gone also finds the reply in the inbox.
-    fn post(&self, me: usize, done: &mut Vec<Done>, local: &mut Vec<Done>) {
-        for d in done.drain(..) {
-            if d.owner == me {
-                local.push(d);
-            } else {
-                let inbox = &self.inboxes[d.owner];
+/// The shell's [`StoreAccess`]: the shared state's lock; wakes for other loops are posted to
+/// their inboxes before it is released, this loop's are kept for after.
+struct Access<'a> {
+    shared: &'a Shared,
+    me: usize,
+    scratch: &'a mut Vec<Wake>,
+    local: &'a mut Vec<Wake>,
+}
+
+impl StoreAccess for Access<'_> {
+    fn with<R>(&mut self, f: impl FnOnce(&mut StoreState, &mut Vec<Wake>) -> R) -> R {
+        let mut st = lock(&self.shared.state);
+        let r = f(&mut st, self.scratch);
+        for w in self.scratch.drain(..) {
+            let (owner, _, _) = conn_place(w.conn);
+            if owner == self.me {
+                self.local.push(w);
+            } else if let Some(inbox) = self.shared.inboxes.get(owner) {
                 let was_empty = {
                     let mut m = lock(&inbox.msgs);
                     let e = m.is_empty();
-                    m.push(Msg::Done(d));
+                    m.push(Msg::Wake(w));
                     e
                 };
                 if was_empty {
@@ -419,6 +464,8 @@ impl Shared {
                 }
             }
         }
+        drop(st);
+        r
     }
 }
 
@@ -430,24 +477,27 @@ struct EventLoop {
     conns: Vec<Option<Conn>>,
     gens: Vec<u64>,
     free: Vec<usize>,
-    /// Connections with replies appended by another connection's request.
+    /// Connections a wake gave output (or unblocked).
     dirty: Vec<usize>,
     /// Connections with more input to process (their read budget ran out).
     again: VecDeque<(usize, u64)>,
-    handshakes: VecDeque<(Instant, usize, u64)>,
+    /// Connections waiting for the memory budget, by their large-message ticket (the order in
+    /// which the budget serves them).
+    parked: BTreeMap<u64, (usize, u64)>,
+    /// When `large` was last scanned for stalled senders.
+    last_stall_scan: Instant,
+    /// Connections with a large partial message (candidates for eviction when stalled).
+    large: Vec<(usize, u64)>,
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     scratch: Vec<u8>,
     accept_retry: bool,
     next_loop: usize,
-    refused: u64,
-    last_refusal_log: Option<Instant>,
-    /// Scratch lists for wait completions.
-    done: Vec<Done>,
-    local: Vec<Done>,
-}
-
-enum Flow {
-    Continue,
-    Close(String),
+    refused_at_cap: u64,
+    cap_log: LogLimiter,
+    drop_log: LogLimiter,
+    /// Wakes: scratch under the lock, and this loop's own to apply.
+    wakes: Vec<Wake>,
+    local: Vec<Wake>,
 }
 
 impl EventLoop {
@@ -472,33 +522,42 @@ impl EventLoop {
             free: Vec::new(),
             dirty: Vec::new(),
             again: VecDeque::new(),
-            handshakes: VecDeque::new(),
+            parked: BTreeMap::new(),
+            last_stall_scan: Instant::now(),
+            large: Vec::new(),
+            timers: BinaryHeap::new(),
             scratch: vec![0; SCRATCH],
             accept_retry: false,
             next_loop: 0,
-            refused: 0,
-            last_refusal_log: None,
-            done: Vec::new(),
+            refused_at_cap: 0,
+            cap_log: LogLimiter::new(1, Duration::from_secs(1)),
+            drop_log: LogLimiter::new(5, Duration::from_secs(1)),
+            wakes: Vec::new(),
             local: Vec::new(),
         })
-    }
-
-    fn opts(&self) -> &ServerOptions {
-        &self.shared.opts
     }
 
     fn run(&mut self) {
         let mut events = Events::with_capacity(1024);
         while !self.shared.stop.load(Ordering::SeqCst) {
-            let timeout = if !self.again.is_empty() {
-                Some(Duration::ZERO)
-            } else if self.accept_retry {
-                Some(Duration::from_millis(50))
-            } else {
-                self.handshakes
-                    .front()
-                    .map(|(t, _, _)| t.saturating_duration_since(Instant::now()))
-            };
+            let now = Instant::now();
+            let mut timeout = self
+                .timers
+                .peek()
+                .map(|Reverse((t, _, _))| t.saturating_duration_since(now));
+            let mut cap = |d: Duration| timeout = Some(timeout.map_or(d, |t| t.min(d)));
+            if !self.again.is_empty() {
+                cap(Duration::ZERO);
+            }
+            if self.accept_retry {
+                cap(Duration::from_millis(50));
+            }
+            if !self.parked.is_empty() {
+                cap(PARK_RETRY);
+            }
+            if let Some(n) = self.drop_log.take_suppressed(now) {
+                warn!("store server: {n} more connections dropped in the last second, not shown");
+            }
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -513,7 +572,15 @@ impl EventLoop {
                 } else if t.0 < self.listeners.len() {
                     self.accept(t.0);
                 } else if t.0 >= FIRST_CONN {
-                    self.handle(t.0 - FIRST_CONN);
+                    let slot = t.0 - FIRST_CONN;
+                    let mut read = ev.is_readable();
+                    if let Some(Some(c)) = self.conns.get_mut(slot) {
+                        if ev.is_read_closed() || ev.is_error() {
+                            c.read_closed = true;
+                        }
+                        read |= c.read_closed || c.input_pending;
+                    }
+                    self.handle(slot, read);
                 }
             }
             if self.accept_retry {
@@ -525,20 +592,28 @@ impl EventLoop {
             let n = self.again.len();
             for _ in 0..n {
                 if let Some((slot, gen)) = self.again.pop_front() {
-                    if self.gens.get(slot) == Some(&gen) && self.conns[slot].is_some() {
-                        self.handle(slot);
+                    if self.live_conn(slot, gen) {
+                        self.handle(slot, true);
                     }
                 }
             }
-            self.flush_dirty();
-            self.expire_handshakes();
+            self.resume_parked();
+            self.serve_dirty();
+            self.expire_timers();
+            if !self.large.is_empty()
+                && self.last_stall_scan.elapsed() >= STALL_SCAN
+                && self.shared.budget.contended()
+            {
+                self.last_stall_scan = Instant::now();
+                self.evict_stalled();
+            }
         }
         let slots: Vec<usize> = (0..self.conns.len())
             .filter(|s| self.conns[*s].is_some())
             .collect();
         let n = slots.len();
         for s in slots {
-            self.close(s, String::new());
+            self.close(s, Close::Quiet);
         }
         info!(
             thread = self.id,
@@ -547,26 +622,86 @@ impl EventLoop {
         );
     }
 
+    /// Memory was freed while connections wait for it: the other loops retry theirs now
+    /// instead of at their next poll timeout.
+    fn wake_other_loops(&self) {
+        for (i, inbox) in self.shared.inboxes.iter().enumerate() {
+            if i != self.id {
+                let _ = inbox.waker.wake();
+            }
+        }
+    }
+
+    /// Retries connections waiting for the budget, oldest large message first, while the
+    /// budget has room or the next one is the oldest overall; stops at the first refused.
+    fn resume_parked(&mut self) {
+        while let Some((&t, &(slot, gen))) = self.parked.first_key_value() {
+            let current = self.live_conn(slot, gen)
+                && self.conns[slot]
+                    .as_ref()
+                    .is_some_and(|c| c.ticket == Some(t));
+            if !current {
+                // Closed, or its large message ended: not waiting under this ticket any more.
+                self.parked.remove(&t);
+                continue;
+            }
+            if !self.shared.budget.has_room() && !self.shared.budget.is_head(t) {
+                return;
+            }
+            self.parked.remove(&t);
+            self.handle(slot, true);
+            if self.parked.contains_key(&t) {
+                return;
+            }
+        }
+    }
+
+    fn live_conn(&self, slot: usize, gen: u64) -> bool {
+        self.gens.get(slot) == Some(&gen) && self.conns[slot].is_some()
+    }
+
     /// Takes this loop's messages: new connections and completed waits.
     fn drain_inbox(&mut self) {
         let msgs = std::mem::take(&mut *lock(&self.shared.inboxes[self.id].msgs));
         for m in msgs {
             match m {
                 Msg::Conn(stream, peer) => self.add_conn(stream, peer),
-                Msg::Done(d) => self.apply_done(d),
+                Msg::Wake(w) => self.apply_wake(w),
             }
         }
     }
 
-    fn apply_done(&mut self, d: Done) {
-        if self.gens.get(d.slot) != Some(&d.gen) {
+    fn apply_wake(&mut self, w: Wake) {
+        let (_, slot, gen) = conn_place(w.conn);
+        if self.gens.get(slot).map(|g| g & 0xff_ffff) != Some(gen) {
             return;
         }
-        if let Some(c) = self.conns[d.slot].as_mut() {
-            if c.wait == Some(d.wait) {
-                c.wait = None;
-                c.wbuf.extend_from_slice(&d.bytes);
-                self.dirty.push(d.slot);
+        if let Some(c) = self.conns[slot].as_mut() {
+            if c.session.on_wake(w.wait, &w.reply) {
+                self.dirty.push(slot);
+            }
+        }
+    }
+
+    fn apply_local_wakes(&mut self) {
+        while !self.local.is_empty() {
+            for w in std::mem::take(&mut self.local) {
+                self.apply_wake(w);
+            }
+        }
+    }
+
+    fn serve_dirty(&mut self) {
+        while !self.dirty.is_empty() {
+            let mut dirty = std::mem::take(&mut self.dirty);
+            dirty.sort_unstable();
+            dirty.dedup();
+            for slot in dirty {
+                let read = match self.conns[slot].as_ref() {
+                    Some(c) => c.input_pending || c.read_closed,
+                    None => continue,
+                };
+                self.handle(slot, read);
             }
         }
     }
@@ -576,21 +711,17 @@ impl EventLoop {
         loop {
             match self.listeners[li].accept() {
                 Ok((stream, peer)) => {
-                    let max = self.opts().max_connections;
+                    let max = self.shared.opts.max_connections;
                     if self.shared.live.load(Ordering::Relaxed) >= max {
-                        self.refused += 1;
-                        let now = Instant::now();
-                        if self
-                            .last_refusal_log
-                            .map_or(true, |t| now.duration_since(t) > Duration::from_secs(1))
-                        {
+                        self.refused_at_cap += 1;
+                        if let Some(before) = self.cap_log.allow(Instant::now()) {
                             warn!(
                                 %peer,
-                                refused = self.refused,
+                                refused = self.refused_at_cap,
+                                since_last_line = before + 1,
                                 max,
                                 "store server: connection limit reached; closing new connections"
                             );
-                            self.last_refusal_log = Some(now);
                         }
                         drop(stream);
                         continue;
@@ -610,7 +741,9 @@ impl EventLoop {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // EMFILE and friends: the pending connections stay in the backlog; retry soon.
-                    warn!(error = %e, "store server: accept failed; retrying in 50 ms");
+                    if self.cap_log.allow(Instant::now()).is_some() {
+                        warn!(error = %e, "store server: accept failed; retrying in 50 ms");
+                    }
                     self.accept_retry = true;
                     return;
                 }
@@ -640,54 +773,144 @@ impl EventLoop {
             return;
         }
         self.gens[slot] += 1;
+        let now = Instant::now();
         self.conns[slot] = Some(Conn {
             stream,
             peer,
-            phase: Phase::New,
-            rbuf: Vec::new(),
-            need: 1,
-            wbuf: Vec::new(),
-            wpos: 0,
-            wait: None,
-            close_after_flush: false,
+            session: Session::new(conn_id(self.id, slot, self.gens[slot]), now),
             want_writable: false,
+            read_closed: false,
+            input_pending: false,
+            charged: 0,
+            ticket: None,
+            parked: false,
+            listed_large: false,
+            last_bytes: now,
+            timer: None,
+            answer_at: None,
+            held: false,
+            judged: false,
         });
-        let deadline = Instant::now() + self.opts().handshake_timeout;
-        self.handshakes.push_back((deadline, slot, self.gens[slot]));
+        self.arm(slot);
         debug!(%peer, slot, thread = self.id, "store server: connection accepted");
     }
 
-    fn expire_handshakes(&mut self) {
-        let now = Instant::now();
-        while let Some(&(t, slot, gen)) = self.handshakes.front() {
-            if t > now {
-                break;
-            }
-            self.handshakes.pop_front();
-            if self.gens[slot] == gen
-                && self.conns[slot]
-                    .as_ref()
-                    .is_some_and(|c| c.phase != Phase::Ready)
-            {
-                self.close(slot, "handshake not completed in time".into());
+    /// Arms the connection's earliest deadline (at most one pending timer that is earlier
+    /// than the others; later ones are re-armed when it fires).
+    fn arm(&mut self, slot: usize) {
+        let gen = self.gens[slot];
+        let Some(c) = self.conns[slot].as_mut() else {
+            return;
+        };
+        let d = match (c.session.deadline(&self.shared.session), c.answer_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(d) = d {
+            if c.timer.map_or(true, |t| d < t) {
+                c.timer = Some(d);
+                self.timers.push(Reverse((d, slot, gen)));
             }
         }
     }
 
-    fn close(&mut self, slot: usize, reason: String) {
+    fn expire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(&Reverse((t, slot, gen))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            if !self.live_conn(slot, gen) {
+                continue;
+            }
+            let c = self.conns[slot].as_mut().expect("live connection");
+            if c.timer == Some(t) {
+                c.timer = None;
+            }
+            if c.answer_at.is_some_and(|a| a <= now) {
+                c.answer_at = None;
+                self.handle(slot, false);
+                continue;
+            }
+            if let Err(r) = c.session.check_deadlines(&self.shared.session, now) {
+                self.close(slot, r.into());
+                continue;
+            }
+            self.arm(slot);
+        }
+    }
+
+    /// The budget is spent and others wait: drops large partial messages whose sender has
+    /// sent nothing for [`STALL`] and has nothing waiting in the socket.
+    fn evict_stalled(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.large.len() {
+            let (slot, gen) = self.large[i];
+            let Some(c) = self.conns[slot].as_mut().filter(|_| self.gens[slot] == gen) else {
+                self.large.swap_remove(i);
+                continue;
+            };
+            if c.ticket.is_none() {
+                c.listed_large = false;
+                self.large.swap_remove(i);
+                continue;
+            }
+            i += 1;
+            if now.saturating_duration_since(c.last_bytes) < STALL {
+                continue;
+            }
+            let mut b = [0u8; 1];
+            if matches!(c.stream.peek(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+                let why = format!(
+                    "stalled for {:?} with {} bytes of a request received while the memory budget \
+                     for partial requests ({} bytes) is spent and others wait",
+                    now.saturating_duration_since(c.last_bytes),
+                    c.session.buffered(),
+                    self.shared.budget.limit()
+                );
+                self.close(slot, Close::Io(why));
+            }
+        }
+    }
+
+    fn close(&mut self, slot: usize, why: Close) {
         let Some(mut c) = self.conns[slot].take() else {
             return;
         };
-        if reason.is_empty() {
-            debug!(peer = %c.peer, "store server: connection closed");
-        } else {
-            warn!(peer = %c.peer, "store server: dropping connection: {reason}");
-        }
-        if let Some(id) = c.wait.take() {
-            let mut core = lock(&self.shared.core);
-            if let Some(ws) = core.waits.remove(&id) {
-                core.unregister(id, &ws.keys, None);
+        let msg = match &why {
+            Close::Quiet => None,
+            Close::Refused(r) => Some(r.to_string()),
+            Close::Io(e) => Some(e.clone()),
+        };
+        match msg {
+            None => debug!(peer = %c.peer, "store server: connection closed"),
+            Some(m) => {
+                if let Some(before) = self.drop_log.allow(Instant::now()) {
+                    if before > 0 {
+                        warn!(peer = %c.peer, suppressed = before, "store server: dropping connection: {m} ({before} more dropped before, not shown)");
+                    } else {
+                        warn!(peer = %c.peer, "store server: dropping connection: {m}");
+                    }
+                }
             }
+        }
+        let mut access = Access {
+            shared: &self.shared,
+            me: self.id,
+            scratch: &mut self.wakes,
+            local: &mut self.local,
+        };
+        c.session.abandon(&mut access);
+        if self.shared.budget.settle(c.charged, 0, &mut c.ticket) {
+            self.wake_other_loops();
+        }
+        if c.parked {
+            self.shared.budget.set_waiting(false);
+        }
+        if c.held {
+            lock(&self.shared.penalties).release(c.peer.ip());
         }
         let _ = self.poll.registry().deregister(&mut c.stream);
         self.gens[slot] += 1;
@@ -695,471 +918,185 @@ impl EventLoop {
         self.shared.live.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Serves one connection: writes what is pending, runs complete requests, reads more.
-    fn handle(&mut self, slot: usize) {
+    /// Serves one connection: sends what is pending, runs complete requests, reads more when
+    /// `read` (readiness said so, or bytes may be waiting unannounced).
+    fn handle(&mut self, slot: usize, read: bool) {
         if self.conns.get(slot).map_or(true, |c| c.is_none()) {
             return;
         }
         let mut budget = READ_BUDGET;
         let mut scratch = std::mem::take(&mut self.scratch);
-        let flow = self.handle_inner(slot, &mut budget, &mut scratch);
+        let r = self.serve(slot, read, &mut budget, &mut scratch);
         self.scratch = scratch;
-        match flow {
-            Flow::Continue => {
+        match r {
+            Ok(()) => {
+                let gen = self.gens[slot];
+                let c = self.conns[slot].as_mut().expect("live connection");
+                let now_buffered = c.session.buffered();
+                let freed = self
+                    .shared
+                    .budget
+                    .settle(c.charged, now_buffered, &mut c.ticket);
+                c.charged = now_buffered;
+                if c.ticket.is_some() && !c.listed_large {
+                    c.listed_large = true;
+                    self.large.push((slot, gen));
+                }
+                if freed {
+                    self.wake_other_loops();
+                }
                 if budget == 0 {
-                    self.again.push_back((slot, self.gens[slot]));
+                    self.again.push_back((slot, gen));
                 }
+                self.arm(slot);
             }
-            Flow::Close(reason) => self.close(slot, reason),
+            Err(why) => self.close(slot, why),
         }
+        self.apply_local_wakes();
     }
 
-    fn handle_inner(&mut self, slot: usize, budget: &mut usize, scratch: &mut [u8]) -> Flow {
-        let max_out = self.opts().max_pending_output;
-        let max_req = self.opts().limits.max_request_bytes;
-        // A read shorter than asked for emptied the socket: the next bytes will raise a new
-        // readiness edge, so there is no need for a read that only says WouldBlock.
-        let mut drained = false;
-        loop {
-            if let Flow::Close(r) = self.flush(slot) {
-                return Flow::Close(r);
-            }
-            let Some(c) = self.conns[slot].as_mut() else {
-                return Flow::Continue;
-            };
-            if c.close_after_flush {
-                return if c.pending_out() == 0 {
-                    Flow::Close("authentication failed".into())
-                } else {
-                    Flow::Continue
-                };
-            }
-            if c.pending_out() >= max_out || *budget == 0 {
-                return Flow::Continue;
-            }
-            // Process what is buffered before reading more.
-            if let Flow::Close(r) = self.process_buffered(slot) {
-                return Flow::Close(r);
-            }
-            let c = self.conns[slot].as_mut().expect("live connection");
-            if c.pending_out() >= max_out {
-                continue;
-            }
-            if drained {
-                return self.flush(slot);
-            }
-            let want = scratch.len().min(*budget);
-            match c.stream.read(&mut scratch[..want]) {
-                Ok(0) => return Flow::Close(String::new()),
-                Ok(n) => {
-                    drained = n < want;
-                    *budget -= n.min(*budget);
-                    if c.rbuf.len() + n > max_req + SCRATCH {
-                        return Flow::Close("request larger than the request limit".into());
-                    }
-                    c.rbuf.extend_from_slice(&scratch[..n]);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return self.flush(slot);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Flow::Close(format!("read error: {e}")),
-            }
-        }
-    }
-
-    fn process_buffered(&mut self, slot: usize) -> Flow {
-        let max_out = self.opts().max_pending_output;
-        let mut consumed = 0;
-        let flow = loop {
-            let c = self.conns[slot].as_mut().expect("live connection");
-            if c.close_after_flush || c.pending_out() >= max_out {
-                break Flow::Continue;
-            }
-            let avail = c.rbuf.len() - consumed;
-            if avail < c.need.max(1) {
-                break Flow::Continue;
-            }
-            match decode_request(&c.rbuf[consumed..], &self.shared.opts.limits) {
-                Ok(Decoded::NeedMore { min_len }) => {
-                    c.need = min_len;
-                    break Flow::Continue;
-                }
-                Ok(Decoded::Complete(req, used)) => {
-                    consumed += used;
-                    c.need = 1;
-                    if let Flow::Close(r) = self.exec(slot, req) {
-                        break Flow::Close(r);
-                    }
-                }
-                Err(e) => break Flow::Close(format!("malformed request: {e}")),
-            }
-        };
-        if let Some(c) = self.conns[slot].as_mut() {
-            if consumed > 0 {
-                c.rbuf.drain(..consumed);
-                if c.rbuf.capacity() > 4 * SCRATCH && c.rbuf.len() < SCRATCH {
-                    c.rbuf.shrink_to(SCRATCH);
-                }
-            }
-        }
-        flow
-    }
-
-    fn flush(&mut self, slot: usize) -> Flow {
-        let Some(c) = self.conns[slot].as_mut() else {
-            return Flow::Continue;
-        };
-        while c.wpos < c.wbuf.len() {
-            match c.stream.write(&c.wbuf[c.wpos..]) {
-                Ok(0) => return Flow::Close("peer stopped accepting data".into()),
-                Ok(n) => c.wpos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !c.want_writable {
-                        c.want_writable = true;
-                        let t = Token(FIRST_CONN + slot);
-                        if let Err(e) = self.poll.registry().reregister(
-                            &mut c.stream,
-                            t,
-                            Interest::READABLE | Interest::WRITABLE,
-                        ) {
-                            return Flow::Close(format!("reregister: {e}"));
-                        }
-                    }
-                    return Flow::Continue;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Flow::Close(format!("write error: {e}")),
-            }
-        }
-        if c.want_writable {
-            c.want_writable = false;
-            let t = Token(FIRST_CONN + slot);
-            if let Err(e) = self
-                .poll
-                .registry()
-                .reregister(&mut c.stream, t, Interest::READABLE)
-            {
-                return Flow::Close(format!("reregister: {e}"));
-            }
-        }
-        c.wbuf.clear();
-        c.wpos = 0;
-        if c.wbuf.capacity() > 4 * SCRATCH {
-            c.wbuf.shrink_to(SCRATCH);
-        }
-        Flow::Continue
-    }
-
-    fn flush_dirty(&mut self) {
-        let dirty = std::mem::take(&mut self.dirty);
-        for slot in dirty {
-            if self.conns[slot].is_some() {
-                if let Flow::Close(r) = self.flush(slot) {
-                    self.close(slot, r);
-                }
-            }
-        }
-    }
-
-    fn conn(&mut self, slot: usize) -> &mut Conn {
-        self.conns[slot].as_mut().expect("live connection")
-    }
-
-    /// Runs one request of connection `slot`.
-    fn exec(&mut self, slot: usize, req: Request) -> Flow {
-        let phase = self.conn(slot).phase;
-        match (phase, &req) {
-            (Phase::New, Request::Validate { magic }) => {
-                if *magic != VALIDATION_MAGIC {
-                    return Flow::Close(format!("bad validation magic {magic:#x}"));
-                }
-                let auth = self.opts().token.is_some();
-                self.conn(slot).phase = if auth { Phase::NeedAuth } else { Phase::Ready };
-                return Flow::Continue;
-            }
-            (Phase::New, r) => {
-                return Flow::Close(format!(
-                    "first request must be VALIDATE, got {:?}",
-                    r.query_type()
-                ))
-            }
-            (Phase::NeedAuth, Request::Auth { token }) => {
-                let ok = self
-                    .opts()
-                    .token
-                    .as_deref()
-                    .is_some_and(|t| crate::auth::ct_eq(t, token));
-                let c = self.conn(slot);
-                if ok {
-                    c.phase = Phase::Ready;
-                    c.wbuf.push(0);
-                } else {
-                    c.wbuf.push(1);
-                    c.close_after_flush = true;
-                }
-                return Flow::Continue;
-            }
-            (Phase::NeedAuth, r) => {
-                return Flow::Close(format!(
-                    "authentication required before {:?}",
-                    r.query_type()
-                ))
-            }
-            (Phase::Ready, Request::Hello { .. } | Request::WaitGet { .. })
-                if !self.opts().extensions =>
-            {
-                return Flow::Close(format!("unknown query type {:?}", req.query_type()))
-            }
-            (Phase::Ready, _) => {}
-        }
-        // Requests that need no shared state.
-        match &req {
-            Request::Validate { .. } => return Flow::Continue,
-            Request::Auth { token } => {
-                let ok = match &self.opts().token {
-                    Some(t) => crate::auth::ct_eq(t, token),
-                    None => true,
-                };
-                self.conn(slot).wbuf.push(if ok { 0 } else { 1 });
-                return Flow::Continue;
-            }
-            Request::Ping { nonce } => {
-                let n = *nonce;
-                self.conn(slot).wbuf.extend_from_slice(&n.to_le_bytes());
-                return Flow::Continue;
-            }
-            Request::Hello { .. } => {
-                self.conn(slot)
-                    .wbuf
-                    .extend_from_slice(&FEATURE_WAIT_GET.to_le_bytes());
-                return Flow::Continue;
-            }
-            Request::CancelWait => return self.cancel_wait(slot),
-            _ => {}
-        }
-        let shared = self.shared.clone();
-        let mut core = lock(&shared.core);
-        let mut done = std::mem::take(&mut self.done);
-        let flow = self.exec_core(slot, req, &mut core, &mut done);
-        let mut local = std::mem::take(&mut self.local);
-        shared.post(self.id, &mut done, &mut local);
-        drop(core);
-        for d in local.drain(..) {
-            self.apply_done(d);
-        }
-        self.done = done;
-        self.local = local;
-        flow
-    }
-
-    fn cancel_wait(&mut self, slot: usize) -> Flow {
-        if let Some(id) = self.conn(slot).wait {
-            let gone = {
-                let mut core = lock(&self.shared.core);
-                match core.waits.remove(&id) {
-                    Some(ws) => {
-                        core.unregister(id, &ws.keys, None);
-                        false
-                    }
-                    None => true,
-                }
-            };
-            if gone {
-                // Completed on another loop: its reply is in our inbox; deliver it first.
-                self.drain_inbox();
-            }
-            self.conn(slot).wait = None;
-        }
-        self.conn(slot).wbuf.push(WaitResponse::WaitCanceled as u8);
-        Flow::Continue
-    }
-
-    /// Requests that touch the keys, queues or waiters (the core lock is held).
-    fn exec_core(
+    fn serve(
         &mut self,
         slot: usize,
-        req: Request,
-        core: &mut Core,
-        done: &mut Vec<Done>,
-    ) -> Flow {
-        let id = self.id;
-        let gen = self.gens[slot];
-        let c = self.conns[slot].as_mut().expect("live connection");
-        match req {
-            Request::Set { key, value } => {
-                if core.waiters.contains_key(&key) {
-                    core.kv.insert(key.clone(), value);
-                    core.wake_key(&key, false, done);
-                } else {
-                    core.kv.insert(key, value);
-                }
+        mut read: bool,
+        budget: &mut usize,
+        scratch: &mut [u8],
+    ) -> Result<(), Close> {
+        let cfg = &self.shared.session;
+        loop {
+            let c = self.conns[slot].as_mut().expect("live connection");
+            if c.answer_at.is_some() {
+                return Ok(()); // a wrong token's answer is held
             }
-            Request::CompareSet {
-                key,
-                expected,
-                desired,
-            } => {
-                let out = match core.kv.get_mut(&key) {
-                    None if expected.is_empty() => {
-                        core.kv.insert(key.clone(), desired.clone());
-                        core.wake_key(&key, false, done);
-                        desired
-                    }
-                    // PyTorch's documented oddity: a missing key with a non-empty `expected`
-                    // answers `expected` and stores nothing.
-                    None => expected,
-                    Some(cur) => {
-                        if *cur == expected {
-                            *cur = desired;
+            if let Some(r) = c.session.closing() {
+                if !c.judged {
+                    c.judged = true;
+                    let v = lock(&self.shared.penalties).failure(c.peer.ip(), Instant::now());
+                    match v {
+                        Verdict::Answer => {}
+                        Verdict::Delay(d) => {
+                            c.held = true;
+                            c.answer_at = Some(Instant::now() + d);
+                            return Ok(());
                         }
-                        cur.clone()
-                    }
-                };
-                put_blob(&mut c.wbuf, &out);
-            }
-            Request::Get { key } => {
-                put_blob(&mut c.wbuf, core.kv.get(&key).map_or(&[][..], |v| v));
-            }
-            Request::Add { key, delta } => {
-                let cur = match core.kv.get(&key) {
-                    None => 0,
-                    Some(v) => match parse_i64(v) {
-                        Some(n) => n,
-                        None => {
-                            return Flow::Close(format!(
-                                "ADD on key {:?} whose value is not a decimal integer",
-                                String::from_utf8_lossy(&key)
-                            ))
+                        Verdict::Drop => {
+                            return Err(Close::Refused(r.clone()));
                         }
-                    },
-                };
-                let Some(n) = cur.checked_add(delta) else {
-                    return Flow::Close(format!(
-                        "ADD overflows i64 on key {:?}",
-                        String::from_utf8_lossy(&key)
-                    ));
-                };
-                core.kv.insert(key.clone(), n.to_string().into_bytes());
-                put_i64(&mut c.wbuf, n);
-                core.wake_key(&key, false, done);
-            }
-            Request::Check { keys } => {
-                let ready = keys.iter().all(|k| core.present(k));
-                let b = if ready {
-                    CheckResponse::Ready
+                    }
+                }
+                let r = r.clone();
+                flush(&self.poll, slot, c)?;
+                return if c.session.pending_output() == 0 {
+                    Err(Close::Refused(r))
                 } else {
-                    CheckResponse::NotReady
+                    Ok(())
                 };
-                c.wbuf.push(b as u8);
             }
-            Request::Wait { keys } => return start_wait(core, c, (id, slot, gen), keys, false),
-            Request::WaitGet { keys } => return start_wait(core, c, (id, slot, gen), keys, true),
-            Request::GetNumKeys => put_i64(&mut c.wbuf, core.kv.len() as i64),
-            Request::DeleteKey { key } => {
-                put_i64(&mut c.wbuf, core.kv.remove(&key).is_some() as i64)
+            flush(&self.poll, slot, c)?;
+            let now = Instant::now();
+            {
+                let mut access = Access {
+                    shared: &self.shared,
+                    me: self.id,
+                    scratch: &mut self.wakes,
+                    local: &mut self.local,
+                };
+                c.session.process(cfg, now, &mut access)?;
             }
-            Request::Append { key, value } => {
-                core.kv
-                    .entry(key.clone())
-                    .or_default()
-                    .extend_from_slice(&value);
-                core.wake_key(&key, false, done);
+            if c.session.closing().is_some() {
+                continue;
             }
-            Request::MultiGet { keys } => put_values(&mut c.wbuf, &core.kv, &keys),
-            Request::MultiSet { pairs } => {
-                for (k, v) in pairs {
-                    core.kv.insert(k.clone(), v);
-                    core.wake_key(&k, false, done);
+            flush(&self.poll, slot, c)?;
+            if !c.session.wants_input(cfg) {
+                c.input_pending |= read;
+                return Ok(());
+            }
+            if !read {
+                return Ok(());
+            }
+            if *budget == 0 {
+                c.input_pending = true;
+                return Ok(());
+            }
+            let want = scratch.len().min(*budget);
+            // Charge what was buffered since the last settle before asking the budget.
+            let have = c.session.buffered();
+            let _ = self.shared.budget.settle(c.charged, have, &mut c.ticket);
+            c.charged = have;
+            let allowed = self.shared.budget.allowance(have, want, &mut c.ticket);
+            if allowed == 0 {
+                c.input_pending = true;
+                if !c.parked {
+                    c.parked = true;
+                    self.shared.budget.set_waiting(true);
                 }
-            }
-            Request::QueuePush { key, value } => {
-                core.queues.entry(key.clone()).or_default().push_back(value);
-                core.wake_key(&key, true, done);
-            }
-            Request::QueuePop { key } => {
-                let q = core.queues.get_mut(&key);
-                let len = q.as_ref().map_or(0, |q| q.len());
-                let item = q.and_then(|q| q.pop_front());
-                if core.queues.get(&key).is_some_and(|q| q.is_empty()) {
-                    core.queues.remove(&key);
+                if let Some(t) = c.ticket {
+                    self.parked.insert(t, (slot, self.gens[slot]));
                 }
-                put_i64(&mut c.wbuf, len as i64);
-                if let Some(it) = item {
-                    put_blob(&mut c.wbuf, &it);
+                return Ok(());
+            }
+            if c.parked {
+                c.parked = false;
+                self.shared.budget.set_waiting(false);
+            }
+            match c.stream.read(&mut scratch[..allowed]) {
+                Ok(0) => {
+                    // Best effort: replies to what the peer sent before its FIN.
+                    let _ = flush(&self.poll, slot, c);
+                    return Err(Close::Quiet);
                 }
-            }
-            Request::QueueLen { key } => {
-                let n = core.queues.get(&key).map_or(0, |q| q.len()) as i64;
-                put_i64(&mut c.wbuf, n);
-            }
-            Request::Validate { .. }
-            | Request::Auth { .. }
-            | Request::Ping { .. }
-            | Request::Hello { .. }
-            | Request::CancelWait => {}
-        }
-        Flow::Continue
-    }
-}
-
-/// `WAIT` (and `WAIT_GET` with `get`): answers at once when every key exists, otherwise
-/// registers a wait under each missing key. `who` is (loop, slot, generation).
-fn start_wait(
-    core: &mut Core,
-    c: &mut Conn,
-    who: (usize, usize, u64),
-    keys: Vec<Vec<u8>>,
-    get: bool,
-) -> Flow {
-    if c.wait.is_some() {
-        return Flow::Close("WAIT while another WAIT is pending".into());
-    }
-    let mut missing: Vec<Vec<u8>> = keys.iter().filter(|k| !core.present(k)).cloned().collect();
-    if missing.is_empty() {
-        c.wbuf.push(WaitResponse::StopWaiting as u8);
-        if get {
-            put_values(&mut c.wbuf, &core.kv, &keys);
-        }
-        return Flow::Continue;
-    }
-    core.next_wait += 1;
-    let id = core.next_wait;
-    missing.sort_unstable();
-    missing.dedup();
-    for k in &missing {
-        match core.waiters.get_mut(k) {
-            Some(v) => v.push(id),
-            None => {
-                core.waiters.insert(k.clone(), vec![id]);
+                Ok(n) => {
+                    c.last_bytes = now;
+                    *budget -= n.min(*budget);
+                    c.session.receive(&scratch[..n], now);
+                    // A short read drained the socket; unless the peer's FIN came with these
+                    // bytes, the next bytes raise a new edge.
+                    if n < allowed && !c.read_closed {
+                        c.input_pending = false;
+                        read = false;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    c.input_pending = false;
+                    read = false;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Close::Io(format!("read error: {e}"))),
             }
         }
     }
-    core.waits.insert(
-        id,
-        WaitState {
-            owner: who.0,
-            slot: who.1,
-            gen: who.2,
-            remaining: missing.len(),
-            keys: missing,
-            then_get: get.then_some(keys),
-        },
-    );
-    c.wait = Some(id);
-    Flow::Continue
 }
 
-/// Appends one value per key (empty for a missing key), as `MULTI_GET` answers.
-fn put_values(out: &mut Vec<u8>, kv: &HashMap<Vec<u8>, Vec<u8>>, keys: &[Vec<u8>]) {
-    for k in keys {
-        put_blob(out, kv.get(k).map_or(&[][..], |v| v.as_slice()));
+/// Writes what the session has to send; registers WRITABLE interest while output is stuck.
+fn flush(poll: &Poll, slot: usize, c: &mut Conn) -> Result<(), Close> {
+    while c.session.pending_output() > 0 {
+        match c.stream.write(c.session.output()) {
+            Ok(0) => return Err(Close::Io("peer stopped accepting data".into())),
+            Ok(n) => c.session.sent(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !c.want_writable {
+                    c.want_writable = true;
+                    poll.registry()
+                        .reregister(
+                            &mut c.stream,
+                            Token(FIRST_CONN + slot),
+                            Interest::READABLE | Interest::WRITABLE,
+                        )
+                        .map_err(|e| Close::Io(format!("reregister: {e}")))?;
+                }
+                return Ok(());
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Close::Io(format!("write error: {e}"))),
+        }
     }
-}
-
-/// Parses the decimal text `ADD` keeps (leading whitespace and a sign allowed, as `stoll`).
-fn parse_i64(v: &[u8]) -> Option<i64> {
-    std::str::from_utf8(v).ok()?.trim_start().parse().ok()
+    if c.want_writable {
+        c.want_writable = false;
+        poll.registry()
+            .reregister(&mut c.stream, Token(FIRST_CONN + slot), Interest::READABLE)
+            .map_err(|e| Close::Io(format!("reregister: {e}")))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1167,11 +1104,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parse_i64_accepts_what_add_writes() {
-        assert_eq!(parse_i64(b"42"), Some(42));
-        assert_eq!(parse_i64(b" -7"), Some(-7));
-        assert_eq!(parse_i64(b""), None);
-        assert_eq!(parse_i64(b"x1"), None);
+    fn conn_ids_round_trip() {
+        for (lp, slot, gen) in [(0, 0, 1), (3, 70_000, 5), (254, 1 << 20, 0xff_ffff)] {
+            assert_eq!(conn_place(conn_id(lp, slot, gen)), (lp, slot, gen));
+        }
+        // Generations wrap at 24 bits; the shell compares them masked.
+        assert_eq!(conn_place(conn_id(1, 2, 1 << 24)).2, 0);
     }
 
     #[test]

@@ -1,19 +1,20 @@
-//! The few OS calls `std` does not offer: the open-file limit, signal flags and signalling
-//! process groups. Every `unsafe` block of the crate is here.
+//! The few OS calls `std` does not offer: the open-file limit, signal flags, signalling
+//! process groups and the parent-death signal. Every `unsafe` block of the crate is here.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
 /// Raises the soft open-file limit to the hard limit (a server holding thousands of
-/// connections needs more than the common default of 1,024). Failures are ignored: the
-/// server then logs accept errors and keeps serving the connections it has.
-pub fn raise_nofile_limit() {
+/// connections needs more than the common default of 1,024) and returns the soft limit then in
+/// force (`None` when it cannot be read). A failure to raise it is ignored: the server caps its
+/// connections below the limit it has.
+pub fn raise_nofile_limit() -> Option<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return;
+        return None;
     }
     if lim.rlim_cur < lim.rlim_max {
         let want = libc::rlimit {
@@ -21,8 +22,11 @@ pub fn raise_nofile_limit() {
             rlim_max: lim.rlim_max,
         };
         // SAFETY: `want` is a valid rlimit read by the call; no memory is retained.
-        let _ = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            return Some(want.rlim_cur);
+        }
     }
+    Some(lim.rlim_cur)
 }
 
 static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
@@ -81,5 +85,38 @@ pub fn signal_name(sig: i32) -> &'static str {
         libc::SIGFPE => "SIGFPE",
         libc::SIGILL => "SIGILL",
         _ => "signal",
+    }
+}
+
+/// Makes the child that `cmd` starts receive SIGKILL when the thread that spawned it dies (the
+/// launcher killed, even with SIGKILL, takes its ranks along; Linux's parent-death signal),
+/// and exit at once if that parent is already gone by the time the child runs. The signal
+/// survives `exec` (except of set-uid programs).
+pub fn kill_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // async-signal-safe functions (prctl, getppid, _exit) on plain integers; it touches no
+    // memory of the parent's other threads and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl: then we were re-parented already
+            // and no signal will come.
+            if libc::getppid() != parent {
+                libc::_exit(128 + libc::SIGKILL);
+            }
+            Ok(())
+        });
     }
 }

@@ -193,3 +193,374 @@ fn a_client_that_never_reads_is_throttled_not_buffered() {
         assert!(buf[8..].iter().all(|b| *b == 7));
     }
 }
+
+/// The fds this process holds (the server runs in it).
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// A connection whose last request arrives in the same segment as the client's FIN (TCP_CORK
+/// holds the bytes until `shutdown` sends them with the FIN) must be closed by the server:
+/// edge-triggered readiness reports data and EOF once, so a loop that stops after a short read
+/// never sees the EOF and the socket stays in CLOSE-WAIT for ever.
+#[test]
+fn a_fin_that_arrives_with_the_last_bytes_closes_the_connection() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let s = StoreServer::start(ServerOptions {
+        threads: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let fds0 = open_fds();
+    let mut bytes = Vec::new();
+    Request::Validate {
+        magic: VALIDATION_MAGIC,
+    }
+    .encode(&mut bytes);
+    Request::Set {
+        key: b"/k".to_vec(),
+        value: b"v".to_vec(),
+    }
+    .encode(&mut bytes);
+    const N: usize = 200;
+    for _ in 0..N {
+        let c = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        c.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], s.port())).into())
+            .unwrap();
+        c.set_cork(true).unwrap();
+        let mut c = TcpStream::from(c);
+        c.write_all(&bytes).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let t0 = Instant::now();
+    while s.connections() > 0 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let left = s.connections();
+    eprintln!(
+        "{N} corked connections: {left} still open after {:?}; fds {fds0} -> {}",
+        t0.elapsed(),
+        open_fds()
+    );
+    assert_eq!(left, 0, "{left} of {N} connections stay open (CLOSE-WAIT)");
+    // The server answers as before.
+    let c = TcpStoreClient::connect("127.0.0.1", s.port(), ClientOptions::default()).unwrap();
+    assert_eq!(c.get("k", Duration::from_secs(1)).unwrap(), b"v");
+}
+
+fn raw_validated(port: u16) -> TcpStream {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut b = Vec::new();
+    Request::Validate {
+        magic: VALIDATION_MAGIC,
+    }
+    .encode(&mut b);
+    c.write_all(&b).unwrap();
+    c
+}
+
+/// The header of a SET claiming a `len`-byte value (its body follows).
+fn set_header(len: u64) -> Vec<u8> {
+    let mut b = vec![QueryType::Set as u8];
+    b.extend_from_slice(&2u64.to_le_bytes());
+    b.extend_from_slice(b"/t");
+    b.extend_from_slice(&len.to_le_bytes());
+    b
+}
+
+/// True once the server closed `c` (EOF or reset) within `limit`.
+fn closed_within(c: &mut TcpStream, limit: Duration) -> bool {
+    use std::io::Read;
+    c.set_read_timeout(Some(limit)).unwrap();
+    let mut b = [0u8; 16];
+    matches!(c.read(&mut b), Ok(0) | Err(_)) && {
+        // A timeout is an error too: tell them apart.
+        c.set_nonblocking(true).unwrap();
+        !matches!(c.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
+/// A peer that sends a request one byte at a time cannot hold its connection and the bytes
+/// it sent for ever: the request must be whole within the message deadline of its first byte.
+#[test]
+fn a_peer_trickling_a_request_is_dropped_at_the_message_deadline() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let s = StoreServer::start(ServerOptions {
+        message_timeout: Duration::from_millis(400),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut c = raw_validated(s.port());
+    c.write_all(&set_header(1 << 20)).unwrap();
+    let t0 = Instant::now();
+    let mut w = c.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        // One byte every 50 ms, for at most 3 s (it stops when the server closes).
+        for _ in 0..60 {
+            if w.write_all(b"x").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    assert!(
+        closed_within(&mut c, Duration::from_secs(3)),
+        "a trickling request held its connection for 3 s (message deadline 400 ms)"
+    );
+    let took = t0.elapsed();
+    eprintln!("trickling connection dropped after {took:?}");
+    assert!(took >= Duration::from_millis(350), "{took:?}");
+    trickle.join().unwrap();
+    let t = Instant::now();
+    while s.stats().buffered_bytes > 0 && t.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(s.stats().buffered_bytes, 0);
+    // An idle, validated connection (a waiter, a pool) has no deadline at all.
+    let idle = TcpStoreClient::connect("127.0.0.1", s.port(), ClientOptions::default()).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    idle.ping().unwrap();
+}
+
+/// Eight connections each sending 8 MiB of a SET that claims 64 MiB, then stalling: what the
+/// server holds for them is capped by its budget across connections (before: all 64 MiB), and
+/// a normal client still sets and gets a 1 MiB value meanwhile.
+#[test]
+fn partial_requests_across_connections_stay_within_the_memory_budget() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const BUDGET: usize = 4 << 20;
+    const SENT: usize = 8 << 20;
+    let s = StoreServer::start(ServerOptions {
+        max_buffered_bytes: BUDGET,
+        ..Default::default()
+    })
+    .unwrap();
+    let port = s.port();
+    let rss0 = rss_kib();
+    let body = Arc::new(vec![b'x'; SENT]);
+    let mut conns = Vec::new();
+    let mut writers = Vec::new();
+    for _ in 0..8 {
+        let mut c = raw_validated(port);
+        c.write_all(&set_header(64 << 20)).unwrap();
+        let mut w = c.try_clone().unwrap();
+        w.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+        let body = body.clone();
+        // The server stops reading; the writer gives up after its timeout.
+        writers.push(std::thread::spawn(move || {
+            let _ = w.write_all(&body);
+        }));
+        conns.push(c);
+    }
+    // Let the server read all it will.
+    let mut peak = 0;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(1500) {
+        peak = peak.max(s.stats().buffered_bytes);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The budget, plus the oldest large message (which may always finish), plus a small
+    // message's allowance per connection and one read per loop.
+    let bound = BUDGET + SENT + 8 * (64 << 10) + 4 * (256 << 10);
+    eprintln!(
+        "8 x {} MiB partial SETs: server holds at most {} KiB (budget {} KiB, bound {} KiB)",
+        SENT >> 20,
+        peak >> 10,
+        BUDGET >> 10,
+        bound >> 10
+    );
+    assert!(peak <= bound, "held {peak} bytes, bound {bound}");
+    // A normal client is served meanwhile (its requests are small messages).
+    let t = Instant::now();
+    let c = TcpStoreClient::connect("127.0.0.1", port, ClientOptions::default()).unwrap();
+    let v = vec![3u8; 32 << 10];
+    c.set("normal", &v).unwrap();
+    assert_eq!(c.get("normal", Duration::from_secs(5)).unwrap(), v);
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    if let (Some(a), Some(b)) = (rss0, rss_kib()) {
+        eprintln!("RSS {a} KiB -> {b} KiB");
+        // Before the budget the server held all 64 MiB.
+        assert!(b.saturating_sub(a) < 40 * 1024, "RSS grew by {} KiB", b - a);
+    }
+    // The stalled senders hold memory others wait for (this client's 1 MiB SET): the stalled
+    // one that has the budget is dropped after `guard::STALL`, then the next, and the SET goes
+    // through once the budget is free.
+    let t = Instant::now();
+    let big = vec![4u8; 1 << 20];
+    let waiter = std::thread::spawn(move || {
+        c.set("big", &big).unwrap();
+        c.get("big", Duration::from_secs(60)).unwrap() == big
+    });
+    let first_drop = loop {
+        if let Some(i) = conns
+            .iter_mut()
+            .position(|c| closed_within(c, Duration::from_millis(10)))
+        {
+            break (i, t.elapsed());
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(6),
+            "no stalled sender dropped"
+        );
+    };
+    eprintln!("first stalled sender dropped after {:?}", first_drop.1);
+    assert!(waiter.join().unwrap());
+    eprintln!(
+        "1 MiB SET behind 8 stalled senders done after {:?}",
+        t.elapsed()
+    );
+    drop(conns);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let t = Instant::now();
+    while s.stats().buffered_bytes > 0 && t.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(s.stats().buffered_bytes, 0, "budget not given back");
+}
+
+/// Large requests from several honest clients at once, together far over the budget, all
+/// complete (one after the other: the oldest large message may always read), none starves.
+#[test]
+fn large_sets_beyond_the_budget_complete_one_after_another() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let s = StoreServer::start(ServerOptions {
+        max_buffered_bytes: 1 << 20,
+        ..Default::default()
+    })
+    .unwrap();
+    let port = s.port();
+    let hs: Vec<_> = (0..6u8)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let c = TcpStoreClient::connect(
+                    "127.0.0.1",
+                    port,
+                    ClientOptions {
+                        timeout: Duration::from_secs(20),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+                let v = vec![i; 4 << 20];
+                c.set(&format!("big{i}"), &v).unwrap();
+                assert_eq!(
+                    c.get(&format!("big{i}"), Duration::from_secs(20)).unwrap(),
+                    v
+                );
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    assert_eq!(s.stats().keys, 6);
+}
+
+const LOW_FD_ENV: &str = "DIST_STORE_TEST_LOW_FD_SERVER";
+
+/// The server process of [`connections_past_the_open_file_limit_never_lock_clients_out`]: this
+/// test binary re-executed under `ulimit -n 256`; a no-op in a normal run.
+#[test]
+fn low_fd_server_entry() {
+    if std::env::var_os(LOW_FD_ENV).is_none() {
+        return;
+    }
+    let s = StoreServer::start(ServerOptions::default()).unwrap();
+    println!("PORT {} MAX {}", s.port(), s.options().max_connections);
+    // Serve until the parent closes our stdin.
+    let mut b = [0u8; 1];
+    let _ = std::io::Read::read(&mut std::io::stdin(), &mut b);
+    std::process::exit(0);
+}
+
+/// A server allowed 256 open files meets 400 connections that close together with their last
+/// bytes, then 400 that stay open: it must never stop accepting for good (it caps its
+/// connections below its file limit and closes the extra ones at once), and once the flood is
+/// gone a fresh client is served.
+#[test]
+fn connections_past_the_open_file_limit_never_lock_clients_out() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    use std::io::BufRead;
+    let exe = std::env::current_exe().unwrap();
+    let mut child = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -Sn 256 && ulimit -Hn 256 && exec \"$0\" --exact low_fd_server_entry --nocapture --test-threads=1",
+        ])
+        .arg(&exe)
+        .env(LOW_FD_ENV, "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let child = Reap(child);
+    let mut line = String::new();
+    let (port, max): (u16, usize) = loop {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "server exited");
+        // libtest prints `test NAME ... ` before the test's own output, on the same line.
+        if let Some(r) = line.split("PORT ").nth(1) {
+            let f: Vec<&str> = r.split_whitespace().collect();
+            break (f[0].parse().unwrap(), f[2].parse().unwrap());
+        }
+    };
+    assert!(
+        max <= 256 - 64,
+        "connection cap {max} not below the file limit"
+    );
+    let mut bytes = Vec::new();
+    Request::Validate {
+        magic: VALIDATION_MAGIC,
+    }
+    .encode(&mut bytes);
+    Request::Set {
+        key: b"/k".to_vec(),
+        value: b"v".to_vec(),
+    }
+    .encode(&mut bytes);
+    for _ in 0..400 {
+        let c = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        c.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+            .unwrap();
+        c.set_cork(true).unwrap();
+        let mut c = TcpStream::from(c);
+        c.write_all(&bytes).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // The first connections after them are served.
+    let opts = || ClientOptions {
+        timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let c = TcpStoreClient::connect("127.0.0.1", port, opts()).unwrap();
+    assert_eq!(c.get("k", Duration::from_secs(2)).unwrap(), b"v");
+    drop(c);
+    // 400 held open: past the cap they are closed at once, never left in the backlog.
+    let held: Vec<TcpStream> = (0..400)
+        .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let c = TcpStoreClient::connect("127.0.0.1", port, opts()).unwrap();
+    c.set("after", b"flood").unwrap();
+    assert_eq!(c.get("after", Duration::from_secs(2)).unwrap(), b"flood");
+    eprintln!(
+        "server with 256 fds (cap {max}): fresh client served {:?} after 800 hostile connections",
+        t.elapsed()
+    );
+    drop(child);
+}

@@ -1,18 +1,29 @@
 //! The job's diagnostics over the store: each rank publishes a [`Snapshot`] of its recent
-//! collective calls every half second (on its own store connection, from a background thread),
-//! and a rank that times out reads the snapshots of the ranks that did not answer. `dist run`
-//! reads the same keys to print what every rank was doing when it tears a job down.
+//! collective calls (on its own store connection, from a background thread), and a rank that
+//! times out reads the snapshots of the ranks that did not answer. `dist run` reads the same
+//! keys to name the call a dead rank was in and to print what every rank was doing when it
+//! tears a job down.
+//!
+//! The publisher looks at the flight recorder every [`WATCH_EVERY`] and publishes as soon as
+//! the last call changed (a call began or ended), and at least every [`PUBLISH_EVERY`] as a
+//! heartbeat. A rank that dies right after entering a call is thus reported in that call —
+//! with a period alone, a rank killed in its first collective within 200 ms of the last
+//! publish was reported as having made "no collective call yet". Publishing is a `SET` (no
+//! reply) and happens at most once per [`WATCH_EVERY`], however fast the calls come.
 
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use dist_core::diag::{now_ms, snapshot_key, Diagnostics, FlightRecorder, Snapshot};
+use dist_core::diag::{now_ms, snapshot_key, Diagnostics, FlightRecorder, OpRecord, Snapshot};
 use dist_core::{decode_obj, encode_obj, Store};
 
-/// How often a rank publishes its snapshot.
+/// How often a rank publishes its snapshot when nothing changes (the heartbeat).
 pub const PUBLISH_EVERY: Duration = Duration::from_millis(200);
+
+/// How often the publisher looks for a change of the last recorded call.
+pub const WATCH_EVERY: Duration = Duration::from_millis(5);
 
 /// Records kept in the ring / published in a snapshot.
 const RING: usize = 64;
@@ -53,13 +64,22 @@ impl StoreDiagnostics {
             .name(format!("dist-diag-{rank}"))
             .spawn(move || {
                 let host = host_name();
+                let mut published: Option<(Instant, Option<OpRecord>)> = None;
                 loop {
-                    if let Ok(b) = encode_obj(&snapshot(rank, &rec, &host)) {
-                        if let Err(e) = st.set(&snapshot_key(rank), &b) {
-                            tracing::debug!(rank, "diagnostics: cannot publish snapshot: {e}");
+                    let last = rec.last(1).pop();
+                    let due = match &published {
+                        None => true,
+                        Some((at, seen)) => *seen != last || at.elapsed() >= PUBLISH_EVERY,
+                    };
+                    if due {
+                        if let Ok(b) = encode_obj(&snapshot(rank, &rec, &host)) {
+                            if let Err(e) = st.set(&snapshot_key(rank), &b) {
+                                tracing::debug!(rank, "diagnostics: cannot publish snapshot: {e}");
+                            }
                         }
+                        published = Some((Instant::now(), last));
                     }
-                    match rx.recv_timeout(PUBLISH_EVERY) {
+                    match rx.recv_timeout(WATCH_EVERY) {
                         Err(RecvTimeoutError::Timeout) => {}
                         _ => break,
                     }

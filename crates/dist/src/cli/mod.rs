@@ -6,6 +6,7 @@ mod eplb;
 mod kv;
 mod layout;
 mod mq;
+mod store;
 
 /// dist: vLLM's distributed communication layer, in Rust.
 #[derive(Debug, Parser)]
@@ -22,7 +23,7 @@ enum Cmd {
     /// Print each pipeline stage's layers [start, end).
     PpSplit(layout::PpSplitArgs),
     /// Start N local ranks of PROGRAM with torchrun's environment, hosting the store.
-    Run(dist_store::launch::LaunchOptions),
+    Run(store::RunArgs),
     /// The TCP store (PyTorch TCPStore wire protocol).
     #[command(subcommand)]
     Store(StoreCmd),
@@ -39,7 +40,7 @@ enum Cmd {
 #[derive(Debug, Subcommand)]
 enum StoreCmd {
     /// Run a standalone store server until interrupted.
-    Serve(dist_store::launch::ServeOptions),
+    Serve(store::ServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -54,7 +55,7 @@ struct BenchCmd {
 #[derive(Debug, Subcommand)]
 enum BenchSub {
     /// The TCP store: set+get ops/s with many clients, and rendezvous times.
-    Store(dist_store::bench::StoreBenchOptions),
+    Store(Box<store::bench::StoreBenchArgs>),
     /// The MessageQueue: paced latency to the last reader and burst throughput.
     Mq(Box<mq::MqBenchArgs>),
 }
@@ -64,11 +65,11 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.cmd {
         Cmd::Layout(a) => layout::layout(a),
         Cmd::PpSplit(a) => layout::pp_split(a),
-        Cmd::Run(o) => Ok(code(dist_store::launch::run(&o)?)),
-        Cmd::Store(StoreCmd::Serve(o)) => Ok(code(dist_store::launch::serve(&o)?)),
+        Cmd::Run(a) => store::run(a),
+        Cmd::Store(StoreCmd::Serve(a)) => store::serve(a),
         Cmd::Bench(b) => match b.sub {
             None => dist::bench::run(&b.coll),
-            Some(BenchSub::Store(o)) => Ok(code(dist_store::bench::run(&o)?)),
+            Some(BenchSub::Store(a)) => store::bench::run(&a),
             Some(BenchSub::Mq(a)) => mq::run(*a),
         },
         Cmd::Eplb(c) => eplb::run(c),
@@ -76,9 +77,6 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
     }
 }
 
-fn code(c: i32) -> u8 {
-    c.clamp(0, 255) as u8
-}
 
 /// Logs to stderr, filtered by `RUST_LOG` (default: warnings).
 pub fn init_logging() {
