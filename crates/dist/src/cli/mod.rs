@@ -77,7 +77,6 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
     }
 }
 
-
 /// Logs to stderr, filtered by `RUST_LOG` (default: warnings).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
