@@ -5,6 +5,10 @@
 //! groups over it, the shared-memory collectives and MessageQueue ([`dist_cpu`]) — and ships the
 //! `dist` binary (`layout`, `pp-split`, `run`, `store serve`, `bench`).
 //!
+//! The binary's code (its CLI, `dist bench` and its plots, the store, MessageQueue and KV tools)
+//! lives in the binary, behind the default feature `cli`: an engine that links the library with
+//! `default-features = false` gets no clap, no font and no benchmark code.
+//!
 //! | feature | backend | status |
 //! |---|---|---|
 //! | `cpu` (default) | [`dist_cpu::CpuBackend`]: shared-memory collectives on one node | built |
@@ -26,10 +30,8 @@
 //! # Ok::<(), dist::Error>(())
 //! ```
 
-pub mod bench;
 pub mod diagnostics;
 mod env;
-pub mod plot;
 
 pub use dist_core as core;
 pub use dist_core::*;

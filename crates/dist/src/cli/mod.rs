@@ -2,10 +2,12 @@
 
 use clap::{Args, Parser, Subcommand};
 
+mod bench;
 mod eplb;
 mod kv;
 mod layout;
 mod mq;
+mod plot;
 mod store;
 
 /// dist: vLLM's distributed communication layer, in Rust.
@@ -49,7 +51,7 @@ struct BenchCmd {
     #[command(subcommand)]
     sub: Option<BenchSub>,
     #[command(flatten)]
-    coll: dist::bench::BenchArgs,
+    coll: bench::BenchArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -68,7 +70,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Run(a) => store::run(a),
         Cmd::Store(StoreCmd::Serve(a)) => store::serve(a),
         Cmd::Bench(b) => match b.sub {
-            None => dist::bench::run(&b.coll),
+            None => bench::run(&b.coll),
             Some(BenchSub::Store(a)) => store::bench::run(&a),
             Some(BenchSub::Mq(a)) => mq::run(*a),
         },

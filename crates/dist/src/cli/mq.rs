@@ -150,7 +150,7 @@ fn now_ns() -> u64 {
 fn sizes(a: &MqBenchArgs) -> anyhow::Result<Vec<usize>> {
     a.sizes
         .iter()
-        .map(|s| Ok(dist::bench::parse_size(s)?.max(8)))
+        .map(|s| Ok(super::bench::parse_size(s)?.max(8)))
         .collect()
 }
 

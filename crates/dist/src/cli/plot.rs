@@ -4,7 +4,7 @@
 
 use font8x8::UnicodeFonts;
 
-use crate::bench::Row;
+use super::bench::Row;
 
 const W: usize = 900;
 const H: usize = 520;

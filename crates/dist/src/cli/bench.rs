@@ -23,7 +23,7 @@ use dist_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{BackendKind, DistEnv, InitOptions};
+use dist::{BackendKind, DistEnv, InitOptions};
 
 /// The collectives `dist bench` knows.
 pub const ALL_OPS: [&str; 9] = [
@@ -220,6 +220,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<u8> {
         BackendKind::Rocm => run_rank::<dist_rocm::RocmBackend>(&env, args, kind)?,
         #[cfg(feature = "tpu")]
         BackendKind::Tpu => run_rank::<dist_tpu::TpuBackend>(&env, args, kind)?,
+        other => anyhow::bail!("dist bench: no benchmark for backend {}", other.name()),
     };
     let wrong: i64 = rows.iter().map(|r| r.wrong.max(0)).sum();
     let rank0 = env.world().rank == 0;
@@ -227,9 +228,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<u8> {
         if let Some(p) = &args.plot {
             let png = p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
             let bytes = if png {
-                crate::plot::png(&rows)
+                super::plot::png(&rows)
             } else {
-                crate::plot::svg(&rows).into_bytes()
+                super::plot::svg(&rows).into_bytes()
             };
             std::fs::write(p, bytes)?;
             eprintln!("plot written to {}", p.display());
