@@ -48,14 +48,19 @@ pub use env::{
     InitOptions, MqBroadcaster, StoreGroupFactory, CHECK_COLLECTIVES_ENV, TIMEOUT_ENV,
 };
 
-/// The backend the default features select: shared-memory host collectives.
+/// The backend the default features select: shared-memory host collectives (feature `cpu`).
+#[cfg(feature = "cpu")]
 pub type DefaultBackend = dist_cpu::CpuBackend;
+/// Without the feature `cpu`: host collectives over the store.
+#[cfg(not(feature = "cpu"))]
+pub type DefaultBackend = dist_core::host_comm::HostBackend;
 
 /// The backends compiled into this build, for choosing one at run time (`DIST_BACKEND`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum BackendKind {
-    /// Shared-memory host collectives ([`dist_cpu::CpuBackend`]).
+    /// Shared-memory host collectives ([`dist_cpu::CpuBackend`], feature `cpu`).
+    #[cfg(feature = "cpu")]
     Cpu,
     /// Host collectives over the store ([`dist_core::host_comm::HostBackend`]).
     Host,
@@ -77,6 +82,7 @@ impl BackendKind {
     pub fn parse(s: &str) -> Result<BackendKind> {
         let lower = s.to_ascii_lowercase();
         match lower.as_str() {
+            #[cfg(feature = "cpu")]
             "cpu" | "shm" => Ok(BackendKind::Cpu),
             "host" | "store" => Ok(BackendKind::Host),
             #[cfg(feature = "cuda")]
@@ -87,12 +93,13 @@ impl BackendKind {
             "tpu" | "pjrt" => Ok(BackendKind::Tpu),
             // Reached only for backends whose feature is off in this build.
             #[allow(unreachable_patterns)]
-            "cuda" | "nccl" | "rocm" | "hip" | "rccl" | "tpu" | "pjrt" => {
+            "cpu" | "shm" | "cuda" | "nccl" | "rocm" | "hip" | "rccl" | "tpu" | "pjrt" => {
                 Err(Error::unsupported(format!(
                     "backend {s}: not compiled into this build of dist (build with --features {})",
                     match lower.as_str() {
                         "rocm" | "hip" | "rccl" => "rocm",
                         "tpu" | "pjrt" => "tpu",
+                        "cpu" | "shm" => "cpu",
                         _ => "cuda",
                     }
                 )))
@@ -102,16 +109,20 @@ impl BackendKind {
             ))),
         }
     }
-    /// `DIST_BACKEND`, else `cpu`.
+    /// `DIST_BACKEND`, else `cpu` (`host` in a build without the feature `cpu`).
     pub fn from_env() -> Result<BackendKind> {
         match std::env::var("DIST_BACKEND") {
             Ok(s) if !s.is_empty() => Self::parse(&s),
+            #[cfg(feature = "cpu")]
             _ => Ok(BackendKind::Cpu),
+            #[cfg(not(feature = "cpu"))]
+            _ => Ok(BackendKind::Host),
         }
     }
     /// The canonical name.
     pub fn name(self) -> &'static str {
         match self {
+            #[cfg(feature = "cpu")]
             BackendKind::Cpu => "cpu",
             BackendKind::Host => "host",
             #[cfg(feature = "cuda")]
@@ -125,7 +136,9 @@ impl BackendKind {
     /// The kind of device this backend's tensors live on.
     pub fn device_kind(self) -> DeviceKind {
         match self {
-            BackendKind::Cpu | BackendKind::Host => DeviceKind::Cpu,
+            #[cfg(feature = "cpu")]
+            BackendKind::Cpu => DeviceKind::Cpu,
+            BackendKind::Host => DeviceKind::Cpu,
             #[cfg(feature = "cuda")]
             BackendKind::Cuda => DeviceKind::Cuda,
             #[cfg(feature = "rocm")]
@@ -142,7 +155,10 @@ mod tests {
 
     #[test]
     fn backend_names_in_any_case() {
+        #[cfg(feature = "cpu")]
         assert_eq!(BackendKind::parse("SHM").unwrap(), BackendKind::Cpu);
+        #[cfg(not(feature = "cpu"))]
+        assert!(BackendKind::parse("SHM").unwrap_err().to_string().contains("--features cpu"));
         assert_eq!(BackendKind::parse("Store").unwrap(), BackendKind::Host);
         assert!(matches!(
             BackendKind::parse("gpu"),
