@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The candle adapter and the sharded Llama on the device machine's 16 cores (CPU backend; the
+# The candle adapter and the sharded Llama on the GPU machine's 16 cores (CPU backend; the
 # machine has no Rust): mp_llama's checks at worlds 1, 2, 4, 8 and PP 2, then the benchmarks the
 # 2-core development machine cannot measure cleanly — the model's tokens/s at TP 1/2/4/8 (and
 # PP 2 x TP 2/4) with the cores split evenly among the ranks, and bench_borrowed at 4 and 8 ranks.
 #
 # Build here:  cargo build --release -p llama --example mp_llama -p dist-candle --example bench_borrowed
 #              mkdir -p .device-bin/candle && cp target/release/examples/{mp_llama,bench_borrowed} .device-bin/candle/
-# Run there:   bash ci/device/candle_run.sh .device-bin/candle   (the `run` tool with carry [".device-bin"])
+# Run there:   bash ci/device/candle_run.sh .device-bin/candle   (on the GPU machine, in a copy of the repository with .device-bin/ copied in)
 set -u
 BIN=${1:-.device-bin/candle}
 . "$(dirname "$0")/common.sh"

@@ -3,7 +3,7 @@
 #   say ...           echo to stdout and the log
 #   find_nccl         DIST_NCCL_SO_PATH: as set, else the NCCL wheel torch uses, else any libnccl.so.2
 #   add_cuda_libs     the toolkit's lib folders (NVRTC, cudart) on LD_LIBRARY_PATH
-# NVLink multicast stays off (KINDS.md: the lent machines' fabric does not allow it).
+# NVLink multicast stays off (the GPU machines' fabric does not allow it).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 device_log() {

@@ -14,18 +14,18 @@
 #   6. cuda_bench at world 1, one process: in-place on a dist tensor, in-place on an engine's
 #      CudaSlice on its CudaStream (cudarc's event tracking off, then on), out of place, graph;
 #   7. `dist bench --backend cuda` (every collective, checked against the oracle: #wrong);
-#   8. torch's NCCL all-reduce (ci/device/cuda_bench_torch.py) beside step 6, same session.
+#   8. torch's NCCL all-reduce (ci/device/cuda_bench_torch.py) beside step 6, in the same run.
 # Every step runs under `timeout`; a step that would pass the time budget (BUDGET seconds, 420)
 # is not started and counts as a failure (the budget leaves room for the machine's start). The table at the end says what passed; any wrong
 # element, failed check or missing step makes the exit status non-zero.
 #
-# Build here (see the report for the copy):
+# Build here, then copy the binaries into .device-bin/cuda:
 #   cargo build --release -p dist-cuda --examples
 #   cargo test --release -p dist-cuda --test cuda_backend --no-run   # prints the test binary
 #   cargo build --release -p dist --features cuda --bin dist
 #   mkdir -p .device-bin/cuda && cp target/release/examples/{mp_cuda,cuda_bench,paged_check} \
 #     target/release/dist .device-bin/cuda/ && cp target/release/deps/cuda_backend-<hash> .device-bin/cuda/cuda_backend_test
-# Run there:   bash ci/device/cuda_run.sh .device-bin/cuda   (the `run` tool with carry [".device-bin"])
+# Run there:   bash ci/device/cuda_run.sh .device-bin/cuda   (on the GPU machine, in a copy of the repository with .device-bin/ copied in)
 set -u
 BIN=${1:-.device-bin/cuda}
 . "$(dirname "$0")/common.sh"
@@ -119,7 +119,7 @@ say "== summary ($(( $(date +%s) - START )) s)"
 say "$(printf '%-44s %-8s %6s' step result seconds)"
 for r in "${ROWS[@]}"; do say "$r"; done
 say ""
-say "in-place all_reduce at world 1, per call, median over 8 B .. 8 MiB (same session):"
+say "in-place all_reduce at world 1, per call, median over 8 B .. 8 MiB (same run):"
 say "$(printf '  %-40s %10s %10s' 'call' 'gpu_us' 'host_us')"
 for m in in-place engine engine-tracked; do
   say "$(printf '  %-40s %10s %10s' "dist ($m)" "$(fig "$LOG" "all_reduce ($m)," 2)" "$(fig "$LOG" "all_reduce ($m)," 3)")"

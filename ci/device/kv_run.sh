@@ -12,7 +12,7 @@
 #
 # Build here:  cargo build --release -p dist-kv --features cuda --examples
 #              mkdir -p .device-bin/kv && cp target/release/examples/{mp_kv_p2p,mp_kv_storage} .device-bin/kv/
-# Run there:   bash ci/device/kv_run.sh .device-bin/kv   (the `run` tool with carry [".device-bin"])
+# Run there:   bash ci/device/kv_run.sh .device-bin/kv   (on the GPU machine, in a copy of the repository with .device-bin/ copied in)
 set -u
 BIN=${1:-.device-bin/kv}
 . "$(dirname "$0")/common.sh"

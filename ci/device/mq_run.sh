@@ -15,7 +15,7 @@
 #              for v in 3.10 3.11 3.12; do pip download pyzmq --only-binary=:all: --no-deps \
 #                --platform manylinux_2_28_x86_64 --python-version $v -d .device-bin/mq/wheels; done
 # Run there:   bash ci/device/mq_run.sh .device-bin/mq [more `dist bench mq` flags]
-#              (the run tool with carry [".device-bin"]; about 2 minutes)
+#              (on the GPU machine, in a copy of the repository with .device-bin/ copied in; about 2 minutes)
 set -u
 BIN=${1:-.device-bin/mq}
 shift || true
@@ -23,7 +23,7 @@ shift || true
 device_log mq_run
 PY=${PYTHON:-python3}
 
-# pyzmq from the carried wheels when the machine has none: unpacked into a private folder.
+# pyzmq from the copied wheels when the machine has none: unpacked into a private folder.
 if ! "$PY" -c 'import zmq' 2>/dev/null; then
   SITE=/tmp/mq-peer-site
   mkdir -p "$SITE"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# dist-rocm's ABI TEST on the NVIDIA device machine. This is NOT a ROCm test: there is no AMD GPU
+# dist-rocm's ABI TEST on the NVIDIA GPU machine. This is NOT a ROCm test: there is no AMD GPU
 # and no HIP library there. What runs is the ROCm crate's own code (its HIP layers and runtime)
 # under the GPU layer written once in dist-nccl (tensors, the RCCL communicator, HIP graphs),
 # through the GPU backends' shared checks (dist-core's conformance suite at world 1, graph
@@ -12,7 +12,7 @@
 #
 # Build here:  cargo build --release -p dist-rocm --examples
 #              mkdir -p .device-bin/rocm && cp target/release/examples/{mp_rocm,rocm_bench} .device-bin/rocm/
-# Run there:   bash ci/device/rocm_run.sh .device-bin/rocm   (the `run` tool with carry [".device-bin"])
+# Run there:   bash ci/device/rocm_run.sh .device-bin/rocm   (on the GPU machine, in a copy of the repository with .device-bin/ copied in)
 set -u
 BIN=${1:-.device-bin/rocm}
 . "$(dirname "$0")/common.sh"

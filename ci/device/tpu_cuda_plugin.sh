@@ -7,7 +7,7 @@
 #
 # Build here:  cargo build --release -p dist-tpu --examples
 #              mkdir -p .device-bin/tpu && cp target/release/examples/pjrt_check .device-bin/tpu/
-# Run there:   bash ci/device/tpu_cuda_plugin.sh .device-bin/tpu   (the `run` tool, carry [".device-bin"])
+# Run there:   bash ci/device/tpu_cuda_plugin.sh .device-bin/tpu   (on the GPU machine, in a copy of the repository with .device-bin/ copied in)
 # Exit: 0 passed, 1 failed, 77 skipped (no plugin found).
 set -u
 BIN=${1:-.device-bin/tpu}

@@ -2,7 +2,7 @@
 an all-reduce (psum over a 1-device pmap axis) of f32 [1Mi] and [1], timed per call with
 block_until_ready (dist-tpu waits for the completion event the same way).
 
-Not yet run successfully: its first version (device_put_sharded) failed on the device machine
+Not yet run successfully: its first version (device_put_sharded) failed on the GPU machine
 with JAX 0.11.2, stderr not kept. This version feeds the program its own output (psum over one
 device is the identity), so the input is already on the device in the program's sharding."""
 import sys

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# dist-tpu against the real libtpu on a machine without TPUs (CI, or this workstation):
+# dist-tpu against the real libtpu on a machine without TPUs (CI, or a development machine):
 # GetPjrtApi loads and reports its PJRT API version (>= dist_tpu::MIN_API_MINOR), and client
 # creation fails at once with a "no TPU" error (libtpu's own initialisation would spend minutes
 # on cloud-metadata retries; dist-tpu checks for TPU chips on the PCI bus first).

@@ -1,11 +1,14 @@
 //! `cargo xtask <task>`: the project's automation (matklad's xtask pattern; std only, so it builds fast).
 //!
 //! - `cargo xtask test`: installs missing system packages, then `cargo fmt --check`, `cargo clippy -D warnings`,
-//!   `cargo test --workspace`, `cargo doc` (warnings denied) and the multi-process suite.
+//!   `cargo test --workspace`, the tests that need NVRTC or libtpu but no hardware ([`hw_free`]), `cargo doc`
+//!   (warnings denied) and the multi-process suite.
 //! - `cargo xtask test-multiproc [--filter S] [--timeout SECS]`: builds every `mp_*` example and runs it under
 //!   `dist run --nproc-per-node N` for each world size it declares (`prog --worlds`), each run with a deadline.
 //! - `cargo xtask bench [ARGS…]`: builds release and runs `dist bench ARGS…` (default: 4 local ranks, CPU backend).
 //! - `cargo xtask deps`: only the system-package step.
+
+mod hw_free;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -177,6 +180,7 @@ fn ensure_python_env() -> Option<PathBuf> {
 fn test(args: &[String]) -> Result {
     ensure_system_packages()?;
     let py = ensure_python_env();
+    let hw = hw_free::prepare(py.as_deref())?;
     run(
         "cargo fmt --check",
         cargo().args(["fmt", "--all", "--", "--check"]),
@@ -194,6 +198,7 @@ fn test(args: &[String]) -> Result {
         t.env("DIST_KV_PYTHON", py);
     }
     run("cargo test --workspace", &mut t)?;
+    hw_free::nvrtc_tests(&hw)?;
     run(
         "cargo doc",
         cargo()

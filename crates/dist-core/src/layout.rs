@@ -1,4 +1,4 @@
-//! Group math, exactly vLLM's (SPEC §1.5 and §2): rank layouts of the TP, DCP, PCP, PP, DP and EP
+//! Group math, exactly vLLM's (`parallel_state.py`): rank layouts of the TP, DCP, PCP, PP, DP and EP
 //! groups, pipeline layer partitions, and the small helpers (`divide`, `tcp_uri`…).
 
 use serde::{Deserialize, Serialize};

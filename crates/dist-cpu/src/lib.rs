@@ -1,7 +1,7 @@
 //! # dist-cpu: host-tensor collectives on one node, and the shared-memory primitives
 //!
 //! This is the CPU backend of the `dist` workspace (vLLM's `CpuCommunicator` with its
-//! shared-memory C++ backend, SPEC §3.6, and the MessageQueue's primitives). It sits on
+//! shared-memory C++ backend, and the MessageQueue's primitives). It sits on
 //! `dist-core` and implements its [`dist_core::Backend`] as [`CpuBackend`], whose communicator
 //! [`ShmCommunicator`] runs every collective of [`dist_core::DeviceCommunicator`] on
 //! [`dist_core::HostTensor`]s among the processes (or threads) of one group on one node.

@@ -1,6 +1,6 @@
 //! Device test of dist-cuda, one process per rank (torchrun's environment).
 //!
-//! - One GPU per rank (world 1 on the device machine): the checks every GPU backend shares
+//! - One GPU per rank (world 1 on a machine with one GPU): the checks every GPU backend shares
 //!   (`dist-nccl/examples/common/checks.rs`: dist-core's conformance suite, graph replay), then an
 //!   engine's cudarc memory on the engine's stream — with the communicator on its own stream
 //!   (fenced by events) and on the engine's (`engine::use_stream`), in place and through the

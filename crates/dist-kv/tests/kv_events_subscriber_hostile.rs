@@ -50,7 +50,7 @@ fn batch(seq: u64) -> [Vec<u8>; 3] {
     ]
 }
 
-/// The case: one message over the default 64 MiB limit. The subscriber says so, naming
+/// One message over the default 64 MiB limit. The subscriber says so, naming
 /// the endpoint and the limit, reconnects, and hears what follows.
 #[test]
 fn an_oversized_live_message_is_reported_and_the_subscriber_reconnects() {

@@ -163,7 +163,7 @@ impl Limits {
         }
     }
 
-    /// Raises every limit below PyTorch's to PyTorch's (the floor the issue asks for).
+    /// Raises every limit below PyTorch's to PyTorch's (so a client written for PyTorch's store never meets a lower one).
     pub fn at_least_torch(mut self) -> Self {
         self.max_key_len = self.max_key_len.max(TORCH_MAX_KEY_LEN);
         self.max_value_len = self.max_value_len.max(TORCH_MAX_VALUE_LEN);

@@ -1,7 +1,7 @@
 //! # dist-tpu: collectives on TPUs (and any PJRT device) through the PJRT C API
 //!
 //! On TPUs, collectives are not library calls: they are operations inside compiled XLA
-//! programs. vLLM reached them through torch_xla (`xm.all_reduce`, SPEC §7). This crate reaches
+//! programs. vLLM reached them through torch_xla (`xm.all_reduce`). This crate reaches
 //! them through the PJRT C API that every XLA runtime plugin exports (`GetPjrtApi`): Google's
 //! `libtpu.so` on TPU hosts, or the CUDA plugin `xla_cuda_plugin.so` of a JAX install, which is
 //! how it is tested on a GPU machine. It sits beside the other backends:

@@ -1,10 +1,10 @@
 //! # MessageQueue: one writer broadcasting messages to `n` readers
 //!
-//! The Rust counterpart of vLLM's `shm_broadcast.MessageQueue` (SPEC §3.7): the engine's
+//! The Rust counterpart of vLLM's `shm_broadcast.MessageQueue`: the engine's
 //! scheduler (the writer) broadcasts each step's work to every worker (the readers). Readers on
 //! the writer's node read a ring in shared memory; readers on other nodes get the same messages
 //! over TCP. Messages are bytes or typed serde values (postcard, size-capped): nothing untyped is
-//! ever deserialised — vLLM unpickles whatever arrives (CVE-2024-11041, SPEC §9.11).
+//! ever deserialised — vLLM unpickles whatever arrives (CVE-2024-11041).
 //!
 //! ## Where things are
 //! - `setup.rs`: building a queue (collectively over a group, or by hand) and readiness;
@@ -27,7 +27,7 @@
 //!
 //! Chunk `k` is readable by reader `i` when `write_seq > k == read_seq[i]`; the writer may fill
 //! chunk `k` when every `read_seq[i] > k - max_chunks`. This makes the diagnosis vLLM lacks
-//! (SPEC §9.1) a subtraction: a reader with `read_seq[i] < write_seq` has not read chunk
+//! (which reader is behind) a subtraction: a reader with `read_seq[i] < write_seq` has not read chunk
 //! `read_seq[i]`, published at a time the writer remembers — see [`MessageQueue::stuck_readers`],
 //! logged every `warn_interval` while the writer waits and put in its timeout error.
 //!

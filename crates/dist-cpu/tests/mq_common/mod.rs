@@ -1,4 +1,4 @@
-//! Shared by the MessageQueue tests: vLLM's acceptance workload (SPEC §3.7, `test_shm_broadcast.py`)
+//! Shared by the MessageQueue tests: vLLM's acceptance workload (`test_shm_broadcast.py`)
 //! and the plumbing to run readers as child processes of the test binary.
 #![allow(dead_code)]
 

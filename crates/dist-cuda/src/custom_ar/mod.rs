@@ -1,4 +1,4 @@
-//! vLLM's custom all-reduce (SPEC §3.4): CUDA IPC buffers exchanged over the host group, the
+//! vLLM's custom all-reduce (`custom_all_reduce.py`, `custom_all_reduce.cuh`): CUDA IPC buffers exchanged over the host group, the
 //! per-block signal/barrier protocol, one-shot and two-shot kernels compiled with NVRTC at first
 //! use, the eager copy-in path and the CUDA-graph path with graph-buffer registration.
 //!

@@ -1,5 +1,5 @@
 //! vLLM's custom all-reduce rules as pure functions: world sizes, maximum size, per-call
-//! eligibility and the one-shot / two-shot choice (SPEC §3.4).
+//! eligibility and the one-shot / two-shot choice.
 
 use dist_core::{DType, Error, Result};
 

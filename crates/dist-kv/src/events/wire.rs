@@ -39,8 +39,7 @@ use crate::events::types::{
 /// How events are laid out on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WireFormat {
-    /// Positional arrays with the tag first (`array_like=True`): vLLM up to its 2026 releases, and
-    /// what `SPEC.md` describes.
+    /// Positional arrays with the tag first (`array_like=True`): vLLM up to its 2026 releases.
     #[default]
     Array,
     /// Tagged maps with the tag under `"type"` (vLLM after PR #42892).

@@ -1,4 +1,4 @@
-//! KV transfer: vLLM's `kv_transfer/` (SPEC §5) — moving KV-cache blocks between instances.
+//! KV transfer: vLLM's `kv_transfer/` — moving KV-cache blocks between instances.
 //!
 //! * [`connector`]: the interface, vLLM's `KVConnectorBase_V1` as two traits, one per role
 //!   ([`KvConnectorScheduler`], [`KvConnectorWorker`]), and the serde metadata between them.

@@ -1,6 +1,6 @@
 """msgspec Struct classes mirroring vLLM's ``vllm/distributed/kv_events.py``, and the sample batches.
 
-Two sets of classes: ``ARRAY`` has vLLM's ``array_like=True`` events (the form SPEC.md describes and
+Two sets of classes: ``ARRAY`` has vLLM's ``array_like=True`` events (the form
 vLLM used until 2026); ``MAP`` drops ``array_like`` from the events as vLLM PR #42892 did (the batch
 stays an array). Field names, order and defaults are vLLM's.
 
