@@ -1,7 +1,9 @@
 //! `cargo xtask <task>`: the project's automation (matklad's xtask pattern; std only, so it builds fast).
 //!
 //! - `cargo xtask test`: installs missing system packages, then `cargo fmt --check`, `cargo clippy -D warnings`,
-//!   `cargo test --workspace`, `cargo doc` (warnings denied) and the multi-process suite.
+//!   `cargo test --workspace`, the mutation check (one line per deliberately corrupted communicator
+//!   and the conformance check that caught it), `cargo doc` (warnings denied) and the
+//!   multi-process suite.
 //! - `cargo xtask test-multiproc [--filter S] [--timeout SECS]`: builds every `mp_*` example and runs it under
 //!   `dist run --nproc-per-node N` for each world size it declares (`prog --worlds`), each run with a deadline.
 //! - `cargo xtask bench [ARGS…]`: builds release and runs `dist bench ARGS…` (default: 4 local ranks, CPU backend).
@@ -194,6 +196,7 @@ fn test(args: &[String]) -> Result {
         t.env("DIST_KV_PYTHON", py);
     }
     run("cargo test --workspace", &mut t)?;
+    mutation_check()?;
     run(
         "cargo doc",
         cargo()
@@ -205,6 +208,41 @@ fn test(args: &[String]) -> Result {
         return Ok(());
     }
     test_multiproc(&[])
+}
+
+/// Runs dist-cpu's mutation tests again with their output shown, and prints one line per
+/// mutation: which conformance check caught the corrupted communicator. The tests themselves
+/// fail when a mutation goes uncaught, so this step fails then too.
+fn mutation_check() -> Result {
+    let step = "mutation check (conformance suite vs. a corrupted shared-memory communicator)";
+    eprintln!("==> {step}");
+    let out = cargo()
+        .args(["test", "--workspace", "--test", "mutations"])
+        .args(FEATURES)
+        .args(["--", "--nocapture", "--test-threads=1"])
+        .output()
+        .map_err(|e| format!("{step}: cannot start: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.find("mutation ").map(|i| &l[i..]))
+        .filter(|l| l.contains(": caught by "))
+        .collect();
+    for l in &lines {
+        println!("  {l}");
+    }
+    if !out.status.success() {
+        return Err(format!(
+            "{step} failed ({}):\n{}{}",
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    if lines.is_empty() {
+        return Err(format!("{step}: no mutation was reported"));
+    }
+    Ok(())
 }
 
 /// Kills and reaps a child when dropped (so an interrupted xtask leaves no ranks behind).
