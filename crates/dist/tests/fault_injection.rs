@@ -4,8 +4,8 @@
 //! rank must exit with an error that names the culprit within its deadline plus one second, and
 //! no shared-memory segment may be left behind.
 //!
-//! The ranks are this test binary re-executed (`--exact fault_worker_entry --include-ignored`) with `DIST_FAULT_CASE`
-//! set; the parent hosts the store, as `dist run` does.
+//! The ranks are this test binary re-executed (`--exact fault_worker_entry --include-ignored`)
+//! with `DIST_FAULT_CASE` set; the parent hosts the store, as `dist run` does.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
