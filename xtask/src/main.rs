@@ -1,8 +1,9 @@
 //! `cargo xtask <task>`: the project's automation (matklad's xtask pattern; std only, so it builds fast).
 //!
 //! - `cargo xtask test`: installs missing system packages, then `cargo fmt --check`, `cargo clippy -D warnings`,
-//!   `cargo test --workspace`, the tests that need NVRTC or libtpu but no hardware ([`hw_free`]), `cargo doc`
-//!   (warnings denied) and the multi-process suite.
+//!   `cargo test --workspace`, the tests that need NVRTC or libtpu but no hardware ([`hw_free`]), the
+//!   mutation check (one line per deliberately corrupted communicator and the conformance check that
+//!   caught it), `cargo doc` (warnings denied) and the multi-process suite.
 //! - `cargo xtask test-multiproc [--filter S] [--timeout SECS]`: builds every `mp_*` example and runs it under
 //!   `dist run --nproc-per-node N` for each world size it declares (`prog --worlds`), each run with a deadline.
 //! - `cargo xtask bench [ARGS…]`: builds release and runs `dist bench ARGS…` (default: 4 local ranks, CPU backend).
@@ -192,13 +193,22 @@ fn test(args: &[String]) -> Result {
             .args(FEATURES)
             .args(["--", "-D", "warnings"]),
     )?;
+    // Tests that find at run time that they cannot run here record themselves in this file
+    // (cargo would count them as passed); build-time skips are cargo's "ignored".
+    let skips = target_dir().join("test-runtime-skips.txt");
+    let _ = std::fs::remove_file(&skips);
     let mut t = cargo();
-    t.args(["test", "--workspace"]).args(FEATURES);
+    t.args(["test", "--workspace"])
+        .args(FEATURES)
+        .env("DIST_TEST_SKIPS", &skips);
     if let Some(py) = &py {
         t.env("DIST_KV_PYTHON", py);
     }
-    run("cargo test --workspace", &mut t)?;
+    let tested = run("cargo test --workspace", &mut t);
+    report_runtime_skips(&skips);
+    tested?;
     hw_free::nvrtc_tests(&hw)?;
+    mutation_check()?;
     run(
         "cargo doc",
         cargo()
@@ -210,6 +220,55 @@ fn test(args: &[String]) -> Result {
         return Ok(());
     }
     test_multiproc(&[])
+}
+
+/// Prints the tests that skipped themselves at run time (each with its reason), which cargo's
+/// own summary counts as passed.
+fn report_runtime_skips(file: &Path) {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    println!(
+        "tests skipped at run time: {} (cargo lists them as ok; build-time skips are its \"ignored\")",
+        lines.len()
+    );
+    for l in lines {
+        println!("  skipped {l}");
+    }
+}
+
+/// Runs dist-cpu's mutation tests again with their output shown, and prints one line per
+/// mutation: which conformance check caught the corrupted communicator. The tests themselves
+/// fail when a mutation goes uncaught, so this step fails then too.
+fn mutation_check() -> Result {
+    let step = "mutation check (conformance suite vs. a corrupted shared-memory communicator)";
+    eprintln!("==> {step}");
+    let out = cargo()
+        .args(["test", "--workspace", "--test", "mutations"])
+        .args(FEATURES)
+        .args(["--", "--nocapture", "--test-threads=1"])
+        .output()
+        .map_err(|e| format!("{step}: cannot start: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.find("mutation ").map(|i| &l[i..]))
+        .filter(|l| l.contains(": caught by "))
+        .collect();
+    for l in &lines {
+        println!("  {l}");
+    }
+    if !out.status.success() {
+        return Err(format!(
+            "{step} failed ({}):\n{}{}",
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    if lines.is_empty() {
+        return Err(format!("{step}: no mutation was reported"));
+    }
+    Ok(())
 }
 
 /// Kills and reaps a child when dropped (so an interrupted xtask leaves no ranks behind).
@@ -256,7 +315,15 @@ fn test_multiproc(args: &[String]) -> Result {
         .filter(|p| p.to_string_lossy().contains(&filter))
         .collect();
     progs.sort();
-    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    if progs.is_empty() {
+        return Err(if filter.is_empty() {
+            "no multi-process test program (mp_*) was built".into()
+        } else {
+            format!("no multi-process test program matches --filter {filter:?}")
+        });
+    }
+    let (mut passed, mut failed) = (0, 0);
+    let mut skips: Vec<(String, String)> = vec![];
     let mut failures = vec![];
     for prog in &progs {
         let name = prog.file_name().unwrap().to_string_lossy().into_owned();
@@ -320,13 +387,9 @@ fn test_multiproc(args: &[String]) -> Result {
             let secs = start.elapsed().as_secs_f64();
             match out {
                 Ok((code, log)) if code == Some(SKIP_CODE) => {
-                    skipped += 1;
-                    let why = log
-                        .lines()
-                        .find(|l| l.contains("SKIPPED"))
-                        .unwrap_or("")
-                        .trim();
+                    let why = skip_reason(&log);
                     eprintln!("  skip   {label}: {why}");
+                    skips.push((label.clone(), why));
                 }
                 Ok((Some(0), _)) => {
                     passed += 1;
@@ -348,14 +411,27 @@ fn test_multiproc(args: &[String]) -> Result {
             }
         }
     }
-    println!("multiproc: {passed} passed, {failed} failed, {skipped} skipped");
+    println!(
+        "multiproc: {passed} passed, {failed} failed, {} skipped",
+        skips.len()
+    );
+    for (label, why) in &skips {
+        println!("  skipped {label}: {why}");
+    }
     if failed > 0 {
         return Err(format!("failed: {}", failures.join(", ")));
     }
-    if passed == 0 {
-        return Err("no multi-process test program found".into());
-    }
     Ok(())
+}
+
+/// Why a program that exited with [`SKIP_CODE`] skipped: its `SKIPPED: …` line (the text after
+/// the marker), or a note that it gave none.
+fn skip_reason(log: &str) -> String {
+    log.lines()
+        .find_map(|l| l.split_once("SKIPPED").map(|(_, why)| why))
+        .map(|why| why.trim_start_matches([':', ' ']).trim().to_string())
+        .filter(|why| !why.is_empty())
+        .unwrap_or_else(|| format!("exited {SKIP_CODE} without a SKIPPED line saying why"))
 }
 
 /// Exit status of a test program that could not run here (no GPU…): counted as skipped, never passed.

@@ -65,6 +65,11 @@ fn all_inputs(seed: u64, world: usize, tag: u64, dtype: DType, shape: &[usize]) 
 }
 
 /// Compares `got` with `want`: bit-exact, or for floats within a tolerance when `exact` is false.
+///
+/// In both modes a float element of `got` that is NaN or infinite where `want`'s is finite is a
+/// mismatch (a tolerance test alone is false for NaN), and a NaN or infinite expected element
+/// must be matched by the same class of value. In exact mode a zero matches a zero of either sign
+/// (the sign of a zero `Max`/`Min` picks is not specified); everything else must be the same bits.
 pub fn compare(what: &str, want: &HostTensor, got: &HostTensor, exact: bool) -> Result<()> {
     if want.dtype() != got.dtype() || want.shape() != got.shape() {
         return Err(Error::Backend {
@@ -82,13 +87,16 @@ pub fn compare(what: &str, want: &HostTensor, got: &HostTensor, exact: bool) -> 
     if want.as_bytes() == got.as_bytes() {
         return Ok(());
     }
-    let wrong = if exact || !want.dtype().is_float() {
+    let (wrong, not_finite) = if !want.dtype().is_reducible() || !want.dtype().is_float() {
+        // integers and fp8 (moved as bytes): element by element, bit for bit
         let es = want.dtype().size();
-        want.as_bytes()
+        let wrong = want
+            .as_bytes()
             .chunks(es)
             .zip(got.as_bytes().chunks(es))
             .filter(|(a, b)| a != b)
-            .count()
+            .count();
+        (wrong, 0)
     } else {
         let tol = match want.dtype() {
             DType::F16 | DType::BF16 => 2e-2,
@@ -97,19 +105,42 @@ pub fn compare(what: &str, want: &HostTensor, got: &HostTensor, exact: bool) -> 
         };
         let w = to_f64(want)?;
         let g = to_f64(got)?;
-        w.iter()
-            .zip(&g)
-            .filter(|(a, b)| (*a - *b).abs() > tol * (1.0 + a.abs()))
-            .count()
+        let mut wrong = 0;
+        let mut not_finite = 0;
+        for (a, b) in w.iter().zip(&g) {
+            let ok = if a.is_finite() {
+                if !b.is_finite() {
+                    not_finite += 1;
+                    false
+                } else if exact {
+                    a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0)
+                } else {
+                    (a - b).abs() <= tol * (1.0 + a.abs())
+                }
+            } else if a.is_nan() {
+                b.is_nan()
+            } else {
+                a == b
+            };
+            if !ok {
+                wrong += 1;
+            }
+        }
+        (wrong, not_finite)
     };
     if wrong == 0 {
         return Ok(());
     }
+    let nf = if not_finite > 0 {
+        format!(" ({not_finite} NaN or infinite where the oracle is finite)")
+    } else {
+        String::new()
+    };
     Err(Error::Backend {
         backend: "conformance",
         code: None,
         message: format!(
-            "{what}: {wrong} of {} elements differ from the oracle",
+            "{what}: {wrong} of {} elements differ from the oracle{nf}",
             want.numel()
         ),
     })
@@ -596,4 +627,52 @@ pub fn check_all<B: Backend>(comm: &B::Communicator, suite: &Suite) -> Result<us
         }
     }
     Ok(c.checks + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::f16;
+
+    fn f32s(v: &[f32]) -> HostTensor {
+        HostTensor::from_slice(&[v.len()], v).unwrap()
+    }
+
+    #[test]
+    fn nan_and_inf_are_mismatches_in_every_mode() {
+        let want = f32s(&[1.0, 2.0, 3.0]);
+        for exact in [true, false] {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let got = f32s(&[1.0, bad, 3.0]);
+                let e = compare("x", &want, &got, exact).unwrap_err().to_string();
+                assert!(
+                    e.contains("1 of 3 elements") && e.contains("NaN or infinite"),
+                    "exact {exact}, {bad}: {e}"
+                );
+            }
+            // the half types, through their own conversion
+            let hw = HostTensor::from_vec(&[2], vec![f16::ONE, f16::ONE]).unwrap();
+            let hg = HostTensor::from_vec(&[2], vec![f16::ONE, f16::NAN]).unwrap();
+            assert!(compare("h", &hw, &hg, exact).is_err(), "exact {exact}");
+            // an expected NaN or infinity is matched only by the same
+            let nw = f32s(&[f32::NAN, f32::INFINITY]);
+            assert!(compare("n", &nw, &f32s(&[f32::NAN, f32::INFINITY]), exact).is_ok());
+            assert!(compare("n", &nw, &f32s(&[1.0, f32::INFINITY]), exact).is_err());
+            assert!(compare("n", &nw, &f32s(&[f32::NAN, f32::NEG_INFINITY]), exact).is_err());
+        }
+    }
+
+    #[test]
+    fn tolerance_and_exactness() {
+        let want = f32s(&[1.0, 0.0, -2.0]);
+        let near = f32s(&[1.0 + 1e-7, -0.0, -2.0]);
+        assert!(compare("t", &want, &near, false).is_ok());
+        // exact: a zero of the other sign is equal, one ulp is not
+        assert!(compare("t", &want, &f32s(&[1.0, -0.0, -2.0]), true).is_ok());
+        assert!(compare("t", &want, &near, true).is_err());
+        assert!(compare("t", &want, &f32s(&[1.1, 0.0, -2.0]), false).is_err());
+        let i = HostTensor::from_vec(&[2], vec![1i32, 2]).unwrap();
+        let j = HostTensor::from_vec(&[2], vec![1i32, 3]).unwrap();
+        assert!(compare("i", &i, &j, false).is_err());
+    }
 }

@@ -1,4 +1,5 @@
-//! Element types, reduction operators and the reduction kernel every backend and oracle shares.
+//! Element types, reduction operators and the reduction kernel the host backends share (the
+//! oracles in [`crate::reference`] compute the same contract independently).
 
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
@@ -183,8 +184,9 @@ impl std::str::FromStr for ReduceOp {
 /// A host element type with a [`DType`] and the arithmetic reductions need.
 ///
 /// Reductions run in the accumulator type `Acc` (f32 for the half types) and are rounded once
-/// at the end, combining ranks in ascending order, so every rank and every oracle computes
-/// bit-identical results.
+/// at the end, combining ranks in ascending order, so every rank computes bit-identical results
+/// (and [`crate::reference`], which implements the same contract separately, checks them bit for
+/// bit).
 pub trait Element: bytemuck::Pod + PartialEq + std::fmt::Debug + Send + Sync + 'static {
     /// The dtype tag.
     const DTYPE: DType;

@@ -12,13 +12,13 @@
 //!
 //! What lives here:
 //! - element types ([`DType`], [`Element`]), [`ReduceOp`] and the one reduction kernel
-//!   ([`reduce_slices`]) every host backend and every oracle uses, so results are bit-identical;
+//!   ([`reduce_slices`]) every host backend uses, so results are bit-identical across ranks;
 //! - [`Device`], [`TensorMeta`], the [`Tensor`] trait and the typed host tensor [`HostTensor`];
 //! - the traits the backends implement: [`Store`] (the rendezvous store), [`HostGroup`] (vLLM's
 //!   "cpu group": control-plane bytes and typed objects, see [`HostGroupExt`]) and
 //!   [`DeviceCommunicator`] (the data-plane collectives), tied together by [`Backend`];
-//! - [`reference`](mod@reference): the result of every collective computed plainly on the host — the oracle of
-//!   every backend's tests;
+//! - [`reference`](mod@reference): the result of every collective computed plainly on the host, sharing
+//!   no code with any backend — the oracle of every backend's tests;
 //! - group math ([`layout`]): vLLM's exact rank layouts, `get_pp_indices`, `divide`…
 //! - one [`Error`] type with the variants a caller acts on;
 //! - MoE expert load balancing ([`eplb`]: load recording, vLLM's rebalancing policy, the

@@ -26,7 +26,11 @@ fn main() {
         .unwrap()
         .iter()
         .zip(want.as_slice::<f32>().unwrap())
-        .filter(|(a, b)| (**a - **b).abs() > 1e-5 * (1.0 + b.abs()))
+        .filter(|(a, b)| {
+            // a NaN difference is a mismatch too
+            let d = (**a - **b).abs();
+            d.is_nan() || d > 1e-5 * (1.0 + b.abs())
+        })
         .count();
     if bad > 0 {
         eprintln!(

@@ -318,7 +318,7 @@ mod tests {
             busbw: Some(bw),
             ip_time_us: None,
             ip_busbw: None,
-            wrong: 0,
+            wrong: Some(0),
             bound_gbps: None,
         }
     }
