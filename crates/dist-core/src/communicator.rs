@@ -482,17 +482,9 @@ pub fn reduce_scatterv_shape(
 pub struct LocalBackend;
 
 /// The communicator of [`LocalBackend`]: world size 1.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct LocalCommunicator {
-    timeout: std::sync::Mutex<Duration>,
-}
-
-impl Default for LocalCommunicator {
-    fn default() -> Self {
-        LocalCommunicator {
-            timeout: std::sync::Mutex::new(DEFAULT_TIMEOUT),
-        }
-    }
+    timeout: TimeoutCell,
 }
 
 impl Backend for LocalBackend {
@@ -528,6 +520,97 @@ fn copy_whole(op: &str, input: &HostView<'_>, output: &mut HostViewMut<'_>) -> R
     Ok(())
 }
 
+/// The items every [`DeviceCommunicator`] on [`HostTensor`]s writes alike, for use inside its
+/// `impl DeviceCommunicator for … { … }` block: the tensor and view types ([`HostTensor`],
+/// [`HostView`], [`HostViewMut`]), `view`, `view_mut`, `copy` ([`host_copy`]), `narrow`,
+/// `device` ([`Device::CPU`]) and `empty` (zeros).
+///
+/// `host_communicator_items!(timeout = t, pool = p)` adds `timeout` and `set_timeout` from the
+/// communicator's [`TimeoutCell`] field `t`, and `alloc` from its [`crate::HostPool`] field `p`.
+/// The communicator writes the rest: its ranks and its collectives.
+#[macro_export]
+macro_rules! host_communicator_items {
+    () => {
+        type Tensor = $crate::HostTensor;
+        type View<'a> = $crate::HostView<'a>;
+        type ViewMut<'a> = $crate::HostViewMut<'a>;
+        fn view(t: &$crate::HostTensor) -> $crate::HostView<'_> {
+            t.view()
+        }
+        fn view_mut(t: &mut $crate::HostTensor) -> $crate::HostViewMut<'_> {
+            t.view_mut()
+        }
+        fn copy(
+            src: &$crate::HostView<'_>,
+            dst: &mut $crate::HostViewMut<'_>,
+        ) -> $crate::Result<()> {
+            $crate::communicator::host_copy(src, dst)
+        }
+        fn narrow<'a>(
+            v: &Self::View<'a>,
+            start: usize,
+            len: usize,
+        ) -> $crate::Result<Self::View<'a>> {
+            v.narrow(start, len)
+        }
+        fn device(&self) -> $crate::Device {
+            $crate::Device::CPU
+        }
+        fn empty(
+            &self,
+            dtype: $crate::DType,
+            shape: &[usize],
+        ) -> $crate::Result<$crate::HostTensor> {
+            Ok($crate::HostTensor::zeros(dtype, shape))
+        }
+    };
+    (timeout = $timeout:ident, pool = $pool:ident) => {
+        $crate::host_communicator_items!();
+        fn timeout(&self) -> std::time::Duration {
+            self.$timeout.get()
+        }
+        fn set_timeout(&self, timeout: std::time::Duration) {
+            self.$timeout.set(timeout)
+        }
+        fn alloc(
+            &self,
+            dtype: $crate::DType,
+            shape: &[usize],
+        ) -> $crate::Result<$crate::HostTensor> {
+            self.$pool.tensor(dtype, shape)
+        }
+    };
+}
+
+/// A communicator's deadline, settable through `&self` ([`DeviceCommunicator::set_timeout`]).
+#[derive(Debug)]
+pub struct TimeoutCell(std::sync::atomic::AtomicU64);
+
+impl TimeoutCell {
+    /// A cell holding `timeout` (saturated at `u64::MAX` nanoseconds).
+    pub fn new(timeout: Duration) -> Self {
+        TimeoutCell(std::sync::atomic::AtomicU64::new(Self::nanos(timeout)))
+    }
+    /// The deadline.
+    pub fn get(&self) -> Duration {
+        Duration::from_nanos(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+    /// Replaces the deadline.
+    pub fn set(&self, timeout: Duration) {
+        self.0
+            .store(Self::nanos(timeout), std::sync::atomic::Ordering::Relaxed);
+    }
+    fn nanos(timeout: Duration) -> u64 {
+        timeout.as_nanos().min(u64::MAX as u128) as u64
+    }
+}
+
+impl Default for TimeoutCell {
+    fn default() -> Self {
+        TimeoutCell::new(DEFAULT_TIMEOUT)
+    }
+}
+
 /// [`DeviceCommunicator::copy`] of host views.
 pub fn host_copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
     crate::ensure_arg!(
@@ -543,21 +626,7 @@ pub fn host_copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
 }
 
 impl DeviceCommunicator for LocalCommunicator {
-    type Tensor = HostTensor;
-    type View<'a> = HostView<'a>;
-    type ViewMut<'a> = HostViewMut<'a>;
-    fn view(t: &HostTensor) -> HostView<'_> {
-        t.view()
-    }
-    fn view_mut(t: &mut HostTensor) -> HostViewMut<'_> {
-        t.view_mut()
-    }
-    fn copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
-        host_copy(src, dst)
-    }
-    fn narrow<'a>(v: &Self::View<'a>, start: usize, len: usize) -> Result<Self::View<'a>> {
-        v.narrow(start, len)
-    }
+    crate::host_communicator_items!();
     fn rank(&self) -> usize {
         0
     }
@@ -565,16 +634,10 @@ impl DeviceCommunicator for LocalCommunicator {
         1
     }
     fn timeout(&self) -> Duration {
-        *self.timeout.lock().unwrap_or_else(|e| e.into_inner())
+        self.timeout.get()
     }
     fn set_timeout(&self, timeout: Duration) {
-        *self.timeout.lock().unwrap_or_else(|e| e.into_inner()) = timeout;
-    }
-    fn device(&self) -> Device {
-        Device::CPU
-    }
-    fn empty(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
-        Ok(HostTensor::zeros(dtype, shape))
+        self.timeout.set(timeout)
     }
     fn all_reduce_into(
         &self,

@@ -7,7 +7,7 @@
 //! coordinator operation run with nothing but a store, and it is the baseline the shared-memory
 //! backend is measured against.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -30,7 +30,7 @@ pub struct HostBackend;
 #[derive(Debug)]
 pub struct HostCommunicator {
     host: Arc<dyn HostGroup>,
-    timeout: Mutex<Duration>,
+    timeout: crate::communicator::TimeoutCell,
     destroyed: std::sync::atomic::AtomicBool,
     /// Outputs of the owned calls, kept touched.
     buffers: Arc<crate::HostPool>,
@@ -48,7 +48,7 @@ impl HostCommunicator {
     pub fn new(host: Arc<dyn HostGroup>, timeout: Duration) -> Self {
         HostCommunicator {
             host,
-            timeout: Mutex::new(timeout),
+            timeout: crate::communicator::TimeoutCell::new(timeout),
             destroyed: std::sync::atomic::AtomicBool::new(false),
             buffers: crate::HostPool::new(crate::HostPool::DEFAULT_LIMIT),
         }
@@ -125,41 +125,12 @@ impl Backend for HostBackend {
 }
 
 impl DeviceCommunicator for HostCommunicator {
-    type Tensor = HostTensor;
-    type View<'a> = HostView<'a>;
-    type ViewMut<'a> = HostViewMut<'a>;
-    fn view(t: &HostTensor) -> HostView<'_> {
-        t.view()
-    }
-    fn view_mut(t: &mut HostTensor) -> HostViewMut<'_> {
-        t.view_mut()
-    }
-    fn copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
-        crate::communicator::host_copy(src, dst)
-    }
-    fn narrow<'a>(v: &Self::View<'a>, start: usize, len: usize) -> Result<Self::View<'a>> {
-        v.narrow(start, len)
-    }
+    crate::host_communicator_items!(timeout = timeout, pool = buffers);
     fn rank(&self) -> usize {
         self.host.rank()
     }
     fn world_size(&self) -> usize {
         self.host.world_size()
-    }
-    fn timeout(&self) -> Duration {
-        *self.timeout.lock().unwrap_or_else(|e| e.into_inner())
-    }
-    fn set_timeout(&self, timeout: Duration) {
-        *self.timeout.lock().unwrap_or_else(|e| e.into_inner()) = timeout;
-    }
-    fn device(&self) -> Device {
-        Device::CPU
-    }
-    fn empty(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
-        Ok(HostTensor::zeros(dtype, shape))
-    }
-    fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
-        self.buffers.tensor(dtype, shape)
     }
     fn all_reduce_into(
         &self,
