@@ -98,13 +98,18 @@ pub trait DeviceCommunicator: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<()>;
     /// Reduces `tensor` over all ranks in place.
     fn all_reduce_in_place(&self, tensor: &mut Self::ViewMut<'_>, op: ReduceOp) -> Result<()>;
-    /// `output = cat([x_0 … x_{n-1}], dim)`.
+    /// `output = cat([x_0 … x_{n-1}], dim)`. The default is [`Self::all_gatherv_into`] with
+    /// every rank's length along `dim` this rank's.
     fn all_gather_into(
         &self,
         input: &Self::View<'_>,
         output: &mut Self::ViewMut<'_>,
         dim: isize,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let d = check_collective_dim(input.shape(), dim, "all_gather")?;
+        let sizes = vec![input.shape()[d]; self.world_size()];
+        self.all_gatherv_into(input, output, dim, &sizes)
+    }
     /// `cat` along `dim` of inputs whose lengths there are `sizes[r]`.
     fn all_gatherv_into(
         &self,
@@ -114,13 +119,20 @@ pub trait DeviceCommunicator: Send + Sync + std::fmt::Debug + 'static {
         sizes: &[usize],
     ) -> Result<()>;
     /// This rank's chunk along `dim` of the reduction (`shape[dim]` divisible by the world size).
+    /// The default is [`Self::reduce_scatterv_into`] with equal chunks.
     fn reduce_scatter_into(
         &self,
         input: &Self::View<'_>,
         output: &mut Self::ViewMut<'_>,
         dim: isize,
         op: ReduceOp,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let n = self.world_size();
+        reduce_scatter_shape(input.shape(), dim, n)?;
+        let d = check_collective_dim(input.shape(), dim, "reduce_scatter")?;
+        let sizes = vec![input.shape()[d] / n; n];
+        self.reduce_scatterv_into(input, output, dim, &sizes, op)
+    }
     /// This rank's chunk of `sizes[rank]` along `dim` of the reduction.
     fn reduce_scatterv_into(
         &self,
@@ -611,6 +623,25 @@ impl Default for TimeoutCell {
     }
 }
 
+/// The checks of a `reduce_scatterv_into` before anything moves: `input`'s dtype reduces, `dim`
+/// is one of its dims (returned, counted from 0), `sizes` splits it among `world` ranks and
+/// `output` has the shape of `rank`'s chunk.
+pub fn check_reduce_scatterv(
+    input: &impl Tensor,
+    output: &impl Tensor,
+    dim: isize,
+    sizes: &[usize],
+    world: usize,
+    rank: usize,
+) -> Result<usize> {
+    const OP: &str = "reduce_scatterv";
+    ensure_reducible(input.dtype(), OP)?;
+    let d = check_collective_dim(input.shape(), dim, OP)?;
+    let shape = reduce_scatterv_shape(input.shape(), d, sizes, world, rank)?;
+    check_output(OP, output, input.dtype(), &shape)?;
+    Ok(d)
+}
+
 /// [`DeviceCommunicator::copy`] of host views.
 pub fn host_copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
     crate::ensure_arg!(
@@ -689,9 +720,7 @@ impl DeviceCommunicator for LocalCommunicator {
         sizes: &[usize],
         _op: ReduceOp,
     ) -> Result<()> {
-        ensure_reducible(input.dtype(), "reduce_scatterv")?;
-        let d = check_collective_dim(input.shape(), dim, "reduce_scatterv")?;
-        reduce_scatterv_shape(input.shape(), d, sizes, 1, 0)?;
+        check_reduce_scatterv(input, output, dim, sizes, 1, 0)?;
         copy_whole("reduce_scatterv", input, output)
     }
     fn gather_into(

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::communicator::{
     all_gather_shape, all_gatherv_shape, check_all_to_all_v, check_collective_dim, check_output,
-    ensure_reducible, reduce_scatter_shape, reduce_scatterv_shape, P2pOp,
+    check_reduce_scatterv, ensure_reducible, P2pOp,
 };
 use crate::tensor::{concat_along_into, split_along};
 use crate::{
@@ -150,16 +150,6 @@ impl DeviceCommunicator for HostCommunicator {
         tensor.as_bytes_mut().copy_from_slice(r.as_bytes());
         Ok(())
     }
-    fn all_gather_into(
-        &self,
-        input: &HostView<'_>,
-        output: &mut HostViewMut<'_>,
-        dim: isize,
-    ) -> Result<()> {
-        let d = check_collective_dim(input.shape(), dim, "all_gather")?;
-        let sizes = vec![input.shape()[d]; self.world_size()];
-        self.all_gatherv_into(input, output, dim, &sizes)
-    }
     fn all_gatherv_into(
         &self,
         input: &HostView<'_>,
@@ -181,19 +171,6 @@ impl DeviceCommunicator for HostCommunicator {
             input.dtype().size(),
         )
     }
-    fn reduce_scatter_into(
-        &self,
-        input: &HostView<'_>,
-        output: &mut HostViewMut<'_>,
-        dim: isize,
-        op: ReduceOp,
-    ) -> Result<()> {
-        reduce_scatter_shape(input.shape(), dim, self.world_size())?;
-        let d = check_collective_dim(input.shape(), dim, "reduce_scatter")?;
-        let n = self.world_size();
-        let sizes = vec![input.shape()[d] / n; n];
-        self.reduce_scatterv_into(input, output, dim, &sizes, op)
-    }
     fn reduce_scatterv_into(
         &self,
         input: &HostView<'_>,
@@ -202,10 +179,7 @@ impl DeviceCommunicator for HostCommunicator {
         sizes: &[usize],
         op: ReduceOp,
     ) -> Result<()> {
-        ensure_reducible(input.dtype(), "reduce_scatter")?;
-        let d = check_collective_dim(input.shape(), dim, "reduce_scatterv")?;
-        let shape = reduce_scatterv_shape(input.shape(), d, sizes, self.world_size(), self.rank())?;
-        check_output("reduce_scatterv", output, input.dtype(), &shape)?;
+        let d = check_reduce_scatterv(input, output, dim, sizes, self.world_size(), self.rank())?;
         let r = self.reduce_all(input, op)?;
         let mut pieces = split_along(r.as_bytes(), input.shape(), d, sizes, input.dtype().size())?;
         output

@@ -107,15 +107,6 @@ impl DeviceCommunicator for CpuCommunicator {
     ) -> Result<()> {
         each!(self, c => c.all_gatherv_into(input, output, dim, sizes))
     }
-    fn reduce_scatter_into(
-        &self,
-        input: &HostView<'_>,
-        output: &mut HostViewMut<'_>,
-        dim: isize,
-        op: ReduceOp,
-    ) -> Result<()> {
-        each!(self, c => c.reduce_scatter_into(input, output, dim, op))
-    }
     fn reduce_scatterv_into(
         &self,
         input: &HostView<'_>,

@@ -40,8 +40,8 @@ use std::time::{Duration, Instant};
 use std::sync::Arc;
 
 use dist_core::communicator::{
-    all_gatherv_shape, check_all_to_all_v, check_collective_dim, check_output, ensure_reducible,
-    reduce_scatter_shape, reduce_scatterv_shape, P2pOp,
+    all_gatherv_shape, check_all_to_all_v, check_collective_dim, check_output,
+    check_reduce_scatterv, ensure_reducible, P2pOp,
 };
 use dist_core::{
     reduce_bytes, DType, DeviceCommunicator, Error, HostGroup, HostGroupExt, HostPool, HostTensor,
@@ -1261,19 +1261,6 @@ impl DeviceCommunicator for ShmCommunicator {
         self.gather_into_impl("all_gatherv", input, Some(output), dim, sizes, None)
     }
 
-    fn reduce_scatter_into(
-        &self,
-        input: &HostView<'_>,
-        output: &mut HostViewMut<'_>,
-        dim: isize,
-        op: ReduceOp,
-    ) -> Result<()> {
-        reduce_scatter_shape(input.shape(), dim, self.world)?;
-        let d = check_collective_dim(input.shape(), dim, "reduce_scatter")?;
-        let sizes = vec![input.shape()[d] / self.world; self.world];
-        self.reduce_scatterv_into(input, output, dim, &sizes, op)
-    }
-
     fn reduce_scatterv_into(
         &self,
         input: &HostView<'_>,
@@ -1282,10 +1269,7 @@ impl DeviceCommunicator for ShmCommunicator {
         sizes: &[usize],
         op: ReduceOp,
     ) -> Result<()> {
-        ensure_reducible(input.dtype(), "reduce_scatter")?;
-        let d = check_collective_dim(input.shape(), dim, "reduce_scatterv")?;
-        let out_shape = reduce_scatterv_shape(input.shape(), d, sizes, self.world, self.rank)?;
-        check_output("reduce_scatter", output, input.dtype(), &out_shape)?;
+        let d = check_reduce_scatterv(input, output, dim, sizes, self.world, self.rank)?;
         self.run("reduce_scatter", |st, o| {
             self.reduce_scatter_bytes(
                 st,

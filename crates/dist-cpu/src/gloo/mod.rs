@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use dist_core::communicator::{
-    all_gatherv_shape, check_all_to_all_v, check_collective_dim, check_output, ensure_reducible,
-    reduce_scatter_shape, reduce_scatterv_shape, P2pOp,
+    all_gatherv_shape, check_all_to_all_v, check_collective_dim, check_output,
+    check_reduce_scatterv, ensure_reducible, P2pOp,
 };
 use dist_core::tensor::{concat_along_into, split_along, split_dims};
 use dist_core::{
@@ -678,18 +678,6 @@ impl DeviceCommunicator for GlooCommunicator {
     ) -> Result<()> {
         self.gatherv_into(input, Some(output), dim, sizes, "all_gatherv")
     }
-    fn reduce_scatter_into(
-        &self,
-        input: &HostView<'_>,
-        output: &mut HostViewMut<'_>,
-        dim: isize,
-        op: ReduceOp,
-    ) -> Result<()> {
-        reduce_scatter_shape(input.shape(), dim, self.world)?;
-        let d = check_collective_dim(input.shape(), dim, "reduce_scatter")?;
-        let sizes = vec![input.shape()[d] / self.world; self.world];
-        self.reduce_scatterv_into(input, output, dim, &sizes, op)
-    }
     /// gloo's options API has no reduce-scatter: an all-reduce of the whole input (in a pooled
     /// temporary), then this rank's part.
     fn reduce_scatterv_into(
@@ -700,10 +688,7 @@ impl DeviceCommunicator for GlooCommunicator {
         sizes: &[usize],
         op: ReduceOp,
     ) -> Result<()> {
-        ensure_reducible(input.dtype(), "reduce_scatterv")?;
-        let d = check_collective_dim(input.shape(), dim, "reduce_scatterv")?;
-        let shape = reduce_scatterv_shape(input.shape(), d, sizes, self.world, self.rank)?;
-        check_output("reduce_scatterv", output, input.dtype(), &shape)?;
+        let d = check_reduce_scatterv(input, output, dim, sizes, self.world, self.rank)?;
         let mut t = self.buffers.tensor(input.dtype(), input.shape())?;
         t.as_bytes_mut().copy_from_slice(input.as_bytes());
         self.all_reduce_raw(&mut t.view_mut(), op)?;
