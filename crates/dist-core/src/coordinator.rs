@@ -956,18 +956,7 @@ impl<B: Backend> GroupCoordinator<B> {
             let mut dict = dict.ok_or_else(|| {
                 Error::invalid("broadcast_tensor_dict: the source must pass a dict")
             })?;
-            let meta = DictMeta {
-                items: Self::split_dict(&dict),
-                all_gathered: vec![],
-            };
-            self.broadcast_object(Some(&meta), src)?;
-            for (_, v) in dict.iter_mut() {
-                if let DictValue::Tensor(t) = v {
-                    if t.numel() > 0 {
-                        self.broadcast_one(t, src)?;
-                    }
-                }
-            }
+            self.broadcast_dict_send(&mut dict, src, |t| self.broadcast_one(t, src))?;
             Ok(dict)
         } else {
             self.broadcast_dict_receive(src)
@@ -991,23 +980,35 @@ impl<B: Backend> GroupCoordinator<B> {
         match dict {
             Some(dict) => {
                 if self.world_size() > 1 {
-                    let meta = DictMeta {
-                        items: Self::split_dict(dict),
-                        all_gathered: vec![],
-                    };
-                    self.broadcast_object(Some(&meta), src)?;
-                    for (_, v) in dict.iter_mut() {
-                        if let DictValue::Tensor(t) = v {
-                            if t.numel() > 0 {
-                                self.broadcast_in_place(t, src)?;
-                            }
-                        }
-                    }
+                    self.broadcast_dict_send(dict, src, |t| self.broadcast_in_place(t, src))?;
                 }
                 Ok(None)
             }
             None => self.broadcast_dict_receive(src).map(Some),
         }
+    }
+
+    /// The source's side of a tensor-dict broadcast: the metadata, then `send` of each non-empty
+    /// tensor in dict order.
+    fn broadcast_dict_send<T: Tensor>(
+        &self,
+        dict: &mut [DictEntry<T>],
+        src: usize,
+        mut send: impl FnMut(&mut T) -> Result<()>,
+    ) -> Result<()> {
+        let meta = DictMeta {
+            items: Self::split_dict(dict),
+            all_gathered: vec![],
+        };
+        self.broadcast_object(Some(&meta), src)?;
+        for (_, v) in dict.iter_mut() {
+            if let DictValue::Tensor(t) = v {
+                if t.numel() > 0 {
+                    send(t)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn broadcast_dict_receive(&self, src: usize) -> Result<TensorDict<B::Tensor>> {
