@@ -642,8 +642,9 @@ pub fn check_reduce_scatterv(
     Ok(d)
 }
 
-/// [`DeviceCommunicator::copy`] of host views.
-pub fn host_copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
+/// The check of a [`DeviceCommunicator::copy`]: `src` and `dst` have the same dtype and
+/// element count.
+pub fn check_copy(src: &impl Tensor, dst: &impl Tensor) -> Result<()> {
     crate::ensure_arg!(
         src.dtype() == dst.dtype() && src.numel() == dst.numel(),
         "copy of {} {:?} into {} {:?}",
@@ -652,6 +653,12 @@ pub fn host_copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
         dst.dtype(),
         dst.shape()
     );
+    Ok(())
+}
+
+/// [`DeviceCommunicator::copy`] of host views.
+pub fn host_copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
+    check_copy(src, dst)?;
     dst.as_bytes_mut().copy_from_slice(src.as_bytes());
     Ok(())
 }
