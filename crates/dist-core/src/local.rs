@@ -209,6 +209,22 @@ impl HostGroup for ThreadGroup {
     }
 }
 
+/// The context of a one-rank group named `group_name` (rank 0, local rank 0, a [`ThreadGroup`]
+/// and a [`MemStore`] of its own, deadline `timeout`): what a backend's communicator is created
+/// from in a single-process test or tool.
+pub fn one_rank_context(group_name: &str, timeout: Duration) -> crate::CommunicatorContext {
+    let hg = ThreadGroup::new(1, timeout).pop().expect("one rank");
+    crate::CommunicatorContext {
+        group_name: group_name.into(),
+        ranks: vec![0],
+        rank_in_group: 0,
+        local_rank: 0,
+        host_group: Arc::new(hg),
+        store: Arc::new(MemStore::new()),
+        timeout,
+    }
+}
+
 /// Runs `f(rank, group)` on `n` threads with a [`ThreadGroup`] and returns the results in rank order.
 /// A panicking rank is reported as an error for that rank.
 pub fn run_threads<T: Send>(
