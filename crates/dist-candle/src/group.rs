@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 use dist_core::communicator::{
     all_gather_shape, all_gatherv_shape, check_collective_dim, reduce_scatter_shape,
-    reduce_scatterv_shape,
+    reduce_scatterv_shape, View, ViewMut,
 };
 use dist_core::{DictEntry, DictValue, GroupCoordinator, Value};
 
@@ -50,6 +50,36 @@ impl<'g, B: CandleBackend> CandleGroup<'g, B> {
         self.group.world_size()
     }
 
+    /// The owned form of a collective: `t` itself on a one-rank group, else a new tensor of
+    /// `shape` that `into` (the `_into` form) fills.
+    fn owned(
+        &self,
+        op: &'static str,
+        t: &Tensor,
+        shape: &[usize],
+        into: impl FnOnce(&Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
+        if self.world_size() == 1 {
+            return Ok(t.clone());
+        }
+        let out = B::alloc(op, t.dtype(), shape, t.device())?;
+        into(&out)?;
+        Ok(out)
+    }
+
+    /// A collective from `input` into `output` (of the same dtype): `f` on the views of them
+    /// that candle lends.
+    fn lend_into(
+        &self,
+        op: &'static str,
+        input: &Tensor,
+        output: &Tensor,
+        f: impl for<'v> FnOnce(&View<'v, B>, &mut ViewMut<'v, B>) -> dist_core::Result<()>,
+    ) -> Result<()> {
+        ensure_same(op, input.dtype(), output.dtype())?;
+        B::lend(op, &[input], &[output], |r, mut w| f(&r[0], &mut w[0]))
+    }
+
     /// Sums `t` over the group in its own storage (`t` must be contiguous).
     pub fn all_reduce_in_place(&self, t: &Tensor) -> Result<()> {
         const OP: &str = "all_reduce";
@@ -74,30 +104,21 @@ impl<'g, B: CandleBackend> CandleGroup<'g, B> {
     pub fn all_reduce_into(&self, input: &Tensor, output: &Tensor) -> Result<()> {
         const OP: &str = "all_reduce";
         ensure_reducible(OP, input.dtype())?;
-        ensure_same(OP, input.dtype(), output.dtype())?;
-        B::lend(OP, &[input], &[output], |r, mut w| {
-            self.group.all_reduce_into(&r[0], &mut w[0])
-        })
+        self.lend_into(OP, input, output, |i, o| self.group.all_reduce_into(i, o))
     }
 
     /// `cat` over the group of `t` along `dim`, in a new tensor (a one-rank group returns `t`).
     pub fn all_gather(&self, t: &Tensor, dim: isize) -> Result<Tensor> {
         const OP: &str = "all_gather";
         let shape = all_gather_shape(t.dims(), dim, self.world_size(), OP)?;
-        if self.world_size() == 1 {
-            return Ok(t.clone());
-        }
-        let out = B::alloc(OP, t.dtype(), &shape, t.device())?;
-        self.all_gather_into(t, &out, dim)?;
-        Ok(out)
+        self.owned(OP, t, &shape, |out| self.all_gather_into(t, out, dim))
     }
 
     /// `cat` over the group of `input` along `dim`, written into `output`.
     pub fn all_gather_into(&self, input: &Tensor, output: &Tensor, dim: isize) -> Result<()> {
         const OP: &str = "all_gather";
-        ensure_same(OP, input.dtype(), output.dtype())?;
-        B::lend(OP, &[input], &[output], |r, mut w| {
-            self.group.all_gather_into(&r[0], &mut w[0], dim)
+        self.lend_into(OP, input, output, |i, o| {
+            self.group.all_gather_into(i, o, dim)
         })
     }
 
@@ -111,12 +132,9 @@ impl<'g, B: CandleBackend> CandleGroup<'g, B> {
             self.world_size(),
             self.rank_in_group(),
         )?;
-        if self.world_size() == 1 {
-            return Ok(t.clone());
-        }
-        let out = B::alloc(OP, t.dtype(), &shape, t.device())?;
-        self.all_gatherv_into(t, &out, dim, sizes)?;
-        Ok(out)
+        self.owned(OP, t, &shape, |out| {
+            self.all_gatherv_into(t, out, dim, sizes)
+        })
     }
 
     /// [`Self::all_gatherv`] into `output`.
@@ -128,9 +146,8 @@ impl<'g, B: CandleBackend> CandleGroup<'g, B> {
         sizes: &[usize],
     ) -> Result<()> {
         const OP: &str = "all_gatherv";
-        ensure_same(OP, input.dtype(), output.dtype())?;
-        B::lend(OP, &[input], &[output], |r, mut w| {
-            self.group.all_gatherv_into(&r[0], &mut w[0], dim, sizes)
+        self.lend_into(OP, input, output, |i, o| {
+            self.group.all_gatherv_into(i, o, dim, sizes)
         })
     }
 
@@ -139,21 +156,15 @@ impl<'g, B: CandleBackend> CandleGroup<'g, B> {
         const OP: &str = "reduce_scatter";
         ensure_reducible(OP, t.dtype())?;
         let shape = reduce_scatter_shape(t.dims(), dim, self.world_size())?;
-        if self.world_size() == 1 {
-            return Ok(t.clone());
-        }
-        let out = B::alloc(OP, t.dtype(), &shape, t.device())?;
-        self.reduce_scatter_into(t, &out, dim)?;
-        Ok(out)
+        self.owned(OP, t, &shape, |out| self.reduce_scatter_into(t, out, dim))
     }
 
     /// This rank's chunk along `dim` of the sum over the group, written into `output`.
     pub fn reduce_scatter_into(&self, input: &Tensor, output: &Tensor, dim: isize) -> Result<()> {
         const OP: &str = "reduce_scatter";
         ensure_reducible(OP, input.dtype())?;
-        ensure_same(OP, input.dtype(), output.dtype())?;
-        B::lend(OP, &[input], &[output], |r, mut w| {
-            self.group.reduce_scatter_into(&r[0], &mut w[0], dim)
+        self.lend_into(OP, input, output, |i, o| {
+            self.group.reduce_scatter_into(i, o, dim)
         })
     }
 
@@ -164,12 +175,9 @@ impl<'g, B: CandleBackend> CandleGroup<'g, B> {
         let d = check_collective_dim(t.dims(), dim, OP)?;
         let shape =
             reduce_scatterv_shape(t.dims(), d, sizes, self.world_size(), self.rank_in_group())?;
-        if self.world_size() == 1 {
-            return Ok(t.clone());
-        }
-        let out = B::alloc(OP, t.dtype(), &shape, t.device())?;
-        self.reduce_scatterv_into(t, &out, dim, sizes)?;
-        Ok(out)
+        self.owned(OP, t, &shape, |out| {
+            self.reduce_scatterv_into(t, out, dim, sizes)
+        })
     }
 
     /// [`Self::reduce_scatterv`] into `output`.
@@ -182,10 +190,8 @@ impl<'g, B: CandleBackend> CandleGroup<'g, B> {
     ) -> Result<()> {
         const OP: &str = "reduce_scatterv";
         ensure_reducible(OP, input.dtype())?;
-        ensure_same(OP, input.dtype(), output.dtype())?;
-        B::lend(OP, &[input], &[output], |r, mut w| {
-            self.group
-                .reduce_scatterv_into(&r[0], &mut w[0], dim, sizes)
+        self.lend_into(OP, input, output, |i, o| {
+            self.group.reduce_scatterv_into(i, o, dim, sizes)
         })
     }
 

@@ -16,46 +16,37 @@ use dist_core::{HostView, HostViewMut};
 
 use crate::{dtype::dist_dtype, Error, Result};
 
+/// The bytes of a `CpuStorage` (`$s`), through `$cast` (bytemuck's `cast_slice` or
+/// `cast_slice_mut`) for the element types wider than a byte.
+macro_rules! bytes_of_storage {
+    ($s:expr, $cast:path) => {
+        match $s {
+            CpuStorage::U8(v) => v,
+            CpuStorage::U32(v) => $cast(v),
+            CpuStorage::I16(v) => $cast(v),
+            CpuStorage::I32(v) => $cast(v),
+            CpuStorage::I64(v) => $cast(v),
+            CpuStorage::BF16(v) => $cast(v),
+            CpuStorage::F16(v) => $cast(v),
+            CpuStorage::F32(v) => $cast(v),
+            CpuStorage::F64(v) => $cast(v),
+            CpuStorage::F8E4M3(v) => $cast(v),
+            CpuStorage::F6E2M3(v)
+            | CpuStorage::F6E3M2(v)
+            | CpuStorage::F4(v)
+            | CpuStorage::F8E8M0(v) => v,
+        }
+    };
+}
+
 /// The elements of a CPU storage, as bytes.
 pub(crate) fn storage_bytes(s: &CpuStorage) -> &[u8] {
-    use bytemuck::cast_slice as c;
-    match s {
-        CpuStorage::U8(v) => v,
-        CpuStorage::U32(v) => c(v),
-        CpuStorage::I16(v) => c(v),
-        CpuStorage::I32(v) => c(v),
-        CpuStorage::I64(v) => c(v),
-        CpuStorage::BF16(v) => c(v),
-        CpuStorage::F16(v) => c(v),
-        CpuStorage::F32(v) => c(v),
-        CpuStorage::F64(v) => c(v),
-        CpuStorage::F8E4M3(v) => c(v),
-        CpuStorage::F6E2M3(v)
-        | CpuStorage::F6E3M2(v)
-        | CpuStorage::F4(v)
-        | CpuStorage::F8E8M0(v) => v,
-    }
+    bytes_of_storage!(s, bytemuck::cast_slice)
 }
 
 /// The elements of a CPU storage, as bytes to write.
 pub(crate) fn storage_bytes_mut(s: &mut CpuStorage) -> &mut [u8] {
-    use bytemuck::cast_slice_mut as c;
-    match s {
-        CpuStorage::U8(v) => v,
-        CpuStorage::U32(v) => c(v),
-        CpuStorage::I16(v) => c(v),
-        CpuStorage::I32(v) => c(v),
-        CpuStorage::I64(v) => c(v),
-        CpuStorage::BF16(v) => c(v),
-        CpuStorage::F16(v) => c(v),
-        CpuStorage::F32(v) => c(v),
-        CpuStorage::F64(v) => c(v),
-        CpuStorage::F8E4M3(v) => c(v),
-        CpuStorage::F6E2M3(v)
-        | CpuStorage::F6E3M2(v)
-        | CpuStorage::F4(v)
-        | CpuStorage::F8E8M0(v) => v,
-    }
+    bytes_of_storage!(s, bytemuck::cast_slice_mut)
 }
 
 /// Checks that `t` is a CPU tensor.

@@ -98,13 +98,18 @@ pub trait DeviceCommunicator: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<()>;
     /// Reduces `tensor` over all ranks in place.
     fn all_reduce_in_place(&self, tensor: &mut Self::ViewMut<'_>, op: ReduceOp) -> Result<()>;
-    /// `output = cat([x_0 … x_{n-1}], dim)`.
+    /// `output = cat([x_0 … x_{n-1}], dim)`. The default is [`Self::all_gatherv_into`] with
+    /// every rank's length along `dim` this rank's.
     fn all_gather_into(
         &self,
         input: &Self::View<'_>,
         output: &mut Self::ViewMut<'_>,
         dim: isize,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let d = check_collective_dim(input.shape(), dim, "all_gather")?;
+        let sizes = vec![input.shape()[d]; self.world_size()];
+        self.all_gatherv_into(input, output, dim, &sizes)
+    }
     /// `cat` along `dim` of inputs whose lengths there are `sizes[r]`.
     fn all_gatherv_into(
         &self,
@@ -114,13 +119,20 @@ pub trait DeviceCommunicator: Send + Sync + std::fmt::Debug + 'static {
         sizes: &[usize],
     ) -> Result<()>;
     /// This rank's chunk along `dim` of the reduction (`shape[dim]` divisible by the world size).
+    /// The default is [`Self::reduce_scatterv_into`] with equal chunks.
     fn reduce_scatter_into(
         &self,
         input: &Self::View<'_>,
         output: &mut Self::ViewMut<'_>,
         dim: isize,
         op: ReduceOp,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let n = self.world_size();
+        reduce_scatter_shape(input.shape(), dim, n)?;
+        let d = check_collective_dim(input.shape(), dim, "reduce_scatter")?;
+        let sizes = vec![input.shape()[d] / n; n];
+        self.reduce_scatterv_into(input, output, dim, &sizes, op)
+    }
     /// This rank's chunk of `sizes[rank]` along `dim` of the reduction.
     fn reduce_scatterv_into(
         &self,
@@ -482,17 +494,9 @@ pub fn reduce_scatterv_shape(
 pub struct LocalBackend;
 
 /// The communicator of [`LocalBackend`]: world size 1.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct LocalCommunicator {
-    timeout: std::sync::Mutex<Duration>,
-}
-
-impl Default for LocalCommunicator {
-    fn default() -> Self {
-        LocalCommunicator {
-            timeout: std::sync::Mutex::new(DEFAULT_TIMEOUT),
-        }
-    }
+    timeout: TimeoutCell,
 }
 
 impl Backend for LocalBackend {
@@ -528,8 +532,119 @@ fn copy_whole(op: &str, input: &HostView<'_>, output: &mut HostViewMut<'_>) -> R
     Ok(())
 }
 
-/// [`DeviceCommunicator::copy`] of host views.
-pub fn host_copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
+/// The items every [`DeviceCommunicator`] on [`HostTensor`]s writes alike, for use inside its
+/// `impl DeviceCommunicator for … { … }` block: the tensor and view types ([`HostTensor`],
+/// [`HostView`], [`HostViewMut`]), `view`, `view_mut`, `copy` ([`host_copy`]), `narrow`,
+/// `device` ([`Device::CPU`]) and `empty` (zeros).
+///
+/// `host_communicator_items!(timeout = t, pool = p)` adds `timeout` and `set_timeout` from the
+/// communicator's [`TimeoutCell`] field `t`, and `alloc` from its [`crate::HostPool`] field `p`.
+/// The communicator writes the rest: its ranks and its collectives.
+#[macro_export]
+macro_rules! host_communicator_items {
+    () => {
+        type Tensor = $crate::HostTensor;
+        type View<'a> = $crate::HostView<'a>;
+        type ViewMut<'a> = $crate::HostViewMut<'a>;
+        fn view(t: &$crate::HostTensor) -> $crate::HostView<'_> {
+            t.view()
+        }
+        fn view_mut(t: &mut $crate::HostTensor) -> $crate::HostViewMut<'_> {
+            t.view_mut()
+        }
+        fn copy(
+            src: &$crate::HostView<'_>,
+            dst: &mut $crate::HostViewMut<'_>,
+        ) -> $crate::Result<()> {
+            $crate::communicator::host_copy(src, dst)
+        }
+        fn narrow<'a>(
+            v: &Self::View<'a>,
+            start: usize,
+            len: usize,
+        ) -> $crate::Result<Self::View<'a>> {
+            v.narrow(start, len)
+        }
+        fn device(&self) -> $crate::Device {
+            $crate::Device::CPU
+        }
+        fn empty(
+            &self,
+            dtype: $crate::DType,
+            shape: &[usize],
+        ) -> $crate::Result<$crate::HostTensor> {
+            Ok($crate::HostTensor::zeros(dtype, shape))
+        }
+    };
+    (timeout = $timeout:ident, pool = $pool:ident) => {
+        $crate::host_communicator_items!();
+        fn timeout(&self) -> std::time::Duration {
+            self.$timeout.get()
+        }
+        fn set_timeout(&self, timeout: std::time::Duration) {
+            self.$timeout.set(timeout)
+        }
+        fn alloc(
+            &self,
+            dtype: $crate::DType,
+            shape: &[usize],
+        ) -> $crate::Result<$crate::HostTensor> {
+            self.$pool.tensor(dtype, shape)
+        }
+    };
+}
+
+/// A communicator's deadline, settable through `&self` ([`DeviceCommunicator::set_timeout`]).
+#[derive(Debug)]
+pub struct TimeoutCell(std::sync::atomic::AtomicU64);
+
+impl TimeoutCell {
+    /// A cell holding `timeout` (saturated at `u64::MAX` nanoseconds).
+    pub fn new(timeout: Duration) -> Self {
+        TimeoutCell(std::sync::atomic::AtomicU64::new(Self::nanos(timeout)))
+    }
+    /// The deadline.
+    pub fn get(&self) -> Duration {
+        Duration::from_nanos(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+    /// Replaces the deadline.
+    pub fn set(&self, timeout: Duration) {
+        self.0
+            .store(Self::nanos(timeout), std::sync::atomic::Ordering::Relaxed);
+    }
+    fn nanos(timeout: Duration) -> u64 {
+        timeout.as_nanos().min(u64::MAX as u128) as u64
+    }
+}
+
+impl Default for TimeoutCell {
+    fn default() -> Self {
+        TimeoutCell::new(DEFAULT_TIMEOUT)
+    }
+}
+
+/// The checks of a `reduce_scatterv_into` before anything moves: `input`'s dtype reduces, `dim`
+/// is one of its dims (returned, counted from 0), `sizes` splits it among `world` ranks and
+/// `output` has the shape of `rank`'s chunk.
+pub fn check_reduce_scatterv(
+    input: &impl Tensor,
+    output: &impl Tensor,
+    dim: isize,
+    sizes: &[usize],
+    world: usize,
+    rank: usize,
+) -> Result<usize> {
+    const OP: &str = "reduce_scatterv";
+    ensure_reducible(input.dtype(), OP)?;
+    let d = check_collective_dim(input.shape(), dim, OP)?;
+    let shape = reduce_scatterv_shape(input.shape(), d, sizes, world, rank)?;
+    check_output(OP, output, input.dtype(), &shape)?;
+    Ok(d)
+}
+
+/// The check of a [`DeviceCommunicator::copy`]: `src` and `dst` have the same dtype and
+/// element count.
+pub fn check_copy(src: &impl Tensor, dst: &impl Tensor) -> Result<()> {
     crate::ensure_arg!(
         src.dtype() == dst.dtype() && src.numel() == dst.numel(),
         "copy of {} {:?} into {} {:?}",
@@ -538,26 +653,18 @@ pub fn host_copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
         dst.dtype(),
         dst.shape()
     );
+    Ok(())
+}
+
+/// [`DeviceCommunicator::copy`] of host views.
+pub fn host_copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
+    check_copy(src, dst)?;
     dst.as_bytes_mut().copy_from_slice(src.as_bytes());
     Ok(())
 }
 
 impl DeviceCommunicator for LocalCommunicator {
-    type Tensor = HostTensor;
-    type View<'a> = HostView<'a>;
-    type ViewMut<'a> = HostViewMut<'a>;
-    fn view(t: &HostTensor) -> HostView<'_> {
-        t.view()
-    }
-    fn view_mut(t: &mut HostTensor) -> HostViewMut<'_> {
-        t.view_mut()
-    }
-    fn copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
-        host_copy(src, dst)
-    }
-    fn narrow<'a>(v: &Self::View<'a>, start: usize, len: usize) -> Result<Self::View<'a>> {
-        v.narrow(start, len)
-    }
+    crate::host_communicator_items!();
     fn rank(&self) -> usize {
         0
     }
@@ -565,16 +672,10 @@ impl DeviceCommunicator for LocalCommunicator {
         1
     }
     fn timeout(&self) -> Duration {
-        *self.timeout.lock().unwrap_or_else(|e| e.into_inner())
+        self.timeout.get()
     }
     fn set_timeout(&self, timeout: Duration) {
-        *self.timeout.lock().unwrap_or_else(|e| e.into_inner()) = timeout;
-    }
-    fn device(&self) -> Device {
-        Device::CPU
-    }
-    fn empty(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
-        Ok(HostTensor::zeros(dtype, shape))
+        self.timeout.set(timeout)
     }
     fn all_reduce_into(
         &self,
@@ -626,9 +727,7 @@ impl DeviceCommunicator for LocalCommunicator {
         sizes: &[usize],
         _op: ReduceOp,
     ) -> Result<()> {
-        ensure_reducible(input.dtype(), "reduce_scatterv")?;
-        let d = check_collective_dim(input.shape(), dim, "reduce_scatterv")?;
-        reduce_scatterv_shape(input.shape(), d, sizes, 1, 0)?;
+        check_reduce_scatterv(input, output, dim, sizes, 1, 0)?;
         copy_whole("reduce_scatterv", input, output)
     }
     fn gather_into(

@@ -408,19 +408,14 @@ impl<B: Backend> GroupCoordinator<B> {
         output: &mut ViewMut<'_, B>,
         op: ReduceOp,
     ) -> Result<()> {
-        self.live()?;
-        self.run_op(
+        self.collective_into(
             "all_reduce",
-            Some((input.dtype(), input.shape())),
+            input,
+            output,
+            input.shape(),
             || op.name().into(),
             true,
-            || match self.single()? {
-                true => {
-                    crate::communicator::ensure_reducible(input.dtype(), "all_reduce")?;
-                    self.local_copy("all_reduce", input, output)
-                }
-                false => self.comm("all_reduce")?.all_reduce_into(input, output, op),
-            },
+            |c, i, o| c.all_reduce_into(i, o, op),
         )
     }
 
@@ -428,17 +423,7 @@ impl<B: Backend> GroupCoordinator<B> {
     /// the communicator's pool and the input goes back to it.
     pub fn all_gather(&self, x: B::Tensor, dim: isize) -> Result<B::Tensor> {
         let shape = all_gather_shape(x.shape(), dim, self.world_size(), "all_gather")?;
-        self.live()?;
-        if self.world_size() == 1 {
-            return Ok(x);
-        }
-        let mut out = self.alloc_out(x.dtype(), &shape)?;
-        self.all_gather_into(
-            &Comm::<B>::view(&x),
-            &mut Comm::<B>::view_mut(&mut out),
-            dim,
-        )?;
-        Ok(out)
+        self.owned_collective(x, &shape, |i, o| self.all_gather_into(i, o, dim))
     }
 
     /// `output = cat` over the group of `input` along `dim`, both the caller's.
@@ -449,34 +434,21 @@ impl<B: Backend> GroupCoordinator<B> {
         dim: isize,
     ) -> Result<()> {
         check_collective_dim(input.shape(), dim, "all_gather")?;
-        self.live()?;
-        self.run_op(
+        self.collective_into(
             "all_gather",
-            Some((input.dtype(), input.shape())),
+            input,
+            output,
+            input.shape(),
             || format!("dim {dim}"),
-            true,
-            || match self.single()? {
-                true => self.local_copy("all_gather", input, output),
-                false => self.comm("all_gather")?.all_gather_into(input, output, dim),
-            },
+            false,
+            |c, i, o| c.all_gather_into(i, o, dim),
         )
     }
 
     /// `cat` along `dim` of per-rank tensors whose lengths there are `sizes`.
     pub fn all_gatherv(&self, x: B::Tensor, dim: isize, sizes: &[usize]) -> Result<B::Tensor> {
         let shape = self.gatherv_shape(x.shape(), dim, sizes)?;
-        self.live()?;
-        if self.world_size() == 1 {
-            return Ok(x);
-        }
-        let mut out = self.alloc_out(x.dtype(), &shape)?;
-        self.all_gatherv_into(
-            &Comm::<B>::view(&x),
-            &mut Comm::<B>::view_mut(&mut out),
-            dim,
-            sizes,
-        )?;
-        Ok(out)
+        self.owned_collective(x, &shape, |i, o| self.all_gatherv_into(i, o, dim, sizes))
     }
 
     /// [`Self::all_gatherv`] into the caller's `output`.
@@ -489,19 +461,14 @@ impl<B: Backend> GroupCoordinator<B> {
     ) -> Result<()> {
         self.gatherv_shape(input.shape(), dim, sizes)?;
         let d = check_collective_dim(input.shape(), dim, "all_gatherv")?;
-        self.live()?;
-        let shape = with_dim0(input.shape(), d);
-        self.run_op(
+        self.collective_into(
             "all_gatherv",
-            Some((input.dtype(), &shape)),
+            input,
+            output,
+            &with_dim0(input.shape(), d),
             || format!("dim {dim} sizes {sizes:?}"),
-            true,
-            || match self.single()? {
-                true => self.local_copy("all_gatherv", input, output),
-                false => self
-                    .comm("all_gatherv")?
-                    .all_gatherv_into(input, output, dim, sizes),
-            },
+            false,
+            |c, i, o| c.all_gatherv_into(i, o, dim, sizes),
         )
     }
 
@@ -518,17 +485,7 @@ impl<B: Backend> GroupCoordinator<B> {
     /// This rank's chunk along `dim` of the sum over the group.
     pub fn reduce_scatter(&self, x: B::Tensor, dim: isize) -> Result<B::Tensor> {
         let shape = reduce_scatter_shape(x.shape(), dim, self.world_size())?;
-        self.live()?;
-        if self.world_size() == 1 {
-            return Ok(x);
-        }
-        let mut out = self.alloc_out(x.dtype(), &shape)?;
-        self.reduce_scatter_into(
-            &Comm::<B>::view(&x),
-            &mut Comm::<B>::view_mut(&mut out),
-            dim,
-        )?;
-        Ok(out)
+        self.owned_collective(x, &shape, |i, o| self.reduce_scatter_into(i, o, dim))
     }
 
     /// [`Self::reduce_scatter`] into the caller's `output`.
@@ -539,24 +496,14 @@ impl<B: Backend> GroupCoordinator<B> {
         dim: isize,
     ) -> Result<()> {
         reduce_scatter_shape(input.shape(), dim, self.world_size())?;
-        self.live()?;
-        self.run_op(
+        self.collective_into(
             "reduce_scatter",
-            Some((input.dtype(), input.shape())),
+            input,
+            output,
+            input.shape(),
             || format!("dim {dim}"),
             true,
-            || match self.single()? {
-                true => {
-                    crate::communicator::ensure_reducible(input.dtype(), "reduce_scatter")?;
-                    self.local_copy("reduce_scatter", input, output)
-                }
-                false => self.comm("reduce_scatter")?.reduce_scatter_into(
-                    input,
-                    output,
-                    dim,
-                    ReduceOp::Sum,
-                ),
-            },
+            |c, i, o| c.reduce_scatter_into(i, o, dim, ReduceOp::Sum),
         )
     }
 
@@ -565,18 +512,9 @@ impl<B: Backend> GroupCoordinator<B> {
         let d = check_collective_dim(x.shape(), dim, "reduce_scatterv")?;
         let shape =
             reduce_scatterv_shape(x.shape(), d, sizes, self.world_size(), self.rank_in_group)?;
-        self.live()?;
-        if self.world_size() == 1 {
-            return Ok(x);
-        }
-        let mut out = self.alloc_out(x.dtype(), &shape)?;
-        self.reduce_scatterv_into(
-            &Comm::<B>::view(&x),
-            &mut Comm::<B>::view_mut(&mut out),
-            dim,
-            sizes,
-        )?;
-        Ok(out)
+        self.owned_collective(x, &shape, |i, o| {
+            self.reduce_scatterv_into(i, o, dim, sizes)
+        })
     }
 
     /// [`Self::reduce_scatterv`] into the caller's `output`.
@@ -595,25 +533,14 @@ impl<B: Backend> GroupCoordinator<B> {
             self.world_size(),
             self.rank_in_group,
         )?;
-        self.live()?;
-        self.run_op(
+        self.collective_into(
             "reduce_scatterv",
-            Some((input.dtype(), input.shape())),
+            input,
+            output,
+            input.shape(),
             || format!("dim {dim} sizes {sizes:?}"),
             true,
-            || match self.single()? {
-                true => {
-                    crate::communicator::ensure_reducible(input.dtype(), "reduce_scatterv")?;
-                    self.local_copy("reduce_scatterv", input, output)
-                }
-                false => self.comm("reduce_scatterv")?.reduce_scatterv_into(
-                    input,
-                    output,
-                    dim,
-                    sizes,
-                    ReduceOp::Sum,
-                ),
-            },
+            |c, i, o| c.reduce_scatterv_into(i, o, dim, sizes, ReduceOp::Sum),
         )
     }
 
@@ -942,6 +869,55 @@ impl<B: Backend> GroupCoordinator<B> {
         Comm::<B>::copy(input, output)
     }
 
+    /// The owned form of a collective whose output has `shape`: `x` itself on a one-rank group,
+    /// else an output from [`Self::alloc_out`] that `into` (the `_into` form) fills from `x`.
+    fn owned_collective(
+        &self,
+        x: B::Tensor,
+        shape: &[usize],
+        into: impl FnOnce(&View<'_, B>, &mut ViewMut<'_, B>) -> Result<()>,
+    ) -> Result<B::Tensor> {
+        self.live()?;
+        if self.world_size() == 1 {
+            return Ok(x);
+        }
+        let mut out = self.alloc_out(x.dtype(), shape)?;
+        into(&Comm::<B>::view(&x), &mut Comm::<B>::view_mut(&mut out))?;
+        Ok(out)
+    }
+
+    /// A collective of `input` into `output` through [`Self::run_op`] (`shape` is what of the
+    /// input must agree across ranks, `args` the rest of the call): on a one-rank group a copy
+    /// (after checking that the dtype reduces, for a `reduction`), else `f` on the communicator.
+    #[allow(clippy::too_many_arguments)]
+    fn collective_into(
+        &self,
+        op: &str,
+        input: &View<'_, B>,
+        output: &mut ViewMut<'_, B>,
+        shape: &[usize],
+        args: impl FnOnce() -> String,
+        reduction: bool,
+        f: impl FnOnce(&B::Communicator, &View<'_, B>, &mut ViewMut<'_, B>) -> Result<()>,
+    ) -> Result<()> {
+        self.live()?;
+        self.run_op(
+            op,
+            Some((input.dtype(), shape)),
+            args,
+            true,
+            || match self.single()? {
+                true => {
+                    if reduction {
+                        crate::communicator::ensure_reducible(input.dtype(), op)?;
+                    }
+                    self.local_copy(op, input, output)
+                }
+                false => f(self.comm(op)?, input, output),
+            },
+        )
+    }
+
     fn split_dict<T: Tensor>(dict: &[(String, DictValue<T>)]) -> Vec<(String, MetaItem)> {
         dict.iter()
             .map(|(k, v)| {
@@ -980,18 +956,7 @@ impl<B: Backend> GroupCoordinator<B> {
             let mut dict = dict.ok_or_else(|| {
                 Error::invalid("broadcast_tensor_dict: the source must pass a dict")
             })?;
-            let meta = DictMeta {
-                items: Self::split_dict(&dict),
-                all_gathered: vec![],
-            };
-            self.broadcast_object(Some(&meta), src)?;
-            for (_, v) in dict.iter_mut() {
-                if let DictValue::Tensor(t) = v {
-                    if t.numel() > 0 {
-                        self.broadcast_one(t, src)?;
-                    }
-                }
-            }
+            self.broadcast_dict_send(&mut dict, src, |t| self.broadcast_one(t, src))?;
             Ok(dict)
         } else {
             self.broadcast_dict_receive(src)
@@ -1015,23 +980,35 @@ impl<B: Backend> GroupCoordinator<B> {
         match dict {
             Some(dict) => {
                 if self.world_size() > 1 {
-                    let meta = DictMeta {
-                        items: Self::split_dict(dict),
-                        all_gathered: vec![],
-                    };
-                    self.broadcast_object(Some(&meta), src)?;
-                    for (_, v) in dict.iter_mut() {
-                        if let DictValue::Tensor(t) = v {
-                            if t.numel() > 0 {
-                                self.broadcast_in_place(t, src)?;
-                            }
-                        }
-                    }
+                    self.broadcast_dict_send(dict, src, |t| self.broadcast_in_place(t, src))?;
                 }
                 Ok(None)
             }
             None => self.broadcast_dict_receive(src).map(Some),
         }
+    }
+
+    /// The source's side of a tensor-dict broadcast: the metadata, then `send` of each non-empty
+    /// tensor in dict order.
+    fn broadcast_dict_send<T: Tensor>(
+        &self,
+        dict: &mut [DictEntry<T>],
+        src: usize,
+        mut send: impl FnMut(&mut T) -> Result<()>,
+    ) -> Result<()> {
+        let meta = DictMeta {
+            items: Self::split_dict(dict),
+            all_gathered: vec![],
+        };
+        self.broadcast_object(Some(&meta), src)?;
+        for (_, v) in dict.iter_mut() {
+            if let DictValue::Tensor(t) = v {
+                if t.numel() > 0 {
+                    send(t)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn broadcast_dict_receive(&self, src: usize) -> Result<TensorDict<B::Tensor>> {

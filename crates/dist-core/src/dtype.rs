@@ -209,8 +209,11 @@ pub trait Element: bytemuck::Pod + PartialEq + std::fmt::Debug + Send + Sync + '
     fn from_bits_sample(bits: u64) -> Self;
 }
 
-macro_rules! float_elem {
-    ($t:ty, $d:expr) => {
+/// [`Element`] for a primitive type that accumulates in itself: `$add` and `$mul` are its sum
+/// and product (wrapping for the integers, as in torch and NCCL), `$sample` its
+/// [`Element::from_bits_sample`] of the word `$bits`.
+macro_rules! native_elem {
+    ($t:ty, $d:expr, $add:expr, $mul:expr, |$bits:ident| $sample:expr) => {
         impl Element for $t {
             const DTYPE: DType = $d;
             type Acc = $t;
@@ -225,8 +228,8 @@ macro_rules! float_elem {
             #[inline(always)]
             fn combine(a: $t, b: $t, op: ReduceOp) -> $t {
                 match op {
-                    ReduceOp::Sum | ReduceOp::Avg => a + b,
-                    ReduceOp::Prod => a * b,
+                    ReduceOp::Sum | ReduceOp::Avg => ($add)(a, b),
+                    ReduceOp::Prod => ($mul)(a, b),
                     ReduceOp::Max => a.max(b),
                     ReduceOp::Min => a.min(b),
                 }
@@ -241,11 +244,28 @@ macro_rules! float_elem {
             fn to_f64(self) -> f64 {
                 self as f64
             }
-            fn from_bits_sample(bits: u64) -> $t {
-                // Uniform in [-2, 2).
-                ((bits >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0) as $t
+            fn from_bits_sample($bits: u64) -> $t {
+                $sample
             }
         }
+    };
+}
+
+/// A float sample: uniform in [-2, 2).
+fn float_sample(bits: u64) -> f64 {
+    (bits >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
+}
+
+/// An integer sample: uniform in [-r, r].
+fn int_sample(bits: u64, r: i64) -> i64 {
+    (bits % (2 * r as u64 + 1)) as i64 - r
+}
+
+macro_rules! float_elem {
+    ($t:ty, $d:expr) => {
+        native_elem!($t, $d, std::ops::Add::add, std::ops::Mul::mul, |bits| {
+            float_sample(bits) as $t
+        });
     };
 }
 float_elem!(f32, DType::F32);
@@ -289,42 +309,9 @@ half_elem!(bf16, DType::BF16);
 
 macro_rules! int_elem {
     ($t:ty, $d:expr, $range:expr) => {
-        impl Element for $t {
-            const DTYPE: DType = $d;
-            type Acc = $t;
-            #[inline(always)]
-            fn to_acc(self) -> $t {
-                self
-            }
-            #[inline(always)]
-            fn from_acc(a: $t) -> $t {
-                a
-            }
-            #[inline(always)]
-            fn combine(a: $t, b: $t, op: ReduceOp) -> $t {
-                match op {
-                    ReduceOp::Sum | ReduceOp::Avg => a.wrapping_add(b),
-                    ReduceOp::Prod => a.wrapping_mul(b),
-                    ReduceOp::Max => a.max(b),
-                    ReduceOp::Min => a.min(b),
-                }
-            }
-            #[inline(always)]
-            fn div(a: $t, n: usize) -> $t {
-                a / (n as $t)
-            }
-            fn from_i64(v: i64) -> $t {
-                v as $t
-            }
-            fn to_f64(self) -> f64 {
-                self as f64
-            }
-            fn from_bits_sample(bits: u64) -> $t {
-                let r: i64 = $range;
-                let v = (bits % (2 * r as u64 + 1)) as i64 - r;
-                v as $t
-            }
-        }
+        native_elem!($t, $d, <$t>::wrapping_add, <$t>::wrapping_mul, |bits| {
+            int_sample(bits, $range) as $t
+        });
     };
 }
 int_elem!(i8, DType::I8, 1);
@@ -381,48 +368,17 @@ pub fn reduce_slices<T: Element>(out: &mut [T], inputs: &[&[T]], op: ReduceOp) {
 /// returns [`Error::Unsupported`] from the enclosing function for fp8.
 #[macro_export]
 macro_rules! dispatch_dtype {
-    ($dtype:expr, $T:ident => $body:expr) => {{
+    ($dtype:expr, $T:ident => $body:expr) => {
+        $crate::dispatch_dtype!(@arms $dtype, $T => $body;
+            F32 = f32, F64 = f64, F16 = $crate::half::f16, BF16 = $crate::half::bf16,
+            I8 = i8, U8 = u8, I32 = i32, U32 = u32, I64 = i64, U64 = u64)
+    };
+    (@arms $dtype:expr, $T:ident => $body:expr; $($variant:ident = $ty:ty),*) => {{
         match $dtype {
-            $crate::DType::F32 => {
-                type $T = f32;
+            $($crate::DType::$variant => {
+                type $T = $ty;
                 $body
-            }
-            $crate::DType::F64 => {
-                type $T = f64;
-                $body
-            }
-            $crate::DType::F16 => {
-                type $T = $crate::half::f16;
-                $body
-            }
-            $crate::DType::BF16 => {
-                type $T = $crate::half::bf16;
-                $body
-            }
-            $crate::DType::I8 => {
-                type $T = i8;
-                $body
-            }
-            $crate::DType::U8 => {
-                type $T = u8;
-                $body
-            }
-            $crate::DType::I32 => {
-                type $T = i32;
-                $body
-            }
-            $crate::DType::U32 => {
-                type $T = u32;
-                $body
-            }
-            $crate::DType::I64 => {
-                type $T = i64;
-                $body
-            }
-            $crate::DType::U64 => {
-                type $T = u64;
-                $body
-            }
+            })*
             other => {
                 return Err($crate::Error::unsupported(format!(
                     "host arithmetic on {other} (fp8 is moved as bytes only)"

@@ -7,14 +7,14 @@
 //! coordinator operation run with nothing but a store, and it is the baseline the shared-memory
 //! backend is measured against.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::communicator::{
     all_gather_shape, all_gatherv_shape, check_all_to_all_v, check_collective_dim, check_output,
-    ensure_reducible, reduce_scatter_shape, reduce_scatterv_shape, P2pOp,
+    check_reduce_scatterv, ensure_reducible, P2pOp,
 };
 use crate::tensor::{concat_along_into, split_along};
 use crate::{
@@ -30,7 +30,7 @@ pub struct HostBackend;
 #[derive(Debug)]
 pub struct HostCommunicator {
     host: Arc<dyn HostGroup>,
-    timeout: Mutex<Duration>,
+    timeout: crate::communicator::TimeoutCell,
     destroyed: std::sync::atomic::AtomicBool,
     /// Outputs of the owned calls, kept touched.
     buffers: Arc<crate::HostPool>,
@@ -48,7 +48,7 @@ impl HostCommunicator {
     pub fn new(host: Arc<dyn HostGroup>, timeout: Duration) -> Self {
         HostCommunicator {
             host,
-            timeout: Mutex::new(timeout),
+            timeout: crate::communicator::TimeoutCell::new(timeout),
             destroyed: std::sync::atomic::AtomicBool::new(false),
             buffers: crate::HostPool::new(crate::HostPool::DEFAULT_LIMIT),
         }
@@ -125,41 +125,12 @@ impl Backend for HostBackend {
 }
 
 impl DeviceCommunicator for HostCommunicator {
-    type Tensor = HostTensor;
-    type View<'a> = HostView<'a>;
-    type ViewMut<'a> = HostViewMut<'a>;
-    fn view(t: &HostTensor) -> HostView<'_> {
-        t.view()
-    }
-    fn view_mut(t: &mut HostTensor) -> HostViewMut<'_> {
-        t.view_mut()
-    }
-    fn copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
-        crate::communicator::host_copy(src, dst)
-    }
-    fn narrow<'a>(v: &Self::View<'a>, start: usize, len: usize) -> Result<Self::View<'a>> {
-        v.narrow(start, len)
-    }
+    crate::host_communicator_items!(timeout = timeout, pool = buffers);
     fn rank(&self) -> usize {
         self.host.rank()
     }
     fn world_size(&self) -> usize {
         self.host.world_size()
-    }
-    fn timeout(&self) -> Duration {
-        *self.timeout.lock().unwrap_or_else(|e| e.into_inner())
-    }
-    fn set_timeout(&self, timeout: Duration) {
-        *self.timeout.lock().unwrap_or_else(|e| e.into_inner()) = timeout;
-    }
-    fn device(&self) -> Device {
-        Device::CPU
-    }
-    fn empty(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
-        Ok(HostTensor::zeros(dtype, shape))
-    }
-    fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
-        self.buffers.tensor(dtype, shape)
     }
     fn all_reduce_into(
         &self,
@@ -178,16 +149,6 @@ impl DeviceCommunicator for HostCommunicator {
         let r = self.reduce_all(&tensor.as_view(), op)?;
         tensor.as_bytes_mut().copy_from_slice(r.as_bytes());
         Ok(())
-    }
-    fn all_gather_into(
-        &self,
-        input: &HostView<'_>,
-        output: &mut HostViewMut<'_>,
-        dim: isize,
-    ) -> Result<()> {
-        let d = check_collective_dim(input.shape(), dim, "all_gather")?;
-        let sizes = vec![input.shape()[d]; self.world_size()];
-        self.all_gatherv_into(input, output, dim, &sizes)
     }
     fn all_gatherv_into(
         &self,
@@ -210,19 +171,6 @@ impl DeviceCommunicator for HostCommunicator {
             input.dtype().size(),
         )
     }
-    fn reduce_scatter_into(
-        &self,
-        input: &HostView<'_>,
-        output: &mut HostViewMut<'_>,
-        dim: isize,
-        op: ReduceOp,
-    ) -> Result<()> {
-        reduce_scatter_shape(input.shape(), dim, self.world_size())?;
-        let d = check_collective_dim(input.shape(), dim, "reduce_scatter")?;
-        let n = self.world_size();
-        let sizes = vec![input.shape()[d] / n; n];
-        self.reduce_scatterv_into(input, output, dim, &sizes, op)
-    }
     fn reduce_scatterv_into(
         &self,
         input: &HostView<'_>,
@@ -231,10 +179,7 @@ impl DeviceCommunicator for HostCommunicator {
         sizes: &[usize],
         op: ReduceOp,
     ) -> Result<()> {
-        ensure_reducible(input.dtype(), "reduce_scatter")?;
-        let d = check_collective_dim(input.shape(), dim, "reduce_scatterv")?;
-        let shape = reduce_scatterv_shape(input.shape(), d, sizes, self.world_size(), self.rank())?;
-        check_output("reduce_scatterv", output, input.dtype(), &shape)?;
+        let d = check_reduce_scatterv(input, output, dim, sizes, self.world_size(), self.rank())?;
         let r = self.reduce_all(input, op)?;
         let mut pieces = split_along(r.as_bytes(), input.shape(), d, sizes, input.dtype().size())?;
         output

@@ -3,7 +3,7 @@
 //! the real host groups (collectives matched by call order, messages per pair in order).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::{Error, HostGroup, Result};
@@ -86,16 +86,47 @@ impl ThreadGroup {
             r.slots[self.rank] = Some(data.unwrap_or_default());
         }
         self.shared.cv.notify_all();
+        let (mut st, ()) = self.wait(
+            st,
+            start,
+            || format!("thread group {kind}"),
+            |st| {
+                let r = &st.rounds[&seq];
+                let missing: Vec<usize> = (0..n).filter(|&i| r.slots[i].is_none()).collect();
+                match missing.is_empty() {
+                    true => Ok(()),
+                    false => Err(missing),
+                }
+            },
+        )?;
+        let r = st.rounds.get_mut(&seq).expect("round exists");
+        let out = r.slots.clone();
+        r.readers_left -= 1;
+        if r.readers_left == 0 {
+            st.rounds.remove(&seq);
+        }
+        Ok(out)
+    }
+
+    /// Waits on the group's condition variable until `ready` gives its value, or this rank's
+    /// deadline (from `start`) passes: a timeout of the call `op()` names, with the ranks `ready`
+    /// last said were missing.
+    fn wait<'a, R>(
+        &self,
+        mut st: MutexGuard<'a, State>,
+        start: Instant,
+        op: impl FnOnce() -> String,
+        mut ready: impl FnMut(&mut State) -> std::result::Result<R, Vec<usize>>,
+    ) -> Result<(MutexGuard<'a, State>, R)> {
         loop {
-            let r = &st.rounds[&seq];
-            let missing: Vec<usize> = (0..n).filter(|&i| r.slots[i].is_none()).collect();
-            if missing.is_empty() {
-                break;
-            }
+            let missing = match ready(&mut st) {
+                Ok(r) => return Ok((st, r)),
+                Err(missing) => missing,
+            };
             let waited = start.elapsed();
             if waited >= self.timeout {
                 return Err(Error::Timeout {
-                    op: format!("thread group {kind}"),
+                    op: op(),
                     waited,
                     missing_ranks: missing,
                     detail: String::new(),
@@ -108,13 +139,6 @@ impl ThreadGroup {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        let r = st.rounds.get_mut(&seq).expect("round exists");
-        let out = r.slots.clone();
-        r.readers_left -= 1;
-        if r.readers_left == 0 {
-            st.rounds.remove(&seq);
-        }
-        Ok(out)
     }
 
     fn check_rank(&self, r: usize, what: &str) -> Result<()> {
@@ -168,31 +192,36 @@ impl HostGroup for ThreadGroup {
     fn recv_bytes(&self, src: usize) -> Result<Vec<u8>> {
         self.check_rank(src, "recv src")?;
         let start = Instant::now();
-        let mut st = self.lock();
-        loop {
-            if let Some(m) = st
-                .mail
-                .get_mut(&(src, self.rank))
-                .and_then(VecDeque::pop_front)
-            {
-                return Ok(m);
-            }
-            let waited = start.elapsed();
-            if waited >= self.timeout {
-                return Err(Error::Timeout {
-                    op: "thread group recv".into(),
-                    waited,
-                    missing_ranks: vec![src],
-                    detail: String::new(),
-                });
-            }
-            st = self
-                .shared
-                .cv
-                .wait_timeout(st, self.timeout - waited)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        let me = self.rank;
+        let (st, m) = self.wait(
+            self.lock(),
+            start,
+            || "thread group recv".into(),
+            |st| {
+                st.mail
+                    .get_mut(&(src, me))
+                    .and_then(VecDeque::pop_front)
+                    .ok_or_else(|| vec![src])
+            },
+        )?;
+        drop(st);
+        Ok(m)
+    }
+}
+
+/// The context of a one-rank group named `group_name` (rank 0, local rank 0, a [`ThreadGroup`]
+/// and a [`MemStore`] of its own, deadline `timeout`): what a backend's communicator is created
+/// from in a single-process test or tool.
+pub fn one_rank_context(group_name: &str, timeout: Duration) -> crate::CommunicatorContext {
+    let hg = ThreadGroup::new(1, timeout).pop().expect("one rank");
+    crate::CommunicatorContext {
+        group_name: group_name.into(),
+        ranks: vec![0],
+        rank_in_group: 0,
+        local_rank: 0,
+        host_group: Arc::new(hg),
+        store: Arc::new(MemStore::new()),
+        timeout,
     }
 }
 

@@ -146,35 +146,26 @@ pub trait Tensor: std::fmt::Debug + Send + Sync {
     }
 }
 
-impl<T: Tensor + ?Sized> Tensor for &T {
-    fn dtype(&self) -> DType {
-        (**self).dtype()
-    }
-    fn shape(&self) -> &[usize] {
-        (**self).shape()
-    }
-    fn device(&self) -> Device {
-        (**self).device()
-    }
-    fn is_contiguous(&self) -> bool {
-        (**self).is_contiguous()
-    }
+/// [`Tensor`] for a reference type: what the referenced tensor says.
+macro_rules! tensor_through_ref {
+    ($($r:ty),*) => {$(
+        impl<T: Tensor + ?Sized> Tensor for $r {
+            fn dtype(&self) -> DType {
+                (**self).dtype()
+            }
+            fn shape(&self) -> &[usize] {
+                (**self).shape()
+            }
+            fn device(&self) -> Device {
+                (**self).device()
+            }
+            fn is_contiguous(&self) -> bool {
+                (**self).is_contiguous()
+            }
+        }
+    )*};
 }
-
-impl<T: Tensor + ?Sized> Tensor for &mut T {
-    fn dtype(&self) -> DType {
-        (**self).dtype()
-    }
-    fn shape(&self) -> &[usize] {
-        (**self).shape()
-    }
-    fn device(&self) -> Device {
-        (**self).device()
-    }
-    fn is_contiguous(&self) -> bool {
-        (**self).is_contiguous()
-    }
-}
+tensor_through_ref!(&T, &mut T);
 
 /// A dense tensor in host memory, any [`DType`].
 ///

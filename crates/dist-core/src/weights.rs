@@ -588,6 +588,14 @@ fn checksum_error(e: &ManifestEntry, got: u64) -> Error {
     ))
 }
 
+/// Checks the checksum of entry `e`'s bytes at `at` in `bucket` before they are unpacked.
+fn check_in_bucket(e: &ManifestEntry, bucket: &impl Checksum, at: usize) -> Result<()> {
+    match bucket.checksum_range(at, e.nbytes()?)? {
+        got if got == e.checksum => Ok(()),
+        got => Err(checksum_error(e, got)),
+    }
+}
+
 /// The model's tensors, lent as views, by name.
 struct Views<'m, 'n, 'v, B: Backend> {
     views: &'m mut [(&'n str, ViewMut<'v, B>)],
@@ -630,11 +638,7 @@ where
         bucket: &View<'_, B>,
         at: usize,
     ) -> Result<()> {
-        let n = e.nbytes()?;
-        match bucket.checksum_range(at, n)? {
-            got if got == e.checksum => {}
-            got => return Err(checksum_error(e, got)),
-        }
+        check_in_bucket(e, bucket, at)?;
         let j = self.home(e)?;
         self.views[j].1.read_at(bucket, at)
     }
@@ -675,11 +679,7 @@ where
         bucket: &View<'_, B>,
         at: usize,
     ) -> Result<()> {
-        let n = e.nbytes()?;
-        match bucket.checksum_range(at, n)? {
-            got if got == e.checksum => {}
-            got => return Err(checksum_error(e, got)),
-        }
+        check_in_bucket(e, bucket, at)?;
         let mut t = alloc(self.group, e.dtype, &e.shape)?;
         Comm::<B>::view_mut(&mut t).read_at(bucket, at)?;
         (self.sink)(&e.name, t)

@@ -1,30 +1,20 @@
 //! The rearrangement of expert weights with ranks as threads (host communicator over a thread
 //! group): after each plan every rank's slots hold exactly the new map's experts, bit for bit.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use dist_core::eplb::{rearrange_experts, rebalance_experts, PolicyParams};
-use dist_core::host_comm::{HostBackend, HostCommunicator};
+use dist_core::host_comm::HostBackend;
 use dist_core::local::run_threads;
-use dist_core::{CoordinatorParts, DType, Device, GroupCoordinator, HostGroup, HostTensor};
+use dist_core::{DType, GroupCoordinator, HostGroup, HostTensor};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 fn group(rank: usize, n: usize, host: Arc<dyn HostGroup>) -> GroupCoordinator<HostBackend> {
-    GroupCoordinator::new(CoordinatorParts {
-        unique_name: "ep:0".into(),
-        ranks: (0..n).collect(),
-        rank,
-        local_rank: rank,
-        device: Device::CPU,
-        host: host.clone(),
-        comm: Some(HostCommunicator::new(host, TIMEOUT)),
-        mq: None,
-        diag: None,
-        check_collectives: false,
-    })
-    .unwrap()
+    common::host_coordinator("ep:0", rank, n, host, Some(TIMEOUT))
 }
 
 /// The weights of logical expert `e` of layer `l`: two tensors of different dtypes and shapes.

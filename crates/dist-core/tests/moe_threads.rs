@@ -2,32 +2,22 @@
 //! both backends against a plain single-process MoE at several world sizes
 //! (`dist_core::moe::check`), a rank with a bad routing failing every rank, the backend setting.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use dist_core::host_comm::{HostBackend, HostCommunicator};
+use dist_core::host_comm::HostBackend;
 use dist_core::local::run_threads;
 use dist_core::moe::{
     self, All2AllBackend, ExpertPlacement, MoeConfig, Routing, ALL2ALL_BACKEND_ENV,
 };
-use dist_core::{CoordinatorParts, DType, Device, GroupCoordinator, HostGroup, HostTensor};
+use dist_core::{DType, GroupCoordinator, HostGroup, HostTensor};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn group(rank: usize, n: usize, host: Arc<dyn HostGroup>) -> GroupCoordinator<HostBackend> {
-    GroupCoordinator::new(CoordinatorParts {
-        unique_name: "ep:0".into(),
-        ranks: (0..n).collect(),
-        rank,
-        local_rank: rank,
-        device: Device::CPU,
-        host: host.clone(),
-        comm: Some(HostCommunicator::new(host, TIMEOUT)),
-        mq: None,
-        diag: None,
-        check_collectives: false,
-    })
-    .unwrap()
+    common::host_coordinator("ep:0", rank, n, host, Some(TIMEOUT))
 }
 
 #[test]

@@ -2,15 +2,17 @@
 //! 1 and 2; a receiver whose model lacks a name or has another shape stops every rank before any
 //! bucket moves; a rank that never joins fails the others within the deadline.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dist_core::host_comm::{HostBackend, HostCommunicator};
+use dist_core::host_comm::HostBackend;
 use dist_core::local::run_threads;
 use dist_core::weights::{
     receive_weights, receive_weights_into, send_weights, TransferOptions, WeightSpec,
 };
-use dist_core::{CoordinatorParts, DType, Device, Error, GroupCoordinator, HostGroup, HostTensor};
+use dist_core::{DType, Error, GroupCoordinator, HostGroup, HostTensor};
 
 fn group(
     rank: usize,
@@ -28,19 +30,7 @@ fn group_with(
     t: Duration,
     device: bool,
 ) -> GroupCoordinator<HostBackend> {
-    GroupCoordinator::new(CoordinatorParts {
-        unique_name: "weights:0".into(),
-        ranks: (0..n).collect(),
-        rank,
-        local_rank: rank,
-        device: Device::CPU,
-        host: host.clone(),
-        comm: device.then(|| HostCommunicator::new(host, t)),
-        mq: None,
-        diag: None,
-        check_collectives: false,
-    })
-    .unwrap()
+    common::host_coordinator("weights:0", rank, n, host, device.then_some(t))
 }
 
 fn model() -> Vec<(String, HostTensor)> {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use dist_core::communicator::{host_copy, P2pOp};
+use dist_core::communicator::P2pOp;
 use dist_core::{
     Backend, CommunicatorContext, DType, Device, DeviceCommunicator, Error, HostTensor, HostView,
     HostViewMut, ReduceOp, Result, DEFAULT_TIMEOUT,
@@ -63,21 +63,7 @@ impl CpuCommunicator {
 }
 
 impl DeviceCommunicator for CpuCommunicator {
-    type Tensor = HostTensor;
-    type View<'a> = HostView<'a>;
-    type ViewMut<'a> = HostViewMut<'a>;
-    fn view(t: &HostTensor) -> HostView<'_> {
-        t.view()
-    }
-    fn view_mut(t: &mut HostTensor) -> HostViewMut<'_> {
-        t.view_mut()
-    }
-    fn copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
-        host_copy(src, dst)
-    }
-    fn narrow<'a>(v: &Self::View<'a>, start: usize, len: usize) -> Result<Self::View<'a>> {
-        v.narrow(start, len)
-    }
+    dist_core::host_communicator_items!();
     fn rank(&self) -> usize {
         each!(self, c => c.rank())
     }
@@ -89,12 +75,6 @@ impl DeviceCommunicator for CpuCommunicator {
     }
     fn set_timeout(&self, timeout: Duration) {
         each!(self, c => c.set_timeout(timeout))
-    }
-    fn device(&self) -> Device {
-        Device::CPU
-    }
-    fn empty(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
-        Ok(HostTensor::zeros(dtype, shape))
     }
     fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
         each!(self, c => c.alloc(dtype, shape))
@@ -126,15 +106,6 @@ impl DeviceCommunicator for CpuCommunicator {
         sizes: &[usize],
     ) -> Result<()> {
         each!(self, c => c.all_gatherv_into(input, output, dim, sizes))
-    }
-    fn reduce_scatter_into(
-        &self,
-        input: &HostView<'_>,
-        output: &mut HostViewMut<'_>,
-        dim: isize,
-        op: ReduceOp,
-    ) -> Result<()> {
-        each!(self, c => c.reduce_scatter_into(input, output, dim, op))
     }
     fn reduce_scatterv_into(
         &self,

@@ -24,29 +24,7 @@ fn close(a: &HostTensor, b: &HostTensor) -> bool {
         DType::F16 | DType::BF16 => 2e-2,
         _ => 1e-5,
     };
-    let f = |t: &HostTensor| -> Vec<f64> {
-        match t.dtype() {
-            DType::F32 => t
-                .as_slice::<f32>()
-                .unwrap()
-                .iter()
-                .map(|x| *x as f64)
-                .collect(),
-            DType::F64 => t.as_slice::<f64>().unwrap().to_vec(),
-            DType::F16 => t
-                .as_slice::<dist_core::half::f16>()
-                .unwrap()
-                .iter()
-                .map(|x| x.to_f64())
-                .collect(),
-            _ => t
-                .as_slice::<dist_core::half::bf16>()
-                .unwrap()
-                .iter()
-                .map(|x| x.to_f64())
-                .collect(),
-        }
-    };
+    let f = |t: &HostTensor| dist_core::conformance::to_f64(t).expect("a float tensor");
     f(a).iter()
         .zip(f(b))
         .all(|(x, y)| (x - y).abs() <= tol * (1.0 + y.abs()))

@@ -4,13 +4,16 @@
 //! as the machine allows. In both the real readers must get in at once, and the junk must be
 //! dropped within the hello deadline; refusals are logged at a bounded rate.
 
+mod mq_common;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use dist_cpu::mq::{MessageQueue, Options};
+use mq_common::Capture;
 
 fn opts(timeout: Duration) -> Options {
     Options {
@@ -23,18 +26,6 @@ fn opts(timeout: Duration) -> Options {
 
 /// Every log line of this test binary (the acceptor logs from its own thread, so the
 /// subscriber must be the global one). Tests tell their lines apart by the writer's rank.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-impl Write for Capture {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn log() -> &'static Capture {
     static LOG: OnceLock<Capture> = OnceLock::new();
     LOG.get_or_init(|| {

@@ -2,24 +2,14 @@
 //! runs), and with a GPU (ignored unless asked: `cargo test -p dist-cuda -- --ignored`) the
 //! dist-core conformance suite at world size 1.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use dist_core::local::{MemStore, ThreadGroup};
+use dist_core::local::one_rank_context;
 use dist_core::{Backend, CommunicatorContext, Device, DeviceKind, Error, HostTensor};
 use dist_cuda::CudaBackend;
 
 fn ctx(group: &str) -> CommunicatorContext {
-    let hg = ThreadGroup::new(1, Duration::from_secs(30)).pop().unwrap();
-    CommunicatorContext {
-        group_name: group.into(),
-        ranks: vec![0],
-        rank_in_group: 0,
-        local_rank: 0,
-        host_group: Arc::new(hg),
-        store: Arc::new(MemStore::new()),
-        timeout: Duration::from_secs(30),
-    }
+    one_rank_context(group, Duration::from_secs(30))
 }
 
 /// Reports a test that cannot run here: prints `SKIPPED: <test>: <reason>` and, where

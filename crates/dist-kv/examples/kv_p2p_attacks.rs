@@ -7,14 +7,17 @@
 //! (attacks: idle-hellos, impostor, lying-put; default all, after a baseline: the same rounds
 //! with no attacker, in the same run).
 
-use std::io::Read;
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{drained_until_closed, liar_offer, read_one, small_round};
 use dist_core::{DType, HostTensor};
-use dist_kv::transfer::p2p::wire::{decode_frame, write_frame, Frame, PutStatus, TensorHeader};
+use dist_kv::transfer::p2p::wire::{write_frame, Frame, PutStatus};
 use dist_kv::transfer::p2p::{EngineConfig, P2pEngine, SendType, TcpDataPath};
 
 const ROUNDS: usize = 8;
@@ -43,15 +46,6 @@ fn hello(listen_addr: &str) -> Frame {
         nonce: vec![0; 32],
         auth: false,
     }
-}
-
-/// Reads one frame (blocking up to the stream's read timeout).
-fn read_one(s: &mut TcpStream) -> Option<Frame> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).ok()?;
-    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
-    s.read_exact(&mut body).ok()?;
-    decode_frame(&body).ok()
 }
 
 struct Rounds {
@@ -174,18 +168,8 @@ fn impostor() {
     };
     let mut reached = 0;
     for i in 0..ROUNDS {
-        let id = format!("imp-{i}");
-        let tid = format!("{id}#layer");
-        prod.send_tensor(
-            &id,
-            &tid,
-            HostTensor::zeros(DType::U8, &[64]),
-            cons.listen_addr(),
-        )
-        .expect("PUT");
-        let (_, from) = cons
-            .recv_tensor(&tid, None, Instant::now() + Duration::from_secs(2))
-            .expect("recv");
+        let (id, from) = small_round(&prod, &cons, i, Instant::now() + Duration::from_secs(2))
+            .expect("PUT and recv");
         let _ = cons.notify_loaded(&id, &from);
         let deadline = Instant::now() + Duration::from_millis(500);
         while Instant::now() < deadline {
@@ -230,14 +214,7 @@ fn lying_put() {
                     for seq in 1..1000 {
                         // A fresh request each time, as a liar that knows the rules would.
                         n += 1;
-                        let put = Frame::Put {
-                            seq,
-                            tensor_id: format!("liar-{k}-{n}#layer"),
-                            header: TensorHeader {
-                                dtype: DType::F32,
-                                shape: vec![1 << 28],
-                            },
-                        };
+                        let put = liar_offer(seq, format!("liar-{k}-{n}#layer"));
                         if write_frame(&mut s, &put).is_err() {
                             break;
                         }
@@ -260,19 +237,7 @@ fn lying_put() {
                     // Hold the reservation until the consumer gives up on the data.
                     s.set_read_timeout(Some(Duration::from_millis(100)))
                         .unwrap();
-                    let mut b = [0u8; 1];
-                    while !stop.load(Ordering::Relaxed) {
-                        match s.read(&mut b) {
-                            Ok(0) => break,
-                            Ok(_) => {}
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                                ) => {}
-                            Err(_) => break,
-                        }
-                    }
+                    drained_until_closed(&mut s, || !stop.load(Ordering::Relaxed));
                 }
             })
         })

@@ -30,7 +30,7 @@ use dist_kv::transfer::p2p::{
 };
 use dist_kv::transfer::{
     slot_mapping, BlockId, KvCacheLayer, KvCacheSpec, KvCaches, KvConnectorScheduler,
-    KvConnectorWorker, KvLayout, NewRequestData, PagedKvCache, Request, SchedulerOutput,
+    KvConnectorWorker, KvLayout, PagedKvCache, Request, SchedulerOutput,
 };
 use dist_store::StatelessProcessGroup;
 
@@ -166,13 +166,7 @@ fn produce<W: KvConnectorWorker<Metadata = P2pConnectorMetadata>>(
     let mut sched = P2pScheduler::new(P2pRole::Producer, BS)?;
     let mut out = SchedulerOutput::default();
     for (r, b) in reqs {
-        out.scheduled_new_reqs.push(NewRequestData {
-            request: r.clone(),
-            block_ids: b.clone(),
-            num_computed_tokens: 0,
-        });
-        out.num_scheduled_tokens
-            .insert(r.request_id.clone(), r.prompt_token_ids.len());
+        out.add_new_prompt(r, b);
     }
     w.bind_connector_metadata(sched.build_connector_meta(&out));
     for (name, c) in caches {
@@ -193,11 +187,7 @@ fn consume<W: KvConnectorWorker<Metadata = P2pConnectorMetadata>>(
     for (r, b) in reqs {
         let (n, _) = sched.get_num_new_matched_tokens(r, 0)?;
         sched.update_state_after_alloc(r, b, n.unwrap_or(0));
-        out.scheduled_new_reqs.push(NewRequestData {
-            request: r.clone(),
-            block_ids: b.clone(),
-            num_computed_tokens: 0,
-        });
+        out.add_new_request(r, b);
     }
     w.bind_connector_metadata(sched.build_connector_meta(&out));
     w.start_load_kv(caches)?;

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use dist_core::{DType, HostGroup, HostGroupExt};
 use dist_kv::transfer::{
     align_to_block_size, slot_mapping, BlockId, KvCacheLayer, KvCacheSpec, KvCaches,
-    KvConnectorScheduler, KvConnectorWorker, KvLayout, NewRequestData, PagedKvCache, Request,
-    SchedulerOutput, StorageConfig, StorageScheduler, StorageWorker,
+    KvConnectorScheduler, KvConnectorWorker, KvLayout, PagedKvCache, Request, SchedulerOutput,
+    StorageConfig, StorageScheduler, StorageWorker,
 };
 use dist_store::StatelessProcessGroup;
 
@@ -76,13 +76,7 @@ fn plan() -> Vec<(Vec<i64>, Vec<BlockId>, Vec<BlockId>)> {
 fn step_out(reqs: &[(Request, Vec<BlockId>)]) -> SchedulerOutput {
     let mut out = SchedulerOutput::default();
     for (r, b) in reqs {
-        out.scheduled_new_reqs.push(NewRequestData {
-            request: r.clone(),
-            block_ids: b.clone(),
-            num_computed_tokens: 0,
-        });
-        out.num_scheduled_tokens
-            .insert(r.request_id.clone(), r.prompt_token_ids.len());
+        out.add_new_prompt(r, b);
     }
     out
 }

@@ -4,12 +4,15 @@
 //! what the engine's caps allow. Counts and times are bounded: at most 1,100 connections, every
 //! wait under a deadline. `examples/kv_p2p_attacks.rs` prints the same attacks' figures.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{drained_until_closed, liar_offer, read_one, small_round};
 use dist_core::{DType, HostTensor};
 use dist_kv::transfer::p2p::wire::{
     decode_frame, write_frame, Frame, PutStatus, TensorHeader, PROTOCOL_VERSION,
@@ -44,33 +47,11 @@ fn hello(listen_addr: &str, auth: bool) -> Frame {
     }
 }
 
-/// Reads one frame, `None` on EOF, an error or the stream's read timeout.
-fn read_one(s: &mut TcpStream) -> Option<Frame> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).ok()?;
-    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
-    s.read_exact(&mut body).ok()?;
-    decode_frame(&body).ok()
-}
-
 /// True when the engine closes `s` within `within` (EOF or reset), false when it stays open.
 fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
     let deadline = Instant::now() + within;
     s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-    let mut b = [0u8; 256];
-    while Instant::now() < deadline {
-        match s.read(&mut b) {
-            Ok(0) => return true,
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return true,
-        }
-    }
-    false
+    drained_until_closed(s, || Instant::now() < deadline)
 }
 
 /// `ROUNDS` rounds, `gap` apart: `prod` PUTs a 4 KiB layer to `cons`, which takes it and
@@ -228,18 +209,8 @@ fn an_impostor_claiming_the_producers_address_gets_no_replies() {
         })
     };
     for i in 0..ROUNDS {
-        let id = format!("imp-{i}");
-        let tid = format!("{id}#layer");
-        prod.send_tensor(
-            &id,
-            &tid,
-            HostTensor::zeros(DType::U8, &[64]),
-            cons.listen_addr(),
-        )
-        .unwrap();
-        let (_, from) = cons
-            .recv_tensor(&tid, None, Instant::now() + Duration::from_secs(2))
-            .unwrap();
+        let (id, from) =
+            small_round(&prod, &cons, i, Instant::now() + Duration::from_secs(2)).unwrap();
         assert_eq!(from, prod.listen_addr());
         cons.notify_loaded(&id, &from).unwrap();
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -337,14 +308,7 @@ fn puts_that_never_send_their_data_do_not_stall_other_rounds() {
                     let _ = read_one(&mut s);
                     while !stop.load(Ordering::Relaxed) {
                         n += 1;
-                        let put = Frame::Put {
-                            seq: n,
-                            tensor_id: format!("liar-{k}-{n}#layer"),
-                            header: TensorHeader {
-                                dtype: DType::F32,
-                                shape: vec![1 << 28],
-                            },
-                        };
+                        let put = liar_offer(n, format!("liar-{k}-{n}#layer"));
                         if write_frame(&mut s, &put).is_err() {
                             break;
                         }

@@ -16,8 +16,7 @@ use dist_kv::transfer::p2p::{
 };
 use dist_kv::transfer::{
     decode_metadata, encode_metadata, slot_mapping, BlockId, KvCacheLayer, KvCacheSpec, KvCaches,
-    KvConnectorScheduler, KvConnectorWorker, KvLayout, NewRequestData, PagedKvCache, Request,
-    SchedulerOutput,
+    KvConnectorScheduler, KvConnectorWorker, KvLayout, PagedKvCache, Request, SchedulerOutput,
 };
 
 #[path = "kv_transfer_p2p/lending.rs"]
@@ -108,13 +107,7 @@ fn producer_step<W: KvConnectorWorker<Metadata = P2pConnectorMetadata>>(
             sched.get_num_new_matched_tokens(r, 0).unwrap(),
             (Some(0), false)
         );
-        out.scheduled_new_reqs.push(NewRequestData {
-            request: r.clone(),
-            block_ids: b.clone(),
-            num_computed_tokens: 0,
-        });
-        out.num_scheduled_tokens
-            .insert(r.request_id.clone(), r.prompt_token_ids.len());
+        out.add_new_prompt(r, b);
     }
     let meta: P2pConnectorMetadata =
         decode_metadata(&encode_metadata(&sched.build_connector_meta(&out)).unwrap()).unwrap();
@@ -139,11 +132,7 @@ fn consumer_step<W: KvConnectorWorker<Metadata = P2pConnectorMetadata>>(
         let (n, is_async) = sched.get_num_new_matched_tokens(r, 0).unwrap();
         assert_eq!((n, is_async), (Some(r.prompt_token_ids.len() - 1), false));
         sched.update_state_after_alloc(r, b, n.unwrap());
-        out.scheduled_new_reqs.push(NewRequestData {
-            request: r.clone(),
-            block_ids: b.clone(),
-            num_computed_tokens: 0,
-        });
+        out.add_new_request(r, b);
     }
     let meta = sched.build_connector_meta(&out);
     worker.bind_connector_metadata(decode_metadata(&encode_metadata(&meta).unwrap()).unwrap());

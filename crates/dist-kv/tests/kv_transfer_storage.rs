@@ -10,8 +10,8 @@ use dist_core::DType;
 use dist_kv::transfer::storage::StorageConfig;
 use dist_kv::transfer::{
     align_to_block_size, decode_metadata, encode_metadata, slot_mapping, BlockId, KvCacheSpec,
-    KvCaches, KvConnectorScheduler, KvConnectorWorker, KvLayout, NewRequestData, PagedKvCache,
-    Request, SchedulerOutput, StorageScheduler, StorageWorker,
+    KvCaches, KvConnectorScheduler, KvConnectorWorker, KvLayout, PagedKvCache, Request,
+    SchedulerOutput, StorageScheduler, StorageWorker,
 };
 
 const BS: usize = 4;
@@ -73,13 +73,7 @@ fn produce(cfg: &StorageConfig, caches: &KvCaches, reqs: &[(Request, Vec<BlockId
             sched.get_num_new_matched_tokens(r, 0).unwrap(),
             (Some(0), false)
         );
-        out.scheduled_new_reqs.push(NewRequestData {
-            request: r.clone(),
-            block_ids: b.clone(),
-            num_computed_tokens: 0,
-        });
-        out.num_scheduled_tokens
-            .insert(r.request_id.clone(), r.prompt_token_ids.len());
+        out.add_new_prompt(r, b);
     }
     let meta = sched.build_connector_meta(&out);
     assert_eq!(meta.requests.len(), reqs.len());
@@ -115,11 +109,7 @@ fn consume(
         let n = n.unwrap();
         assert_eq!(n, align_to_block_size(r.prompt_token_ids.len() - 1, BS));
         sched.update_state_after_alloc(r, b, n);
-        out.scheduled_new_reqs.push(NewRequestData {
-            request: r.clone(),
-            block_ids: b.clone(),
-            num_computed_tokens: 0,
-        });
+        out.add_new_request(r, b);
     }
     let meta = sched.build_connector_meta(&out);
     assert!(meta.requests.iter().all(|m| !m.is_store));

@@ -47,16 +47,21 @@ pub fn candidates(
         Flavor::Nccl => &["libnccl.so.2", "libnccl.so"],
         Flavor::Rccl => &["librccl.so.1", "librccl.so"],
     };
-    out.extend(names.iter().map(PathBuf::from));
-    if flavor == Flavor::Rccl {
-        let root = rocm_path.filter(|p| !p.is_empty()).unwrap_or("/opt/rocm");
-        out.extend(
-            names
-                .iter()
-                .map(|n| PathBuf::from(root).join("lib").join(n)),
-        );
+    match flavor {
+        Flavor::Nccl => out.extend(names.iter().map(PathBuf::from)),
+        Flavor::Rccl => out.extend(rocm_candidates(names, rocm_path)),
     }
     out
+}
+
+/// A ROCm library's paths to try: its file `names` as they are (found through the dynamic
+/// loader's search path), then the same names under `$ROCM_PATH/lib` (`rocm_path`, default
+/// `/opt/rocm`).
+pub fn rocm_candidates(names: &[&str], rocm_path: Option<&str>) -> Vec<PathBuf> {
+    let root = rocm_path.filter(|p| !p.is_empty()).unwrap_or("/opt/rocm");
+    let lib = PathBuf::from(root).join("lib");
+    let bare = names.iter().map(PathBuf::from);
+    bare.chain(names.iter().map(|n| lib.join(n))).collect()
 }
 
 /// Formats NCCL's version code: `21903` → `"2.19.3"` (the 2.9+ code `MAJOR*10000+MINOR*100+PATCH`),

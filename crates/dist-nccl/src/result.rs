@@ -80,161 +80,117 @@ pub unsafe fn comm_init_rank_config(
     Ok(comm)
 }
 
-/// `ncclAllReduce`.
-///
-/// # Safety
-/// `send` and `recv` are device buffers of `count` elements of `dt` on the communicator's
-/// device, alive until the work on `stream` completes.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn all_reduce(
-    lib: &Library,
-    send: *const c_void,
-    recv: *mut c_void,
-    count: usize,
-    dt: ncclDataType_t,
-    op: ncclRedOp_t,
-    comm: ncclComm_t,
-    stream: cudaStream_t,
-) -> Result<()> {
-    // SAFETY: forwarded contract.
-    check(
-        lib,
-        unsafe { (lib.fns.all_reduce)(send, recv, count, dt, op, comm, stream) },
-        "ncclAllReduce",
-    )
+/// Writes one `pub unsafe fn $name(lib, args…) -> Result<()>` per entry: the library's
+/// `$name` entry point called with the arguments as given, its status through [`check`] under the
+/// NCCL name `$call`. The entries' docs carry their safety contracts.
+macro_rules! forward {
+    ($($(#[$doc:meta])* $name:ident => $call:literal($($arg:ident: $ty:ty),* $(,)?);)*) => {$(
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn $name(lib: &Library, $($arg: $ty),*) -> Result<()> {
+            // SAFETY: forwarded contract.
+            check(lib, unsafe { (lib.fns.$name)($($arg),*) }, $call)
+        }
+    )*};
 }
 
-/// `ncclReduce` to `root`.
-///
-/// # Safety
-/// As [`all_reduce`]; `recv` matters on `root` only.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn reduce(
-    lib: &Library,
-    send: *const c_void,
-    recv: *mut c_void,
-    count: usize,
-    dt: ncclDataType_t,
-    op: ncclRedOp_t,
-    root: c_int,
-    comm: ncclComm_t,
-    stream: cudaStream_t,
-) -> Result<()> {
-    // SAFETY: forwarded contract.
-    check(
-        lib,
-        unsafe { (lib.fns.reduce)(send, recv, count, dt, op, root, comm, stream) },
-        "ncclReduce",
-    )
-}
+forward! {
+    /// `ncclAllReduce`.
+    ///
+    /// # Safety
+    /// `send` and `recv` are device buffers of `count` elements of `dt` on the communicator's
+    /// device, alive until the work on `stream` completes.
+    all_reduce => "ncclAllReduce"(
+        send: *const c_void,
+        recv: *mut c_void,
+        count: usize,
+        dt: ncclDataType_t,
+        op: ncclRedOp_t,
+        comm: ncclComm_t,
+        stream: cudaStream_t,
+    );
 
-/// `ncclAllGather`: `recv` holds `nranks * send_count` elements, rank-major.
-///
-/// # Safety
-/// As [`all_reduce`] with the sizes above.
-pub unsafe fn all_gather(
-    lib: &Library,
-    send: *const c_void,
-    recv: *mut c_void,
-    send_count: usize,
-    dt: ncclDataType_t,
-    comm: ncclComm_t,
-    stream: cudaStream_t,
-) -> Result<()> {
-    // SAFETY: forwarded contract.
-    check(
-        lib,
-        unsafe { (lib.fns.all_gather)(send, recv, send_count, dt, comm, stream) },
-        "ncclAllGather",
-    )
-}
+    /// `ncclReduce` to `root`.
+    ///
+    /// # Safety
+    /// As [`all_reduce`]; `recv` matters on `root` only.
+    reduce => "ncclReduce"(
+        send: *const c_void,
+        recv: *mut c_void,
+        count: usize,
+        dt: ncclDataType_t,
+        op: ncclRedOp_t,
+        root: c_int,
+        comm: ncclComm_t,
+        stream: cudaStream_t,
+    );
 
-/// `ncclReduceScatter`: `send` holds `nranks * recv_count` elements.
-///
-/// # Safety
-/// As [`all_reduce`] with the sizes above.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn reduce_scatter(
-    lib: &Library,
-    send: *const c_void,
-    recv: *mut c_void,
-    recv_count: usize,
-    dt: ncclDataType_t,
-    op: ncclRedOp_t,
-    comm: ncclComm_t,
-    stream: cudaStream_t,
-) -> Result<()> {
-    // SAFETY: forwarded contract.
-    check(
-        lib,
-        unsafe { (lib.fns.reduce_scatter)(send, recv, recv_count, dt, op, comm, stream) },
-        "ncclReduceScatter",
-    )
-}
+    /// `ncclAllGather`: `recv` holds `nranks * send_count` elements, rank-major.
+    ///
+    /// # Safety
+    /// As [`all_reduce`] with the sizes above.
+    all_gather => "ncclAllGather"(
+        send: *const c_void,
+        recv: *mut c_void,
+        send_count: usize,
+        dt: ncclDataType_t,
+        comm: ncclComm_t,
+        stream: cudaStream_t,
+    );
 
-/// `ncclBroadcast` from `root` (`send` is read on `root` only and may be null elsewhere).
-///
-/// # Safety
-/// As [`all_reduce`].
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn broadcast(
-    lib: &Library,
-    send: *const c_void,
-    recv: *mut c_void,
-    count: usize,
-    dt: ncclDataType_t,
-    root: c_int,
-    comm: ncclComm_t,
-    stream: cudaStream_t,
-) -> Result<()> {
-    // SAFETY: forwarded contract.
-    check(
-        lib,
-        unsafe { (lib.fns.broadcast)(send, recv, count, dt, root, comm, stream) },
-        "ncclBroadcast",
-    )
-}
+    /// `ncclReduceScatter`: `send` holds `nranks * recv_count` elements.
+    ///
+    /// # Safety
+    /// As [`all_reduce`] with the sizes above.
+    reduce_scatter => "ncclReduceScatter"(
+        send: *const c_void,
+        recv: *mut c_void,
+        recv_count: usize,
+        dt: ncclDataType_t,
+        op: ncclRedOp_t,
+        comm: ncclComm_t,
+        stream: cudaStream_t,
+    );
 
-/// `ncclSend` to `peer`.
-///
-/// # Safety
-/// As [`all_reduce`].
-pub unsafe fn send(
-    lib: &Library,
-    buf: *const c_void,
-    count: usize,
-    dt: ncclDataType_t,
-    peer: c_int,
-    comm: ncclComm_t,
-    stream: cudaStream_t,
-) -> Result<()> {
-    // SAFETY: forwarded contract.
-    check(
-        lib,
-        unsafe { (lib.fns.send)(buf, count, dt, peer, comm, stream) },
-        "ncclSend",
-    )
-}
+    /// `ncclBroadcast` from `root` (`send` is read on `root` only and may be null elsewhere).
+    ///
+    /// # Safety
+    /// As [`all_reduce`].
+    broadcast => "ncclBroadcast"(
+        send: *const c_void,
+        recv: *mut c_void,
+        count: usize,
+        dt: ncclDataType_t,
+        root: c_int,
+        comm: ncclComm_t,
+        stream: cudaStream_t,
+    );
 
-/// `ncclRecv` from `peer`.
-///
-/// # Safety
-/// As [`all_reduce`].
-pub unsafe fn recv(
-    lib: &Library,
-    buf: *mut c_void,
-    count: usize,
-    dt: ncclDataType_t,
-    peer: c_int,
-    comm: ncclComm_t,
-    stream: cudaStream_t,
-) -> Result<()> {
-    // SAFETY: forwarded contract.
-    check(
-        lib,
-        unsafe { (lib.fns.recv)(buf, count, dt, peer, comm, stream) },
-        "ncclRecv",
-    )
+    /// `ncclSend` to `peer`.
+    ///
+    /// # Safety
+    /// As [`all_reduce`].
+    send => "ncclSend"(
+        buf: *const c_void,
+        count: usize,
+        dt: ncclDataType_t,
+        peer: c_int,
+        comm: ncclComm_t,
+        stream: cudaStream_t,
+    );
+
+    /// `ncclRecv` from `peer`.
+    ///
+    /// # Safety
+    /// As [`all_reduce`].
+    recv => "ncclRecv"(
+        buf: *mut c_void,
+        count: usize,
+        dt: ncclDataType_t,
+        peer: c_int,
+        comm: ncclComm_t,
+        stream: cudaStream_t,
+    );
 }
 
 /// `ncclGroupStart`.
@@ -249,26 +205,18 @@ pub fn group_end(lib: &Library) -> Result<()> {
     check(lib, unsafe { (lib.fns.group_end)() }, "ncclGroupEnd")
 }
 
-/// `ncclCommAbort`.
-///
-/// # Safety
-/// `comm` is a live communicator not used again afterwards.
-pub unsafe fn comm_abort(lib: &Library, comm: ncclComm_t) -> Result<()> {
-    // SAFETY: forwarded contract.
-    check(lib, unsafe { (lib.fns.comm_abort)(comm) }, "ncclCommAbort")
-}
+forward! {
+    /// `ncclCommAbort`.
+    ///
+    /// # Safety
+    /// `comm` is a live communicator not used again afterwards.
+    comm_abort => "ncclCommAbort"(comm: ncclComm_t);
 
-/// `ncclCommDestroy` (bound for completeness; the safe layer aborts, as vLLM does).
-///
-/// # Safety
-/// As [`comm_abort`].
-pub unsafe fn comm_destroy(lib: &Library, comm: ncclComm_t) -> Result<()> {
-    // SAFETY: forwarded contract.
-    check(
-        lib,
-        unsafe { (lib.fns.comm_destroy)(comm) },
-        "ncclCommDestroy",
-    )
+    /// `ncclCommDestroy` (bound for completeness; the safe layer aborts, as vLLM does).
+    ///
+    /// # Safety
+    /// As [`comm_abort`].
+    comm_destroy => "ncclCommDestroy"(comm: ncclComm_t);
 }
 
 /// `ncclCommGetAsyncError`: `Ok(None)` where the library lacks it, else the pending status.

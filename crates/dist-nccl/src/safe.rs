@@ -163,6 +163,13 @@ impl Comm {
             .ok_or_else(|| Error::NotInitialized("the NCCL communicator was aborted".into()))
     }
 
+    /// The raw communicator and rank `r` as NCCL takes it, once `r` (a root or a peer, `what`)
+    /// is checked to be in range.
+    fn raw_with_rank(&self, r: usize, what: &str) -> Result<(sys::ncclComm_t, c_int)> {
+        crate::ensure_rank(r, self.world, what)?;
+        Ok((self.raw()?, r as c_int))
+    }
+
     /// `ncclAllReduce` of `count` elements.
     ///
     /// # Safety
@@ -197,22 +204,9 @@ impl Comm {
         root: usize,
         stream: sys::cudaStream_t,
     ) -> Result<()> {
-        crate::ensure_rank(root, self.world, "reduce root")?;
-        let c = self.raw()?;
+        let (c, root) = self.raw_with_rank(root, "reduce root")?;
         // SAFETY: forwarded contract.
-        unsafe {
-            result::reduce(
-                self.lib,
-                send,
-                recv,
-                count,
-                dt,
-                op,
-                root as c_int,
-                c,
-                stream,
-            )
-        }
+        unsafe { result::reduce(self.lib, send, recv, count, dt, op, root, c, stream) }
     }
 
     /// `ncclAllGather` of `send_count` elements per rank into `recv` (rank-major).
@@ -263,10 +257,9 @@ impl Comm {
         root: usize,
         stream: sys::cudaStream_t,
     ) -> Result<()> {
-        crate::ensure_rank(root, self.world, "broadcast root")?;
-        let c = self.raw()?;
+        let (c, root) = self.raw_with_rank(root, "broadcast root")?;
         // SAFETY: forwarded contract.
-        unsafe { result::broadcast(self.lib, send, recv, count, dt, root as c_int, c, stream) }
+        unsafe { result::broadcast(self.lib, send, recv, count, dt, root, c, stream) }
     }
 
     /// `ncclSend` to `peer`.
@@ -281,10 +274,9 @@ impl Comm {
         peer: usize,
         stream: sys::cudaStream_t,
     ) -> Result<()> {
-        crate::ensure_rank(peer, self.world, "send peer")?;
-        let c = self.raw()?;
+        let (c, peer) = self.raw_with_rank(peer, "send peer")?;
         // SAFETY: forwarded contract.
-        unsafe { result::send(self.lib, buf, count, dt, peer as c_int, c, stream) }
+        unsafe { result::send(self.lib, buf, count, dt, peer, c, stream) }
     }
 
     /// `ncclRecv` from `peer`.
@@ -299,10 +291,9 @@ impl Comm {
         peer: usize,
         stream: sys::cudaStream_t,
     ) -> Result<()> {
-        crate::ensure_rank(peer, self.world, "recv peer")?;
-        let c = self.raw()?;
+        let (c, peer) = self.raw_with_rank(peer, "recv peer")?;
         // SAFETY: forwarded contract.
-        unsafe { result::recv(self.lib, buf, count, dt, peer as c_int, c, stream) }
+        unsafe { result::recv(self.lib, buf, count, dt, peer, c, stream) }
     }
 
     /// Runs `f` between `ncclGroupStart` and `ncclGroupEnd`; the group is closed even when `f` fails.

@@ -192,16 +192,9 @@ pub type ncclAllGather_t = unsafe extern "C" fn(
     ncclComm_t,
     cudaStream_t,
 ) -> ncclResult_t;
-/// `ncclReduceScatter(sendbuff, recvbuff, recvcount, datatype, op, comm, stream)`.
-pub type ncclReduceScatter_t = unsafe extern "C" fn(
-    *const c_void,
-    *mut c_void,
-    usize,
-    ncclDataType_t,
-    ncclRedOp_t,
-    ncclComm_t,
-    cudaStream_t,
-) -> ncclResult_t;
+/// `ncclReduceScatter(sendbuff, recvbuff, recvcount, datatype, op, comm, stream)`: the C
+/// signature of [`ncclAllReduce_t`].
+pub type ncclReduceScatter_t = ncclAllReduce_t;
 /// `ncclBroadcast(sendbuff, recvbuff, count, datatype, root, comm, stream)`.
 pub type ncclBroadcast_t = unsafe extern "C" fn(
     *const c_void,
@@ -212,24 +205,19 @@ pub type ncclBroadcast_t = unsafe extern "C" fn(
     ncclComm_t,
     cudaStream_t,
 ) -> ncclResult_t;
+/// `ncclSend` and `ncclRecv`: `(buff, count, datatype, peer, comm, stream)`, `Buf` the buffer.
+pub type ncclPeer_t<Buf> = unsafe extern "C" fn(
+    Buf,
+    usize,
+    ncclDataType_t,
+    c_int,
+    ncclComm_t,
+    cudaStream_t,
+) -> ncclResult_t;
 /// `ncclSend(sendbuff, count, datatype, peer, comm, stream)`.
-pub type ncclSend_t = unsafe extern "C" fn(
-    *const c_void,
-    usize,
-    ncclDataType_t,
-    c_int,
-    ncclComm_t,
-    cudaStream_t,
-) -> ncclResult_t;
+pub type ncclSend_t = ncclPeer_t<*const c_void>;
 /// `ncclRecv(recvbuff, count, datatype, peer, comm, stream)`.
-pub type ncclRecv_t = unsafe extern "C" fn(
-    *mut c_void,
-    usize,
-    ncclDataType_t,
-    c_int,
-    ncclComm_t,
-    cudaStream_t,
-) -> ncclResult_t;
+pub type ncclRecv_t = ncclPeer_t<*mut c_void>;
 /// `ncclCommDestroy(comm)` / `ncclCommAbort(comm)`.
 pub type ncclCommFree_t = unsafe extern "C" fn(ncclComm_t) -> ncclResult_t;
 /// `ncclGroupStart()` / `ncclGroupEnd()`.

@@ -16,7 +16,7 @@ use std::ffi::{c_char, c_int, c_uint, c_void};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use dist_core::local::{MemStore, ThreadGroup};
+use dist_core::local::one_rank_context;
 use dist_core::{
     Backend, CommunicatorContext, DType, Device, DeviceCommunicator, DeviceKind, Error, HostTensor,
     ReduceOp, Tensor,
@@ -425,15 +425,9 @@ fn crate_logic_on_a_host_memory_hip_double() {
         .is_err());
 
     // The communicator without RCCL: created, argument checks, Unsupported collectives, destroy.
-    let hg = ThreadGroup::new(1, Duration::from_secs(5)).pop().unwrap();
     let ctx = CommunicatorContext {
-        group_name: "tp:0".into(),
-        ranks: vec![0],
-        rank_in_group: 0,
         local_rank: 1,
-        host_group: Arc::new(hg),
-        store: Arc::new(MemStore::new()),
-        timeout: Duration::from_secs(5),
+        ..one_rank_context("tp:0", Duration::from_secs(5))
     };
     let comm = Communicator::new(
         &ctx,

@@ -4,11 +4,10 @@
 //! candidate when set). One test in this binary, so the environment is set before the
 //! process-wide loader first runs.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use dist_core::local::{MemStore, ThreadGroup};
-use dist_core::{Backend, CommunicatorContext, DType, Device, DeviceKind, Error, HostTensor};
+use dist_core::local::one_rank_context;
+use dist_core::{Backend, DType, Device, DeviceKind, Error, HostTensor};
 use dist_rocm::{DeviceContext, RocmBackend, RocmTensor};
 
 const MISSING: &str = "/nonexistent/dist-rocm-test/libamdhip64.so.6";
@@ -31,16 +30,7 @@ fn check(what: &str, e: Error) -> String {
 fn a_missing_hip_runtime_is_library_not_found_everywhere() {
     std::env::set_var("DIST_HIP_SO_PATH", MISSING);
     let x = HostTensor::random(DType::BF16, &[5], 1);
-    let hg = ThreadGroup::new(1, Duration::from_secs(5)).pop().unwrap();
-    let ctx = CommunicatorContext {
-        group_name: "tp:0".into(),
-        ranks: vec![0],
-        rank_in_group: 0,
-        local_rank: 0,
-        host_group: Arc::new(hg),
-        store: Arc::new(MemStore::new()),
-        timeout: Duration::from_secs(5),
-    };
+    let ctx = one_rank_context("tp:0", Duration::from_secs(5));
     let msgs = [
         check("ensure_driver", dist_rocm::ensure_driver().unwrap_err()),
         check("probe", dist_rocm::probe().unwrap_err()),

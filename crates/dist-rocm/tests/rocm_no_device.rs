@@ -4,24 +4,14 @@
 //! where the build machine has no `libamdhip64` at all; on a machine with an AMD GPU it checks
 //! the positive side of the same entry points instead.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use dist_core::local::{MemStore, ThreadGroup};
+use dist_core::local::one_rank_context;
 use dist_core::{Backend, CommunicatorContext, DType, Device, DeviceKind, HostTensor};
 use dist_rocm::{is_no_device, DeviceContext, RocmBackend, RocmTensor};
 
 fn context() -> CommunicatorContext {
-    let hg = ThreadGroup::new(1, Duration::from_secs(5)).pop().unwrap();
-    CommunicatorContext {
-        group_name: "tp:0".into(),
-        ranks: vec![0],
-        rank_in_group: 0,
-        local_rank: 0,
-        host_group: Arc::new(hg),
-        store: Arc::new(MemStore::new()),
-        timeout: Duration::from_secs(5),
-    }
+    one_rank_context("tp:0", Duration::from_secs(5))
 }
 
 #[test]

@@ -75,6 +75,28 @@ fn hostile_frame(rng: &mut impl Rng) -> Vec<u8> {
     out
 }
 
+/// One connection to the store at `port` that validates, sets `k` to `v` and half-closes, all
+/// in one segment with the FIN (corked), as a client that writes and exits sends it.
+fn set_k_and_close(port: u16) {
+    let mut bytes = Vec::new();
+    Request::Validate {
+        magic: VALIDATION_MAGIC,
+    }
+    .encode(&mut bytes);
+    Request::Set {
+        key: b"/k".to_vec(),
+        value: b"v".to_vec(),
+    }
+    .encode(&mut bytes);
+    let c = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    c.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .unwrap();
+    c.set_cork(true).unwrap();
+    let mut c = TcpStream::from(c);
+    c.write_all(&bytes).unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+}
+
 #[test]
 fn ten_thousand_hostile_frames_do_not_hurt_a_normal_client() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -212,25 +234,9 @@ fn a_fin_that_arrives_with_the_last_bytes_closes_the_connection() {
     })
     .unwrap();
     let fds0 = open_fds();
-    let mut bytes = Vec::new();
-    Request::Validate {
-        magic: VALIDATION_MAGIC,
-    }
-    .encode(&mut bytes);
-    Request::Set {
-        key: b"/k".to_vec(),
-        value: b"v".to_vec(),
-    }
-    .encode(&mut bytes);
     const N: usize = 200;
     for _ in 0..N {
-        let c = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        c.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], s.port())).into())
-            .unwrap();
-        c.set_cork(true).unwrap();
-        let mut c = TcpStream::from(c);
-        c.write_all(&bytes).unwrap();
-        c.shutdown(std::net::Shutdown::Write).unwrap();
+        set_k_and_close(s.port());
     }
     let t0 = Instant::now();
     while s.connections() > 0 && t0.elapsed() < Duration::from_secs(5) {
@@ -521,24 +527,8 @@ fn connections_past_the_open_file_limit_never_lock_clients_out() {
         max <= 256 - 64,
         "connection cap {max} not below the file limit"
     );
-    let mut bytes = Vec::new();
-    Request::Validate {
-        magic: VALIDATION_MAGIC,
-    }
-    .encode(&mut bytes);
-    Request::Set {
-        key: b"/k".to_vec(),
-        value: b"v".to_vec(),
-    }
-    .encode(&mut bytes);
     for _ in 0..400 {
-        let c = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        c.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
-            .unwrap();
-        c.set_cork(true).unwrap();
-        let mut c = TcpStream::from(c);
-        c.write_all(&bytes).unwrap();
-        c.shutdown(std::net::Shutdown::Write).unwrap();
+        set_k_and_close(port);
     }
     std::thread::sleep(Duration::from_millis(300));
     // The first connections after them are served.

@@ -296,14 +296,7 @@ impl DeviceCommunicator for Communicator {
         t
     }
     fn copy(src: &&TpuTensor, dst: &mut &mut TpuTensor) -> Result<()> {
-        dist_core::ensure_arg!(
-            src.dtype() == dst.dtype() && src.numel() == dst.numel(),
-            "copy of {} {:?} into {} {:?}",
-            src.dtype(),
-            src.shape(),
-            dst.dtype(),
-            dst.shape()
-        );
+        dist_core::communicator::check_copy(src, dst)?;
         let shape = dst.shape().to_vec();
         **dst = if src.shape() == shape.as_slice() {
             (*src).clone()

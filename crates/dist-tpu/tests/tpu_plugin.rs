@@ -5,11 +5,10 @@
 //! `build.rs`) that test is `#[ignore]`d with the reason: counted as skipped, never as a pass.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dist_core::local::{MemStore, ThreadGroup};
-use dist_core::{Backend, CommunicatorContext, Device, Error, HostTensor};
+use dist_core::local::one_rank_context;
+use dist_core::{Backend, Device, Error, HostTensor};
 use dist_tpu::{Library, TpuBackend};
 
 /// Reports a test that cannot run here: prints `SKIPPED: <test>: <reason>` and, where
@@ -157,16 +156,7 @@ fn libtpu_says_no_tpu_on_a_host_without_chips() {
 fn conformance_world1_needs_a_plugin_with_a_device() {
     // Runs only where DIST_PJRT_PLUGIN names a plugin whose client finds a device (the device
     // machine runs the same through examples/pjrt_check.rs).
-    let hg = ThreadGroup::new(1, Duration::from_secs(60)).pop().unwrap();
-    let ctx = CommunicatorContext {
-        group_name: "tp:0".into(),
-        ranks: vec![0],
-        rank_in_group: 0,
-        local_rank: 0,
-        host_group: Arc::new(hg),
-        store: Arc::new(MemStore::new()),
-        timeout: Duration::from_secs(60),
-    };
+    let ctx = one_rank_context("tp:0", Duration::from_secs(60));
     let comm = TpuBackend::create_communicator(&ctx)
         .unwrap_or_else(|e| panic!("DIST_PJRT_PLUGIN is set but gives no usable device: {e}"));
     let n = dist_core::conformance::check_all::<TpuBackend>(

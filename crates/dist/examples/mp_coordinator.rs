@@ -12,11 +12,13 @@ use std::sync::Arc;
 use dist::core::conformance::compare;
 use dist::core::parallel_state as ps;
 use dist::{
-    in_the_same_node_as, node_count, reference, DType, DictValue, DistEnv, HostTensor, InitOptions,
+    in_the_same_node_as, node_count, reference, DType, DictValue, DistEnv, HostTensor,
     ParallelConfig, ReduceOp, Value,
 };
 
-type B = dist::DefaultBackend;
+mod common;
+
+use common::B;
 
 fn sample_dict(tag: u64) -> Vec<(String, DictValue<HostTensor>)> {
     let mut nested = BTreeMap::new();
@@ -204,17 +206,10 @@ fn check_layout(env: &DistEnv, tp: usize, pp: usize) -> Result<(), Box<dyn std::
 }
 
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some("--worlds") {
-        println!("1,2,4,8");
+    if common::answered_worlds("1,2,4,8") {
         return;
     }
-    let env = match DistEnv::init(&InitOptions::default()) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("init failed: {e}");
-            std::process::exit(1);
-        }
-    };
+    let env = common::init_env();
     let world = env.world().world_size;
     let mut layouts = vec![(world, 1), (1, world)];
     if world >= 4 && world % 4 == 0 {

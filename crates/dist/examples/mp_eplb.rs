@@ -9,9 +9,9 @@
 use dist::core::eplb::{
     rearrange_experts, rebalance_experts, EplbSchedule, ExpertLoadWindow, PolicyParams,
 };
-use dist::{DType, DistEnv, HostTensor, InitOptions, ParallelConfig};
+use dist::{DType, DistEnv, HostTensor};
 
-type B = dist::DefaultBackend;
+mod common;
 
 const LAYERS: usize = 3;
 const EXPERTS: usize = 16;
@@ -51,12 +51,7 @@ fn routed(round: usize, rank: usize, t: usize, l: usize, s: usize) -> u64 {
 
 fn run(env: &DistEnv) -> Result<String, Box<dyn std::error::Error>> {
     let world = env.world().world_size;
-    let state = env.initialize_model_parallel::<B>(ParallelConfig {
-        dp: world,
-        ep: true,
-        ..ParallelConfig::new(world)
-    })?;
-    let ep = state.ep().ok_or("no EP group")?.clone();
+    let (state, ep) = common::ep_groups(env)?;
     let rank = ep.rank_in_group();
     // Enough slots for every expert plus two redundant ones per rank.
     let per = EXPERTS.div_ceil(world) + 2;
@@ -129,31 +124,10 @@ fn run(env: &DistEnv) -> Result<String, Box<dyn std::error::Error>> {
 }
 
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some("--worlds") {
-        println!("1,2,4,8");
+    if common::answered_worlds("1,2,4,8") {
         return;
     }
-    let env = match DistEnv::init(&InitOptions::default()) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("init failed: {e}");
-            std::process::exit(1);
-        }
-    };
-    let world = env.world().world_size;
-    let rank = env.world().rank;
-    match run(&env) {
-        Ok(r) if rank == 0 => {
-            println!("mp_eplb: world {world}: every rank holds the plan's experts ({r})")
-        }
-        Ok(_) => {}
-        Err(e) => {
-            eprintln!("rank {rank}: FAILED: {e}");
-            std::process::exit(1);
-        }
-    }
-    if let Err(e) = env.destroy::<B>() {
-        eprintln!("rank {rank}: destroy failed: {e}");
-        std::process::exit(1);
-    }
+    common::rank_main("mp_eplb", |env| {
+        run(env).map(|r| format!("every rank holds the plan's experts ({r})"))
+    });
 }

@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use dist::moe::{
     self, combine, dispatch, expert_input, All2AllBackend, ExpertPlacement, MoeConfig, Routing,
 };
-use dist::{
-    DType, DeviceCommunicator, DistEnv, HostGroupExt, HostTensor, InitOptions, ParallelConfig,
-};
+use dist::{DType, DeviceCommunicator, DistEnv, HostGroupExt, HostTensor};
 
-type B = dist::DefaultBackend;
+mod common;
+
+use common::B;
 type Comm = <B as dist::Backend>::Communicator;
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -68,12 +68,7 @@ fn routing(
 
 fn bench(env: &DistEnv, tokens: usize) -> Result<String, Box<dyn std::error::Error>> {
     let world = env.world().world_size;
-    let state = env.initialize_model_parallel::<B>(ParallelConfig {
-        dp: world,
-        ep: true,
-        ..ParallelConfig::new(world)
-    })?;
-    let ep = state.ep().ok_or("no EP group")?.clone();
+    let (state, ep) = common::ep_groups(env)?;
     let rank = ep.rank_in_group();
     let (hidden, experts, k) = (2048, 8 * world.max(2), 8);
     let p = ExpertPlacement::linear(experts, world)?;
@@ -191,13 +186,7 @@ fn bench(env: &DistEnv, tokens: usize) -> Result<String, Box<dyn std::error::Err
 }
 
 fn run(env: &DistEnv) -> Result<String, Box<dyn std::error::Error>> {
-    let world = env.world().world_size;
-    let state = env.initialize_model_parallel::<B>(ParallelConfig {
-        dp: world,
-        ep: true,
-        ..ParallelConfig::new(world)
-    })?;
-    let ep = state.ep().ok_or("no EP group")?.clone();
+    let (state, ep) = common::ep_groups(env)?;
     let passed = moe::check::check_all(&ep, 5)?;
     state.destroy()?;
     Ok(format!(
@@ -206,35 +195,14 @@ fn run(env: &DistEnv) -> Result<String, Box<dyn std::error::Error>> {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("--worlds") {
-        println!("1,2,4,8");
+    if common::answered_worlds("1,2,4,8") {
         return;
     }
+    let args: Vec<String> = std::env::args().collect();
     let bench_tokens = (args.get(1).map(String::as_str) == Some("--bench"))
         .then(|| args.get(2).and_then(|s| s.parse().ok()).unwrap_or(512));
-    let env = match DistEnv::init(&InitOptions::default()) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("init failed: {e}");
-            std::process::exit(1);
-        }
-    };
-    let (world, rank) = (env.world().world_size, env.world().rank);
-    let r = match bench_tokens {
-        Some(t) => bench(&env, t),
-        None => run(&env),
-    };
-    match r {
-        Ok(r) if rank == 0 => println!("mp_moe: world {world}: {r}"),
-        Ok(_) => {}
-        Err(e) => {
-            eprintln!("rank {rank}: FAILED: {e}");
-            std::process::exit(1);
-        }
-    }
-    if let Err(e) = env.destroy::<B>() {
-        eprintln!("rank {rank}: destroy failed: {e}");
-        std::process::exit(1);
-    }
+    common::rank_main("mp_moe", |env| match bench_tokens {
+        Some(t) => bench(env, t),
+        None => run(env),
+    });
 }

@@ -15,9 +15,11 @@ use std::time::{Duration, Instant};
 use dist::core::weights::{
     checksum64, receive_weights, receive_weights_into, send_weights, TransferOptions, WeightSpec,
 };
-use dist::{DType, DistEnv, HostTensor, InitOptions, ParallelConfig};
+use dist::{DType, DistEnv, HostTensor, ParallelConfig};
 
-type B = dist::DefaultBackend;
+mod common;
+
+use common::B;
 
 fn model(tag: u64) -> Vec<(String, HostTensor)> {
     let mut m = vec![
@@ -283,31 +285,11 @@ fn run(env: &DistEnv, bench: Option<usize>) -> Result<String, Box<dyn std::error
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("--worlds") {
-        println!("1,2,4,8");
+    if common::answered_worlds("1,2,4,8") {
         return;
     }
+    let args: Vec<String> = std::env::args().collect();
     let bench = (args.get(1).map(String::as_str) == Some("--bench"))
         .then(|| args.get(2).and_then(|s| s.parse().ok()).unwrap_or(256));
-    let env = match DistEnv::init(&InitOptions::default()) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("init failed: {e}");
-            std::process::exit(1);
-        }
-    };
-    let (world, rank) = (env.world().world_size, env.world().rank);
-    match run(&env, bench) {
-        Ok(r) if rank == 0 => println!("mp_weights: world {world}: {r}"),
-        Ok(_) => {}
-        Err(e) => {
-            eprintln!("rank {rank}: FAILED: {e}");
-            std::process::exit(1);
-        }
-    }
-    if let Err(e) = env.destroy::<B>() {
-        eprintln!("rank {rank}: destroy failed: {e}");
-        std::process::exit(1);
-    }
+    common::rank_main("mp_weights", |env| run(env, bench));
 }

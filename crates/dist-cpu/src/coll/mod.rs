@@ -40,12 +40,12 @@ use std::time::{Duration, Instant};
 use std::sync::Arc;
 
 use dist_core::communicator::{
-    all_gatherv_shape, check_all_to_all_v, check_collective_dim, check_output, ensure_reducible,
-    host_copy, reduce_scatter_shape, reduce_scatterv_shape, P2pOp,
+    all_gatherv_shape, check_all_to_all_v, check_collective_dim, check_output,
+    check_reduce_scatterv, ensure_reducible, P2pOp,
 };
 use dist_core::{
-    reduce_bytes, DType, Device, DeviceCommunicator, Error, HostGroup, HostGroupExt, HostPool,
-    HostTensor, HostView, HostViewMut, ReduceOp, Result, Tensor,
+    reduce_bytes, DType, DeviceCommunicator, Error, HostGroup, HostGroupExt, HostPool, HostTensor,
+    HostView, HostViewMut, ReduceOp, Result, Tensor,
 };
 
 use crate::shm::{remove_stale_segments, WaitOutcome};
@@ -180,7 +180,7 @@ pub struct ShmCommunicator {
     pool: Pool,
     /// Outputs of the owned (allocating) calls, kept touched between calls.
     buffers: Arc<HostPool>,
-    timeout_ns: AtomicU64,
+    timeout: dist_core::communicator::TimeoutCell,
     state: Mutex<OpState>,
 }
 
@@ -414,7 +414,7 @@ impl ShmCommunicator {
             pid: std::process::id(),
             pool: Pool::new(cfg.threads),
             buffers: HostPool::new(HostPool::DEFAULT_LIMIT),
-            timeout_ns: AtomicU64::new(timeout.as_nanos().min(u64::MAX as u128) as u64),
+            timeout: dist_core::communicator::TimeoutCell::new(timeout),
             state: Mutex::new(OpState {
                 round: 0,
                 sent: vec![0; world],
@@ -1203,45 +1203,12 @@ impl ShmCommunicator {
 }
 
 impl DeviceCommunicator for ShmCommunicator {
-    type Tensor = HostTensor;
-    type View<'a> = HostView<'a>;
-    type ViewMut<'a> = HostViewMut<'a>;
-
-    fn view(t: &HostTensor) -> HostView<'_> {
-        t.view()
-    }
-    fn view_mut(t: &mut HostTensor) -> HostViewMut<'_> {
-        t.view_mut()
-    }
-    fn copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
-        host_copy(src, dst)
-    }
-    fn narrow<'a>(v: &Self::View<'a>, start: usize, len: usize) -> Result<Self::View<'a>> {
-        v.narrow(start, len)
-    }
+    dist_core::host_communicator_items!(timeout = timeout, pool = buffers);
     fn rank(&self) -> usize {
         self.rank
     }
     fn world_size(&self) -> usize {
         self.world
-    }
-    fn timeout(&self) -> Duration {
-        Duration::from_nanos(self.timeout_ns.load(Ordering::Relaxed))
-    }
-    fn set_timeout(&self, timeout: Duration) {
-        self.timeout_ns.store(
-            timeout.as_nanos().min(u64::MAX as u128) as u64,
-            Ordering::Relaxed,
-        );
-    }
-    fn device(&self) -> Device {
-        Device::CPU
-    }
-    fn empty(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
-        Ok(HostTensor::zeros(dtype, shape))
-    }
-    fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
-        self.buffers.tensor(dtype, shape)
     }
 
     fn all_reduce_into(
@@ -1294,19 +1261,6 @@ impl DeviceCommunicator for ShmCommunicator {
         self.gather_into_impl("all_gatherv", input, Some(output), dim, sizes, None)
     }
 
-    fn reduce_scatter_into(
-        &self,
-        input: &HostView<'_>,
-        output: &mut HostViewMut<'_>,
-        dim: isize,
-        op: ReduceOp,
-    ) -> Result<()> {
-        reduce_scatter_shape(input.shape(), dim, self.world)?;
-        let d = check_collective_dim(input.shape(), dim, "reduce_scatter")?;
-        let sizes = vec![input.shape()[d] / self.world; self.world];
-        self.reduce_scatterv_into(input, output, dim, &sizes, op)
-    }
-
     fn reduce_scatterv_into(
         &self,
         input: &HostView<'_>,
@@ -1315,10 +1269,7 @@ impl DeviceCommunicator for ShmCommunicator {
         sizes: &[usize],
         op: ReduceOp,
     ) -> Result<()> {
-        ensure_reducible(input.dtype(), "reduce_scatter")?;
-        let d = check_collective_dim(input.shape(), dim, "reduce_scatterv")?;
-        let out_shape = reduce_scatterv_shape(input.shape(), d, sizes, self.world, self.rank)?;
-        check_output("reduce_scatter", output, input.dtype(), &out_shape)?;
+        let d = check_reduce_scatterv(input, output, dim, sizes, self.world, self.rank)?;
         self.run("reduce_scatter", |st, o| {
             self.reduce_scatter_bytes(
                 st,

@@ -15,17 +15,16 @@
 //! [`GlooCommunicator::new`] with `Error::Timeout` naming it, within the timeout.
 
 use std::ffi::{c_char, c_int, c_void, CString};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use dist_core::communicator::{
-    all_gatherv_shape, check_all_to_all_v, check_collective_dim, check_output, ensure_reducible,
-    host_copy, reduce_scatter_shape, reduce_scatterv_shape, P2pOp,
+    all_gatherv_shape, check_all_to_all_v, check_collective_dim, check_output,
+    check_reduce_scatterv, ensure_reducible, P2pOp,
 };
 use dist_core::tensor::{concat_along_into, split_along, split_dims};
 use dist_core::{
-    DType, Device, DeviceCommunicator, Element, Error, HostPool, HostTensor, HostView, HostViewMut,
+    DType, DeviceCommunicator, Element, Error, HostPool, HostTensor, HostView, HostViewMut,
     ReduceOp, Result, Store,
 };
 
@@ -231,7 +230,7 @@ pub struct GlooCommunicator {
     group: String,
     rank: usize,
     world: usize,
-    timeout_ns: AtomicU64,
+    timeout: dist_core::communicator::TimeoutCell,
     inner: Mutex<Inner>,
     /// Outputs of the owned calls and the reduce-scatter's temporaries, kept touched.
     buffers: Arc<HostPool>,
@@ -334,7 +333,7 @@ impl GlooCommunicator {
             group: group_name.to_string(),
             rank,
             world,
-            timeout_ns: AtomicU64::new(timeout.as_nanos().min(u64::MAX as u128) as u64),
+            timeout: dist_core::communicator::TimeoutCell::new(timeout),
             buffers: HostPool::new(HostPool::DEFAULT_LIMIT),
             inner: Mutex::new(Inner {
                 ctx,
@@ -639,44 +638,12 @@ fn msg(err: &[c_char]) -> String {
 }
 
 impl DeviceCommunicator for GlooCommunicator {
-    type Tensor = HostTensor;
-    type View<'a> = HostView<'a>;
-    type ViewMut<'a> = HostViewMut<'a>;
-    fn view(t: &HostTensor) -> HostView<'_> {
-        t.view()
-    }
-    fn view_mut(t: &mut HostTensor) -> HostViewMut<'_> {
-        t.view_mut()
-    }
-    fn copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
-        host_copy(src, dst)
-    }
-    fn narrow<'a>(v: &Self::View<'a>, start: usize, len: usize) -> Result<Self::View<'a>> {
-        v.narrow(start, len)
-    }
+    dist_core::host_communicator_items!(timeout = timeout, pool = buffers);
     fn rank(&self) -> usize {
         self.rank
     }
     fn world_size(&self) -> usize {
         self.world
-    }
-    fn timeout(&self) -> Duration {
-        Duration::from_nanos(self.timeout_ns.load(Ordering::Relaxed))
-    }
-    fn set_timeout(&self, timeout: Duration) {
-        self.timeout_ns.store(
-            timeout.as_nanos().min(u64::MAX as u128) as u64,
-            Ordering::Relaxed,
-        );
-    }
-    fn device(&self) -> Device {
-        Device::CPU
-    }
-    fn empty(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
-        Ok(HostTensor::zeros(dtype, shape))
-    }
-    fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
-        self.buffers.tensor(dtype, shape)
     }
     fn all_reduce_into(
         &self,
@@ -711,18 +678,6 @@ impl DeviceCommunicator for GlooCommunicator {
     ) -> Result<()> {
         self.gatherv_into(input, Some(output), dim, sizes, "all_gatherv")
     }
-    fn reduce_scatter_into(
-        &self,
-        input: &HostView<'_>,
-        output: &mut HostViewMut<'_>,
-        dim: isize,
-        op: ReduceOp,
-    ) -> Result<()> {
-        reduce_scatter_shape(input.shape(), dim, self.world)?;
-        let d = check_collective_dim(input.shape(), dim, "reduce_scatter")?;
-        let sizes = vec![input.shape()[d] / self.world; self.world];
-        self.reduce_scatterv_into(input, output, dim, &sizes, op)
-    }
     /// gloo's options API has no reduce-scatter: an all-reduce of the whole input (in a pooled
     /// temporary), then this rank's part.
     fn reduce_scatterv_into(
@@ -733,10 +688,7 @@ impl DeviceCommunicator for GlooCommunicator {
         sizes: &[usize],
         op: ReduceOp,
     ) -> Result<()> {
-        ensure_reducible(input.dtype(), "reduce_scatterv")?;
-        let d = check_collective_dim(input.shape(), dim, "reduce_scatterv")?;
-        let shape = reduce_scatterv_shape(input.shape(), d, sizes, self.world, self.rank)?;
-        check_output("reduce_scatterv", output, input.dtype(), &shape)?;
+        let d = check_reduce_scatterv(input, output, dim, sizes, self.world, self.rank)?;
         let mut t = self.buffers.tensor(input.dtype(), input.shape())?;
         t.as_bytes_mut().copy_from_slice(input.as_bytes());
         self.all_reduce_raw(&mut t.view_mut(), op)?;

@@ -308,6 +308,16 @@ impl std::fmt::Debug for Handle {
 }
 
 impl Handle {
+    /// The remote readers whose link is still missing (`links` in [`Self::remote_reader_ranks`]
+    /// order).
+    pub(crate) fn unconnected_remote_readers<L>(&self, links: &[Option<L>]) -> Vec<usize> {
+        links
+            .iter()
+            .zip(&self.remote_reader_ranks)
+            .filter(|(l, _)| l.is_none())
+            .map(|(_, &r)| r)
+            .collect()
+    }
     fn geometry(&self) -> Result<Geometry> {
         Geometry::new(
             usize::try_from(self.slots).map_err(|_| Error::invalid("mq handle: slots"))?,

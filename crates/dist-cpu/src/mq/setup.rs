@@ -355,16 +355,10 @@ impl MessageQueue {
                         self.check_cancel(op)?;
                         let now = Instant::now();
                         if now >= deadline {
-                            let missing = links
-                                .iter()
-                                .zip(&self.handle.remote_reader_ranks)
-                                .filter(|(l, _)| l.is_none())
-                                .map(|(_, &r)| r)
-                                .collect();
                             return Err(Error::Timeout {
                                 op: op.to_string(),
                                 waited: start.elapsed(),
-                                missing_ranks: missing,
+                                missing_ranks: self.handle.unconnected_remote_readers(&links),
                                 detail: format!(
                                     "remote readers did not connect to {} with the queue's token",
                                     self.handle.remote_addr.as_deref().unwrap_or("?")

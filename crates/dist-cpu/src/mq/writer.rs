@@ -254,16 +254,10 @@ impl MessageQueue {
             }
             let now = Instant::now();
             if now >= deadline {
-                let missing: Vec<usize> = links
-                    .iter()
-                    .zip(&self.handle.remote_reader_ranks)
-                    .filter(|(l, _)| l.is_none())
-                    .map(|(_, &r)| r)
-                    .collect();
                 return Err(Error::Timeout {
                     op: op.to_string(),
                     waited: start.elapsed(),
-                    missing_ranks: missing,
+                    missing_ranks: self.handle.unconnected_remote_readers(&links),
                     detail: "remote readers have not connected".into(),
                 });
             }

@@ -49,11 +49,8 @@ impl Spin {
 
     /// Runs the awake phases: true as soon as `ready()` is, false once they are over.
     fn stay_awake(&self, ready: &mut impl FnMut() -> bool) -> bool {
-        for _ in 0..SPIN_ITERS {
-            if ready() {
-                return true;
-            }
-            std::hint::spin_loop();
+        if spin_briefly(ready) {
+            return true;
         }
         if self.spin.is_zero() && self.yield_for.is_zero() {
             return false;
@@ -108,6 +105,31 @@ pub fn futex_wake(word: &AtomicU32, n: i32) {
     }
 }
 
+/// Spins [`SPIN_ITERS`] times: true as soon as `ready()` is.
+fn spin_briefly(ready: &mut impl FnMut() -> bool) -> bool {
+    for _ in 0..SPIN_ITERS {
+        if ready() {
+            return true;
+        }
+        std::hint::spin_loop();
+    }
+    false
+}
+
+/// [`spin_briefly`], then [`YIELD_ITERS`] yields: true as soon as `ready()` is.
+fn spin_then_yield(ready: &mut impl FnMut() -> bool) -> bool {
+    if spin_briefly(ready) {
+        return true;
+    }
+    for _ in 0..YIELD_ITERS {
+        if ready() {
+            return true;
+        }
+        std::thread::yield_now();
+    }
+    false
+}
+
 /// How a [`wait_until`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitOutcome {
@@ -129,17 +151,8 @@ pub fn wait_until<E>(
     mut ready: impl FnMut() -> bool,
     mut poll: impl FnMut() -> Result<(), E>,
 ) -> Result<WaitOutcome, E> {
-    for _ in 0..SPIN_ITERS {
-        if ready() {
-            return Ok(WaitOutcome::Ready);
-        }
-        std::hint::spin_loop();
-    }
-    for _ in 0..YIELD_ITERS {
-        if ready() {
-            return Ok(WaitOutcome::Ready);
-        }
-        std::thread::yield_now();
+    if spin_then_yield(&mut ready) {
+        return Ok(WaitOutcome::Ready);
     }
     loop {
         let s = seq.load(Ordering::Acquire);
@@ -189,17 +202,8 @@ impl Doorbell {
         mut ready: impl FnMut() -> bool,
         poll: impl FnMut() -> Result<(), E>,
     ) -> Result<WaitOutcome, E> {
-        for _ in 0..SPIN_ITERS {
-            if ready() {
-                return Ok(WaitOutcome::Ready);
-            }
-            std::hint::spin_loop();
-        }
-        for _ in 0..YIELD_ITERS {
-            if ready() {
-                return Ok(WaitOutcome::Ready);
-            }
-            std::thread::yield_now();
+        if spin_then_yield(&mut ready) {
+            return Ok(WaitOutcome::Ready);
         }
         self.sleep_until(deadline, poll_every, ready, poll)
     }

@@ -2,7 +2,11 @@
 //! and the plumbing to run readers as child processes of the test binary.
 #![allow(dead_code)]
 
+use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use dist_core::Error;
 
 use dist_cpu::mq::{Handle, MessageQueue};
 
@@ -143,5 +147,33 @@ pub fn wait_child(c: &mut std::process::Child, timeout: Duration) -> Result<(), 
             ));
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A `MakeWriter` that keeps what the subscriber writes.
+#[derive(Clone, Default)]
+pub struct Capture(pub Arc<Mutex<Vec<u8>>>);
+impl Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Asserts that `e` is a timeout waiting for `rank` alone whose detail says `says`.
+pub fn assert_timeout_on(e: &Error, rank: usize, says: &str) {
+    match e {
+        Error::Timeout {
+            missing_ranks,
+            detail,
+            ..
+        } => {
+            assert_eq!(missing_ranks, &vec![rank], "{e}");
+            assert!(detail.contains(says), "{e}");
+        }
+        _ => panic!("{e}"),
     }
 }

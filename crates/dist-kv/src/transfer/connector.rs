@@ -61,6 +61,24 @@ pub struct SchedulerOutput {
     pub finished_req_ids: BTreeSet<String>,
 }
 
+impl SchedulerOutput {
+    /// Schedules `request` for the first time, in `block_ids`, with nothing computed before.
+    pub fn add_new_request(&mut self, request: &Request, block_ids: &[BlockId]) {
+        self.scheduled_new_reqs.push(NewRequestData {
+            request: request.clone(),
+            block_ids: block_ids.to_vec(),
+            num_computed_tokens: 0,
+        });
+    }
+
+    /// [`Self::add_new_request`] with its whole prompt scheduled in this step.
+    pub fn add_new_prompt(&mut self, request: &Request, block_ids: &[BlockId]) {
+        self.add_new_request(request, block_ids);
+        self.num_scheduled_tokens
+            .insert(request.request_id.clone(), request.prompt_token_ids.len());
+    }
+}
+
 /// What a worker reports after a step (vLLM's `KVConnectorOutput`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FinishedRequests {
@@ -137,6 +155,24 @@ pub trait KvConnectorScheduler: Send + Debug {
         let _ = output;
     }
 }
+
+/// Writes a [`KvConnectorWorker`]'s `bind_connector_metadata`, `clear_connector_metadata` and
+/// `has_connector_metadata` for a connector that keeps this step's metadata in the field
+/// `$field: Option<Self::Metadata>`; for use inside its `impl KvConnectorWorker for … { … }`.
+macro_rules! metadata_in_field {
+    ($field:ident) => {
+        fn bind_connector_metadata(&mut self, meta: Self::Metadata) {
+            self.$field = Some(meta);
+        }
+        fn clear_connector_metadata(&mut self) {
+            self.$field = None;
+        }
+        fn has_connector_metadata(&self) -> bool {
+            self.$field.is_some()
+        }
+    };
+}
+pub(crate) use metadata_in_field;
 
 /// The worker side of a connector (vLLM's `KVConnectorBase_V1` worker-side methods).
 ///

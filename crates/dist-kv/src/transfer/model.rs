@@ -306,19 +306,7 @@ impl PagedKvCache {
 
     /// Byte offset of `(plane, block, slot offset, head)` and the byte length of one head row.
     fn at(&self, k: usize, block: usize, off: usize, head: usize) -> usize {
-        let s = &self.spec;
-        let es = s.dtype.size();
-        let idx = match s.layout {
-            KvLayout::Nhd => {
-                (((k * s.num_blocks + block) * s.block_size + off) * s.num_kv_heads + head)
-                    * s.head_dim
-            }
-            KvLayout::Hnd => {
-                (((k * s.num_blocks + block) * s.num_kv_heads + head) * s.block_size + off)
-                    * s.head_dim
-            }
-        };
-        idx * es
+        byte_at(&self.spec, k, block, off, head)
     }
 
     fn check_slots(&self, slots: &[u64]) -> Result<()> {
@@ -348,19 +336,10 @@ impl PagedKvCache {
         self.check_slots(slots)?;
         let s = self.spec;
         let mut out = HostTensor::zeros(s.dtype, &self.rows_shape(slots.len()));
-        let row = s.head_dim * s.dtype.size();
         let src = self.data.as_bytes();
         let dst = out.as_bytes_mut();
-        let mut o = 0;
-        for k in 0..s.kv {
-            for &slot in slots {
-                let (b, off) = (slot as usize / s.block_size, slot as usize % s.block_size);
-                for h in 0..s.num_kv_heads {
-                    let a = self.at(k, b, off, h);
-                    dst[o..o + row].copy_from_slice(&src[a..a + row]);
-                    o += row;
-                }
-            }
+        for (a, o, row) in slot_rows(self.spec, slots) {
+            dst[o..o + row].copy_from_slice(&src[a..a + row]);
         }
         Ok(out)
     }
@@ -369,19 +348,11 @@ impl PagedKvCache {
     pub fn scatter_slots(&mut self, slots: &[u64], rows: &HostTensor) -> Result<()> {
         self.check_slots(slots)?;
         self.spec.check_rows_tensor(slots.len(), rows)?;
-        let s = self.spec;
-        let row = s.head_dim * s.dtype.size();
         let src = rows.as_bytes();
-        let mut o = 0;
-        for k in 0..s.kv {
-            for &slot in slots {
-                let (b, off) = (slot as usize / s.block_size, slot as usize % s.block_size);
-                for h in 0..s.num_kv_heads {
-                    let a = self.at(k, b, off, h);
-                    self.data.as_bytes_mut()[a..a + row].copy_from_slice(&src[o..o + row]);
-                    o += row;
-                }
-            }
+        let spec = self.spec;
+        let dst = self.data.as_bytes_mut();
+        for (a, o, row) in slot_rows(spec, slots) {
+            dst[a..a + row].copy_from_slice(&src[o..o + row]);
         }
         Ok(())
     }
@@ -506,6 +477,36 @@ pub fn slot_mapping(
     Ok((0..num_tokens)
         .map(|t| block_ids[t / block_size] as u64 * block_size as u64 + (t % block_size) as u64)
         .collect())
+}
+
+/// The byte offset in a cache of `s` of head `head` of the token at `off` in block `block` of
+/// plane `k` (0 keys, 1 values).
+fn byte_at(s: &KvCacheSpec, k: usize, block: usize, off: usize, head: usize) -> usize {
+    let es = s.dtype.size();
+    let idx = match s.layout {
+        KvLayout::Nhd => {
+            (((k * s.num_blocks + block) * s.block_size + off) * s.num_kv_heads + head) * s.head_dim
+        }
+        KvLayout::Hnd => {
+            (((k * s.num_blocks + block) * s.num_kv_heads + head) * s.block_size + off) * s.head_dim
+        }
+    };
+    idx * es
+}
+
+/// Where the token rows at `slots` are in a cache of `s`, in the order of
+/// [`PagedKvCache::gather_slots`]'s output: `(byte offset in the cache, byte offset in the rows,
+/// bytes of a row)` for each `(kv, slot, head)`.
+fn slot_rows(s: KvCacheSpec, slots: &[u64]) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    let row = s.head_dim * s.dtype.size();
+    (0..s.kv)
+        .flat_map(move |k| slots.iter().map(move |&slot| (k, slot as usize)))
+        .flat_map(move |(k, slot)| {
+            let (b, off) = (slot / s.block_size, slot % s.block_size);
+            (0..s.num_kv_heads).map(move |h| byte_at(&s, k, b, off, h))
+        })
+        .enumerate()
+        .map(move |(i, a)| (a, i * row, row))
 }
 
 #[cfg(test)]

@@ -453,15 +453,7 @@ impl<C: KvCacheLayer> KvConnectorWorker for StorageWorker<C> {
         Ok(())
     }
 
-    fn bind_connector_metadata(&mut self, meta: StorageConnectorMetadata) {
-        self.meta = Some(meta);
-    }
-    fn clear_connector_metadata(&mut self) {
-        self.meta = None;
-    }
-    fn has_connector_metadata(&self) -> bool {
-        self.meta.is_some()
-    }
+    super::connector::metadata_in_field!(meta);
 
     fn start_load_kv(&mut self, caches: &mut BTreeMap<String, C>) -> Result<()> {
         let Some(meta) = self.meta.take() else {

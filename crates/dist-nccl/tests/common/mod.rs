@@ -197,13 +197,8 @@ impl Drop for Flag {
 
 pub fn context(local_rank: usize) -> CommunicatorContext {
     CommunicatorContext {
-        group_name: "tp:0".into(),
-        ranks: vec![0],
-        rank_in_group: 0,
         local_rank,
-        host_group: Arc::new(ThreadGroup::new(1, Duration::from_secs(5)).pop().unwrap()),
-        store: Arc::new(MemStore::new()),
-        timeout: Duration::from_secs(5),
+        ..dist_core::local::one_rank_context("tp:0", Duration::from_secs(5))
     }
 }
 

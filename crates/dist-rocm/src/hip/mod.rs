@@ -51,15 +51,7 @@ pub fn candidates(override_path: Option<&str>, rocm_path: Option<&str>) -> Vec<P
     if let Some(p) = override_path.filter(|p| !p.is_empty()) {
         return vec![PathBuf::from(p)];
     }
-    let mut out = Vec::new();
-    out.extend(SO_NAMES.iter().map(PathBuf::from));
-    let root = rocm_path.filter(|p| !p.is_empty()).unwrap_or("/opt/rocm");
-    out.extend(
-        SO_NAMES
-            .iter()
-            .map(|n| PathBuf::from(root).join("lib").join(n)),
-    );
-    out
+    dist_nccl::loader::rocm_candidates(&SO_NAMES, rocm_path)
 }
 
 /// Formats HIP's version code: `50221153` → `"5.2.21153"` (`major * 10^7 + minor * 10^5 + patch`).

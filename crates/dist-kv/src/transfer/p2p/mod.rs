@@ -408,15 +408,7 @@ impl<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>> KvConnectorWorker for P2p
         Ok(())
     }
 
-    fn bind_connector_metadata(&mut self, meta: P2pConnectorMetadata) {
-        self.meta = Some(meta);
-    }
-    fn clear_connector_metadata(&mut self) {
-        self.meta = None;
-    }
-    fn has_connector_metadata(&self) -> bool {
-        self.meta.is_some()
-    }
+    crate::transfer::connector::metadata_in_field!(meta);
 
     fn start_load_kv(&mut self, caches: &mut BTreeMap<String, C>) -> Result<()> {
         if self.cfg.role != P2pRole::Consumer {
@@ -609,7 +601,7 @@ pub fn wait_finished<W: KvConnectorWorker>(
 mod tests {
     use super::*;
 
-    use crate::transfer::connector::{CachedRequestData, NewRequestData};
+    use crate::transfer::connector::CachedRequestData;
 
     #[test]
     fn producer_sends_a_chunked_prefill_once_with_every_block() {
@@ -617,11 +609,7 @@ mod tests {
         let r = Request::new("r___decode_addr_h:1", (0..10).collect());
         // Step 1: 4 of 10 tokens, blocks [5].
         let mut out = SchedulerOutput::default();
-        out.scheduled_new_reqs.push(NewRequestData {
-            request: r.clone(),
-            block_ids: vec![5],
-            num_computed_tokens: 0,
-        });
+        out.add_new_request(&r, &[5]);
         out.num_scheduled_tokens.insert(r.request_id.clone(), 4);
         assert!(s.build_connector_meta(&out).requests.is_empty());
         // Step 2: 4 more, block 2 added; step 3: the last 2, block 9 added.

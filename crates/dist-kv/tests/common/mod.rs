@@ -1,0 +1,72 @@
+//! A hostile peer's side of the P2P wire, shared by `tests/kv_p2p_hostile.rs` and
+//! `examples/kv_p2p_attacks.rs` (which includes this file as a module).
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::time::Instant;
+
+use dist_core::{DType, HostTensor};
+use dist_kv::transfer::p2p::wire::{decode_frame, Frame, TensorHeader};
+use dist_kv::transfer::p2p::P2pEngine;
+use dist_kv::transfer::Result;
+
+/// Reads one frame, `None` on EOF, an error or the stream's read timeout.
+pub fn read_one(s: &mut TcpStream) -> Option<Frame> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+    s.read_exact(&mut body).ok()?;
+    decode_frame(&body).ok()
+}
+
+/// Reads and drops what arrives on `s` while `go()` holds: true as soon as the peer closes it
+/// (EOF or reset), false once `go()` is false. The stream's read timeout is how often `go` is
+/// asked.
+pub fn drained_until_closed(s: &mut TcpStream, mut go: impl FnMut() -> bool) -> bool {
+    let mut b = [0u8; 256];
+    while go() {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// A PUT offer of a 1 GiB tensor that the liar never sends.
+pub fn liar_offer(seq: u64, tensor_id: String) -> Frame {
+    Frame::Put {
+        seq,
+        tensor_id,
+        header: TensorHeader {
+            dtype: DType::F32,
+            shape: vec![1 << 28],
+        },
+    }
+}
+
+/// Round `i` of an impostor run: `prod` sends one small layer to `cons`, which receives it
+/// before `deadline`. Returns the request id and the address the layer came from.
+pub fn small_round(
+    prod: &P2pEngine,
+    cons: &P2pEngine,
+    i: usize,
+    deadline: Instant,
+) -> Result<(String, String)> {
+    let id = format!("imp-{i}");
+    let tid = format!("{id}#layer");
+    prod.send_tensor(
+        &id,
+        &tid,
+        HostTensor::zeros(DType::U8, &[64]),
+        cons.listen_addr(),
+    )?;
+    let (_, from) = cons.recv_tensor(&tid, None, deadline)?;
+    Ok((id, from))
+}
