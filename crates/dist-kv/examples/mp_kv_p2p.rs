@@ -57,6 +57,13 @@ fn layer(i: usize) -> String {
     format!("model.layers.{i}.self_attn.attn")
 }
 
+/// The consumer's caches: zeros, in `layout`.
+fn consumer_caches(layout: KvLayout) -> Res<KvCaches> {
+    (0..LAYERS)
+        .map(|i| Ok((layer(i), PagedKvCache::zeros(spec(layout))?)))
+        .collect()
+}
+
 fn producer_caches() -> Res<KvCaches> {
     (0..LAYERS)
         .map(|i| {
@@ -232,10 +239,7 @@ fn run_mode<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>>(
             return Err(format!("{mode:?}: producer still holds buffers").into());
         }
     } else {
-        let cc: KvCaches = (0..LAYERS)
-            .map(|i| Ok((layer(i), PagedKvCache::zeros(spec(KvLayout::Hnd))?)))
-            .collect::<Res<_>>()?;
-        let mut cc = wrap_all(f.wrap, cc)?;
+        let mut cc = wrap_all(f.wrap, consumer_caches(KvLayout::Hnd)?)?;
         w.register_kv_caches(&cc)?;
         let reqs: Vec<_> = plan
             .iter()
@@ -382,10 +386,7 @@ fn bench<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>>(
                 return Err(format!("bench {mode:?}: {fin:?}").into());
             }
         } else {
-            let cc: KvCaches = (0..LAYERS)
-                .map(|i| Ok((layer(i), PagedKvCache::zeros(spec(KvLayout::Nhd))?)))
-                .collect::<Res<_>>()?;
-            let mut cc = wrap_all(f.wrap, cc)?;
+            let mut cc = wrap_all(f.wrap, consumer_caches(KvLayout::Nhd)?)?;
             w.register_kv_caches(&cc)?;
             consume(&mut w, &mut cc, &reqs)?;
             let t = start.elapsed().as_secs_f64();
