@@ -118,12 +118,7 @@ impl<'a> HostView<'a> {
     }
     /// The elements as `T` (`T::DTYPE` must be the view's dtype).
     pub fn as_slice<T: Element>(&self) -> Result<&'a [T]> {
-        crate::ensure_arg!(
-            T::DTYPE == self.dtype,
-            "view holds {}, asked for {}",
-            self.dtype,
-            T::DTYPE
-        );
+        holds::<T>(self.dtype)?;
         Ok(bytemuck::cast_slice(self.bytes))
     }
     /// Elements `[start, start + len)` as a 1-D view.
@@ -197,22 +192,12 @@ impl<'a> HostViewMut<'a> {
     }
     /// The elements as `T`.
     pub fn as_slice<T: Element>(&self) -> Result<&[T]> {
-        crate::ensure_arg!(
-            T::DTYPE == self.dtype,
-            "view holds {}, asked for {}",
-            self.dtype,
-            T::DTYPE
-        );
+        holds::<T>(self.dtype)?;
         Ok(bytemuck::cast_slice(self.bytes))
     }
     /// The elements as mutable `T`.
     pub fn as_slice_mut<T: Element>(&mut self) -> Result<&mut [T]> {
-        crate::ensure_arg!(
-            T::DTYPE == self.dtype,
-            "view holds {}, asked for {}",
-            self.dtype,
-            T::DTYPE
-        );
+        holds::<T>(self.dtype)?;
         Ok(bytemuck::cast_slice_mut(self.bytes))
     }
     /// A shorter-lived mutable view of the same elements.
@@ -235,6 +220,16 @@ impl<'a> HostViewMut<'a> {
     pub fn reshape(self, shape: &[usize]) -> Result<HostViewMut<'a>> {
         HostViewMut::from_bytes(self.dtype, shape, self.bytes)
     }
+}
+
+/// Checks that a view of `dtype` can be read as `T`.
+fn holds<T: Element>(dtype: DType) -> Result<()> {
+    crate::ensure_arg!(
+        T::DTYPE == dtype,
+        "view holds {dtype}, asked for {}",
+        T::DTYPE
+    );
+    Ok(())
 }
 
 macro_rules! host_view_tensor {

@@ -35,54 +35,56 @@ fn dispatch_and_combine_match_a_plain_moe() {
     }
 }
 
-#[test]
-fn a_bad_routing_fails_every_rank_naming_it() {
-    let n = 3;
-    let out = run_threads(n, TIMEOUT, |rank, g| {
+/// Every rank's error from a dispatch over `n` ranks with `backend` and `experts` experts, where
+/// `input(rank)` is the rank's tokens and its one expert per token.
+fn dispatch_errors(
+    n: usize,
+    backend: All2AllBackend,
+    experts: usize,
+    input: impl Fn(usize) -> (HostTensor, Vec<u32>) + Sync,
+) -> Vec<String> {
+    run_threads(n, TIMEOUT, |rank, g| {
         let ep = group(rank, n, Arc::new(g));
         let cfg = MoeConfig {
-            backend: All2AllBackend::AllToAllV,
-            placement: ExpertPlacement::linear(6, n).unwrap(),
+            backend,
+            placement: ExpertPlacement::linear(experts, n).unwrap(),
         };
-        let x = HostTensor::zeros(DType::F32, &[2, 4]);
-        // Rank 1 routes a token to expert 9 of 6.
-        let ids: Vec<u32> = if rank == 1 { vec![0, 9] } else { vec![0, 5] };
+        let (x, ids) = input(rank);
         let r = Routing {
             topk_ids: &ids,
-            topk_weights: &[1.0, 1.0],
+            topk_weights: &vec![1.0; ids.len()],
             top_k: 1,
         };
         moe::dispatch(&ep, &cfg, &x.view(), &r)
             .unwrap_err()
             .to_string()
+    })
+    .into_iter()
+    .map(|o| o.unwrap())
+    .collect()
+}
+
+#[test]
+fn a_bad_routing_fails_every_rank_naming_it() {
+    let errors = dispatch_errors(3, All2AllBackend::AllToAllV, 6, |rank| {
+        // Rank 1 routes a token to expert 9 of 6.
+        let ids = if rank == 1 { vec![0, 9] } else { vec![0, 5] };
+        (HostTensor::zeros(DType::F32, &[2, 4]), ids)
     });
-    for o in out {
-        let e = o.unwrap();
+    for e in errors {
         assert!(e.contains("rank 1: ") && e.contains("expert 9"), "{e}");
     }
 }
 
 #[test]
 fn ranks_that_disagree_on_the_shape_are_named() {
-    let n = 2;
-    let out = run_threads(n, TIMEOUT, |rank, g| {
-        let ep = group(rank, n, Arc::new(g));
-        let cfg = MoeConfig {
-            backend: All2AllBackend::AllGatherReduceScatter,
-            placement: ExpertPlacement::linear(4, n).unwrap(),
-        };
-        let x = HostTensor::zeros(DType::F32, &[1, 4 + rank]);
-        let r = Routing {
-            topk_ids: &[rank as u32],
-            topk_weights: &[1.0],
-            top_k: 1,
-        };
-        moe::dispatch(&ep, &cfg, &x.view(), &r)
-            .unwrap_err()
-            .to_string()
+    let errors = dispatch_errors(2, All2AllBackend::AllGatherReduceScatter, 4, |rank| {
+        (
+            HostTensor::zeros(DType::F32, &[1, 4 + rank]),
+            vec![rank as u32],
+        )
     });
-    for o in out {
-        let e = o.unwrap();
+    for e in errors {
         assert!(e.contains("another top_k, dtype or hidden shape"), "{e}");
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use dist_core::host_comm::HostBackend;
 use dist_core::local::run_threads;
 use dist_core::weights::{
-    receive_weights, receive_weights_into, send_weights, TransferOptions, WeightSpec,
+    receive_weights, receive_weights_into, send_weights, TransferOptions, TransferStats, WeightSpec,
 };
 use dist_core::{DType, Error, GroupCoordinator, HostGroup, HostTensor};
 
@@ -69,6 +69,17 @@ fn specs(m: &[(String, HostTensor)]) -> Vec<WeightSpec> {
         .collect()
 }
 
+/// Rank 0's side: sends `m` as version `version`.
+fn send_model(
+    grp: &GroupCoordinator<HostBackend>,
+    mut m: Vec<(String, HostTensor)>,
+    version: u64,
+    o: &TransferOptions,
+) -> dist_core::Result<TransferStats> {
+    let mut w: Vec<(&str, &mut HostTensor)> = m.iter_mut().map(|(n, t)| (n.as_str(), t)).collect();
+    send_weights(grp, version, &mut w, o)
+}
+
 fn opts() -> TransferOptions {
     // Small buckets: several tensors per bucket and a tensor larger than a bucket.
     TransferOptions {
@@ -90,10 +101,7 @@ fn receive_all(device: bool) {
         let grp = group_with(rank, 3, Arc::new(g), Duration::from_secs(20), device);
         let m = model();
         if rank == 0 {
-            let mut m = m;
-            let mut w: Vec<(&str, &mut HostTensor)> =
-                m.iter_mut().map(|(n, t)| (n.as_str(), t)).collect();
-            let s = send_weights(&grp, 42, &mut w, &opts()).unwrap();
+            let s = send_model(&grp, m, 42, &opts()).unwrap();
             assert!(s.buckets >= 3, "{s:?}");
             None
         } else {
@@ -120,10 +128,7 @@ fn receivers_load_into_their_models_memory() {
             let grp = group_with(rank, 3, Arc::new(g), Duration::from_secs(20), device);
             let m = model();
             if rank == 0 {
-                let mut m = m;
-                let mut w: Vec<(&str, &mut HostTensor)> =
-                    m.iter_mut().map(|(n, t)| (n.as_str(), t)).collect();
-                send_weights(&grp, 9, &mut w, &opts()).unwrap();
+                send_model(&grp, m, 9, &opts()).unwrap();
                 return None;
             }
             // The receiver's model: same names and shapes, other contents, its own memory.
@@ -179,10 +184,7 @@ fn a_missing_name_or_shape_stops_every_rank_first() {
                 }
             }
             let r = if rank == 0 {
-                let mut m = m;
-                let mut w: Vec<(&str, &mut HostTensor)> =
-                    m.iter_mut().map(|(n, t)| (n.as_str(), t)).collect();
-                send_weights(&grp, 1, &mut w, &opts()).map(|_| ())
+                send_model(&grp, m, 1, &opts()).map(|_| ())
             } else {
                 let mut loaded = 0;
                 let r = receive_weights(&grp, 0, &spec, &opts(), |_, _| {
@@ -219,12 +221,7 @@ fn a_rank_that_never_joins_fails_the_others_in_time() {
             ..opts()
         };
         match rank {
-            0 => {
-                let mut m = m;
-                let mut w: Vec<(&str, &mut HostTensor)> =
-                    m.iter_mut().map(|(n, t)| (n.as_str(), t)).collect();
-                Some(send_weights(&grp, 1, &mut w, &o).map(|_| ()))
-            }
+            0 => Some(send_model(&grp, m, 1, &o).map(|_| ())),
             1 => Some(receive_weights(&grp, 0, &specs(&m), &o, |_, _| Ok(())).map(|_| ())),
             _ => None, // never joins
         }

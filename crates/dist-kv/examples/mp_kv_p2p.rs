@@ -57,6 +57,21 @@ fn layer(i: usize) -> String {
     format!("model.layers.{i}.self_attn.attn")
 }
 
+/// Rank 0 produces, the others consume.
+fn role_of(rank: usize) -> P2pRole {
+    match rank {
+        0 => P2pRole::Producer,
+        _ => P2pRole::Consumer,
+    }
+}
+
+/// The consumer's caches: zeros, in `layout`.
+fn consumer_caches(layout: KvLayout) -> Res<KvCaches> {
+    (0..LAYERS)
+        .map(|i| Ok((layer(i), PagedKvCache::zeros(spec(layout))?)))
+        .collect()
+}
+
 fn producer_caches() -> Res<KvCaches> {
     (0..LAYERS)
         .map(|i| {
@@ -202,11 +217,7 @@ fn run_mode<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>>(
     tag: &str,
 ) -> Res<()> {
     let rank = g.rank();
-    let role = if rank == 0 {
-        P2pRole::Producer
-    } else {
-        P2pRole::Consumer
-    };
+    let role = role_of(rank);
     let mut w = P2pWorker::<C, D>::with_data_path(cfg(role, mode, 4 << 20), (f.path)()?)?;
     let addrs: Vec<String> = g.all_gather_obj(&w.engine().listen_addr().to_string())?;
     let plan = plan(5);
@@ -232,10 +243,7 @@ fn run_mode<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>>(
             return Err(format!("{mode:?}: producer still holds buffers").into());
         }
     } else {
-        let cc: KvCaches = (0..LAYERS)
-            .map(|i| Ok((layer(i), PagedKvCache::zeros(spec(KvLayout::Hnd))?)))
-            .collect::<Res<_>>()?;
-        let mut cc = wrap_all(f.wrap, cc)?;
+        let mut cc = wrap_all(f.wrap, consumer_caches(KvLayout::Hnd)?)?;
         w.register_kv_caches(&cc)?;
         let reqs: Vec<_> = plan
             .iter()
@@ -280,11 +288,7 @@ fn dead_consumer<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>>(
     f: &Flavor<C, D>,
 ) -> Res<()> {
     let rank = g.rank();
-    let role = if rank == 0 {
-        P2pRole::Producer
-    } else {
-        P2pRole::Consumer
-    };
+    let role = role_of(rank);
     // One layer of the request is 128 KiB: the consumer's buffer holds one.
     let mut w =
         P2pWorker::<C, D>::with_data_path(cfg(role, SendType::PutAsync, 128 << 10), (f.path)()?)?;
@@ -347,11 +351,7 @@ fn bench<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>>(
         (SendType::PutAsync, "putasync"),
         (SendType::Get, "get"),
     ] {
-        let role = if rank == 0 {
-            P2pRole::Producer
-        } else {
-            P2pRole::Consumer
-        };
+        let role = role_of(rank);
         let mut c = cfg(role, mode, 64 << 20);
         c.engine.send_buffer_bytes = 64 << 20;
         let mut w = P2pWorker::<C, D>::with_data_path(c, (f.path)()?)?;
@@ -382,10 +382,7 @@ fn bench<C: KvCacheLayer, D: DataPath<Buffer = C::Buffer>>(
                 return Err(format!("bench {mode:?}: {fin:?}").into());
             }
         } else {
-            let cc: KvCaches = (0..LAYERS)
-                .map(|i| Ok((layer(i), PagedKvCache::zeros(spec(KvLayout::Nhd))?)))
-                .collect::<Res<_>>()?;
-            let mut cc = wrap_all(f.wrap, cc)?;
+            let mut cc = wrap_all(f.wrap, consumer_caches(KvLayout::Nhd)?)?;
             w.register_kv_caches(&cc)?;
             consume(&mut w, &mut cc, &reqs)?;
             let t = start.elapsed().as_secs_f64();

@@ -24,6 +24,15 @@ fn xpub(ctx: &zmq::Context) -> (zmq::Socket, String) {
     (s, ep)
 }
 
+/// A ROUTER socket on loopback standing in for the publisher's replay socket, and its endpoint.
+fn replay_router(ctx: &zmq::Context) -> (zmq::Socket, String) {
+    let s = ctx.socket(zmq::ROUTER).unwrap();
+    s.set_linger(0).unwrap();
+    s.bind("tcp://127.0.0.1:*").unwrap();
+    let ep = s.get_last_endpoint().unwrap().unwrap();
+    (s, ep)
+}
+
 /// Waits (at most 5 s) for a subscription message on `xpub` (skipping the unsubscriptions of
 /// connections that went).
 fn wait_subscribed(xpub: &zmq::Socket) {
@@ -107,10 +116,7 @@ fn an_oversized_live_message_is_reported_and_the_subscriber_reconnects() {
 fn an_oversized_replay_is_reported_and_the_next_replay_works() {
     let ctx = zmq::Context::new();
     let (publ, ep) = xpub(&ctx);
-    let router = ctx.socket(zmq::ROUTER).unwrap();
-    router.set_linger(0).unwrap();
-    router.bind("tcp://127.0.0.1:*").unwrap();
-    let rep = router.get_last_endpoint().unwrap().unwrap();
+    let (router, rep) = replay_router(&ctx);
     let opts = SubscriberOptions {
         max_message_bytes: 1 << 20,
     };
@@ -202,10 +208,7 @@ fn a_restarting_publisher_is_no_false_alarm() {
 fn subscribers_come_and_go_without_stalling_the_context() {
     let ctx = zmq::Context::new();
     let (publ, ep) = xpub(&ctx);
-    let router = ctx.socket(zmq::ROUTER).unwrap();
-    router.set_linger(0).unwrap();
-    router.bind("tcp://127.0.0.1:*").unwrap();
-    let rep = router.get_last_endpoint().unwrap().unwrap();
+    let (_router, rep) = replay_router(&ctx);
     let steady = KvEventSubscriber::connect_in(&ctx, &ep, None, "").unwrap();
     wait_subscribed(&publ);
     for round in 0..20u64 {

@@ -4,6 +4,8 @@
 //! dies, gives up or never loads fails the producer's request with an error naming it and frees
 //! its buffers, within the deadlines; hostile bytes on the socket do not hurt the engine.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -101,14 +103,7 @@ fn producer_step<W: KvConnectorWorker<Metadata = P2pConnectorMetadata>>(
     reqs: &[(Request, Vec<BlockId>)],
 ) -> BTreeSet<String> {
     let mut sched = P2pScheduler::new(P2pRole::Producer, BS).unwrap();
-    let mut out = SchedulerOutput::default();
-    for (r, b) in reqs {
-        assert_eq!(
-            sched.get_num_new_matched_tokens(r, 0).unwrap(),
-            (Some(0), false)
-        );
-        out.add_new_prompt(r, b);
-    }
+    let out = common::new_prompts(&mut sched, reqs);
     let meta: P2pConnectorMetadata =
         decode_metadata(&encode_metadata(&sched.build_connector_meta(&out)).unwrap()).unwrap();
     assert!(meta.requests.iter().all(|m| m.is_store));

@@ -3,6 +3,8 @@
 //! equals the producer's. Damaged, partial, missing and foreign files fail only their request,
 //! leave the cache untouched and report the request's blocks.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
@@ -67,14 +69,7 @@ fn produce(cfg: &StorageConfig, caches: &KvCaches, reqs: &[(Request, Vec<BlockId
     let mut sched = StorageScheduler::new(cfg.clone()).unwrap();
     let mut worker = StorageWorker::new(cfg.clone()).unwrap();
     worker.register_kv_caches(caches).unwrap();
-    let mut out = SchedulerOutput::default();
-    for (r, b) in reqs {
-        assert_eq!(
-            sched.get_num_new_matched_tokens(r, 0).unwrap(),
-            (Some(0), false)
-        );
-        out.add_new_prompt(r, b);
-    }
+    let out = common::new_prompts(&mut sched, reqs);
     let meta = sched.build_connector_meta(&out);
     assert_eq!(meta.requests.len(), reqs.len());
     assert!(meta.requests.iter().all(|m| m.is_store));

@@ -163,23 +163,17 @@ fn check_layout(env: &DistEnv, tp: usize, pp: usize) -> Result<(), Box<dyn std::
         // plain tensor send/recv along the ring
         let t = HostTensor::random(DType::I32, &[11], 500 + rank as u64);
         let stage = ppg.rank_in_group();
+        let recv_checked = || -> Result<(), Box<dyn std::error::Error>> {
+            let got = ppg.recv(DType::I32, &[11], None)?;
+            let want = HostTensor::random(DType::I32, &[11], 500 + ppg.prev_rank() as u64);
+            Ok(compare("pp recv", &want, &got, true)?)
+        };
+        // Even stages send first, odd ones receive first, so that the ring never waits on itself.
         if stage % 2 == 0 {
             ppg.send(&t, None)?;
-            let got = ppg.recv(DType::I32, &[11], None)?;
-            compare(
-                "pp recv",
-                &HostTensor::random(DType::I32, &[11], 500 + ppg.prev_rank() as u64),
-                &got,
-                true,
-            )?;
+            recv_checked()?;
         } else {
-            let got = ppg.recv(DType::I32, &[11], None)?;
-            compare(
-                "pp recv",
-                &HostTensor::random(DType::I32, &[11], 500 + ppg.prev_rank() as u64),
-                &got,
-                true,
-            )?;
+            recv_checked()?;
             ppg.send(&t, None)?;
         }
     }

@@ -308,15 +308,26 @@ impl std::fmt::Debug for Handle {
 }
 
 impl Handle {
-    /// The remote readers whose link is still missing (`links` in [`Self::remote_reader_ranks`]
-    /// order).
-    pub(crate) fn unconnected_remote_readers<L>(&self, links: &[Option<L>]) -> Vec<usize> {
-        links
-            .iter()
-            .zip(&self.remote_reader_ranks)
-            .filter(|(l, _)| l.is_none())
-            .map(|(_, &r)| r)
-            .collect()
+    /// The timeout of `op` (begun at `start`) waiting for the remote readers whose link is still
+    /// missing (`links` in [`Self::remote_reader_ranks`] order); `detail` says what they did not do.
+    pub(crate) fn remote_readers_timeout<L>(
+        &self,
+        op: impl std::fmt::Display,
+        start: std::time::Instant,
+        links: &[Option<L>],
+        detail: String,
+    ) -> dist_core::Error {
+        dist_core::Error::Timeout {
+            op: op.to_string(),
+            waited: start.elapsed(),
+            missing_ranks: links
+                .iter()
+                .zip(&self.remote_reader_ranks)
+                .filter(|(l, _)| l.is_none())
+                .map(|(_, &r)| r)
+                .collect(),
+            detail,
+        }
     }
     fn geometry(&self) -> Result<Geometry> {
         Geometry::new(

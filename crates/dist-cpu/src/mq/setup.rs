@@ -355,15 +355,15 @@ impl MessageQueue {
                         self.check_cancel(op)?;
                         let now = Instant::now();
                         if now >= deadline {
-                            return Err(Error::Timeout {
-                                op: op.to_string(),
-                                waited: start.elapsed(),
-                                missing_ranks: self.handle.unconnected_remote_readers(&links),
-                                detail: format!(
-                                    "remote readers did not connect to {} with the queue's token",
-                                    self.handle.remote_addr.as_deref().unwrap_or("?")
+                            let addr = self.handle.remote_addr.as_deref().unwrap_or("?");
+                            return Err(self.handle.remote_readers_timeout(
+                                op,
+                                start,
+                                &links,
+                                format!(
+                                    "remote readers did not connect to {addr} with the queue's token"
                                 ),
-                            });
+                            ));
                         }
                         links = acc
                             .cv

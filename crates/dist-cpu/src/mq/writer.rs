@@ -254,12 +254,12 @@ impl MessageQueue {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(Error::Timeout {
-                    op: op.to_string(),
-                    waited: start.elapsed(),
-                    missing_ranks: self.handle.unconnected_remote_readers(&links),
-                    detail: "remote readers have not connected".into(),
-                });
+                return Err(self.handle.remote_readers_timeout(
+                    op,
+                    start,
+                    &links,
+                    "remote readers have not connected".into(),
+                ));
             }
             self.check_cancel(op)?;
             links = acc

@@ -349,6 +349,13 @@ impl<C: KvCacheLayer> StorageWorker<C> {
         Ok(out)
     }
 
+    /// Records that `req`'s load or save failed with `e`, for its blocks.
+    fn fail(&mut self, req: &StorageReqMeta, e: Error) {
+        let blocks = self.blocks_of(req);
+        self.failures
+            .record(&req.request_id, &blocks, &e.for_request(&req.request_id));
+    }
+
     fn blocks_of(&self, req: &StorageReqMeta) -> Vec<BlockId> {
         let bs = self.config.block_size as u64;
         let set: BTreeSet<BlockId> = req
@@ -485,11 +492,7 @@ impl<C: KvCacheLayer> KvConnectorWorker for StorageWorker<C> {
                 Ok(()) => {
                     self.loaded.insert(req.request_id.clone());
                 }
-                Err(e) => {
-                    let blocks = self.blocks_of(req);
-                    self.failures
-                        .record(&req.request_id, &blocks, &e.for_request(&req.request_id));
-                }
+                Err(e) => self.fail(req, e),
             }
         }
         self.meta = Some(meta);
@@ -516,11 +519,7 @@ impl<C: KvCacheLayer> KvConnectorWorker for StorageWorker<C> {
                 Ok(()) => {
                     self.saved.insert(req.request_id.clone());
                 }
-                Err(e) => {
-                    let blocks = self.blocks_of(req);
-                    self.failures
-                        .record(&req.request_id, &blocks, &e.for_request(&req.request_id));
-                }
+                Err(e) => self.fail(req, e),
             }
         }
         self.meta = Some(meta);

@@ -1,5 +1,7 @@
-//! A hostile peer's side of the P2P wire, shared by `tests/kv_p2p_hostile.rs` and
-//! `examples/kv_p2p_attacks.rs` (which includes this file as a module).
+//! Shared by dist-kv's tests and `examples/kv_p2p_attacks.rs` (which includes this file as a
+//! module): a hostile peer's side of the P2P wire, and a scheduler step of new prompts. Each
+//! includer uses a part.
+#![allow(dead_code)]
 
 use std::io::Read;
 use std::net::TcpStream;
@@ -8,7 +10,7 @@ use std::time::Instant;
 use dist_core::{DType, HostTensor};
 use dist_kv::transfer::p2p::wire::{decode_frame, Frame, TensorHeader};
 use dist_kv::transfer::p2p::P2pEngine;
-use dist_kv::transfer::Result;
+use dist_kv::transfer::{BlockId, KvConnectorScheduler, Request, Result, SchedulerOutput};
 
 /// Reads one frame, `None` on EOF, an error or the stream's read timeout.
 pub fn read_one(s: &mut TcpStream) -> Option<Frame> {
@@ -69,4 +71,21 @@ pub fn small_round(
     )?;
     let (_, from) = cons.recv_tensor(&tid, None, deadline)?;
     Ok((id, from))
+}
+
+/// A scheduler step of `reqs` (request, blocks) as new prompts, whole, after checking that
+/// `sched` finds none of them computed elsewhere.
+pub fn new_prompts<S: KvConnectorScheduler>(
+    sched: &mut S,
+    reqs: &[(Request, Vec<BlockId>)],
+) -> SchedulerOutput {
+    let mut out = SchedulerOutput::default();
+    for (r, b) in reqs {
+        assert_eq!(
+            sched.get_num_new_matched_tokens(r, 0).unwrap(),
+            (Some(0), false)
+        );
+        out.add_new_prompt(r, b);
+    }
+    out
 }

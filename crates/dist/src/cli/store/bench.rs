@@ -75,6 +75,22 @@ fn split_addr(a: &str) -> anyhow::Result<(String, u16)> {
     Ok((h.trim_matches(|c| c == '[' || c == ']').to_string(), p))
 }
 
+/// The store to measure: `--addr` when given, else a fresh server child (returned, so that it
+/// lives as long as the measurement), and its host and port.
+fn server_for(opts: &StoreBenchArgs) -> anyhow::Result<(Option<ServerChild>, String, u16)> {
+    match &opts.addr {
+        Some(a) => {
+            let (host, port) = split_addr(a)?;
+            Ok((None, host, port))
+        }
+        None => {
+            let s = ServerChild::start(opts.server_threads)?;
+            let port = s.port;
+            Ok((Some(s), "127.0.0.1".to_string(), port))
+        }
+    }
+}
+
 fn connect(host: &str, port: u16) -> anyhow::Result<TcpStoreClient> {
     Ok(TcpStoreClient::connect(
         host,
@@ -196,29 +212,13 @@ pub fn run(opts: &StoreBenchArgs) -> anyhow::Result<u8> {
         opts.value_size, opts.duration
     );
     if opts.clients.iter().any(|n| *n > 0) {
-        let server = match &opts.addr {
-            Some(_) => None,
-            None => Some(ServerChild::start(opts.server_threads)?),
-        };
-        let (host, port) = match (&opts.addr, &server) {
-            (Some(a), _) => split_addr(a)?,
-            (None, Some(s)) => ("127.0.0.1".to_string(), s.port),
-            _ => unreachable!(),
-        };
+        let (_server, host, port) = server_for(opts)?;
         throughput(opts, &host, port)?;
     }
     let mut ours = Vec::new();
     for pattern in &opts.patterns {
         for &n in &opts.rendezvous {
-            let server = match &opts.addr {
-                Some(_) => None,
-                None => Some(ServerChild::start(opts.server_threads)?),
-            };
-            let (host, port) = match (&opts.addr, &server) {
-                (Some(a), _) => split_addr(a)?,
-                (None, Some(s)) => ("127.0.0.1".to_string(), s.port),
-                _ => unreachable!(),
-            };
+            let (server, host, port) = server_for(opts)?;
             let base_kib = server.as_ref().and_then(|s| rss_kib(s.child.id()));
             let tag = format!("rdv/{}/{pattern}/{n}", std::process::id());
             let mut times = Vec::new();
