@@ -145,6 +145,18 @@ fn half_open_connections_are_bounded_by_count_and_time() {
     assert_eq!(cons.connections().handshaking, 0);
 }
 
+/// The engine's count of open connections once it reaches 0, or its count at `within`.
+fn open_after(engine: &P2pEngine, within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        let open = engine.connections().open;
+        if open == 0 || Instant::now() >= deadline {
+            return open;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A connection that said Hello and then idles is closed after `idle_timeout`; one that
 /// carries a request in flight is not.
 #[test]
@@ -172,14 +184,19 @@ fn idle_connections_are_closed_in_time() {
         waited >= Duration::from_millis(250),
         "closed too early: {waited:?}"
     );
-    assert_eq!(cons.connections().open, 0);
-    // The producer's connection closes when idle too, and the next round reconnects.
-    rounds(&prod, &cons, "a", Duration::ZERO);
-    std::thread::sleep(Duration::from_millis(700));
+    // The engine forgets a connection just after closing it: give it a moment, bounded.
     assert_eq!(
-        cons.connections().open,
+        open_after(&cons, Duration::from_secs(1)),
         0,
-        "the producer's idle connection was closed"
+        "idle connections still counted"
+    );
+    // The producer's connection closes when idle too (300 ms; bounded at 3 s on a loaded
+    // machine), and the next round reconnects.
+    rounds(&prod, &cons, "a", Duration::ZERO);
+    assert_eq!(
+        open_after(&cons, Duration::from_secs(3)),
+        0,
+        "the producer's idle connection stayed open"
     );
     rounds(&prod, &cons, "b", Duration::ZERO);
 }
@@ -523,7 +540,7 @@ fn the_secret_never_crosses_the_wire() {
     let t = HostTensor::random(DType::U8, &[4096], 3);
     prod.send_tensor("s", "s#l", t.clone(), &relay).unwrap();
     let (got, _) = cons
-        .recv_tensor("s#l", None, Instant::now() + Duration::from_secs(2))
+        .recv_tensor("s#l", None, Instant::now() + Duration::from_secs(10))
         .unwrap();
     assert!(got == t);
     let bytes = seen.lock().unwrap().clone();

@@ -314,7 +314,7 @@ mod tests {
         let mut polls = 0;
         let r = wait_until::<()>(
             &seq,
-            Instant::now() + Duration::from_millis(60),
+            Instant::now() + Duration::from_millis(300),
             Duration::from_millis(10),
             || false,
             || {
