@@ -158,7 +158,10 @@ mod tests {
         #[cfg(feature = "cpu")]
         assert_eq!(BackendKind::parse("SHM").unwrap(), BackendKind::Cpu);
         #[cfg(not(feature = "cpu"))]
-        assert!(BackendKind::parse("SHM").unwrap_err().to_string().contains("--features cpu"));
+        assert!(BackendKind::parse("SHM")
+            .unwrap_err()
+            .to_string()
+            .contains("--features cpu"));
         assert_eq!(BackendKind::parse("Store").unwrap(), BackendKind::Host);
         assert!(matches!(
             BackendKind::parse("gpu"),
