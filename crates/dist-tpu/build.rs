@@ -1,7 +1,9 @@
 //! Finds out, on the machine that builds the tests, whether the `libtpu` wheel (or a
 //! `DIST_TEST_LIBTPU` / `TPU_LIBRARY_PATH` library) is there and whether `DIST_PJRT_PLUGIN` names a
-//! plugin, so the tests that need them are `#[ignore]`d with the reason where they are not —
-//! counted as skipped, never as passed. The crate itself loads every plugin at run time.
+//! plugin, whether a `libtpu.so` is installed system-wide and whether the host has TPU chips, so
+//! the tests that need (or need the absence of) them are `#[ignore]`d with the reason where the
+//! machine does not fit — counted as skipped, never as passed. The crate itself loads every
+//! plugin at run time.
 
 use std::path::PathBuf;
 
@@ -31,9 +33,46 @@ fn libtpu_found() -> bool {
         .unwrap_or(false)
 }
 
+/// `libtpu.so` on the dynamic loader's search path (installed system-wide).
+fn system_libtpu() -> bool {
+    let dirs = [
+        "/usr/lib",
+        "/usr/lib64",
+        "/usr/local/lib",
+        "/usr/lib/x86_64-linux-gnu",
+    ];
+    dirs.iter()
+        .any(|d| std::path::Path::new(d).join("libtpu.so").exists())
+        || std::process::Command::new("ldconfig")
+            .arg("-p")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("libtpu.so"))
+            .unwrap_or(false)
+}
+
+/// TPU chips on the PCI bus (Google's vendor id), as the crate's loader counts them.
+fn tpu_chips() -> bool {
+    std::fs::read_dir("/sys/bus/pci/devices")
+        .map(|rd| {
+            rd.flatten().any(|e| {
+                std::fs::read_to_string(e.path().join("vendor"))
+                    .is_ok_and(|v| v.trim().eq_ignore_ascii_case("0x1ae0"))
+            })
+        })
+        .unwrap_or(false)
+}
+
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(dist_tpu_no_libtpu)");
     println!("cargo::rustc-check-cfg=cfg(dist_tpu_plugin)");
+    println!("cargo::rustc-check-cfg=cfg(dist_tpu_system_libtpu)");
+    println!("cargo::rustc-check-cfg=cfg(dist_tpu_chips)");
+    if system_libtpu() {
+        println!("cargo::rustc-cfg=dist_tpu_system_libtpu");
+    }
+    if tpu_chips() {
+        println!("cargo::rustc-cfg=dist_tpu_chips");
+    }
     println!("cargo:rerun-if-changed=build.rs");
     for v in ["DIST_TEST_LIBTPU", "TPU_LIBRARY_PATH", "DIST_PJRT_PLUGIN"] {
         println!("cargo:rerun-if-env-changed={v}");

@@ -4,9 +4,9 @@
 //! Runs when `DIST_KV_PYTHON` names a Python that has `pyzmq` and `msgspec`
 //! (`python3 -m venv V && V/bin/pip install pyzmq msgspec`, then `DIST_KV_PYTHON=V/bin/python`).
 //! Without it at build time the tests are `#[ignore]`d with a `SKIPPED: ...` reason (the build
-//! script sets `cfg(dist_kv_python)`), so cargo counts them as ignored, not passed; without it at run
-//! time a test prints `SKIPPED: ...` and returns. With it set to a Python lacking those packages the
-//! tests fail.
+//! script sets `cfg(dist_kv_python)`), so cargo counts them as ignored, not passed. Built with it,
+//! they use `DIST_KV_PYTHON` of the run, else the build's; a Python that cannot run or lacks those
+//! packages fails them.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -18,33 +18,22 @@ use dist_kv::events::*;
 
 const STEP: Duration = Duration::from_secs(20);
 
-fn python() -> Option<String> {
-    match std::env::var("DIST_KV_PYTHON") {
-        Ok(p) if !p.is_empty() => {
-            let ok = Command::new(&p)
-                .args(["-c", "import zmq, msgspec"])
-                .status()
-                .unwrap_or_else(|e| panic!("DIST_KV_PYTHON={p} cannot be run: {e}"));
-            assert!(ok.success(), "DIST_KV_PYTHON={p} lacks pyzmq or msgspec");
-            Some(p)
-        }
-        _ => None,
-    }
-}
-
-macro_rules! python_or_skip {
-    ($name:expr) => {
-        match python() {
-            Some(p) => p,
-            None => {
-                println!(
-                    "SKIPPED: {} (set DIST_KV_PYTHON to a python with pyzmq and msgspec)",
-                    $name
-                );
-                return;
-            }
-        }
-    };
+/// The Python of the cross-language tests: `DIST_KV_PYTHON` at run time, else the one the build
+/// saw (these tests are ignored unless the build saw one). One that cannot run, or lacks pyzmq
+/// or msgspec, fails the test: never a silent pass.
+fn python() -> String {
+    let p = std::env::var("DIST_KV_PYTHON")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .or_else(|| option_env!("DIST_KV_PYTHON").map(str::to_string))
+        .filter(|p| !p.is_empty())
+        .expect("DIST_KV_PYTHON was set at build time (cfg dist_kv_python) but is empty now");
+    let ok = Command::new(&p)
+        .args(["-c", "import zmq, msgspec"])
+        .status()
+        .unwrap_or_else(|e| panic!("DIST_KV_PYTHON={p} cannot be run: {e}"));
+    assert!(ok.success(), "DIST_KV_PYTHON={p} lacks pyzmq or msgspec");
+    p
 }
 
 fn script(name: &str) -> PathBuf {
@@ -128,7 +117,7 @@ impl Drop for Guard {
 }
 
 fn rust_to_python(format: WireFormat, fmt: &str) {
-    let python = python_or_skip!(format!("rust_publisher_to_python_subscriber_{fmt}"));
+    let python = python();
     let cfg = KvEventsConfig {
         enable_kv_cache_events: true,
         endpoint: "tcp://127.0.0.1:*".into(),
@@ -199,7 +188,7 @@ fn rust_publisher_to_python_subscriber_map_form() {
 }
 
 fn python_to_rust(fmt: &str) {
-    let python = python_or_skip!(format!("python_publisher_to_rust_subscriber_{fmt}"));
+    let python = python();
     let count = 6u64;
     let mut py = Guard::spawn(
         &python,

@@ -291,16 +291,9 @@ mod tests {
 
     #[test]
     fn a_library_that_is_not_hip_is_rejected_for_a_missing_symbol() {
-        let libc = [
-            "/lib/x86_64-linux-gnu/libc.so.6",
-            "/usr/lib/x86_64-linux-gnu/libc.so.6",
-            "/lib/aarch64-linux-gnu/libc.so.6",
-        ]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists());
-        if let Some(p) = libc {
-            let e = Runtime::open_path(std::path::Path::new(p)).unwrap_err();
-            assert!(e.contains("missing symbol hipGetErrorString"), "{e}");
-        }
+        // glibc, by its soname: the dynamic loader finds it wherever the distribution put it
+        // (this process is linked to it), so the check always runs.
+        let e = Runtime::open_path(std::path::Path::new("libc.so.6")).unwrap_err();
+        assert!(e.contains("missing symbol hipGetErrorString"), "{e}");
     }
 }
