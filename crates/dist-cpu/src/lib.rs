@@ -17,8 +17,9 @@
 //!   segment; round `g` uses half `g % 2` so the next chunk is written while peers read this one.
 //!   Tensors of any size go through halves of a few MiB; lengths of 0 and odd lengths are plain cases.
 //! - **Bit-identical reductions.** Each element is reduced by one rank (or, for small tensors,
-//!   by every rank) from all ranks' copies in rank order with `dist_core::reduce_bytes`, the
-//!   kernel of the `dist_core::reference` oracles, so every rank gets the oracle's exact bits.
+//!   by every rank) from all ranks' copies in rank order with `dist_core::reduce_bytes`, so
+//!   every rank gets the same bits, which the `dist_core::reference` oracles (written
+//!   separately) reproduce exactly.
 //!   Half types accumulate in f32.
 //! - **Waits** spin briefly, yield, then sleep on the waited-for peer's futex doorbell
 //!   ([`shm::Doorbell`]), so eight ranks on two cores do not steal each other's time; a publisher
