@@ -11,23 +11,7 @@ use dist_core::local::one_rank_context;
 use dist_core::{Backend, Device, Error, HostTensor};
 use dist_tpu::{Library, TpuBackend};
 
-/// Reports a test that cannot run here: prints `SKIPPED: <test>: <reason>` and, where
-/// `DIST_TEST_SKIPS` names a file (`cargo xtask test` sets it), appends that line to it, so the
-/// run's summary counts a skip rather than a pass.
-fn skipped(test: &str, reason: &str) {
-    let line = format!("{test}: {reason}");
-    eprintln!("SKIPPED: {line}");
-    if let Some(p) = std::env::var_os("DIST_TEST_SKIPS") {
-        use std::io::Write;
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p);
-        if let Ok(mut f) = f {
-            let _ = writeln!(f, "{line}");
-        }
-    }
-}
+use dist_testkit::skipped;
 
 #[test]
 #[cfg_attr(
