@@ -18,7 +18,7 @@
 //! - `Max`/`Min` keep the earlier rank's value on ties (the sign of a zero result is not part of
 //!   the contract).
 //!
-//! Result layouts (vLLM's, SPEC §1.3):
+//! Result layouts (vLLM's `GroupCoordinator`'s):
 //! - `all_gather(x, dim)` = `cat([x_0, …, x_{n-1}], dim)`;
 //! - `reduce_scatter(x, dim)` gives rank `r` the `r`-th of `n` equal chunks along `dim` of the reduction.
 //!   vLLM's `movedim(0, dim)` picks the wrong axis for 3-D inputs with `dim >= 2`; here the chunk
