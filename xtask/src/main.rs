@@ -429,9 +429,18 @@ fn test_multiproc(args: &[String]) -> Result {
 fn skip_reason(log: &str) -> String {
     log.lines()
         .find_map(|l| l.split_once("SKIPPED").map(|(_, why)| why))
-        .map(|why| why.trim_start_matches([':', ' ']).trim().to_string())
+        .map(|why| clip(why.trim_start_matches([':', ' ']).trim(), 200))
         .filter(|why| !why.is_empty())
         .unwrap_or_else(|| format!("exited {SKIP_CODE} without a SKIPPED line saying why"))
+}
+
+/// `s` cut to at most `max` characters, with `…` where it was cut (a loader's list of every
+/// file name it tried says nothing more after the first few).
+fn clip(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
 }
 
 /// Exit status of a test program that could not run here (no GPU…): counted as skipped, never passed.
@@ -503,4 +512,20 @@ fn bench(args: &[String]) -> Result {
     let mut cmd = Command::new(target_dir().join("release/dist"));
     cmd.arg("bench").args(args);
     run("dist bench", &mut cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skip_reasons_are_found_and_clipped() {
+        assert_eq!(clip("abc", 3), "abc");
+        assert_eq!(clip("abcd", 3), "abc…");
+        assert_eq!(clip("ééé", 2), "éé…");
+        assert_eq!(skip_reason("x\nSKIPPED: no GPU\n"), "no GPU");
+        let long = format!("SKIPPED: {}", "t".repeat(500));
+        assert_eq!(skip_reason(&long).chars().count(), 201);
+        assert!(skip_reason("nothing").contains("without a SKIPPED line"));
+    }
 }
