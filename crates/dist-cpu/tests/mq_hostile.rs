@@ -6,7 +6,7 @@
 
 mod mq_common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -59,30 +59,6 @@ fn ready(w: &MessageQueue, readers: &[MessageQueue], timeout: Duration) -> Durat
         w.wait_until_ready(timeout).unwrap();
     });
     t.elapsed()
-}
-
-/// True once the writer has closed `s` (EOF or reset), waiting at most `within`.
-fn closed_by_peer(s: &mut TcpStream, within: Duration) -> bool {
-    let end = Instant::now() + within;
-    let mut b = [0u8; 64];
-    loop {
-        let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        s.set_read_timeout(Some(left.min(Duration::from_millis(200))))
-            .unwrap();
-        match s.read(&mut b) {
-            Ok(0) => return true,
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return true,
-        }
-    }
 }
 
 /// 80 connections (more than any fixed cap of pending hellos) send a plausible hello one byte
@@ -151,7 +127,7 @@ fn trickling_hellos_do_not_keep_the_real_reader_out() {
     for (i, mut s) in junk.into_iter().enumerate() {
         let left = budget.saturating_sub(opened.elapsed());
         assert!(
-            closed_by_peer(&mut s, left.max(Duration::from_millis(10))),
+            dist_testkit::closed_within(&mut s, left.max(Duration::from_millis(10))),
             "trickling connection {i} still open {:?} after it connected",
             opened.elapsed()
         );

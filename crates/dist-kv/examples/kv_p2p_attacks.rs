@@ -15,10 +15,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{drained_until_closed, liar_offer, read_one, small_round};
+use common::{liar_offer, read_one, small_round};
 use dist_core::{DType, HostTensor};
 use dist_kv::transfer::p2p::wire::{write_frame, Frame, PutStatus};
 use dist_kv::transfer::p2p::{EngineConfig, P2pEngine, SendType, TcpDataPath};
+use dist_testkit::drained_until_closed;
 
 const ROUNDS: usize = 8;
 const LIARS: usize = 4;

@@ -12,13 +12,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{drained_until_closed, liar_offer, read_one, small_round};
+use common::{liar_offer, read_one, small_round};
 use dist_core::{DType, HostTensor};
 use dist_kv::transfer::p2p::wire::{
     decode_frame, write_frame, Frame, PutStatus, TensorHeader, PROTOCOL_VERSION,
 };
 use dist_kv::transfer::p2p::{EngineConfig, P2pEngine, Secret, SendType, TcpDataPath};
 use dist_kv::transfer::Error;
+use dist_testkit::closed_within;
 
 const ROUNDS: usize = 8;
 
@@ -45,13 +46,6 @@ fn hello(listen_addr: &str, auth: bool) -> Frame {
         nonce: vec![7; 32],
         auth,
     }
-}
-
-/// True when the engine closes `s` within `within` (EOF or reset), false when it stays open.
-fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-    drained_until_closed(s, || Instant::now() < deadline)
 }
 
 /// `ROUNDS` rounds, `gap` apart: `prod` PUTs a 4 KiB layer to `cons`, which takes it and

@@ -6,8 +6,13 @@
 //!   the tests whose requirement the machine lacks.
 //! - [`skipped`] (for tests): the case no build script can foresee — a test binary built on one
 //!   machine and run on another — printed and recorded where `cargo xtask test` counts it.
+//! - [`closed_within`], [`drained_until_closed`] (for the hostile-peer suites): did the listener
+//!   under test close a connection in time?
 
+use std::io::Read;
+use std::net::TcpStream;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// Where distributions and the NVIDIA container runtime put `libcuda.so.1`.
 pub const LIBCUDA_DIRS: &[&str] = &[
@@ -58,6 +63,35 @@ pub fn skipped(test: &str, reason: &str) {
     }
 }
 
+/// Reads and drops what arrives on `s` while `go()` holds: true as soon as the peer closes it
+/// (EOF or reset), false once `go()` is false. The stream's read timeout is how often `go` is
+/// asked.
+pub fn drained_until_closed(s: &mut TcpStream, mut go: impl FnMut() -> bool) -> bool {
+    let mut b = [0u8; 256];
+    while go() {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// True when the peer closes `s` within `within` (EOF or reset; what it sends first is read and
+/// dropped), false when it stays open that long.
+pub fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    s.set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("a non-zero read timeout");
+    drained_until_closed(s, || Instant::now() < deadline)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,6 +102,20 @@ mod tests {
             "libdist-testkit-none.so.0",
             LIBCUDA_DIRS
         ));
+    }
+
+    #[test]
+    fn a_closed_connection_is_told_from_an_open_one() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut open = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (kept, _) = l.accept().unwrap();
+        assert!(!closed_within(&mut open, Duration::from_millis(100)));
+        let mut closing = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut peer, _) = l.accept().unwrap();
+        std::io::Write::write_all(&mut peer, b"bye").unwrap();
+        drop(peer);
+        assert!(closed_within(&mut closing, Duration::from_secs(5)));
+        drop(kept);
     }
 
     #[test]

@@ -21,26 +21,6 @@ pub fn read_one(s: &mut TcpStream) -> Option<Frame> {
     decode_frame(&body).ok()
 }
 
-/// Reads and drops what arrives on `s` while `go()` holds: true as soon as the peer closes it
-/// (EOF or reset), false once `go()` is false. The stream's read timeout is how often `go` is
-/// asked.
-pub fn drained_until_closed(s: &mut TcpStream, mut go: impl FnMut() -> bool) -> bool {
-    let mut b = [0u8; 256];
-    while go() {
-        match s.read(&mut b) {
-            Ok(0) => return true,
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return true,
-        }
-    }
-    false
-}
-
 /// A PUT offer of a 1 GiB tensor that the liar never sends.
 pub fn liar_offer(seq: u64, tensor_id: String) -> Frame {
     Frame::Put {
