@@ -36,6 +36,9 @@ const FEATURES: &[&str] = &[
     "--features",
     "dist-cpu/gloo,dist/cuda,dist/rocm,dist/tpu,dist-kv/cuda",
 ];
+/// The mutation check: building dist-cpu's mutation tests (normally already built by
+/// `cargo test --workspace`) and running them.
+const MUTATION_DEADLINE: Duration = Duration::from_secs(20 * 60);
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -238,18 +241,24 @@ fn report_runtime_skips(file: &Path) {
 
 /// Runs dist-cpu's mutation tests again with their output shown, and prints one line per
 /// mutation: which conformance check caught the corrupted communicator. The tests themselves
-/// fail when a mutation goes uncaught, so this step fails then too.
+/// fail when a mutation goes uncaught, so this step fails then too, and it fails when a mutation
+/// test that ran printed no such line.
 fn mutation_check() -> Result {
     let step = "mutation check (conformance suite vs. a corrupted shared-memory communicator)";
     eprintln!("==> {step}");
-    let out = cargo()
-        .args(["test", "--workspace", "--test", "mutations"])
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--test", "mutations"])
         .args(FEATURES)
         .args(["--", "--nocapture", "--test-threads=1"])
-        .output()
-        .map_err(|e| format!("{step}: cannot start: {e}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = stdout
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = ChildGuard(
+        cmd.spawn()
+            .map_err(|e| format!("{step}: cannot start: {e}"))?,
+    );
+    let (code, log) = wait_with_deadline(&mut child, MUTATION_DEADLINE)
+        .map_err(|log| format!("{step}: killed after {MUTATION_DEADLINE:?}\n{log}"))?;
+    let lines: Vec<&str> = log
         .lines()
         .filter_map(|l| l.find("mutation ").map(|i| &l[i..]))
         .filter(|l| l.contains(": caught by "))
@@ -257,16 +266,16 @@ fn mutation_check() -> Result {
     for l in &lines {
         println!("  {l}");
     }
-    if !out.status.success() {
-        return Err(format!(
-            "{step} failed ({}):\n{}{}",
-            out.status,
-            stdout,
-            String::from_utf8_lossy(&out.stderr)
-        ));
+    if code != Some(0) {
+        return Err(format!("{step} failed (exit {code:?}):\n{log}"));
     }
-    if lines.is_empty() {
-        return Err(format!("{step}: no mutation was reported"));
+    // with --nocapture a test's own line may share the line cargo starts with `test NAME ... `
+    let ran = log.matches("test mutation_").count();
+    if ran == 0 || lines.len() != ran {
+        return Err(format!(
+            "{step}: {} of {ran} mutation tests reported the check that caught them\n{log}",
+            lines.len()
+        ));
     }
     Ok(())
 }
