@@ -39,6 +39,8 @@ const FEATURES: &[&str] = &[
 /// The mutation check: building dist-cpu's mutation tests (normally already built by
 /// `cargo test --workspace`) and running them.
 const MUTATION_DEADLINE: Duration = Duration::from_secs(20 * 60);
+/// A multi-process test program's `--worlds` listing (it prints and exits).
+const LISTING_DEADLINE: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -336,13 +338,18 @@ fn test_multiproc(args: &[String]) -> Result {
     let mut failures = vec![];
     for prog in &progs {
         let name = prog.file_name().unwrap().to_string_lossy().into_owned();
-        let worlds = Command::new(prog)
-            .arg("--worlds")
-            .output()
-            .map_err(|e| format!("{name} --worlds: {e}"))?;
+        let mut child = ChildGuard(
+            Command::new(prog)
+                .arg("--worlds")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("{name} --worlds: {e}"))?,
+        );
         // `PROGRAM --worlds` prints the world sizes on its first line; each further line may name
         // an extra run with one environment variable set (`DIST_CPU_BACKEND=gloo`).
-        let listing = String::from_utf8_lossy(&worlds.stdout).into_owned();
+        let (_, listing) = wait_with_deadline(&mut child, LISTING_DEADLINE)
+            .map_err(|_| format!("{name} --worlds: killed after {LISTING_DEADLINE:?}"))?;
         let mut lines = listing.lines();
         let worlds: Vec<usize> = lines
             .next()
