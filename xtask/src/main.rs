@@ -39,6 +39,12 @@ const FEATURES: &[&str] = &[
 /// The mutation check: building dist-cpu's mutation tests (normally already built by
 /// `cargo test --workspace`) and running them.
 const MUTATION_DEADLINE: Duration = Duration::from_secs(20 * 60);
+/// One step of `cargo xtask` (a cargo build, test or doc run of the workspace, an install).
+const STEP_DEADLINE: Duration = Duration::from_secs(3 * 60 * 60);
+/// A probe for an installed tool or module.
+const PROBE_DEADLINE: Duration = Duration::from_secs(60);
+/// Making target/pyenv and installing its packages.
+const PIP_DEADLINE: Duration = Duration::from_secs(15 * 60);
 /// A multi-process test program's `--worlds` listing (it prints and exits).
 const LISTING_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -88,26 +94,30 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// Runs `cmd` (its output shown) and waits at most `deadline`: `Ok(exit code)` (`None` when a
+/// signal ended it), or `Err` when it could not start or was killed at the deadline.
+fn finish(cmd: &mut Command, deadline: Duration) -> std::result::Result<Option<i32>, String> {
+    let mut child = ChildGuard(cmd.spawn().map_err(|e| format!("cannot start: {e}"))?);
+    wait_with_deadline(&mut child, deadline)
+        .map(|(code, _)| code)
+        .map_err(|_| format!("killed after {deadline:?}"))
+}
+
 fn run(step: &str, cmd: &mut Command) -> Result {
     eprintln!("==> {step}");
-    let status = cmd
-        .status()
-        .map_err(|e| format!("{step}: cannot start: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("{step} failed ({status})"))
+    match finish(cmd, STEP_DEADLINE) {
+        Ok(Some(0)) => Ok(()),
+        Ok(code) => Err(format!("{step} failed (exit {code:?})")),
+        Err(e) => Err(format!("{step}: {e}")),
     }
 }
 
 fn probe(cmd: &[&str]) -> bool {
-    Command::new(cmd[0])
-        .args(&cmd[1..])
+    let mut c = Command::new(cmd[0]);
+    c.args(&cmd[1..])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+        .stderr(Stdio::null());
+    finish(&mut c, PROBE_DEADLINE) == Ok(Some(0))
 }
 
 fn is_root() -> bool {
@@ -162,17 +172,14 @@ fn ensure_python_env() -> Option<PathBuf> {
         return Some(py);
     }
     eprintln!("==> python env for cross-language tests (target/pyenv)");
-    let made = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-        && Command::new(&py)
-            .args(["-m", "pip", "install", "-q", "pyzmq", "msgspec"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
+    let made = finish(
+        Command::new("python3").args(["-m", "venv"]).arg(&venv),
+        PIP_DEADLINE,
+    ) == Ok(Some(0))
+        && finish(
+            Command::new(&py).args(["-m", "pip", "install", "-q", "pyzmq", "msgspec"]),
+            PIP_DEADLINE,
+        ) == Ok(Some(0));
     if made && ok(&py) {
         Some(py)
     } else {
@@ -543,5 +550,20 @@ mod tests {
         let long = format!("SKIPPED: {}", "t".repeat(500));
         assert_eq!(skip_reason(&long).chars().count(), 201);
         assert!(skip_reason("nothing").contains("without a SKIPPED line"));
+    }
+
+    #[test]
+    fn finish_reports_the_exit_and_kills_at_the_deadline() {
+        let d = Duration::from_secs(30);
+        assert_eq!(finish(&mut Command::new("true"), d), Ok(Some(0)));
+        assert_eq!(
+            finish(Command::new("sh").args(["-c", "exit 3"]), d),
+            Ok(Some(3))
+        );
+        let start = Instant::now();
+        let r = finish(Command::new("sleep").arg("30"), Duration::from_millis(200));
+        assert!(r.is_err_and(|e| e.starts_with("killed after")));
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert!(finish(&mut Command::new("/nonexistent/xtask-tool"), d).is_err());
     }
 }
