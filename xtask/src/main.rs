@@ -121,11 +121,16 @@ fn probe(cmd: &[&str]) -> bool {
 }
 
 fn is_root() -> bool {
-    Command::new("id")
+    let Ok(child) = Command::new("id")
         .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    wait_with_deadline(&mut ChildGuard(child), PROBE_DEADLINE)
+        .is_ok_and(|(code, out)| code == Some(0) && out.trim() == "0")
 }
 
 /// Installs the Debian packages the build needs when they are missing (as root), or stops with the command to run.
