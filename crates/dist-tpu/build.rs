@@ -35,19 +35,15 @@ fn libtpu_found() -> bool {
 
 /// `libtpu.so` on the dynamic loader's search path (installed system-wide).
 fn system_libtpu() -> bool {
-    let dirs = [
-        "/usr/lib",
-        "/usr/lib64",
-        "/usr/local/lib",
-        "/usr/lib/x86_64-linux-gnu",
-    ];
-    dirs.iter()
-        .any(|d| std::path::Path::new(d).join("libtpu.so").exists())
-        || std::process::Command::new("ldconfig")
-            .arg("-p")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains("libtpu.so"))
-            .unwrap_or(false)
+    dist_testkit::library_installed(
+        "libtpu.so",
+        &[
+            "/usr/lib",
+            "/usr/lib64",
+            "/usr/local/lib",
+            "/usr/lib/x86_64-linux-gnu",
+        ],
+    )
 }
 
 /// TPU chips on the PCI bus (Google's vendor id), as the crate's loader counts them.

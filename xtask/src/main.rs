@@ -36,6 +36,17 @@ const FEATURES: &[&str] = &[
     "--features",
     "dist-cpu/gloo,dist/cuda,dist/rocm,dist/tpu,dist-kv/cuda",
 ];
+/// The mutation check: building dist-cpu's mutation tests (normally already built by
+/// `cargo test --workspace`) and running them.
+const MUTATION_DEADLINE: Duration = Duration::from_secs(20 * 60);
+/// One step of `cargo xtask` (a cargo build, test or doc run of the workspace, an install).
+const STEP_DEADLINE: Duration = Duration::from_secs(3 * 60 * 60);
+/// A probe for an installed tool or module.
+const PROBE_DEADLINE: Duration = Duration::from_secs(60);
+/// Making target/pyenv and installing its packages.
+const PIP_DEADLINE: Duration = Duration::from_secs(15 * 60);
+/// A multi-process test program's `--worlds` listing (it prints and exits).
+const LISTING_DEADLINE: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -83,34 +94,43 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// Runs `cmd` (its output shown) and waits at most `deadline`: `Ok(exit code)` (`None` when a
+/// signal ended it), or `Err` when it could not start or was killed at the deadline.
+fn finish(cmd: &mut Command, deadline: Duration) -> std::result::Result<Option<i32>, String> {
+    let mut child = ChildGuard(cmd.spawn().map_err(|e| format!("cannot start: {e}"))?);
+    wait_with_deadline(&mut child, deadline)
+        .map(|(code, _)| code)
+        .map_err(|_| format!("killed after {deadline:?}"))
+}
+
 fn run(step: &str, cmd: &mut Command) -> Result {
     eprintln!("==> {step}");
-    let status = cmd
-        .status()
-        .map_err(|e| format!("{step}: cannot start: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("{step} failed ({status})"))
+    match finish(cmd, STEP_DEADLINE) {
+        Ok(Some(0)) => Ok(()),
+        Ok(code) => Err(format!("{step} failed (exit {code:?})")),
+        Err(e) => Err(format!("{step}: {e}")),
     }
 }
 
 fn probe(cmd: &[&str]) -> bool {
-    Command::new(cmd[0])
-        .args(&cmd[1..])
+    let mut c = Command::new(cmd[0]);
+    c.args(&cmd[1..])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+        .stderr(Stdio::null());
+    finish(&mut c, PROBE_DEADLINE) == Ok(Some(0))
 }
 
 fn is_root() -> bool {
-    Command::new("id")
+    let Ok(child) = Command::new("id")
         .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    wait_with_deadline(&mut ChildGuard(child), PROBE_DEADLINE)
+        .is_ok_and(|(code, out)| code == Some(0) && out.trim() == "0")
 }
 
 /// Installs the Debian packages the build needs when they are missing (as root), or stops with the command to run.
@@ -157,17 +177,14 @@ fn ensure_python_env() -> Option<PathBuf> {
         return Some(py);
     }
     eprintln!("==> python env for cross-language tests (target/pyenv)");
-    let made = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-        && Command::new(&py)
-            .args(["-m", "pip", "install", "-q", "pyzmq", "msgspec"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
+    let made = finish(
+        Command::new("python3").args(["-m", "venv"]).arg(&venv),
+        PIP_DEADLINE,
+    ) == Ok(Some(0))
+        && finish(
+            Command::new(&py).args(["-m", "pip", "install", "-q", "pyzmq", "msgspec"]),
+            PIP_DEADLINE,
+        ) == Ok(Some(0));
     if made && ok(&py) {
         Some(py)
     } else {
@@ -238,18 +255,24 @@ fn report_runtime_skips(file: &Path) {
 
 /// Runs dist-cpu's mutation tests again with their output shown, and prints one line per
 /// mutation: which conformance check caught the corrupted communicator. The tests themselves
-/// fail when a mutation goes uncaught, so this step fails then too.
+/// fail when a mutation goes uncaught, so this step fails then too, and it fails when a mutation
+/// test that ran printed no such line.
 fn mutation_check() -> Result {
     let step = "mutation check (conformance suite vs. a corrupted shared-memory communicator)";
     eprintln!("==> {step}");
-    let out = cargo()
-        .args(["test", "--workspace", "--test", "mutations"])
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--test", "mutations"])
         .args(FEATURES)
         .args(["--", "--nocapture", "--test-threads=1"])
-        .output()
-        .map_err(|e| format!("{step}: cannot start: {e}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = stdout
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = ChildGuard(
+        cmd.spawn()
+            .map_err(|e| format!("{step}: cannot start: {e}"))?,
+    );
+    let (code, log) = wait_with_deadline(&mut child, MUTATION_DEADLINE)
+        .map_err(|log| format!("{step}: killed after {MUTATION_DEADLINE:?}\n{log}"))?;
+    let lines: Vec<&str> = log
         .lines()
         .filter_map(|l| l.find("mutation ").map(|i| &l[i..]))
         .filter(|l| l.contains(": caught by "))
@@ -257,16 +280,16 @@ fn mutation_check() -> Result {
     for l in &lines {
         println!("  {l}");
     }
-    if !out.status.success() {
-        return Err(format!(
-            "{step} failed ({}):\n{}{}",
-            out.status,
-            stdout,
-            String::from_utf8_lossy(&out.stderr)
-        ));
+    if code != Some(0) {
+        return Err(format!("{step} failed (exit {code:?}):\n{log}"));
     }
-    if lines.is_empty() {
-        return Err(format!("{step}: no mutation was reported"));
+    // with --nocapture a test's own line may share the line cargo starts with `test NAME ... `
+    let ran = log.matches("test mutation_").count();
+    if ran == 0 || lines.len() != ran {
+        return Err(format!(
+            "{step}: {} of {ran} mutation tests reported the check that caught them\n{log}",
+            lines.len()
+        ));
     }
     Ok(())
 }
@@ -327,13 +350,18 @@ fn test_multiproc(args: &[String]) -> Result {
     let mut failures = vec![];
     for prog in &progs {
         let name = prog.file_name().unwrap().to_string_lossy().into_owned();
-        let worlds = Command::new(prog)
-            .arg("--worlds")
-            .output()
-            .map_err(|e| format!("{name} --worlds: {e}"))?;
+        let mut child = ChildGuard(
+            Command::new(prog)
+                .arg("--worlds")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("{name} --worlds: {e}"))?,
+        );
         // `PROGRAM --worlds` prints the world sizes on its first line; each further line may name
         // an extra run with one environment variable set (`DIST_CPU_BACKEND=gloo`).
-        let listing = String::from_utf8_lossy(&worlds.stdout).into_owned();
+        let (_, listing) = wait_with_deadline(&mut child, LISTING_DEADLINE)
+            .map_err(|_| format!("{name} --worlds: killed after {LISTING_DEADLINE:?}"))?;
         let mut lines = listing.lines();
         let worlds: Vec<usize> = lines
             .next()
@@ -527,5 +555,20 @@ mod tests {
         let long = format!("SKIPPED: {}", "t".repeat(500));
         assert_eq!(skip_reason(&long).chars().count(), 201);
         assert!(skip_reason("nothing").contains("without a SKIPPED line"));
+    }
+
+    #[test]
+    fn finish_reports_the_exit_and_kills_at_the_deadline() {
+        let d = Duration::from_secs(30);
+        assert_eq!(finish(&mut Command::new("true"), d), Ok(Some(0)));
+        assert_eq!(
+            finish(Command::new("sh").args(["-c", "exit 3"]), d),
+            Ok(Some(3))
+        );
+        let start = Instant::now();
+        let r = finish(Command::new("sleep").arg("30"), Duration::from_millis(200));
+        assert!(r.is_err_and(|e| e.starts_with("killed after")));
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert!(finish(&mut Command::new("/nonexistent/xtask-tool"), d).is_err());
     }
 }

@@ -156,18 +156,8 @@ impl Faulty {
 }
 
 impl DeviceCommunicator for Faulty {
-    type Tensor = HostTensor;
-    type View<'a> = HostView<'a>;
-    type ViewMut<'a> = HostViewMut<'a>;
-    fn view(t: &HostTensor) -> HostView<'_> {
-        t.view()
-    }
-    fn view_mut(t: &mut HostTensor) -> HostViewMut<'_> {
-        t.view_mut()
-    }
-    fn copy(src: &HostView<'_>, dst: &mut HostViewMut<'_>) -> Result<()> {
-        CpuCommunicator::copy(src, dst)
-    }
+    // The items CpuCommunicator itself takes from this macro (views, copy, device, empty).
+    dist_core::host_communicator_items!();
     fn rank(&self) -> usize {
         self.inner.rank()
     }
@@ -179,12 +169,6 @@ impl DeviceCommunicator for Faulty {
     }
     fn set_timeout(&self, timeout: Duration) {
         self.inner.set_timeout(timeout)
-    }
-    fn device(&self) -> Device {
-        self.inner.device()
-    }
-    fn empty(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
-        self.inner.empty(dtype, shape)
     }
     fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<HostTensor> {
         self.inner.alloc(dtype, shape)
