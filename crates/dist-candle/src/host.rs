@@ -151,11 +151,8 @@ pub(crate) fn lend<R>(
     let mut ts: Vec<Tensor> = Vec::with_capacity(reads.len() + writes.len());
     for t in reads {
         ensure_cpu(op, t)?;
-        ts.push(if t.is_contiguous() {
-            (*t).clone()
-        } else {
-            t.contiguous()?
-        });
+        // `t` itself (an Arc clone) when contiguous, else one copy.
+        ts.push(t.contiguous()?);
     }
     for t in writes {
         ensure_cpu(op, t)?;
