@@ -17,6 +17,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use dist::conformance::to_f64;
 use dist::{
     DType, DeviceCommunicator, DistEnv, HostGroupExt, HostTensor, InitOptions, ParallelConfig,
     ReduceOp,
@@ -141,10 +142,10 @@ fn main() -> Res<()> {
             }
             if rep == 0 {
                 // Check, then zero every buffer (sums of zeros stay finite).
-                let w = world as f32;
-                let h = f32s(&host_t)?;
-                let k = f32s(&coord_t)?;
-                let v = cand.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+                let w = world as f64;
+                let h = to_f64(&host_t)?;
+                let k = to_f64(&coord_t)?;
+                let v = cand.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
                 if h.iter().chain(&k).chain(&v).any(|&x| x != w) {
                     return Err(
                         format!("rank {me}: an all-reduce of ones is not {w} everywhere").into(),
@@ -249,16 +250,6 @@ fn main() -> Res<()> {
         }
     }
     Ok(())
-}
-
-/// A host tensor's elements as f32.
-fn f32s(h: &HostTensor) -> Res<Vec<f32>> {
-    use dist::half::{bf16, f16};
-    Ok(match h.dtype() {
-        DType::BF16 => h.as_slice::<bf16>()?.iter().map(|x| x.to_f32()).collect(),
-        DType::F16 => h.as_slice::<f16>()?.iter().map(|x| x.to_f32()).collect(),
-        _ => h.to_vec::<f32>()?,
-    })
 }
 
 /// A candle tensor's bytes (to build the host peer from the same values).

@@ -92,10 +92,8 @@ impl<'g, B: CandleBackend> CandleGroup<'g, B> {
     /// Sums `t` over the group and returns it: in `t`'s own storage when `t` is contiguous (the
     /// returned tensor shares it), else in a contiguous copy made once.
     pub fn all_reduce(&self, t: Tensor) -> Result<Tensor> {
-        let t = match t.is_contiguous() {
-            true => t,
-            false => t.contiguous()?,
-        };
+        // candle's `contiguous` is `t` itself (an Arc clone) when it already is.
+        let t = t.contiguous()?;
         self.all_reduce_in_place(&t)?;
         Ok(t)
     }

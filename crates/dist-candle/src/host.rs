@@ -49,16 +49,21 @@ pub(crate) fn storage_bytes_mut(s: &mut CpuStorage) -> &mut [u8] {
     bytes_of_storage!(s, bytemuck::cast_slice_mut)
 }
 
+/// The error of a tensor (or an allocation) on `device` where the CPU is wanted.
+fn not_on_cpu(op: &'static str, device: &candle_core::Device) -> Error {
+    Error::Device {
+        op,
+        got: format!("{:?}", device.location()),
+        want: "the CPU".into(),
+    }
+}
+
 /// Checks that `t` is a CPU tensor.
 pub(crate) fn ensure_cpu(op: &'static str, t: &Tensor) -> Result<()> {
-    if t.device().is_cpu() {
-        return Ok(());
+    match t.device().is_cpu() {
+        true => Ok(()),
+        false => Err(not_on_cpu(op, t.device())),
     }
-    Err(Error::Device {
-        op,
-        got: format!("{:?}", t.device().location()),
-        want: "the CPU".into(),
-    })
 }
 
 /// The byte range of a contiguous layout within its storage.
@@ -146,11 +151,8 @@ pub(crate) fn lend<R>(
     let mut ts: Vec<Tensor> = Vec::with_capacity(reads.len() + writes.len());
     for t in reads {
         ensure_cpu(op, t)?;
-        ts.push(if t.is_contiguous() {
-            (*t).clone()
-        } else {
-            t.contiguous()?
-        });
+        // `t` itself (an Arc clone) when contiguous, else one copy.
+        ts.push(t.contiguous()?);
     }
     for t in writes {
         ensure_cpu(op, t)?;
@@ -193,13 +195,7 @@ pub(crate) fn lend<R>(
                     let b = storage_bytes(c);
                     (b.as_ptr() as usize, b.len())
                 }
-                _ => {
-                    return Err(Error::Device {
-                        op,
-                        got: format!("{:?}", t.device().location()),
-                        want: "the CPU".into(),
-                    })
-                }
+                _ => return Err(not_on_cpu(op, t.device())),
             }
         };
         if bytes.end > len {
@@ -345,16 +341,10 @@ pub(crate) fn alloc(
     use bytemuck::allocation::cast_vec;
     use candle_core::DType as C;
     if !device.is_cpu() {
-        return Err(Error::Device {
-            op,
-            got: format!("{:?}", device.location()),
-            want: "the CPU".into(),
-        });
+        return Err(not_on_cpu(op, device));
     }
-    let n = shape
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| dist_core::Error::invalid(format!("{op}: shape {shape:?} overflows")))?;
+    let d = dist_dtype(op, dtype)?;
+    let n = dist_core::tensor::checked_nbytes(d, shape)? / d.size();
     let storage = match dtype {
         C::U8 => CpuStorage::U8(vec![0; n]),
         C::U32 => CpuStorage::U32(vec![0; n]),
@@ -365,10 +355,7 @@ pub(crate) fn alloc(
         C::F16 => CpuStorage::F16(cast_vec(vec![0u16; n])),
         C::BF16 => CpuStorage::BF16(cast_vec(vec![0u16; n])),
         C::F8E4M3 => CpuStorage::F8E4M3(cast_vec(vec![0u8; n])),
-        other => {
-            dist_dtype(op, other)?;
-            unreachable!("every dtype with a dist equivalent is allocated above")
-        }
+        other => unreachable!("{other:?} has a dist dtype ({d}) but no allocation above"),
     };
     Ok(Tensor::from_storage(
         Storage::Cpu(storage),

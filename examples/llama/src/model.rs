@@ -225,13 +225,6 @@ impl LlamaShard {
         std::mem::take(&mut self.comm)
     }
 
-    fn timed<R>(&mut self, f: impl FnOnce() -> dist_candle::Result<R>) -> Result<R> {
-        let t0 = Instant::now();
-        let r = f();
-        self.comm.tp += t0.elapsed();
-        Ok(r?)
-    }
-
     /// First stage: the vocab-parallel embedding of `tokens`, `[tokens, hidden]` (ids outside
     /// this rank's block embed to zero; the all-reduce over TP fills them in).
     pub fn embed<B: CandleBackend>(
@@ -262,7 +255,7 @@ impl LlamaShard {
         let ids = Tensor::from_vec(local, n, &Device::Cpu)?;
         let mask = Tensor::from_vec(mask, (n, 1), &Device::Cpu)?;
         let x = e.weight.index_select(&ids, 0)?.broadcast_mul(&mask)?;
-        self.timed(|| tp.all_reduce_in_place(&x))?;
+        timed(&mut self.comm.tp, || tp.all_reduce_in_place(&x))?;
         Ok(x)
     }
 
@@ -288,7 +281,6 @@ impl LlamaShard {
         let sin = self.sin.narrow(0, pos, n)?;
         let mask = causal_mask(n, pos)?;
         let eps = self.cfg.rms_norm_eps;
-        let mut comm = Duration::ZERO;
         for layer in &mut self.layers {
             // input_layernorm, fused with the residual add after the first layer (vLLM).
             let (h, res) = add_rms_norm(&hidden, residual.as_ref(), &layer.input_norm, eps)?;
@@ -325,9 +317,7 @@ impl LlamaShard {
                 .reshape((n, nh * hd))?;
             // o_proj row-parallel: partial sums, all-reduced in their own storage.
             let out = o.matmul(&layer.o.t()?)?;
-            let t0 = Instant::now();
-            tp.all_reduce_in_place(&out)?;
-            comm += t0.elapsed();
+            timed(&mut self.comm.tp, || tp.all_reduce_in_place(&out))?;
             // post_attention_layernorm (fused add), SwiGLU with gate/up merged column-parallel.
             let (h, res) = add_rms_norm(&out, Some(&res), &layer.post_norm, eps)?;
             let gu = h.matmul(&layer.gate_up.t()?)?;
@@ -335,13 +325,10 @@ impl LlamaShard {
             let act = (gu.narrow(1, 0, i)?.silu()? * gu.narrow(1, i, i)?)?;
             // down_proj row-parallel.
             let down = act.matmul(&layer.down.t()?)?;
-            let t0 = Instant::now();
-            tp.all_reduce_in_place(&down)?;
-            comm += t0.elapsed();
+            timed(&mut self.comm.tp, || tp.all_reduce_in_place(&down))?;
             hidden = down;
             residual = Some(res);
         }
-        self.comm.tp += comm;
         let residual = match residual {
             Some(r) => r,
             None => return Err(Error::Config("a stage without layers".into())),
@@ -369,8 +356,16 @@ impl LlamaShard {
         };
         let (h, _) = add_rms_norm(hidden, Some(residual), norm, self.cfg.rms_norm_eps)?;
         let local = h.matmul(&head.weight.t()?)?;
-        self.timed(|| tp.all_gather_into(&local, logits, -1))
+        timed(&mut self.comm.tp, || tp.all_gather_into(&local, logits, -1))
     }
+}
+
+/// Runs the collective `f`, adding its wall time to `acc`.
+fn timed<R>(acc: &mut Duration, f: impl FnOnce() -> dist_candle::Result<R>) -> Result<R> {
+    let t0 = Instant::now();
+    let r = f();
+    *acc += t0.elapsed();
+    Ok(r?)
 }
 
 /// `cos` and `sin` of every position and rotary frequency (vLLM's `get_rope`, neox style).

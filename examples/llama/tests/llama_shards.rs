@@ -86,7 +86,10 @@ fn tp_matches_one_process(cfg: LlamaConfig, tag: &str) {
         });
         for (r, g) in got.into_iter().enumerate() {
             let g = g.expect("rank panicked");
-            let d = rel_diff(g.prompt_logits.as_deref().unwrap(), &want_logits);
+            let logits = g.prompt_logits.as_deref().unwrap();
+            // `rel_diff` zips: a shorter (or longer) logits vector must fail on its own.
+            assert_eq!(logits.len(), want_logits.len(), "tp {tp} rank {r}");
+            let d = rel_diff(logits, &want_logits);
             assert!(
                 d <= 1e-4,
                 "tp {tp} rank {r}: logits {d:e} relative from one process"
